@@ -1,0 +1,29 @@
+# Every target creates or refreshes .venv itself: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint peers clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,viz]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m attention_ref demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+# The optional cross-check peers: CPU torch (pinned to the build on the machine's disk) and diffusers.
+peers: $(STAMP)
+	$(PY) -m pip install -q 'torch==2.13.0' 'diffusers>=0.30'
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

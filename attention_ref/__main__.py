@@ -1,0 +1,23 @@
+"""Command line: ``python -m attention_ref <command>``. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attention_ref", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="a self-attention forward and backward on a 4×4×8 map, step by step")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import main as demo
+
+        demo()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Input checks and broadcasting helpers shared by every layer.
+
+Bad input gets a clear error that names the shapes or dtypes involved; nothing
+is broadcast silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+Shape = tuple[int, ...]
+
+
+def require_floating(xp: ModuleType, name: str, x: Any) -> None:
+    """``TypeError`` unless ``x`` has a real floating dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+
+
+def require_bool(xp: ModuleType, name: str, x: Any) -> None:
+    """``TypeError`` unless ``x`` is a boolean array."""
+    if not xp.isdtype(x.dtype, "bool"):
+        raise TypeError(f"{name} must be a boolean array (True = may attend), got dtype {x.dtype}")
+
+
+def require_ndim(name: str, x: Any, ndim: int | Sequence[int]) -> None:
+    """``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of them)."""
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in allowed:
+        want = " or ".join(str(n) for n in allowed)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
+
+
+def broadcast_shape(a: Shape, b: Shape) -> Shape:
+    """The NumPy broadcast of two shapes, or ``ValueError`` naming both."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        da = a[-i] if i <= len(a) else 1
+        db = b[-i] if i <= len(b) else 1
+        if da != db and 1 not in (da, db):
+            raise ValueError(f"shapes {a} and {b} cannot be broadcast together")
+        out.append(max(da, db) if 1 in (da, db) else da)
+    return tuple(reversed(out))
+
+
+def require_broadcastable_to(name: str, shape: Shape, target: Shape) -> None:
+    """``ValueError`` unless an array of ``shape`` broadcasts *to* ``target`` exactly.
+
+    "Exactly" means the broadcast result is ``target`` itself: ``shape`` may not
+    have more dimensions than ``target`` nor grow any of its axes.
+    """
+    try:
+        ok = len(shape) <= len(target) and broadcast_shape(shape, target) == tuple(target)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(shape)} does not broadcast to {tuple(target)}")
+
+
+def sum_to_shape(xp: ModuleType, g: Any, shape: Shape) -> Any:
+    """Sum ``g`` over the axes that broadcasting added or stretched, back to ``shape``.
+
+    This is the backward of ``broadcast_to(x, g.shape)`` for an ``x`` of ``shape``.
+    """
+    shape = tuple(shape)
+    lead = g.ndim - len(shape)
+    if lead > 0:
+        g = xp.sum(g, axis=tuple(range(lead)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if stretched:
+        g = xp.sum(g, axis=stretched, keepdims=True)
+    return g
+
+
+def common_float_dtype(xp: ModuleType, *arrays: Any) -> Any:
+    """The promoted floating dtype of ``arrays`` (all must be floating)."""
+    return xp.result_type(*[a.dtype for a in arrays])

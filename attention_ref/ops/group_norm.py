@@ -1,0 +1,100 @@
+r"""Group normalisation over channels-last maps ``(B, ..., C)``, e.g. ``(B, H, W, C)``.
+
+The ``C`` channels are cut into ``groups`` consecutive groups of ``C/groups``
+channels (group ``g`` holds channels ``g·C/G … (g+1)·C/G − 1``, as in PyTorch's
+``GroupNorm``). Each (sample, group) pair is normalised over all its spatial
+positions and channels:
+
+.. math:: y = \gamma_c \, \hat x + \beta_c, \qquad \hat x = (x - \mu_{b,g})\,(\sigma^2_{b,g} + \epsilon)^{-1/2}
+
+Backward (see :mod:`attention_ref.ops.normalize` for ``∂L/∂x̂ → ∂L/∂x``):
+
+.. math::
+    d\gamma_c = \sum_{b,\text{pos}} dy\, \hat x, \qquad
+    d\beta_c = \sum_{b,\text{pos}} dy, \qquad
+    \frac{\partial L}{\partial \hat x} = dy\, \gamma .
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._checks import require_floating
+from ..backend import namespace
+from .normalize import normalize, normalize_backward
+
+__all__ = ["GroupNormCache", "group_norm_backward", "group_norm_forward"]
+
+# Reduction axes of the grouped view (B, S, G, C/G): positions and channels within a group.
+_GROUP_AXES = (1, 3)
+
+
+@dataclass(frozen=True)
+class GroupNormCache:
+    xhat: Any  # (B, S, G, C/G), normalised input
+    rstd: Any  # (B, 1, G, 1)
+    weight: Any | None  # (C,)
+    has_bias: bool
+    shape: tuple[int, ...]  # the input's shape (B, ..., C)
+
+
+def group_norm_forward(
+    x: Any, weight: Any | None = None, bias: Any | None = None, *, groups: int, eps: float = 1e-5
+) -> tuple[Any, GroupNormCache]:
+    """Group norm of a channels-last map.
+
+    Inputs:
+        x: ``(B, ..., C)`` — batch first, channels last, any number of spatial axes.
+        weight: ``(C,)`` scale γ, or ``None`` (no affine scale).
+        bias: ``(C,)`` shift β, or ``None``.
+        groups: number of groups ``G``; ``C`` must be divisible by it.
+        eps: added to the variance (PyTorch's default 1e-5; Stable Diffusion uses 1e-6).
+
+    Returns:
+        y: same shape as ``x``.
+        cache: :class:`GroupNormCache`.
+    """
+    xp = namespace(x, weight, bias)
+    require_floating(xp, "x", x)
+    if x.ndim < 2:
+        raise ValueError(f"group norm needs x of shape (B, ..., C), got {tuple(x.shape)}")
+    shape = tuple(x.shape)
+    B, C = shape[0], shape[-1]
+    if groups < 1 or C % groups != 0:
+        raise ValueError(f"group norm: {C} channels are not divisible into {groups} groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (C,):
+            raise ValueError(f"group norm: {name} of shape {tuple(p.shape)} does not match {C} channels")
+    xg = xp.reshape(x, (B, -1, groups, C // groups))  # (B, S, G, C/G)
+    xhat, rstd = normalize(xp, xg, _GROUP_AXES, eps)
+    y = xp.reshape(xhat, shape)  # (B, ..., C)
+    if weight is not None:
+        # y = γ x̂
+        y = y * weight
+    if bias is not None:
+        # y = γ x̂ + β
+        y = y + bias
+    return y, GroupNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, shape=shape)
+
+
+def group_norm_backward(dout: Any, cache: GroupNormCache) -> dict[str, Any]:
+    """Gradients ``{"x": (B, ..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
+    xp = namespace(dout)
+    C = cache.shape[-1]
+    xhat_flat = xp.reshape(cache.xhat, (-1, C))  # (B·S, C)
+    dy_flat = xp.reshape(dout, (-1, C))  # (B·S, C)
+    grads: dict[str, Any] = {}
+    g = dout
+    if cache.weight is not None:
+        # dγ_c = Σ dy x̂
+        grads["weight"] = xp.sum(dy_flat * xhat_flat, axis=0)
+        # ∂L/∂x̂ = dy γ
+        g = dout * cache.weight
+    if cache.has_bias:
+        # dβ_c = Σ dy
+        grads["bias"] = xp.sum(dy_flat, axis=0)
+    gg = xp.reshape(g, tuple(cache.xhat.shape))  # (B, S, G, C/G)
+    dx = normalize_backward(xp, gg, cache.xhat, cache.rstd, _GROUP_AXES)
+    grads["x"] = xp.reshape(dx, cache.shape)
+    return grads

@@ -1,0 +1,73 @@
+r"""Layer normalisation over the last axis.
+
+.. math:: y = \gamma \, \hat x + \beta, \qquad \hat x = (x - \mu)\,(\sigma^2 + \epsilon)^{-1/2}
+
+with ``μ`` and ``σ²`` taken over the last axis of each row. Backward as in
+:mod:`attention_ref.ops.normalize`, with ``dγ = Σ dy x̂`` and ``dβ = Σ dy`` over
+all rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._checks import require_floating
+from ..backend import namespace
+from .normalize import normalize, normalize_backward
+
+__all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
+
+
+@dataclass(frozen=True)
+class LayerNormCache:
+    xhat: Any  # (..., C)
+    rstd: Any  # (..., 1)
+    weight: Any | None  # (C,)
+    has_bias: bool
+
+
+def layer_norm_forward(
+    x: Any, weight: Any | None = None, bias: Any | None = None, *, eps: float = 1e-5
+) -> tuple[Any, LayerNormCache]:
+    """Layer norm over the last axis.
+
+    Inputs:
+        x: ``(..., C)``.
+        weight: ``(C,)`` or ``None``; bias: ``(C,)`` or ``None``.
+        eps: added to the variance (PyTorch's default 1e-5).
+
+    Returns:
+        y: ``(..., C)``; cache: :class:`LayerNormCache`.
+    """
+    xp = namespace(x, weight, bias)
+    require_floating(xp, "x", x)
+    C = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (C,):
+            raise ValueError(f"layer norm: {name} of shape {tuple(p.shape)} does not match x of shape {tuple(x.shape)}")
+    xhat, rstd = normalize(xp, x, (-1,), eps)
+    y = xhat
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y, LayerNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None)
+
+
+def layer_norm_backward(dout: Any, cache: LayerNormCache) -> dict[str, Any]:
+    """Gradients ``{"x": (..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
+    xp = namespace(dout)
+    C = dout.shape[-1]
+    grads: dict[str, Any] = {}
+    g = dout
+    if cache.weight is not None:
+        # dγ = Σ_rows dy x̂
+        grads["weight"] = xp.sum(xp.reshape(dout * cache.xhat, (-1, C)), axis=0)
+        # ∂L/∂x̂ = dy γ
+        g = dout * cache.weight
+    if cache.has_bias:
+        # dβ = Σ_rows dy
+        grads["bias"] = xp.sum(xp.reshape(dout, (-1, C)), axis=0)
+    grads["x"] = normalize_backward(xp, g, cache.xhat, cache.rstd, (-1,))
+    return grads

@@ -1,0 +1,45 @@
+r"""The normalisation step shared by group norm and layer norm, with its backward.
+
+Over a set of ``n`` entries (the reduction axes):
+
+.. math::
+    \mu = \frac1n \sum x, \qquad \sigma^2 = \frac1n \sum (x-\mu)^2, \qquad
+    r = (\sigma^2 + \epsilon)^{-1/2}, \qquad \hat x = (x - \mu)\, r .
+
+Backward. Given ``g = ∂L/∂x̂``: ``x̂`` depends on ``x`` directly, through ``μ``
+and through ``r``. Using ``∂μ/∂x_i = 1/n`` and ``∂r/∂x_i = −r³ (x_i − μ)/n``
+(the ``μ`` term of ``σ²`` drops out because ``Σ (x − μ) = 0``),
+
+.. math::
+    \frac{\partial L}{\partial x_i}
+      = r\, g_i - \frac{r}{n}\sum_j g_j - \frac{r^3 (x_i-\mu)}{n} \sum_j g_j (x_j-\mu)
+      = r \Big(g_i - \overline{g} - \hat x_i\, \overline{g\,\hat x}\Big),
+
+where the bars are means over the reduction axes.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+
+def normalize(xp: ModuleType, x: Any, axes: tuple[int, ...], eps: float) -> tuple[Any, Any]:
+    """``(x̂, r)``: ``x`` centred and scaled over ``axes``; ``r`` keeps those axes as size 1."""
+    # μ = mean(x)
+    mu = xp.mean(x, axis=axes, keepdims=True)
+    centred = x - mu
+    # σ² = mean((x - μ)²)
+    var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    # r = 1 / sqrt(σ² + ε)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    # x̂ = (x - μ) r
+    return centred * rstd, rstd
+
+
+def normalize_backward(xp: ModuleType, g: Any, xhat: Any, rstd: Any, axes: tuple[int, ...]) -> Any:
+    """``∂L/∂x`` from ``g = ∂L/∂x̂``: ``r (g − mean(g) − x̂ mean(g x̂))``."""
+    mean_g = xp.mean(g, axis=axes, keepdims=True)
+    mean_gx = xp.mean(g * xhat, axis=axes, keepdims=True)
+    # dx = r (g - mean(g) - x̂ mean(g x̂))
+    return rstd * (g - mean_g - xhat * mean_gx)

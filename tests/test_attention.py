@@ -1,0 +1,290 @@
+"""Exact scaled dot-product attention: finite differences, torch autograd, properties, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import HAS_TORCH, np_
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_ref import attention_backward, attention_forward
+from attention_ref.gradcheck import check_backward, rel_error
+
+FD_TOL = 1e-7
+TORCH_TOL = 1e-10
+
+# (name, leading dims, N, M, d, dv, mask shape or None, bias shape or None, scale, fully masked row)
+CASES = [
+    ("plain", (2,), 5, 5, 4, 4, None, None, None, False),
+    ("N!=M d!=dv", (2, 3), 4, 7, 3, 5, None, None, None, False),
+    ("full mask", (2,), 5, 6, 4, 3, (2, 5, 6), None, None, False),
+    ("broadcast key-padding mask", (2, 3), 4, 6, 3, 2, (2, 1, 1, 6), None, None, False),
+    ("broadcast 2-D mask", (2, 2), 5, 4, 3, 3, (5, 4), None, None, False),
+    ("fully masked rows", (2,), 5, 4, 3, 2, (2, 5, 4), None, None, True),
+    ("bias", (2,), 4, 5, 3, 3, None, (2, 4, 5), None, False),
+    ("broadcast bias", (2, 3), 4, 5, 3, 3, None, (3, 1, 5), None, False),
+    ("mask+bias+scale", (2, 2), 5, 6, 4, 3, (1, 2, 5, 6), (2, 1, 5, 6), 0.7, True),
+    ("custom scale", (1,), 3, 4, 2, 2, None, None, 2.5, False),
+    ("no leading dims", (), 4, 3, 2, 5, (4, 3), (4, 3), None, False),
+    ("N=1 M=1", (2,), 1, 1, 1, 1, None, None, None, False),
+]
+
+
+def make_case(case, rng):
+    _, lead, N, M, d, dv, mshape, bshape, scale, fully = case
+    q = rng.standard_normal((*lead, N, d))
+    k = rng.standard_normal((*lead, M, d))
+    v = rng.standard_normal((*lead, M, dv))
+    mask = None
+    if mshape is not None:
+        mask = rng.random(mshape) > 0.35
+        mask[..., 0, 0] = True  # keep at least some rows alive
+        if fully:
+            mask[..., 1, :] = False
+    bias = None if bshape is None else rng.standard_normal(bshape)
+    return q, k, v, mask, bias, scale
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backward_matches_finite_differences(case, rng):
+    q, k, v, mask, bias, scale = make_case(case, rng)
+    inputs = {"q": q, "k": k, "v": v}
+    if bias is not None:
+        inputs["bias"] = bias
+
+    def forward(q, k, v, bias=None):
+        return attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+
+    errs = check_backward(forward, attention_backward, inputs)
+    assert set(errs) == set(inputs)
+    assert max(errs.values()) < FD_TOL, errs
+
+
+def test_rows_sum_to_one_and_fully_masked_rows_are_zero(be, rng):
+    q, k, v, mask, bias, scale = make_case(CASES[5], rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, cache = attention_forward(be(q), be(k), be(v), mask=be(mask))
+        grads = attention_backward(be(rng.standard_normal(out.shape)), cache)
+    W = np_(cache.weights)
+    assert W.shape == (2, 5, 4)
+    rows = W.sum(-1)
+    dead = ~mask.any(-1)
+    assert dead.any()
+    np.testing.assert_allclose(rows[~dead], 1.0, atol=1e-14)
+    assert np.all(W[dead] == 0) and np.all(np_(out)[dead] == 0) and np.all(np_(grads["q"])[dead] == 0)
+    for g in grads.values():
+        assert np.all(np.isfinite(np_(g)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backends_agree_with_numpy(case, be, rng):
+    q, k, v, mask, bias, scale = make_case(case, rng)
+    out_np, cache_np = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    dout = rng.standard_normal(out_np.shape)
+    g_np = attention_backward(dout, cache_np)
+    out, cache = attention_forward(be(q), be(k), be(v), mask=be(mask), bias=be(bias), scale=scale)
+    g = attention_backward(be(dout), cache)
+    assert be.is_native(out) and be.is_native(cache.weights)
+    assert set(g) == set(g_np)
+    assert rel_error(out, out_np) <= 1e-12
+    for name in g:
+        assert be.is_native(g[name])
+        assert rel_error(g[name], g_np[name]) <= 1e-12, name
+
+
+def test_bias_gradient_has_the_bias_shape(rng):
+    q, k, v = rng.standard_normal((2, 3, 4, 2)), rng.standard_normal((2, 3, 5, 2)), rng.standard_normal((2, 3, 5, 2))
+    for shape in [(5,), (1, 5), (3, 1, 5), (2, 3, 4, 5), (4, 1)]:
+        out, cache = attention_forward(q, k, v, bias=rng.standard_normal(shape))
+        assert attention_backward(np.ones_like(out), cache)["bias"].shape == shape
+
+
+# ---------------------------------------------------------------- against torch
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_torch_autograd_and_sdpa(case, rng):
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v, mask, bias, scale = make_case(case, rng)
+    out, cache = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    dout = rng.standard_normal(out.shape)
+    grads = attention_backward(dout, cache)
+
+    def leaf(a):
+        return torch.tensor(a, dtype=torch.float64, requires_grad=True)
+
+    tq, tk, tv = leaf(q), leaf(k), leaf(v)
+    tb = None if bias is None else leaf(bias)
+    tm = None if mask is None else torch.tensor(mask)
+
+    # 1. attention restated in torch, differentiated by autograd
+    logits = (scale if scale is not None else q.shape[-1] ** -0.5) * tq @ tk.transpose(-1, -2)
+    if tb is not None:
+        logits = logits + tb
+    if tm is not None:
+        alive = tm.expand(logits.shape).any(-1, keepdim=True)
+        logits = logits.masked_fill(~tm, float("-inf")).masked_fill(~alive, 0.0)
+        weights = torch.softmax(logits, -1) * alive
+    else:
+        weights = torch.softmax(logits, -1)
+    manual = weights @ tv
+    manual.backward(torch.tensor(dout))
+    assert rel_error(out, manual.detach().numpy()) <= TORCH_TOL
+    assert rel_error(cache.weights, weights.detach().numpy()) <= TORCH_TOL
+    for name, t in [("q", tq), ("k", tk), ("v", tv), ("bias", tb)]:
+        if t is not None:
+            assert rel_error(grads[name], t.grad.numpy()) <= TORCH_TOL, name
+
+    # 2. torch's own scaled_dot_product_attention (bias and mask folded into one float mask)
+    tq2, tk2, tv2 = leaf(q), leaf(k), leaf(v)
+    attn_mask = None
+    if bias is not None or mask is not None:
+        attn_mask = torch.zeros(cache.weights.shape, dtype=torch.float64)
+        if bias is not None:
+            attn_mask = attn_mask + torch.tensor(bias)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~tm, float("-inf"))
+    sdpa = F.scaled_dot_product_attention(tq2, tk2, tv2, attn_mask=attn_mask, scale=scale)
+    sdpa.backward(torch.tensor(dout))
+    assert rel_error(out, sdpa.detach().numpy()) <= TORCH_TOL
+    for name, t in [("q", tq2), ("k", tk2), ("v", tv2)]:
+        assert rel_error(grads[name], t.grad.numpy()) <= TORCH_TOL, name
+
+
+# ---------------------------------------------------------------- properties
+
+shapes = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), p_keep=st.floats(0.0, 1.0))
+def test_property_rows_sum_to_one_or_zero(shape, seed, p_keep):
+    N, M, d, dv = shape
+    rng = np.random.default_rng(seed)
+    mask = rng.random((N, M)) < p_keep
+    out, cache = attention_forward(
+        rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv)), mask=mask
+    )
+    np.testing.assert_allclose(cache.weights.sum(-1), mask.any(-1).astype(float), atol=1e-13)
+    assert np.all(cache.weights[~mask] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_property_permuting_queries_permutes_outputs(shape, seed):
+    N, M, d, dv = shape
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    bias, mask = rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
+    perm = rng.permutation(N)
+    out, _ = attention_forward(q, k, v, mask=mask, bias=bias)
+    out_p, _ = attention_forward(q[perm], k, v, mask=mask[perm], bias=bias[perm])
+    np.testing.assert_allclose(out_p, out[perm], rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_property_permuting_key_value_pairs_changes_nothing(shape, seed):
+    N, M, d, dv = shape
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    bias, mask = rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
+    perm = rng.permutation(M)
+    out, cache = attention_forward(q, k, v, mask=mask, bias=bias)
+    out_p, cache_p = attention_forward(q, k[perm], v[perm], mask=mask[:, perm], bias=bias[:, perm])
+    np.testing.assert_allclose(out_p, out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(cache_p.weights, cache.weights[:, perm], rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_property_a_masked_keys_value_has_no_effect(shape, seed):
+    N, M, d, dv = shape
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    j = int(rng.integers(M))
+    mask = rng.random((1, M)) > 0.3
+    mask[0, j] = False
+    out, cache = attention_forward(q, k, v, mask=mask)
+    k2, v2 = k.copy(), v.copy()
+    k2[j] = rng.standard_normal(d) * 1e3
+    v2[j] = rng.standard_normal(dv) * 1e6
+    out2, _ = attention_forward(q, k2, v2, mask=mask)
+    np.testing.assert_array_equal(out2, out)
+    grads = attention_backward(rng.standard_normal(out.shape), cache)
+    assert np.all(grads["k"][j] == 0) and np.all(grads["v"][j] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), magnitude=st.floats(1e2, 1e5))
+def test_property_huge_logits_stay_finite(shape, seed, magnitude):
+    N, M, d, dv = shape
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, cache = attention_forward(q, k, v, scale=magnitude)
+        grads = attention_backward(rng.standard_normal(out.shape), cache)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(cache.weights))
+    assert all(np.all(np.isfinite(g)) for g in grads.values())
+    np.testing.assert_allclose(cache.weights.sum(-1), 1.0, atol=1e-13)
+
+
+def test_nan_in_input_propagates_and_is_never_created(rng):
+    q, k, v = rng.standard_normal((3, 2)), rng.standard_normal((4, 2)), rng.standard_normal((4, 2))
+    q[1, 0] = np.nan
+    out, cache = attention_forward(q, k, v)
+    assert np.all(np.isnan(out[1])) and np.all(np.isfinite(out[[0, 2]]))
+    q[1, 0] = 0.0
+    mask = np.zeros((3, 4), dtype=bool)
+    out, cache = attention_forward(q, k, v, mask=mask, bias=np.full((3, 4), -np.inf))
+    assert np.all(out == 0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_mismatched_shapes_name_both():
+    q, k, v = np.zeros((2, 3, 4)), np.zeros((2, 5, 4)), np.zeros((2, 5, 6))
+    with pytest.raises(ValueError, match=r"q \(2, 3, 4\), k \(2, 5, 3\)"):
+        attention_forward(q, np.zeros((2, 5, 3)), v)
+    with pytest.raises(ValueError, match=r"k \(2, 5, 4\), v \(2, 6, 6\)"):
+        attention_forward(q, k, np.zeros((2, 6, 6)))
+    with pytest.raises(ValueError, match="leading"):
+        attention_forward(np.zeros((1, 3, 4)), k, v)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 4\) does not broadcast to \(2, 3, 5\)"):
+        attention_forward(q, k, v, mask=np.ones((3, 4), dtype=bool))
+    with pytest.raises(ValueError, match=r"bias of shape \(7, 2, 3, 5\)"):
+        attention_forward(q, k, v, bias=np.zeros((7, 2, 3, 5)))
+    _, cache = attention_forward(q, k, v)
+    with pytest.raises(ValueError, match="dout"):
+        attention_backward(np.zeros((2, 3, 4)), cache)
+
+
+def test_bad_dtypes_raise_type_error():
+    q, k, v = np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 2))
+    with pytest.raises(TypeError, match="q must have a real floating dtype"):
+        attention_forward(np.zeros((3, 4), dtype=int), k, v)
+    with pytest.raises(TypeError, match="v must have a real floating dtype"):
+        attention_forward(q, k, np.zeros((5, 2), dtype=bool))
+    with pytest.raises(TypeError, match="boolean"):
+        attention_forward(q, k, v, mask=np.ones((3, 5)))
+    with pytest.raises(TypeError, match="share one dtype"):
+        attention_forward(q.astype(np.float32), k, v)
+    with pytest.raises(TypeError, match="array"):
+        attention_forward([[1.0]], k, v)
+
+
+def test_float32_stays_float32(be, rng):
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5, 4), (5, 2)])
+    out, cache = attention_forward(be(q), be(k), be(v), mask=be(np.ones((3, 5), dtype=bool)))
+    assert np_(out).dtype == np.float32 and np_(cache.weights).dtype == np.float32
+    want, _ = attention_forward(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    assert rel_error(out, want) < 1e-6
