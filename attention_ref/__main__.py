@@ -10,7 +10,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attention_ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="a self-attention forward and backward on a 4×4×8 map, step by step")
+    from .oracle_cli import ORACLE_COMMANDS, add_oracle_commands, run_oracle_command
+
+    add_oracle_commands(sub)  # check, vectors
     args = parser.parse_args(argv)
+    if args.command in ORACLE_COMMANDS:
+        return run_oracle_command(args)
 
     if args.command == "demo":
         from .demo import main as demo
