@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Any
 
 __all__ = ["add_oracle_commands", "load_target", "run_oracle_command"]
@@ -58,19 +59,22 @@ def load_target(target: str) -> Any:
 
 
 def run_oracle_command(args: argparse.Namespace) -> int:
-    """Run ``check`` or ``vectors``; the exit status (0 ok, 1 failed checks)."""
+    """Run ``check`` or ``vectors``; the exit status (0 ok, 1 failed checks, 2 an unusable target)."""
     from . import testing
 
     if args.command == "vectors":
         path = testing.write_vectors(args.out, args.dtype)
         print(f"wrote {len(testing.CASE_NAMES)} cases in {args.dtype} to {path.parent} (index: {path.name})")
         return 0
-    fn = load_target(args.target)
-    grad_fn = None
+    try:
+        fn = load_target(args.target)
+        grad_fn = load_target(args.grad) if args.grad else None
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        print(f"python -m attention_ref check: error: {err}", file=sys.stderr)
+        return 2
     if args.torch:
-        fn, grad_fn = testing.from_torch(fn, device=args.device)
-    if args.grad:
-        grad_fn = load_target(args.grad)
+        fn, torch_grad_fn = testing.from_torch(fn, device=args.device)
+        grad_fn = grad_fn or torch_grad_fn
     cases = None if not args.cases else [c.strip() for c in args.cases.split(",") if c.strip()]
     report = testing.check_attention(fn, grad_fn=grad_fn, dtype=args.dtype, cases=cases, masked_rows=args.masked_rows)
     print(report)
