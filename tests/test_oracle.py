@@ -228,3 +228,14 @@ def test_bad_arguments():
         check_attention(numpy_attention, dtype="int8")
     with pytest.raises(ValueError, match="fn, grad_fn, or both"):
         check_attention(None)
+
+
+def test_results_from_other_array_libraries_are_read_and_a_non_array_fails():
+    import array_api_strict as xs
+
+    def strict(q, k, v, **kw):
+        return xs.asarray(numpy_attention(q, k, v, **kw))
+
+    assert check_attention(strict, cases=["plain", "causal"]).ok
+    note = check_attention(lambda q, k, v, **kw: "out", cases="plain").failures[0].note
+    assert note == "shape (), expected (2, 8, 16)"

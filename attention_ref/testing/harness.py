@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import to_numpy
 from .cases import Case, select_cases
 from .dtypes import numpy_dtype
 from .report import OutputCheck, Report
@@ -55,8 +56,8 @@ def compare_output(
         expected = float(x64[where]) if where is not None else np.nan
         return OutputCheck(case, output, np.inf, where, allowed, np.inf, kernel_error, floor, got_value, expected, note)
 
-    try:
-        arr = np.asarray(got)
+    try:  # NumPy is expected; a CuPy array or a (float32/16/64) torch tensor is brought over too
+        arr = got if isinstance(got, np.ndarray) else to_numpy(got)
     except Exception as err:  # an object NumPy cannot read
         return fail(f"returned {type(got).__name__}, not an array ({err})")
     if arr.shape != x64.shape:
