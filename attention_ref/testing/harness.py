@@ -41,6 +41,7 @@ def compare_output(
     dtype: str,
     *,
     policy: Policy = DEFAULT_POLICY,
+    kind: str | None = None,
     nan_ok_rows: np.ndarray | None = None,
 ) -> OutputCheck:
     """Compare one output with its float64 reference ``x64`` (see :mod:`.tolerance` for the rule).
@@ -48,9 +49,10 @@ def compare_output(
     ``kernel_error`` is the kernel-like reference's error for this output and ``magnitude`` the
     magnitude of its terms (:class:`~attention_ref.testing.tolerance.Reference`).
 
+    ``kind``: which of the policy's outputs (``"out"``, ``"dq"``, ...) sets the constants; default ``output``.
     ``nan_ok_rows``: boolean ``(..., rows)`` — rows on which NaN is accepted (``masked_rows="nan-ok"``).
     """
-    allowed, floor = policy.allowed(output, magnitude, kernel_error, dtype)
+    allowed, floor = policy.allowed(kind or output, magnitude, kernel_error, dtype)
 
     def fail(note: str, where: tuple[int, ...] | None = None, got_value: float = np.nan) -> OutputCheck:
         expected = float(x64[where]) if where is not None else np.nan

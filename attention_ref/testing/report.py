@@ -14,7 +14,7 @@ class OutputCheck:
 
     Attributes:
         case: the case's name.
-        output: ``"out"``, ``"dq"``, ``"dk"`` or ``"dv"``.
+        output: ``"out"``, ``"dq"``, ``"dk"`` or ``"dv"`` (for blocks: ``"y"``, ``"dx"``, ``"dq.weight"``, ...).
         error: ``max|X − X₆₄|`` (``inf`` for NaN/Inf where the reference is finite, or no usable result).
         where: index of that largest error (``None`` when there is no array to point into).
         allowed: the tolerance, ``c·kernel_error + floor``.
@@ -97,7 +97,7 @@ class Report:
             detail = c.note if c.note else _where(c)
             numbers = f"{c.error:9.2e}  {c.allowed:9.2e}  {_ratio(c.ratio):>8}"
             lines.append(f"{c.case:<{width}}  {c.output:<6}  {numbers}  {detail}{mark}")
-        outputs = [o for o in ("out", "dq", "dk", "dv") if any(c.output == o for c in self.checks)]
+        outputs = list(dict.fromkeys(c.output for c in self.checks))
         worst = ", ".join(f"{o} {_ratio(self.worst_ratio(o))}" for o in outputs)
         lines.append(f"worst ratio: {worst}")
         return "\n".join(lines)
