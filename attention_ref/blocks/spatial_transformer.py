@@ -188,8 +188,10 @@ def spatial_transformer_forward(
 
     # h = GroupNorm(x)   (B, H, W, C)
     h, norm_cache = group_norm_forward(xb, params["norm.weight"], params["norm.bias"], groups=groups, eps=eps)
-    # t = h W_in + b_in   (B, H, W, inner)
-    t, in_cache = linear_forward(h, params["proj_in.weight"], params.get("proj_in.bias"))
+    B, H, W, _ = xb.shape
+    # t = h W_in + b_in   (B, N, inner) on the tokens, then as a map (B, H, W, inner)
+    t, in_cache = linear_forward(xp.reshape(h, (B, H * W, C)), params["proj_in.weight"], params.get("proj_in.bias"))
+    t = xp.reshape(t, (B, H, W, t.shape[-1]))
     block_caches = []
     for i in range(depth):
         t, c = transformer_block_forward(
@@ -203,10 +205,13 @@ def spatial_transformer_forward(
             where=f"spatial transformer blocks.{i}",
         )
         block_caches.append(c)
-    # p = t W_out + b_out   (B, H, W, C)
-    p, out_cache = linear_forward(t, params["proj_out.weight"], params.get("proj_out.bias"))
+    # p = t W_out + b_out   (B, N, C), then as a map (B, H, W, C)
+    p, out_cache = linear_forward(
+        xp.reshape(t, (B, H * W, t.shape[-1])), params["proj_out.weight"], params.get("proj_out.bias")
+    )
     if p.shape[-1] != C:
         raise ValueError(f"spatial transformer: proj_out returns {p.shape[-1]} channels, the residual needs {C}")
+    p = xp.reshape(p, (B, H, W, C))
     # y = x + p
     y = xb + p
     if not batched:
@@ -230,12 +235,13 @@ def spatial_transformer_backward(dy: Any, cache: SpatialTransformerCache) -> dic
     batched = len(cache.x_shape) == 4
     dyb = dy if batched else xp.reshape(dy, (1, *dy.shape))  # (B, H, W, C)
     grads: dict[str, Any] = {}
+    B, H, W, C = dyb.shape
     # p = t W_out + b_out
-    g = linear_backward(dyb, cache.proj_out)
+    g = linear_backward(xp.reshape(dyb, (B, H * W, C)), cache.proj_out)
     grads["proj_out.weight"] = g["W"]
     if "b" in g:
         grads["proj_out.bias"] = g["b"]
-    dt = g["x"]
+    dt = xp.reshape(g["x"], (B, H, W, g["x"].shape[-1]))  # (B, H, W, inner)
     dcontext = None
     for i in reversed(range(len(cache.blocks))):
         gb = transformer_block_backward(dt, cache.blocks[i])
@@ -245,11 +251,11 @@ def spatial_transformer_backward(dy: Any, cache: SpatialTransformerCache) -> dic
         dcontext = dc if dcontext is None else dcontext + dc
         grads.update(prefixed(gb, f"blocks.{i}."))
     # t = h W_in + b_in
-    g = linear_backward(dt, cache.proj_in)
+    g = linear_backward(xp.reshape(dt, (B, H * W, dt.shape[-1])), cache.proj_in)
     grads["proj_in.weight"] = g["W"]
     if "b" in g:
         grads["proj_in.bias"] = g["b"]
-    gn = group_norm_backward(g["x"], cache.norm)
+    gn = group_norm_backward(xp.reshape(g["x"], (B, H, W, C)), cache.norm)
     grads["norm.weight"], grads["norm.bias"] = gn["weight"], gn["bias"]
     # y = x + p   ⇒   dx = dy + GroupNormᵀ dh
     grads["x"] = xp.reshape(gn["x"] + dyb, cache.x_shape)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..backend import namespace
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
 from .attention_block import AttentionBlockCache, attention_block_backward, attention_block_forward
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
@@ -82,6 +83,7 @@ def transformer_block_forward(
         h': ``(B, H, W, C)``; cache: :class:`TransformerBlockCache`.
     """
     _check_block_keys(params, where)
+    xp = namespace(h)
     caches: dict[str, Any] = {}
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)
@@ -102,10 +104,11 @@ def transformer_block_forward(
         where=f"{where} attn2",
     )
     h = h + a2
-    # h ← h + FF(LN₃(h))
+    # h ← h + FF(LN₃(h)), on the (B, N, C) tokens: one matrix product per sample rather than one per row
     n3, caches["norm3"] = _layer_norm(h, params, "norm3", norm_eps, where)
-    f, caches["ff"] = geglu_ff_forward(n3, sub_params(params, "ff."))
-    h = h + f
+    B, H, W, C = h.shape
+    f, caches["ff"] = geglu_ff_forward(xp.reshape(n3, (B, H * W, C)), sub_params(params, "ff."))
+    h = h + xp.reshape(f, (B, H, W, f.shape[-1]))
     return h, TransformerBlockCache(**caches)
 
 
@@ -121,9 +124,12 @@ def transformer_block_backward(dh_out: Any, cache: TransformerBlockCache) -> dic
     grads: dict[str, Any] = {}
     dh = dh_out
     # h' = h + FF(LN₃(h))   ⇒   dh = dh' + LN₃ᵀ FFᵀ dh'
-    g_ff = geglu_ff_backward(dh, cache.ff)
-    grads.update(prefixed({k: v for k, v in g_ff.items() if k != "x"}, "ff."))
-    dh = dh + _layer_norm_grads(grads, "norm3", layer_norm_backward(g_ff["x"], cache.norm3))
+    xp = namespace(dh_out)
+    B, H, W, C = dh.shape
+    g_ff = geglu_ff_backward(xp.reshape(dh, (B, H * W, C)), cache.ff)
+    dn3 = xp.reshape(g_ff.pop("x"), (B, H, W, C))
+    grads.update(prefixed(g_ff, "ff."))
+    dh = dh + _layer_norm_grads(grads, "norm3", layer_norm_backward(dn3, cache.norm3))
     # h' = h + CrossAttn(LN₂(h), c)
     g2 = attention_block_backward(dh, cache.attn2)
     grads["context"] = g2.pop("context")
