@@ -382,3 +382,16 @@ def test_blocks_agree_across_backends(block, be, rng):
         assert rel_error(cache.weights, cache_np.weights) <= 1e-12
     else:
         assert np_(cache.blocks[0].attn2.weights).shape == (2, 2, 15, 3)
+
+
+def test_importing_the_package_does_not_import_torch():
+    """torch is a peer for interop only: it is imported lazily, never by ``import attention_ref``."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, attention_ref, attention_ref.interop; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

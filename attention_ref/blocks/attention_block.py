@@ -141,7 +141,7 @@ def attention_block_forward(
     if x.ndim not in (3, 4):
         _fail(where, f"x must be (B, H, W, C) or (H, W, C), got shape {tuple(x.shape)}")
     check_keys(params, required=_WEIGHTS, optional=_OPTIONAL, where=where)
-    check_param_dtypes(xp, x, params, where)
+    check_param_dtypes(x, params, where)
     batched = x.ndim == 4
     xb = x if batched else xp.reshape(x, (1, *x.shape))  # (B, H, W, C)
     B, H, W, C = xb.shape
@@ -215,6 +215,11 @@ def attention_block_forward(
     return y, cache
 
 
+def _output_shape(cache: AttentionBlockCache) -> tuple[int, ...]:
+    """The shape of ``y``: ``x``'s with ``C_out`` channels."""
+    return (*cache.x_shape[:-1], cache.out.W.shape[1])
+
+
 def _linear_grads(grads: dict[str, Any], name: str, g: Mapping[str, Any]) -> Any:
     """Store a linear layer's weight/bias gradients under ``name``; return its input gradient."""
     grads[f"{name}.weight"] = g["W"]
@@ -263,8 +268,3 @@ def attention_block_backward(dy: Any, cache: AttentionBlockCache) -> dict[str, A
         dx = dx + dy / cache.rescale
     grads["x"] = dx
     return grads
-
-
-def _output_shape(cache: AttentionBlockCache) -> tuple[int, ...]:
-    C_out = cache.out.W.shape[1]
-    return (*cache.x_shape[:-1], C_out)

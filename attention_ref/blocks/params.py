@@ -73,7 +73,7 @@ def check_keys(params: Mapping[str, Any], *, required: Iterable[str], optional: 
         raise ValueError(f"{where} params: {'; '.join(parts)} (expected {required}, optionally {optional})")
 
 
-def check_param_dtypes(xp: Any, x: Any, params: Mapping[str, Any], where: str) -> None:
+def check_param_dtypes(x: Any, params: Mapping[str, Any], where: str) -> None:
     """``TypeError`` unless every parameter has ``x``'s dtype (nothing is promoted silently)."""
     for name, p in params.items():
         if p.dtype != x.dtype:

@@ -173,7 +173,7 @@ def spatial_transformer_forward(
     if context is None:
         raise ValueError("spatial transformer: a context is required")
     depth = _depth(params)
-    check_param_dtypes(xp, x, params, "spatial transformer")
+    check_param_dtypes(x, params, "spatial transformer")
     batched = x.ndim == 4
     xb = x if batched else xp.reshape(x, (1, *x.shape))  # (B, H, W, C)
     if context.ndim != (3 if batched else 2):

@@ -84,6 +84,9 @@ def transformer_block_forward(
     """
     _check_block_keys(params, where)
     xp = namespace(h)
+    if h.ndim != 4 or context is None or context.ndim != 3:
+        shapes = f"h {tuple(h.shape)}, context {None if context is None else tuple(context.shape)}"
+        raise ValueError(f"{where}: needs h of shape (B, H, W, C) and context (B, M, D); got {shapes}")
     caches: dict[str, Any] = {}
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)
