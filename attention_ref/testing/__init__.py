@@ -10,10 +10,12 @@
 
 Modules: :mod:`.cases` (the battery), :mod:`.tolerance` (the tolerance policy and its
 reasoning), :mod:`.harness` (``check_attention``), :mod:`.report`, :mod:`.torch_wrap`
-(``from_torch``), :mod:`.vectors` (test vectors for other languages), :mod:`.examples`.
+(``from_torch``), :mod:`.vectors` (test vectors for other languages), :mod:`.examples`,
+:mod:`.blocks` (``check_diffusers_attention``: a diffusers ``Attention`` module against the reference block).
 torch is imported only when a torch function is called; ml_dtypes only for bfloat16.
 """
 
+from .blocks import BLOCK_CASES, BlockCase, check_diffusers_attention
 from .cases import CASE_NAMES, Case, battery
 from .dtypes import DTYPES
 from .harness import assert_attention_close, check_attention
@@ -36,4 +38,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "write_vectors",
     "load_vectors",
+    "check_diffusers_attention",
+    "BlockCase",
+    "BLOCK_CASES",
 ]

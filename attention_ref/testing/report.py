@@ -90,13 +90,15 @@ class Report:
             *self.notes,
         ]
         width = max([len(c) for c in cases] + [4])
-        head = f"{'case':<{width}}  {'output':<6}  {'max|err|':>9}  {'allowed':>9}  {'ratio':>8}  where / got vs want"
+        out_width = max([len(c.output) for c in self.checks] + [6])
+        numbers = f"{'max|err|':>9}  {'allowed':>9}  {'ratio':>8}"
+        head = f"{'case':<{width}}  {'output':<{out_width}}  {numbers}  where / got vs want"
         lines += [head, "-" * len(head)]
         for c in self.checks:
             mark = "" if c.ok else "  <-- FAIL"
             detail = c.note if c.note else _where(c)
             numbers = f"{c.error:9.2e}  {c.allowed:9.2e}  {_ratio(c.ratio):>8}"
-            lines.append(f"{c.case:<{width}}  {c.output:<6}  {numbers}  {detail}{mark}")
+            lines.append(f"{c.case:<{width}}  {c.output:<{out_width}}  {numbers}  {detail}{mark}")
         outputs = list(dict.fromkeys(c.output for c in self.checks))
         worst = ", ".join(f"{o} {_ratio(self.worst_ratio(o))}" for o in outputs)
         lines.append(f"worst ratio: {worst}")
