@@ -276,3 +276,12 @@ def test_the_block_size_does_not_change_the_result(rng):
     outs = [chunked_attention_forward(q, k, v, block_size=b)[0] for b in (None, 1, 7, (3, 30))]
     for o in outs[1:]:
         assert rel_error(o, outs[0]) <= TOL
+
+
+def test_numpy_integer_block_sizes_are_accepted(rng):
+    q, k, v = rng.standard_normal((9, 3)), rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    out, cache = chunked_attention_forward(q, k, v, block_size=np.int64(4))
+    assert (cache.block_q, cache.block_k) == (4, 4) and isinstance(cache.block_q, int)
+    assert rel_error(out, attention_forward(q, k, v)[0]) <= TOL
+    with pytest.raises(TypeError, match="block_size"):
+        chunked_attention_forward(q, k, v, block_size=True)

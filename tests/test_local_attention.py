@@ -263,3 +263,16 @@ def test_float32_stays_float32(rng):
         out, cache = fwd(q, k, v)
         grads = bwd(np.ones_like(out), cache)
         assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads.values())
+
+
+def test_numpy_integers_are_accepted_and_bools_are_not(rng):
+    q, k, v = make_maps(rng, (1,), 4, 6, 2, 2)
+    out, _ = window_attention_forward(q, k, v, window=(np.int64(2), 3), shift=np.int32(1))
+    want, _ = window_attention_forward(q, k, v, window=(2, 3), shift=1)
+    np.testing.assert_array_equal(out, want)
+    out, _ = neighborhood_attention_forward(q, k, v, kernel=np.int64(3))
+    np.testing.assert_array_equal(out, neighborhood_attention_forward(q, k, v, kernel=3)[0])
+    with pytest.raises(TypeError, match="kernel"):
+        neighborhood_attention_forward(q, k, v, kernel=True)
+    with pytest.raises(TypeError, match="window"):
+        window_mask(4, 6, (2, 3, 1))

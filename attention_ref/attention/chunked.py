@@ -51,6 +51,7 @@ from typing import Any
 from .._checks import sum_to_shape
 from ..backend import device_of, namespace
 from .inputs import check_attention_inputs
+from .masks import as_pair
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -107,16 +108,10 @@ def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
     """``(block_q, block_k)`` from ``None`` (the default), one int (both) or a pair."""
     if block_size is None:
         return DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
-    pair = (block_size, block_size) if isinstance(block_size, int) else block_size
-    if (
-        not isinstance(pair, (tuple, list))
-        or len(pair) != 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair)
-    ):
-        raise TypeError(f"block_size must be an int or a pair of ints (block_q, block_k), got {block_size!r}")
-    if min(pair) < 1:
+    block_q, block_k = as_pair("block_size", block_size)
+    if min(block_q, block_k) < 1:
         raise ValueError(f"block_size must be positive, got {block_size!r}")
-    return pair[0], pair[1]
+    return block_q, block_k
 
 
 def _blocks(n: int, size: int) -> list[slice]:

@@ -19,6 +19,7 @@ Both patterns are separable: ``mask[(i, j), (y, x)] = rows_ok[i, y] and cols_ok[
 
 from __future__ import annotations
 
+import operator
 from types import ModuleType
 from typing import Any
 
@@ -29,12 +30,22 @@ from ..backend import device_of, namespace
 __all__ = ["neighborhood_mask", "neighborhood_starts", "window_bands", "window_mask"]
 
 
-def as_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
-    """An int or a pair of ints as ``(rows, cols)``; ``TypeError`` otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in pair):
+def as_pair(name: str, value: Any) -> tuple[int, int]:
+    """An integer or a pair of integers (Python or NumPy ints, not bools) as ``(rows, cols)``, else ``TypeError``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(_is_integer(n) for n in pair):
         raise TypeError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}")
-    return pair[0], pair[1]
+    return operator.index(pair[0]), operator.index(pair[1])
+
+
+def _is_integer(n: Any) -> bool:
+    if isinstance(n, bool):
+        return False
+    try:
+        operator.index(n)
+    except TypeError:
+        return False
+    return True
 
 
 def check_window(height: int, width: int, window: Any, shift: Any) -> tuple[tuple[int, int], tuple[int, int]]:
