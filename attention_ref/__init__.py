@@ -98,3 +98,38 @@ __all__ = [
     "spatial_transformer_forward",
     "spatial_transformer_backward",
 ]
+
+# efficient attention variants (issue [3/6])
+from .attention import (
+    ChunkedAttentionCache,
+    LinearAttentionCache,
+    NeighborhoodAttentionCache,
+    WindowAttentionCache,
+    chunked_attention_backward,
+    chunked_attention_forward,
+    linear_attention_backward,
+    linear_attention_forward,
+    neighborhood_attention_backward,
+    neighborhood_attention_forward,
+    neighborhood_mask,
+    window_attention_backward,
+    window_attention_forward,
+    window_mask,
+)
+
+__all__ += [
+    "ChunkedAttentionCache",
+    "chunked_attention_forward",
+    "chunked_attention_backward",
+    "LinearAttentionCache",
+    "linear_attention_forward",
+    "linear_attention_backward",
+    "WindowAttentionCache",
+    "window_attention_forward",
+    "window_attention_backward",
+    "window_mask",
+    "NeighborhoodAttentionCache",
+    "neighborhood_attention_forward",
+    "neighborhood_attention_backward",
+    "neighborhood_mask",
+]
