@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 import pytest
-from block_helpers import grad_errors
+from block_helpers import fd_errors, grad_errors, jitter
 from conftest import np_
 
 import attention_ref as ar
@@ -14,22 +15,6 @@ from attention_ref.blocks import ATTENTION_VARIANTS, attend_backward, attend_for
 from attention_ref.gradcheck import check_backward, rel_error
 
 FD_TOL = 1e-7
-
-
-def jitter(params, rng, scale=0.3):
-    """Move every parameter off its init (norm weights off 1, biases off 0) so no gradient is special."""
-    return {k: v + scale * rng.standard_normal(v.shape) for k, v in params.items()}
-
-
-def fd_errors(forward, backward, inputs):
-    """check_backward, except that k.bias — whose gradient is exactly 0 — is compared in absolute terms."""
-    errs = check_backward(forward, backward, inputs)
-    out, cache = forward(**inputs)
-    grads = backward(np.random.default_rng(0).standard_normal(np.shape(out)), cache)
-    for name in errs:
-        if name.endswith("k.bias"):
-            errs[name] = float(np.max(np.abs(grads[name])))
-    return errs
 
 
 # (name, x shape, heads, groups or None, bias, residual, rescale, scale)
@@ -213,7 +198,8 @@ def test_unbatched_input_equals_batch_of_one(rng):
 def test_attention_is_routed_through_one_registry(rng, monkeypatch):
     """Blocks call attention only through blocks.attend: a variant registered there is what they run."""
     calls = []
-    exact_forward, exact_backward = ATTENTION_VARIANTS["exact"]
+    exact = ATTENTION_VARIANTS["exact"]
+    exact_forward, exact_backward = exact.forward, exact.backward
 
     def spy_forward(q, k, v, **kw):
         calls.append(("forward", tuple(q.shape), kw["grid"]))
@@ -223,7 +209,9 @@ def test_attention_is_routed_through_one_registry(rng, monkeypatch):
         calls.append(("backward", tuple(dout.shape), None))
         return exact_backward(dout, cache)
 
-    monkeypatch.setitem(ATTENTION_VARIANTS, "exact", (spy_forward, spy_backward))
+    monkeypatch.setitem(
+        ATTENTION_VARIANTS, "exact", dataclasses.replace(exact, forward=spy_forward, backward=spy_backward)
+    )
     params = ar.init_spatial_transformer(4, 3, heads=2, groups=2, rng=11)
     y, cache = ar.spatial_transformer_forward(
         rng.standard_normal((1, 3, 5, 4)), rng.standard_normal((1, 2, 3)), params, heads=2, groups=2

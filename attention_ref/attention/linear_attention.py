@@ -30,6 +30,15 @@ Backward of ``kind="elu"``. Write ``n_i = φ(q_i)ᵀ S`` (numerator), ``δ_i = �
 * ``S = φ(K)ᵀ V``, ``z = φ(K)ᵀ 1``  ⇒  ``dφ(K) = V dSᵀ + 1 dzᵀ``, ``dV = φ(K) dS``;
 * ``φ'(x) = 1`` for ``x > 0`` and ``eˣ`` otherwise  ⇒  ``dQ = dφ(Q) ∘ φ'(Q)``, ``dK = dφ(K) ∘ φ'(K)``.
 
+Key mask (``key_mask``, True = the key counts; e.g. padded context tokens are False). Masking a key
+removes its term from the sums over keys: ``φ(k_j)`` (or ``ρ_k(K)``'s softmax over positions) is
+replaced by 0 for a masked ``j``, so ``S``, ``z`` and ``G`` are sums over the allowed keys only. This is
+exactly linear attention on the allowed keys alone (the implied weights of masked keys are 0 and every
+other weight is what it would be without those keys). A row whose keys are all masked gets ``S = 0``,
+``z = 0``, output 0 and gradients 0 (with ``eps = 0`` its denominator 0 is replaced by 1, never NaN).
+Backward: ``dK`` and ``dV`` of a masked key are 0 (its features were replaced by a constant); the
+formulas below hold with ``φ(K)`` the masked features and ``φ'(K)`` zeroed at masked keys.
+
 Backward of ``kind="efficient"``. With ``G = ρ_k(K)ᵀ V``: ``dρ_q = dO Gᵀ``, ``dG = ρ_qᵀ dO``,
 ``dρ_k = V dGᵀ``, ``dV = ρ_k dG``, and each softmax's backward (:mod:`attention_ref.ops.softmax`)
 along its own axis gives ``dQ`` and ``dK``.
@@ -41,6 +50,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from .._checks import require_bool, require_broadcastable_to
 from ..backend import namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .inputs import check_qkv
@@ -70,6 +80,7 @@ class LinearAttentionCache:
     denominator: Any | None  # δ_i = φ(q_i)·z + ε, (..., N, 1); None for "efficient"
     out: Any  # (..., N, dv)
     weights: None = field(default=None, init=False)  # never formed; see implied_weights
+    key_mask: Any | None = None  # as given, broadcastable to (..., M); None = every key counts
 
     def implied_weights(self) -> Any:
         """The ``(..., N, M)`` weights ``A`` with ``out = A V`` — O(N·M), for inspection only."""
@@ -87,8 +98,16 @@ def _elu_plus_one(xp: ModuleType, x: Any) -> tuple[Any, Any]:
     return xp.where(positive, x + 1.0, exp_neg), xp.where(positive, 1.0, exp_neg)
 
 
+def _check_key_mask(xp: ModuleType, key_mask: Any, k: Any) -> Any:
+    """``key_mask`` as ``(..., M, 1)`` (one flag per key, broadcast over the features); errors name the shapes."""
+    namespace(k, key_mask)
+    require_bool(xp, "key_mask", key_mask)
+    require_broadcastable_to("key_mask", tuple(key_mask.shape), tuple(k.shape[:-1]))
+    return xp.expand_dims(key_mask, axis=-1)
+
+
 def linear_attention_forward(
-    q: Any, k: Any, v: Any, *, eps: float = 1e-6, kind: str = "elu"
+    q: Any, k: Any, v: Any, *, eps: float = 1e-6, kind: str = "elu", key_mask: Any | None = None
 ) -> tuple[Any, LinearAttentionCache]:
     """Linear attention in O(N): Katharopoulos et al. (``kind="elu"``) or Shen et al. (``kind="efficient"``).
 
@@ -99,6 +118,8 @@ def linear_attention_forward(
         eps: added to the denominator ``φ(q_i)·z`` (``kind="elu"`` only; ``"efficient"`` has none).
         kind: ``"elu"`` — ``φ(x) = elu(x) + 1`` features; ``"efficient"`` — softmax of each query over its
             features and of each key feature over the positions.
+        key_mask: boolean, broadcastable to ``(..., M)``; True = the key counts. Masked keys are left out of
+            every sum over keys — the same as deleting them (a per-query mask has no linear-time form).
 
     Returns:
         out: ``(..., N, dv)``.
@@ -111,20 +132,28 @@ def linear_attention_forward(
         raise TypeError(f"eps must be a Python number, got {type(eps).__name__}")
     if eps < 0:
         raise ValueError(f"eps must be ≥ 0, got {eps}")
+    keys_on = None if key_mask is None else _check_key_mask(xp, key_mask, k)  # (..., M, 1)
     if kind == "elu":
         q_features, _ = _elu_plus_one(xp, q)  # φ(Q)   (..., N, d)
         k_features, _ = _elu_plus_one(xp, k)  # φ(K)   (..., M, d)
+        if keys_on is not None:
+            # a masked key contributes nothing: φ(k_j) → 0
+            k_features = xp.where(keys_on, k_features, 0.0)
         # S = φ(K)ᵀ V   (..., d, dv)
         kv = xp.matmul(xp.matrix_transpose(k_features), v)
         # z = Σ_j φ(k_j)   (..., d)
         k_sum = xp.sum(k_features, axis=-2)
         # δ_i = φ(q_i)·z + ε   (..., N, 1)
         denominator = xp.matmul(q_features, xp.expand_dims(k_sum, axis=-1)) + eps
+        if keys_on is not None:
+            # only when every key is masked and eps = 0 is δ = 0; the numerator is 0 there, so divide by 1
+            denominator = xp.where(denominator == 0.0, 1.0, denominator)
         # o_i = φ(q_i)ᵀ S / δ_i   (..., N, dv)
         out = xp.matmul(q_features, kv) / denominator
     else:
         q_features, _ = softmax_forward(q, axis=-1)  # ρ_q(Q): each query's features sum to 1
-        k_features, _ = softmax_forward(k, axis=-2)  # ρ_k(K): each key feature sums to 1 over positions
+        # ρ_k(K): each key feature sums to 1 over the (allowed) positions; masked keys get 0
+        k_features, _ = softmax_forward(k, axis=-2, mask=keys_on)
         # G = ρ_k(K)ᵀ V   (..., d, dv)
         kv = xp.matmul(xp.matrix_transpose(k_features), v)
         k_sum, denominator = None, None
@@ -142,6 +171,7 @@ def linear_attention_forward(
         k_sum=k_sum,
         denominator=denominator,
         out=out,
+        key_mask=key_mask,
     )
     return out, cache
 
@@ -188,6 +218,9 @@ def linear_attention_backward(dout: Any, cache: LinearAttentionCache) -> dict[st
     d_phi_k = xp.matmul(v, xp.matrix_transpose(d_kv)) + d_k_sum
     _, dphi_dq = _elu_plus_one(xp, cache.q)
     _, dphi_dk = _elu_plus_one(xp, cache.k)
+    if cache.key_mask is not None:
+        # φ(k_j) of a masked key was replaced by the constant 0: its derivative is 0
+        dphi_dk = xp.where(xp.expand_dims(cache.key_mask, axis=-1), dphi_dk, 0.0)
     return {
         "q": d_phi_q * dphi_dq,  # dQ = dφ(Q) ∘ φ'(Q)
         "k": d_phi_k * dphi_dk,  # dK = dφ(K) ∘ φ'(K)

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..backend import device_of, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
+from .dense_rows import check_row_range, spread_rows
 from .inputs import default_scale
 from .maps import check_map_qkv
 from .masks import check_kernel, neighborhood_starts
@@ -58,6 +59,27 @@ class NeighborhoodAttentionCache:
     weights: Any  # (..., H, W, k_h·k_w): weights[..., i, j, a·k_w + b] is for key (start_h(i) + a, start_w(j) + b)
     kernel: tuple[int, int]
     scale: float
+
+    def weight_rows(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` of the dense weights ``(..., stop − start, H·W)`` over the flattened map.
+
+        Query token ``t = i·W + j``; the row holds the weights of its neighborhood and 0 elsewhere —
+        the weights of exact attention under ``neighborhood_mask(H, W, kernel)``. Builds only the rows
+        asked for: ``weight_rows(0, H·W)`` is the whole ``(H·W)²`` matrix.
+        """
+        xp, dev = namespace(self.weights), device_of(self.weights)
+        *lead, height, width, K = self.weights.shape
+        kh, kw = self.kernel
+        start, stop = check_row_range(start, stop, height * width)
+        local_rows = xp.reshape(self.weights, (*lead, height * width, K))[..., start:stop, :]  # (..., R, K)
+        tokens = xp.arange(start, stop, device=dev)  # (R,)
+        top = xp.take(neighborhood_starts(xp, height, kh, dev), tokens // width)  # start_h(i)   (R,)
+        left = xp.take(neighborhood_starts(xp, width, kw, dev), tokens % width)  # start_w(j)
+        # slot a·kw + b is key (start_h(i) + a, start_w(j) + b)
+        slot = xp.arange(K, device=dev)
+        key_row = xp.expand_dims(top, axis=-1) + slot // kw  # (R, K)
+        key_col = xp.expand_dims(left, axis=-1) + slot % kw
+        return spread_rows(xp, local_rows, key_row * width + key_col, height * width)
 
 
 def _axis_index(axis: int, index: slice) -> tuple:

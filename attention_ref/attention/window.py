@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from ..backend import device_of, namespace
+from .dense_rows import check_row_range, spread_rows
 from .exact import AttentionCache, attention_backward, attention_forward
 from .maps import check_map_qkv
 from .masks import check_window
@@ -53,6 +54,35 @@ class WindowAttentionCache:
         Window ``(a, b)``, token ``t = r·w + c`` is pixel ``((a·w + r + s) mod H, (b·w + c + s) mod W)``.
         """
         return self.attention.weights
+
+    def weight_rows(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` of the dense weights ``(..., stop − start, H·W)`` over the flattened map.
+
+        Query token ``t = i·W + j`` (pixel ``(i, j)``); the row holds the weights of its window and 0
+        elsewhere — the weights of exact attention under ``window_mask(H, W, window, shift)``.
+        Builds only the rows asked for: ``weight_rows(0, H·W)`` is the whole ``(H·W)²`` matrix.
+        """
+        local = self.attention.weights  # (..., H/wh, W/ww, L, L), L = wh·ww
+        xp, dev = namespace(local), device_of(local)
+        height, width = self.height, self.width
+        (wh, ww), (sh, sw) = self.window, self.shift
+        *lead, n_rows, n_cols, L, _ = local.shape
+        start, stop = check_row_range(start, stop, height * width)
+        tokens = xp.arange(start, stop, device=dev)  # (R,)
+        # pixel (i, j) sits at ((i − sh) mod H, (j − sw) mod W) of the rolled map …
+        ri = xp.remainder(tokens // width - sh, height)
+        rj = xp.remainder(tokens % width - sw, width)
+        # … in window (ri // wh, rj // ww), as its token (ri mod wh)·ww + (rj mod ww)
+        row = ((ri // wh) * n_cols + rj // ww) * L + (ri % wh) * ww + rj % ww
+        local_rows = xp.take(xp.reshape(local, (*lead, n_rows * n_cols * L, L)), row, axis=-2)  # (..., R, L)
+        # slot (r, c) of that window is rolled pixel (top + r, left + c),
+        # original pixel ((top + r + sh) mod H, (left + c + sw) mod W)
+        slot = xp.arange(L, device=dev)
+        top = xp.expand_dims((ri // wh) * wh, axis=-1)  # (R, 1)
+        left = xp.expand_dims((rj // ww) * ww, axis=-1)
+        key_row = xp.remainder(top + slot // ww + sh, height)  # (R, L)
+        key_col = xp.remainder(left + slot % ww + sw, width)
+        return spread_rows(xp, local_rows, key_row * width + key_col, height * width)
 
 
 def _roll(xp: ModuleType, x: Any, shift: tuple[int, int], sign: int) -> Any:

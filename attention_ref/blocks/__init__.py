@@ -2,7 +2,7 @@
 and Stable Diffusion's spatial transformer — each a forward/backward pair.
 """
 
-from .attend import ATTENTION_VARIANTS, AttendCache, attend_backward, attend_forward
+from .attend import ATTENTION_VARIANTS, AttendCache, AttentionVariant, attend_backward, attend_forward
 from .attention_block import AttentionBlockCache
 from .cross_attention import cross_attention_backward, cross_attention_forward, init_cross_attention
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
@@ -18,6 +18,7 @@ from .transformer_block import TransformerBlockCache, transformer_block_backward
 __all__ = [
     "ATTENTION_VARIANTS",
     "AttendCache",
+    "AttentionVariant",
     "AttentionBlockCache",
     "GegluFeedForwardCache",
     "SpatialTransformerCache",

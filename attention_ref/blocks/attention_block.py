@@ -26,6 +26,12 @@ Backward runs the same steps in reverse with the ops' own backward passes:
 
 Padded context tokens (``context_mask`` False) get weight 0 from every query, so
 they change neither the output nor any gradient, and their own gradient is 0.
+
+The per-head step need not be exact attention: ``attention=`` names a variant of
+:data:`attention_ref.blocks.ATTENTION_VARIANTS` (``"exact"``, ``"chunked"``,
+``"linear"``, ``"window"``, ``"neighborhood"``) and ``attention_options`` its
+options; everything around it is unchanged, and so is the backward above with
+the variant's own backward in place of ``attention_backward``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import require_bool, require_floating
+from .._checks import require_bool, require_broadcastable_to, require_floating
 from ..backend import namespace
 from ..ops.group_norm import GroupNormCache, group_norm_backward, group_norm_forward
 from ..ops.heads import merge_heads, split_heads
@@ -68,15 +74,40 @@ class AttentionBlockCache:
     def batched(self) -> bool:
         return len(self.x_shape) == 4
 
+    def _unbatch(self, a: Any) -> Any:
+        return a if self.batched else a[0, ...]
+
     @property
-    def weights(self) -> Any:
+    def weights(self) -> Any | None:
         """``(B, heads, H·W, M)`` (``M = H·W`` for self-attention); no ``B`` axis when ``x`` had none.
 
         Row ``n = row·W + col`` holds the weights of that query pixel; they sum to 1
-        (to 0 when every context token is masked).
+        (to 0 when every key is masked). ``None`` unless the attention stored this
+        dense matrix (only ``attention="exact"`` does): :attr:`weights_note` says why
+        and where the weights are instead; :meth:`weight_rows` works for every
+        variant that has weights.
         """
         w = self.attention.weights
-        return w if self.batched else w[0, ...]
+        return None if w is None else self._unbatch(w)
+
+    @property
+    def weights_note(self) -> str:
+        """What :attr:`weights` holds for the attention that ran, and how to get weights otherwise."""
+        return self.attention.weights_note
+
+    def weight_rows(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` (query tokens ``row·W + col``) of the dense weights, ``(B, heads, stop − start, M)``.
+
+        For every attention with weights — exact, chunked (recomputed), window and neighborhood
+        (their local weights placed on the map, 0 elsewhere) — in ``O(rows · M)`` memory;
+        ``weight_rows(0, H·W)`` is the whole matrix. No ``B`` axis when ``x`` had none.
+        Linear attention has no weight matrix: ``ValueError`` (see :meth:`implied_weights`).
+        """
+        return self._unbatch(self.attention.weight_rows(start, stop))
+
+    def implied_weights(self) -> Any:
+        """Linear attention only: the ``(B, heads, H·W, M)`` matrix ``A`` with ``O = A V``, for inspection."""
+        return self._unbatch(self.attention.implied_weights())
 
 
 def _fail(where: str, message: str) -> None:
@@ -127,16 +158,20 @@ def attention_block_forward(
     rescale: float = 1.0,
     scale: float | None = None,
     context_mask: Any | None = None,
+    mask: Any | None = None,
+    attention: str = "exact",
+    attention_options: Mapping[str, Any] | None = None,
     where: str = "attention block",
 ) -> tuple[Any, AttentionBlockCache]:
     """Self-attention (``context=None``) or cross-attention block on a channels-last map.
 
     See :func:`attention_ref.self_attention_forward` and
-    :func:`attention_ref.cross_attention_forward` for the inputs; ``where``
-    prefixes error messages.
+    :func:`attention_ref.cross_attention_forward` for the inputs; ``mask`` is
+    self-attention's, ``context_mask`` cross-attention's; ``where`` prefixes
+    error messages.
     """
     is_cross = context is not None
-    xp = namespace(x, context, context_mask, *params.values())
+    xp = namespace(x, context, context_mask, mask, *params.values())
     require_floating(xp, "x", x)
     if x.ndim not in (3, 4):
         _fail(where, f"x must be (B, H, W, C) or (H, W, C), got shape {tuple(x.shape)}")
@@ -159,6 +194,8 @@ def attention_block_forward(
         source_width = context.shape[-1]
     elif context_mask is not None:
         _fail(where, "context_mask is only for cross-attention")
+    if is_cross and mask is not None:
+        _fail(where, "mask is only for self-attention; cross-attention takes context_mask")
     _, C_out = _check_shapes(params, C, source_width, heads, residual, where, is_cross)
 
     # h = GroupNorm(x), or x itself when the block has no norm   (B, H, W, C)
@@ -174,7 +211,6 @@ def attention_block_forward(
         source = context if batched else xp.reshape(context, (1, *context.shape))  # (B, M, D)
     M = source.shape[1]
 
-    mask = None
     if context_mask is not None:
         require_bool(xp, "context_mask", context_mask)
         allowed = {(M,), (B, M)} if batched else {(M,)}
@@ -182,6 +218,14 @@ def attention_block_forward(
             _fail(where, f"context_mask of shape {tuple(context_mask.shape)} should be one of {sorted(allowed)}")
         key_mask = xp.reshape(context_mask, (-1, M))  # (B or 1, M)
         mask = xp.reshape(key_mask, (key_mask.shape[0], 1, 1, M))  # (B or 1, 1, 1, M): same keys for every head, query
+    elif mask is not None:
+        require_bool(xp, "mask", mask)
+        # batched: broadcastable to (B, heads, N, N); unbatched: to (heads, N, N), then given a B axis of 1
+        target, names = ((B, heads, N, N), "(B, heads, H·W, H·W)") if batched else ((heads, N, N), "(heads, H·W, H·W)")
+        try:
+            require_broadcastable_to("mask", tuple(mask.shape), target)
+        except ValueError:
+            _fail(where, f"mask of shape {tuple(mask.shape)} does not broadcast to {names} = {target}")
 
     # Q = h W_q + b_q   (B, N, inner);  K, V from the source   (B, M, inner)
     q, q_cache = linear_forward(tokens, params["q.weight"], params.get("q.bias"))
@@ -189,8 +233,21 @@ def attention_block_forward(
     v, v_cache = linear_forward(source, params["v.weight"], params.get("v.bias"))
     # split heads head-major   (B, heads, N or M, d)
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    # O_j = softmax(scale · Q_j K_jᵀ) V_j   (B, heads, N, d)
-    oh, attend_cache = attend_forward(qh, kh, vh, grid=(H, W), mask=mask, scale=scale)
+    # O_j = softmax(scale · Q_j K_jᵀ) V_j, or the chosen variant of attention   (B, heads, N, d)
+    try:
+        oh, attend_cache = attend_forward(
+            qh,
+            kh,
+            vh,
+            grid=(H, W),
+            key_grid=None if is_cross else (H, W),
+            mask=mask,
+            scale=scale,
+            attention=attention,
+            options=attention_options,
+        )
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
     o = merge_heads(oh)  # (B, N, inner)
     # P = O W_o + b_o   (B, N, C_out)
     proj, out_cache = linear_forward(o, params["out.weight"], params.get("out.bias"))

@@ -8,6 +8,10 @@ r"""The cross-attention block: every pixel of an ``H×W×C`` map attends to ``M`
 per head, with ``h = GroupNorm(x)`` (or ``x``) and ``c`` the context. The
 formulas, shapes and the backward derivation are in
 :mod:`attention_ref.blocks.attention_block`.
+
+``attention="chunked"`` or ``"linear"`` replaces the per-head softmax attention;
+window and neighborhood attention need keys on the pixel grid and so do not
+apply (the keys here are context tokens).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def cross_attention_forward(
     rescale: float = 1.0,
     scale: float | None = None,
     context_mask: Any | None = None,
+    attention: str = "exact",
+    attention_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, AttentionBlockCache]:
     """Cross-attention from the pixels of a channels-last map to a sequence of context tokens.
 
@@ -83,16 +89,23 @@ def cross_attention_forward(
         heads, groups, eps, residual, rescale, scale: as for :func:`attention_ref.self_attention_forward`.
         context_mask: boolean ``(B, M)`` or ``(M,)`` (the same for every sample), True = a real
             token. Padded tokens get weight 0, cannot change the output, and get gradient 0.
-            A sample whose tokens are all padded gets attention output 0.
+            A sample whose tokens are all padded gets attention output 0. Every attention below
+            honours it: chunked slices it per tile; linear leaves the padded tokens out of its sums
+            (exactly as if they were deleted).
+        attention: ``"exact"`` (default), ``"chunked"`` or ``"linear"``; ``"window"`` and
+            ``"neighborhood"`` raise ``ValueError`` (their keys must be pixels of the map, these are tokens).
+        attention_options: as for :func:`attention_ref.self_attention_forward`.
 
     Returns:
         y: like ``x`` with ``C_out`` channels.
-        cache: :class:`~attention_ref.blocks.AttentionBlockCache`; ``cache.weights`` is
-            ``(B, heads, H·W, M)`` (no ``B`` axis when ``x`` had none).
+        cache: :class:`~attention_ref.blocks.AttentionBlockCache`; with ``"exact"``, ``cache.weights`` is
+            ``(B, heads, H·W, M)`` (no ``B`` axis when ``x`` had none); otherwise ``None``, see
+            ``cache.weights_note``, ``cache.weight_rows`` (chunked) and ``cache.implied_weights()`` (linear).
 
     Raises:
         ValueError naming the numbers for a context width that does not match ``"k.weight"``,
-        channels that do not divide into groups or heads, or mismatched shapes.
+        channels that do not divide into groups or heads, mismatched shapes, or an attention
+        that cannot run on context tokens.
     """
     if context is None:
         raise ValueError("cross-attention needs a context; use self_attention_forward for self-attention")
@@ -107,6 +120,8 @@ def cross_attention_forward(
         rescale=rescale,
         scale=scale,
         context_mask=context_mask,
+        attention=attention,
+        attention_options=attention_options,
         where="cross-attention",
     )
 

@@ -9,6 +9,10 @@ Every pixel attends to every pixel:
 
 per head. The formulas, shapes and the backward derivation are in
 :mod:`attention_ref.blocks.attention_block`.
+
+At high resolution the ``(H·W)²`` softmax can be swapped for another attention
+(``attention="chunked" | "linear" | "window" | "neighborhood"``, see
+:mod:`attention_ref.blocks.attend`); the rest of the block is unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ def self_attention_forward(
     residual: bool = True,
     rescale: float = 1.0,
     scale: float | None = None,
+    mask: Any | None = None,
+    attention: str = "exact",
+    attention_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, AttentionBlockCache]:
     """Self-attention over the pixels of a channels-last feature map.
 
@@ -87,16 +94,31 @@ def self_attention_forward(
         groups, eps: the group norm's groups (must divide ``C``) and variance epsilon.
         residual: add ``x`` to the output (needs ``C_out = C``).
         rescale: the output is divided by it (diffusers' ``rescale_output_factor``).
-        scale: multiplies ``q kᵀ``; default ``1/sqrt(d)``.
+        scale: multiplies ``q kᵀ``; default ``1/sqrt(d)`` (linear attention has none: leave it ``None``).
+        mask: boolean, broadcastable to ``(B, heads, H·W, H·W)`` (``(heads, H·W, H·W)`` for an unbatched
+            ``x``); True = query pixel ``row·W + col`` may attend to key pixel ``row'·W + col'``. Taken by
+            ``"exact"`` and ``"chunked"`` (sliced per tile); ``"linear"`` takes only a key mask
+            (shape ``(..., 1, H·W)``); ``"window"`` and ``"neighborhood"`` take none (ValueError).
+            E.g. ``attention_ref.window_mask(H, W, 4, 2)`` makes exact attention equal ``"window"``.
+        attention: the per-head attention: ``"exact"`` (default), ``"chunked"`` (the same result,
+            O(H·W) memory), ``"linear"``, ``"window"`` (Swin), ``"neighborhood"`` (NATTEN).
+        attention_options: that attention's options, as a mapping: ``"chunked"``: ``block_size``;
+            ``"linear"``: ``kind`` (``"elu"`` | ``"efficient"``), ``eps``; ``"window"``: ``window``
+            (required), ``shift``; ``"neighborhood"``: ``kernel`` (required). E.g.
+            ``attention="window", attention_options={"window": 8, "shift": 4}``.
 
     Returns:
         y: ``(B, H, W, C_out)`` or ``(H, W, C_out)``, like ``x``.
-        cache: :class:`~attention_ref.blocks.AttentionBlockCache`; ``cache.weights`` is
-            ``(B, heads, H·W, H·W)`` (no ``B`` axis when ``x`` had none), token ``row·W + col``.
+        cache: :class:`~attention_ref.blocks.AttentionBlockCache`. With ``"exact"``, ``cache.weights`` is
+            ``(B, heads, H·W, H·W)`` (no ``B`` axis when ``x`` had none), token ``row·W + col``; the other
+            attentions store no such matrix, so ``cache.weights`` is ``None`` and ``cache.weights_note``
+            says why; ``cache.weight_rows(start, stop)`` gives dense rows for every attention but linear,
+            ``cache.implied_weights()`` linear attention's equivalent matrix.
 
     Raises:
         ValueError naming the numbers when channels do not divide into groups or heads, or
-        a parameter's shape does not fit; TypeError for mixed dtypes.
+        a parameter's shape does not fit, or for an unknown attention, unknown or missing options, or a
+        mask the attention cannot take; TypeError for mixed dtypes.
     """
     return attention_block_forward(
         x,
@@ -108,6 +130,9 @@ def self_attention_forward(
         residual=residual,
         rescale=rescale,
         scale=scale,
+        mask=mask,
+        attention=attention,
+        attention_options=attention_options,
         where="self-attention",
     )
 

@@ -50,7 +50,10 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 @dataclass(frozen=True)
 class SpatialTransformerCache:
-    """``blocks[i].attn1.weights`` ``(B, heads, H·W, H·W)`` and ``blocks[i].attn2.weights`` ``(B, heads, H·W, M)``."""
+    """``blocks[i].attn1.weights`` ``(B, heads, H·W, H·W)`` and ``blocks[i].attn2.weights`` ``(B, heads, H·W, M)``.
+
+    ``blocks[i].attn1.weights`` is ``None`` unless the self-attention was exact (see its ``weights_note``).
+    """
 
     norm: GroupNormCache
     proj_in: LinearCache
@@ -149,6 +152,8 @@ def spatial_transformer_forward(
     norm_eps: float = 1e-5,
     scale: float | None = None,
     context_mask: Any | None = None,
+    self_attention: str = "exact",
+    self_attention_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, SpatialTransformerCache]:
     """The Stable Diffusion spatial transformer on a channels-last map.
 
@@ -161,6 +166,10 @@ def spatial_transformer_forward(
         norm_eps: the blocks' layer norms (diffusers: 1e-5).
         scale: attention scale, default ``1/sqrt(d)``.
         context_mask: boolean ``(B, M)`` or ``(M,)``, True = real token (diffusers' ``encoder_attention_mask``).
+        self_attention, self_attention_options: the attention of every block's self-attention ``attn1``
+            (the ``(H·W)²`` one) and its options, e.g. ``"chunked"`` or ``"window", {"window": 8}``; as
+            ``attention`` / ``attention_options`` of :func:`attention_ref.self_attention_forward`. The
+            cross-attention ``attn2`` (``H·W × M``) stays exact.
 
     Returns:
         y: like ``x``.
@@ -202,6 +211,8 @@ def spatial_transformer_forward(
             norm_eps=norm_eps,
             scale=scale,
             context_mask=context_mask,
+            self_attention=self_attention,
+            self_attention_options=self_attention_options,
             where=f"spatial transformer blocks.{i}",
         )
         block_caches.append(c)

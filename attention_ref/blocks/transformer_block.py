@@ -33,7 +33,7 @@ _NORMS = ("norm1", "norm2", "norm3")
 @dataclass(frozen=True)
 class TransformerBlockCache:
     norm1: LayerNormCache
-    attn1: AttentionBlockCache  # self-attention; attn1.weights is (B, heads, N, N)
+    attn1: AttentionBlockCache  # self-attention; attn1.weights is (B, heads, N, N) (None unless exact)
     norm2: LayerNormCache
     attn2: AttentionBlockCache  # cross-attention; attn2.weights is (B, heads, N, M)
     norm3: LayerNormCache
@@ -64,6 +64,8 @@ def transformer_block_forward(
     norm_eps: float = 1e-5,
     scale: float | None = None,
     context_mask: Any | None = None,
+    self_attention: str = "exact",
+    self_attention_options: Mapping[str, Any] | None = None,
     where: str = "transformer block",
 ) -> tuple[Any, TransformerBlockCache]:
     """Self-attention, cross-attention and GEGLU feed-forward, each pre-normed and residual.
@@ -78,6 +80,9 @@ def transformer_block_forward(
         heads: heads of both attentions; norm_eps: the layer norms' epsilon (diffusers: 1e-5).
         scale: attention scale, default ``1/sqrt(d)``.
         context_mask: ``(B, M)`` or ``(M,)``, True = real token.
+        self_attention, self_attention_options: the attention of ``attn1`` and its options, as
+            ``attention`` / ``attention_options`` of :func:`attention_ref.self_attention_forward`;
+            the cross-attention ``attn2`` stays exact.
 
     Returns:
         h': ``(B, H, W, C)``; cache: :class:`TransformerBlockCache`.
@@ -91,7 +96,15 @@ def transformer_block_forward(
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)
     a1, caches["attn1"] = attention_block_forward(
-        n1, None, sub_params(params, "attn1."), heads=heads, residual=False, scale=scale, where=f"{where} attn1"
+        n1,
+        None,
+        sub_params(params, "attn1."),
+        heads=heads,
+        residual=False,
+        scale=scale,
+        attention=self_attention,
+        attention_options=self_attention_options,
+        where=f"{where} attn1",
     )
     h = h + a1
     # h ← h + CrossAttn(LN₂(h), context)

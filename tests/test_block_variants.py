@@ -1,0 +1,467 @@
+"""Blocks with attention="chunked" | "linear" | "window" | "neighborhood": each equal to the exact block under
+the matching mask (or to the block restated by hand, for linear), finite differences of the whole block,
+what cache.weights says, backends, bad option combinations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from block_helpers import fd_errors, grad_errors, jitter
+from conftest import np_
+
+import attention_ref as ar
+from attention_ref.blocks.attention_block import attention_block_forward
+from attention_ref.gradcheck import check_backward, rel_error
+
+FD_TOL = 1e-7
+CHUNKED_TOL = 1e-11  # the issue's bound for tiled vs exact; measured errors are ~1e-15
+LOCAL_TOL = 1e-12
+
+B, H, W, C, HEADS, GROUPS = 2, 4, 6, 4, 2, 2
+N = H * W
+
+
+def self_setup(rng, shape=(B, H, W, C), heads=HEADS, groups=GROUPS, seed=0):
+    params = jitter(ar.init_self_attention(shape[-1], heads=heads, groups=groups, rng=seed), rng)
+    return rng.standard_normal(shape), params
+
+
+def cross_setup(rng, M=5, D=3):
+    params = jitter(ar.init_cross_attention(C, D, heads=HEADS, groups=GROUPS, rng=1), rng)
+    return rng.standard_normal((B, H, W, C)), rng.standard_normal((B, M, D)), params
+
+
+def run_self(x, params, dy=None, **kw):
+    y, cache = ar.self_attention_forward(x, params, heads=HEADS, groups=GROUPS, **kw)
+    dy = np.ones_like(y) if dy is None else dy
+    return y, cache, ar.self_attention_backward(dy, cache)
+
+
+def run_cross(x, context, params, dy=None, **kw):
+    y, cache = ar.cross_attention_forward(x, context, params, heads=HEADS, groups=GROUPS, **kw)
+    dy = np.ones_like(y) if dy is None else dy
+    return y, cache, ar.cross_attention_backward(dy, cache)
+
+
+def assert_same_block(got, want, tol):
+    """Outputs and every gradient of two (y, cache, grads) runs agree to ``tol`` (k.bias: see grad_errors)."""
+    (y, _, g), (y_ref, _, g_ref) = got, want
+    assert rel_error(y, y_ref) <= tol
+    errors = grad_errors(g, g_ref)
+    assert max(errors.values()) <= tol, errors
+
+
+# ---------------------------------------------------------------- equal to the exact block
+
+
+def random_mask(rng):
+    """``(B, 1, N, N)``: a different pattern per sample, the same for both heads, with one fully masked row."""
+    mask = rng.random((B, 1, N, N)) < 0.6
+    mask[0, 0, 3] = False
+    return mask
+
+
+@pytest.mark.parametrize("block_size", [None, 5, (4, 7)])
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "mask"])
+def test_chunked_self_attention_equals_exact(block_size, masked, rng):
+    x, params = self_setup(rng)
+    mask = random_mask(rng) if masked else None
+    dy = rng.standard_normal(x.shape)
+    exact = run_self(x, params, dy, mask=mask)
+    chunked = run_self(x, params, dy, mask=mask, attention="chunked", attention_options={"block_size": block_size})
+    assert_same_block(chunked, exact, CHUNKED_TOL)
+    cache = chunked[1]
+    assert cache.weights is None and "never stores" in cache.weights_note
+    assert rel_error(cache.weight_rows(0, N), exact[1].weights) <= CHUNKED_TOL
+    if masked:
+        assert np.all(cache.weight_rows(3, 4)[0, :, 0] == 0)  # the fully masked row
+
+
+@pytest.mark.parametrize("block_size", [2, (3, 2)])
+def test_chunked_cross_attention_with_context_mask_equals_exact(block_size, rng):
+    x, context, params = cross_setup(rng)
+    keep = np.array([[True, False, True, True, False], [False, False, False, False, False]])  # sample 1: all padded
+    dy = rng.standard_normal(x.shape)
+    exact = run_cross(x, context, params, dy, context_mask=keep)
+    chunked = run_cross(
+        x, context, params, dy, context_mask=keep, attention="chunked", attention_options={"block_size": block_size}
+    )
+    assert_same_block(chunked, exact, CHUNKED_TOL)
+    assert np.all(chunked[2]["context"][~keep] == 0)
+    assert rel_error(chunked[1].weight_rows(0, N), exact[1].weights) <= CHUNKED_TOL
+
+
+@pytest.mark.parametrize(
+    ("window", "shift"), [(2, 0), (2, 1), ((2, 3), (1, 2)), ((4, 6), 0)], ids=["2", "2 shift 1", "2x3 shift", "whole"]
+)
+def test_window_self_attention_equals_exact_under_window_mask(window, shift, rng):
+    x, params = self_setup(rng)
+    dy = rng.standard_normal(x.shape)
+    exact = run_self(x, params, dy, mask=ar.window_mask(H, W, window, shift))
+    win = run_self(x, params, dy, attention="window", attention_options={"window": window, "shift": shift})
+    assert_same_block(win, exact, LOCAL_TOL)
+    cache = win[1]
+    assert cache.weights is None and "inside each window" in cache.weights_note
+    assert rel_error(cache.weight_rows(0, N), exact[1].weights) <= LOCAL_TOL
+    assert rel_error(cache.weight_rows(7, 11), exact[1].weights[:, :, 7:11]) <= LOCAL_TOL
+
+
+@pytest.mark.parametrize("kernel", [3, (3, 5), 1])
+def test_neighborhood_self_attention_equals_exact_under_neighborhood_mask(kernel, rng):
+    x, params = self_setup(rng)
+    dy = rng.standard_normal(x.shape)
+    exact = run_self(x, params, dy, mask=ar.neighborhood_mask(H, W, kernel))
+    nat = run_self(x, params, dy, attention="neighborhood", attention_options={"kernel": kernel})
+    assert_same_block(nat, exact, LOCAL_TOL)
+    assert nat[1].weights is None
+    assert rel_error(nat[1].weight_rows(0, N), exact[1].weights) <= LOCAL_TOL
+
+
+def test_exact_block_with_all_true_mask_equals_no_mask_and_unbatched_mask(rng):
+    x, params = self_setup(rng)
+    y, cache, g = run_self(x, params)
+    y_m, cache_m, g_m = run_self(x, params, mask=np.ones((HEADS, N, N), bool))
+    np.testing.assert_array_equal(y, y_m)
+    assert all(np.array_equal(g[n], g_m[n]) for n in g)
+    # unbatched x with a per-head mask (heads, N, N) equals sample 0 of the batched run
+    mask = rng.random((HEADS, N, N)) < 0.5
+    y_b, cache_b, _ = run_self(x, params, mask=mask[None])
+    y_u, cache_u, _ = run_self(x[0], params, mask=mask)
+    assert rel_error(y_u, y_b[0]) <= 1e-15
+    assert cache_u.weights.shape == (HEADS, N, N) and np.all(cache_u.weights[~mask] == 0)
+
+
+# ---------------------------------------------------------------- linear attention: the block restated by hand
+
+
+def _phi(a):
+    return np.where(a > 0, a + 1, np.exp(np.minimum(a, 0)))
+
+
+def _softmax(a, axis, keep=None):
+    if keep is not None:
+        a = np.where(keep, a, -np.inf)
+    e = np.exp(a - a.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def linear_block_by_hand(x, params, context=None, keep=None, kind="elu", eps=1e-6):
+    """GroupNorm → Q, K, V → per head linear attention over the kept keys → out projection → + x, in NumPy."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h * w, GROUPS, c // GROUPS)
+    mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
+    normed = ((g - mean) / np.sqrt(var + 1e-6)).reshape(b, h * w, c) * params["norm.weight"] + params["norm.bias"]
+    source = normed if context is None else context
+    Q = normed @ params["q.weight"] + params["q.bias"]
+    K = source @ params["k.weight"] + params["k.bias"]
+    V = source @ params["v.weight"] + params["v.bias"]
+    keep = np.ones(K.shape[:2], bool) if keep is None else np.broadcast_to(keep, K.shape[:2])
+    d = c // HEADS
+    heads, implied = [], []
+    for j in range(HEADS):
+        q, k, v = (t[..., j * d : (j + 1) * d] for t in (Q, K, V))
+        if kind == "elu":
+            # A_ij = φ(q_i)·φ(k_j) / (φ(q_i)·Σ_kept φ(k) + eps), over the kept keys only
+            fk = _phi(k) * keep[..., None]
+            a = (_phi(q) @ fk.transpose(0, 2, 1)) / (_phi(q) @ fk.sum(1)[..., None] + eps)
+        else:
+            rho_k = _softmax(k, axis=1, keep=keep[..., None])
+            a = _softmax(q, axis=-1) @ rho_k.transpose(0, 2, 1)
+        heads.append(a @ v)
+        implied.append(a)
+    out = np.concatenate(heads, axis=-1) @ params["out.weight"] + params["out.bias"]
+    return x + out.reshape(x.shape), np.stack(implied, axis=1)
+
+
+@pytest.mark.parametrize("kind", ["elu", "efficient"])
+def test_linear_self_attention_matches_the_block_restated_by_hand(kind, rng):
+    x, params = self_setup(rng)
+    y, cache = ar.self_attention_forward(
+        x, params, heads=HEADS, groups=GROUPS, attention="linear", attention_options={"kind": kind}
+    )
+    y_ref, implied = linear_block_by_hand(x, params, kind=kind)
+    assert rel_error(y, y_ref) <= 1e-13
+    assert cache.weights is None and "no softmax weight matrix" in cache.weights_note
+    assert rel_error(cache.implied_weights(), implied) <= 1e-13
+    with pytest.raises(ValueError, match="no weight rows: linear attention has no softmax weight matrix"):
+        cache.weight_rows(0, 1)
+
+
+@pytest.mark.parametrize("kind", ["elu", "efficient"])
+def test_linear_cross_attention_leaves_padded_tokens_out(kind, rng):
+    x, context, params = cross_setup(rng)
+    keep = np.array([[True, False, True, True, False], [True, True, True, True, True]])
+    opts = {"attention": "linear", "attention_options": {"kind": kind, "eps": 1e-3}}
+    y, cache, g = run_cross(x, context, params, rng.standard_normal(x.shape), context_mask=keep, **opts)
+    y_ref, implied = linear_block_by_hand(x, params, context=context, keep=keep, kind=kind, eps=1e-3)
+    assert rel_error(y, y_ref) <= 1e-13
+    assert rel_error(cache.implied_weights(), implied) <= 1e-13
+    # changing padded tokens changes nothing; their gradient is 0; the same as deleting them from sample 0
+    other = np.where(keep[..., None], context, 100 * rng.standard_normal(context.shape))
+    y2, _, _ = run_cross(x, other, params, context_mask=keep, **opts)
+    np.testing.assert_array_equal(y, y2)
+    assert np.all(g["context"][~keep] == 0) and np.any(g["context"][keep] != 0)
+    y0, _, _ = run_cross(x[:1], context[:1, keep[0]], params, **opts)
+    assert rel_error(y0, y[:1]) <= 1e-13
+
+
+# ---------------------------------------------------------------- finite differences of whole blocks
+
+
+def _fd(options):
+    """fd_errors, except for φ = elu + 1 linear attention: it is not shift-invariant over the keys, so its
+    k.bias gradient is a real one (softmax attention and "efficient" attention, a softmax over the key
+    positions, ignore a shift common to every key: their k.bias gradient is exactly 0)."""
+    return check_backward if (options or {}).get("kind") == "elu" else fd_errors
+
+
+SELF_FD = [
+    ("exact + mask", "exact", None),
+    ("chunked", "chunked", {"block_size": 3}),
+    ("linear elu", "linear", {"kind": "elu"}),
+    ("linear efficient", "linear", {"kind": "efficient"}),
+    ("window shift", "window", {"window": 2, "shift": 1}),
+    ("neighborhood", "neighborhood", {"kernel": 3}),
+]
+
+
+@pytest.mark.parametrize("case", SELF_FD, ids=[c[0] for c in SELF_FD])
+def test_self_attention_variants_match_finite_differences(case, rng):
+    name, attention, options = case
+    x, params = self_setup(rng, shape=(2, 4, 4, 4))
+    mask = ar.neighborhood_mask(4, 4, 3) if name == "exact + mask" else None
+
+    def forward(x, **p):
+        return ar.self_attention_forward(
+            x, p, heads=2, groups=2, mask=mask, attention=attention, attention_options=options, rescale=1.3
+        )
+
+    inputs = {"x": x, **params}
+    errs = _fd(options)(forward, ar.self_attention_backward, inputs)
+    assert set(errs) == set(inputs)
+    assert max(errs.values()) < FD_TOL, errs
+
+
+CROSS_FD = [
+    ("chunked", "chunked", {"block_size": 2}),
+    ("linear elu", "linear", {"kind": "elu", "eps": 0.1}),
+    ("linear efficient", "linear", {"kind": "efficient"}),
+]
+
+
+@pytest.mark.parametrize("case", CROSS_FD, ids=[c[0] for c in CROSS_FD])
+def test_cross_attention_variants_match_finite_differences(case, rng):
+    _, attention, options = case
+    params = jitter(ar.init_cross_attention(4, 3, heads=2, groups=2, rng=2), rng)
+    keep = np.array([[True, False, True, True], [False, True, True, True]])
+
+    def forward(x, context, **p):
+        # no residual: x's own term would dominate the loss and drown the small norm gradients in rounding
+        return ar.cross_attention_forward(
+            x,
+            context,
+            p,
+            heads=2,
+            groups=2,
+            context_mask=keep,
+            residual=False,
+            attention=attention,
+            attention_options=options,
+        )
+
+    inputs = {"x": rng.standard_normal((2, 3, 2, 4)), "context": rng.standard_normal((2, 4, 3)), **params}
+    errs = _fd(options)(forward, ar.cross_attention_backward, inputs)
+    assert max(errs.values()) < FD_TOL, errs
+
+
+def test_spatial_transformer_with_chunked_self_attention_equals_exact(rng):
+    params = jitter(ar.init_spatial_transformer(4, 3, heads=2, groups=2, ff_mult=1, rng=3), rng)
+    x, context = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 3))
+    keep = np.array([[True, False, True], [True, True, True]])
+    y, cache = ar.spatial_transformer_forward(x, context, params, heads=2, groups=2, context_mask=keep)
+    y_c, cache_c = ar.spatial_transformer_forward(
+        x,
+        context,
+        params,
+        heads=2,
+        groups=2,
+        context_mask=keep,
+        self_attention="chunked",
+        self_attention_options={"block_size": 4},
+    )
+    dy = rng.standard_normal(y.shape)
+    g, g_c = ar.spatial_transformer_backward(dy, cache), ar.spatial_transformer_backward(dy, cache_c)
+    assert rel_error(y_c, y) <= CHUNKED_TOL
+    assert max(grad_errors(g_c, g).values()) <= CHUNKED_TOL
+    attn1, attn2 = cache_c.blocks[0].attn1, cache_c.blocks[0].attn2
+    assert attn1.weights is None and attn2.weights.shape == (2, 2, 15, 3)  # only the self-attention changed
+    assert rel_error(attn1.weight_rows(0, 15), cache.blocks[0].attn1.weights) <= CHUNKED_TOL
+
+
+def test_spatial_transformer_with_window_self_attention_matches_finite_differences(rng):
+    params = jitter(ar.init_spatial_transformer(2, 2, heads=1, groups=1, ff_mult=1, rng=4), rng)
+
+    def forward(x, context, **p):
+        return ar.spatial_transformer_forward(
+            x, context, p, heads=1, groups=1, self_attention="window", self_attention_options={"window": 2, "shift": 1}
+        )
+
+    inputs = {"x": rng.standard_normal((1, 2, 4, 2)), "context": rng.standard_normal((1, 2, 2)), **params}
+    errs = fd_errors(forward, ar.spatial_transformer_backward, inputs)
+    assert max(errs.values()) < FD_TOL, errs
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_weights_api_for_every_variant(rng):
+    x, params = self_setup(rng)
+    cases = {
+        "exact": None,
+        "chunked": None,
+        "linear": None,
+        "window": {"window": 2},
+        "neighborhood": {"kernel": 3},
+    }
+    for attention, options in cases.items():
+        _, cache, _ = run_self(x[0], params, attention=attention, attention_options=options)  # unbatched
+        assert isinstance(cache.weights_note, str) and attention in cache.weights_note
+        if attention == "exact":
+            assert cache.weights.shape == (HEADS, N, N)
+            np.testing.assert_array_equal(cache.weight_rows(2, 5), cache.weights[:, 2:5])
+            with pytest.raises(ValueError, match="exact attention is a softmax attention with real weights"):
+                cache.implied_weights()
+            continue
+        assert cache.weights is None
+        if attention == "linear":
+            assert cache.implied_weights().shape == (HEADS, N, N)
+            continue
+        rows = cache.weight_rows(2, 5)
+        assert rows.shape == (HEADS, 3, N)  # no B axis for an unbatched x
+        np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-14)
+        assert cache.weight_rows(4, 4).shape == (HEADS, 0, N)
+        with pytest.raises(ValueError, match=r"rows 3:25 are not within the 24 query rows"):
+            cache.weight_rows(3, 25)
+        with pytest.raises(TypeError, match="start must be an int"):
+            cache.weight_rows(1.0, 2)
+
+
+# ---------------------------------------------------------------- backends
+
+BACKEND_CASES = [
+    ("chunked", {"block_size": 5}),
+    ("linear", {"kind": "elu"}),
+    ("window", {"window": 2, "shift": 1}),
+    ("neighborhood", {"kernel": 3}),
+]
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
+def test_variant_blocks_agree_across_backends(case, be, rng):
+    attention, options = case
+    x, params = self_setup(rng)
+    dy = rng.standard_normal(x.shape)
+    y_np, cache_np, g_np = run_self(x, params, dy, attention=attention, attention_options=options)
+    y, cache = ar.self_attention_forward(
+        be(x),
+        {k: be(v) for k, v in params.items()},
+        heads=HEADS,
+        groups=GROUPS,
+        attention=attention,
+        attention_options=options,
+    )
+    g = ar.self_attention_backward(be(dy), cache)
+    assert be.is_native(y) and rel_error(np_(y), y_np) <= 1e-12
+    assert all(be.is_native(v) for v in g.values())
+    errors = grad_errors(g, g_np)
+    assert max(errors.values()) <= 1e-12, errors
+    if attention == "linear":
+        weights, weights_np = cache.implied_weights(), cache_np.implied_weights()
+    else:
+        weights, weights_np = cache.weight_rows(5, 9), cache_np.weight_rows(5, 9)
+    assert be.is_native(weights) and rel_error(np_(weights), weights_np) <= 1e-12
+
+
+def test_cross_attention_variants_with_context_mask_agree_across_backends(be, rng):
+    x, context, params = cross_setup(rng)
+    keep = np.array([[True, False, True, True, False], [True, True, False, True, True]])
+    for attention in ("chunked", "linear"):
+        y_np, _, g_np = run_cross(x, context, params, context_mask=keep, attention=attention)
+        y, cache = ar.cross_attention_forward(
+            be(x),
+            be(context),
+            {k: be(v) for k, v in params.items()},
+            heads=HEADS,
+            groups=GROUPS,
+            context_mask=be(keep),
+            attention=attention,
+        )
+        g = ar.cross_attention_backward(be(np.ones(x.shape)), cache)
+        assert be.is_native(y) and rel_error(np_(y), y_np) <= 1e-12
+        assert max(grad_errors(g, g_np).values()) <= 1e-12
+
+
+# ---------------------------------------------------------------- bad option combinations
+
+
+def test_bad_attention_choices_raise_clear_errors(rng):
+    x, params = self_setup(rng)
+    xc, context, cparams = cross_setup(rng)
+
+    def self_attn(**kw):
+        return ar.self_attention_forward(x, params, heads=HEADS, groups=GROUPS, **kw)
+
+    def cross_attn(**kw):
+        return ar.cross_attention_forward(xc, context, cparams, heads=HEADS, groups=GROUPS, **kw)
+
+    with pytest.raises(ValueError, match=r"self-attention: unknown attention 'flash'; available: \['chunked', "):
+        self_attn(attention="flash")
+    with pytest.raises(ValueError, match=r"window attention takes window \(required\), shift; got missing \['window'"):
+        self_attn(attention="window")
+    with pytest.raises(ValueError, match=r"got unknown \['kernel'\]"):
+        self_attn(attention="window", attention_options={"window": 2, "kernel": 3})
+    with pytest.raises(ValueError, match=r"exact attention takes no options; got unknown \['block_size'\]"):
+        self_attn(attention_options={"block_size": 4})
+    with pytest.raises(TypeError, match="attention_options must be a mapping"):
+        self_attn(attention="window", attention_options=[("window", 2)])
+    with pytest.raises(ValueError, match=r"self-attention: a 4×6 map cannot be cut into 4×4 windows"):
+        self_attn(attention="window", attention_options={"window": 4})
+    with pytest.raises(ValueError, match="shift must satisfy 0 ≤ shift < window"):
+        self_attn(attention="window", attention_options={"window": 2, "shift": 2})
+    with pytest.raises(ValueError, match="kernel must be odd"):
+        self_attn(attention="neighborhood", attention_options={"kernel": 2})
+    with pytest.raises(ValueError, match="block_size must be positive"):
+        self_attn(attention="chunked", attention_options={"block_size": 0})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        self_attn(attention="linear", attention_options={"kind": "performer"})
+    # masks the variant cannot take
+    with pytest.raises(ValueError, match="window attention takes no mask: its windows are its mask"):
+        self_attn(attention="window", attention_options={"window": 2}, mask=ar.window_mask(H, W, 2))
+    with pytest.raises(ValueError, match="neighborhood attention takes no mask"):
+        self_attn(attention="neighborhood", attention_options={"kernel": 3}, mask=np.ones((N, N), bool))
+    with pytest.raises(ValueError, match=r"no linear-time form of a per-query mask; got a mask of shape \(24, 24\)"):
+        self_attn(attention="linear", mask=np.ones((N, N), bool))
+    with pytest.raises(ValueError, match=r"linear attention has no scale .*got scale=0\.5"):
+        self_attn(attention="linear", scale=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"self-attention: mask of shape \(3, 24\) does not broadcast to \(B, heads, H·W, H·W\) = \(2, 2, 24, 24",
+    ):
+        self_attn(mask=np.ones((3, N), bool))
+    with pytest.raises(ValueError, match=r"does not broadcast to \(heads, H·W, H·W\) = \(2, 24, 24\)"):
+        ar.self_attention_forward(x[0], params, heads=HEADS, groups=GROUPS, mask=np.ones((1, 2, N, N), bool))
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        self_attn(mask=np.ones((N, N)))
+    # cross-attention: keys are tokens, not pixels
+    for attention, options in (("window", {"window": 2}), ("neighborhood", {"kernel": 3})):
+        with pytest.raises(
+            ValueError,
+            match=rf"cross-attention: {attention} attention needs keys on the pixel grid, but these keys are 5 context",
+        ):
+            cross_attn(attention=attention, attention_options=options)
+    with pytest.raises(ValueError, match="mask is only for self-attention; cross-attention takes context_mask"):
+        attention_block_forward(xc, context, cparams, heads=HEADS, groups=GROUPS, mask=np.ones((N, 5), bool))
+    # the spatial transformer names the block
+    sparams = ar.init_spatial_transformer(C, 3, heads=HEADS, groups=GROUPS, rng=0)
+    with pytest.raises(ValueError, match=r"spatial transformer blocks\.0 attn1: window attention takes window"):
+        ar.spatial_transformer_forward(x, context, sparams, heads=HEADS, groups=GROUPS, self_attention="window")
