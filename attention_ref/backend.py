@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "available_backends",
     "device_of",
+    "exp_inplace",
     "from_numpy",
     "namespace",
     "namespace_name",
@@ -102,3 +103,28 @@ def from_numpy(a: Any, like: Any) -> Any:
     """``a`` (NumPy or a Python number) as an array of ``like``'s backend and device."""
     xp = namespace(like)
     return xp.asarray(np.asarray(a), device=device_of(like))
+
+
+# ---------------------------------------------------------------- in-place helpers
+#
+# The Array API has in-place operators (``x -= m``, ``x *= p``, ``x /= s``) but no
+# in-place functions: ``xp.exp(x)`` always allocates a new array. On the large
+# N×N matrices of attention that allocation (and the page faults of touching
+# fresh memory) costs as much as the exponential itself, so the one call that
+# matters gets a helper: NumPy and CuPy write the result into ``x`` through their
+# ``out=`` argument; every other namespace takes the standard call.
+
+
+def exp_inplace(xp: ModuleType, x: Any) -> Any:
+    """``exp(x)``, written over ``x`` where the backend allows it (NumPy, CuPy), else a new array.
+
+    Use the return value, not ``x``: only NumPy and CuPy overwrite ``x``. Call it
+    only on an array the caller owns (a temporary it created), never on an input.
+    """
+    if array_api_compat.is_numpy_array(x):
+        return np.exp(x, out=x)
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy.exp(x, out=x)
+    return xp.exp(x)

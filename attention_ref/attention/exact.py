@@ -15,12 +15,21 @@ Backward. Given ``dO = ∂L/∂O``:
 
 * ``O = P V``  ⇒  ``dV = Pᵀ dO`` and ``dP = dO Vᵀ``;
 * softmax rows (see :mod:`attention_ref.ops.softmax`)  ⇒
-  ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``; note ``Σ_k P_ik dP_ik = dO_i · O_i``;
+  ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``, and since ``O_i = Σ_k P_ik V_k``,
+  ``Σ_k P_ik dP_ik = Σ_k P_ik (dO_i · V_k) = dO_i · O_i`` — a sum over ``dv`` numbers, not ``M``;
 * ``S = scale · Q Kᵀ + bias``  ⇒  ``dQ = scale · dS K``, ``dK = scale · dSᵀ Q``,
   and ``d bias = dS`` summed over every axis the bias was broadcast along.
 
 Masked entries and fully masked rows have ``P = 0``, so they get ``dS = 0`` and
 contribute nothing to any gradient.
+
+Speed. The matrix products cost ``4·N·M·d`` flops forward and ``8·N·M·d``
+backward; what else costs time is every pass over an ``(N, M)`` matrix. So the
+scale multiplies ``Q`` (``N·d`` numbers) rather than ``Q Kᵀ``, the softmax runs in
+the memory of the logits (in-place ``-=`` and ``/=``, and an in-place ``exp`` where the
+backend has one), the backward takes ``dO_i · O_i`` instead of ``Σ_k P_ik dP_ik``,
+and it forms ``dS`` in the memory of ``dP``. Forward, five passes over ``(N, M)``
+follow the first product (max, subtract, exp, sum, divide); backward, two.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any
 
 from .._checks import sum_to_shape
 from ..backend import namespace
-from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
+from ..ops.softmax import softmax_overwriting
 from .inputs import check_attention_inputs
 
 __all__ = ["AttentionCache", "attention_backward", "attention_forward"]
@@ -47,6 +56,7 @@ class AttentionCache:
     scale: float
     bias_shape: tuple[int, ...] | None  # None when no bias was given
     mask: Any | None  # as given (broadcastable), for inspection
+    out: Any = None  # O, (..., N, dv); the backward takes Σ_k P_ik dP_ik = dO_i · O_i from it (from P when None)
 
 
 def attention_forward(
@@ -73,13 +83,13 @@ def attention_forward(
         cache: :class:`AttentionCache`, with ``cache.weights`` ``(..., N, M)``.
     """
     xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
-    # S = scale · Q Kᵀ   (..., N, M)
-    logits = scale * xp.matmul(q, xp.matrix_transpose(k))
+    # S = (scale · Q) Kᵀ   (..., N, M); scaling Q costs N·d multiplications, scaling S would cost N·M
+    logits = xp.matmul(scale * q, xp.matrix_transpose(k))
     if bias is not None:
         # S = scale · Q Kᵀ + bias
-        logits = logits + bias
-    # P = softmax(S) over the allowed keys of each row   (..., N, M)
-    weights, _ = softmax_forward(logits, axis=-1, mask=mask)
+        logits += bias
+    # P = softmax(S) over the allowed keys of each row   (..., N, M), computed in the logits' memory
+    weights = softmax_overwriting(logits, axis=-1, mask=mask)
     # O = P V   (..., N, dv)
     out = xp.matmul(weights, v)
     cache = AttentionCache(
@@ -90,6 +100,7 @@ def attention_forward(
         scale=scale,
         bias_shape=None if bias is None else tuple(bias.shape),
         mask=mask,
+        out=out,
     )
     return out, cache
 
@@ -114,8 +125,16 @@ def attention_backward(dout: Any, cache: AttentionCache) -> dict[str, Any]:
     dv = xp.matmul(xp.matrix_transpose(P), dout)
     # dP = dO Vᵀ   (..., N, M)
     dP = xp.matmul(dout, xp.matrix_transpose(v))
-    # dS_ij = P_ij (dP_ij - Σ_k P_ik dP_ik)
-    dS = softmax_backward(dP, SoftmaxCache(weights=P, axis=-1))["x"]
+    if cache.out is not None:
+        # Σ_k P_ik dP_ik = dO_i · O_i   (..., N, 1)
+        row_dot = xp.sum(dout * cache.out, axis=-1, keepdims=True)
+    else:
+        # Σ_k P_ik dP_ik   (..., N, 1), for a cache made without O
+        row_dot = xp.sum(P * dP, axis=-1, keepdims=True)
+    # dS_ij = P_ij (dP_ij - Σ_k P_ik dP_ik), formed in dP's memory   (..., N, M)
+    dP -= row_dot
+    dP *= P
+    dS = dP
     grads = {
         # dQ = scale · dS K   (..., N, d)
         "q": cache.scale * xp.matmul(dS, k),

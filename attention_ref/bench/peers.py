@@ -20,8 +20,15 @@ from .cases import BLOCK_GROUPS, Inputs, Runner, case_flops
 BLOCK_EPS = 1e-6
 
 
-def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
+def torch_available(device: str = "cpu") -> bool:
+    """Whether torch is installed (and, for ``device="cuda"``, sees a CUDA device)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_available()
+    return True
 
 
 def torch_runner(inputs: Inputs, device: str) -> Runner:

@@ -161,7 +161,9 @@ def run_bench(
     from .report import header, row_lines
 
     device = Device.create(backend)
-    with_torch = with_torch and peers.torch_available()
+    if with_torch and not peers.torch_available(device.torch_device):
+        log(f"# torch {'with CUDA ' if device.torch_device == 'cuda' else ''}is not available: no torch column")
+        with_torch = False
     if threads is None:
         threads = os.cpu_count()
     previous = peers.torch_threads(threads) if with_torch else None

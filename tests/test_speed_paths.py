@@ -1,0 +1,108 @@
+"""The in-place machinery behind the fast plain path: it must change nothing but the speed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import np_
+
+from attention_ref import attention_backward, attention_forward, softmax_forward
+from attention_ref.backend import exp_inplace, namespace
+from attention_ref.gradcheck import rel_error
+from attention_ref.ops.softmax import softmax_overwriting
+
+
+def test_exp_inplace_overwrites_numpy_arrays(rng):
+    x = rng.standard_normal((3, 4))
+    want = np.exp(x)
+    got = exp_inplace(namespace(x), x)
+    assert got is x  # NumPy branch: written through out=
+    np.testing.assert_array_equal(got, want)
+
+
+def test_exp_inplace_falls_back_to_the_standard_call(be, rng):
+    a = rng.standard_normal((3, 4))
+    x = be(a.copy())
+    got = exp_inplace(namespace(x), x)
+    assert be.is_native(got)
+    np.testing.assert_allclose(np_(got), np.exp(a), rtol=1e-15)
+    if be.name in ("numpy", "cupy"):  # the out= branch: written over the input
+        assert got is x
+    else:  # the standard branch: a new array, the input untouched
+        np.testing.assert_array_equal(np_(x), a)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_softmax_overwriting_equals_softmax_forward(be, rng, with_mask):
+    a = rng.standard_normal((2, 5, 6)) * 4
+    mask = None
+    if with_mask:
+        mask = rng.random((2, 1, 6)) > 0.4
+        mask[0, 0, :] = False  # a fully masked row (broadcast over the 5 queries of batch 0)
+    want, _ = softmax_forward(be(a), axis=-1, mask=be(mask))
+    x = be(a.copy())
+    got = softmax_overwriting(x, axis=-1, mask=be(mask))
+    assert be.is_native(got)
+    np.testing.assert_array_equal(np_(got), np_(want))
+
+
+def test_softmax_forward_leaves_its_input_alone(be, rng):
+    a = rng.standard_normal((3, 7))
+    x = be(a.copy())
+    softmax_forward(x, axis=0)
+    softmax_forward(x, axis=-1, mask=be(rng.random((3, 7)) > 0.5))
+    np.testing.assert_array_equal(np_(x), a)
+
+
+def test_attention_leaves_its_inputs_alone(be, rng):
+    arrays = {
+        "q": rng.standard_normal((2, 4, 3)),
+        "k": rng.standard_normal((2, 5, 3)),
+        "v": rng.standard_normal((2, 5, 2)),
+        "bias": rng.standard_normal((2, 4, 5)),
+        "dout": rng.standard_normal((2, 4, 2)),
+    }
+    mask = rng.random((2, 4, 5)) > 0.3
+    ins = {name: be(a.copy()) for name, a in arrays.items()}
+    out, cache = attention_forward(ins["q"], ins["k"], ins["v"], bias=ins["bias"], mask=be(mask), scale=0.3)
+    attention_backward(ins["dout"], cache)
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(np_(ins[name]), a, err_msg=name)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_backward_without_the_output_in_the_cache(be, rng, with_mask):
+    """A cache made without ``out`` (by older code, say) gives the same gradients through Σ_k P_ik dP_ik."""
+    q, k, v = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 6, 4)), rng.standard_normal((2, 6, 3))
+    mask = None
+    if with_mask:
+        mask = rng.random((2, 5, 6)) > 0.4
+        mask[1, 2, :] = False
+    out, cache = attention_forward(be(q), be(k), be(v), mask=be(mask), bias=be(rng.standard_normal((5, 6))))
+    dout = be(rng.standard_normal((2, 5, 3)))
+    with_out = attention_backward(dout, cache)
+    without = attention_backward(dout, dataclasses.replace(cache, out=None))
+    assert cache.out is out
+    assert set(with_out) == set(without) == {"q", "k", "v", "bias"}
+    for name in with_out:
+        assert rel_error(with_out[name], without[name]) <= 1e-13, name
+
+
+def test_plain_path_matches_the_textbook_formulas_at_a_larger_size(rng):
+    """The in-place path against a direct NumPy transcription of the formulas, at N = 300."""
+    q, k, v, dout = (rng.standard_normal((2, 300, 16)) for _ in range(4))
+    scale = 0.3
+    out, cache = attention_forward(q, k, v, scale=scale)
+    grads = attention_backward(dout, cache)
+    S = scale * q @ k.transpose(0, 2, 1)
+    P = np.exp(S - S.max(-1, keepdims=True))
+    P /= P.sum(-1, keepdims=True)
+    dP = dout @ v.transpose(0, 2, 1)
+    dS = P * (dP - (P * dP).sum(-1, keepdims=True))
+    assert rel_error(cache.weights, P) <= 1e-13
+    assert rel_error(out, P @ v) <= 1e-13
+    assert rel_error(grads["v"], P.transpose(0, 2, 1) @ dout) <= 1e-13
+    assert rel_error(grads["q"], scale * dS @ k) <= 1e-12
+    assert rel_error(grads["k"], scale * dS.transpose(0, 2, 1) @ q) <= 1e-12
