@@ -15,8 +15,7 @@ Backward. Given ``dO = ∂L/∂O``:
 
 * ``O = P V``  ⇒  ``dV = Pᵀ dO`` and ``dP = dO Vᵀ``;
 * softmax rows (see :mod:`attention_ref.ops.softmax`)  ⇒
-  ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``, and since ``O_i = Σ_k P_ik V_k``,
-  ``Σ_k P_ik dP_ik = Σ_k P_ik (dO_i · V_k) = dO_i · O_i`` — a sum over ``dv`` numbers, not ``M``;
+  ``dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik)``; note ``Σ_k P_ik dP_ik = dO_i · O_i``;
 * ``S = scale · Q Kᵀ + bias``  ⇒  ``dQ = scale · dS K``, ``dK = scale · dSᵀ Q``,
   and ``d bias = dS`` summed over every axis the bias was broadcast along.
 
@@ -27,9 +26,14 @@ Speed. The matrix products cost ``4·N·M·d`` flops forward and ``8·N·M·d``
 backward; what else costs time is every pass over an ``(N, M)`` matrix. So the
 scale multiplies ``Q`` (``N·d`` numbers) rather than ``Q Kᵀ``, the softmax runs in
 the memory of the logits (in-place ``-=`` and ``/=``, and an in-place ``exp`` where the
-backend has one), the backward takes ``dO_i · O_i`` instead of ``Σ_k P_ik dP_ik``,
-and it forms ``dS`` in the memory of ``dP``. Forward, five passes over ``(N, M)``
-follow the first product (max, subtract, exp, sum, divide); backward, two.
+backend has one), and the backward takes ``Σ_k P_ik dP_ik`` as one row-by-row dot
+product (``vecdot``, no ``(N, M)`` temporary) and forms ``dS`` in the memory of ``dP``.
+Forward, five passes over ``(N, M)`` follow the first product (max, subtract, exp,
+sum, divide); backward, three (the dot product, subtract, multiply).
+The backward does not take ``Σ_k P_ik dP_ik`` as the cheaper ``dO_i · O_i``: the two
+agree only up to rounding, and where a row of ``P`` is one-hot (a query with a
+single allowed key) ``Σ_k P_ik dP_ik`` is exactly ``dP_ij``, so ``dS`` is exactly 0
+there, as the mathematics says.
 """
 
 from __future__ import annotations
@@ -56,7 +60,6 @@ class AttentionCache:
     scale: float
     bias_shape: tuple[int, ...] | None  # None when no bias was given
     mask: Any | None  # as given (broadcastable), for inspection
-    out: Any = None  # O, (..., N, dv); the backward takes Σ_k P_ik dP_ik = dO_i · O_i from it (from P when None)
 
 
 def attention_forward(
@@ -100,7 +103,6 @@ def attention_forward(
         scale=scale,
         bias_shape=None if bias is None else tuple(bias.shape),
         mask=mask,
-        out=out,
     )
     return out, cache
 
@@ -125,12 +127,8 @@ def attention_backward(dout: Any, cache: AttentionCache) -> dict[str, Any]:
     dv = xp.matmul(xp.matrix_transpose(P), dout)
     # dP = dO Vᵀ   (..., N, M)
     dP = xp.matmul(dout, xp.matrix_transpose(v))
-    if cache.out is not None:
-        # Σ_k P_ik dP_ik = dO_i · O_i   (..., N, 1)
-        row_dot = xp.sum(dout * cache.out, axis=-1, keepdims=True)
-    else:
-        # Σ_k P_ik dP_ik   (..., N, 1), for a cache made without O
-        row_dot = xp.sum(P * dP, axis=-1, keepdims=True)
+    # Σ_k P_ik dP_ik, one dot product per row   (..., N, 1)
+    row_dot = xp.expand_dims(xp.vecdot(P, dP, axis=-1), axis=-1)
     # dS_ij = P_ij (dP_ij - Σ_k P_ik dP_ik), formed in dP's memory   (..., N, M)
     dP -= row_dot
     dP *= P

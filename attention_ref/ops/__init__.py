@@ -1,9 +1,11 @@
-"""The building blocks below attention: softmax, linear, norms, head split/merge.
+"""The building blocks below attention: softmax, linear, norms, head split/merge, erf, GELU/GEGLU.
 
 Each operation is a pair ``out, cache = thing_forward(...)`` /
 ``grads = thing_backward(dout, cache)``.
 """
 
+from .erf import erf, erfc
+from .gelu import geglu_backward, geglu_forward, gelu_backward, gelu_forward
 from .group_norm import group_norm_backward, group_norm_forward
 from .heads import (
     merge_heads,
@@ -18,6 +20,12 @@ from .linear import linear_backward, linear_forward
 from .softmax import logsumexp, softmax_backward, softmax_forward
 
 __all__ = [
+    "erf",
+    "erfc",
+    "geglu_backward",
+    "geglu_forward",
+    "gelu_backward",
+    "gelu_forward",
     "group_norm_backward",
     "group_norm_forward",
     "layer_norm_backward",

@@ -118,8 +118,8 @@ def softmax_backward(dout: Any, cache: SoftmaxCache) -> dict[str, Any]:
     """
     xp = namespace(dout)
     p = cache.weights
-    # Σ_i p_i dp_i, one number per row
-    inner = xp.sum(p * dout, axis=cache.axis, keepdims=True)
+    # Σ_i p_i dp_i, one dot product per row, kept as a size-1 axis
+    inner = xp.expand_dims(xp.vecdot(p, dout, axis=cache.axis), axis=cache.axis)
     # dx_j = p_j (dp_j - Σ_i p_i dp_i)
     dx = dout - inner
     dx *= p
