@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from conftest import np_
 
-from attention_ref import attention_backward, attention_forward, softmax_forward
-from attention_ref.backend import exp_inplace, namespace
+from attention_ref import (
+    attention_backward,
+    attention_forward,
+    chunked_attention_backward,
+    chunked_attention_forward,
+    softmax_forward,
+)
+from attention_ref.backend import cpu_workers, exp_inplace, namespace, parallel_map
 from attention_ref.gradcheck import rel_error
 from attention_ref.ops.softmax import softmax_overwriting
 
@@ -94,3 +102,67 @@ def test_plain_path_matches_the_textbook_formulas_at_a_larger_size(rng):
     assert rel_error(grads["v"], P.transpose(0, 2, 1) @ dout) <= 1e-13
     assert rel_error(grads["q"], scale * dS @ k) <= 1e-12
     assert rel_error(grads["k"], scale * dS.transpose(0, 2, 1) @ q) <= 1e-12
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_parallel_map_keeps_order_and_uses_threads_only_for_numpy(be, rng, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "3")
+    x = be(rng.standard_normal(4))
+    seen = []
+
+    def work(i):
+        seen.append(threading.get_ident())
+        return i * i
+
+    assert parallel_map(work, list(range(20)), like=x) == [i * i for i in range(20)]
+    if be.name == "numpy" and importlib.util.find_spec("threadpoolctl") is not None:
+        assert cpu_workers(x) == 3
+        assert threading.get_ident() not in seen  # ran in the pool's threads
+    else:
+        assert cpu_workers(x) == 1
+        assert set(seen) == {threading.get_ident()}  # ran here, in order
+
+
+def test_parallel_map_without_threadpoolctl_runs_in_this_thread(monkeypatch):
+    import threading
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "threadpoolctl" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert cpu_workers(np.zeros(2)) == 1
+    assert parallel_map(lambda i: threading.get_ident(), [0, 1, 2], like=np.zeros(2)) == [threading.get_ident()] * 3
+
+
+def test_parallel_map_passes_exceptions_on(monkeypatch):
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "2")
+
+    def fail(i):
+        raise ValueError(f"item {i}")
+
+    with pytest.raises(ValueError, match="item"):
+        parallel_map(fail, [0, 1], like=np.zeros(2))
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_tiled_path_gives_the_same_result_on_any_number_of_threads(rng, monkeypatch, threads):
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", threads)
+    q, k, v = rng.standard_normal((2, 3, 70, 8)), rng.standard_normal((2, 3, 90, 8)), rng.standard_normal((2, 3, 90, 5))
+    mask = rng.random((2, 1, 70, 90)) > 0.2
+    mask[..., 3, :] = False
+    bias = rng.standard_normal((3, 1, 90))
+    dout = rng.standard_normal((2, 3, 70, 5))
+    out, cache = attention_forward(q, k, v, mask=mask, bias=bias)
+    want = attention_backward(dout, cache)
+    t_out, t_cache = chunked_attention_forward(q, k, v, mask=mask, bias=bias, block_size=(16, 16))
+    got = chunked_attention_backward(dout, t_cache)
+    assert rel_error(t_out, out) <= 1e-13
+    assert set(got) == set(want)
+    for name in got:
+        assert rel_error(got[name], want[name]) <= 1e-12, name

@@ -20,7 +20,7 @@ import argparse
 
 from .cases import PARTS
 from .report import LEGEND, write_json
-from .run import DEFAULT_SIZES, DTYPES, run_bench
+from .run import DEFAULT_SIZES, DTYPES, PAUSE_S, run_bench
 
 __all__ = ["add_arguments", "main", "run_bench"]
 
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the number of cores)")
     parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="where ours runs")
     parser.add_argument("--block-size", type=int, help="block_size of the tiled path (default: its own)")
+    parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each timed run")
     parser.add_argument("--no-torch", action="store_true", help="leave torch out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", default="bench-results.json", help="where to write every run (default %(default)s)")
@@ -59,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
         with_torch=not args.no_torch,
         memory=not args.no_memory,
         tiled_options={"block_size": args.block_size} if args.block_size else None,
+        pause=args.pause,
     )
     print(LEGEND)
     if args.json:

@@ -14,8 +14,8 @@ The GEMM bound of a part does only its matrix products, with the same shapes:
 ``4·N²·d`` flops per head forward (``S = Q Kᵀ``, ``O = P V``) and ``8·N²·d`` backward
 (``dP = dO Vᵀ``, ``dV = Pᵀ dO``, ``dQ = dS K``, ``dK = dSᵀ Q``), plus, for the block,
 the four ``C×C`` projections (``2·N·C²`` flops each forward, twice that backward).
-Its backward multiplies by a fixed random ``(N, N)``-shaped stand-in for ``P``
-and ``dS``: the values do not change the time, only the shapes do.
+Its backward multiplies by a fixed random stand-in for ``P`` and ``dS``: the values
+do not change the time, only the shapes do.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 import attention_ref
+from attention_ref.backend import cpu_workers, parallel_map
 
 from .measure import Device
 
 # parts that hold whole N×N matrices run up to this N (at 16,384 one float64 head's weights are 2 GiB)
 FULL_MATRIX_LIMIT = 4096
-# the GEMM bound multiplies at most this many query rows at a time, so that it fits in memory at any N
-GEMM_ROWS = 2048
+# the GEMM bound multiplies this many query rows at a time (tiles that stay in cache, fit in memory at any N)
+GEMM_ROWS = 512
 BLOCK_GROUPS = 32
 
 PARTS = ("plain", "tiled", "block")
@@ -160,43 +161,62 @@ def ours(inputs: Inputs, device: Device, tiled_options: dict[str, Any] | None = 
 
 
 def gemm_bound(inputs: Inputs, device: Device) -> Runner:
-    """The bare matrix products of the case, in blocks of at most ``GEMM_ROWS`` query rows."""
+    """The bare matrix products of the case, done the fastest way NumPy can do them here.
+
+    The products of one head are independent of the other heads', and within a head those of one band of
+    ``GEMM_ROWS`` queries of the others' (up to the sums into ``dK`` and ``dV``). So the work is cut into
+    (head, group of query bands) tasks and spread over the cores with single-threaded BLAS calls
+    (:func:`attention_ref.backend.parallel_map`), which beats one multi-threaded BLAS call per product
+    on these thin shapes; on a GPU the tasks run one after another.
+    """
     xp, to = device.xp, device.asarray
-    # dO has q's shape: (1, heads, N, d) (the block's map-shaped dout is for our block, not its products)
-    q, k, v, dout = (to(a) for a in (inputs.q, inputs.k, inputs.v, inputs.q[..., ::-1, :]))
-    n = inputs.n
-    rows = n if n <= FULL_MATRIX_LIMIT else GEMM_ROWS
-    starts = range(0, n, rows)
-    # a fixed (…, rows, N) stand-in for P and dS in the backward's products
-    stand_in = to(np.random.default_rng(1).standard_normal((1, inputs.heads, rows, n)).astype(inputs.dtype))
-    kT, vT = xp.matrix_transpose(k), xp.matrix_transpose(v)
+    n, heads = inputs.n, inputs.heads
+    # dO has q's shape (the block's map-shaped dout is for our block, not for its products)
+    q, k, v, dout = (to(a[0]) for a in (inputs.q, inputs.k, inputs.v, inputs.q[..., ::-1, :]))  # (heads, N, d)
+    rows = min(n, GEMM_ROWS)
+    bands = [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
+    # enough (head, band group) tasks to keep every worker busy: ⌈workers / heads⌉ groups per head
+    groups = min(len(bands), math.ceil(cpu_workers(q) / heads))
+    tasks = [(h, bands[g::groups]) for h in range(heads) for g in range(groups)]
+    # a fixed (rows, N) stand-in for P and dS in the backward's products
+    stand_in = to(np.random.default_rng(1).standard_normal((rows, n)).astype(inputs.dtype))
     if inputs.part == "block":
         c = inputs.channels
-        h = to(np.random.default_rng(2).standard_normal((n, c)).astype(inputs.dtype))  # (N, C)
+        h_map = to(np.random.default_rng(2).standard_normal((n, c)).astype(inputs.dtype))  # (N, C)
         w = to(np.random.default_rng(3).standard_normal((c, c)).astype(inputs.dtype) / c)  # (C, C)
 
+    def fwd_task(task: tuple[int, list[slice]]) -> list[Any]:
+        h, my_bands = task
+        kT = xp.matrix_transpose(k[h, ...])
+        # S = Q Kᵀ (rows, N), then O = S V (rows, d), band by band
+        return [xp.matmul(xp.matmul(q[h, band, :], kT), v[h, ...]) for band in my_bands]
+
+    def bwd_task(task: tuple[int, list[slice]]) -> list[Any]:
+        h, my_bands = task
+        dv, dk, dq = 0, 0, []
+        for band in my_bands:
+            P = stand_in[: band.stop - band.start, :]
+            do = dout[h, band, :]
+            dS = xp.matmul(do, xp.matrix_transpose(v[h, ...]))  # dP (rows, N); its values stand in for dS
+            dv = dv + xp.matmul(xp.matrix_transpose(P), do)
+            dq.append(xp.matmul(dS, k[h, ...]))
+            dk = dk + xp.matmul(xp.matrix_transpose(dS), q[h, band, :])
+        return [dv, dk, *dq]
+
+    def projections(backward: bool) -> list[Any]:
+        if inputs.part != "block":
+            return []
+        if not backward:
+            return [xp.matmul(h_map, w) for _ in range(4)]  # Q, K, V and output projections
+        grads = []
+        for _ in range(4):  # dX = dY Wᵀ and dW = Xᵀ dY for each projection
+            grads += [xp.matmul(h_map, xp.matrix_transpose(w)), xp.matmul(xp.matrix_transpose(h_map), h_map)]
+        return grads
+
     def fwd() -> Any:
-        out = []
-        for s in starts:
-            S = xp.matmul(q[..., s : s + rows, :], kT)  # (1, heads, rows, N)
-            out.append(xp.matmul(S, v))  # (1, heads, rows, d)
-        if inputs.part == "block":
-            out += [xp.matmul(h, w) for _ in range(4)]  # Q, K, V and output projections
-        return out
+        return parallel_map(fwd_task, tasks, like=q) + projections(backward=False)
 
     def bwd(state: Any) -> Any:
-        dv, dk, dq = 0, 0, []
-        for s in starts:
-            P = stand_in[..., : min(rows, n - s), :]
-            do = dout[..., s : s + rows, :]
-            dS = xp.matmul(do, vT)  # dP (1, heads, rows, N); its values stand in for dS below
-            dv = dv + xp.matmul(xp.matrix_transpose(P), do)
-            dq.append(xp.matmul(dS, k))
-            dk = dk + xp.matmul(xp.matrix_transpose(dS), q[..., s : s + rows, :])
-        grads = [dv, dk, *dq]
-        if inputs.part == "block":
-            for _ in range(4):  # dX = dY Wᵀ and dW = Xᵀ dY for each projection
-                grads += [xp.matmul(h, xp.matrix_transpose(w)), xp.matmul(xp.matrix_transpose(h), h)]
-        return grads
+        return parallel_map(bwd_task, tasks, like=q) + projections(backward=True)
 
     return Runner("gemm", fwd, bwd, None, *case_flops(inputs))

@@ -150,3 +150,39 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
+
+
+class OtherLoad:
+    """The share of the machine's CPU time that *other* processes used between :meth:`start` and :meth:`stop`.
+
+    Linux only (``/proc/stat`` and ``/proc/self/stat``); ``None`` elsewhere. 0 means
+    the benchmark had the machine to itself; 0.5 on 2 cores means one core was
+    busy with something else, and the times are not to be trusted.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int] | None = None
+
+    @staticmethod
+    def _sample() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                own = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + fields[4]  # idle + iowait
+        total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+        mine = int(own[11]) + int(own[12])  # utime + stime of every thread of this process
+        return total, total - idle, mine
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        total, busy, mine = (e - s for e, s in zip(end, self._start, strict=True))
+        return max(0.0, (busy - mine) / total)

@@ -14,10 +14,15 @@ import attention_ref
 
 from . import peers
 from .cases import FULL_MATRIX_LIMIT, PARTS, Runner, gemm_bound, make_inputs, ours, part_runs_at
-from .measure import Device, load_average, peak_memory_mib, time_pair
+from .measure import Device, OtherLoad, load_average, peak_memory_mib, time_pair
 
 DEFAULT_SIZES = (1024, 4096, 16384)
 DTYPES = ("float64", "float32")
+# pause before each timed run: BLAS and OpenMP worker threads spin for a while after their work
+# ends, and would otherwise slow down whichever implementation runs next
+PAUSE_S = 0.2
+# a case during which other processes took more than this share of the CPU is flagged as noisy
+NOISY_LOAD = 0.05
 
 
 def repeats_at(n: int, repeats: int) -> int:
@@ -93,6 +98,7 @@ def bench_case(
     with_torch: bool,
     memory: bool,
     tiled_options: dict[str, Any] | None,
+    pause: float = PAUSE_S,
 ) -> list[dict[str, Any]]:
     """Time ours, torch and the GEMM bound on one case, interleaved run by run; return one record each."""
     inputs = make_inputs(part, n, heads, d, dtype)
@@ -104,16 +110,22 @@ def bench_case(
     runners.append(gemm_bound(inputs, device))
     syncs.append(device.sync)
 
+    meter = OtherLoad()
+    meter.start()
     count = repeats_at(n, repeats)
     warmup = 1 if n <= FULL_MATRIX_LIMIT else 0
     times: list[tuple[list[float], list[float]]] = [([], []) for _ in runners]
     for i in range(warmup + count):
         for runner, sync, (fwd, bwd) in zip(runners, syncs, times, strict=True):
+            time.sleep(pause)  # let the previous implementation's idle threads stop spinning
             t_fwd, t_bwd = time_pair(runner.fwd, runner.bwd, sync)
             if i >= warmup:
                 fwd.append(t_fwd)
                 bwd.append(t_bwd)
     records = [_record(r, inputs, f, b) for r, (f, b) in zip(runners, times, strict=True)]
+    other_load = meter.stop()
+    for record in records:
+        record["other_load"] = other_load
 
     if memory:
         for runner, record in zip(runners, records, strict=True):
@@ -148,6 +160,7 @@ def run_bench(
     with_torch: bool = True,
     memory: bool = True,
     tiled_options: dict[str, Any] | None = None,
+    pause: float = PAUSE_S,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every (N, part, dtype) case; return ``{"machine", "config", "results", "skipped"}``.
@@ -178,6 +191,7 @@ def run_bench(
             "repeats": repeats,
             "torch": with_torch,
             "tiled_options": tiled_options or {},
+            "pause_s": pause,
         },
         "results": [],
         "skipped": [],
@@ -208,12 +222,15 @@ def run_bench(
                         with_torch=with_torch,
                         memory=memory,
                         tiled_options=tiled_options,
+                        pause=pause,
                     )
                     for r in records:
                         r["load_before"], r["load_after"] = load_before, load_average()
                     result["results"] += records
                     for line in row_lines(records):
                         log(line)
+                    if records[0]["other_load"] is not None and records[0]["other_load"] > NOISY_LOAD:
+                        log(f"# noisy: other processes used {records[0]['other_load']:.0%} of the CPU during this case")
     finally:
         if previous is not None:
             peers.torch_threads(previous)
