@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import HAS_TORCH
 
@@ -78,8 +79,6 @@ def test_flops_and_gemm_bound_shapes():
 
 
 def test_peak_memory_sees_numpy_allocations():
-    import numpy as np
-
     peak = peak_memory_mib(lambda: np.ones((1024, 1024)), "tracemalloc")
     assert 7.9 < peak < 8.5
     if rss_available():
@@ -88,3 +87,29 @@ def test_peak_memory_sees_numpy_allocations():
         peak_memory_mib(lambda: None, "nope")
     with pytest.raises(ValueError, match="unknown backend"):
         Device.create("jax")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("part", ["plain", "tiled", "block"])
+def test_the_torch_peer_computes_the_same_thing_as_ours(part):
+    """The bench's torch side is the same computation (so the times compare like with like)."""
+    if not part_available(part):
+        pytest.skip(f"{part} is not in this version of attention_ref")
+    from attention_ref.backend import to_numpy
+    from attention_ref.bench.peers import torch_runner
+    from attention_ref.gradcheck import rel_error
+
+    inputs = make_inputs(part, 16, 2, 16, "float64")
+    mine = ours(inputs, Device.create("numpy"))
+    peer = torch_runner(inputs, "cpu")
+    out, cache = mine.fwd()
+    grads = mine.bwd((out, cache))
+    t_out = peer.fwd()
+    t_grads = peer.bwd(t_out)
+    assert rel_error(to_numpy(out), t_out.detach().numpy()) <= 1e-10
+    names = ["x", *inputs.params] if part == "block" else ["q", "k", "v"]
+    for name, t_grad in zip(names, t_grads, strict=True):
+        # on a floor of 1: the gradient of the key bias is 0 in exact arithmetic (softmax ignores a
+        # per-row constant), so both sides are rounding noise there
+        a, b = to_numpy(grads[name]), t_grad.numpy()
+        assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), name
