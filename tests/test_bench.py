@@ -23,7 +23,8 @@ from attention_ref.bench.measure import Device, peak_memory_mib, rss_available
 
 def test_bench_command_writes_every_case(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--sizes", "16", "36", "--repeats", "1", "--pause", "0", "--json", str(path)]) == 0
+    argv = ["bench", "--sizes", "16", "36", "--repeats", "1", "--pause", "0", "--retries", "0"]
+    assert main([*argv, "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "×torch" in printed and f"wrote {path}" in printed
     result = json.loads(path.read_text())
@@ -49,7 +50,7 @@ def test_bench_command_writes_every_case(tmp_path, capsys):
 def test_quick_mode_without_torch_or_memory(tmp_path, capsys):
     path = tmp_path / "quick.json"
     argv = ["bench", "--quick", "--sizes", "16", "--parts", "plain", "--dtypes", "float32"]
-    assert main([*argv, "--no-torch", "--no-memory", "--pause", "0", "--json", str(path)]) == 0
+    assert main([*argv, "--no-torch", "--no-memory", "--pause", "0", "--retries", "0", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["config"]["repeats"] == 3 and not result["config"]["torch"]
     assert {r["impl"] for r in result["results"]} == {"ours", "gemm"}
@@ -113,3 +114,22 @@ def test_the_torch_peer_computes_the_same_thing_as_ours(part):
         # per-row constant), so both sides are rounding noise there
         a, b = to_numpy(grads[name]), t_grad.numpy()
         assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), name
+
+
+def test_a_disturbed_case_is_measured_again_and_the_quietest_try_kept(monkeypatch):
+    from attention_ref.bench import run
+
+    monkeypatch.setattr(run, "RETRY_WAIT_S", 0)
+    loads = iter([0.5, 0.2, 0.3])
+    tries = []
+
+    def measure():
+        tries.append(1)
+        return [{"other_load": next(loads)}]
+
+    logged = []
+    best = run._least_noisy(measure, 2, logged.append)
+    assert len(tries) == 3 and best[0]["other_load"] == 0.2 and best[0]["attempt"] == 2
+    assert len(logged) == 2 and "measuring again" in logged[0]
+    quiet = run._least_noisy(lambda: [{"other_load": 0.0}], 2, logged.append)
+    assert quiet[0]["attempt"] == 1  # a quiet case is measured once

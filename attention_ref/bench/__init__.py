@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="where ours runs")
     parser.add_argument("--block-size", type=int, help="block_size of the tiled path (default: its own)")
     parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each timed run")
+    parser.add_argument("--retries", type=int, default=2, help="re-measurements of a case disturbed by other processes")
     parser.add_argument("--no-torch", action="store_true", help="leave torch out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", default="bench-results.json", help="where to write every run (default %(default)s)")
@@ -61,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         tiled_options={"block_size": args.block_size} if args.block_size else None,
         pause=args.pause,
+        retries=args.retries,
     )
     print(LEGEND)
     if args.json:

@@ -11,7 +11,9 @@ Peak memory, by what can see the allocations:
   memory bound of the tiled path is stated in).
 * ``"rss"`` — torch's CPU allocations are invisible to tracemalloc; for them the
   Linux resident-set high-water mark (``VmHWM``, reset through
-  ``/proc/self/clear_refs``) above the resident size at the start.
+  ``/proc/self/clear_refs``) above the resident size at the start, after the C
+  heap has given its free pages back (``malloc_trim``), so that memory reused
+  from earlier runs counts again.
 * ``"cuda"`` — torch on a GPU: ``torch.cuda.max_memory_allocated`` above the start.
 * ``"cupy-pool"`` — CuPy: growth of its default memory pool, emptied before the
   run (an upper bound on the peak: the pool only grows when a block is missing).
@@ -19,6 +21,7 @@ Peak memory, by what can see the allocations:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import time
@@ -102,6 +105,14 @@ def rss_available() -> bool:
     return True
 
 
+def _give_back_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; nothing elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mib(run: Callable[[], Any], method: str) -> float | None:
     """Peak memory in MiB allocated while ``run()`` executes (its results included), by ``method``."""
     gc.collect()
@@ -116,6 +127,8 @@ def peak_memory_mib(run: Callable[[], Any], method: str) -> float | None:
     elif method == "rss":
         if not rss_available():
             return None
+        _give_back_free_memory()  # so that reusing freed memory faults pages in, and shows in the RSS again
+        rss_available()  # reset the high-water mark to the trimmed RSS
         base = _proc_status_kib("VmRSS")  # clear_refs above reset VmHWM to the current RSS
         result = run()
         peak = (_proc_status_kib("VmHWM") - base) * 1024

@@ -23,6 +23,7 @@ DTYPES = ("float64", "float32")
 PAUSE_S = 0.2
 # a case during which other processes took more than this share of the CPU is flagged as noisy
 NOISY_LOAD = 0.05
+RETRY_WAIT_S = 20
 
 
 def repeats_at(n: int, repeats: int) -> int:
@@ -147,6 +148,30 @@ def bench_case(
     return records
 
 
+def _noisy(records: list[dict[str, Any]]) -> bool:
+    load = records[0]["other_load"]
+    return load is not None and load > NOISY_LOAD
+
+
+def _least_noisy(
+    measure: Callable[[], list[dict[str, Any]]], retries: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """``measure()``, repeated up to ``retries`` more times while other processes disturbed it; the quietest try."""
+    best: list[dict[str, Any]] | None = None
+    for attempt in range(retries + 1):
+        load_before = load_average()
+        records = measure()
+        for r in records:
+            r["load_before"], r["load_after"], r["attempt"] = load_before, load_average(), attempt + 1
+        if best is None or (records[0]["other_load"] or 0.0) < (best[0]["other_load"] or 0.0):
+            best = records
+        if not _noisy(best) or attempt == retries:
+            break
+        log(f"# other processes used {records[0]['other_load']:.0%} of the CPU: measuring again in {RETRY_WAIT_S} s")
+        time.sleep(RETRY_WAIT_S)
+    return best
+
+
 def run_bench(
     *,
     sizes: tuple[int, ...] = DEFAULT_SIZES,
@@ -161,11 +186,14 @@ def run_bench(
     memory: bool = True,
     tiled_options: dict[str, Any] | None = None,
     pause: float = PAUSE_S,
+    retries: int = 2,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every (N, part, dtype) case; return ``{"machine", "config", "results", "skipped"}``.
 
-    ``log`` gets each table line as it is measured. torch takes part when
+    ``log`` gets each table line as it is measured. A case during which other
+    processes took more than ``NOISY_LOAD`` of the CPU is measured again, up to
+    ``retries`` times, and the quietest try is kept (its ``other_load`` is recorded). torch takes part when
     ``with_torch`` and it is installed; on the CPU it runs with ``threads`` threads
     (default: as many as the machine has cores), restored afterwards.
     """
@@ -192,6 +220,7 @@ def run_bench(
             "torch": with_torch,
             "tiled_options": tiled_options or {},
             "pause_s": pause,
+            "retries": retries,
         },
         "results": [],
         "skipped": [],
@@ -210,26 +239,27 @@ def run_bench(
                     log(f"{part:<6} {n:>6}  skipped: {reason}")
                     continue
                 for dtype in dtypes:
-                    load_before = load_average()
-                    records = bench_case(
-                        part,
-                        n,
-                        dtype,
-                        heads=heads,
-                        d=d,
-                        repeats=repeats,
-                        device=device,
-                        with_torch=with_torch,
-                        memory=memory,
-                        tiled_options=tiled_options,
-                        pause=pause,
+                    records = _least_noisy(
+                        lambda part=part, n=n, dtype=dtype: bench_case(
+                            part,
+                            n,
+                            dtype,
+                            heads=heads,
+                            d=d,
+                            repeats=repeats,
+                            device=device,
+                            with_torch=with_torch,
+                            memory=memory,
+                            tiled_options=tiled_options,
+                            pause=pause,
+                        ),
+                        retries,
+                        log,
                     )
-                    for r in records:
-                        r["load_before"], r["load_after"] = load_before, load_average()
                     result["results"] += records
                     for line in row_lines(records):
                         log(line)
-                    if records[0]["other_load"] is not None and records[0]["other_load"] > NOISY_LOAD:
+                    if _noisy(records):
                         log(f"# noisy: other processes used {records[0]['other_load']:.0%} of the CPU during this case")
     finally:
         if previous is not None:
