@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint peers clean
+.PHONY: demo test lint peers bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,viz]'
+	$(PY) -m pip install -q -e '.[test,viz,fast]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +24,12 @@ test: $(STAMP) lint
 # The optional cross-check peers: CPU torch (pinned to the build on the machine's disk) and diffusers.
 peers: $(STAMP)
 	$(PY) -m pip install -q 'torch==2.13.0' 'diffusers>=0.30'
+
+# Time and peak memory of the attention paths next to torch SDPA and the bare GEMMs (several minutes;
+# `make bench BENCH_ARGS=--quick` for N = 1024 and 4096 only). Writes bench-results.json.
+BENCH_ARGS ?=
+bench: peers
+	$(PY) -m attention_ref bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

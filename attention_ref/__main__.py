@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     from .oracle_cli import ORACLE_COMMANDS, add_oracle_commands, run_oracle_command
 
     add_oracle_commands(sub)  # issue [4/6]: check, vectors
+    # issue [6/6]: time and memory of the attention paths against torch and the GEMM bound
+    from .bench import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="time and peak memory of attention against torch and the GEMMs"))
     args = parser.parse_args(argv)
     if args.command in ORACLE_COMMANDS:
         return run_oracle_command(args)
@@ -31,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from .complexity import main as complexity
 
         complexity(args)
+    elif args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
     return 0
 
 

@@ -13,22 +13,31 @@ give torch tensors. Plotting code converts with :func:`to_numpy`.
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import array_api_compat
 import numpy as np
 
 __all__ = [
     "available_backends",
+    "cpu_workers",
     "device_of",
+    "exp_inplace",
     "from_numpy",
     "namespace",
     "namespace_name",
+    "parallel_map",
     "to_numpy",
 ]
 
 _OPTIONAL = ("array_api_strict", "torch", "cupy")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def namespace(*arrays: Any) -> ModuleType:
@@ -102,3 +111,82 @@ def from_numpy(a: Any, like: Any) -> Any:
     """``a`` (NumPy or a Python number) as an array of ``like``'s backend and device."""
     xp = namespace(like)
     return xp.asarray(np.asarray(a), device=device_of(like))
+
+
+# ---------------------------------------------------------------- in-place helpers
+#
+# The Array API has in-place operators (``x -= m``, ``x *= p``, ``x /= s``) but no
+# in-place functions: ``xp.exp(x)`` always allocates a new array. On the large
+# N×N matrices of attention that allocation (and the page faults of touching
+# fresh memory) costs as much as the exponential itself, so the one call that
+# matters gets a helper: NumPy and CuPy write the result into ``x`` through their
+# ``out=`` argument; every other namespace takes the standard call.
+
+
+def exp_inplace(xp: ModuleType, x: Any) -> Any:
+    """``exp(x)``, written over ``x`` where the backend allows it (NumPy, CuPy), else a new array.
+
+    Use the return value, not ``x``: only NumPy and CuPy overwrite ``x``. Call it
+    only on an array the caller owns (a temporary it created), never on an input.
+    """
+    if array_api_compat.is_numpy_array(x):
+        return np.exp(x, out=x)
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy.exp(x, out=x)
+    return xp.exp(x)
+
+
+# ---------------------------------------------------------------- CPU threads
+#
+# NumPy releases the GIL inside its ufuncs and its BLAS calls, so independent
+# tiles of work can run on several cores from plain Python threads. Two
+# conditions make that pay: the arrays are NumPy's (CuPy already runs on a GPU,
+# torch has its own threads), and each thread's BLAS call runs single-threaded —
+# otherwise every thread's matrix product asks OpenBLAS for all cores at once
+# and they fight over them. The BLAS limit comes from ``threadpoolctl`` (the
+# ``fast`` extra); without it the work runs in the calling thread, in order.
+
+_BLAS_CONTROLLER: Any = None
+
+
+def cpu_workers(like: Any) -> int:
+    """How many threads :func:`parallel_map` spreads work over for arrays like ``like``.
+
+    1 unless ``like`` is a NumPy array and ``threadpoolctl`` is installed; then
+    ``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use.
+    """
+    if not array_api_compat.is_numpy_array(like) or importlib.util.find_spec("threadpoolctl") is None:
+        return 1
+    env = os.environ.get("ATTENTION_REF_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _single_threaded_blas() -> Any:
+    """A context in which BLAS calls use one thread each (a ``threadpoolctl`` limit, restored on exit)."""
+    global _BLAS_CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, like: Any) -> list[R]:
+    """``[fn(item) for item in items]``, spread over :func:`cpu_workers` threads where that pays.
+
+    Results come back in the order of ``items``. ``fn`` must not write to memory
+    another item reads or writes: each call gets its own slices and returns its
+    own results. With one worker, or one item, this is the plain list comprehension.
+    """
+    workers = min(cpu_workers(like), len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with _single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))

@@ -13,10 +13,29 @@ from attention_ref.backend import to_numpy
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
+
+def _why_no_gpu() -> str | None:
+    """None when CuPy imports and sees a CUDA device; otherwise the reason the GPU tests skip."""
+    if importlib.util.find_spec("cupy") is None:
+        return "no GPU backend: CuPy is not installed (scripts/gpu_check.sh installs it)"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # no driver, no runtime: CuPy cannot reach a GPU
+        return f"no GPU backend: CuPy sees no CUDA device ({type(err).__name__}: {err})"
+    return None if count > 0 else "no GPU backend: CuPy sees no CUDA device"
+
+
+WHY_NO_GPU = _why_no_gpu()
+HAS_GPU = WHY_NO_GPU is None
+
 BACKENDS = [
     "numpy",
     "array_api_strict",
     pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")),
+    # every test that takes `be` also runs on CuPy arrays on a GPU: `pytest -m gpu` selects exactly those runs
+    pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason=str(WHY_NO_GPU))]),
 ]
 
 
@@ -31,6 +50,10 @@ def _converter(name: str) -> Callable[[Any], Any]:
         import torch
 
         return lambda a: None if a is None else torch.asarray(np.asarray(a))
+    if name == "cupy":
+        import cupy
+
+        return lambda a: None if a is None else cupy.asarray(np.asarray(a))
     raise ValueError(name)
 
 
@@ -51,6 +74,10 @@ class Backend:
             import array_api_strict as xs
 
             return isinstance(x, xs._array_object.Array)
+        if self.name == "cupy":
+            import cupy
+
+            return isinstance(x, cupy.ndarray)
         import torch
 
         return isinstance(x, torch.Tensor)

@@ -40,6 +40,16 @@ Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512
 dominated by the O(N·d) inputs and outputs, large enough that each tile is a real matrix product and
 the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times (64 tiles at N = M = 4096). Peak extra memory is
 a handful of ``block_q × block_k`` tiles plus O(N·(d + dv)) for the outputs and gradients.
+
+Speed. Each tile's elementwise work runs in the memory of the tile it starts from (in-place ``-=`` and
+``*=``, and an in-place ``exp`` where the backend has one: :func:`attention_ref.backend.exp_inplace`),
+so a tile costs its matrix products plus four passes over ``block_q × block_k`` numbers forward (max,
+subtract, exp, sum) and four backward (subtract, exp, subtract, multiply). The work is spread over the
+CPU's cores with :func:`attention_ref.backend.parallel_map`: forward, the query tiles are independent;
+backward, the key tiles are dealt round-robin to the workers, each of which owns its tiles' ``dK_j`` and
+``dV_j`` and sums its own share of ``dQ`` (and ``d bias``), added up at the end — each worker holds
+one more ``(..., N, d)`` array. On one worker (any backend but NumPy) the order of the sums is the
+original one.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from types import ModuleType
 from typing import Any
 
 from .._checks import sum_to_shape
-from ..backend import device_of, namespace
+from ..backend import cpu_workers, device_of, exp_inplace, namespace, parallel_map
 from .inputs import check_attention_inputs
 from .masks import as_pair
 
@@ -140,7 +150,7 @@ def _logits_tile(
     # S = scale · Q Kᵀ + bias   (..., block_q, block_k); the scale was applied to Q already
     logits = xp.matmul(q_scaled, xp.matrix_transpose(k_cols))
     if bias is not None:
-        logits = logits + _tile(bias, rows, cols)
+        logits += _tile(bias, rows, cols)
     if mask is not None:
         logits = xp.where(_tile(mask, rows, cols), logits, -xp.inf)
     return logits
@@ -183,11 +193,13 @@ def chunked_attention_forward(
     xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
     block_q, block_k = _block_sizes(block_size)
     mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias)
-    out_tiles, lse_tiles = [], []
-    for rows in _blocks(q.shape[-2], block_q):
-        out_rows, lse_rows = _forward_rows(xp, scale * q[..., rows, :], k, v, mask2, bias2, rows, block_k)
-        out_tiles.append(out_rows)
-        lse_tiles.append(lse_rows)
+
+    def query_tile(rows: slice) -> tuple[Any, Any]:
+        return _forward_rows(xp, scale * q[..., rows, :], k, v, mask2, bias2, rows, block_k)
+
+    # query tiles are independent: on NumPy they run on all cores (see attention_ref.backend.parallel_map)
+    tiles = parallel_map(query_tile, _blocks(q.shape[-2], block_q), like=q)
+    out_tiles, lse_tiles = [out_rows for out_rows, _ in tiles], [lse_rows for _, lse_rows in tiles]
     out = xp.concat(out_tiles, axis=-2)  # (..., N, dv)
     cache = ChunkedAttentionCache(
         q=q,
@@ -220,8 +232,9 @@ def _forward_rows(
         new_max = xp.maximum(running_max, xp.max(logits, axis=-1, keepdims=True))
         # subtract 0 instead of -inf while a row has seen no allowed key: exp(-inf - 0) = 0, not NaN
         shift = xp.where(new_max == -xp.inf, 0.0, new_max)
-        # P̃ = exp(S - m')
-        p_tilde = xp.exp(logits - shift)
+        # P̃ = exp(S - m'), computed in the logits' memory
+        logits -= shift
+        p_tilde = exp_inplace(xp, logits)
         # α = exp(m - m'): rescales what was summed under the old maximum
         alpha = xp.exp(running_max - shift)
         # ℓ' = α ℓ + Σ_k P̃_k
@@ -263,39 +276,68 @@ def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[
     lse = _safe_lse(xp, cache.logsumexp)  # (..., N, 1)
     q_scaled = scale * q
 
-    dq_tiles: list[Any] = [0.0] * len(row_blocks)  # Σ_j dS K_j per query tile, scaled at the end
-    dk_tiles, dv_tiles = [], []
-    dbias_tiles: dict[tuple[int, int], Any] = {}  # d bias per (row tile, column tile) of the bias itself
-    for cj, cols in enumerate(col_blocks):
-        k_j, v_j = k[..., cols, :], v[..., cols, :]
-        dk_j, dv_j = 0.0, 0.0
-        for ri, rows in enumerate(row_blocks):
-            dout_i = dout[..., rows, :]
-            logits = _logits_tile(xp, q_scaled[..., rows, :], k_j, mask, bias, rows, cols)
-            # P = exp(S - lse): the forward's weights, recomputed exactly   (..., block_q, block_k)
-            weights = xp.exp(logits - lse[..., rows, :])
-            # dV_j += Pᵀ dO_i
-            dv_j = dv_j + xp.matmul(xp.matrix_transpose(weights), dout_i)
-            # dP = dO_i V_jᵀ
-            dweights = xp.matmul(dout_i, xp.matrix_transpose(v_j))
-            # dS = P ∘ (dP - D_i)
-            dlogits = weights * (dweights - delta[..., rows, :])
-            # dQ_i += dS K_j ;  dK_j += dSᵀ Q_i   (times scale, below)
-            dq_tiles[ri] = dq_tiles[ri] + xp.matmul(dlogits, k_j)
-            dk_j = dk_j + xp.matmul(xp.matrix_transpose(dlogits), q[..., rows, :])
-            if bias is not None:
-                _accumulate_bias_grad(xp, dbias_tiles, dlogits, bias, ri, cj)
-        dk_tiles.append(scale * dk_j)
-        dv_tiles.append(dv_j)
+    def key_tiles(tile_indices: list[int]) -> _KeyTilesGrads:
+        """Gradients from key tiles ``tile_indices``: their own dK_j, dV_j, and their share of dQ and d bias."""
+        part = _KeyTilesGrads(dq_tiles=[0.0] * len(row_blocks))
+        for cj in tile_indices:
+            cols = col_blocks[cj]
+            k_j, v_j = k[..., cols, :], v[..., cols, :]
+            dk_j, dv_j = 0.0, 0.0
+            for ri, rows in enumerate(row_blocks):
+                dout_i = dout[..., rows, :]
+                logits = _logits_tile(xp, q_scaled[..., rows, :], k_j, mask, bias, rows, cols)
+                # P = exp(S - lse): the forward's weights, recomputed exactly in the logits' memory
+                logits -= lse[..., rows, :]
+                weights = exp_inplace(xp, logits)  # (..., block_q, block_k)
+                # dV_j += Pᵀ dO_i
+                dv_j = dv_j + xp.matmul(xp.matrix_transpose(weights), dout_i)
+                # dP = dO_i V_jᵀ
+                dweights = xp.matmul(dout_i, xp.matrix_transpose(v_j))
+                # dS = P ∘ (dP - D_i), formed in dP's memory
+                dweights -= delta[..., rows, :]
+                dweights *= weights
+                dlogits = dweights
+                # dQ_i += dS K_j ;  dK_j += dSᵀ Q_i   (times scale, below)
+                part.dq_tiles[ri] = part.dq_tiles[ri] + xp.matmul(dlogits, k_j)
+                dk_j = dk_j + xp.matmul(xp.matrix_transpose(dlogits), q[..., rows, :])
+                if bias is not None:
+                    _accumulate_bias_grad(xp, part.dbias_tiles, dlogits, bias, ri, cj)
+            part.dk_tiles[cj] = scale * dk_j
+            part.dv_tiles[cj] = dv_j
+        return part
+
+    # Each key tile owns its dK_j and dV_j; dQ and d bias collect from every key tile. So the key tiles
+    # are dealt round-robin to the workers (one group on one core, all on NumPy with several), each
+    # worker sums its own share of dQ and d bias, and the shares are added up at the end.
+    workers = min(cpu_workers(q), len(col_blocks))
+    parts = parallel_map(key_tiles, [list(range(w, len(col_blocks), workers)) for w in range(workers)], like=q)
+    dq_tiles, dk_tiles, dv_tiles, dbias_tiles = parts[0].dq_tiles, {}, {}, {}
+    for part in parts[1:]:
+        dq_tiles = [a + b for a, b in zip(dq_tiles, part.dq_tiles, strict=True)]
+    for part in parts:
+        dk_tiles.update(part.dk_tiles)
+        dv_tiles.update(part.dv_tiles)
+        for key, g in part.dbias_tiles.items():
+            dbias_tiles[key] = g if key not in dbias_tiles else dbias_tiles[key] + g
 
     grads = {
         "q": scale * xp.concat(dq_tiles, axis=-2),  # dQ = scale · dS K   (..., N, d)
-        "k": xp.concat(dk_tiles, axis=-2),  # dK = scale · dSᵀ Q   (..., M, d)
-        "v": xp.concat(dv_tiles, axis=-2),  # dV = Pᵀ dO   (..., M, dv)
+        "k": xp.concat([dk_tiles[cj] for cj in range(len(col_blocks))], axis=-2),  # dK = scale · dSᵀ Q
+        "v": xp.concat([dv_tiles[cj] for cj in range(len(col_blocks))], axis=-2),  # dV = Pᵀ dO   (..., M, dv)
     }
     if bias is not None:
         grads["bias"] = xp.reshape(_assemble_bias_grad(xp, dbias_tiles), cache.bias_shape)
     return grads
+
+
+@dataclass
+class _KeyTilesGrads:
+    """One worker's share of the backward: its key tiles' dK_j and dV_j, its sums into dQ and d bias."""
+
+    dq_tiles: list[Any]  # per query tile: Σ over this worker's key tiles of dS K_j, (..., block_q, d)
+    dk_tiles: dict[int, Any] = field(default_factory=dict)  # key tile index → scale · Σ_i dSᵀ Q_i
+    dv_tiles: dict[int, Any] = field(default_factory=dict)  # key tile index → Σ_i Pᵀ dO_i
+    dbias_tiles: dict[tuple[int, int], Any] = field(default_factory=dict)  # as in _accumulate_bias_grad
 
 
 def _accumulate_bias_grad(

@@ -28,9 +28,9 @@ from types import ModuleType
 from typing import Any
 
 from .._checks import require_bool, require_broadcastable_to, require_floating
-from ..backend import namespace
+from ..backend import exp_inplace, namespace
 
-__all__ = ["SoftmaxCache", "logsumexp", "softmax_backward", "softmax_forward"]
+__all__ = ["SoftmaxCache", "logsumexp", "softmax_backward", "softmax_forward", "softmax_overwriting"]
 
 
 @dataclass(frozen=True)
@@ -41,22 +41,42 @@ class SoftmaxCache:
     axis: int
 
 
-def _shifted_exp(xp: ModuleType, x: Any, axis: int, mask: Any | None) -> tuple[Any, Any]:
+def _shifted_exp(xp: ModuleType, x: Any, axis: int, mask: Any | None, *, overwrite: bool) -> tuple[Any, Any]:
     """``(exp(x - m), m)`` with ``m`` the max over allowed entries along ``axis``.
 
     Masked entries are set to ``-inf`` before the max so they give ``exp = 0``.
     A row whose max is ``-inf`` (nothing allowed) is shifted by 0 instead, so
     ``exp(-inf - 0) = 0`` rather than ``exp(-inf + inf) = NaN``.
+
+    With ``overwrite`` the result is computed in ``x``'s memory (``x`` must be an
+    array the caller owns); otherwise ``x`` is left untouched. Either way only one
+    array of ``x``'s size is allocated at most.
     """
     if mask is not None:
         require_bool(xp, "mask", mask)
         require_broadcastable_to("mask", tuple(mask.shape), tuple(x.shape))
-        x = xp.where(mask, x, -xp.inf)
+        x = xp.where(mask, x, -xp.inf)  # a new array: ours to overwrite
+        overwrite = True
     m = xp.max(x, axis=axis, keepdims=True)
     # rows with nothing allowed: m = -inf → use 0 (a NaN max stays NaN and propagates)
     m = xp.where(m == -xp.inf, 0.0, m)
-    # e_j = exp(x_j - m)
-    return xp.exp(x - m), m
+    # x_j - m, in place when x is ours
+    if overwrite:
+        x -= m
+    else:
+        x = x - m
+    # e_j = exp(x_j - m), written over x_j - m where the backend allows
+    return exp_inplace(xp, x), m
+
+
+def _softmax(xp: ModuleType, x: Any, axis: int, mask: Any | None, *, overwrite: bool) -> Any:
+    """The probabilities ``p`` of :func:`softmax_forward` (in ``x``'s memory when ``overwrite``)."""
+    e, _ = _shifted_exp(xp, x, axis, mask, overwrite=overwrite)
+    # Σ_k e_k, kept as a size-1 axis so it broadcasts back over the row
+    total = xp.sum(e, axis=axis, keepdims=True)
+    # p_j = e_j / Σ_k e_k   (a fully masked row has Σ = 0 and e = 0: divide by 1 instead)
+    e /= xp.where(total == 0.0, 1.0, total)
+    return e
 
 
 def softmax_forward(x: Any, *, axis: int = -1, mask: Any | None = None) -> tuple[Any, SoftmaxCache]:
@@ -74,12 +94,21 @@ def softmax_forward(x: Any, *, axis: int = -1, mask: Any | None = None) -> tuple
     """
     xp = namespace(x)
     require_floating(xp, "x", x)
-    e, _ = _shifted_exp(xp, x, axis, mask)
-    # Σ_k e_k, kept as a size-1 axis so it broadcasts back over the row
-    total = xp.sum(e, axis=axis, keepdims=True)
-    # p_j = e_j / Σ_k e_k   (a fully masked row has Σ = 0 and e = 0: divide by 1 instead)
-    p = e / xp.where(total == 0.0, 1.0, total)
+    p = _softmax(xp, x, axis, mask, overwrite=False)
     return p, SoftmaxCache(weights=p, axis=axis)
+
+
+def softmax_overwriting(x: Any, *, axis: int = -1, mask: Any | None = None) -> Any:
+    """The ``p`` of :func:`softmax_forward`, computed in ``x``'s own memory: ``x`` is destroyed.
+
+    For callers that own ``x`` (a temporary they just computed, such as the logits
+    of attention) and want no second array of its size. Use the return value:
+    backends without in-place ``exp`` (see :func:`attention_ref.backend.exp_inplace`)
+    return a new array and leave ``x`` holding ``x - max``.
+    """
+    xp = namespace(x)
+    require_floating(xp, "x", x)
+    return _softmax(xp, x, axis, mask, overwrite=True)
 
 
 def softmax_backward(dout: Any, cache: SoftmaxCache) -> dict[str, Any]:
@@ -89,10 +118,12 @@ def softmax_backward(dout: Any, cache: SoftmaxCache) -> dict[str, Any]:
     """
     xp = namespace(dout)
     p = cache.weights
-    # Σ_i p_i dp_i, one number per row
-    inner = xp.sum(p * dout, axis=cache.axis, keepdims=True)
+    # Σ_i p_i dp_i, one dot product per row, kept as a size-1 axis
+    inner = xp.expand_dims(xp.vecdot(p, dout, axis=cache.axis), axis=cache.axis)
     # dx_j = p_j (dp_j - Σ_i p_i dp_i)
-    return {"x": p * (dout - inner)}
+    dx = dout - inner
+    dx *= p
+    return {"x": dx}
 
 
 def logsumexp(x: Any, *, axis: int = -1, mask: Any | None = None, keepdims: bool = False) -> Any:
@@ -103,7 +134,7 @@ def logsumexp(x: Any, *, axis: int = -1, mask: Any | None = None, keepdims: bool
     """
     xp = namespace(x)
     require_floating(xp, "x", x)
-    e, m = _shifted_exp(xp, x, axis, mask)
+    e, m = _shifted_exp(xp, x, axis, mask, overwrite=False)
     total = xp.sum(e, axis=axis, keepdims=True)
     # log of an empty sum is -inf; take log(1) there and overwrite, so no divide-by-zero warning
     positive = total > 0.0

@@ -1,0 +1,71 @@
+"""``python -m attention_ref bench``: time and peak memory of our attention paths, side by side with
+torch's ``scaled_dot_product_attention`` (plus autograd) and with the bare matrix products of the same shapes.
+
+For each N (default 1,024, 4,096 and 16,384 tokens; 4 heads of 64; float64 and
+float32) and each part — the plain path, the tiled path and the self-attention
+block, the latter two when this version of the package has them — it runs ours,
+torch and the GEMM bound one after another, several times, and reports the
+medians of the forward, backward and forward+backward times, the peak memory,
+and the ratios ours/torch and ours/GEMM. Parts that hold N×N matrices stop at
+N = 4,096. The JSON file holds every run.
+
+    python -m attention_ref bench                 # the full table (several minutes on 2 cores)
+    python -m attention_ref bench --quick         # N = 1,024 and 4,096, 3 runs each
+    python -m attention_ref bench --sizes 4096 --parts plain --dtypes float32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cases import PARTS
+from .report import LEGEND, write_json
+from .run import DEFAULT_SIZES, DTYPES, PAUSE_S, run_bench
+
+__all__ = ["add_arguments", "main", "run_bench"]
+
+QUICK_SIZES = (1024, 4096)
+QUICK_REPEATS = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", help=f"numbers of tokens N (default {DEFAULT_SIZES})")
+    parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_SIZES}, {QUICK_REPEATS} runs each")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64, help="features per head d")
+    parser.add_argument("--repeats", type=int, help="timed runs per implementation (default 5; halved above 4,096)")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the number of cores)")
+    parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="where ours runs")
+    parser.add_argument("--block-size", type=int, help="block_size of the tiled path (default: its own)")
+    parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each timed run")
+    parser.add_argument("--retries", type=int, default=2, help="re-measurements of a case disturbed by other processes")
+    parser.add_argument("--no-torch", action="store_true", help="leave torch out")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--json", default="bench-results.json", help="where to write every run (default %(default)s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else 5)
+    result = run_bench(
+        sizes=sizes,
+        dtypes=tuple(args.dtypes),
+        parts=tuple(args.parts),
+        heads=args.heads,
+        d=args.dim,
+        repeats=repeats,
+        threads=args.threads,
+        backend=args.backend,
+        with_torch=not args.no_torch,
+        memory=not args.no_memory,
+        tiled_options={"block_size": args.block_size} if args.block_size else None,
+        pause=args.pause,
+        retries=args.retries,
+    )
+    print(LEGEND)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
