@@ -1,9 +1,10 @@
-"""The building blocks below attention: softmax, linear, norms, head split/merge.
+"""The building blocks below attention: softmax, linear, norms, head split/merge, 2-D convolution.
 
 Each operation is a pair ``out, cache = thing_forward(...)`` /
 ``grads = thing_backward(dout, cache)``.
 """
 
+from .conv2d import conv2d_backward, conv2d_forward
 from .group_norm import group_norm_backward, group_norm_forward
 from .heads import (
     merge_heads,
@@ -18,6 +19,8 @@ from .linear import linear_backward, linear_forward
 from .softmax import logsumexp, softmax_backward, softmax_forward
 
 __all__ = [
+    "conv2d_backward",
+    "conv2d_forward",
     "group_norm_backward",
     "group_norm_forward",
     "layer_norm_backward",
