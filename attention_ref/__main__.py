@@ -10,12 +10,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attention_ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="a self-attention forward and backward on a 4×4×8 map, step by step")
+    # issue [3/6]: time and memory of the efficient attention variants
+    from .complexity import add_arguments as complexity_arguments
+
+    complexity_arguments(
+        sub.add_parser("complexity", help="time and peak memory of the attention variants vs map size")
+    )
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from .demo import main as demo
 
         demo()
+    elif args.command == "complexity":
+        from .complexity import main as complexity
+
+        complexity(args)
     return 0
 
 

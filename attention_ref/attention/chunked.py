@@ -1,0 +1,322 @@
+r"""Tiled exact attention (the FlashAttention algorithm): O(N) memory, the same result as :mod:`.exact`.
+
+Exact attention forms the ``N × M`` weight matrix ``P``; at 128×128 pixels that is 2 GiB per head in
+float64. This module computes the same ``O = softmax(S) V`` one tile of ``block_q`` queries ×
+``block_k`` keys at a time and never holds more than one tile of ``S`` or ``P``.
+
+Forward: online softmax. For one tile of queries, walk over the key tiles ``j`` keeping, per query
+row, the running maximum ``m``, the running sum ``ℓ`` of ``exp(S − m)`` and the running unnormalised
+output ``A``. With ``S_j`` the logits against key tile ``j``:
+
+.. math::
+    m' = \max(m, \max_k S_{j,k}), \quad \alpha = e^{m - m'}, \quad
+    \tilde P_j = e^{S_j - m'}, \quad
+    \ell' = \alpha\,\ell + \textstyle\sum_k \tilde P_{j,k}, \quad
+    A' = \alpha A + \tilde P_j V_j .
+
+Multiplying by ``α`` re-expresses everything summed so far relative to the new maximum, so after the
+last tile ``A = Σ_k e^{S_k − m} V_k`` and ``ℓ = Σ_k e^{S_k − m}`` with ``m`` the row's true maximum:
+
+.. math:: O = A / \ell, \qquad \operatorname{lse} = m + \log \ell = \log \textstyle\sum_k e^{S_k}.
+
+Backward: nothing ``N × M`` was saved, only ``O`` and ``lse`` (``(..., N)``). Each tile of weights is
+recomputed exactly from them, ``P = exp(S − lse)``, and then the gradients of :mod:`.exact` are formed
+tile by tile:
+
+.. math::
+    dV_j \mathrel{+}= P^\top dO_i, \quad dP = dO_i V_j^\top, \quad
+    dS = P \circ (dP - D_i), \quad dQ_i \mathrel{+}= \text{scale}\; dS\,K_j, \quad
+    dK_j \mathrel{+}= \text{scale}\; dS^\top Q_i,
+
+with ``D_i = Σ_k P_ik dP_ik = dO_i · O_i`` (one number per query, computed once from ``O``), and
+``d bias`` = ``dS`` summed per tile to the bias's own shape.
+
+Masks and biases stay in their broadcast shape: each tile slices the rows and columns it needs, and an
+axis of size 1 is used whole. A query with no allowed key has ``ℓ = 0``: its output is 0, its ``lse`` is
+``−inf``, and its recomputed weights (and so its gradients) are 0.
+
+Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512 keys: a float64 tile is
+2 MiB, small enough that the few temporaries of a tile stay cache-friendly and that memory is
+dominated by the O(N·d) inputs and outputs, large enough that each tile is a real matrix product and
+the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times (64 tiles at N = M = 4096). Peak extra memory is
+a handful of ``block_q × block_k`` tiles plus O(N·(d + dv)) for the outputs and gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from .._checks import sum_to_shape
+from ..backend import device_of, namespace
+from .inputs import check_attention_inputs
+from .masks import as_pair
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "ChunkedAttentionCache",
+    "chunked_attention_backward",
+    "chunked_attention_forward",
+]
+
+DEFAULT_BLOCK_SIZE = 512
+
+
+@dataclass(frozen=True)
+class ChunkedAttentionCache:
+    """What :func:`chunked_attention_backward` needs: inputs, output and per-row log-sum-exp, no N×M array.
+
+    ``weights`` is always ``None``: the point of this variant is never to store the ``(..., N, M)``
+    weight matrix. :meth:`weight_rows` recomputes any band of its rows exactly.
+    """
+
+    q: Any  # (..., N, d)
+    k: Any  # (..., M, d)
+    v: Any  # (..., M, dv)
+    out: Any  # O, (..., N, dv)
+    logsumexp: Any  # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows
+    scale: float
+    mask: Any | None  # as given (broadcastable to (..., N, M))
+    bias: Any | None  # as given (broadcastable to (..., N, M))
+    block_q: int
+    block_k: int
+    weights: None = field(default=None, init=False)  # never stored; see weight_rows
+
+    @property
+    def bias_shape(self) -> tuple[int, ...] | None:
+        return None if self.bias is None else tuple(self.bias.shape)
+
+    def weight_rows(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` of the weights ``P``, ``(..., stop − start, M)``, recomputed as ``exp(S − lse)``."""
+        xp = namespace(self.q)
+        rows = slice(start, stop)
+        mask, bias = _at_least_2d(xp, self.mask), _at_least_2d(xp, self.bias)
+        q_rows = self.scale * self.q[..., rows, :]
+        lse = _safe_lse(xp, self.logsumexp[..., rows])
+        tiles = []
+        for cols in _blocks(self.k.shape[-2], self.block_k):
+            logits = _logits_tile(xp, q_rows, self.k[..., cols, :], mask, bias, rows, cols)
+            tiles.append(xp.exp(logits - lse))
+        return xp.concat(tiles, axis=-1)
+
+
+# ---------------------------------------------------------------- tiles
+
+
+def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """``(block_q, block_k)`` from ``None`` (the default), one int (both) or a pair."""
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
+    block_q, block_k = as_pair("block_size", block_size)
+    if min(block_q, block_k) < 1:
+        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    return block_q, block_k
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    """``[0:size], [size:2·size], …`` covering ``range(n)``; the last one may be shorter."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _at_least_2d(xp: ModuleType, a: Any | None) -> Any | None:
+    """A mask or bias with fewer than 2 dims, viewed as ``(1, M)`` or ``(1, 1)`` so it has row and column axes."""
+    if a is None or a.ndim >= 2:
+        return a
+    return xp.reshape(a, (1,) * (2 - a.ndim) + tuple(a.shape))
+
+
+def _tile(a: Any, rows: slice, cols: slice) -> Any:
+    """``a[..., rows, cols]`` for a broadcastable mask or bias; an axis of size 1 is taken whole."""
+    r = slice(None) if a.shape[-2] == 1 else rows
+    c = slice(None) if a.shape[-1] == 1 else cols
+    return a[..., r, c]
+
+
+def _logits_tile(
+    xp: ModuleType, q_scaled: Any, k_cols: Any, mask: Any | None, bias: Any | None, rows: slice, cols: slice
+) -> Any:
+    """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``."""
+    # S = scale · Q Kᵀ + bias   (..., block_q, block_k); the scale was applied to Q already
+    logits = xp.matmul(q_scaled, xp.matrix_transpose(k_cols))
+    if bias is not None:
+        logits = logits + _tile(bias, rows, cols)
+    if mask is not None:
+        logits = xp.where(_tile(mask, rows, cols), logits, -xp.inf)
+    return logits
+
+
+def _safe_lse(xp: ModuleType, lse: Any) -> Any:
+    """``lse`` as ``(..., rows, 1)``, with 0 for fully masked rows so that ``exp(-inf - 0) = 0``, never NaN."""
+    lse = xp.expand_dims(lse, axis=-1)
+    return xp.where(lse == -xp.inf, 0.0, lse)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def chunked_attention_forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any | None = None,
+    bias: Any | None = None,
+    scale: float | None = None,
+    block_size: int | tuple[int, int] | None = None,
+) -> tuple[Any, ChunkedAttentionCache]:
+    """Exact attention ``softmax(scale · q kᵀ + bias) v`` computed tile by tile, in O(N) memory.
+
+    Inputs (as :func:`attention_ref.attention_forward`):
+        q: ``(..., N, d)`` queries.
+        k: ``(..., M, d)`` keys; leading dims equal to q's.
+        v: ``(..., M, dv)`` values.
+        mask: boolean, broadcastable to ``(..., N, M)``; True = may attend. Sliced per tile, never expanded.
+        bias: float (q's dtype), broadcastable to ``(..., N, M)``; sliced per tile.
+        scale: multiplies ``q kᵀ``; default ``1/sqrt(d)``.
+        block_size: ``int`` (queries and keys per tile) or ``(block_q, block_k)``; default 512.
+
+    Returns:
+        out: ``(..., N, dv)``, equal to ``attention_forward``'s to rounding.
+        cache: :class:`ChunkedAttentionCache`; ``cache.logsumexp`` is ``(..., N)``.
+    """
+    xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
+    block_q, block_k = _block_sizes(block_size)
+    mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias)
+    out_tiles, lse_tiles = [], []
+    for rows in _blocks(q.shape[-2], block_q):
+        out_rows, lse_rows = _forward_rows(xp, scale * q[..., rows, :], k, v, mask2, bias2, rows, block_k)
+        out_tiles.append(out_rows)
+        lse_tiles.append(lse_rows)
+    out = xp.concat(out_tiles, axis=-2)  # (..., N, dv)
+    cache = ChunkedAttentionCache(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        logsumexp=xp.concat(lse_tiles, axis=-1),  # (..., N)
+        scale=scale,
+        mask=mask,
+        bias=bias,
+        block_q=block_q,
+        block_k=block_k,
+    )
+    return out, cache
+
+
+def _forward_rows(
+    xp: ModuleType, q_scaled: Any, k: Any, v: Any, mask: Any | None, bias: Any | None, rows: slice, block_k: int
+) -> tuple[Any, Any]:
+    """Output ``(..., rows, dv)`` and log-sum-exp ``(..., rows)`` of one tile of queries, by online softmax."""
+    dev = device_of(q_scaled)
+    stats_shape = (*q_scaled.shape[:-1], 1)  # (..., block_q, 1): one number per query row
+    running_max = xp.full(stats_shape, -xp.inf, dtype=q_scaled.dtype, device=dev)  # m
+    running_sum = xp.zeros(stats_shape, dtype=q_scaled.dtype, device=dev)  # ℓ
+    acc = xp.zeros((*q_scaled.shape[:-1], v.shape[-1]), dtype=q_scaled.dtype, device=dev)  # A, (..., block_q, dv)
+    shift = running_max
+    for cols in _blocks(k.shape[-2], block_k):
+        logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols)  # (..., block_q, block_k)
+        # m' = max(m, max_k S_k)
+        new_max = xp.maximum(running_max, xp.max(logits, axis=-1, keepdims=True))
+        # subtract 0 instead of -inf while a row has seen no allowed key: exp(-inf - 0) = 0, not NaN
+        shift = xp.where(new_max == -xp.inf, 0.0, new_max)
+        # P̃ = exp(S - m')
+        p_tilde = xp.exp(logits - shift)
+        # α = exp(m - m'): rescales what was summed under the old maximum
+        alpha = xp.exp(running_max - shift)
+        # ℓ' = α ℓ + Σ_k P̃_k
+        running_sum = alpha * running_sum + xp.sum(p_tilde, axis=-1, keepdims=True)
+        # A' = α A + P̃ V_j
+        acc = alpha * acc + xp.matmul(p_tilde, v[..., cols, :])
+        running_max = new_max
+    alive = running_sum > 0.0
+    # O = A / ℓ   (a fully masked row has A = 0 and ℓ = 0: divide by 1 instead)
+    out = acc / xp.where(alive, running_sum, 1.0)
+    # lse = m + log ℓ, and -inf (the log of an empty sum) for a fully masked row, without a warning
+    lse = xp.where(alive, shift + xp.log(xp.where(alive, running_sum, 1.0)), -xp.inf)
+    return out, xp.squeeze(lse, axis=-1)
+
+
+# ---------------------------------------------------------------- backward
+
+
+def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[str, Any]:
+    """Gradients of :func:`chunked_attention_forward`, recomputing the weights tile by tile.
+
+    Inputs:
+        dout: ``(..., N, dv)``, the gradient of the loss with respect to ``out``.
+        cache: from :func:`chunked_attention_forward`.
+
+    Returns:
+        ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``, plus ``"bias"`` in the bias's own
+        shape when a bias was given — the same as :func:`attention_ref.attention_backward`.
+    """
+    xp = namespace(dout)
+    q, k, v, scale = cache.q, cache.k, cache.v, cache.scale
+    if tuple(dout.shape) != tuple(cache.out.shape):
+        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(cache.out.shape)}")
+    mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, cache.bias)
+    row_blocks = _blocks(q.shape[-2], cache.block_q)
+    col_blocks = _blocks(k.shape[-2], cache.block_k)
+    # D_i = Σ_k P_ik dP_ik = dO_i · O_i   (..., N, 1)
+    delta = xp.sum(dout * cache.out, axis=-1, keepdims=True)
+    lse = _safe_lse(xp, cache.logsumexp)  # (..., N, 1)
+    q_scaled = scale * q
+
+    dq_tiles: list[Any] = [0.0] * len(row_blocks)  # Σ_j dS K_j per query tile, scaled at the end
+    dk_tiles, dv_tiles = [], []
+    dbias_tiles: dict[tuple[int, int], Any] = {}  # d bias per (row tile, column tile) of the bias itself
+    for cj, cols in enumerate(col_blocks):
+        k_j, v_j = k[..., cols, :], v[..., cols, :]
+        dk_j, dv_j = 0.0, 0.0
+        for ri, rows in enumerate(row_blocks):
+            dout_i = dout[..., rows, :]
+            logits = _logits_tile(xp, q_scaled[..., rows, :], k_j, mask, bias, rows, cols)
+            # P = exp(S - lse): the forward's weights, recomputed exactly   (..., block_q, block_k)
+            weights = xp.exp(logits - lse[..., rows, :])
+            # dV_j += Pᵀ dO_i
+            dv_j = dv_j + xp.matmul(xp.matrix_transpose(weights), dout_i)
+            # dP = dO_i V_jᵀ
+            dweights = xp.matmul(dout_i, xp.matrix_transpose(v_j))
+            # dS = P ∘ (dP - D_i)
+            dlogits = weights * (dweights - delta[..., rows, :])
+            # dQ_i += dS K_j ;  dK_j += dSᵀ Q_i   (times scale, below)
+            dq_tiles[ri] = dq_tiles[ri] + xp.matmul(dlogits, k_j)
+            dk_j = dk_j + xp.matmul(xp.matrix_transpose(dlogits), q[..., rows, :])
+            if bias is not None:
+                _accumulate_bias_grad(xp, dbias_tiles, dlogits, bias, ri, cj)
+        dk_tiles.append(scale * dk_j)
+        dv_tiles.append(dv_j)
+
+    grads = {
+        "q": scale * xp.concat(dq_tiles, axis=-2),  # dQ = scale · dS K   (..., N, d)
+        "k": xp.concat(dk_tiles, axis=-2),  # dK = scale · dSᵀ Q   (..., M, d)
+        "v": xp.concat(dv_tiles, axis=-2),  # dV = Pᵀ dO   (..., M, dv)
+    }
+    if bias is not None:
+        grads["bias"] = xp.reshape(_assemble_bias_grad(xp, dbias_tiles), cache.bias_shape)
+    return grads
+
+
+def _accumulate_bias_grad(
+    xp: ModuleType, tiles: dict[tuple[int, int], Any], dlogits: Any, bias: Any, ri: int, cj: int
+) -> None:
+    """Add ``dS`` of tile ``(ri, cj)``, summed to the bias tile's shape, into ``tiles``.
+
+    A bias axis of size 1 was used whole by every tile along it, so its gradient collects
+    into tile index 0 along that axis.
+    """
+    rows_len = 1 if bias.shape[-2] == 1 else dlogits.shape[-2]
+    cols_len = 1 if bias.shape[-1] == 1 else dlogits.shape[-1]
+    key = (0 if bias.shape[-2] == 1 else ri, 0 if bias.shape[-1] == 1 else cj)
+    # d bias = dS, summed over every axis the bias was broadcast along
+    g = sum_to_shape(xp, dlogits, (*bias.shape[:-2], rows_len, cols_len))
+    tiles[key] = g if key not in tiles else tiles[key] + g
+
+
+def _assemble_bias_grad(xp: ModuleType, tiles: dict[tuple[int, int], Any]) -> Any:
+    """Glue the per-tile bias gradients back into one array of the (at least 2-D) bias shape."""
+    n_rows = 1 + max(r for r, _ in tiles)
+    n_cols = 1 + max(c for _, c in tiles)
+    bands = [xp.concat([tiles[(r, c)] for c in range(n_cols)], axis=-1) for r in range(n_rows)]
+    return xp.concat(bands, axis=-2)

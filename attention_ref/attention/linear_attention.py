@@ -1,0 +1,195 @@
+r"""Linear attention: O(N) time and memory by never forming the N × M weight matrix.
+
+Two kinds, chosen with ``kind=``:
+
+``kind="elu"`` — Katharopoulos et al. 2020, "Transformers are RNNs". With the feature map
+``φ(x) = elu(x) + 1`` (positive, so the weights below are positive), applied entrywise:
+
+.. math::
+    S = \sum_j \phi(k_j)\, v_j^\top = \phi(K)^\top V \ (d \times d_v), \qquad
+    z = \sum_j \phi(k_j) \ (d), \qquad
+    o_i = \frac{\phi(q_i)^\top S}{\phi(q_i)^\top z + \varepsilon}.
+
+It is attention with weights ``A_ij = φ(q_i)·φ(k_j) / (φ(q_i)·z + ε)`` (rows sum to just under 1),
+but associating ``(φ(Q) φ(K)ᵀ) V = φ(Q) (φ(K)ᵀ V)`` costs O((N + M)·d·dv) instead of O(N·M·d).
+
+``kind="efficient"`` — Shen et al. 2021, "Efficient Attention: Attention with Linear Complexities".
+A softmax over the features of each query and a softmax over the positions of each key feature:
+
+.. math::
+    \rho_q(Q)_{ic} = \frac{e^{Q_{ic}}}{\sum_{c'} e^{Q_{ic'}}}, \qquad
+    \rho_k(K)_{jc} = \frac{e^{K_{jc}}}{\sum_{j'} e^{K_{j'c}}}, \qquad
+    O = \rho_q(Q)\,\big(\rho_k(K)^\top V\big).
+
+Its weights ``A = ρ_q(Q) ρ_k(K)ᵀ`` have rows that sum to exactly 1; there is no ``eps`` and no scale.
+
+Backward of ``kind="elu"``. Write ``n_i = φ(q_i)ᵀ S`` (numerator), ``δ_i = φ(q_i)·z + ε``, ``o_i = n_i / δ_i``:
+
+* ``dn_i = do_i / δ_i`` and ``dδ_i = −Σ_c do_ic n_ic / δ_i² = −(do_i · o_i) / δ_i``;
+* ``dφ(q_i) = S dn_i + z dδ_i``, ``dS = Σ_i φ(q_i) dn_iᵀ = φ(Q)ᵀ dN``, ``dz = Σ_i φ(q_i) dδ_i``;
+* ``S = φ(K)ᵀ V``, ``z = φ(K)ᵀ 1``  ⇒  ``dφ(K) = V dSᵀ + 1 dzᵀ``, ``dV = φ(K) dS``;
+* ``φ'(x) = 1`` for ``x > 0`` and ``eˣ`` otherwise  ⇒  ``dQ = dφ(Q) ∘ φ'(Q)``, ``dK = dφ(K) ∘ φ'(K)``.
+
+Backward of ``kind="efficient"``. With ``G = ρ_k(K)ᵀ V``: ``dρ_q = dO Gᵀ``, ``dG = ρ_qᵀ dO``,
+``dρ_k = V dGᵀ``, ``dV = ρ_k dG``, and each softmax's backward (:mod:`attention_ref.ops.softmax`)
+along its own axis gives ``dQ`` and ``dK``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ..backend import namespace
+from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
+from .inputs import check_qkv
+
+__all__ = ["LINEAR_KINDS", "LinearAttentionCache", "linear_attention_backward", "linear_attention_forward"]
+
+LINEAR_KINDS = ("elu", "efficient")
+
+
+@dataclass(frozen=True)
+class LinearAttentionCache:
+    """What :func:`linear_attention_backward` needs.
+
+    ``weights`` is always ``None``: linear attention never forms an ``N × M`` weight matrix.
+    :meth:`implied_weights` builds the matrix it is equivalent to, for small inputs and plots.
+    """
+
+    q: Any  # (..., N, d)
+    k: Any  # (..., M, d)
+    v: Any  # (..., M, dv)
+    kind: str  # "elu" or "efficient"
+    eps: float
+    q_features: Any  # φ(Q) or ρ_q(Q), (..., N, d)
+    k_features: Any  # φ(K) or ρ_k(K), (..., M, d)
+    kv: Any  # S = φ(K)ᵀ V or G = ρ_k(K)ᵀ V, (..., d, dv)
+    k_sum: Any | None  # z = Σ_j φ(k_j), (..., d); None for "efficient"
+    denominator: Any | None  # δ_i = φ(q_i)·z + ε, (..., N, 1); None for "efficient"
+    out: Any  # (..., N, dv)
+    weights: None = field(default=None, init=False)  # never formed; see implied_weights
+
+    def implied_weights(self) -> Any:
+        """The ``(..., N, M)`` weights ``A`` with ``out = A V`` — O(N·M), for inspection only."""
+        xp = namespace(self.q_features)
+        # A = φ(Q) φ(K)ᵀ / δ   or   A = ρ_q(Q) ρ_k(K)ᵀ
+        a = xp.matmul(self.q_features, xp.matrix_transpose(self.k_features))
+        return a if self.denominator is None else a / self.denominator
+
+
+def _elu_plus_one(xp: ModuleType, x: Any) -> tuple[Any, Any]:
+    """``(φ(x), φ'(x))`` for ``φ(x) = elu(x) + 1``: ``x + 1`` and 1 for ``x > 0``, ``eˣ`` and ``eˣ`` otherwise."""
+    # exp of min(x, 0) so that large positive x, whose branch is not used, cannot overflow
+    exp_neg = xp.exp(xp.minimum(x, 0.0))
+    positive = x > 0.0
+    return xp.where(positive, x + 1.0, exp_neg), xp.where(positive, 1.0, exp_neg)
+
+
+def linear_attention_forward(
+    q: Any, k: Any, v: Any, *, eps: float = 1e-6, kind: str = "elu"
+) -> tuple[Any, LinearAttentionCache]:
+    """Linear attention in O(N): Katharopoulos et al. (``kind="elu"``) or Shen et al. (``kind="efficient"``).
+
+    Inputs:
+        q: ``(..., N, d)`` queries.
+        k: ``(..., M, d)`` keys; leading dims equal to q's.
+        v: ``(..., M, dv)`` values.
+        eps: added to the denominator ``φ(q_i)·z`` (``kind="elu"`` only; ``"efficient"`` has none).
+        kind: ``"elu"`` — ``φ(x) = elu(x) + 1`` features; ``"efficient"`` — softmax of each query over its
+            features and of each key feature over the positions.
+
+    Returns:
+        out: ``(..., N, dv)``.
+        cache: :class:`LinearAttentionCache` (``cache.weights`` is ``None``; see ``implied_weights()``).
+    """
+    xp = check_qkv(q, k, v)
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"kind must be one of {LINEAR_KINDS}, got {kind!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a Python number, got {type(eps).__name__}")
+    if eps < 0:
+        raise ValueError(f"eps must be ≥ 0, got {eps}")
+    if kind == "elu":
+        q_features, _ = _elu_plus_one(xp, q)  # φ(Q)   (..., N, d)
+        k_features, _ = _elu_plus_one(xp, k)  # φ(K)   (..., M, d)
+        # S = φ(K)ᵀ V   (..., d, dv)
+        kv = xp.matmul(xp.matrix_transpose(k_features), v)
+        # z = Σ_j φ(k_j)   (..., d)
+        k_sum = xp.sum(k_features, axis=-2)
+        # δ_i = φ(q_i)·z + ε   (..., N, 1)
+        denominator = xp.matmul(q_features, xp.expand_dims(k_sum, axis=-1)) + eps
+        # o_i = φ(q_i)ᵀ S / δ_i   (..., N, dv)
+        out = xp.matmul(q_features, kv) / denominator
+    else:
+        q_features, _ = softmax_forward(q, axis=-1)  # ρ_q(Q): each query's features sum to 1
+        k_features, _ = softmax_forward(k, axis=-2)  # ρ_k(K): each key feature sums to 1 over positions
+        # G = ρ_k(K)ᵀ V   (..., d, dv)
+        kv = xp.matmul(xp.matrix_transpose(k_features), v)
+        k_sum, denominator = None, None
+        # O = ρ_q(Q) G   (..., N, dv)
+        out = xp.matmul(q_features, kv)
+    cache = LinearAttentionCache(
+        q=q,
+        k=k,
+        v=v,
+        kind=kind,
+        eps=float(eps),
+        q_features=q_features,
+        k_features=k_features,
+        kv=kv,
+        k_sum=k_sum,
+        denominator=denominator,
+        out=out,
+    )
+    return out, cache
+
+
+def linear_attention_backward(dout: Any, cache: LinearAttentionCache) -> dict[str, Any]:
+    """Gradients of :func:`linear_attention_forward`.
+
+    Inputs:
+        dout: ``(..., N, dv)``, the gradient of the loss with respect to ``out``.
+        cache: from :func:`linear_attention_forward`.
+
+    Returns:
+        ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``.
+    """
+    xp = namespace(dout)
+    if tuple(dout.shape) != tuple(cache.out.shape):
+        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(cache.out.shape)}")
+    phi_q, phi_k, kv, v = cache.q_features, cache.k_features, cache.kv, cache.v
+    if cache.kind == "efficient":
+        # dρ_q = dO Gᵀ   (..., N, d)
+        d_phi_q = xp.matmul(dout, xp.matrix_transpose(kv))
+        # dG = ρ_qᵀ dO   (..., d, dv)
+        d_kv = xp.matmul(xp.matrix_transpose(phi_q), dout)
+        # dρ_k = V dGᵀ   (..., M, d)
+        d_phi_k = xp.matmul(v, xp.matrix_transpose(d_kv))
+        return {
+            "q": softmax_backward(d_phi_q, SoftmaxCache(weights=phi_q, axis=-1))["x"],
+            "k": softmax_backward(d_phi_k, SoftmaxCache(weights=phi_k, axis=-2))["x"],
+            # dV = ρ_k dG   (..., M, dv)
+            "v": xp.matmul(phi_k, d_kv),
+        }
+    denominator = cache.denominator
+    # dn_i = do_i / δ_i   (..., N, dv)
+    d_num = dout / denominator
+    # dδ_i = -(do_i · o_i) / δ_i   (..., N, 1)
+    d_den = -xp.sum(dout * cache.out, axis=-1, keepdims=True) / denominator
+    # dφ(q_i) = S dn_i + z dδ_i   (..., N, d)
+    d_phi_q = xp.matmul(d_num, xp.matrix_transpose(kv)) + d_den * xp.expand_dims(cache.k_sum, axis=-2)
+    # dS = φ(Q)ᵀ dN   (..., d, dv)
+    d_kv = xp.matmul(xp.matrix_transpose(phi_q), d_num)
+    # dz = Σ_i φ(q_i) dδ_i   (..., 1, d)
+    d_k_sum = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(phi_q), d_den))
+    # dφ(k_j) = dS v_j + dz   (..., M, d)
+    d_phi_k = xp.matmul(v, xp.matrix_transpose(d_kv)) + d_k_sum
+    _, dphi_dq = _elu_plus_one(xp, cache.q)
+    _, dphi_dk = _elu_plus_one(xp, cache.k)
+    return {
+        "q": d_phi_q * dphi_dq,  # dQ = dφ(Q) ∘ φ'(Q)
+        "k": d_phi_k * dphi_dk,  # dK = dφ(K) ∘ φ'(K)
+        "v": xp.matmul(phi_k, d_kv),  # dV = φ(K) dS   (..., M, dv)
+    }

@@ -1,0 +1,40 @@
+"""Attention blocks on channels-last ``H×W×C`` feature maps: self-attention, cross-attention,
+and Stable Diffusion's spatial transformer — each a forward/backward pair.
+"""
+
+from .attend import ATTENTION_VARIANTS, AttendCache, attend_backward, attend_forward
+from .attention_block import AttentionBlockCache
+from .cross_attention import cross_attention_backward, cross_attention_forward, init_cross_attention
+from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
+from .self_attention import init_self_attention, self_attention_backward, self_attention_forward
+from .spatial_transformer import (
+    SpatialTransformerCache,
+    init_spatial_transformer,
+    spatial_transformer_backward,
+    spatial_transformer_forward,
+)
+from .transformer_block import TransformerBlockCache, transformer_block_backward, transformer_block_forward
+
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "AttendCache",
+    "AttentionBlockCache",
+    "GegluFeedForwardCache",
+    "SpatialTransformerCache",
+    "TransformerBlockCache",
+    "attend_backward",
+    "attend_forward",
+    "cross_attention_backward",
+    "cross_attention_forward",
+    "geglu_ff_backward",
+    "geglu_ff_forward",
+    "init_cross_attention",
+    "init_self_attention",
+    "init_spatial_transformer",
+    "self_attention_backward",
+    "self_attention_forward",
+    "spatial_transformer_backward",
+    "spatial_transformer_forward",
+    "transformer_block_backward",
+    "transformer_block_forward",
+]

@@ -1,0 +1,75 @@
+r"""The GEGLU feed-forward layer of a transformer block (diffusers' ``FeedForward(activation_fn="geglu")``).
+
+.. math::
+    u = x W_p + b_p \;(\dots, 2F), \qquad g = \operatorname{geglu}(u) = u_{:F}\cdot\operatorname{gelu}(u_{F:})
+    \;(\dots, F), \qquad y = g W_o + b_o \;(\dots, C_{out}).
+
+``F`` is the hidden width (4·C in Stable Diffusion). Backward: the two linear
+layers' and GEGLU's own backward passes, in reverse order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._checks import require_floating
+from ..backend import namespace
+from ..ops.gelu import GegluCache, geglu_backward, geglu_forward
+from ..ops.linear import LinearCache, linear_backward, linear_forward
+from .params import check_keys
+
+__all__ = ["GegluFeedForwardCache", "geglu_ff_backward", "geglu_ff_forward"]
+
+
+@dataclass(frozen=True)
+class GegluFeedForwardCache:
+    proj: LinearCache
+    geglu: GegluCache
+    out: LinearCache
+
+
+def geglu_ff_forward(x: Any, params: Mapping[str, Any]) -> tuple[Any, GegluFeedForwardCache]:
+    """Linear → GEGLU → linear.
+
+    Inputs:
+        x: ``(..., C)``.
+        params: ``"proj.weight"`` ``(C, 2F)``, ``"out.weight"`` ``(F, C_out)``; optional
+            ``"proj.bias"`` ``(2F,)``, ``"out.bias"`` ``(C_out,)``.
+
+    Returns:
+        y: ``(..., C_out)``; cache: :class:`GegluFeedForwardCache`.
+    """
+    xp = namespace(x, *params.values())
+    require_floating(xp, "x", x)
+    check_keys(params, required=("proj.weight", "out.weight"), optional=("proj.bias", "out.bias"), where="feed-forward")
+    Wp, Wo = params["proj.weight"], params["out.weight"]
+    if Wp.ndim != 2 or Wo.ndim != 2 or Wp.shape[1] != 2 * Wo.shape[0]:
+        raise ValueError(
+            f"feed-forward: proj.weight of shape {tuple(Wp.shape)} must give twice the {Wo.shape[0]} inputs "
+            f"of out.weight of shape {tuple(Wo.shape)} (value and gate halves)"
+        )
+    # u = x W_p + b_p   (..., 2F)
+    u, proj_cache = linear_forward(x, Wp, params.get("proj.bias"))
+    # g = u[:F] · gelu(u[F:])   (..., F)
+    g, geglu_cache = geglu_forward(u)
+    # y = g W_o + b_o   (..., C_out)
+    y, out_cache = linear_forward(g, Wo, params.get("out.bias"))
+    return y, GegluFeedForwardCache(proj=proj_cache, geglu=geglu_cache, out=out_cache)
+
+
+def geglu_ff_backward(dy: Any, cache: GegluFeedForwardCache) -> dict[str, Any]:
+    """``{"x", "proj.weight", "proj.bias", "out.weight", "out.bias"}`` (bias keys only when given)."""
+    grads: dict[str, Any] = {}
+    g_out = linear_backward(dy, cache.out)
+    grads["out.weight"] = g_out["W"]
+    if "b" in g_out:
+        grads["out.bias"] = g_out["b"]
+    du = geglu_backward(g_out["x"], cache.geglu)["x"]
+    g_proj = linear_backward(du, cache.proj)
+    grads["proj.weight"] = g_proj["W"]
+    if "b" in g_proj:
+        grads["proj.bias"] = g_proj["b"]
+    grads["x"] = g_proj["x"]
+    return grads

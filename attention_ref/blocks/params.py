@@ -1,0 +1,90 @@
+"""Parameter dictionaries of the blocks: random initialisation, validation, prefixes.
+
+A block's parameters are a flat ``dict`` from names (``"q.weight"``, ``"norm.bias"``,
+``"blocks.0.attn1.k.weight"``) to arrays. Linear weights are stored ``(in, out)``,
+so ``y = x @ W + b``. A missing bias key means the layer has no bias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "check_keys",
+    "check_param_dtypes",
+    "init_linear",
+    "init_norm",
+    "prefixed",
+    "sub_params",
+]
+
+
+def _dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.kind != "f":
+        raise TypeError(f"parameters need a real floating dtype, got {dt}")
+    return dt
+
+
+def init_linear(
+    params: dict[str, np.ndarray],
+    name: str,
+    n_in: int,
+    n_out: int,
+    *,
+    bias: bool,
+    rng: np.random.Generator,
+    dtype: Any,
+) -> None:
+    """Add ``name.weight`` ``(n_in, n_out)`` and (when ``bias``) ``name.bias`` ``(n_out,)``.
+
+    Both are drawn from ``U(−1/√n_in, 1/√n_in)``, PyTorch's default for ``nn.Linear``
+    and 1×1 convolutions, so outputs start at unit scale.
+    """
+    bound = 1.0 / math.sqrt(n_in)
+    dt = _dtype(dtype)
+    params[f"{name}.weight"] = rng.uniform(-bound, bound, (n_in, n_out)).astype(dt)
+    if bias:
+        params[f"{name}.bias"] = rng.uniform(-bound, bound, (n_out,)).astype(dt)
+
+
+def init_norm(params: dict[str, np.ndarray], name: str, channels: int, *, dtype: Any) -> None:
+    """Add ``name.weight`` = 1 and ``name.bias`` = 0, ``(channels,)``: a norm that starts as plain standardisation."""
+    dt = _dtype(dtype)
+    params[f"{name}.weight"] = np.ones(channels, dtype=dt)
+    params[f"{name}.bias"] = np.zeros(channels, dtype=dt)
+
+
+def check_keys(params: Mapping[str, Any], *, required: Iterable[str], optional: Iterable[str], where: str) -> None:
+    """``ValueError`` naming the keys that are missing from ``params`` or that the block does not know."""
+    required, optional = list(required), list(optional)
+    missing = [k for k in required if k not in params]
+    unknown = sorted(set(params) - set(required) - set(optional))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unknown:
+            parts.append(f"unknown {unknown}")
+        raise ValueError(f"{where} params: {'; '.join(parts)} (expected {required}, optionally {optional})")
+
+
+def check_param_dtypes(x: Any, params: Mapping[str, Any], where: str) -> None:
+    """``TypeError`` unless every parameter has ``x``'s dtype (nothing is promoted silently)."""
+    for name, p in params.items():
+        if p.dtype != x.dtype:
+            raise TypeError(f"{where}: {name} has dtype {p.dtype} but x has dtype {x.dtype}")
+
+
+def sub_params(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``params`` under ``prefix`` (e.g. ``"attn1."``), with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def prefixed(grads: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``grads`` with ``prefix`` put in front of every key (the inverse of :func:`sub_params`)."""
+    return {prefix + k: v for k, v in grads.items()}

@@ -1,0 +1,263 @@
+r"""Stable Diffusion's spatial transformer (CompVis ``SpatialTransformer``, diffusers ``Transformer2DModel``).
+
+On a map ``x`` of ``H×W`` pixels with ``C`` channels and a context of ``M`` tokens:
+
+.. math::
+    h &= \operatorname{GroupNorm}(x) \quad(\epsilon = 10^{-6}) \\
+    t &= h W_{in} + b_{in} \quad (B, H, W, \text{inner}) \\
+    t &\leftarrow \operatorname{TransformerBlock}_i(t, \text{context}) \quad i = 0 \dots \text{depth}-1 \\
+    y &= x + t W_{out} + b_{out}
+
+``proj_in`` / ``proj_out`` are 1×1 convolutions in SD 1.x and linear layers in
+SD 2.x/XL (``use_linear_projection``); on a channels-last map both are the same
+matrix product, so the reference stores both as ``(in, out)`` matrices. Each
+transformer block is :func:`attention_ref.blocks.transformer_block_forward`:
+LayerNorm → self-attention → +, LayerNorm → cross-attention → +, LayerNorm →
+GEGLU feed-forward → +. Stable Diffusion 1.x/2.x use ``depth = 1``.
+
+Backward: the reverse chain of the pieces' backward passes; the context gets the
+sum of the cross-attention gradients of every block, and ``x`` gets ``dy``
+through the residual plus the group norm's backward of ``dh``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._checks import require_floating
+from ..backend import namespace
+from ..ops.group_norm import GroupNormCache, group_norm_backward, group_norm_forward
+from ..ops.linear import LinearCache, linear_backward, linear_forward
+from .params import check_param_dtypes, init_linear, init_norm, prefixed, sub_params
+from .transformer_block import TransformerBlockCache, transformer_block_backward, transformer_block_forward
+
+__all__ = [
+    "SpatialTransformerCache",
+    "init_spatial_transformer",
+    "spatial_transformer_backward",
+    "spatial_transformer_forward",
+]
+
+_OUTER_REQUIRED = ("norm.weight", "norm.bias", "proj_in.weight", "proj_out.weight")
+_OUTER_OPTIONAL = ("proj_in.bias", "proj_out.bias")
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class SpatialTransformerCache:
+    """``blocks[i].attn1.weights`` ``(B, heads, H·W, H·W)`` and ``blocks[i].attn2.weights`` ``(B, heads, H·W, M)``."""
+
+    norm: GroupNormCache
+    proj_in: LinearCache
+    blocks: tuple[TransformerBlockCache, ...]
+    proj_out: LinearCache
+    x_shape: tuple[int, ...]
+    context_shape: tuple[int, ...]
+
+
+def init_spatial_transformer(
+    channels: int,
+    context_dim: int,
+    *,
+    heads: int = 1,
+    head_dim: int | None = None,
+    depth: int = 1,
+    groups: int = 32,
+    ff_mult: int = 4,
+    attention_bias: bool = False,
+    rng: np.random.Generator | int | None = None,
+    dtype: Any = "float64",
+) -> dict[str, np.ndarray]:
+    """Random parameters for :func:`spatial_transformer_forward`, as NumPy arrays.
+
+    Inputs:
+        channels: ``C`` of the map; context_dim: ``D`` of a context token.
+        heads, head_dim: the attention width is ``inner = heads · head_dim`` (default ``head_dim = C/heads``).
+        depth: number of transformer blocks; groups: the group norm's groups (must divide ``C``).
+        ff_mult: the feed-forward's hidden width is ``F = ff_mult · inner``.
+        attention_bias: give Q, K, V biases (diffusers' ``attention_bias``; off in Stable Diffusion).
+        rng, dtype: as in :func:`attention_ref.init_self_attention`.
+
+    Returns:
+        ``"norm.weight"``, ``"norm.bias"`` ``(C,)``; ``"proj_in.weight"`` ``(C, inner)``, ``"proj_in.bias"``;
+        for each block ``i``: ``"blocks.i.norm1.weight"`` … ``"blocks.i.norm3.bias"`` ``(inner,)``,
+        ``"blocks.i.attn1.{q,k,v}.weight"`` ``(inner, inner)``, ``"blocks.i.attn1.out.weight"``,
+        ``"blocks.i.attn1.out.bias"``, the same for ``attn2`` with ``k``/``v`` weights ``(D, inner)``,
+        ``"blocks.i.ff.proj.weight"`` ``(inner, 2F)``, ``"blocks.i.ff.proj.bias"``,
+        ``"blocks.i.ff.out.weight"`` ``(F, inner)``, ``"blocks.i.ff.out.bias"``;
+        ``"proj_out.weight"`` ``(inner, C)``, ``"proj_out.bias"`` ``(C,)``.
+    """
+    head_dim = channels // heads if head_dim is None else head_dim
+    inner = heads * head_dim
+    if heads < 1 or head_dim < 1:
+        raise ValueError(f"heads ({heads}) and head_dim ({head_dim}) must be positive")
+    if groups < 1 or channels % groups != 0:
+        raise ValueError(f"{channels} channels are not divisible into {groups} groups")
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    rng = np.random.default_rng(rng)
+    F = ff_mult * inner
+    params: dict[str, np.ndarray] = {}
+    init_norm(params, "norm", channels, dtype=dtype)
+    init_linear(params, "proj_in", channels, inner, bias=True, rng=rng, dtype=dtype)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        for n in ("norm1", "norm2", "norm3"):
+            init_norm(params, b + n, inner, dtype=dtype)
+        for attn, source in (("attn1", inner), ("attn2", context_dim)):
+            init_linear(params, f"{b}{attn}.q", inner, inner, bias=attention_bias, rng=rng, dtype=dtype)
+            init_linear(params, f"{b}{attn}.k", source, inner, bias=attention_bias, rng=rng, dtype=dtype)
+            init_linear(params, f"{b}{attn}.v", source, inner, bias=attention_bias, rng=rng, dtype=dtype)
+            init_linear(params, f"{b}{attn}.out", inner, inner, bias=True, rng=rng, dtype=dtype)
+        init_linear(params, b + "ff.proj", inner, 2 * F, bias=True, rng=rng, dtype=dtype)
+        init_linear(params, b + "ff.out", F, inner, bias=True, rng=rng, dtype=dtype)
+    init_linear(params, "proj_out", inner, channels, bias=True, rng=rng, dtype=dtype)
+    return params
+
+
+def _depth(params: Mapping[str, Any]) -> int:
+    """The number of transformer blocks in ``params``; ``ValueError`` for unknown keys or gaps."""
+    indices = set()
+    unknown = []
+    for key in params:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            indices.add(int(m.group(1)))
+        elif key not in _OUTER_REQUIRED + _OUTER_OPTIONAL:
+            unknown.append(key)
+    missing = [k for k in _OUTER_REQUIRED if k not in params]
+    if unknown or missing:
+        raise ValueError(f"spatial transformer params: missing {missing}, unknown {sorted(unknown)}")
+    if not indices or indices != set(range(len(indices))):
+        raise ValueError(f"spatial transformer params: blocks must be numbered 0, 1, …; found {sorted(indices)}")
+    return len(indices)
+
+
+def spatial_transformer_forward(
+    x: Any,
+    context: Any,
+    params: Mapping[str, Any],
+    *,
+    heads: int,
+    groups: int = 32,
+    eps: float = 1e-6,
+    norm_eps: float = 1e-5,
+    scale: float | None = None,
+    context_mask: Any | None = None,
+) -> tuple[Any, SpatialTransformerCache]:
+    """The Stable Diffusion spatial transformer on a channels-last map.
+
+    Inputs:
+        x: ``(B, H, W, C)`` or ``(H, W, C)``, real floating.
+        context: ``(B, M, D)`` (or ``(M, D)`` for an unbatched ``x``).
+        params: as returned by :func:`init_spatial_transformer` (x's dtype and backend).
+        heads: attention heads of every block.
+        groups, eps: the outer group norm (Stable Diffusion: 32 groups, eps 1e-6).
+        norm_eps: the blocks' layer norms (diffusers: 1e-5).
+        scale: attention scale, default ``1/sqrt(d)``.
+        context_mask: boolean ``(B, M)`` or ``(M,)``, True = real token (diffusers' ``encoder_attention_mask``).
+
+    Returns:
+        y: like ``x``.
+        cache: :class:`SpatialTransformerCache`.
+    """
+    xp = namespace(x, context, context_mask, *params.values())
+    require_floating(xp, "x", x)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"spatial transformer: x must be (B, H, W, C) or (H, W, C), got shape {tuple(x.shape)}")
+    if context is None:
+        raise ValueError("spatial transformer: a context is required")
+    depth = _depth(params)
+    check_param_dtypes(x, params, "spatial transformer")
+    batched = x.ndim == 4
+    xb = x if batched else xp.reshape(x, (1, *x.shape))  # (B, H, W, C)
+    if context.ndim != (3 if batched else 2):
+        want = "(B, M, D)" if batched else "(M, D)"
+        raise ValueError(
+            f"spatial transformer: context must be {want} for x of shape {tuple(x.shape)}, got {tuple(context.shape)}"
+        )
+    cb = context if batched else xp.reshape(context, (1, *context.shape))  # (B, M, D)
+    C = xb.shape[-1]
+    if groups < 1 or C % groups != 0:
+        raise ValueError(f"spatial transformer: {C} channels are not divisible into {groups} groups")
+
+    # h = GroupNorm(x)   (B, H, W, C)
+    h, norm_cache = group_norm_forward(xb, params["norm.weight"], params["norm.bias"], groups=groups, eps=eps)
+    B, H, W, _ = xb.shape
+    # t = h W_in + b_in   (B, N, inner) on the tokens, then as a map (B, H, W, inner)
+    t, in_cache = linear_forward(xp.reshape(h, (B, H * W, C)), params["proj_in.weight"], params.get("proj_in.bias"))
+    t = xp.reshape(t, (B, H, W, t.shape[-1]))
+    block_caches = []
+    for i in range(depth):
+        t, c = transformer_block_forward(
+            t,
+            cb,
+            sub_params(params, f"blocks.{i}."),
+            heads=heads,
+            norm_eps=norm_eps,
+            scale=scale,
+            context_mask=context_mask,
+            where=f"spatial transformer blocks.{i}",
+        )
+        block_caches.append(c)
+    # p = t W_out + b_out   (B, N, C), then as a map (B, H, W, C)
+    p, out_cache = linear_forward(
+        xp.reshape(t, (B, H * W, t.shape[-1])), params["proj_out.weight"], params.get("proj_out.bias")
+    )
+    if p.shape[-1] != C:
+        raise ValueError(f"spatial transformer: proj_out returns {p.shape[-1]} channels, the residual needs {C}")
+    p = xp.reshape(p, (B, H, W, C))
+    # y = x + p
+    y = xb + p
+    if not batched:
+        y = xp.reshape(y, tuple(x.shape))
+    cache = SpatialTransformerCache(
+        norm=norm_cache,
+        proj_in=in_cache,
+        blocks=tuple(block_caches),
+        proj_out=out_cache,
+        x_shape=tuple(x.shape),
+        context_shape=tuple(context.shape),
+    )
+    return y, cache
+
+
+def spatial_transformer_backward(dy: Any, cache: SpatialTransformerCache) -> dict[str, Any]:
+    """Gradients of :func:`spatial_transformer_forward`: ``"x"``, ``"context"`` and every params key."""
+    xp = namespace(dy)
+    if tuple(dy.shape) != cache.x_shape:
+        raise ValueError(f"dy of shape {tuple(dy.shape)} does not match the output shape {cache.x_shape}")
+    batched = len(cache.x_shape) == 4
+    dyb = dy if batched else xp.reshape(dy, (1, *dy.shape))  # (B, H, W, C)
+    grads: dict[str, Any] = {}
+    B, H, W, C = dyb.shape
+    # p = t W_out + b_out
+    g = linear_backward(xp.reshape(dyb, (B, H * W, C)), cache.proj_out)
+    grads["proj_out.weight"] = g["W"]
+    if "b" in g:
+        grads["proj_out.bias"] = g["b"]
+    dt = xp.reshape(g["x"], (B, H, W, g["x"].shape[-1]))  # (B, H, W, inner)
+    dcontext = None
+    for i in reversed(range(len(cache.blocks))):
+        gb = transformer_block_backward(dt, cache.blocks[i])
+        dt = gb.pop("h")
+        dc = gb.pop("context")
+        # the context feeds every block: dcontext = Σ_i dcontext_i
+        dcontext = dc if dcontext is None else dcontext + dc
+        grads.update(prefixed(gb, f"blocks.{i}."))
+    # t = h W_in + b_in
+    g = linear_backward(xp.reshape(dt, (B, H * W, dt.shape[-1])), cache.proj_in)
+    grads["proj_in.weight"] = g["W"]
+    if "b" in g:
+        grads["proj_in.bias"] = g["b"]
+    gn = group_norm_backward(xp.reshape(g["x"], (B, H, W, C)), cache.norm)
+    grads["norm.weight"], grads["norm.bias"] = gn["weight"], gn["bias"]
+    # y = x + p   ⇒   dx = dy + GroupNormᵀ dh
+    grads["x"] = xp.reshape(gn["x"] + dyb, cache.x_shape)
+    grads["context"] = xp.reshape(dcontext, cache.context_shape)
+    return grads

@@ -1,0 +1,25 @@
+"""Loading the attention blocks of real diffusion models into attention_ref, and back.
+
+* :func:`from_diffusers` — a diffusers ``Attention`` (self or cross);
+* :func:`from_diffusers_transformer2d` — a diffusers ``Transformer2DModel`` (Stable Diffusion's spatial transformer);
+* :func:`from_ldm_attnblock` — CompVis's VAE ``AttnBlock``;
+* :func:`from_guided_diffusion` — OpenAI's ``AttentionBlock`` (legacy or new q/k/v order);
+* :func:`to_diffusers` — reference parameters as a diffusers state dict (optionally loaded into a module).
+
+Each ``from_*`` returns ``(params, options)``: NumPy parameters (float64 by default) and the
+keyword options of the matching ``*_forward``. A state dict is a mapping of names to torch
+tensors or NumPy arrays; nothing is unpickled here. This is the only part of the package that
+uses torch, and only :func:`to_diffusers` imports it (lazily).
+"""
+
+from .diffusers import from_diffusers, from_diffusers_transformer2d, to_diffusers
+from .guided_diffusion import from_guided_diffusion
+from .ldm import from_ldm_attnblock
+
+__all__ = [
+    "from_diffusers",
+    "from_diffusers_transformer2d",
+    "from_guided_diffusion",
+    "from_ldm_attnblock",
+    "to_diffusers",
+]

@@ -1,0 +1,117 @@
+r"""GELU (exact, erf-based) and the gated GEGLU unit, with their backward passes.
+
+GELU weighs its input by the standard normal CDF ``Φ``:
+
+.. math::
+    \operatorname{gelu}(x) = x\,\Phi(x), \qquad
+    \Phi(x) = \tfrac12\big(1 + \operatorname{erf}(x/\sqrt2)\big) = \tfrac12 \operatorname{erfc}(-x/\sqrt2).
+
+This is the exact form — PyTorch's ``F.gelu`` default (``approximate="none"``),
+which diffusers' ``GEGLU`` calls — not the tanh approximation. ``Φ`` is computed
+as ``erfc(−x/√2)/2`` so that it keeps its relative accuracy for very negative ``x``.
+
+Backward: with ``φ(x) = exp(−x²/2)/√(2π)`` the normal density, ``Φ' = φ`` and
+
+.. math:: \operatorname{gelu}'(x) = \Phi(x) + x\,\varphi(x).
+
+GEGLU (Shazeer 2020, "GLU variants improve Transformer") splits the last axis of
+its input in two halves, a value ``a`` and a gate ``g``, and returns
+
+.. math:: \operatorname{geglu}([a, g]) = a \cdot \operatorname{gelu}(g),
+
+the order diffusers' ``GEGLU`` uses (``hidden_states, gate = proj(x).chunk(2, -1)``).
+Its backward: ``da = dout · gelu(g)``, ``dg = dout · a · gelu'(g)``, and ``dx`` is
+``[da, dg]`` joined along the last axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .._checks import require_floating
+from ..backend import namespace
+from .erf import erfc
+
+__all__ = ["GegluCache", "GeluCache", "geglu_backward", "geglu_forward", "gelu_backward", "gelu_forward"]
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class GeluCache:
+    x: Any  # the input
+    cdf: Any  # Φ(x), same shape
+
+
+def gelu_forward(x: Any) -> tuple[Any, GeluCache]:
+    """Exact GELU ``x Φ(x)``, elementwise.
+
+    Inputs:
+        x: any shape, real floating.
+
+    Returns:
+        out: same shape as ``x``.
+        cache: :class:`GeluCache`.
+    """
+    xp = namespace(x)
+    require_floating(xp, "x", x)
+    # Φ(x) = erfc(−x/√2) / 2
+    cdf = 0.5 * erfc(-x * _INV_SQRT2)
+    # gelu(x) = x Φ(x)
+    return x * cdf, GeluCache(x=x, cdf=cdf)
+
+
+def gelu_backward(dout: Any, cache: GeluCache) -> dict[str, Any]:
+    """``{"x": dout · gelu'(x)}`` with ``gelu'(x) = Φ(x) + x φ(x)``."""
+    xp = namespace(dout)
+    x = cache.x
+    # φ(x) = exp(−x²/2) / √(2π)
+    pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    # dx = dout (Φ(x) + x φ(x))
+    return {"x": dout * (cache.cdf + x * pdf)}
+
+
+@dataclass(frozen=True)
+class GegluCache:
+    value: Any  # a, (..., F)
+    gelu_gate: Any  # gelu(g), (..., F)
+    gate: GeluCache  # the GELU of the gate g
+
+
+def geglu_forward(x: Any) -> tuple[Any, GegluCache]:
+    """GEGLU: ``a · gelu(g)`` where ``x = [a, g]`` along the last axis.
+
+    Inputs:
+        x: ``(..., 2F)``, real floating; the first ``F`` channels are the value,
+            the last ``F`` the gate.
+
+    Returns:
+        out: ``(..., F)``.
+        cache: :class:`GegluCache`.
+    """
+    xp = namespace(x)
+    require_floating(xp, "x", x)
+    if x.ndim < 1 or x.shape[-1] % 2 != 0:
+        raise ValueError(f"geglu needs an even number of channels to split into value and gate, got {tuple(x.shape)}")
+    F = x.shape[-1] // 2
+    value = x[..., :F]  # a, (..., F)
+    gate = x[..., F:]  # g, (..., F)
+    gelu_gate, gate_cache = gelu_forward(gate)
+    # out = a · gelu(g)
+    return value * gelu_gate, GegluCache(value=value, gelu_gate=gelu_gate, gate=gate_cache)
+
+
+def geglu_backward(dout: Any, cache: GegluCache) -> dict[str, Any]:
+    """``{"x": [da, dg]}``, ``(..., 2F)``: ``da = dout · gelu(g)``, ``dg = dout · a · gelu'(g)``."""
+    xp = namespace(dout)
+    if tuple(dout.shape) != tuple(cache.value.shape):
+        want = tuple(cache.value.shape)
+        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {want}")
+    # da = dout · gelu(g)
+    d_value = dout * cache.gelu_gate
+    # dg = dout · a · gelu'(g)
+    d_gate = gelu_backward(dout * cache.value, cache.gate)["x"]
+    return {"x": xp.concat([d_value, d_gate], axis=-1)}

@@ -1,0 +1,287 @@
+"""Tiled (FlashAttention-style) exact attention: equal to exact attention, O(N) memory, same validation."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import np_
+
+from attention_ref import (
+    attention_backward,
+    attention_forward,
+    chunked_attention_backward,
+    chunked_attention_forward,
+    logsumexp,
+)
+from attention_ref.attention import DEFAULT_BLOCK_SIZE
+from attention_ref.attention import chunked as chunked_module
+from attention_ref.gradcheck import check_backward, rel_error
+
+TOL = 1e-11  # the issue's bound against exact attention, float64
+FD_TOL = 1e-7
+
+# (name, leading dims, N, M, d, dv, mask shape or None, bias shape or None, scale, block_size)
+CASES = [
+    ("one tile", (2,), 5, 6, 4, 3, None, None, None, None),
+    ("ragged tiles", (2, 3), 37, 53, 5, 4, None, None, None, 8),
+    ("block_q != block_k", (2,), 50, 41, 3, 3, (2, 50, 41), None, None, (7, 11)),
+    ("key-padding mask", (2, 3), 29, 31, 4, 2, (2, 1, 1, 31), None, None, 6),
+    ("1-D mask and bias", (), 20, 30, 4, 4, (30,), (30,), None, 7),
+    ("2-D mask, full bias", (2, 2), 19, 17, 3, 5, (19, 17), (2, 2, 19, 17), 0.7, 4),
+    ("bias broadcast over queries", (2, 3), 21, 18, 3, 3, None, (3, 1, 18), None, 5),
+    ("bias broadcast over keys", (2,), 11, 8, 3, 3, (2, 11, 8), (11, 1), None, 3),
+    ("mask+bias, block 1", (2,), 6, 5, 2, 2, (2, 6, 5), (1, 6, 5), 1.3, 1),
+    ("N=1 M=1", (2,), 1, 1, 1, 1, None, None, None, 3),
+    ("blocks larger than N, M", (1,), 9, 12, 4, 4, (1, 9, 12), (9, 12), None, 1000),
+]
+
+
+def make_case(case, rng, fully_masked_row=True):
+    _, lead, N, M, d, dv, mshape, bshape, scale, block = case
+    q = rng.standard_normal((*lead, N, d))
+    k = rng.standard_normal((*lead, M, d))
+    v = rng.standard_normal((*lead, M, dv))
+    mask = None
+    if mshape is not None:
+        mask = rng.random(mshape) > 0.3
+        mask[..., 0] = True
+        if fully_masked_row and len(mshape) >= 2 and mshape[-2] > 2:
+            mask[..., 2, :] = False  # query 2 may attend nowhere
+    bias = None if bshape is None else rng.standard_normal(bshape)
+    return q, k, v, mask, bias, scale, block
+
+
+def close(a, b, tol=TOL):
+    """Relative error ≤ tol, but on an absolute floor of 1: a gradient that is 0 in exact arithmetic (a
+    bias broadcast over the keys, as softmax ignores a per-row constant) is compared on rounding noise."""
+    a, b = np_(a), np_(b)
+    return np.max(np.abs(a - b), initial=0.0) <= tol * max(1.0, np.max(np.abs(b), initial=0.0))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_equals_exact_attention_forward_and_backward(case, be, rng):
+    q, k, v, mask, bias, scale, block = make_case(case, rng)
+    out_ref, cache_ref = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    dout = rng.standard_normal(out_ref.shape)
+    g_ref = attention_backward(dout, cache_ref)
+
+    out, cache = chunked_attention_forward(
+        be(q), be(k), be(v), mask=be(mask), bias=be(bias), scale=scale, block_size=block
+    )
+    grads = chunked_attention_backward(be(dout), cache)
+    assert be.is_native(out) and be.is_native(cache.logsumexp)
+    assert rel_error(out, out_ref) <= TOL
+    assert set(grads) == set(g_ref)
+    for name in grads:
+        assert be.is_native(grads[name])
+        assert tuple(grads[name].shape) == g_ref[name].shape, name
+        assert close(grads[name], g_ref[name]), (name, rel_error(grads[name], g_ref[name]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_logsumexp_and_recomputed_weights(case, rng):
+    q, k, v, mask, bias, scale, block = make_case(case, rng)
+    _, cache_ref = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    _, cache = chunked_attention_forward(q, k, v, mask=mask, bias=bias, scale=scale, block_size=block)
+    logits = (scale or q.shape[-1] ** -0.5) * q @ np.swapaxes(k, -1, -2) + (0.0 if bias is None else bias)
+    want = logsumexp(logits, axis=-1, mask=mask)
+    assert cache.logsumexp.shape == q.shape[:-1]
+    assert np.array_equal(np.isneginf(cache.logsumexp), np.isneginf(want))
+    alive = np.isfinite(want)
+    np.testing.assert_allclose(cache.logsumexp[alive], want[alive], rtol=1e-13, atol=1e-13)
+    assert cache.weights is None
+    N = q.shape[-2]
+    assert rel_error(cache.weight_rows(0, N), cache_ref.weights) <= TOL
+    assert rel_error(cache.weight_rows(N // 2, N), cache_ref.weights[..., N // 2 :, :]) <= TOL
+
+
+# a bias broadcast over the keys has gradient 0 (softmax ignores a per-row constant): no relative error to check
+FD_CASES = [c for c in CASES if c[2] * c[3] <= 400 and (c[7] is None or c[7][-1] != 1)]
+
+
+@pytest.mark.parametrize("case", FD_CASES, ids=[c[0] for c in FD_CASES])
+def test_backward_matches_finite_differences(case, rng):
+    q, k, v, mask, bias, scale, block = make_case(case, rng)
+    inputs = {"q": q, "k": k, "v": v}
+    if bias is not None:
+        inputs["bias"] = bias
+
+    def forward(q, k, v, bias=None):
+        return chunked_attention_forward(q, k, v, mask=mask, bias=bias, scale=scale, block_size=block)
+
+    errs = check_backward(forward, chunked_attention_backward, inputs)
+    assert set(errs) == set(inputs)
+    assert max(errs.values()) < FD_TOL, errs
+
+
+def test_fully_masked_rows_give_zeros_without_nan(be, rng):
+    q, k, v = rng.standard_normal((2, 9, 3)), rng.standard_normal((2, 11, 3)), rng.standard_normal((2, 11, 2))
+    mask = rng.random((2, 9, 11)) > 0.5
+    mask[:, [0, 4, 8], :] = False  # one dead row in each of three query tiles
+    out, cache = chunked_attention_forward(be(q), be(k), be(v), mask=be(mask), block_size=(4, 3))
+    grads = chunked_attention_backward(be(rng.standard_normal(out.shape)), cache)
+    dead = ~mask.any(-1)
+    assert np.all(np_(out)[dead] == 0) and np.all(np.isneginf(np_(cache.logsumexp)[dead]))
+    assert np.all(np_(grads["q"])[dead] == 0)
+    for g in grads.values():
+        assert np.all(np.isfinite(np_(g)))
+    everything_masked = np.zeros((9, 11), dtype=bool)
+    out, cache = chunked_attention_forward(q, k, v, mask=everything_masked, block_size=4)
+    grads = chunked_attention_backward(np.ones_like(out), cache)
+    assert np.all(out == 0) and all(np.all(g == 0) for g in grads.values())
+
+
+def test_huge_logits_stay_finite_across_tiles(rng):
+    # the row maximum is found late (in the last key tile): every earlier tile is rescaled by α = exp(m - m')
+    q, k, v = rng.standard_normal((7, 4)), rng.standard_normal((20, 4)), rng.standard_normal((20, 3))
+    k[-1] = 50 * q.mean(0)
+    out_ref, cache_ref = attention_forward(q, k, v, scale=300.0)
+    out, cache = chunked_attention_forward(q, k, v, scale=300.0, block_size=3)
+    dout = rng.standard_normal(out.shape)
+    assert np.all(np.isfinite(out)) and rel_error(out, out_ref) <= TOL
+    grads_ref = attention_backward(dout, cache_ref)
+    # the weights are one-hot, so the true gradients are 0; both sides carry rounding amplified by
+    # scale · |k| ≈ 1.5e4, so they are compared in absolute terms
+    for name, g in chunked_attention_backward(dout, cache).items():
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, grads_ref[name], rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_float32_stays_float32(be, rng):
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(13, 4), (10, 4), (10, 2)])
+    out, cache = chunked_attention_forward(be(q), be(k), be(v), block_size=4)
+    grads = chunked_attention_backward(be(np.ones((13, 2), dtype=np.float32)), cache)
+    assert np_(out).dtype == np.float32 and np_(grads["k"]).dtype == np.float32
+    want, _ = attention_forward(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    assert rel_error(out, want) < 1e-6
+
+
+def test_default_block_size_is_used_and_documented(rng):
+    q, k, v = rng.standard_normal((3, 2)), rng.standard_normal((4, 2)), rng.standard_normal((4, 2))
+    _, cache = chunked_attention_forward(q, k, v)
+    assert (cache.block_q, cache.block_k) == (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+    assert f"{DEFAULT_BLOCK_SIZE} queries × {DEFAULT_BLOCK_SIZE} keys" in chunked_module.__doc__
+
+
+# ---------------------------------------------------------------- the same validation as exact attention
+
+BAD = [
+    (
+        ValueError,
+        r"q \(2, 3, 4\), k \(2, 5, 3\)",
+        lambda: ((np.zeros((2, 3, 4)), np.zeros((2, 5, 3)), np.zeros((2, 5, 6))), {}),
+    ),
+    (ValueError, "leading", lambda: ((np.zeros((1, 3, 4)), np.zeros((2, 5, 4)), np.zeros((2, 5, 6))), {})),
+    (
+        ValueError,
+        r"mask of shape \(3, 4\) does not broadcast to \(2, 3, 5\)",
+        lambda: (
+            (np.zeros((2, 3, 4)), np.zeros((2, 5, 4)), np.zeros((2, 5, 6))),
+            {"mask": np.ones((3, 4), dtype=bool)},
+        ),
+    ),
+    (
+        ValueError,
+        r"bias of shape \(7, 2, 3, 5\)",
+        lambda: ((np.zeros((2, 3, 4)), np.zeros((2, 5, 4)), np.zeros((2, 5, 6))), {"bias": np.zeros((7, 2, 3, 5))}),
+    ),
+    (TypeError, "real floating", lambda: ((np.zeros((3, 4), dtype=int), np.zeros((5, 4)), np.zeros((5, 2))), {})),
+    (TypeError, "boolean", lambda: ((np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 2))), {"mask": np.ones((3, 5))})),
+    (TypeError, "share one dtype", lambda: ((np.zeros((3, 4), np.float32), np.zeros((5, 4)), np.zeros((5, 2))), {})),
+    (TypeError, "block_size", lambda: ((np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 2))), {"block_size": 2.0})),
+    (
+        TypeError,
+        "block_size",
+        lambda: ((np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 2))), {"block_size": (1, 2, 3)}),
+    ),
+    (ValueError, "positive", lambda: ((np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 2))), {"block_size": 0})),
+]
+
+
+@pytest.mark.parametrize("error, match, make", BAD)
+def test_bad_input_is_rejected_like_exact_attention(error, match, make):
+    args, kwargs = make()
+    with pytest.raises(error, match=match):
+        chunked_attention_forward(*args, **kwargs)
+    if "block_size" not in kwargs:
+        with pytest.raises(error, match=match):
+            attention_forward(*args, **kwargs)
+
+
+def test_dout_of_the_wrong_shape_is_rejected(rng):
+    out, cache = chunked_attention_forward(
+        rng.standard_normal((3, 2)), rng.standard_normal((4, 2)), rng.standard_normal((4, 5))
+    )
+    with pytest.raises(ValueError, match="dout"):
+        chunked_attention_backward(np.zeros((3, 2)), cache)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.slow
+def test_memory_at_16384_tokens_is_at_most_256_mib():
+    """Issue [3/6]: forward + backward at N = 16,384, d = 64, one head, float64 peaks ≤ 256 MiB.
+
+    The peak counts everything NumPy allocates after the inputs exist, outputs and gradients included
+    (they alone are 4 · N · d · 8 B = 32 MiB); one N × N weight matrix would be 2 GiB.
+    """
+    rng = np.random.default_rng(0)
+    N, d = 16384, 64
+    q, k, v, dout = (rng.standard_normal((N, d)) for _ in range(4))
+    result = {}
+
+    def run():
+        out, cache = chunked_attention_forward(q, k, v)
+        result["grads"] = chunked_attention_backward(dout, cache)
+        result["out"] = out
+
+    peak = _peak_bytes(run)
+    assert peak <= 256 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert result["out"].shape == (N, d) and result["grads"]["k"].shape == (N, d)
+
+
+@pytest.mark.slow
+def test_broadcast_mask_and_bias_are_sliced_not_expanded():
+    # N = M = 8192: an expanded boolean mask alone would be 64 MiB, an expanded float bias 512 MiB
+    rng = np.random.default_rng(1)
+    N, d = 8192, 16
+    q, k, v, dout = (rng.standard_normal((N, d)) for _ in range(4))
+    mask = rng.random((1, N)) > 0.1
+    bias = rng.standard_normal((N,))
+    result = {}
+
+    def run():
+        out, cache = chunked_attention_forward(q, k, v, mask=mask, bias=bias)
+        result["grads"] = chunked_attention_backward(dout, cache)
+
+    peak = _peak_bytes(run)
+    assert peak <= 40 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert result["grads"]["bias"].shape == (N,)
+
+
+def test_the_block_size_does_not_change_the_result(rng):
+    q, k, v = rng.standard_normal((2, 30, 3)), rng.standard_normal((2, 20, 3)), rng.standard_normal((2, 20, 3))
+    outs = [chunked_attention_forward(q, k, v, block_size=b)[0] for b in (None, 1, 7, (3, 30))]
+    for o in outs[1:]:
+        assert rel_error(o, outs[0]) <= TOL
+
+
+def test_numpy_integer_block_sizes_are_accepted(rng):
+    q, k, v = rng.standard_normal((9, 3)), rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    out, cache = chunked_attention_forward(q, k, v, block_size=np.int64(4))
+    assert (cache.block_q, cache.block_k) == (4, 4) and isinstance(cache.block_q, int)
+    assert rel_error(out, attention_forward(q, k, v)[0]) <= TOL
+    with pytest.raises(TypeError, match="block_size"):
+        chunked_attention_forward(q, k, v, block_size=True)

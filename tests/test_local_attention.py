@@ -1,0 +1,278 @@
+"""Window (Swin) and neighborhood (NATTEN) attention against exact attention under their masks, the masks
+against their definitions written out with loops, finite differences, bad input."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+from conftest import np_
+
+from attention_ref import (
+    attention_backward,
+    attention_forward,
+    neighborhood_attention_backward,
+    neighborhood_attention_forward,
+    neighborhood_mask,
+    window_attention_backward,
+    window_attention_forward,
+    window_mask,
+)
+from attention_ref.gradcheck import check_backward, rel_error
+
+TOL = 1e-12
+FD_TOL = 1e-7
+
+
+def make_maps(rng, lead, H, W, d, dv):
+    return (
+        rng.standard_normal((*lead, H, W, d)),
+        rng.standard_normal((*lead, H, W, d)),
+        rng.standard_normal((*lead, H, W, dv)),
+    )
+
+
+def flat(x):
+    """``(..., H, W, c) → (..., H·W, c)``, token = row·W + col."""
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
+
+
+def check_against_exact(be, rng, forward, backward, mask, lead, H, W, d, dv, scale):
+    q, k, v = make_maps(rng, lead, H, W, d, dv)
+    out_ref, cache_ref = attention_forward(flat(q), flat(k), flat(v), mask=mask, scale=scale)
+    dout = rng.standard_normal((*lead, H, W, dv))
+    g_ref = attention_backward(flat(dout), cache_ref)
+    out, cache = forward(be(q), be(k), be(v), scale=scale)
+    grads = backward(be(dout), cache)
+    assert be.is_native(out) and out.shape == (*lead, H, W, dv)
+    assert rel_error(flat(np_(out)), out_ref) <= TOL
+    assert set(grads) == {"q", "k", "v"}
+    for name in grads:
+        assert be.is_native(grads[name])
+        assert rel_error(flat(np_(grads[name])), g_ref[name]) <= TOL, name
+    return cache, cache_ref
+
+
+# ---------------------------------------------------------------- window attention
+
+# (name, leading dims, H, W, d, dv, window, shift, scale)
+WINDOW_CASES = [
+    ("no shift", (2,), 8, 12, 4, 3, 4, 0, None),
+    ("Swin shift w/2", (2, 2), 8, 8, 3, 5, 4, 2, None),
+    ("shift 1", (1,), 6, 9, 2, 2, 3, 1, 0.8),
+    ("rectangular window and shift", (2,), 8, 6, 3, 3, (4, 2), (3, 1), None),
+    ("one window = global", (), 4, 6, 3, 2, (4, 6), 0, None),
+    ("1×1 windows", (2,), 3, 4, 2, 2, 1, 0, None),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_window_attention_equals_exact_attention_under_window_mask(case, be, rng):
+    _, lead, H, W, d, dv, window, shift, scale = case
+    mask = window_mask(H, W, window, shift)
+    cache, cache_ref = check_against_exact(
+        be,
+        rng,
+        partial(window_attention_forward, window=window, shift=shift),
+        window_attention_backward,
+        mask,
+        lead,
+        H,
+        W,
+        d,
+        dv,
+        scale,
+    )
+    wh, ww = (window, window) if isinstance(window, int) else window
+    assert tuple(cache.weights.shape) == (*lead, H // wh, W // ww, wh * ww, wh * ww)
+    np.testing.assert_allclose(np_(cache.weights).sum(-1), 1.0, atol=1e-14)  # a pixel always sees itself
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES[:4], ids=[c[0] for c in WINDOW_CASES[:4]])
+def test_window_attention_backward_matches_finite_differences(case, rng):
+    _, lead, H, W, d, dv, window, shift, scale = case
+    q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
+    forward = partial(window_attention_forward, window=window, shift=shift, scale=scale)
+    errs = check_backward(forward, window_attention_backward, {"q": q, "k": k, "v": v})
+    assert max(errs.values()) < FD_TOL, errs
+
+
+def window_mask_by_definition(H, W, wh, ww, sh, sw):
+    """Two pixels attend iff they are in the same window of a grid offset by the shift, no wrap-around:
+    window boundaries sit at sh, sh + wh, sh + 2·wh, … (rows) and the pixels above sh form their own band."""
+    row_edges = [0, *range(sh, H, wh), H] if sh else [*range(0, H, wh), H]
+    col_edges = [0, *range(sw, W, ww), W] if sw else [*range(0, W, ww), W]
+    band_r = np.searchsorted(row_edges, np.arange(H), side="right")
+    band_c = np.searchsorted(col_edges, np.arange(W), side="right")
+    mask = np.zeros((H * W, H * W), dtype=bool)
+    for i in range(H):
+        for j in range(W):
+            for y in range(H):
+                for x in range(W):
+                    mask[i * W + j, y * W + x] = band_r[i] == band_r[y] and band_c[j] == band_c[x]
+    return mask
+
+
+@pytest.mark.parametrize("H, W, window, shift", [(8, 8, 4, 0), (8, 8, 4, 2), (6, 9, 3, 1), (8, 6, (4, 2), (3, 1))])
+def test_window_mask_matches_its_definition(H, W, window, shift):
+    wh, ww = (window, window) if isinstance(window, int) else window
+    sh, sw = (shift, shift) if isinstance(shift, int) else shift
+    mask = window_mask(H, W, window, shift)
+    np.testing.assert_array_equal(mask, window_mask_by_definition(H, W, wh, ww, sh, sw))
+    np.testing.assert_array_equal(mask, mask.T)
+    if shift == 0:
+        assert np.all(mask.sum(1) == wh * ww)
+    else:  # no wrap-around: the first and the last pixel of a row or column are never together
+        assert not mask[0, W - 1] and not mask[0, (H - 1) * W]
+
+
+def test_window_mask_follows_the_backend_of_like(be):
+    m = window_mask(4, 4, 2, 1, like=be(np.zeros(1)))
+    assert be.is_native(m)
+    np.testing.assert_array_equal(np_(m), window_mask(4, 4, 2, 1))
+
+
+def test_window_attention_bad_input(rng):
+    q, k, v = make_maps(rng, (1,), 6, 8, 2, 2)
+    with pytest.raises(ValueError, match=r"6×8 map cannot be cut into 4×4 windows"):
+        window_attention_forward(q, k, v, window=4)
+    with pytest.raises(ValueError, match="6×8 map cannot be cut"):
+        window_mask(6, 8, 4)
+    with pytest.raises(ValueError, match="shift"):
+        window_attention_forward(q, k, v, window=2, shift=2)
+    with pytest.raises(ValueError, match="positive"):
+        window_attention_forward(q, k, v, window=0)
+    with pytest.raises(TypeError, match="window must be an int or a pair"):
+        window_attention_forward(q, k, v, window=2.0)
+    with pytest.raises(ValueError, match="maps"):
+        window_attention_forward(q, k[:, :, :4], v[:, :, :4], window=2)
+    with pytest.raises(ValueError, match=r"q \(6, 8, 2\), k \(6, 8, 3\)"):
+        window_attention_forward(q[0], k[0][..., [0, 1, 1]], v[0], window=2)
+    out, cache = window_attention_forward(q, k, v, window=2, shift=1)
+    with pytest.raises(ValueError, match="dout"):
+        window_attention_backward(np.zeros((1, 6, 8, 3)), cache)
+
+
+# ---------------------------------------------------------------- neighborhood attention
+
+# (name, leading dims, H, W, d, dv, kernel, scale)
+NEIGHBORHOOD_CASES = [
+    ("kernel 3", (2,), 7, 9, 4, 3, 3, None),
+    ("kernel 5", (2, 2), 8, 6, 3, 5, 5, 0.6),
+    ("kernel 7 on 7×10", (1,), 7, 10, 2, 2, 7, None),
+    ("rectangular kernel", (2,), 9, 5, 3, 3, (5, 3), None),
+    ("kernel = map = global", (), 5, 3, 2, 2, (5, 3), None),
+    ("kernel 1 = itself", (2,), 3, 4, 2, 2, 1, None),
+]
+
+
+@pytest.mark.parametrize("case", NEIGHBORHOOD_CASES, ids=[c[0] for c in NEIGHBORHOOD_CASES])
+def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(case, be, rng):
+    _, lead, H, W, d, dv, kernel, scale = case
+    mask = neighborhood_mask(H, W, kernel)
+    cache, cache_ref = check_against_exact(
+        be,
+        rng,
+        partial(neighborhood_attention_forward, kernel=kernel),
+        neighborhood_attention_backward,
+        mask,
+        lead,
+        H,
+        W,
+        d,
+        dv,
+        scale,
+    )
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    weights = np_(cache.weights)
+    assert weights.shape == (*lead, H, W, kh * kw)
+    # cache.weights[..., i, j, a·kw + b] is the exact weight of key (start(i) + a, start(j) + b)
+    start_r = [min(max(i - kh // 2, 0), H - kh) for i in range(H)]
+    start_c = [min(max(j - kw // 2, 0), W - kw) for j in range(W)]
+    exact = cache_ref.weights.reshape(*lead, H, W, H, W)
+    for i in range(H):
+        for j in range(W):
+            block = exact[..., i, j, start_r[i] : start_r[i] + kh, start_c[j] : start_c[j] + kw]
+            np.testing.assert_allclose(weights[..., i, j, :], block.reshape(*lead, kh * kw), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", NEIGHBORHOOD_CASES[:4], ids=[c[0] for c in NEIGHBORHOOD_CASES[:4]])
+def test_neighborhood_attention_backward_matches_finite_differences(case, rng):
+    _, lead, H, W, d, dv, kernel, scale = case
+    q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
+    forward = partial(neighborhood_attention_forward, kernel=kernel, scale=scale)
+    errs = check_backward(forward, neighborhood_attention_backward, {"q": q, "k": k, "v": v})
+    assert max(errs.values()) < FD_TOL, errs
+
+
+def natten_window_start(index, length, kernel):
+    """NATTEN's window start for dilation 1, as its kernels write it: max(i − r, 0), moved back by
+    (i + r) − (L − 1) when the window would run past the end."""
+    r = kernel // 2
+    return max(index - r, 0) + (index + r >= length) * (length - index - r - 1)
+
+
+@pytest.mark.parametrize("H, W, kernel", [(7, 9, 3), (8, 6, 5), (7, 10, 7), (9, 5, (5, 3)), (5, 3, (5, 3))])
+def test_neighborhood_mask_matches_natten_and_sees_exactly_kernel_squared_keys(H, W, kernel):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    mask = neighborhood_mask(H, W, kernel)
+    want = np.zeros((H * W, H * W), dtype=bool)
+    for i in range(H):
+        for j in range(W):
+            si, sj = natten_window_start(i, H, kh), natten_window_start(j, W, kw)
+            for a in range(kh):
+                for b in range(kw):
+                    want[i * W + j, (si + a) * W + (sj + b)] = True
+    np.testing.assert_array_equal(mask, want)
+    assert np.all(mask.sum(1) == kh * kw)
+    assert np.all(np.diag(mask))  # every pixel sees itself
+
+
+def test_neighborhood_mask_follows_the_backend_of_like(be):
+    m = neighborhood_mask(5, 4, 3, like=be(np.zeros(1)))
+    assert be.is_native(m)
+    np.testing.assert_array_equal(np_(m), neighborhood_mask(5, 4, 3))
+
+
+def test_neighborhood_attention_bad_input(rng):
+    q, k, v = make_maps(rng, (1,), 5, 6, 2, 2)
+    with pytest.raises(ValueError, match="odd"):
+        neighborhood_attention_forward(q, k, v, kernel=4)
+    with pytest.raises(ValueError, match="odd"):
+        neighborhood_mask(5, 6, (3, 2))
+    with pytest.raises(ValueError, match=r"7×7 neighborhood does not fit a 5×6 map"):
+        neighborhood_attention_forward(q, k, v, kernel=7)
+    with pytest.raises(TypeError, match="kernel"):
+        neighborhood_attention_forward(q, k, v, kernel=None)
+    with pytest.raises(TypeError, match="scale"):
+        neighborhood_attention_forward(q, k, v, kernel=3, scale="0.5")
+    with pytest.raises(ValueError, match="maps"):
+        neighborhood_attention_forward(q[0, 0], k[0, 0], v[0, 0], kernel=1)
+    out, cache = neighborhood_attention_forward(q, k, v, kernel=3)
+    with pytest.raises(ValueError, match="dout"):
+        neighborhood_attention_backward(np.zeros((1, 5, 6, 3)), cache)
+
+
+def test_float32_stays_float32(rng):
+    q, k, v = (a.astype(np.float32) for a in make_maps(rng, (1,), 4, 4, 2, 2))
+    for fwd, bwd in [
+        (partial(window_attention_forward, window=2, shift=1), window_attention_backward),
+        (partial(neighborhood_attention_forward, kernel=3), neighborhood_attention_backward),
+    ]:
+        out, cache = fwd(q, k, v)
+        grads = bwd(np.ones_like(out), cache)
+        assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads.values())
+
+
+def test_numpy_integers_are_accepted_and_bools_are_not(rng):
+    q, k, v = make_maps(rng, (1,), 4, 6, 2, 2)
+    out, _ = window_attention_forward(q, k, v, window=(np.int64(2), 3), shift=np.int32(1))
+    want, _ = window_attention_forward(q, k, v, window=(2, 3), shift=1)
+    np.testing.assert_array_equal(out, want)
+    out, _ = neighborhood_attention_forward(q, k, v, kernel=np.int64(3))
+    np.testing.assert_array_equal(out, neighborhood_attention_forward(q, k, v, kernel=3)[0])
+    with pytest.raises(TypeError, match="kernel"):
+        neighborhood_attention_forward(q, k, v, kernel=True)
+    with pytest.raises(TypeError, match="window"):
+        window_mask(4, 6, (2, 3, 1))
