@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     complexity_arguments(
         sub.add_parser("complexity", help="time and peak memory of the attention variants vs map size")
     )
+    # issue [5/6]: the README's gallery
+    from .figures import add_arguments as figures_arguments
+
+    figures_arguments(sub.add_parser("figures", help="train the toys and regenerate the gallery of figures"))
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -26,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from .complexity import main as complexity
 
         complexity(args)
+    elif args.command == "figures":
+        from .figures import main as figures
+
+        figures(args)
     return 0
 
 

@@ -96,9 +96,7 @@ def _im2col(xp: ModuleType, xpad: Any, kh: int, kw: int) -> Any:
     return xp.concat(views, axis=-1)
 
 
-def conv2d_forward(
-    x: Any, weight: Any, bias: Any | None = None, *, padding: Padding = 0
-) -> tuple[Any, Conv2dCache]:
+def conv2d_forward(x: Any, weight: Any, bias: Any | None = None, *, padding: Padding = 0) -> tuple[Any, Conv2dCache]:
     """Channels-last 2-D convolution (cross-correlation), stride 1, zero padding.
 
     Inputs:
