@@ -24,4 +24,6 @@ def progress(iterable: Iterable[Any], *, total: int, desc: str, enabled: bool | 
         return
     from tqdm import tqdm  # text bar on stderr: reads the same in a terminal and in a saved notebook
 
-    yield from tqdm(iterable, total=total, desc=desc, mininterval=1.0, file=sys.stderr, leave=True)
+    # a notebook keeps every redraw in its saved output: redraw seldom there
+    every = 5.0 if "ipykernel" in sys.modules else 0.5
+    yield from tqdm(iterable, total=total, desc=desc, mininterval=every, file=sys.stderr, leave=True)

@@ -92,30 +92,37 @@ def plot_attention_grid(
     batch: int = 0,
     heads: Sequence[int] | None = None,
     row_labels: Sequence[str] | None = None,
+    transpose: bool = False,
+    label: str = "attention weight",
     title: str | None = None,
 ) -> Figure:
     """A grid of query maps: one row per head, one column per query, one shared colour scale.
 
     Inputs as for :func:`plot_query_attention`; ``heads`` defaults to every head;
     ``row_labels`` replaces the "head h" labels (e.g. to compare weights stacked
-    along the head axis: before and after training).
+    along the head axis: before and after training); ``transpose`` puts the
+    queries in rows and the heads in columns; ``label`` names the colour bar.
     """
     w = as_weights(weights)
     heads = list(range(w.shape[1])) if heads is None else list(heads)
+    names = [f"head {h}" for h in heads] if row_labels is None else list(row_labels)
     maps = [[query_map(w, q, shape, batch=batch, head=h) for q in queries] for h in heads]
     vmax = max(float(m.max()) for row in maps for m in row)
     backdrop = grey(image, shape)
-    fig = new_figure(1.9 * len(queries) + 0.8, 1.9 * len(heads) + 0.6, layout="constrained")
-    axes = fig.subplots(len(heads), len(queries), squeeze=False)
-    for i, h in enumerate(heads):
+    rows, cols = (len(queries), len(heads)) if transpose else (len(heads), len(queries))
+    fig = new_figure(1.9 * cols + 0.8, 1.9 * rows + 0.6, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(len(heads)):
         for j, q in enumerate(queries):
-            ax = axes[i, j]
+            ax = axes[j, i] if transpose else axes[i, j]
             im = show_map(ax, maps[i][j], backdrop=backdrop, vmin=0.0, vmax=vmax)
             mark_query(ax, pixel_of(q, shape), size=50)
-            if i == 0:
-                ax.set_title(f"query {pixel_of(q, shape)}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel(f"head {h}" if row_labels is None else row_labels[i], fontsize=9)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
+            head_name, query_name = names[i], f"query {pixel_of(q, shape)}"
+            top, side = (head_name, query_name) if transpose else (query_name, head_name)
+            if ax in axes[0]:
+                ax.set_title(top, fontsize=9)
+            if ax is (axes[j, 0] if transpose else axes[i, 0]):
+                ax.set_ylabel(side, fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8, label=label)
     fig.suptitle(title or "each head's weights, per query pixel", fontsize=11)
     return fig
