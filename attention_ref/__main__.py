@@ -16,11 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     complexity_arguments(
         sub.add_parser("complexity", help="time and peak memory of the attention variants vs map size")
     )
+    from .oracle_cli import ORACLE_COMMANDS, add_oracle_commands, run_oracle_command
+
+    add_oracle_commands(sub)  # issue [4/6]: check, vectors
     # issue [5/6]: the README's gallery
     from .figures import add_arguments as figures_arguments
 
     figures_arguments(sub.add_parser("figures", help="train the toys and regenerate the gallery of figures"))
     args = parser.parse_args(argv)
+    if args.command in ORACLE_COMMANDS:
+        return run_oracle_command(args)
 
     if args.command == "demo":
         from .demo import main as demo

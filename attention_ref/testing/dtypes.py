@@ -1,0 +1,47 @@
+"""The precisions the oracle checks in: names, NumPy dtypes, resolution, rounding.
+
+``float16`` and ``float32``/``float64`` are NumPy's own; ``bfloat16`` comes from
+``ml_dtypes`` (imported only when it is asked for). Every function takes the
+dtype's *name*, so callers never need ml_dtypes themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DTYPES", "eps", "numpy_dtype", "round_to"]
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype called ``name`` (one of :data:`DTYPES`)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as err:  # pragma: no cover - ml_dtypes ships with the test extra
+            raise ImportError("bfloat16 needs the ml_dtypes package: pip install ml_dtypes") from err
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def eps(name: str) -> float:
+    """Machine epsilon of ``name``: the spacing of the dtype's numbers just above 1.
+
+    float16 2⁻¹⁰ ≈ 9.8e-4, bfloat16 2⁻⁷ ≈ 7.8e-3, float32 2⁻²³ ≈ 1.2e-7, float64 2⁻⁵² ≈ 2.2e-16.
+    A number ``x`` rounded to the dtype moves by at most ``eps·|x|/2``.
+    """
+    bits = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
+    numpy_dtype(name)  # validates the name
+    return 2.0 ** -bits[name]
+
+
+def round_to(x: Any, name: str) -> np.ndarray | None:
+    """``x`` (NumPy, any float dtype) rounded to the nearest number of dtype ``name``; ``None`` stays ``None``."""
+    if x is None:
+        return None
+    return np.asarray(x).astype(numpy_dtype(name))

@@ -1,0 +1,222 @@
+"""Attention implementations for the oracle's own tests: correct ones, and ones with one planted bug each.
+
+All take and return NumPy arrays in the dtype under test and compute in float32, the way a kernel would.
+Each buggy function differs from a correct one in one place, marked ``# BUG``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 16  # tile width of the blocked (FlashAttention-style) implementations
+
+
+def t(a):
+    """Transpose the last two axes."""
+    return np.swapaxes(a, -1, -2)
+
+
+def logits(q, k, bias, scale):
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = np.float32(scale) * (q.astype(np.float32) @ t(k.astype(np.float32)))
+    return s if bias is None else s + bias.astype(np.float32)
+
+
+def softmax(s, mask):
+    """Row softmax over allowed keys; rows with no allowed key get 0."""
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isneginf(m), 0.0, m))
+    total = np.sum(e, axis=-1, keepdims=True)
+    return e / np.where(total == 0, 1.0, total)
+
+
+def finish(out, like):
+    return out.astype(like.dtype)
+
+
+def grads_from_p(p, q, k, v, dout, scale):
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    q32, k32, v32, do32 = (a.astype(np.float32) for a in (q, k, v, dout))
+    dp = do32 @ t(v32)
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    dq = np.float32(scale) * (ds @ k32)
+    dk = np.float32(scale) * (t(ds) @ q32)
+    dv = t(p) @ do32
+    return tuple(finish(g, q) for g in (dq, dk, dv))
+
+
+# ---------------------------------------------------------------- correct implementations
+
+
+def blocked(q, k, v, *, mask=None, bias=None, scale=None, rescale=True, drop_tail=False):
+    """FlashAttention-style forward: keys in tiles of BLOCK, online softmax (running max, sum, output)."""
+    s_all = logits(q, k, bias, scale)
+    if mask is not None:
+        s_all = np.where(mask, s_all, -np.inf)
+    M = k.shape[-2]
+    v32 = v.astype(np.float32)
+    m = np.full((*s_all.shape[:-1], 1), -np.inf, dtype=np.float32)  # running max   (..., N, 1)
+    total = np.zeros_like(m)  # running Σ exp(s - m)
+    acc = np.zeros((*s_all.shape[:-1], v.shape[-1]), dtype=np.float32)  # running Σ exp(s - m) v
+    stop = M - M % BLOCK if (drop_tail and M >= BLOCK) else M
+    for start in range(0, stop, BLOCK):
+        s = s_all[..., start : start + BLOCK]
+        m_new = np.maximum(m, np.max(s, axis=-1, keepdims=True))
+        shift = np.where(np.isneginf(m_new), 0.0, m_new)
+        e = np.exp(s - shift)
+        correction = np.exp(np.where(np.isneginf(m), -np.inf, m - shift)) if rescale else np.float32(1.0)
+        total = correction * total + np.sum(e, axis=-1, keepdims=True)
+        acc = correction * acc + e @ v32[..., start : start + BLOCK, :]
+        m = m_new
+    return finish(acc / np.where(total == 0, 1.0, total), q)
+
+
+def p_rounded_to_dtype(q, k, v, *, mask=None, bias=None, scale=None):
+    """Rounds the weights P to the input dtype before P·V, as FlashAttention's fp16/bf16 kernels do."""
+    p = softmax(logits(q, k, bias, scale), mask).astype(q.dtype).astype(np.float32)
+    return finish(p @ v.astype(np.float32), q)
+
+
+# ---------------------------------------------------------------- forward bugs
+
+
+def wrong_scale(q, k, v, *, mask=None, bias=None, scale=None):
+    scale = 1.0 / q.shape[-1] if scale is None else scale  # BUG: 1/d instead of 1/sqrt(d)
+    return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
+
+
+def softmax_wrong_axis(q, k, v, *, mask=None, bias=None, scale=None):
+    p = np.swapaxes(softmax(t(logits(q, k, bias, scale)), None if mask is None else t(mask)), -1, -2)  # BUG
+    return finish(p @ v.astype(np.float32), q)
+
+
+def no_max_subtraction(q, k, v, *, mask=None, bias=None, scale=None):
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(s)  # BUG: exp(s) overflows for s > 88 in float32
+        total = np.sum(e, axis=-1, keepdims=True)
+        p = e / np.where(total == 0, 1.0, total)
+    return finish(p @ v.astype(np.float32), q)
+
+
+def mask_ignored(q, k, v, *, mask=None, bias=None, scale=None):
+    return finish(softmax(logits(q, k, bias, scale), None) @ v.astype(np.float32), q)  # BUG: mask unused
+
+
+def inverted_mask(q, k, v, *, mask=None, bias=None, scale=None):
+    mask = None if mask is None else ~mask  # BUG: True read as "masked out"
+    return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
+
+
+def nan_on_fully_masked_rows(q, k, v, *, mask=None, bias=None, scale=None):
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(s - np.max(s, axis=-1, keepdims=True))  # BUG: -inf - (-inf) = NaN on rows with no key
+        p = e / np.sum(e, axis=-1, keepdims=True)
+    return finish(p @ v.astype(np.float32), q)
+
+
+def finite_mask_value(q, k, v, *, mask=None, bias=None, scale=None):
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, np.float32(-1e9))  # BUG: a row with no key gets uniform weights, not 0
+    return finish(softmax(s, None) @ v.astype(np.float32), q)
+
+
+def bias_ignored(q, k, v, *, mask=None, bias=None, scale=None):
+    return finish(softmax(logits(q, k, None, scale), mask) @ v.astype(np.float32), q)  # BUG: bias unused
+
+
+def logits_rounded_to_float16(q, k, v, *, mask=None, bias=None, scale=None):
+    s = logits(q, k, bias, scale).astype(np.float16).astype(np.float32)  # BUG: S stored in float16
+    return finish(softmax(s, mask) @ v.astype(np.float32), q)
+
+
+def key_dropped(q, k, v, *, mask=None, bias=None, scale=None):
+    k, v = k[..., :-1, :], v[..., :-1, :]  # BUG: off by one, the last key is never read
+    mask = None if mask is None else mask[..., :-1]
+    bias = None if bias is None else bias[..., :-1]
+    return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
+
+
+def online_softmax_without_rescale(q, k, v, *, mask=None, bias=None, scale=None):
+    return blocked(q, k, v, mask=mask, bias=bias, scale=scale, rescale=False)  # BUG: see `rescale`
+
+
+def last_partial_tile_dropped(q, k, v, *, mask=None, bias=None, scale=None):
+    return blocked(q, k, v, mask=mask, bias=bias, scale=scale, drop_tail=True)  # BUG: see `drop_tail`
+
+
+def pv_accumulated_in_dtype(q, k, v, *, mask=None, bias=None, scale=None):
+    p = softmax(logits(q, k, bias, scale), mask).astype(q.dtype)
+    acc = np.zeros((*p.shape[:-1], v.shape[-1]), dtype=q.dtype)
+    for j in range(v.shape[-2]):  # BUG: Σ_j P_ij v_j summed in the input dtype instead of float32
+        acc = (acc + p[..., j : j + 1] * v[..., j : j + 1, :]).astype(q.dtype)
+    return acc
+
+
+# ---------------------------------------------------------------- backward (correct and buggy)
+
+
+def grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    return grads_from_p(softmax(logits(q, k, bias, scale), mask), q, k, v, dout, scale)
+
+
+def grad_missing_softmax_term(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    p = softmax(logits(q, k, bias, scale), mask)
+    q32, k32, v32, do32 = (a.astype(np.float32) for a in (q, k, v, dout))
+    ds = p * (do32 @ t(v32))  # BUG: dS = P ∘ dP, missing "- Σ_k P_ik dP_ik"
+    dq, dk, dv = np.float32(scale_) * (ds @ k32), np.float32(scale_) * (t(ds) @ q32), t(p) @ do32
+    return tuple(finish(g, q) for g in (dq, dk, dv))
+
+
+def grad_dq_missing_scale(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    dq, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    return finish(dq.astype(np.float32) / np.float32(scale_), q), dk, dv  # BUG: dQ = dS K, no scale
+
+
+def grad_dk_not_transposed(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    p = softmax(logits(q, k, bias, scale), mask)
+    dq, _, dv = grads_from_p(p, q, k, v, dout, scale)
+    do32, v32, q32 = dout.astype(np.float32), v.astype(np.float32), q.astype(np.float32)
+    dp = do32 @ t(v32)
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    dk = np.float32(scale_) * (ds[..., : k.shape[-2], : q.shape[-2]] @ q32)  # BUG: dS where dSᵀ belongs
+    return dq, finish(dk, q), dv
+
+
+def grad_recomputes_p_without_mask(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    p = softmax(logits(q, k, bias, scale), None)  # BUG: the backward forgets the mask
+    return grads_from_p(p, q, k, v, dout, scale)
+
+
+def flash_style_grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    """FlashAttention-2's backward in the input dtype: P and dS rounded to it for the matmuls, D = rowsum(dO ∘ O)
+    from the rounded output O, float32 accumulation."""
+    lo = q.dtype
+    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    q32, k32, v32, do32 = (a.astype(np.float32) for a in (q, k, v, dout))
+    p = softmax(logits(q, k, bias, scale), mask)
+    o = (p.astype(lo).astype(np.float32) @ v32).astype(lo).astype(np.float32)  # the forward's rounded output
+    d = np.sum(do32 * o, axis=-1, keepdims=True)  # D_i = dO_i · O_i
+    p_lo = p.astype(lo).astype(np.float32)
+    dv = t(p_lo) @ do32
+    dp = do32 @ t(v32)
+    ds = (p * (dp - d)).astype(lo).astype(np.float32)
+    dq = np.float32(scale_) * (ds @ k32)
+    dk = np.float32(scale_) * (t(ds) @ q32)
+    return tuple(finish(g, q) for g in (dq, dk, dv))
+
+
+def numpy_forward(q, k, v, *, mask=None, bias=None, scale=None):
+    """The plain correct forward."""
+    return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
