@@ -1,16 +1,20 @@
-# Every target creates or refreshes .venv itself: `make demo` and `make test` work on a fresh machine.
+# Every target creates or refreshes .venv itself: `make figures`, `make test` and `make demo` work on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint peers bench clean
+.PHONY: figures demo test lint notebooks peers bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,viz,fast]'
 	touch $(STAMP)
+
+# The main job: train the toy models and redraw the README's gallery (a few minutes on 2 cores).
+figures: $(STAMP)
+	$(PY) -m attention_ref figures --out figures
 
 demo: $(STAMP)
 	$(PY) -m attention_ref demo
@@ -20,6 +24,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest
+	$(MAKE) notebooks
+
+# Every notebook, run top to bottom in a fresh kernel (nbmake); the committed copies keep their outputs.
+notebooks: $(STAMP)
+	$(PY) -m pytest --nbmake notebooks
 
 # The optional cross-check peers: CPU torch (pinned to the build on the machine's disk) and diffusers.
 peers: $(STAMP)

@@ -8,6 +8,8 @@ results come back in the same backend.
 from . import backend, gradcheck
 from .attention import AttentionCache, attention_backward, attention_forward
 from .ops import (
+    conv2d_backward,
+    conv2d_forward,
     group_norm_backward,
     group_norm_forward,
     layer_norm_backward,
@@ -68,6 +70,8 @@ __all__ = [
     "split_heads_backward",
     "merge_heads_forward",
     "merge_heads_backward",
+    "conv2d_forward",
+    "conv2d_backward",
     # attention
     "AttentionCache",
     "attention_forward",

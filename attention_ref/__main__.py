@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="time and peak memory of attention against torch and the GEMMs"))
+    # issue [5/6]: the README's gallery
+    from .figures import add_arguments as figures_arguments
+
+    figures_arguments(sub.add_parser("figures", help="train the toys and regenerate the gallery of figures"))
     args = parser.parse_args(argv)
     if args.command in ORACLE_COMMANDS:
         return run_oracle_command(args)
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(args)
+    elif args.command == "figures":
+        from .figures import main as figures
+
+        figures(args)
     return 0
 
 

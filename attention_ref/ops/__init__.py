@@ -1,9 +1,10 @@
-"""The building blocks below attention: softmax, linear, norms, head split/merge, erf, GELU/GEGLU.
+"""The building blocks below attention: softmax, linear, norms, head split/merge, erf, GELU/GEGLU, 2-D convolution.
 
 Each operation is a pair ``out, cache = thing_forward(...)`` /
 ``grads = thing_backward(dout, cache)``.
 """
 
+from .conv2d import conv2d_backward, conv2d_forward
 from .erf import erf, erfc
 from .gelu import geglu_backward, geglu_forward, gelu_backward, gelu_forward
 from .group_norm import group_norm_backward, group_norm_forward
@@ -20,6 +21,8 @@ from .linear import linear_backward, linear_forward
 from .softmax import logsumexp, softmax_backward, softmax_forward
 
 __all__ = [
+    "conv2d_backward",
+    "conv2d_forward",
     "erf",
     "erfc",
     "geglu_backward",

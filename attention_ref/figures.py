@@ -1,0 +1,35 @@
+"""``python -m attention_ref figures --out figures``: regenerate the README's gallery.
+
+The figures themselves are drawn by :mod:`attention_ref.gallery` (imported only when the command runs,
+so the other commands do not load matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options, for ``python -m attention_ref figures``."""
+    parser.add_argument("--out", default="figures", help="directory for the PNGs (default: figures)")
+    parser.add_argument("--quick", action="store_true", help="short training, small maps: a smoke test")
+    parser.add_argument("--complexity", help="use this complexity JSON instead of measuring")
+    parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNGs (default 80)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run :func:`make_figures` with the command's options and print what each figure shows."""
+    from .gallery import make_figures
+
+    start = time.perf_counter()
+    figures, numbers = make_figures(args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi)
+    for path, caption in figures:
+        print(f"{path}: {caption}")
+    print(json.dumps(numbers, indent=1))
+    print(f"{len(figures)} figures in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0

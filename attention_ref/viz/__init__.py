@@ -1,0 +1,73 @@
+"""Seeing attention: plots of attention weights, receptive fields, costs and block diagrams (matplotlib).
+
+Every function takes arrays from any backend (they are brought to NumPy with
+:func:`attention_ref.backend.to_numpy`) and returns a
+:class:`matplotlib.figure.Figure` — shown when it is a Jupyter cell's value,
+saved with :func:`save_figure`. Figures are made outside pyplot, so nothing
+accumulates in pyplot's global state.
+
+matplotlib is imported here and nowhere else in attention_ref.
+"""
+
+from ._common import save_figure
+from .complexity import load_complexity, plot_complexity, scaling_exponents
+from .diagrams import cross_attention_shapes, draw_cross_attention, draw_self_attention_block, self_attention_shapes
+from .distance import attention_distance, mean_attention_distance, plot_attention_distance, uniform_distance
+from .maps import as_weights, plot_attention_grid, plot_query_attention, query_map
+from .receptive_field import (
+    conv_stack_backward,
+    conv_stack_forward,
+    conv_stack_receptive_field,
+    input_gradient,
+    plot_receptive_fields,
+    plot_weights_vs_influence,
+)
+from .tokens import (
+    NORMALIZATIONS,
+    plot_token_maps,
+    plot_token_normalizations,
+    plot_token_segmentation,
+    token_maps,
+    token_segmentation,
+)
+from .viewer import attention_viewer, widgets_available
+
+__all__ = [
+    "save_figure",
+    # self-attention maps
+    "as_weights",
+    "query_map",
+    "plot_query_attention",
+    "plot_attention_grid",
+    # cross-attention maps
+    "NORMALIZATIONS",
+    "token_maps",
+    "plot_token_maps",
+    "plot_token_normalizations",
+    "token_segmentation",
+    "plot_token_segmentation",
+    # distance
+    "attention_distance",
+    "mean_attention_distance",
+    "uniform_distance",
+    "plot_attention_distance",
+    # receptive fields
+    "input_gradient",
+    "conv_stack_forward",
+    "conv_stack_backward",
+    "conv_stack_receptive_field",
+    "plot_receptive_fields",
+    "plot_weights_vs_influence",
+    # costs
+    "load_complexity",
+    "scaling_exponents",
+    "plot_complexity",
+    # diagrams
+    "self_attention_shapes",
+    "cross_attention_shapes",
+    "draw_self_attention_block",
+    "draw_cross_attention",
+    # Jupyter
+    "attention_viewer",
+    "widgets_available",
+]
