@@ -85,8 +85,9 @@ def _t(a: np.ndarray) -> np.ndarray:
 class _Ops:
     """The few ops of the block, each computing in ``work`` and rounding its result to ``dtype``."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, unfused: bool = False) -> None:
         self.dtype = dtype
+        self.unfused = unfused  # round x W before + b, and Q Kᵀ before the scale
         self.work = np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
 
     def r(self, a: np.ndarray) -> np.ndarray:
@@ -95,7 +96,11 @@ class _Ops:
 
     def linear(self, x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:
         y = x @ p[f"{name}.weight"]
-        return self.r(y + p[f"{name}.bias"] if f"{name}.bias" in p else y)
+        if f"{name}.bias" not in p:
+            return self.r(y)
+        # fused: x W + b rounded once; unfused: x W rounded, then + b rounded (PyTorch's CPU half-precision
+        # Linear on a non-contiguous input computes it that way)
+        return self.r((self.r(y) if self.unfused else y) + p[f"{name}.bias"])
 
     def linear_back(
         self, dy: np.ndarray, x: np.ndarray, p: dict[str, np.ndarray], name: str, grads: dict[str, np.ndarray]
@@ -146,8 +151,10 @@ def _forward(ops: _Ops, x: np.ndarray, context: np.ndarray | None, params: dict[
     q, k, v = (ops.linear(s, p, n) for s, n in ((tokens, "q"), (source, "k"), (source, "v")))
     qh, kh, vh = (split_heads(a, heads) for a in (q, k, v))  # (B, heads, ·, d)
     scale = qh.shape[-1] ** -0.5 if scale is None else scale
-    # S = scale·Q Kᵀ, P = softmax(S), O = P V — each rounded
-    S = r(scale * (qh @ _t(kh)))
+    # S = scale·Q Kᵀ, P = softmax(S), O = P V — each rounded; unfused: Q Kᵀ rounded before it is scaled
+    # (diffusers' AttnProcessor, baddbmm with alpha = scale, in half precision on the CPU)
+    qk = qh @ _t(kh)
+    S = r(scale * (r(qk) if ops.unfused else qk))
     mask = None if context_mask is None else context_mask.reshape(-1, 1, 1, context_mask.shape[-1])
     P, _ = softmax_forward(S, mask=mask)
     lse = logsumexp(S, mask=mask, keepdims=True)  # what a fused kernel saves for its backward
@@ -173,6 +180,7 @@ def rounded_block(
     rescale: float = 1.0,
     scale: float | None = None,
     context_mask: np.ndarray | None = None,
+    unfused: bool = False,
 ) -> dict[str, np.ndarray]:
     """The attention block and its gradients as a module in ``dtype`` computes them: op by op.
 
@@ -182,14 +190,21 @@ def rounded_block(
     ``dO_i · O_i`` from the rounded output — the less accurate of the legitimate ways, so that
     identities an exact softmax backward keeps (``Σ_k P_ik = 1``) do not make the yardstick unfairly exact.
 
+    Two orders of the forward are legitimate and round differently: fused (``x W + b`` and
+    ``scale · Q Kᵀ`` each rounded once) and unfused (``x W`` rounded before ``+ b``, ``Q Kᵀ`` before
+    the scale, as PyTorch's CPU half-precision Linear and ``baddbmm`` do). One rounded run is one
+    sample of a rounding error, which may cancel by luck, so :func:`check_diffusers_attention`
+    takes the larger error of the two orders as its yardstick.
+
     Inputs:
         x: ``(B, H, W, C)``; context: ``(B, M, D)`` or ``None``; dy: ``(B, H, W, C_out)``.
         params, options: as for :func:`attention_ref.self_attention_forward` / ``cross_attention_forward``.
+        unfused: the unfused order (default: fused).
 
     Returns:
         ``{"y", "x", "context" (cross only), every params key}``, holding ``dtype`` values.
     """
-    ops = _Ops(dtype)
+    ops = _Ops(dtype, unfused)
     r = ops.r
     f = _forward(ops, x, context, params, heads, groups, eps, residual, rescale, scale, context_mask)
     B, H, W, C = f.x.shape
@@ -377,12 +392,15 @@ def check_diffusers_attention(
         # the float64 reference and the op-by-op rounded model
         as64 = {n: None if a is None else a.astype(np.float64) for n, a in (("x", x), ("c", context), ("dy", dy))}
         exact = _reference(as64["x"], as64["c"], params64, as64["dy"], options, mask)
-        model = rounded_block(x, context, params64, dy, dtype=model_dtype, context_mask=mask, **options)
+        models = [
+            rounded_block(x, context, params64, dy, dtype=model_dtype, context_mask=mask, unfused=u, **options)
+            for u in (False, True)
+        ]
         magnitudes = block_magnitudes(as64["x"], as64["c"], params64, as64["dy"], context_mask=mask, **options)
         for key in ["y", "x", *(["context"] if is_cross else []), *params64]:
             kind = "out" if key == "y" else "dq"
             x64 = exact[key]
-            kernel_error = shrink * float(np.max(np.abs(model[key].astype(np.float64) - x64)))
+            kernel_error = shrink * max(float(np.max(np.abs(m[key].astype(np.float64) - x64))) for m in models)
             label = key if key == "y" else f"d{key}"
             check = compare_output(
                 case.name,
