@@ -166,3 +166,81 @@ def test_tiled_path_gives_the_same_result_on_any_number_of_threads(rng, monkeypa
     assert set(got) == set(want)
     for name in got:
         assert rel_error(got[name], want[name]) <= 1e-12, name
+
+
+# ---------------------------------------------------------------- the plain path, one matrix per thread
+
+from attention_ref.attention import exact  # noqa: E402
+from attention_ref.attention.per_matrix import broadcast_index, matrix_indices, take  # noqa: E402
+
+
+def test_matrix_indices_and_broadcast_index():
+    assert matrix_indices(()) == [(...,)]
+    idx = matrix_indices((2, 3))
+    assert len(idx) == 6 and idx[4] == (slice(1, 2), slice(1, 2), ...)
+    a = np.arange(2 * 1 * 4 * 5).reshape(2, 1, 4, 5)  # broadcast over the 3 heads
+    where = broadcast_index(a.shape, idx[4], rank=4)
+    assert where == (slice(1, 2), slice(None), slice(None), slice(None))
+    np.testing.assert_array_equal(take(a, idx[4], rank=4), a[1:2])
+    # fewer dims than the stack: aligned from the right, the missing leading dims broadcast
+    b = np.arange(3 * 4 * 5).reshape(3, 4, 5)  # (heads, N, M) for a (batch, heads, N, M) stack
+    np.testing.assert_array_equal(take(b, idx[4], rank=4), b[1:2])
+    assert take(np.ones((4, 5)), idx[4], rank=4).shape == (4, 5)
+    assert take(None, idx[4], rank=4) is None
+
+
+# (mask shape, bias shape) against a (2, 3, N, M) stack: full, key padding, per head, lower rank, none
+_BROADCASTS = [
+    ((2, 3, 6, 7), (2, 3, 6, 7)),
+    ((2, 1, 1, 7), (3, 6, 7)),
+    ((1, 3, 6, 1), (2, 1, 1, 7)),
+    ((6, 7), (7,)),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize(("mask_shape", "bias_shape"), _BROADCASTS, ids=[str(b) for b in _BROADCASTS])
+def test_per_matrix_path_equals_the_one_call_path(be, rng, monkeypatch, mask_shape, bias_shape):
+    """The threaded plain path (each (N, M) problem on its own) gives the one-call results, on every backend.
+
+    ``_in_threads`` is forced on, so the per-matrix code also runs on backends without threads (there
+    ``parallel_map`` runs the problems one after another): it must use only Array API calls.
+    """
+    q, k, v, dout = (rng.standard_normal((2, 3, n, w)) for n, w in ((6, 4), (7, 4), (7, 5), (6, 5)))
+    mask = None if mask_shape is None else rng.random(mask_shape) > 0.3
+    if mask is not None:
+        mask.reshape(-1, mask.shape[-1])[0, :] = False  # a fully masked row (or key column, if broadcast)
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape)
+
+    def run():
+        out, cache = attention_forward(be(q), be(k), be(v), mask=be(mask), bias=be(bias), scale=0.4)
+        return out, cache.weights, attention_backward(be(dout), cache)
+
+    monkeypatch.setattr(exact, "_in_threads", lambda q, k: False)
+    want_out, want_p, want_g = run()
+    monkeypatch.setattr(exact, "_in_threads", lambda q, k: True)
+    got_out, got_p, got_g = run()
+    assert be.is_native(got_out) and be.is_native(got_p)
+    assert rel_error(np_(got_out), np_(want_out)) <= 1e-13
+    assert rel_error(np_(got_p), np_(want_p)) <= 1e-13
+    assert set(got_g) == set(want_g) == ({"q", "k", "v"} | ({"bias"} if bias is not None else set()))
+    for name in want_g:
+        assert be.is_native(got_g[name])
+        assert tuple(got_g[name].shape) == tuple(want_g[name].shape), name
+        assert rel_error(np_(got_g[name]), np_(want_g[name])) <= 1e-12, name
+    assert not np.isnan(np_(got_out)).any() and not np.isnan(np_(got_g["q"])).any()
+
+
+def test_plain_path_takes_threads_for_big_numpy_stacks(monkeypatch, rng):
+    """On NumPy with threadpoolctl and 2+ workers a stack above PARALLEL_MIN_LOGITS goes per matrix."""
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "2")
+    calls = []
+    real = exact._attend_per_matrix
+    monkeypatch.setattr(exact, "_attend_per_matrix", lambda *a: calls.append(1) or real(*a))
+    q = rng.standard_normal((2, 64, 8))
+    monkeypatch.setattr(exact, "PARALLEL_MIN_LOGITS", 2 * 64 * 64)
+    attention_forward(q, q, q)
+    monkeypatch.setattr(exact, "PARALLEL_MIN_LOGITS", 2 * 64 * 64 + 1)
+    attention_forward(q, q, q)
+    assert len(calls) == (1 if importlib.util.find_spec("threadpoolctl") is not None else 0)
+    assert not exact._in_threads(q[:1], q[:1])  # one matrix: nothing to spread

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from .cases import PARTS
+from .measure import keep_freed_memory
 from .report import LEGEND, write_json
 from .run import DEFAULT_SIZES, DTYPES, PAUSE_S, run_bench
 
@@ -44,11 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-torch", action="store_true", help="leave torch out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", default="bench-results.json", help="where to write every run (default %(default)s)")
+    parser.add_argument(
+        "--return-memory",
+        action="store_true",
+        help="let freed memory go back to the OS between runs (default: keep it; see measure.keep_freed_memory)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else 5)
+    kept = False if args.return_memory else keep_freed_memory()
+    print(f"# freed memory {'kept in the process' if kept else 'returned to the OS'} between runs")
     result = run_bench(
         sizes=sizes,
         dtypes=tuple(args.dtypes),
@@ -64,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
         pause=args.pause,
         retries=args.retries,
     )
+    result["config"]["freed_memory_kept"] = kept
     print(LEGEND)
     if args.json:
         write_json(result, args.json)

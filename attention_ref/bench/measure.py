@@ -113,6 +113,25 @@ def _give_back_free_memory() -> None:
         pass
 
 
+def keep_freed_memory() -> bool:
+    """Keep memory this process frees for its own reuse, instead of handing it back to the OS at once.
+
+    glibc serves large blocks (above 32 MiB at most) with ``mmap`` and unmaps them when they are freed. On a
+    virtual machine with free-page reporting (the development machines: ``virtio_balloon``) the host takes
+    such pages back within seconds, and touching them again costs about a second per GiB: a run that
+    allocates ``N×N`` matrices after a pause would pay that, one that tiles would not, and the times would
+    measure the host rather than the arithmetic. With ``mmap`` off and the heap never trimmed, every run
+    reuses the same pages (each implementation alike, torch's CPU allocator included). Returns whether
+    glibc took the settings (``False`` elsewhere: nothing changed).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def peak_memory_mib(run: Callable[[], Any], method: str) -> float | None:
     """Peak memory in MiB allocated while ``run()`` executes (its results included), by ``method``."""
     gc.collect()
