@@ -23,12 +23,13 @@ from attention_ref.bench.measure import Device, peak_memory_mib, rss_available
 
 def test_bench_command_writes_every_case(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["bench", "--sizes", "16", "36", "--repeats", "1", "--pause", "0", "--retries", "0"]
+    argv = ["bench", "--sizes", "16", "36", "--repeats", "1", "--pause", "0", "--retries", "0", "--return-memory"]
     assert main([*argv, "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "×torch" in printed and f"wrote {path}" in printed
     result = json.loads(path.read_text())
-    assert result["config"]["sizes"] == [16, 36]
+    assert result["config"]["sizes"] == [16, 36] and result["config"]["freed_memory_kept"] is False
+    assert "freed memory returned to the OS" in printed
     assert result["machine"]["cores"] >= 1
     impls = {"ours", "gemm"} | ({"torch"} if HAS_TORCH else set())
     parts = [p for p in ("plain", "tiled", "block") if part_available(p)]
@@ -49,12 +50,25 @@ def test_bench_command_writes_every_case(tmp_path, capsys):
 
 def test_quick_mode_without_torch_or_memory(tmp_path, capsys):
     path = tmp_path / "quick.json"
-    argv = ["bench", "--quick", "--sizes", "16", "--parts", "plain", "--dtypes", "float32"]
+    argv = ["bench", "--quick", "--sizes", "16", "--parts", "plain", "--dtypes", "float32", "--return-memory"]
     assert main([*argv, "--no-torch", "--no-memory", "--pause", "0", "--retries", "0", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["config"]["repeats"] == 3 and not result["config"]["torch"]
     assert {r["impl"] for r in result["results"]} == {"ours", "gemm"}
     assert all(r["peak_mib"] is None for r in result["results"])
+
+
+def test_keep_freed_memory_takes_on_glibc():
+    """In a child process (the setting lasts for the process): glibc's mallopt accepts both settings."""
+    import platform
+    import subprocess
+    import sys
+
+    code = "from attention_ref.bench.measure import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    libc = platform.libc_ver()[0]
+    assert out == ("True" if libc == "glibc" else out), (libc, out)
+    assert out in ("True", "False")
 
 
 def test_parts_that_hold_full_matrices_stop_at_4096():
