@@ -298,6 +298,34 @@ def test_spatial_transformer_with_chunked_self_attention_equals_exact(rng):
     assert rel_error(attn1.weight_rows(0, 15), cache.blocks[0].attn1.weights) <= CHUNKED_TOL
 
 
+def test_spatial_transformer_with_linear_self_attention_takes_a_scale_for_its_cross_attention(rng):
+    """The loaded-from-diffusers options always carry a scale; linear attn1 has none, attn2 still uses it."""
+    params = jitter(ar.init_spatial_transformer(4, 3, heads=2, groups=2, ff_mult=1, rng=3), rng)
+    x, context = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 3))
+    options = {"heads": 2, "groups": 2, "self_attention": "linear"}
+    y_default, _ = ar.spatial_transformer_forward(x, context, params, **options)
+    y_same, _ = ar.spatial_transformer_forward(x, context, params, scale=2**-0.5, **options)  # d = 2: the default
+    y_other, cache = ar.spatial_transformer_forward(x, context, params, scale=0.1, **options)
+    assert rel_error(y_same, y_default) <= 1e-15
+    assert rel_error(y_other, y_default) > 1e-3  # the scale reached the cross-attention
+    assert cache.blocks[0].attn1.weights is None and cache.blocks[0].attn2.weights is not None
+
+
+def test_spatial_transformer_init_checks_heads(rng):
+    with pytest.raises(ValueError, match="heads must be at least 1"):
+        ar.init_spatial_transformer(8, 4, heads=0, groups=4)
+    with pytest.raises(ValueError, match="12 channels do not split into 5 heads"):
+        ar.init_spatial_transformer(12, 4, heads=5, groups=4)
+    assert ar.init_spatial_transformer(12, 4, heads=5, head_dim=2, groups=4)["proj_in.weight"].shape == (12, 10)
+
+
+def test_feed_forward_refuses_mixed_dtypes(rng):
+    params = {n: p.astype(np.float32) for n, p in ar.init_spatial_transformer(4, 3, heads=2, groups=2, rng=0).items()}
+    ff = {n[len("blocks.0.ff.") :]: p for n, p in params.items() if n.startswith("blocks.0.ff.")}
+    with pytest.raises(TypeError, match=r"feed-forward: .* has dtype float32 but x has dtype float64"):
+        ar.geglu_ff_forward(rng.standard_normal((2, 3, 4)), ff)
+
+
 def test_spatial_transformer_with_window_self_attention_matches_finite_differences(rng):
     params = jitter(ar.init_spatial_transformer(2, 2, heads=1, groups=1, ff_mult=1, rng=4), rng)
 
@@ -344,6 +372,9 @@ def test_weights_api_for_every_variant(rng):
             cache.weight_rows(3, 25)
         with pytest.raises(TypeError, match="start must be an int"):
             cache.weight_rows(1.0, 2)
+        with pytest.raises(TypeError, match="stop must be an int"):
+            cache.weight_rows(1, True)
+        np.testing.assert_array_equal(cache.weight_rows(np.int64(2), np.int32(5)), rows)  # NumPy integers too
 
 
 # ---------------------------------------------------------------- backends

@@ -16,6 +16,7 @@ Only the rows asked for are built (``R·N`` entries, not ``N²``), so one query 
 
 from __future__ import annotations
 
+import operator
 from types import ModuleType
 from typing import Any
 
@@ -25,10 +26,16 @@ __all__ = ["check_row_range", "spread_rows"]
 
 
 def check_row_range(start: Any, stop: Any, n: int) -> tuple[int, int]:
-    """``(start, stop)`` as ints; ``ValueError`` unless ``0 ≤ start ≤ stop ≤ n``, ``TypeError`` for non-ints."""
+    """``(start, stop)`` as ints; ``ValueError`` unless ``0 ≤ start ≤ stop ≤ n``, ``TypeError`` for non-integers.
+
+    Any integer type counts (Python ``int``, ``numpy.int64``: whatever has ``__index__``), not ``bool``.
+    """
+    rows = []
     for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        rows.append(operator.index(value))
+    start, stop = rows
     if not 0 <= start <= stop <= n:
         raise ValueError(f"rows {start}:{stop} are not within the {n} query rows (need 0 ≤ start ≤ stop ≤ {n})")
     return start, stop

@@ -18,7 +18,7 @@ from .._checks import require_floating
 from ..backend import namespace
 from ..ops.gelu import GegluCache, geglu_backward, geglu_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
-from .params import check_keys
+from .params import check_keys, check_param_dtypes
 
 __all__ = ["GegluFeedForwardCache", "geglu_ff_backward", "geglu_ff_forward"]
 
@@ -44,6 +44,7 @@ def geglu_ff_forward(x: Any, params: Mapping[str, Any]) -> tuple[Any, GegluFeedF
     xp = namespace(x, *params.values())
     require_floating(xp, "x", x)
     check_keys(params, required=("proj.weight", "out.weight"), optional=("proj.bias", "out.bias"), where="feed-forward")
+    check_param_dtypes(x, params, "feed-forward")
     Wp, Wo = params["proj.weight"], params["out.weight"]
     if Wp.ndim != 2 or Wo.ndim != 2 or Wp.shape[1] != 2 * Wo.shape[0]:
         raise ValueError(

@@ -95,10 +95,15 @@ def init_spatial_transformer(
         ``"blocks.i.ff.out.weight"`` ``(F, inner)``, ``"blocks.i.ff.out.bias"``;
         ``"proj_out.weight"`` ``(inner, C)``, ``"proj_out.bias"`` ``(C,)``.
     """
-    head_dim = channels // heads if head_dim is None else head_dim
+    if heads < 1:
+        raise ValueError(f"heads must be at least 1, got {heads}")
+    if head_dim is None:
+        if channels % heads != 0:
+            raise ValueError(f"{channels} channels do not split into {heads} heads; give head_dim")
+        head_dim = channels // heads
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
     inner = heads * head_dim
-    if heads < 1 or head_dim < 1:
-        raise ValueError(f"heads ({heads}) and head_dim ({head_dim}) must be positive")
     if groups < 1 or channels % groups != 0:
         raise ValueError(f"{channels} channels are not divisible into {groups} groups")
     if depth < 1:
@@ -164,7 +169,8 @@ def spatial_transformer_forward(
         heads: attention heads of every block.
         groups, eps: the outer group norm (Stable Diffusion: 32 groups, eps 1e-6).
         norm_eps: the blocks' layer norms (diffusers: 1e-5).
-        scale: attention scale, default ``1/sqrt(d)``.
+        scale: attention scale, default ``1/sqrt(d)`` (with ``self_attention="linear"``, of the
+            cross-attentions only: linear attention has no logits to scale).
         context_mask: boolean ``(B, M)`` or ``(M,)``, True = real token (diffusers' ``encoder_attention_mask``).
         self_attention, self_attention_options: the attention of every block's self-attention ``attn1``
             (the ``(H·W)²`` one) and its options, e.g. ``"chunked"`` or ``"window", {"window": 8}``; as

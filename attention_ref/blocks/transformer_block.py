@@ -78,7 +78,8 @@ def transformer_block_forward(
             without a norm), ``"attn2.*"`` (cross-attention params, ``"attn2.k.weight"`` ``(D, inner)``),
             ``"ff.*"`` (:func:`geglu_ff_forward` params).
         heads: heads of both attentions; norm_eps: the layer norms' epsilon (diffusers: 1e-5).
-        scale: attention scale, default ``1/sqrt(d)``.
+        scale: attention scale of both attentions, default ``1/sqrt(d)``; linear self-attention has no
+            logits to scale, so with ``self_attention="linear"`` it applies to ``attn2`` only.
         context_mask: ``(B, M)`` or ``(M,)``, True = real token.
         self_attention, self_attention_options: the attention of ``attn1`` and its options, as
             ``attention`` / ``attention_options`` of :func:`attention_ref.self_attention_forward`;
@@ -101,7 +102,7 @@ def transformer_block_forward(
         sub_params(params, "attn1."),
         heads=heads,
         residual=False,
-        scale=scale,
+        scale=None if self_attention == "linear" else scale,  # linear attention has no logits to scale
         attention=self_attention,
         attention_options=self_attention_options,
         where=f"{where} attn1",
