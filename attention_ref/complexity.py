@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64, help="channels per head, d = dv (default 64)")
     parser.add_argument("--repeats", type=int, help="timed runs per pass, the best is kept (default 2; quick: 1)")
     parser.add_argument("--window", type=int, default=8, help="window attention: window side (default 8)")
-    parser.add_argument("--shift", type=int, default=4, help="window attention: shift (default 4)")
+    parser.add_argument("--shift", type=int, help="window attention: shift (default window // 2, Swin's)")
     parser.add_argument("--kernel", type=int, default=7, help="neighborhood attention: kernel side (default 7)")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="chunked attention tile side")
     parser.add_argument(
@@ -201,6 +201,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     if min(sizes) < 1 or args.dim < 1 or (args.repeats is not None and args.repeats < 1):
         raise ValueError(f"sizes, --dim and --repeats must be positive; got {sizes}, {args.dim}, {args.repeats}")
+    shift = args.window // 2 if args.shift is None else args.shift
+    if not 0 <= shift < args.window:
+        raise ValueError(f"--shift must satisfy 0 ≤ shift < window = {args.window}; got {shift}")
     config = {
         "sizes": list(sizes),
         "dim": args.dim,
@@ -209,7 +212,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "heads": 1,
         "repeats": args.repeats or (1 if args.quick else 2),
         "window": args.window,
-        "shift": args.shift,
+        "shift": shift,
         "kernel": args.kernel,
         "block_size": args.block_size,
         "exact_max_tokens": args.exact_max_tokens,

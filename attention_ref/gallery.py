@@ -162,7 +162,7 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         (
             save_figure(fig, out / "token_maps.png", dpi=dpi),
             "Cross-attention weights of every prompt token over the pixels of a held-out scene, after "
-            "training the grounding toy; the special tokens collect the background.",
+            "training the grounding toy; `<sot>` and `and` collect the background.",
         )
     )
 

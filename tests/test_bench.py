@@ -147,3 +147,26 @@ def test_a_disturbed_case_is_measured_again_and_the_quietest_try_kept(monkeypatc
     assert len(logged) == 2 and "measuring again" in logged[0]
     quiet = run._least_noisy(lambda: [{"other_load": 0.0}], 2, logged.append)
     assert quiet[0]["attempt"] == 1  # a quiet case is measured once
+
+
+def test_threads_reach_ours_and_are_restored(tmp_path, monkeypatch):
+    """--threads sets ours' thread count (ATTENTION_REF_NUM_THREADS) for the run, and restores it afterwards."""
+    import os
+
+    from attention_ref.bench import cases
+
+    seen = []
+    real_ours = cases.ours
+
+    def spy(*args, **kwargs):
+        seen.append(os.environ.get("ATTENTION_REF_NUM_THREADS"))
+        return real_ours(*args, **kwargs)
+
+    monkeypatch.setattr("attention_ref.bench.run.ours", spy)
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "7")
+    argv = ["bench", "--sizes", "16", "--parts", "plain", "--dtypes", "float32", "--repeats", "1", "--threads", "1"]
+    path = tmp_path / "t.json"
+    assert main([*argv, "--no-memory", "--pause", "0", "--retries", "0", "--return-memory", "--json", str(path)]) == 0
+    assert seen and set(seen) == {"1"}
+    assert json.loads(path.read_text())["machine"]["threads"] == 1
+    assert os.environ["ATTENTION_REF_NUM_THREADS"] == "7"

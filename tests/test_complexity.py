@@ -70,3 +70,17 @@ def test_bad_arguments_are_rejected(tmp_path):
     cmd = [sys.executable, "-m", "attention_ref", "complexity", "--out", str(tmp_path / "x.json"), "--dim", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode != 0 and "must be positive" in result.stderr
+
+
+def test_shift_defaults_to_half_the_window_and_is_checked(tmp_path):
+    import argparse
+
+    import pytest
+
+    parser = argparse.ArgumentParser()
+    complexity.add_arguments(parser)
+    common = ["--quick", "--sizes", "4", "--dim", "4", "--variants", "window", "--out", str(tmp_path / "c.json")]
+    report = complexity.main(parser.parse_args([*common, "--window", "4"]))  # no --shift: Swin's window // 2
+    assert report["config"]["shift"] == 2 and report["results"][0]["skipped"] is None
+    with pytest.raises(ValueError, match="--shift must satisfy 0 ≤ shift < window = 4; got 4"):
+        complexity.main(parser.parse_args([*common, "--window", "4", "--shift", "4"]))

@@ -39,7 +39,8 @@ Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512
 2 MiB, small enough that the few temporaries of a tile stay cache-friendly and that memory is
 dominated by the O(N·d) inputs and outputs, large enough that each tile is a real matrix product and
 the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times (64 tiles at N = M = 4096). Peak extra memory is
-a handful of ``block_q × block_k`` tiles plus O(N·(d + dv)) for the outputs and gradients.
+a handful of ``block_q × block_k`` tiles per thread plus O(N·(d + dv)) for the outputs and gradients, and
+one more ``(..., N, d)`` share of ``dQ`` per thread (see Speed).
 
 Speed. Each tile's elementwise work runs in the memory of the tile it starts from (in-place ``-=`` and
 ``*=``, and an in-place ``exp`` where the backend has one: :func:`attention_ref.backend.exp_inplace`),

@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64, help="features per head d")
     parser.add_argument("--repeats", type=int, help="timed runs per implementation (default 5; halved above 4,096)")
-    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the number of cores)")
+    parser.add_argument(
+        "--threads", type=int, help="threads of every implementation: torch's, ours, BLAS (default: the usable CPUs)"
+    )
     parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="where ours runs")
     parser.add_argument("--block-size", type=int, help="block_size of the tiled path (default: its own)")
     parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each timed run")

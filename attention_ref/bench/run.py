@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import platform
 import statistics
 import time
@@ -12,6 +14,7 @@ import numpy as np
 
 import attention_ref
 
+from ..backend import cpu_workers
 from . import peers
 from .cases import FULL_MATRIX_LIMIT, PARTS, Runner, gemm_bound, make_inputs, ours, part_runs_at
 from .measure import Device, OtherLoad, load_average, peak_memory_mib, time_pair
@@ -206,8 +209,17 @@ def run_bench(
         log(f"# torch {'with CUDA ' if device.torch_device == 'cuda' else ''}is not available: no torch column")
         with_torch = False
     if threads is None:
-        threads = os.cpu_count()
+        threads = cpu_workers(np.zeros(1)) if importlib.util.find_spec("threadpoolctl") else _usable_cpus()
     previous = peers.torch_threads(threads) if with_torch else None
+    # ours and the GEMM bound get the same number of threads as torch: their own threads
+    # (ATTENTION_REF_NUM_THREADS) and the BLAS library's (threadpoolctl, where installed)
+    previous_env = os.environ.get("ATTENTION_REF_NUM_THREADS")
+    os.environ["ATTENTION_REF_NUM_THREADS"] = str(threads)
+    blas_limit = contextlib.nullcontext()
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        from threadpoolctl import threadpool_limits
+
+        blas_limit = threadpool_limits(limits=threads, user_api="blas")
     result: dict[str, Any] = {
         "machine": machine_info(device, threads),
         "config": {
@@ -231,6 +243,7 @@ def run_bench(
         log("# the machine is busy: times may be noisy; rerun when it is idle")
     log(header())
     try:
+        blas_limit.__enter__()
         for n in sizes:
             for part in parts:
                 reason = part_runs_at(part, n)
@@ -262,6 +275,21 @@ def run_bench(
                     if _noisy(records):
                         log(f"# noisy: other processes used {records[0]['other_load']:.0%} of the CPU during this case")
     finally:
+        blas_limit.__exit__(None, None, None)
+        if previous_env is None:
+            os.environ.pop("ATTENTION_REF_NUM_THREADS", None)
+        else:
+            os.environ["ATTENTION_REF_NUM_THREADS"] = previous_env
         if previous is not None:
             peers.torch_threads(previous)
     return result
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), else the machine's count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
