@@ -396,6 +396,14 @@ def attend_forward(
 
 
 def attend_backward(dout: Any, cache: AttendCache) -> dict[str, Any]:
-    """``{"q", "k", "v"}`` gradients of :func:`attend_forward`, each shaped like its input."""
+    """Gradients of :func:`attend_forward`.
+
+    Inputs:
+        dout: ``(B, heads, N, dv)``, the gradient of the loss with respect to the forward's output.
+        cache: :class:`AttendCache` from :func:`attend_forward`.
+
+    Returns:
+        ``{"q": (B, heads, N, d), "k": (B, heads, M, d), "v": (B, heads, M, dv)}``, each shaped like its input.
+    """
     grads = ATTENTION_VARIANTS[cache.attention].backward(dout, cache.inner)
     return {"q": grads["q"], "k": grads["k"], "v": grads["v"]}

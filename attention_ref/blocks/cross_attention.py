@@ -129,6 +129,11 @@ def cross_attention_forward(
 def cross_attention_backward(dy: Any, cache: AttentionBlockCache) -> dict[str, Any]:
     """Gradients of :func:`cross_attention_forward`.
 
+    Inputs:
+        dy: ``(B, H, W, C_out)`` (or ``(H, W, C_out)`` for an unbatched ``x``), the gradient of the loss
+            with respect to the block's output.
+        cache: from :func:`cross_attention_forward`.
+
     Returns:
         ``{"x": x's shape, "context": context's shape}`` plus one entry per key of ``params``.
         Padded context tokens get exactly 0.

@@ -61,7 +61,16 @@ def geglu_ff_forward(x: Any, params: Mapping[str, Any]) -> tuple[Any, GegluFeedF
 
 
 def geglu_ff_backward(dy: Any, cache: GegluFeedForwardCache) -> dict[str, Any]:
-    """``{"x", "proj.weight", "proj.bias", "out.weight", "out.bias"}`` (bias keys only when given)."""
+    """Gradients of :func:`geglu_ff_forward`.
+
+    Inputs:
+        dy: ``(..., C)``, the gradient of the loss with respect to the output.
+        cache: :class:`GegluFeedForwardCache` from :func:`geglu_ff_forward`.
+
+    Returns:
+        ``{"x": (..., C), "proj.weight": (C, 2F), "proj.bias": (2F,), "out.weight": (F, C),
+        "out.bias": (C,)}`` (bias keys only when the forward had them).
+    """
     grads: dict[str, Any] = {}
     g_out = linear_backward(dy, cache.out)
     grads["out.weight"] = g_out["W"]

@@ -245,7 +245,15 @@ def spatial_transformer_forward(
 
 
 def spatial_transformer_backward(dy: Any, cache: SpatialTransformerCache) -> dict[str, Any]:
-    """Gradients of :func:`spatial_transformer_forward`: ``"x"``, ``"context"`` and every params key."""
+    """Gradients of :func:`spatial_transformer_forward`.
+
+    Inputs:
+        dy: like ``x``, ``(B, H, W, C)`` or ``(H, W, C)``: the gradient of the loss with respect to ``y``.
+        cache: :class:`SpatialTransformerCache` from :func:`spatial_transformer_forward`.
+
+    Returns:
+        ``{"x": like x, "context": like context}`` plus one entry per params key, shaped like it.
+    """
     xp = namespace(dy)
     if tuple(dy.shape) != cache.x_shape:
         raise ValueError(f"dy of shape {tuple(dy.shape)} does not match the output shape {cache.x_shape}")

@@ -137,7 +137,15 @@ def _layer_norm_grads(grads: dict[str, Any], name: str, g: Mapping[str, Any]) ->
 
 
 def transformer_block_backward(dh_out: Any, cache: TransformerBlockCache) -> dict[str, Any]:
-    """``{"h", "context"}`` plus every params key, for :func:`transformer_block_forward`."""
+    """Gradients of :func:`transformer_block_forward`.
+
+    Inputs:
+        dh_out: ``(B, H, W, C)``, the gradient of the loss with respect to the block's output ``h'``.
+        cache: :class:`TransformerBlockCache` from :func:`transformer_block_forward`.
+
+    Returns:
+        ``{"h": (B, H, W, C), "context": (B, M, D)}`` plus one entry per params key, shaped like it.
+    """
     grads: dict[str, Any] = {}
     dh = dh_out
     # h' = h + FF(LN₃(h))   ⇒   dh = dh' + LN₃ᵀ FFᵀ dh'
