@@ -31,6 +31,7 @@ __all__ = [
     "namespace",
     "namespace_name",
     "parallel_map",
+    "thread_count",
     "to_numpy",
 ]
 
@@ -159,6 +160,11 @@ def cpu_workers(like: Any) -> int:
     """
     if not array_api_compat.is_numpy_array(like) or importlib.util.find_spec("threadpoolctl") is None:
         return 1
+    return thread_count()
+
+
+def thread_count() -> int:
+    """``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use."""
     env = os.environ.get("ATTENTION_REF_NUM_THREADS")
     if env:
         return max(1, int(env))

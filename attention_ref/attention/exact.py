@@ -45,6 +45,7 @@ The results equal the one-call results up to the order of the products' sums.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -132,9 +133,7 @@ def _attend(
 
 def _in_threads(q: Any, k: Any) -> bool:
     """Whether to cut the stack into its matrices and run them in threads (NumPy, big enough, > 1 matrix)."""
-    problems = 1
-    for n in q.shape[:-2]:
-        problems *= n
+    problems = math.prod(q.shape[:-2])
     logits = problems * q.shape[-2] * k.shape[-2]
     return problems > 1 and logits >= PARALLEL_MIN_LOGITS and cpu_workers(q) > 1
 

@@ -14,7 +14,7 @@ import numpy as np
 
 import attention_ref
 
-from ..backend import cpu_workers
+from ..backend import thread_count
 from . import peers
 from .cases import FULL_MATRIX_LIMIT, PARTS, Runner, gemm_bound, make_inputs, ours, part_runs_at
 from .measure import Device, OtherLoad, load_average, peak_memory_mib, time_pair
@@ -209,17 +209,12 @@ def run_bench(
         log(f"# torch {'with CUDA ' if device.torch_device == 'cuda' else ''}is not available: no torch column")
         with_torch = False
     if threads is None:
-        threads = cpu_workers(np.zeros(1)) if importlib.util.find_spec("threadpoolctl") else _usable_cpus()
+        threads = thread_count()
     previous = peers.torch_threads(threads) if with_torch else None
     # ours and the GEMM bound get the same number of threads as torch: their own threads
     # (ATTENTION_REF_NUM_THREADS) and the BLAS library's (threadpoolctl, where installed)
     previous_env = os.environ.get("ATTENTION_REF_NUM_THREADS")
     os.environ["ATTENTION_REF_NUM_THREADS"] = str(threads)
-    blas_limit = contextlib.nullcontext()
-    if importlib.util.find_spec("threadpoolctl") is not None:
-        from threadpoolctl import threadpool_limits
-
-        blas_limit = threadpool_limits(limits=threads, user_api="blas")
     result: dict[str, Any] = {
         "machine": machine_info(device, threads),
         "config": {
@@ -242,8 +237,12 @@ def run_bench(
     if load is not None and result["machine"]["cores"] and load > 0.5 * result["machine"]["cores"]:
         log("# the machine is busy: times may be noisy; rerun when it is idle")
     log(header())
+    limits = contextlib.ExitStack()
     try:
-        blas_limit.__enter__()
+        if importlib.util.find_spec("threadpoolctl") is not None:
+            from threadpoolctl import threadpool_limits
+
+            limits.enter_context(threadpool_limits(limits=threads, user_api="blas"))
         for n in sizes:
             for part in parts:
                 reason = part_runs_at(part, n)
@@ -275,7 +274,7 @@ def run_bench(
                     if _noisy(records):
                         log(f"# noisy: other processes used {records[0]['other_load']:.0%} of the CPU during this case")
     finally:
-        blas_limit.__exit__(None, None, None)
+        limits.close()
         if previous_env is None:
             os.environ.pop("ATTENTION_REF_NUM_THREADS", None)
         else:
@@ -284,12 +283,3 @@ def run_bench(
             peers.torch_threads(previous)
     return result
 
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), else the machine's count."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
