@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH
 
-from attention_ref.__main__ import main
 from attention_ref.bench.cases import (
     FULL_MATRIX_LIMIT,
     case_flops,
@@ -19,6 +18,7 @@ from attention_ref.bench.cases import (
     part_runs_at,
 )
 from attention_ref.bench.measure import Device, peak_memory_mib, rss_available
+from attention_ref.cli import main
 
 
 def test_bench_command_writes_every_case(tmp_path, capsys):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from attention_ref import complexity
+from attention_ref.cli import complexity
 
 ROW_KEYS = {
     "variant",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH
 
-from attention_ref.__main__ import main
+from attention_ref.cli import main
 from attention_ref.testing import CASE_NAMES, check_attention, load_vectors, write_vectors
 from attention_ref.testing.dtypes import numpy_dtype
 from attention_ref.testing.examples import numpy_attention, numpy_attention_grad

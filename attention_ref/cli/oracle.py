@@ -60,7 +60,7 @@ def load_target(target: str) -> Any:
 
 def run_oracle_command(args: argparse.Namespace) -> int:
     """Run ``check`` or ``vectors``; the exit status (0 ok, 1 failed checks, 2 an unusable target)."""
-    from . import testing
+    from .. import testing
 
     if args.command == "vectors":
         path = testing.write_vectors(args.out, args.dtype)

@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from .attention import (
+from ..attention import (
     DEFAULT_BLOCK_SIZE,
     attention_backward,
     attention_forward,

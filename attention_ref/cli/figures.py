@@ -1,6 +1,6 @@
 """``python -m attention_ref figures --out figures``: regenerate the README's gallery.
 
-The figures themselves are drawn by :mod:`attention_ref.gallery` (imported only when the command runs,
+The figures themselves are drawn by :mod:`attention_ref.cli.gallery` (imported only when the command runs,
 so the other commands do not load matplotlib).
 """
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import attention_backward, attention_forward
-from .gradcheck import numerical_gradient, rel_error
-from .ops import (
+from ..attention import attention_backward, attention_forward
+from ..gradcheck import numerical_gradient, rel_error
+from ..ops import (
     group_norm_backward,
     group_norm_forward,
     linear_backward,

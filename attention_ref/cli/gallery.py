@@ -1,7 +1,7 @@
 """The README's gallery: every figure of ``python -m attention_ref figures``, drawn from trained toys.
 
 Trains the two toys (:mod:`attention_ref.toys`), measures the attention
-variants' costs (:mod:`attention_ref.complexity`, unless ``--complexity FILE``
+variants' costs (:mod:`attention_ref.cli.complexity`, unless ``--complexity FILE``
 gives a report already made), and draws every figure with
 :mod:`attention_ref.viz`. Prints one line per figure saying what it shows, then
 the numbers behind them. ``--quick`` trains briefly and measures small maps:
@@ -16,13 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .complexity import add_arguments as complexity_arguments
-from .complexity import main as run_complexity
-from .toys import train_long_range, train_token_grounding
-from .toys.long_range import LongRangeResult
-from .toys.scenes import SIZE as SCENE_SIZE
-from .toys.scenes import VOCAB
-from .viz import (
+from ..toys import train_long_range, train_token_grounding
+from ..toys.long_range import LongRangeResult
+from ..toys.scenes import SIZE as SCENE_SIZE
+from ..toys.scenes import VOCAB
+from ..viz import (
     conv_stack_receptive_field,
     draw_cross_attention,
     draw_self_attention_block,
@@ -42,6 +40,8 @@ from .viz import (
     token_segmentation,
     uniform_distance,
 )
+from .complexity import add_arguments as complexity_arguments
+from .complexity import main as run_complexity
 
 __all__ = ["make_figures"]
 
@@ -96,7 +96,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         )
     )
 
-    from .blocks import self_attention_backward
+    from ..blocks import self_attention_backward
 
     query = queries[0]
     z = result.eval_input[b : b + 1]

@@ -1,7 +1,7 @@
 """The cost of the attention variants against map size, log-log, from ``python -m attention_ref complexity``.
 
 Reads the JSON that command writes (schema ``attention_ref.complexity/1``, see
-:mod:`attention_ref.complexity`): for each variant and map side, the forward and
+:mod:`attention_ref.cli.complexity`): for each variant and map side, the forward and
 backward wall times and the peak memory, next to the theoretical memory.
 """
 
