@@ -17,12 +17,13 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import array_api_compat
 import numpy as np
 
 __all__ = [
+    "Array",
     "available_backends",
     "cpu_workers",
     "device_of",
@@ -36,6 +37,11 @@ __all__ = [
 ]
 
 _OPTIONAL = ("array_api_strict", "torch", "cupy")
+
+#: An array of any Array API backend (NumPy, CuPy, array_api_strict, torch). Python has no common
+#: type for them, so this alias is ``Any`` to the type checker; in a signature it tells the reader
+#: "an array", where ``Any`` would say "anything".
+Array: TypeAlias = Any
 
 T = TypeVar("T")
 R = TypeVar("R")
