@@ -140,7 +140,8 @@
 
   function drawBackdrop(ctx, source, [w, h]) {
     ctx.globalAlpha = 1;
-    ctx.imageSmoothingEnabled = true;
+    // smooth a large image as it shrinks; enlarge a small one pixel by pixel, as it is
+    ctx.imageSmoothingEnabled = Boolean(source) && source.width > w;
     if (source) ctx.drawImage(source, 0, 0, w, h);
     else {
       ctx.fillStyle = "#3a3a3a";
@@ -238,7 +239,9 @@
       if (v > m.values[best]) best = n;
     });
     const top = `(${Math.floor(best / W)}, ${best % W})`;
-    const head = state.head >= 0 ? `head ${state.head}` : L.headMean ? "mean of the heads (as stored)" : `mean of ${L.heads} head(s)`;
+    let head = state.head >= 0 ? `head ${state.head}` : `mean of ${L.heads} heads`;
+    if (L.headMean) head = "mean of the heads (as stored)";
+    else if (L.heads === 1) head = "1 head";
     const step = data.steps.length ? `, step ${data.steps[state.step]}` : "";
     const where = `layer ${L.name} (${H}×${W}), ${head}${step}`;
     const pin = state.pinned ? " (pinned)" : "";
