@@ -350,9 +350,9 @@
     render();
   });
 
-  // the pointer's fractional (y, x) inside a panel
-  function position(e) {
-    const box = e.currentTarget.getBoundingClientRect();
+  // the pointer's fractional (y, x) on a panel's canvas
+  function position(e, canvas) {
+    const box = canvas.getBoundingClientRect();
     const clamp = (v) => Math.min(1, Math.max(0, v));
     return [clamp((e.clientY - box.top) / box.height), clamp((e.clientX - box.left) / box.width)];
   }
@@ -363,17 +363,17 @@
   const imageStack = $("image-stack");
   imageStack.addEventListener("mousemove", (e) => {
     if (state.pinned) return;
-    state.query = position(e);
+    state.query = position(e, $("image"));
     render();
   });
   imageStack.addEventListener("click", (e) => {
-    const pos = position(e);
+    const pos = position(e, $("image"));
     state.pinned = !(state.pinned && samePixel(pos, state.query));
     state.query = pos;
     render();
   });
   const mapStack = $("map-stack");
-  mapStack.addEventListener("mousemove", (e) => { state.pointer = position(e); render(); });
+  mapStack.addEventListener("mousemove", (e) => { state.pointer = position(e, $("map")); render(); });
   mapStack.addEventListener("mouseleave", () => { state.pointer = null; render(); });
 
   setLayer(0);
