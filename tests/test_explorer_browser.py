@@ -89,9 +89,11 @@ def screenshots(tmp_path_factory):
 class Page:
     """One explorer page open in the browser, with what a test does to it and reads from it."""
 
-    def __init__(self, driver, explorer: Explorer, path):
+    def __init__(self, driver, explorer: Explorer | None = None, path=None):
+        """Open ``explorer``'s page, saved at ``path``; without them, the page the browser shows now."""
         self.driver = driver
-        driver.get(explorer.save(path).as_uri())
+        if explorer is not None:
+            driver.get(explorer.save(path).as_uri())
 
     def element(self, id_: str):
         return self.driver.find_element("id", id_)
@@ -345,3 +347,20 @@ def test_screenshots_of_the_toys_pages(driver, screenshots):
     for name in ("long-range.png", "grounding.png"):
         png = (screenshots / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_the_jupyter_view_is_the_same_working_page(driver, self_cache, tmp_path):
+    explorer = explore(self_cache, image=IMAGE)
+    notebook_output = tmp_path / "cell.html"
+    notebook_output.write_text(f"<!DOCTYPE html><html><body>{explorer._repr_html_()}</body></html>", encoding="utf-8")
+    driver.get(notebook_output.as_uri())
+    driver.switch_to.frame(driver.find_element("tag name", "iframe"))
+    try:
+        page = Page(driver)
+        page.point("image", (0, 5), (H, W), click=True)
+        np.testing.assert_allclose(
+            page.shown()["values"], np.asarray(self_cache.weights)[0, :, 5].mean(axis=0), rtol=1e-6, atol=1e-9
+        )
+        assert page.errors() == []
+    finally:
+        driver.switch_to.default_content()
