@@ -169,7 +169,7 @@
   // × on a pixel of grid (H, W), drawn over a canvas of size [w, h]
   function cross(ctx, [r, c], [H, W], [w, h], colour) {
     const [x, y] = [((c + 0.5) * w) / W, ((r + 0.5) * h) / H];
-    const s = Math.max(5, Math.min(w / W, h / H) * 0.45);
+    const s = Math.min(14, Math.max(5, Math.min(w / W, h / H) * 0.4)); // half the arm
     ctx.lineCap = "round";
     for (const [width, stroke] of [[5, "#000"], [2.5, colour]]) {
       ctx.lineWidth = width;
@@ -189,12 +189,16 @@
     const mapMarks = resize($("map-marks"), size);
     for (const ctx of [imageMarks, mapMarks]) ctx.clearRect(0, 0, size[0], size[1]);
     if (m.L.queryPixels) {
-      imageMarks.lineWidth = 1.5;
+      // ○ on every query pixel the layer keeps: white on black, visible on any image
+      const radius = Math.min(12, Math.max(5, Math.min(size[0] / W, size[1] / H) * 0.3));
       for (const [r, c] of m.L.queryPixels) {
-        imageMarks.strokeStyle = "#fff";
-        imageMarks.beginPath();
-        imageMarks.arc(((c + 0.5) * size[0]) / W, ((r + 0.5) * size[1]) / H, 5, 0, 2 * Math.PI);
-        imageMarks.stroke();
+        for (const [width, stroke] of [[4, "#000"], [2, "#fff"]]) {
+          imageMarks.lineWidth = width;
+          imageMarks.strokeStyle = stroke;
+          imageMarks.beginPath();
+          imageMarks.arc(((c + 0.5) * size[0]) / W, ((r + 0.5) * size[1]) / H, radius, 0, 2 * Math.PI);
+          imageMarks.stroke();
+        }
       }
     }
     const colour = state.pinned ? "#ff3df5" : "#33e0ff";
