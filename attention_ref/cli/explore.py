@@ -20,14 +20,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the viz package loads matplotlib: imported when a page is made
+    from ..viz import Explorer
 
 __all__ = ["SOURCES", "add_arguments", "grounding_explorer", "long_range_explorer", "main"]
 
 
-def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Any:
+def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Explorer:
     """The long-range toy's self-attention on a held-out map, trained and at initialisation.
 
     The image shows the first three of the 8 code channels as colours, squashed by a sigmoid
@@ -63,7 +66,7 @@ def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: b
     )
 
 
-def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Any:
+def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Explorer:
     """The grounding toy's cross-attention on a held-out scene of three objects, trained and at initialisation.
 
     The page keeps the prompt's real tokens (the padding, masked out, has weight 0 everywhere).
@@ -98,8 +101,8 @@ def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bo
     )
 
 
-# name → (help, builder(steps, seed) -> Explorer)
-SOURCES: dict[str, tuple[str, Callable[..., Any]]] = {
+# name → (help, builder): builder(steps=None or the --steps given, seed=...) -> Explorer
+SOURCES: dict[str, tuple[str, Callable[..., Explorer]]] = {
     "long-range": ("the long-range toy's self-attention", long_range_explorer),
     "grounding": ("the grounding toy's cross-attention", grounding_explorer),
 }

@@ -2,10 +2,12 @@
 and the explorer, a self-contained web page to click through attention weights (:func:`explore`).
 
 Every function takes arrays from any backend (they are brought to NumPy with
-:func:`attention_ref.backend.to_numpy`) and returns a
+:func:`attention_ref.backend.to_numpy`). The plotting functions return a
 :class:`matplotlib.figure.Figure` — shown when it is a Jupyter cell's value,
 saved with :func:`save_figure`. Figures are made outside pyplot, so nothing
-accumulates in pyplot's global state.
+accumulates in pyplot's global state. :func:`explore` returns an
+:class:`Explorer` — shown inline when it is a Jupyter cell's value, saved with
+``.save(path)`` as one HTML file (docs/explorer.md).
 
 matplotlib is imported here and nowhere else in attention_ref.
 """
