@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from ..attention import (
@@ -123,12 +124,12 @@ def _linear_forward(
     return linear_attention_forward(q, k, v, eps=eps, kind=kind, key_mask=key_mask)
 
 
-def _as_map(xp: Any, t: Array, grid: tuple[int, int]) -> Array:
+def _as_map(xp: ModuleType, t: Array, grid: tuple[int, int]) -> Array:
     """``(..., H·W, c) → (..., H, W, c)``: token ``row·W + col`` is pixel ``(row, col)``."""
     return xp.reshape(t, (*t.shape[:-2], grid[0], grid[1], t.shape[-1]))
 
 
-def _as_tokens(xp: Any, t: Array) -> Array:
+def _as_tokens(xp: ModuleType, t: Array) -> Array:
     """``(..., H, W, c) → (..., H·W, c)``, the inverse of :func:`_as_map`."""
     return xp.reshape(t, (*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1]))
 

@@ -326,6 +326,19 @@ def check_layer_inputs(
     )
 
 
+def _norm_context(
+    context: Array, params: Mapping[str, Array], cross_norm: str | None, groups: int, eps: float
+) -> tuple[Array, LayerNormCache | GroupNormCache | None]:
+    """``Norm_cross(context)`` with the affine parameters ``norm_cross.*``, or the context itself without a norm."""
+    weight, bias = params.get("norm_cross.weight"), params.get("norm_cross.bias")
+    if cross_norm == "layer_norm":
+        return layer_norm_forward(context, weight, bias, eps=eps)
+    if cross_norm == "group_norm":
+        # statistics over the M tokens and the D/groups channels of each group, per sample
+        return group_norm_forward(context, weight, bias, groups=groups, eps=eps)
+    return context, None
+
+
 def attention_layer_forward(
     h: Array,
     params: Mapping[str, Array],
@@ -425,19 +438,7 @@ def attention_layer_forward(
     # s = n for self-attention; the context, normed when cross_norm is given, for cross-attention   (B, M, C or D)
     s, cross_cache = n, None
     if context is not None:
-        s = context
-        if cross_norm == "layer_norm":
-            s, cross_cache = layer_norm_forward(
-                context, params.get("norm_cross.weight"), params.get("norm_cross.bias"), eps=cross_norm_eps
-            )
-        elif cross_norm == "group_norm":
-            s, cross_cache = group_norm_forward(
-                context,
-                params.get("norm_cross.weight"),
-                params.get("norm_cross.bias"),
-                groups=cross_norm_groups,
-                eps=cross_norm_eps,
-            )
+        s, cross_cache = _norm_context(context, params, cross_norm, cross_norm_groups, cross_norm_eps)
     if context_mask is not None:
         # a padded context token is a key for no query: mask ∧ context_mask   (B or 1, 1, 1, M)
         key_mask = xp.reshape(context_mask, (-1, 1, 1, context_mask.shape[-1]))

@@ -157,9 +157,10 @@ def _check_transformer_inputs(x: Array, context: Array, params: Mapping[str, Arr
     check_param_dtypes(x, params, "spatial transformer")
     if groups < 1 or C % groups != 0:
         raise ValueError(f"spatial transformer: {C} channels are not divisible into {groups} groups")
-    if B == 0 or H * W == 0:
+    if B == 0 or H * W == 0 or context.shape[1] == 0:
         raise ValueError(
-            f"spatial transformer: x of shape {tuple(x.shape)}: needs at least one sample and one pixel (B, H·W ≥ 1)"
+            f"spatial transformer: x of shape {tuple(x.shape)} and context of shape {tuple(context.shape)}: needs at "
+            "least one sample, one query token and one key token (B, N, M ≥ 1)"
         )
     C_out = params["proj_out.weight"].shape[-1]
     if C_out != C:
