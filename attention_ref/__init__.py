@@ -6,10 +6,34 @@ results come back in the same backend.
 """
 
 from . import backend, gradcheck
-from .attention import AttentionCache, attention_backward, attention_forward
+from .attention import (
+    AttentionCache,
+    ChunkedAttentionCache,
+    LinearAttentionCache,
+    NeighborhoodAttentionCache,
+    WindowAttentionCache,
+    attention_backward,
+    attention_forward,
+    chunked_attention_backward,
+    chunked_attention_forward,
+    linear_attention_backward,
+    linear_attention_forward,
+    neighborhood_attention_backward,
+    neighborhood_attention_forward,
+    neighborhood_mask,
+    window_attention_backward,
+    window_attention_forward,
+    window_mask,
+)
 from .ops import (
     conv2d_backward,
     conv2d_forward,
+    erf,
+    erfc,
+    geglu_backward,
+    geglu_forward,
+    gelu_backward,
+    gelu_forward,
     group_norm_backward,
     group_norm_forward,
     layer_norm_backward,
@@ -28,15 +52,20 @@ from .ops import (
 )
 
 # isort: split
-# blocks on H×W×C maps, and weight loading (issue 3)
+# the blocks are built from the ops and attention above; interop loads their weights
 from . import blocks, interop
 from .blocks import (
     AttentionBlockCache,
+    AttentionLayerCache,
     SpatialTransformerCache,
+    TransformerBlockCache,
+    attention_layer_backward,
+    attention_layer_forward,
     cross_attention_backward,
     cross_attention_forward,
     geglu_ff_backward,
     geglu_ff_forward,
+    init_attention_layer,
     init_cross_attention,
     init_self_attention,
     init_spatial_transformer,
@@ -47,7 +76,6 @@ from .blocks import (
     transformer_block_backward,
     transformer_block_forward,
 )
-from .ops import erf, erfc, geglu_backward, geglu_forward, gelu_backward, gelu_forward
 
 __version__ = "0.1.0"
 
@@ -72,56 +100,17 @@ __all__ = [
     "merge_heads_backward",
     "conv2d_forward",
     "conv2d_backward",
-    # attention
-    "AttentionCache",
-    "attention_forward",
-    "attention_backward",
-    # ops: erf and GELU (issue 3)
     "erf",
     "erfc",
     "gelu_forward",
     "gelu_backward",
     "geglu_forward",
     "geglu_backward",
-    # blocks (issue 3)
-    "blocks",
-    "interop",
-    "AttentionBlockCache",
-    "SpatialTransformerCache",
-    "init_self_attention",
-    "self_attention_forward",
-    "self_attention_backward",
-    "init_cross_attention",
-    "cross_attention_forward",
-    "cross_attention_backward",
-    "geglu_ff_forward",
-    "geglu_ff_backward",
-    "transformer_block_forward",
-    "transformer_block_backward",
-    "init_spatial_transformer",
-    "spatial_transformer_forward",
-    "spatial_transformer_backward",
-]
-
-# efficient attention variants (issue [3/6])
-from .attention import (
-    ChunkedAttentionCache,
-    LinearAttentionCache,
-    NeighborhoodAttentionCache,
-    WindowAttentionCache,
-    chunked_attention_backward,
-    chunked_attention_forward,
-    linear_attention_backward,
-    linear_attention_forward,
-    neighborhood_attention_backward,
-    neighborhood_attention_forward,
-    neighborhood_mask,
-    window_attention_backward,
-    window_attention_forward,
-    window_mask,
-)
-
-__all__ += [
+    # attention, exact
+    "AttentionCache",
+    "attention_forward",
+    "attention_backward",
+    # attention, the variants
     "ChunkedAttentionCache",
     "chunked_attention_forward",
     "chunked_attention_backward",
@@ -136,4 +125,29 @@ __all__ += [
     "neighborhood_attention_forward",
     "neighborhood_attention_backward",
     "neighborhood_mask",
+    # blocks: the attention layer on (B, N, C) tokens
+    "blocks",
+    "AttentionLayerCache",
+    "init_attention_layer",
+    "attention_layer_forward",
+    "attention_layer_backward",
+    # blocks on (B, H, W, C) maps
+    "AttentionBlockCache",
+    "init_self_attention",
+    "self_attention_forward",
+    "self_attention_backward",
+    "init_cross_attention",
+    "cross_attention_forward",
+    "cross_attention_backward",
+    "geglu_ff_forward",
+    "geglu_ff_backward",
+    "TransformerBlockCache",
+    "transformer_block_forward",
+    "transformer_block_backward",
+    "SpatialTransformerCache",
+    "init_spatial_transformer",
+    "spatial_transformer_forward",
+    "spatial_transformer_backward",
+    # weights in and out
+    "interop",
 ]

@@ -6,9 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from conftest import BACKENDS
 
 from attention_ref.backend import to_numpy
 from attention_ref.gradcheck import check_backward, rel_error
+
+#: every backend but NumPy, for tests that compare a backend's result with NumPy's (``parametrize("be", ...,
+#: indirect=True)``): NumPy against NumPy would compare a function with itself.
+OTHER_BACKENDS = [b for b in BACKENDS if b != "numpy"]
 
 
 def jitter(params: Mapping[str, np.ndarray], rng: np.random.Generator, scale: float = 0.3) -> dict[str, np.ndarray]:

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from block_helpers import fd_errors, grad_errors, jitter
+from block_helpers import OTHER_BACKENDS, fd_errors, grad_errors, jitter
 from conftest import np_
 
 import attention_ref as ar
-from attention_ref.blocks.attention_block import attention_block_forward
 from attention_ref.gradcheck import check_backward, rel_error
 
 FD_TOL = 1e-7
-CHUNKED_TOL = 1e-11  # the issue's bound for tiled vs exact; measured errors are ~1e-15
+# Tiled against exact attention inside a block (normwise relative errors, float64), measured over 20 seeds of
+# these tests on an AMD EPYC (Zen 4, OpenBLAS): outputs and weights ≤ 9.2e-16, gradients ≤ 2.2e-14 (the norm
+# and q weights' gradients are sums with cancellation). The bounds leave a margin of about 10× and 5× for
+# other summation orders (another BLAS, another CPU).
+CHUNKED_TOL = 1e-14
+CHUNKED_GRAD_TOL = 1e-13
 LOCAL_TOL = 1e-12
 
 B, H, W, C, HEADS, GROUPS = 2, 4, 6, 4, 2, 2
@@ -43,12 +47,13 @@ def run_cross(x, context, params, dy=None, **kw):
     return y, cache, ar.cross_attention_backward(dy, cache)
 
 
-def assert_same_block(got, want, tol):
-    """Outputs and every gradient of two (y, cache, grads) runs agree to ``tol`` (k.bias: see grad_errors)."""
+def assert_same_block(got, want, tol, grad_tol=None):
+    """Outputs (to ``tol``) and every gradient (to ``grad_tol``, default ``tol``) of two (y, cache, grads) runs
+    agree (k.bias: see grad_errors)."""
     (y, _, g), (y_ref, _, g_ref) = got, want
     assert rel_error(y, y_ref) <= tol
     errors = grad_errors(g, g_ref)
-    assert max(errors.values()) <= tol, errors
+    assert max(errors.values()) <= (grad_tol or tol), errors
 
 
 # ---------------------------------------------------------------- equal to the exact block
@@ -69,7 +74,7 @@ def test_chunked_self_attention_equals_exact(block_size, masked, rng):
     dy = rng.standard_normal(x.shape)
     exact = run_self(x, params, dy, mask=mask)
     chunked = run_self(x, params, dy, mask=mask, attention="chunked", attention_options={"block_size": block_size})
-    assert_same_block(chunked, exact, CHUNKED_TOL)
+    assert_same_block(chunked, exact, CHUNKED_TOL, CHUNKED_GRAD_TOL)
     cache = chunked[1]
     assert cache.weights is None and "never stores" in cache.weights_note
     assert rel_error(cache.weight_rows(0, N), exact[1].weights) <= CHUNKED_TOL
@@ -86,7 +91,7 @@ def test_chunked_cross_attention_with_context_mask_equals_exact(block_size, rng)
     chunked = run_cross(
         x, context, params, dy, context_mask=keep, attention="chunked", attention_options={"block_size": block_size}
     )
-    assert_same_block(chunked, exact, CHUNKED_TOL)
+    assert_same_block(chunked, exact, CHUNKED_TOL, CHUNKED_GRAD_TOL)
     assert np.all(chunked[2]["context"][~keep] == 0)
     assert rel_error(chunked[1].weight_rows(0, N), exact[1].weights) <= CHUNKED_TOL
 
@@ -117,18 +122,18 @@ def test_neighborhood_self_attention_equals_exact_under_neighborhood_mask(kernel
     assert rel_error(nat[1].weight_rows(0, N), exact[1].weights) <= LOCAL_TOL
 
 
-def test_exact_block_with_all_true_mask_equals_no_mask_and_unbatched_mask(rng):
+def test_exact_block_with_all_true_mask_equals_no_mask_and_a_per_head_mask_broadcasts(rng):
     x, params = self_setup(rng)
     y, cache, g = run_self(x, params)
-    y_m, cache_m, g_m = run_self(x, params, mask=np.ones((HEADS, N, N), bool))
+    y_m, cache_m, g_m = run_self(x, params, mask=np.ones((1, HEADS, N, N), bool))
     np.testing.assert_array_equal(y, y_m)
     assert all(np.array_equal(g[n], g_m[n]) for n in g)
-    # unbatched x with a per-head mask (heads, N, N) equals sample 0 of the batched run
+    # a per-head mask (1, heads, N, N) is the same for every sample: each sample equals its own run
     mask = rng.random((HEADS, N, N)) < 0.5
     y_b, cache_b, _ = run_self(x, params, mask=mask[None])
-    y_u, cache_u, _ = run_self(x[0], params, mask=mask)
-    assert rel_error(y_u, y_b[0]) <= 1e-15
-    assert cache_u.weights.shape == (HEADS, N, N) and np.all(cache_u.weights[~mask] == 0)
+    y_0, cache_0, _ = run_self(x[:1], params, mask=mask[None])
+    assert rel_error(y_0, y_b[:1]) <= 1e-15
+    assert cache_b.weights.shape == (B, HEADS, N, N) and np.all(cache_b.weights[:, ~mask] == 0)
 
 
 # ---------------------------------------------------------------- linear attention: the block restated by hand
@@ -216,20 +221,19 @@ def _fd(options):
 
 
 SELF_FD = [
-    ("exact + mask", "exact", None),
-    ("chunked", "chunked", {"block_size": 3}),
-    ("linear elu", "linear", {"kind": "elu"}),
-    ("linear efficient", "linear", {"kind": "efficient"}),
-    ("window shift", "window", {"window": 2, "shift": 1}),
-    ("neighborhood", "neighborhood", {"kernel": 3}),
+    pytest.param("exact", None, True, id="exact + mask"),
+    pytest.param("chunked", {"block_size": 3}, False, id="chunked"),
+    pytest.param("linear", {"kind": "elu"}, False, id="linear elu"),
+    pytest.param("linear", {"kind": "efficient"}, False, id="linear efficient"),
+    pytest.param("window", {"window": 2, "shift": 1}, False, id="window shift"),
+    pytest.param("neighborhood", {"kernel": 3}, False, id="neighborhood"),
 ]
 
 
-@pytest.mark.parametrize("case", SELF_FD, ids=[c[0] for c in SELF_FD])
-def test_self_attention_variants_match_finite_differences(case, rng):
-    name, attention, options = case
+@pytest.mark.parametrize(("attention", "options", "masked"), SELF_FD)
+def test_self_attention_variants_match_finite_differences(attention, options, masked, rng):
     x, params = self_setup(rng, shape=(2, 4, 4, 4))
-    mask = ar.neighborhood_mask(4, 4, 3) if name == "exact + mask" else None
+    mask = ar.neighborhood_mask(4, 4, 3) if masked else None
 
     def forward(x, **p):
         return ar.self_attention_forward(
@@ -243,15 +247,14 @@ def test_self_attention_variants_match_finite_differences(case, rng):
 
 
 CROSS_FD = [
-    ("chunked", "chunked", {"block_size": 2}),
-    ("linear elu", "linear", {"kind": "elu", "eps": 0.1}),
-    ("linear efficient", "linear", {"kind": "efficient"}),
+    pytest.param("chunked", {"block_size": 2}, id="chunked"),
+    pytest.param("linear", {"kind": "elu", "eps": 0.1}, id="linear elu"),
+    pytest.param("linear", {"kind": "efficient"}, id="linear efficient"),
 ]
 
 
-@pytest.mark.parametrize("case", CROSS_FD, ids=[c[0] for c in CROSS_FD])
-def test_cross_attention_variants_match_finite_differences(case, rng):
-    _, attention, options = case
+@pytest.mark.parametrize(("attention", "options"), CROSS_FD)
+def test_cross_attention_variants_match_finite_differences(attention, options, rng):
     params = jitter(ar.init_cross_attention(4, 3, heads=2, groups=2, rng=2), rng)
     keep = np.array([[True, False, True, True], [False, True, True, True]])
 
@@ -292,7 +295,7 @@ def test_spatial_transformer_with_chunked_self_attention_equals_exact(rng):
     dy = rng.standard_normal(y.shape)
     g, g_c = ar.spatial_transformer_backward(dy, cache), ar.spatial_transformer_backward(dy, cache_c)
     assert rel_error(y_c, y) <= CHUNKED_TOL
-    assert max(grad_errors(g_c, g).values()) <= CHUNKED_TOL
+    assert max(grad_errors(g_c, g).values()) <= CHUNKED_GRAD_TOL
     attn1, attn2 = cache_c.blocks[0].attn1, cache_c.blocks[0].attn2
     assert attn1.weights is None and attn2.weights.shape == (2, 2, 15, 3)  # only the self-attention changed
     assert rel_error(attn1.weight_rows(0, 15), cache.blocks[0].attn1.weights) <= CHUNKED_TOL
@@ -322,7 +325,7 @@ def test_spatial_transformer_init_checks_heads(rng):
 def test_feed_forward_refuses_mixed_dtypes(rng):
     params = {n: p.astype(np.float32) for n, p in ar.init_spatial_transformer(4, 3, heads=2, groups=2, rng=0).items()}
     ff = {n[len("blocks.0.ff.") :]: p for n, p in params.items() if n.startswith("blocks.0.ff.")}
-    with pytest.raises(TypeError, match=r"feed-forward: .* has dtype float32 but x has dtype float64"):
+    with pytest.raises(TypeError, match=r"feed-forward: .* has dtype float32 but the input has dtype float64"):
         ar.geglu_ff_forward(rng.standard_normal((2, 3, 4)), ff)
 
 
@@ -342,32 +345,34 @@ def test_spatial_transformer_with_window_self_attention_matches_finite_differenc
 # ---------------------------------------------------------------- weights
 
 
-def test_weights_api_for_every_variant(rng):
+WEIGHT_CASES = [
+    pytest.param("exact", None, id="exact"),
+    pytest.param("chunked", None, id="chunked"),
+    pytest.param("linear", None, id="linear"),
+    pytest.param("window", {"window": 2}, id="window"),
+    pytest.param("neighborhood", {"kernel": 3}, id="neighborhood"),
+]
+
+
+@pytest.mark.parametrize(("attention", "options"), WEIGHT_CASES)
+def test_weights_api_for_every_variant(attention, options, rng):
     x, params = self_setup(rng)
-    cases = {
-        "exact": None,
-        "chunked": None,
-        "linear": None,
-        "window": {"window": 2},
-        "neighborhood": {"kernel": 3},
-    }
-    for attention, options in cases.items():
-        _, cache, _ = run_self(x[0], params, attention=attention, attention_options=options)  # unbatched
-        assert isinstance(cache.weights_note, str) and attention in cache.weights_note
-        if attention == "exact":
-            assert cache.weights.shape == (HEADS, N, N)
-            np.testing.assert_array_equal(cache.weight_rows(2, 5), cache.weights[:, 2:5])
-            with pytest.raises(ValueError, match="exact attention is a softmax attention with real weights"):
-                cache.implied_weights()
-            continue
+    _, cache, _ = run_self(x[:1], params, attention=attention, attention_options=options)
+    assert isinstance(cache.weights_note, str) and attention in cache.weights_note
+    if attention == "exact":
+        assert cache.weights.shape == (1, HEADS, N, N)
+        np.testing.assert_array_equal(cache.weight_rows(2, 5), cache.weights[:, :, 2:5])
+        with pytest.raises(ValueError, match="exact attention is a softmax attention with real weights"):
+            cache.implied_weights()
+    else:
         assert cache.weights is None
-        if attention == "linear":
-            assert cache.implied_weights().shape == (HEADS, N, N)
-            continue
+    if attention == "linear":
+        assert cache.implied_weights().shape == (1, HEADS, N, N)
+    else:
         rows = cache.weight_rows(2, 5)
-        assert rows.shape == (HEADS, 3, N)  # no B axis for an unbatched x
+        assert rows.shape == (1, HEADS, 3, N)
         np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-14)
-        assert cache.weight_rows(4, 4).shape == (HEADS, 0, N)
+        assert cache.weight_rows(4, 4).shape == (1, HEADS, 0, N)
         with pytest.raises(ValueError, match=r"rows 3:25 are not within the 24 query rows"):
             cache.weight_rows(3, 25)
         with pytest.raises(TypeError, match="start must be an int"):
@@ -380,16 +385,16 @@ def test_weights_api_for_every_variant(rng):
 # ---------------------------------------------------------------- backends
 
 BACKEND_CASES = [
-    ("chunked", {"block_size": 5}),
-    ("linear", {"kind": "elu"}),
-    ("window", {"window": 2, "shift": 1}),
-    ("neighborhood", {"kernel": 3}),
+    pytest.param("chunked", {"block_size": 5}, id="chunked"),
+    pytest.param("linear", {"kind": "elu"}, id="linear"),
+    pytest.param("window", {"window": 2, "shift": 1}, id="window"),
+    pytest.param("neighborhood", {"kernel": 3}, id="neighborhood"),
 ]
 
 
-@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
-def test_variant_blocks_agree_across_backends(case, be, rng):
-    attention, options = case
+@pytest.mark.parametrize("be", OTHER_BACKENDS, indirect=True)
+@pytest.mark.parametrize(("attention", "options"), BACKEND_CASES)
+def test_variant_blocks_agree_across_backends(attention, options, be, rng):
     x, params = self_setup(rng)
     dy = rng.standard_normal(x.shape)
     y_np, cache_np, g_np = run_self(x, params, dy, attention=attention, attention_options=options)
@@ -413,6 +418,7 @@ def test_variant_blocks_agree_across_backends(case, be, rng):
     assert be.is_native(weights) and rel_error(np_(weights), weights_np) <= 1e-12
 
 
+@pytest.mark.parametrize("be", OTHER_BACKENDS, indirect=True)
 def test_cross_attention_variants_with_context_mask_agree_across_backends(be, rng):
     x, context, params = cross_setup(rng)
     keep = np.array([[True, False, True, True, False], [True, True, False, True, True]])
@@ -455,7 +461,7 @@ def test_bad_attention_choices_raise_clear_errors(rng):
         self_attn(attention_options={"block_size": 4})
     with pytest.raises(TypeError, match="attention_options must be a mapping"):
         self_attn(attention="window", attention_options=[("window", 2)])
-    with pytest.raises(ValueError, match=r"self-attention: a 4×6 map cannot be cut into 4×4 windows"):
+    with pytest.raises(ValueError, match=r"a 4×6 map cannot be cut into 4×4 windows"):
         self_attn(attention="window", attention_options={"window": 4})
     with pytest.raises(ValueError, match="shift must satisfy 0 ≤ shift < window"):
         self_attn(attention="window", attention_options={"window": 2, "shift": 2})
@@ -476,11 +482,12 @@ def test_bad_attention_choices_raise_clear_errors(rng):
         self_attn(attention="linear", scale=0.5)
     with pytest.raises(
         ValueError,
-        match=r"self-attention: mask of shape \(3, 24\) does not broadcast to \(B, heads, H·W, H·W\) = \(2, 2, 24, 24",
+        match=r"self-attention: mask of shape \(1, 3, 24, 24\) does not broadcast to \(B, heads, N, M\) = "
+        r"\(2, 2, 24, 24",
     ):
-        self_attn(mask=np.ones((3, N), bool))
-    with pytest.raises(ValueError, match=r"does not broadcast to \(heads, H·W, H·W\) = \(2, 24, 24\)"):
-        ar.self_attention_forward(x[0], params, heads=HEADS, groups=GROUPS, mask=np.ones((1, 2, N, N), bool))
+        self_attn(mask=np.ones((1, 3, N, N), bool))
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 24, 24\) must be \(N, M\) or \(B or 1, heads or 1,"):
+        self_attn(mask=np.ones((2, N, N), bool))
     with pytest.raises(TypeError, match="mask must be a boolean array"):
         self_attn(mask=np.ones((N, N)))
     # cross-attention: keys are tokens, not pixels
@@ -490,8 +497,8 @@ def test_bad_attention_choices_raise_clear_errors(rng):
             match=rf"cross-attention: {attention} attention needs keys on the pixel grid, but these keys are 5 context",
         ):
             cross_attn(attention=attention, attention_options=options)
-    with pytest.raises(ValueError, match="mask is only for self-attention; cross-attention takes context_mask"):
-        attention_block_forward(xc, context, cparams, heads=HEADS, groups=GROUPS, mask=np.ones((N, 5), bool))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mask'"):
+        ar.cross_attention_forward(xc, context, cparams, heads=HEADS, groups=GROUPS, mask=np.ones((N, 5), bool))
     # the spatial transformer names the block
     sparams = ar.init_spatial_transformer(C, 3, heads=HEADS, groups=GROUPS, rng=0)
     with pytest.raises(ValueError, match=r"spatial transformer blocks\.0 attn1: window attention takes window"):

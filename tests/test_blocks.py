@@ -1,37 +1,47 @@
-"""Attention blocks on H×W×C maps: finite differences, identities, backends, bad input (no torch needed)."""
+"""Attention blocks on (B, H, W, C) maps: finite differences, identities, backends, bad input (no torch needed)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from block_helpers import fd_errors, grad_errors, jitter
+from block_helpers import OTHER_BACKENDS, fd_errors, grad_errors, jitter
 from conftest import np_
 
 import attention_ref as ar
-from attention_ref.blocks import ATTENTION_VARIANTS, attend_backward, attend_forward
+from attention_ref.blocks import ATTENTION_VARIANTS, attention_layer
 from attention_ref.gradcheck import check_backward, rel_error
 
 FD_TOL = 1e-7
 
 
-# (name, x shape, heads, groups or None, bias, residual, rescale, scale)
+@dataclass(frozen=True)
+class SelfCase:
+    shape: tuple[int, int, int, int]  # x: (B, H, W, C)
+    heads: int
+    groups: int | None  # None: no group norm
+    bias: bool = True
+    residual: bool = True
+    rescale: float = 1.0
+    scale: float | None = None
+
+
 SELF_CASES = [
-    ("1 head, norm, residual", (2, 3, 5, 4), 1, 2, True, True, 1.0, None),
-    ("2 heads, no norm, no bias", (2, 5, 3, 4), 2, None, False, True, 1.0, None),
-    ("4 heads, no residual, rescale", (1, 3, 3, 8), 4, 4, True, False, 1.7, None),
-    ("3 heads, custom scale, unbatched", (3, 1, 6), 3, 3, True, True, 0.5, 0.9),
+    pytest.param(SelfCase((2, 3, 5, 4), 1, 2), id="1 head, norm, residual"),
+    pytest.param(SelfCase((2, 5, 3, 4), 2, None, bias=False), id="2 heads, no norm, no bias"),
+    pytest.param(SelfCase((1, 3, 3, 8), 4, 4, residual=False, rescale=1.7), id="4 heads, no residual, rescale"),
+    pytest.param(SelfCase((1, 3, 1, 6), 3, 3, rescale=0.5, scale=0.9), id="3 heads, custom scale, one sample"),
 ]
 
 
-@pytest.mark.parametrize("case", SELF_CASES, ids=[c[0] for c in SELF_CASES])
+@pytest.mark.parametrize("case", SELF_CASES)
 def test_self_attention_matches_finite_differences(case, rng):
-    _, shape, heads, groups, bias, residual, rescale, scale = case
+    shape, heads, groups = case.shape, case.heads, case.groups
     C = shape[-1]
-    params = jitter(ar.init_self_attention(C, heads=heads, groups=groups, bias=bias, rng=1), rng)
-    opts = dict(heads=heads, groups=groups or 1, residual=residual, rescale=rescale, scale=scale)
+    params = jitter(ar.init_self_attention(C, heads=heads, groups=groups, bias=case.bias, rng=1), rng)
+    opts = dict(heads=heads, groups=groups or 1, residual=case.residual, rescale=case.rescale, scale=case.scale)
 
     def forward(x, **p):
         return ar.self_attention_forward(x, p, **opts)
@@ -41,20 +51,32 @@ def test_self_attention_matches_finite_differences(case, rng):
     assert max(errs.values()) < FD_TOL, errs
 
 
-# (name, x shape, context shape, heads, groups or None, residual, rescale, mask)
+@dataclass(frozen=True)
+class CrossCase:
+    x_shape: tuple[int, int, int, int]  # (B, H, W, C)
+    context_shape: tuple[int, int, int]  # (B, M, D)
+    heads: int
+    groups: int | None  # None: no group norm
+    residual: bool = True
+    rescale: float = 1.0
+    mask: list | None = None  # context_mask, (B, M) or (M,)
+
+
 CROSS_CASES = [
-    ("2 heads, norm, mask", (2, 3, 5, 4), (2, 4, 3), 2, 2, True, 1.0, [[1, 1, 0, 1], [0, 1, 0, 0]]),
-    ("1 head, no norm, no residual", (2, 1, 3, 6), (2, 5, 2), 1, None, False, 2.0, None),
-    ("3 heads, unbatched, shared mask", (3, 3, 3), (4, 5), 3, None, True, 1.0, [1, 0, 1, 1]),
+    pytest.param(CrossCase((2, 3, 5, 4), (2, 4, 3), 2, 2, mask=[[1, 1, 0, 1], [0, 1, 0, 0]]), id="2 heads, norm, mask"),
+    pytest.param(
+        CrossCase((2, 1, 3, 6), (2, 5, 2), 1, None, residual=False, rescale=2.0), id="1 head, no norm, no res"
+    ),
+    pytest.param(CrossCase((2, 3, 3, 3), (2, 4, 5), 3, None, mask=[1, 0, 1, 1]), id="3 heads, shared mask"),
 ]
 
 
-@pytest.mark.parametrize("case", CROSS_CASES, ids=[c[0] for c in CROSS_CASES])
+@pytest.mark.parametrize("case", CROSS_CASES)
 def test_cross_attention_matches_finite_differences(case, rng):
-    _, xshape, cshape, heads, groups, residual, rescale, mask = case
-    params = jitter(ar.init_cross_attention(xshape[-1], cshape[-1], heads=heads, groups=groups, rng=2), rng)
-    mask = None if mask is None else np.array(mask, dtype=bool)
-    opts = dict(heads=heads, groups=groups or 1, residual=residual, rescale=rescale, context_mask=mask)
+    xshape, cshape, heads = case.x_shape, case.context_shape, case.heads
+    params = jitter(ar.init_cross_attention(xshape[-1], cshape[-1], heads=heads, groups=case.groups, rng=2), rng)
+    mask = None if case.mask is None else np.array(case.mask, dtype=bool)
+    opts = dict(heads=heads, groups=case.groups or 1, residual=case.residual, rescale=case.rescale, context_mask=mask)
 
     def forward(x, context, **p):
         return ar.cross_attention_forward(x, context, p, **opts)
@@ -93,7 +115,7 @@ def test_spatial_transformer_matches_finite_differences(rng):
     assert max(errs.values()) < FD_TOL, errs
 
 
-def test_spatial_transformer_depth_two_and_unbatched_match_finite_differences(rng):
+def test_spatial_transformer_depth_two_one_sample_matches_finite_differences(rng):
     params = jitter(ar.init_spatial_transformer(2, 2, heads=1, groups=1, depth=2, ff_mult=1, rng=4), rng)
     for name in [k for k in params if "norm2" in k]:
         del params[name]  # a layer norm without affine parameters
@@ -101,7 +123,7 @@ def test_spatial_transformer_depth_two_and_unbatched_match_finite_differences(rn
     def forward(x, context):
         return ar.spatial_transformer_forward(x, context, params, heads=1, groups=1, norm_eps=1e-3)
 
-    inputs = {"x": rng.standard_normal((1, 3, 2)), "context": rng.standard_normal((2, 2))}
+    inputs = {"x": rng.standard_normal((1, 1, 3, 2)), "context": rng.standard_normal((1, 2, 2))}
     errs = check_backward(forward, ar.spatial_transformer_backward, inputs)
     assert max(errs.values()) < FD_TOL, errs
     out, cache = forward(**inputs)
@@ -182,51 +204,51 @@ def test_fully_padded_context_gives_zero_attention_without_nan(rng):
     assert all(np.all(np.isfinite(v)) for v in g.values())
 
 
-def test_unbatched_input_equals_batch_of_one(rng):
-    params = jitter(ar.init_cross_attention(4, 3, heads=2, groups=2, rng=10), rng)
-    x, context = rng.standard_normal((3, 5, 4)), rng.standard_normal((6, 3))
-    y, cache = ar.cross_attention_forward(x, context, params, heads=2, groups=2)
-    yb, cacheb = ar.cross_attention_forward(x[None], context[None], params, heads=2, groups=2)
-    assert y.shape == (3, 5, 4) and cache.weights.shape == (2, 15, 6)
-    np.testing.assert_array_equal(y, yb[0])
+def test_map_blocks_are_the_attention_layer_on_the_pixels_as_tokens(rng):
+    """One code path: the map block is the layer on x.reshape(B, H·W, C), token row·W + col, bit for bit."""
+    B, H, W, C, M, D = 2, 3, 5, 4, 6, 3
+    x, context = rng.standard_normal((B, H, W, C)), rng.standard_normal((B, M, D))
+    keep = np.array([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]], dtype=bool)
+    params = jitter(ar.init_cross_attention(C, D, heads=2, groups=2, rng=10), rng)
+    y, cache = ar.cross_attention_forward(x, context, params, heads=2, groups=2, context_mask=keep)
+    options = dict(heads=2, groups=2, eps=1e-6, residual=True, context=context, context_mask=keep)
+    y_tokens, layer = ar.attention_layer_forward(x.reshape(B, H * W, C), params, **options)
+    np.testing.assert_array_equal(y, y_tokens.reshape(B, H, W, C))
+    np.testing.assert_array_equal(cache.weights, layer.weights)
     dy = rng.standard_normal(y.shape)
-    g, gb = ar.cross_attention_backward(dy, cache), ar.cross_attention_backward(dy[None], cacheb)
-    for name in g:
-        np.testing.assert_allclose(g[name], gb[name][0] if name in ("x", "context") else gb[name], rtol=1e-14)
+    g, g_tokens = ar.cross_attention_backward(dy, cache), ar.attention_layer_backward(dy.reshape(B, H * W, C), layer)
+    np.testing.assert_array_equal(g["x"], g_tokens.pop("h").reshape(x.shape))
+    assert all(np.array_equal(g[name], g_tokens[name]) for name in g_tokens)
 
 
-def test_attention_is_routed_through_one_registry(rng, monkeypatch):
-    """Blocks call attention only through blocks.attend: a variant registered there is what they run."""
+def test_blocks_call_exact_attention_directly(rng, monkeypatch):
+    """attention="exact" runs attention_forward / attention_backward from the layer; the registry holds the variants."""
+    assert "exact" not in ATTENTION_VARIANTS
+    assert sorted(ATTENTION_VARIANTS) == ["chunked", "linear", "neighborhood", "window"]
     calls = []
-    exact = ATTENTION_VARIANTS["exact"]
-    exact_forward, exact_backward = exact.forward, exact.backward
+    exact_forward, exact_backward = attention_layer.attention_forward, attention_layer.attention_backward
 
     def spy_forward(q, k, v, **kw):
-        calls.append(("forward", tuple(q.shape), kw["grid"]))
+        calls.append(("forward", tuple(q.shape), tuple(k.shape)))
         return exact_forward(q, k, v, **kw)
 
     def spy_backward(dout, cache):
         calls.append(("backward", tuple(dout.shape), None))
         return exact_backward(dout, cache)
 
-    monkeypatch.setitem(
-        ATTENTION_VARIANTS, "exact", dataclasses.replace(exact, forward=spy_forward, backward=spy_backward)
-    )
+    monkeypatch.setattr(attention_layer, "attention_forward", spy_forward)
+    monkeypatch.setattr(attention_layer, "attention_backward", spy_backward)
     params = ar.init_spatial_transformer(4, 3, heads=2, groups=2, rng=11)
     y, cache = ar.spatial_transformer_forward(
         rng.standard_normal((1, 3, 5, 4)), rng.standard_normal((1, 2, 3)), params, heads=2, groups=2
     )
     ar.spatial_transformer_backward(np.ones_like(y), cache)
     assert calls == [
-        ("forward", (1, 2, 15, 2), (3, 5)),
-        ("forward", (1, 2, 15, 2), (3, 5)),
+        ("forward", (1, 2, 15, 2), (1, 2, 15, 2)),  # attn1: the 15 pixels attend to each other
+        ("forward", (1, 2, 15, 2), (1, 2, 2, 2)),  # attn2: to the 2 context tokens
         ("backward", (1, 2, 15, 2), None),
         ("backward", (1, 2, 15, 2), None),
     ]
-    with pytest.raises(ValueError, match="unknown attention 'nope'"):
-        attend_forward(*(rng.standard_normal((1, 1, 4, 2)),) * 3, grid=(2, 2), attention="nope")
-    out, c = attend_forward(*(rng.standard_normal((1, 1, 4, 2)),) * 3, grid=(2, 2))
-    assert set(attend_backward(out, c)) == {"q", "k", "v"}
 
 
 def test_init_functions_give_documented_keys_and_shapes():
@@ -266,15 +288,15 @@ def test_bad_shapes_raise_value_errors_naming_the_numbers(rng):
         ar.init_self_attention(6, groups=4)
     with pytest.raises(ValueError, match="6 channels are not divisible into 4 heads"):
         ar.init_cross_attention(6, 3, heads=4, groups=3)
-    with pytest.raises(ValueError, match=r"q.weight of shape \(6, 6\) expects 6 input channels but x has 5"):
+    with pytest.raises(ValueError, match=r"q.weight of shape \(6, 6\) expects 6 input channels but the input has 5"):
         ar.self_attention_forward(x[..., :5], params, heads=2, groups=5)
-    with pytest.raises(ValueError, match=r"must be \(B, H, W, C\) or \(H, W, C\), got shape \(30, 6\)"):
+    with pytest.raises(ValueError, match=r"x of shape \(30, 6\) is not a \(B, H, W, C\) map"):
         ar.self_attention_forward(x.reshape(30, 6), params, heads=2, groups=3)
     with pytest.raises(ValueError, match=r"unknown \['to_q.weight'\]"):
         ar.self_attention_forward(x, {**params, "to_q.weight": params["q.weight"]}, heads=2, groups=3)
     with pytest.raises(ValueError, match=r"missing \['out.weight'\]"):
         ar.self_attention_forward(x, {k: v for k, v in params.items() if k != "out.weight"}, heads=2, groups=3)
-    with pytest.raises(TypeError, match=r"q\.weight has dtype float32 but x has dtype float64"):
+    with pytest.raises(TypeError, match=r"q\.weight has dtype float32 but the input has dtype float64"):
         ar.self_attention_forward(x, {**params, "q.weight": params["q.weight"].astype(np.float32)}, heads=2, groups=3)
 
     cparams = ar.init_cross_attention(6, 4, heads=2, groups=3, rng=0)
@@ -282,9 +304,15 @@ def test_bad_shapes_raise_value_errors_naming_the_numbers(rng):
         ValueError, match=r"k.weight of shape \(4, 6\) expects 4 input channels; the context width is 7"
     ):
         ar.cross_attention_forward(x, rng.standard_normal((2, 3, 7)), cparams, heads=2, groups=3)
-    with pytest.raises(ValueError, match=r"context must be \(2, M, D\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"context must be \(B, M, D\) = \(2, M, D\) for x of shape \(2, 3, 5, 6\), got shape \(3, 4\); "
+        r"for one \(M, D\) sequence pass context\[None\]",
+    ):
         ar.cross_attention_forward(x, rng.standard_normal((3, 4)), cparams, heads=2, groups=3)
-    with pytest.raises(ValueError, match=r"context_mask of shape \(2, 5\) should be one of"):
+    with pytest.raises(ValueError, match=r"context must be \(B, M, D\) = \(2, M, D\) .*got shape \(1, 3, 4\)$"):
+        ar.cross_attention_forward(x, rng.standard_normal((1, 3, 4)), cparams, heads=2, groups=3)
+    with pytest.raises(ValueError, match=r"context_mask of shape \(2, 5\) should be one of \[\(3,\), \(2, 3\)\]"):
         ar.cross_attention_forward(
             x, rng.standard_normal((2, 3, 4)), cparams, heads=2, groups=3, context_mask=np.ones((2, 5), bool)
         )
@@ -322,10 +350,42 @@ def test_bad_shapes_raise_value_errors_naming_the_numbers(rng):
 def test_backward_rejects_the_wrong_cache_or_dy(rng):
     x = rng.standard_normal((1, 2, 2, 4))
     y, cache = ar.self_attention_forward(x, ar.init_self_attention(4, groups=2, rng=0), heads=1, groups=2)
-    with pytest.raises(ValueError, match="use self_attention_backward"):
+    with pytest.raises(
+        TypeError,
+        match="cross_attention_backward needs the cache of its own forward, got a AttentionBlockCache; "
+        "pass it to self_attention_backward",
+    ):
         ar.cross_attention_backward(y, cache)
     with pytest.raises(ValueError, match=r"dy of shape \(1, 2, 2, 3\) does not match the output shape \(1, 2, 2, 4\)"):
         ar.self_attention_backward(y[..., :3], cache)
+    with pytest.raises(TypeError, match="dy has dtype float32 but the forward ran in float64"):
+        ar.self_attention_backward(y.astype(np.float32), cache)
+
+
+def test_every_block_backward_names_the_backward_that_matches_a_foreign_cache(rng):
+    """A cache from another forward is a TypeError naming its own backward (it was an AttributeError deep inside)."""
+    x, context = rng.standard_normal((1, 2, 2, 4)), rng.standard_normal((1, 3, 3))
+    sparams = ar.init_spatial_transformer(4, 3, heads=2, groups=2, rng=0)
+    _, st_cache = ar.spatial_transformer_forward(x, context, sparams, heads=2, groups=2)
+    y_layer, layer_cache = ar.attention_layer_forward(x.reshape(1, 4, 4), ar.init_attention_layer(4, rng=0), heads=1)
+    _, attn_cache = ar.attention_forward(*(rng.standard_normal((1, 4, 2)),) * 3)
+    _, linear_cache = ar.linear_forward(x, np.ones((4, 4)))
+    cases = [
+        (ar.self_attention_backward, x, st_cache, "spatial_transformer_backward"),
+        (ar.cross_attention_backward, x, layer_cache, "attention_layer_backward"),
+        (ar.attention_layer_backward, y_layer, st_cache.blocks[0], "transformer_block_backward"),
+        (ar.attention_layer_backward, y_layer, attn_cache, "attention_backward"),
+        (ar.spatial_transformer_backward, x, linear_cache, "linear_backward"),
+        (ar.transformer_block_backward, y_layer, layer_cache, "attention_layer_backward"),
+        (ar.geglu_ff_backward, y_layer, st_cache.blocks[0].attn2, "attention_layer_backward"),
+    ]
+    for backward, dy, cache, right in cases:
+        with pytest.raises(
+            TypeError, match=rf"{backward.__name__} needs the cache of its own forward, .*pass it to {right}"
+        ):
+            backward(dy, cache)
+    with pytest.raises(TypeError, match=r"got a dict$"):
+        ar.self_attention_backward(x, {"x": x})
 
 
 # ---------------------------------------------------------------- backends
@@ -335,6 +395,7 @@ def _to(be, params):
     return {k: be(v) for k, v in params.items()}
 
 
+@pytest.mark.parametrize("be", OTHER_BACKENDS, indirect=True)
 @pytest.mark.parametrize("block", ["self", "cross", "spatial"])
 def test_blocks_agree_across_backends(block, be, rng):
     x = rng.standard_normal((2, 3, 5, 4))

@@ -1,9 +1,16 @@
-"""Attention blocks on channels-last ``H×W×C`` feature maps: self-attention, cross-attention,
-and Stable Diffusion's spatial transformer — each a forward/backward pair.
+"""Attention layers and blocks: the attention layer on ``(B, N, C)`` token sequences (diffusers'
+``Attention``), and built on it, self-attention, cross-attention and Stable Diffusion's spatial
+transformer on channels-last ``(B, H, W, C)`` maps — each a forward/backward pair.
 """
 
-from .attend import ATTENTION_VARIANTS, AttendCache, AttentionVariant, attend_backward, attend_forward
+from .attend import ATTENTION_VARIANTS, AttentionVariant, VariantCache
 from .attention_block import AttentionBlockCache
+from .attention_layer import (
+    AttentionLayerCache,
+    attention_layer_backward,
+    attention_layer_forward,
+    init_attention_layer,
+)
 from .cross_attention import cross_attention_backward, cross_attention_forward, init_cross_attention
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
 from .self_attention import init_self_attention, self_attention_backward, self_attention_forward
@@ -17,18 +24,20 @@ from .transformer_block import TransformerBlockCache, transformer_block_backward
 
 __all__ = [
     "ATTENTION_VARIANTS",
-    "AttendCache",
-    "AttentionVariant",
     "AttentionBlockCache",
+    "AttentionLayerCache",
+    "AttentionVariant",
     "GegluFeedForwardCache",
     "SpatialTransformerCache",
     "TransformerBlockCache",
-    "attend_backward",
-    "attend_forward",
+    "VariantCache",
+    "attention_layer_backward",
+    "attention_layer_forward",
     "cross_attention_backward",
     "cross_attention_forward",
     "geglu_ff_backward",
     "geglu_ff_forward",
+    "init_attention_layer",
     "init_cross_attention",
     "init_self_attention",
     "init_spatial_transformer",

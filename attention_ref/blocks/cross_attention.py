@@ -5,9 +5,9 @@ r"""The cross-attention block: every pixel of an ``H×W×C`` map attends to ``M`
     Q = h W_q + b_q, \quad K = c\, W_k + b_k, \quad V = c\, W_v + b_v, \quad
     y = \big(x + \operatorname{softmax}(\text{scale}\cdot QK^\top) V\, W_o + b_o\big) / \text{rescale}
 
-per head, with ``h = GroupNorm(x)`` (or ``x``) and ``c`` the context. The
-formulas, shapes and the backward derivation are in
-:mod:`attention_ref.blocks.attention_block`.
+per head, with ``h = GroupNorm(x)`` (or ``x``) and ``c`` the context: the attention layer
+(:func:`attention_ref.attention_layer_forward`, where the formulas, shapes and the backward
+derivation are) on the map's pixels as tokens, pixel ``(row, col)`` being token ``row·W + col``.
 
 ``attention="chunked"`` or ``"linear"`` replaces the per-head softmax attention;
 window and neighborhood attention need keys on the pixel grid and so do not
@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .attention_block import AttentionBlockCache, attention_block_backward, attention_block_forward
+from ..backend import Array, namespace
+from .attention_block import AttentionBlockCache, check_map, map_block_backward
+from .attention_layer import attention_layer_forward
+from .caches import require_cache
 from .params import init_linear, init_norm
 
 __all__ = ["cross_attention_backward", "cross_attention_forward", "init_cross_attention"]
@@ -65,9 +68,9 @@ def init_cross_attention(
 
 
 def cross_attention_forward(
-    x: Any,
-    context: Any,
-    params: Mapping[str, Any],
+    x: Array,
+    context: Array,
+    params: Mapping[str, Array],
     *,
     heads: int,
     groups: int = 32,
@@ -75,15 +78,16 @@ def cross_attention_forward(
     residual: bool = True,
     rescale: float = 1.0,
     scale: float | None = None,
-    context_mask: Any | None = None,
+    context_mask: Array | None = None,
     attention: str = "exact",
     attention_options: Mapping[str, Any] | None = None,
-) -> tuple[Any, AttentionBlockCache]:
+) -> tuple[Array, AttentionBlockCache]:
     """Cross-attention from the pixels of a channels-last map to a sequence of context tokens.
 
     Inputs:
-        x: ``(B, H, W, C)`` or ``(H, W, C)``, real floating.
-        context: ``(B, M, D)`` for a batched ``x``, ``(M, D)`` for an unbatched one; x's dtype.
+        x: ``(B, H, W, C)``, real floating. (A 3-D array is refused: one ``(H, W, C)`` map is
+            ``x[None]``; ``(B, N, C)`` token sequences go to :func:`attention_ref.attention_layer_forward`.)
+        context: ``(B, M, D)``, x's dtype (one ``(M, D)`` sequence is ``context[None]``).
         params: as for :func:`attention_ref.self_attention_forward`, but ``"k.weight"`` and
             ``"v.weight"`` are ``(D, inner)``.
         heads, groups, eps, residual, rescale, scale: as for :func:`attention_ref.self_attention_forward`.
@@ -97,47 +101,54 @@ def cross_attention_forward(
         attention_options: as for :func:`attention_ref.self_attention_forward`.
 
     Returns:
-        y: like ``x`` with ``C_out`` channels.
+        y: ``(B, H, W, C_out)``.
         cache: :class:`~attention_ref.blocks.AttentionBlockCache`; with ``"exact"``, ``cache.weights`` is
-            ``(B, heads, H·W, M)`` (no ``B`` axis when ``x`` had none); otherwise ``None``, see
-            ``cache.weights_note``, ``cache.weight_rows`` (chunked) and ``cache.implied_weights()`` (linear).
+            ``(B, heads, H·W, M)``; otherwise ``None``, see ``cache.weights_note``, ``cache.weight_rows``
+            (chunked) and ``cache.implied_weights()`` (linear).
 
     Raises:
-        ValueError naming the numbers for a context width that does not match ``"k.weight"``,
-        channels that do not divide into groups or heads, mismatched shapes, or an attention
-        that cannot run on context tokens.
+        ValueError naming the shapes for an ``x`` that is not ``(B, H, W, C)``, a context that is not
+        ``(B, M, D)`` or has no tokens, a context width that does not match ``"k.weight"``, channels
+        that do not divide into groups or heads, or an attention that cannot run on context tokens.
     """
     if context is None:
         raise ValueError("cross-attention needs a context; use self_attention_forward for self-attention")
-    return attention_block_forward(
-        x,
-        context,
+    B, H, W, C = check_map("cross-attention", x, context)
+    xp = namespace(x)
+    # pixel (row, col) is token row·W + col   (B, N, C)
+    h = xp.reshape(x, (B, H * W, C))
+    # the attention layer from the tokens to the context   (B, N, C_out)
+    y, layer = attention_layer_forward(
+        h,
         params,
         heads=heads,
+        context=context,
+        context_mask=context_mask,
         groups=groups,
         eps=eps,
         residual=residual,
         rescale=rescale,
         scale=scale,
-        context_mask=context_mask,
         attention=attention,
         attention_options=attention_options,
+        grid=(H, W),
         where="cross-attention",
     )
+    # back on the map   (B, H, W, C_out)
+    y = xp.reshape(y, (B, H, W, y.shape[-1]))
+    return y, AttentionBlockCache(layer=layer, x_shape=(B, H, W, C))
 
 
-def cross_attention_backward(dy: Any, cache: AttentionBlockCache) -> dict[str, Any]:
+def cross_attention_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, Array]:
     """Gradients of :func:`cross_attention_forward`.
 
     Inputs:
-        dy: ``(B, H, W, C_out)`` (or ``(H, W, C_out)`` for an unbatched ``x``), the gradient of the loss
-            with respect to the block's output.
+        dy: ``(B, H, W, C_out)``, the gradient of the loss with respect to the block's output.
         cache: from :func:`cross_attention_forward`.
 
     Returns:
-        ``{"x": x's shape, "context": context's shape}`` plus one entry per key of ``params``.
+        ``{"x": (B, H, W, C), "context": (B, M, D)}`` plus one entry per key of ``params``.
         Padded context tokens get exactly 0.
     """
-    if cache.context_shape is None:
-        raise ValueError("this cache comes from self_attention_forward; use self_attention_backward")
-    return attention_block_backward(dy, cache)
+    require_cache(cache, AttentionBlockCache, "cross_attention_backward")
+    return map_block_backward(dy, cache)

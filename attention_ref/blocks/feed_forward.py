@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 from ..ops.gelu import GegluCache, geglu_backward, geglu_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
+from .caches import require_cache
 from .params import check_keys, check_param_dtypes
 
 __all__ = ["GegluFeedForwardCache", "geglu_ff_backward", "geglu_ff_forward"]
@@ -30,7 +30,7 @@ class GegluFeedForwardCache:
     out: LinearCache
 
 
-def geglu_ff_forward(x: Any, params: Mapping[str, Any]) -> tuple[Any, GegluFeedForwardCache]:
+def geglu_ff_forward(x: Array, params: Mapping[str, Array]) -> tuple[Array, GegluFeedForwardCache]:
     """Linear → GEGLU → linear.
 
     Inputs:
@@ -60,7 +60,7 @@ def geglu_ff_forward(x: Any, params: Mapping[str, Any]) -> tuple[Any, GegluFeedF
     return y, GegluFeedForwardCache(proj=proj_cache, geglu=geglu_cache, out=out_cache)
 
 
-def geglu_ff_backward(dy: Any, cache: GegluFeedForwardCache) -> dict[str, Any]:
+def geglu_ff_backward(dy: Array, cache: GegluFeedForwardCache) -> dict[str, Array]:
     """Gradients of :func:`geglu_ff_forward`.
 
     Inputs:
@@ -71,7 +71,8 @@ def geglu_ff_backward(dy: Any, cache: GegluFeedForwardCache) -> dict[str, Any]:
         ``{"x": (..., C), "proj.weight": (C, 2F), "proj.bias": (2F,), "out.weight": (F, C),
         "out.bias": (C,)}`` (bias keys only when the forward had them).
     """
-    grads: dict[str, Any] = {}
+    require_cache(cache, GegluFeedForwardCache, "geglu_ff_backward")
+    grads: dict[str, Array] = {}
     g_out = linear_backward(dy, cache.out)
     grads["out.weight"] = g_out["W"]
     if "b" in g_out:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import Array
+
 __all__ = [
     "check_keys",
     "check_param_dtypes",
@@ -59,7 +61,7 @@ def init_norm(params: dict[str, np.ndarray], name: str, channels: int, *, dtype:
     params[f"{name}.bias"] = np.zeros(channels, dtype=dt)
 
 
-def check_keys(params: Mapping[str, Any], *, required: Iterable[str], optional: Iterable[str], where: str) -> None:
+def check_keys(params: Mapping[str, Array], *, required: Iterable[str], optional: Iterable[str], where: str) -> None:
     """``ValueError`` naming the keys that are missing from ``params`` or that the block does not know."""
     required, optional = list(required), list(optional)
     missing = [k for k in required if k not in params]
@@ -73,18 +75,18 @@ def check_keys(params: Mapping[str, Any], *, required: Iterable[str], optional: 
         raise ValueError(f"{where} params: {'; '.join(parts)} (expected {required}, optionally {optional})")
 
 
-def check_param_dtypes(x: Any, params: Mapping[str, Any], where: str) -> None:
+def check_param_dtypes(x: Array, params: Mapping[str, Array], where: str) -> None:
     """``TypeError`` unless every parameter has ``x``'s dtype (nothing is promoted silently)."""
     for name, p in params.items():
         if p.dtype != x.dtype:
-            raise TypeError(f"{where}: {name} has dtype {p.dtype} but x has dtype {x.dtype}")
+            raise TypeError(f"{where}: {name} has dtype {p.dtype} but the input has dtype {x.dtype}")
 
 
-def sub_params(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def sub_params(params: Mapping[str, Array], prefix: str) -> dict[str, Array]:
     """The entries of ``params`` under ``prefix`` (e.g. ``"attn1."``), with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
 
 
-def prefixed(grads: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def prefixed(grads: Mapping[str, Array], prefix: str) -> dict[str, Array]:
     """``grads`` with ``prefix`` put in front of every key (the inverse of :func:`sub_params`)."""
     return {prefix + k: v for k, v in grads.items()}

@@ -7,8 +7,9 @@ Every pixel attends to every pixel:
     h = \operatorname{GroupNorm}(x), \quad Q, K, V = h W_{q,k,v} + b_{q,k,v}, \quad
     y = \big(x + \operatorname{softmax}(\text{scale}\cdot QK^\top) V\, W_o + b_o\big) / \text{rescale}
 
-per head. The formulas, shapes and the backward derivation are in
-:mod:`attention_ref.blocks.attention_block`.
+per head: the attention layer (:func:`attention_ref.attention_layer_forward`, where the formulas,
+shapes and the backward derivation are) on the map's pixels as tokens, pixel ``(row, col)``
+being token ``row·W + col``.
 
 At high resolution the ``(H·W)²`` softmax can be swapped for another attention
 (``attention="chunked" | "linear" | "window" | "neighborhood"``, see
@@ -22,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .attention_block import AttentionBlockCache, attention_block_backward, attention_block_forward
+from ..backend import Array, namespace
+from .attention_block import AttentionBlockCache, check_map, map_block_backward
+from .attention_layer import attention_layer_forward
+from .caches import require_cache
 from .params import init_linear, init_norm
 
 __all__ = ["init_self_attention", "self_attention_backward", "self_attention_forward"]
@@ -69,8 +73,8 @@ def init_self_attention(
 
 
 def self_attention_forward(
-    x: Any,
-    params: Mapping[str, Any],
+    x: Array,
+    params: Mapping[str, Array],
     *,
     heads: int,
     groups: int = 32,
@@ -78,14 +82,15 @@ def self_attention_forward(
     residual: bool = True,
     rescale: float = 1.0,
     scale: float | None = None,
-    mask: Any | None = None,
+    mask: Array | None = None,
     attention: str = "exact",
     attention_options: Mapping[str, Any] | None = None,
-) -> tuple[Any, AttentionBlockCache]:
+) -> tuple[Array, AttentionBlockCache]:
     """Self-attention over the pixels of a channels-last feature map.
 
     Inputs:
-        x: ``(B, H, W, C)`` or ``(H, W, C)``, real floating.
+        x: ``(B, H, W, C)``, real floating. (A 3-D array is refused: one ``(H, W, C)`` map is
+            ``x[None]``; ``(B, N, C)`` token sequences go to :func:`attention_ref.attention_layer_forward`.)
         params: ``"q.weight"``, ``"k.weight"``, ``"v.weight"`` ``(C, inner)``, ``"out.weight"``
             ``(inner, C_out)``; optional ``"q.bias"``, ``"k.bias"``, ``"v.bias"`` ``(inner,)``,
             ``"out.bias"`` ``(C_out,)``, ``"norm.weight"``, ``"norm.bias"`` ``(C,)``. All of x's dtype
@@ -95,11 +100,11 @@ def self_attention_forward(
         residual: add ``x`` to the output (needs ``C_out = C``).
         rescale: the output is divided by it (diffusers' ``rescale_output_factor``).
         scale: multiplies ``q kᵀ``; default ``1/sqrt(d)`` (linear attention has none: leave it ``None``).
-        mask: boolean, broadcastable to ``(B, heads, H·W, H·W)`` (``(heads, H·W, H·W)`` for an unbatched
-            ``x``); True = query pixel ``row·W + col`` may attend to key pixel ``row'·W + col'``. Taken by
-            ``"exact"`` and ``"chunked"`` (sliced per tile); ``"linear"`` takes only a key mask
-            (shape ``(..., 1, H·W)``); ``"window"`` and ``"neighborhood"`` take none (ValueError).
-            E.g. ``attention_ref.window_mask(H, W, 4, 2)`` makes exact attention equal ``"window"``.
+        mask: boolean, broadcastable to ``(B, heads, H·W, H·W)``; True = query pixel ``row·W + col`` may
+            attend to key pixel ``row'·W + col'``. Taken by ``"exact"`` and ``"chunked"`` (sliced per tile);
+            ``"linear"`` takes only a key mask (shape ``(..., 1, H·W)``); ``"window"`` and
+            ``"neighborhood"`` take none (ValueError). E.g. ``attention_ref.window_mask(H, W, 4, 2)``
+            makes exact attention equal ``"window"``.
         attention: the per-head attention: ``"exact"`` (default), ``"chunked"`` (the same result,
             O(H·W) memory), ``"linear"``, ``"window"`` (Swin), ``"neighborhood"`` (NATTEN).
         attention_options: that attention's options, as a mapping: ``"chunked"``: ``block_size``;
@@ -108,45 +113,53 @@ def self_attention_forward(
             ``attention="window", attention_options={"window": 8, "shift": 4}``.
 
     Returns:
-        y: ``(B, H, W, C_out)`` or ``(H, W, C_out)``, like ``x``.
+        y: ``(B, H, W, C_out)``.
         cache: :class:`~attention_ref.blocks.AttentionBlockCache`. With ``"exact"``, ``cache.weights`` is
-            ``(B, heads, H·W, H·W)`` (no ``B`` axis when ``x`` had none), token ``row·W + col``; the other
-            attentions store no such matrix, so ``cache.weights`` is ``None`` and ``cache.weights_note``
-            says why; ``cache.weight_rows(start, stop)`` gives dense rows for every attention but linear,
+            ``(B, heads, H·W, H·W)``, token ``row·W + col``; the other attentions store no such matrix,
+            so ``cache.weights`` is ``None`` and ``cache.weights_note`` says why;
+            ``cache.weight_rows(start, stop)`` gives dense rows for every attention but linear,
             ``cache.implied_weights()`` linear attention's equivalent matrix.
 
     Raises:
-        ValueError naming the numbers when channels do not divide into groups or heads, or
-        a parameter's shape does not fit, or for an unknown attention, unknown or missing options, or a
-        mask the attention cannot take; TypeError for mixed dtypes.
+        ValueError naming the shapes for an ``x`` that is not ``(B, H, W, C)``, an empty map or batch,
+        channels that do not divide into groups or heads, a parameter whose shape does not fit, an
+        unknown attention, unknown or missing options, or a mask the attention cannot take;
+        TypeError for mixed dtypes.
     """
-    return attention_block_forward(
-        x,
-        None,
+    B, H, W, C = check_map("self-attention", x)
+    xp = namespace(x)
+    # pixel (row, col) is token row·W + col   (B, N, C)
+    h = xp.reshape(x, (B, H * W, C))
+    # the attention layer on the tokens; the grid places them on the map for window/neighborhood   (B, N, C_out)
+    y, layer = attention_layer_forward(
+        h,
         params,
         heads=heads,
+        mask=mask,
         groups=groups,
         eps=eps,
         residual=residual,
         rescale=rescale,
         scale=scale,
-        mask=mask,
         attention=attention,
         attention_options=attention_options,
+        grid=(H, W),
         where="self-attention",
     )
+    # back on the map   (B, H, W, C_out)
+    y = xp.reshape(y, (B, H, W, y.shape[-1]))
+    return y, AttentionBlockCache(layer=layer, x_shape=(B, H, W, C))
 
 
-def self_attention_backward(dy: Any, cache: AttentionBlockCache) -> dict[str, Any]:
+def self_attention_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, Array]:
     """Gradients of :func:`self_attention_forward`.
 
     Inputs:
-        dy: the output's shape.
+        dy: ``(B, H, W, C_out)``, the gradient of the loss with respect to the block's output.
         cache: from :func:`self_attention_forward`.
 
     Returns:
-        ``{"x": x's shape}`` plus one entry per key of ``params``, each in that parameter's shape.
+        ``{"x": (B, H, W, C)}`` plus one entry per key of ``params``, each in that parameter's shape.
     """
-    if cache.context_shape is not None:
-        raise ValueError("this cache comes from cross_attention_forward; use cross_attention_backward")
-    return attention_block_backward(dy, cache)
+    require_cache(cache, AttentionBlockCache, "self_attention_backward")
+    return map_block_backward(dy, cache)

@@ -4,7 +4,7 @@ On a map ``x`` of ``H×W`` pixels with ``C`` channels and a context of ``M`` tok
 
 .. math::
     h &= \operatorname{GroupNorm}(x) \quad(\epsilon = 10^{-6}) \\
-    t &= h W_{in} + b_{in} \quad (B, H, W, \text{inner}) \\
+    t &= h W_{in} + b_{in} \quad (B, H·W, \text{inner}), \text{ pixel } (r, c) \text{ being token } r·W + c \\
     t &\leftarrow \operatorname{TransformerBlock}_i(t, \text{context}) \quad i = 0 \dots \text{depth}-1 \\
     y &= x + t W_{out} + b_{out}
 
@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 from ..ops.group_norm import GroupNormCache, group_norm_backward, group_norm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
+from .attention_block import check_map
+from .attention_layer import check_dout
+from .caches import require_cache
 from .params import check_param_dtypes, init_linear, init_norm, prefixed, sub_params
 from .transformer_block import TransformerBlockCache, transformer_block_backward, transformer_block_forward
 
@@ -59,8 +61,8 @@ class SpatialTransformerCache:
     proj_in: LinearCache
     blocks: tuple[TransformerBlockCache, ...]
     proj_out: LinearCache
-    x_shape: tuple[int, ...]
-    context_shape: tuple[int, ...]
+    x_shape: tuple[int, int, int, int]  # (B, H, W, C)
+    context_shape: tuple[int, int, int]  # (B, M, D)
 
 
 def init_spatial_transformer(
@@ -128,7 +130,7 @@ def init_spatial_transformer(
     return params
 
 
-def _depth(params: Mapping[str, Any]) -> int:
+def _depth(params: Mapping[str, Array]) -> int:
     """The number of transformer blocks in ``params``; ``ValueError`` for unknown keys or gaps."""
     indices = set()
     unknown = []
@@ -146,25 +148,45 @@ def _depth(params: Mapping[str, Any]) -> int:
     return len(indices)
 
 
+def _check_transformer_inputs(x: Array, context: Array, params: Mapping[str, Array], groups: int) -> int:
+    """The number of transformer blocks; ``ValueError`` / ``TypeError`` for inputs that do not fit."""
+    if context is None:
+        raise ValueError("spatial transformer: a context is required")
+    B, H, W, C = check_map("spatial transformer", x, context)
+    depth = _depth(params)
+    check_param_dtypes(x, params, "spatial transformer")
+    if groups < 1 or C % groups != 0:
+        raise ValueError(f"spatial transformer: {C} channels are not divisible into {groups} groups")
+    if B == 0 or H * W == 0 or context.shape[1] == 0:
+        raise ValueError(
+            f"spatial transformer: x of shape {tuple(x.shape)} and context of shape {tuple(context.shape)}: needs at "
+            "least one sample, one query token and one key token (B, N, M ≥ 1)"
+        )
+    C_out = params["proj_out.weight"].shape[-1]
+    if C_out != C:
+        raise ValueError(f"spatial transformer: proj_out returns {C_out} channels, the residual needs {C}")
+    return depth
+
+
 def spatial_transformer_forward(
-    x: Any,
-    context: Any,
-    params: Mapping[str, Any],
+    x: Array,
+    context: Array,
+    params: Mapping[str, Array],
     *,
     heads: int,
     groups: int = 32,
     eps: float = 1e-6,
     norm_eps: float = 1e-5,
     scale: float | None = None,
-    context_mask: Any | None = None,
+    context_mask: Array | None = None,
     self_attention: str = "exact",
     self_attention_options: Mapping[str, Any] | None = None,
-) -> tuple[Any, SpatialTransformerCache]:
+) -> tuple[Array, SpatialTransformerCache]:
     """The Stable Diffusion spatial transformer on a channels-last map.
 
     Inputs:
-        x: ``(B, H, W, C)`` or ``(H, W, C)``, real floating.
-        context: ``(B, M, D)`` (or ``(M, D)`` for an unbatched ``x``).
+        x: ``(B, H, W, C)``, real floating (one ``(H, W, C)`` map is ``x[None]``).
+        context: ``(B, M, D)``.
         params: as returned by :func:`init_spatial_transformer` (x's dtype and backend).
         heads: attention heads of every block.
         groups, eps: the outer group norm (Stable Diffusion: 32 groups, eps 1e-6).
@@ -178,61 +200,38 @@ def spatial_transformer_forward(
             cross-attention ``attn2`` (``H·W × M``) stays exact.
 
     Returns:
-        y: like ``x``.
+        y: ``(B, H, W, C)``.
         cache: :class:`SpatialTransformerCache`.
     """
-    xp = namespace(x, context, context_mask, *params.values())
-    require_floating(xp, "x", x)
-    if x.ndim not in (3, 4):
-        raise ValueError(f"spatial transformer: x must be (B, H, W, C) or (H, W, C), got shape {tuple(x.shape)}")
-    if context is None:
-        raise ValueError("spatial transformer: a context is required")
-    depth = _depth(params)
-    check_param_dtypes(x, params, "spatial transformer")
-    batched = x.ndim == 4
-    xb = x if batched else xp.reshape(x, (1, *x.shape))  # (B, H, W, C)
-    if context.ndim != (3 if batched else 2):
-        want = "(B, M, D)" if batched else "(M, D)"
-        raise ValueError(
-            f"spatial transformer: context must be {want} for x of shape {tuple(x.shape)}, got {tuple(context.shape)}"
-        )
-    cb = context if batched else xp.reshape(context, (1, *context.shape))  # (B, M, D)
-    C = xb.shape[-1]
-    if groups < 1 or C % groups != 0:
-        raise ValueError(f"spatial transformer: {C} channels are not divisible into {groups} groups")
-
+    depth = _check_transformer_inputs(x, context, params, groups)
+    xp = namespace(x)
+    B, H, W, C = x.shape
     # h = GroupNorm(x)   (B, H, W, C)
-    h, norm_cache = group_norm_forward(xb, params["norm.weight"], params["norm.bias"], groups=groups, eps=eps)
-    B, H, W, _ = xb.shape
-    # t = h W_in + b_in   (B, N, inner) on the tokens, then as a map (B, H, W, inner)
+    h, norm_cache = group_norm_forward(x, params["norm.weight"], params["norm.bias"], groups=groups, eps=eps)
+    # t = h W_in + b_in on the tokens, pixel (row, col) being token row·W + col   (B, N, inner)
     t, in_cache = linear_forward(xp.reshape(h, (B, H * W, C)), params["proj_in.weight"], params.get("proj_in.bias"))
-    t = xp.reshape(t, (B, H, W, t.shape[-1]))
     block_caches = []
     for i in range(depth):
+        # t ← TransformerBlock_i(t, context)   (B, N, inner)
         t, c = transformer_block_forward(
             t,
-            cb,
+            context,
             sub_params(params, f"blocks.{i}."),
             heads=heads,
             norm_eps=norm_eps,
             scale=scale,
             context_mask=context_mask,
+            grid=(H, W),
             self_attention=self_attention,
             self_attention_options=self_attention_options,
             where=f"spatial transformer blocks.{i}",
         )
         block_caches.append(c)
-    # p = t W_out + b_out   (B, N, C), then as a map (B, H, W, C)
-    p, out_cache = linear_forward(
-        xp.reshape(t, (B, H * W, t.shape[-1])), params["proj_out.weight"], params.get("proj_out.bias")
-    )
-    if p.shape[-1] != C:
-        raise ValueError(f"spatial transformer: proj_out returns {p.shape[-1]} channels, the residual needs {C}")
+    # p = t W_out + b_out   (B, N, C), then back on the map (B, H, W, C)
+    p, out_cache = linear_forward(t, params["proj_out.weight"], params.get("proj_out.bias"))
     p = xp.reshape(p, (B, H, W, C))
     # y = x + p
-    y = xb + p
-    if not batched:
-        y = xp.reshape(y, tuple(x.shape))
+    y = x + p
     cache = SpatialTransformerCache(
         norm=norm_cache,
         proj_in=in_cache,
@@ -244,29 +243,27 @@ def spatial_transformer_forward(
     return y, cache
 
 
-def spatial_transformer_backward(dy: Any, cache: SpatialTransformerCache) -> dict[str, Any]:
+def spatial_transformer_backward(dy: Array, cache: SpatialTransformerCache) -> dict[str, Array]:
     """Gradients of :func:`spatial_transformer_forward`.
 
     Inputs:
-        dy: like ``x``, ``(B, H, W, C)`` or ``(H, W, C)``: the gradient of the loss with respect to ``y``.
+        dy: ``(B, H, W, C)``, the gradient of the loss with respect to ``y``.
         cache: :class:`SpatialTransformerCache` from :func:`spatial_transformer_forward`.
 
     Returns:
-        ``{"x": like x, "context": like context}`` plus one entry per params key, shaped like it.
+        ``{"x": (B, H, W, C), "context": (B, M, D)}`` plus one entry per params key, shaped like it.
     """
+    require_cache(cache, SpatialTransformerCache, "spatial_transformer_backward")
+    check_dout(dy, cache.x_shape, cache.proj_in.x.dtype)
     xp = namespace(dy)
-    if tuple(dy.shape) != cache.x_shape:
-        raise ValueError(f"dy of shape {tuple(dy.shape)} does not match the output shape {cache.x_shape}")
-    batched = len(cache.x_shape) == 4
-    dyb = dy if batched else xp.reshape(dy, (1, *dy.shape))  # (B, H, W, C)
-    grads: dict[str, Any] = {}
-    B, H, W, C = dyb.shape
+    grads: dict[str, Array] = {}
+    B, H, W, C = dy.shape
     # p = t W_out + b_out
-    g = linear_backward(xp.reshape(dyb, (B, H * W, C)), cache.proj_out)
+    g = linear_backward(xp.reshape(dy, (B, H * W, C)), cache.proj_out)
     grads["proj_out.weight"] = g["W"]
     if "b" in g:
         grads["proj_out.bias"] = g["b"]
-    dt = xp.reshape(g["x"], (B, H, W, g["x"].shape[-1]))  # (B, H, W, inner)
+    dt = g["x"]  # (B, N, inner)
     dcontext = None
     for i in reversed(range(len(cache.blocks))):
         gb = transformer_block_backward(dt, cache.blocks[i])
@@ -276,13 +273,13 @@ def spatial_transformer_backward(dy: Any, cache: SpatialTransformerCache) -> dic
         dcontext = dc if dcontext is None else dcontext + dc
         grads.update(prefixed(gb, f"blocks.{i}."))
     # t = h W_in + b_in
-    g = linear_backward(xp.reshape(dt, (B, H * W, dt.shape[-1])), cache.proj_in)
+    g = linear_backward(dt, cache.proj_in)
     grads["proj_in.weight"] = g["W"]
     if "b" in g:
         grads["proj_in.bias"] = g["b"]
     gn = group_norm_backward(xp.reshape(g["x"], (B, H, W, C)), cache.norm)
     grads["norm.weight"], grads["norm.bias"] = gn["weight"], gn["bias"]
     # y = x + p   ⇒   dx = dy + GroupNormᵀ dh
-    grads["x"] = xp.reshape(gn["x"] + dyb, cache.x_shape)
-    grads["context"] = xp.reshape(dcontext, cache.context_shape)
+    grads["x"] = gn["x"] + dy
+    grads["context"] = dcontext
     return grads

@@ -1,15 +1,14 @@
 r"""One transformer block of Stable Diffusion's spatial transformer (diffusers' ``BasicTransformerBlock``).
 
-On a map ``h`` of ``H×W`` pixels with ``C`` channels (already projected in), pre-norm residual steps:
+On ``N`` tokens ``h`` of width ``C`` (a map's pixels, already projected in), pre-norm residual steps:
 
 .. math::
     h &\leftarrow h + \operatorname{SelfAttn}(\operatorname{LN}_1(h)) \\
     h &\leftarrow h + \operatorname{CrossAttn}(\operatorname{LN}_2(h), \text{context}) \\
     h &\leftarrow h + \operatorname{FF}_{\text{GEGLU}}(\operatorname{LN}_3(h))
 
-Both attentions are :func:`attention_ref.self_attention_forward` /
-:func:`attention_ref.cross_attention_forward` without their own norm and
-residual. Backward: each residual step ``h' = h + f(LN(h))`` gives
+Both attentions are :func:`attention_ref.attention_layer_forward` without a norm or residual of
+their own. Backward: each residual step ``h' = h + f(LN(h))`` gives
 ``dh = dh' + LN_backward(f_backward(dh'))``, taken in reverse order.
 """
 
@@ -19,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..backend import namespace
+from ..backend import Array
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
-from .attention_block import AttentionBlockCache, attention_block_backward, attention_block_forward
+from .attention_layer import AttentionLayerCache, attention_layer_backward, attention_layer_forward, check_dout
+from .caches import require_cache
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
 from .params import prefixed, sub_params
 
@@ -33,45 +33,50 @@ _NORMS = ("norm1", "norm2", "norm3")
 @dataclass(frozen=True)
 class TransformerBlockCache:
     norm1: LayerNormCache
-    attn1: AttentionBlockCache  # self-attention; attn1.weights is (B, heads, N, N) (None unless exact)
+    attn1: AttentionLayerCache  # self-attention; attn1.weights is (B, heads, N, N) (None unless exact)
     norm2: LayerNormCache
-    attn2: AttentionBlockCache  # cross-attention; attn2.weights is (B, heads, N, M)
+    attn2: AttentionLayerCache  # cross-attention; attn2.weights is (B, heads, N, M)
     norm3: LayerNormCache
     ff: GegluFeedForwardCache
 
 
-def _layer_norm(h: Any, params: Mapping[str, Any], name: str, eps: float, where: str) -> tuple[Any, LayerNormCache]:
+def _layer_norm(h: Array, params: Mapping[str, Array], name: str, eps: float, where: str) -> tuple[Array, Any]:
     """``LN(h)`` with the affine parameters ``name.weight`` / ``name.bias`` when present."""
     if f"{name}.bias" in params and f"{name}.weight" not in params:
         raise ValueError(f"{where}: {name}.bias is given without {name}.weight")
     return layer_norm_forward(h, params.get(f"{name}.weight"), params.get(f"{name}.bias"), eps=eps)
 
 
-def _check_block_keys(params: Mapping[str, Any], where: str) -> None:
-    """``ValueError`` naming keys that belong to none of the block's layers."""
+def _check_block_inputs(h: Array, context: Array | None, params: Mapping[str, Array], where: str) -> None:
+    """``ValueError`` for tokens or a context of the wrong rank, or keys that belong to none of the block's layers."""
     norm_keys = {f"{n}.{p}" for n in _NORMS for p in ("weight", "bias")}
     unknown = sorted(k for k in params if k not in norm_keys and not k.startswith(("attn1.", "attn2.", "ff.")))
     if unknown:
         raise ValueError(f"{where} params: unknown {unknown} (expected norm1-3.weight/bias, attn1.*, attn2.*, ff.*)")
+    if h.ndim != 3 or context is None or context.ndim != 3:
+        shapes = f"h {tuple(h.shape)}, context {None if context is None else tuple(context.shape)}"
+        way_out = "; a (B, H, W, C) map is h.reshape(B, H·W, C) with grid=(H, W)" if h.ndim == 4 else ""
+        raise ValueError(f"{where}: needs tokens h of shape (B, N, C) and context (B, M, D); got {shapes}{way_out}")
 
 
 def transformer_block_forward(
-    h: Any,
-    context: Any,
-    params: Mapping[str, Any],
+    h: Array,
+    context: Array,
+    params: Mapping[str, Array],
     *,
     heads: int,
     norm_eps: float = 1e-5,
     scale: float | None = None,
-    context_mask: Any | None = None,
+    context_mask: Array | None = None,
+    grid: tuple[int, int] | None = None,
     self_attention: str = "exact",
     self_attention_options: Mapping[str, Any] | None = None,
     where: str = "transformer block",
-) -> tuple[Any, TransformerBlockCache]:
-    """Self-attention, cross-attention and GEGLU feed-forward, each pre-normed and residual.
+) -> tuple[Array, TransformerBlockCache]:
+    """Self-attention, cross-attention and GEGLU feed-forward on tokens, each pre-normed and residual.
 
     Inputs:
-        h: ``(B, H, W, C)``.
+        h: ``(B, N, C)`` tokens (in the spatial transformer: the map's pixels, token ``row·W + col``).
         context: ``(B, M, D)``.
         params: ``"norm1.weight"``, ``"norm1.bias"`` ``(C,)`` (likewise ``norm2``, ``norm3``; omit
             both for a layer norm without affine parameters), ``"attn1.*"`` (self-attention params
@@ -81,89 +86,84 @@ def transformer_block_forward(
         scale: attention scale of both attentions, default ``1/sqrt(d)``; linear self-attention has no
             logits to scale, so with ``self_attention="linear"`` it applies to ``attn2`` only.
         context_mask: ``(B, M)`` or ``(M,)``, True = real token.
+        grid: ``(H, W)`` with ``H·W = N`` when the tokens are a map's pixels; needed by window and
+            neighborhood self-attention.
         self_attention, self_attention_options: the attention of ``attn1`` and its options, as
-            ``attention`` / ``attention_options`` of :func:`attention_ref.self_attention_forward`;
+            ``attention`` / ``attention_options`` of :func:`attention_ref.attention_layer_forward`;
             the cross-attention ``attn2`` stays exact.
 
     Returns:
-        h': ``(B, H, W, C)``; cache: :class:`TransformerBlockCache`.
+        h': ``(B, N, C)``; cache: :class:`TransformerBlockCache`.
     """
-    _check_block_keys(params, where)
-    xp = namespace(h)
-    if h.ndim != 4 or context is None or context.ndim != 3:
-        shapes = f"h {tuple(h.shape)}, context {None if context is None else tuple(context.shape)}"
-        raise ValueError(f"{where}: needs h of shape (B, H, W, C) and context (B, M, D); got {shapes}")
+    _check_block_inputs(h, context, params, where)
     caches: dict[str, Any] = {}
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)
-    a1, caches["attn1"] = attention_block_forward(
+    a1, caches["attn1"] = attention_layer_forward(
         n1,
-        None,
         sub_params(params, "attn1."),
         heads=heads,
-        residual=False,
         scale=None if self_attention == "linear" else scale,  # linear attention has no logits to scale
         attention=self_attention,
         attention_options=self_attention_options,
+        grid=grid,
         where=f"{where} attn1",
     )
     h = h + a1
     # h ← h + CrossAttn(LN₂(h), context)
     n2, caches["norm2"] = _layer_norm(h, params, "norm2", norm_eps, where)
-    a2, caches["attn2"] = attention_block_forward(
+    a2, caches["attn2"] = attention_layer_forward(
         n2,
-        context,
         sub_params(params, "attn2."),
         heads=heads,
-        residual=False,
-        scale=scale,
+        context=context,
         context_mask=context_mask,
+        scale=scale,
         where=f"{where} attn2",
     )
     h = h + a2
-    # h ← h + FF(LN₃(h)), on the (B, N, C) tokens: one matrix product per sample rather than one per row
+    # h ← h + FF(LN₃(h))
     n3, caches["norm3"] = _layer_norm(h, params, "norm3", norm_eps, where)
-    B, H, W, C = h.shape
-    f, caches["ff"] = geglu_ff_forward(xp.reshape(n3, (B, H * W, C)), sub_params(params, "ff."))
-    h = h + xp.reshape(f, (B, H, W, f.shape[-1]))
+    f, caches["ff"] = geglu_ff_forward(n3, sub_params(params, "ff."))
+    h = h + f
     return h, TransformerBlockCache(**caches)
 
 
-def _layer_norm_grads(grads: dict[str, Any], name: str, g: Mapping[str, Any]) -> Any:
+def _layer_norm_grads(grads: dict[str, Array], name: str, g: Mapping[str, Array]) -> Array:
     for key in ("weight", "bias"):
         if key in g:
             grads[f"{name}.{key}"] = g[key]
     return g["x"]
 
 
-def transformer_block_backward(dh_out: Any, cache: TransformerBlockCache) -> dict[str, Any]:
+def transformer_block_backward(dh_out: Array, cache: TransformerBlockCache) -> dict[str, Array]:
     """Gradients of :func:`transformer_block_forward`.
 
     Inputs:
-        dh_out: ``(B, H, W, C)``, the gradient of the loss with respect to the block's output ``h'``.
+        dh_out: ``(B, N, C)``, the gradient of the loss with respect to the block's output ``h'``.
         cache: :class:`TransformerBlockCache` from :func:`transformer_block_forward`.
 
     Returns:
-        ``{"h": (B, H, W, C), "context": (B, M, D)}`` plus one entry per params key, shaped like it.
+        ``{"h": (B, N, C), "context": (B, M, D)}`` plus one entry per params key, shaped like it.
     """
-    grads: dict[str, Any] = {}
+    require_cache(cache, TransformerBlockCache, "transformer_block_backward")
+    check_dout(dh_out, cache.attn1.h_shape, cache.attn1.q.x.dtype, "dh_out")
+    grads: dict[str, Array] = {}
     dh = dh_out
     # h' = h + FF(LN₃(h))   ⇒   dh = dh' + LN₃ᵀ FFᵀ dh'
-    xp = namespace(dh_out)
-    B, H, W, C = dh.shape
-    g_ff = geglu_ff_backward(xp.reshape(dh, (B, H * W, C)), cache.ff)
-    dn3 = xp.reshape(g_ff.pop("x"), (B, H, W, C))
+    g_ff = geglu_ff_backward(dh, cache.ff)
+    dn3 = g_ff.pop("x")
     grads.update(prefixed(g_ff, "ff."))
     dh = dh + _layer_norm_grads(grads, "norm3", layer_norm_backward(dn3, cache.norm3))
     # h' = h + CrossAttn(LN₂(h), c)
-    g2 = attention_block_backward(dh, cache.attn2)
+    g2 = attention_layer_backward(dh, cache.attn2)
     grads["context"] = g2.pop("context")
-    dn2 = g2.pop("x")
+    dn2 = g2.pop("h")
     grads.update(prefixed(g2, "attn2."))
     dh = dh + _layer_norm_grads(grads, "norm2", layer_norm_backward(dn2, cache.norm2))
     # h' = h + SelfAttn(LN₁(h))
-    g1 = attention_block_backward(dh, cache.attn1)
-    dn1 = g1.pop("x")
+    g1 = attention_layer_backward(dh, cache.attn1)
+    dn1 = g1.pop("h")
     grads.update(prefixed(g1, "attn1."))
     dh = dh + _layer_norm_grads(grads, "norm1", layer_norm_backward(dn1, cache.norm1))
     grads["h"] = dh

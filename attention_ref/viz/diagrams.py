@@ -42,8 +42,8 @@ def self_attention_shapes(H: int, W: int, C: int, heads: int, groups: int) -> di
     params = init_self_attention(C, heads=heads, groups=groups, rng=0)
     x = np.zeros((1, H, W, C))
     y, cache = self_attention_forward(x, params, heads=heads, groups=groups)
-    q_tokens = cache.q.x.shape  # (B, N, C): the normalised map as tokens
-    inner = cache.q.W.shape[1]
+    q_tokens = cache.layer.q.x.shape  # (B, N, C): the normalised map as tokens
+    inner = cache.layer.q.W.shape[1]
     return {
         "x": x.shape,
         "tokens": tuple(q_tokens),
@@ -61,12 +61,12 @@ def cross_attention_shapes(
     params = init_cross_attention(C, D, heads=heads, groups=groups, rng=0)
     x, context = np.zeros((1, H, W, C)), np.zeros((1, M, D))
     y, cache = cross_attention_forward(x, context, params, heads=heads, groups=groups)
-    inner = cache.q.W.shape[1]
+    inner = cache.layer.q.W.shape[1]
     return {
         "x": x.shape,
         "context": context.shape,
-        "q": (*cache.q.x.shape[:-1], inner),
-        "kv": (*cache.k.x.shape[:-1], inner),
+        "q": (*cache.layer.q.x.shape[:-1], inner),
+        "kv": (*cache.layer.k.x.shape[:-1], inner),
         "weights": tuple(cache.weights.shape),
         "y": tuple(y.shape),
     }
