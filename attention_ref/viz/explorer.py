@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Array, to_numpy
-from ..blocks import AttentionBlockCache, SpatialTransformerCache, TransformerBlockCache
+from ..blocks import AttentionBlockCache, AttentionLayerCache, SpatialTransformerCache, TransformerBlockCache
 from ._common import MAP_CMAP
 from .tokens import SPECIAL_TOKENS
 
@@ -441,13 +441,21 @@ def _select(w: np.ndarray, batch: int, where: str) -> np.ndarray:
     return w[batch][None]
 
 
-def _block_layer(name: str, cache: AttentionBlockCache, batch: int, positions: np.ndarray | None) -> ExplorerLayer:
-    """The layer of one attention block's cache: its stored weights, or dense rows recomputed."""
-    if len(cache.x_shape) != 4:
-        raise ValueError(f"{name}: explore needs a batched block, x of shape (B, H, W, C); got {cache.x_shape}")
-    grid = (cache.x_shape[1], cache.x_shape[2])
+def _square_grid(N: int, where: str) -> tuple[int, int]:
+    side = math.isqrt(N)
+    if side * side != N:
+        raise ValueError(f"{where}: {N} query pixels are not a square map; give grid=(H, W)")
+    return side, side
+
+
+def _cache_layer(
+    name: str, cache: AttentionLayerCache, grid: tuple[int, int], batch: int, positions: np.ndarray | None
+) -> ExplorerLayer:
+    """One attention layer's cache on a ``grid`` of pixels: its stored weights, or dense rows recomputed."""
+    N = cache.h_shape[1]
+    if grid[0] * grid[1] != N:
+        raise ValueError(f"{name}: grid {grid} has {grid[0] * grid[1]} pixels but the layer has {N} query tokens")
     kind = "self" if cache.context_shape is None else "cross"
-    N = grid[0] * grid[1]
     if positions is not None and kind == "self":
         pixels = pixels_of_positions(positions, grid)
         rows = [cache.weight_rows(int(r * grid[1] + c), int(r * grid[1] + c) + 1) for r, c in pixels]
@@ -471,10 +479,7 @@ def _array_layer(
         raise ValueError(f"{name}: weights must be (B, heads, N, M) (a batch axis, a head axis); got shape {w.shape}")
     N, M = w.shape[2], w.shape[3]
     if grid is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(f"{name}: {N} query pixels are not a square map; give grid=(H, W)")
-        grid = (side, side)
+        grid = _square_grid(N, name)
     if kind is None:
         if M == N and tokens is None:
             kind = "self"
@@ -490,23 +495,27 @@ def _array_layer(
     return ExplorerLayer(name, kind, grid, w)
 
 
-def _named_sources(source: Any) -> list[tuple[str, Any]]:
-    """``[(name, cache or array or layer), …]``, spatial transformers opened into their attention blocks."""
+def _named_sources(source: Any, grid: tuple[int, int] | None) -> list[tuple[str, Any, tuple[int, int] | None]]:
+    """``[(name, layer cache or array or layer, grid), …]``: block caches opened into their attention layers,
+    each with the grid of the map it ran on (``grid`` where the cache does not know it)."""
     if isinstance(source, Mapping):
         items = [(str(k), v) for k, v in source.items()]
     elif isinstance(source, (list, tuple)) and all(isinstance(s, ExplorerLayer) for s in source):
         items = [(s.name, s) for s in source]
     else:
         items = [("attention", source)]
-    named = []
+    named: list[tuple[str, Any, tuple[int, int] | None]] = []
     for name, s in items:
         if isinstance(s, SpatialTransformerCache):
+            g = (s.x_shape[1], s.x_shape[2])
             for i, block in enumerate(s.blocks):
-                named += [(f"{name}.blocks.{i}.attn1", block.attn1), (f"{name}.blocks.{i}.attn2", block.attn2)]
+                named += [(f"{name}.blocks.{i}.attn1", block.attn1, g), (f"{name}.blocks.{i}.attn2", block.attn2, g)]
+        elif isinstance(s, AttentionBlockCache):
+            named.append((name, s.layer, (s.x_shape[1], s.x_shape[2])))
         elif isinstance(s, TransformerBlockCache):
-            named += [(f"{name}.attn1", s.attn1), (f"{name}.attn2", s.attn2)]
+            named += [(f"{name}.attn1", s.attn1, grid), (f"{name}.attn2", s.attn2, grid)]
         else:
-            named.append((name, s))
+            named.append((name, s, grid))
     return named
 
 
@@ -534,12 +543,14 @@ def explore(
             * a :class:`~attention_ref.blocks.SpatialTransformerCache` or
               :class:`~attention_ref.blocks.TransformerBlockCache`: every ``attn1`` (self) and
               ``attn2`` (cross) inside;
+            * an :class:`~attention_ref.blocks.AttentionLayerCache` of the token layer (``grid`` says
+              which map its tokens are; default a square);
             * a weights array ``(B, heads, N, M)`` of any backend (``N = H·W``);
             * a mapping ``{name: any of the above}``, or a sequence of :class:`ExplorerLayer`;
             * an :class:`Explorer` (returned as it is; the other inputs must be left out).
         image: ``(h, w)`` or ``(h, w, 3)``, float in [0, 1] or uint8, any size; the maps are drawn over it.
         tokens: the ``M`` tokens of cross-attention (default ``"#0"``, ``"#1"``, …).
-        grid: ``(H, W)`` for weights arrays (default: a square of ``N`` pixels).
+        grid: ``(H, W)`` for weights arrays and token-layer caches (default: a square of ``N`` pixels).
         kind: ``"self"`` or ``"cross"`` for weights arrays (default: self when ``M = N`` and no
             tokens are given, cross when ``M ≠ N``).
         batch: which sample of the batch to show.
@@ -563,13 +574,13 @@ def explore(
         if positions is not None:
             pixels_of_positions(positions, (1, 1))  # checks the shape and range
         layers = []
-        for name, s in _named_sources(source):
+        for name, s, g in _named_sources(source, grid):
             if isinstance(s, ExplorerLayer):
                 layers.append(s)
-            elif isinstance(s, AttentionBlockCache):
-                layers.append(_block_layer(name, s, batch, positions))
+            elif isinstance(s, AttentionLayerCache):
+                layers.append(_cache_layer(name, s, g or _square_grid(s.h_shape[1], name), batch, positions))
             else:
-                layers.append(_array_layer(name, s, grid, kind, tokens, batch, positions))
+                layers.append(_array_layer(name, s, g, kind, tokens, batch, positions))
         if tokens is None:
             widths = {L.keys for L in layers if L.kind == "cross"}
             if len(widths) == 1:
