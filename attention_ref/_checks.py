@@ -10,22 +10,24 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from .backend import Array
+
 Shape = tuple[int, ...]
 
 
-def require_floating(xp: ModuleType, name: str, x: Any) -> None:
+def require_floating(xp: ModuleType, name: str, x: Array) -> None:
     """``TypeError`` unless ``x`` has a real floating dtype."""
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
 
 
-def require_bool(xp: ModuleType, name: str, x: Any) -> None:
+def require_bool(xp: ModuleType, name: str, x: Array) -> None:
     """``TypeError`` unless ``x`` is a boolean array."""
     if not xp.isdtype(x.dtype, "bool"):
         raise TypeError(f"{name} must be a boolean array (True = may attend), got dtype {x.dtype}")
 
 
-def require_ndim(name: str, x: Any, ndim: int | Sequence[int]) -> None:
+def require_ndim(name: str, x: Array, ndim: int | Sequence[int]) -> None:
     """``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of them)."""
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if x.ndim not in allowed:
@@ -59,7 +61,7 @@ def require_broadcastable_to(name: str, shape: Shape, target: Shape) -> None:
         raise ValueError(f"{name} of shape {tuple(shape)} does not broadcast to {tuple(target)}")
 
 
-def sum_to_shape(xp: ModuleType, g: Any, shape: Shape) -> Any:
+def sum_to_shape(xp: ModuleType, g: Array, shape: Shape) -> Array:
     """Sum ``g`` over the axes that broadcasting added or stretched, back to ``shape``.
 
     This is the backward of ``broadcast_to(x, g.shape)`` for an ``x`` of ``shape``.
@@ -74,6 +76,6 @@ def sum_to_shape(xp: ModuleType, g: Any, shape: Shape) -> Any:
     return g
 
 
-def common_float_dtype(xp: ModuleType, *arrays: Any) -> Any:
+def common_float_dtype(xp: ModuleType, *arrays: Array) -> Any:
     """The promoted floating dtype of ``arrays`` (all must be floating)."""
     return xp.result_type(*[a.dtype for a in arrays])

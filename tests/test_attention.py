@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,46 +12,68 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_ref import attention_backward, attention_forward
+from attention_ref.attention import exact
 from attention_ref.gradcheck import check_backward, rel_error
 
 FD_TOL = 1e-7
 TORCH_TOL = 1e-10
 
-# (name, leading dims, N, M, d, dv, mask shape or None, bias shape or None, scale, fully masked row)
-CASES = [
-    ("plain", (2,), 5, 5, 4, 4, None, None, None, False),
-    ("N!=M d!=dv", (2, 3), 4, 7, 3, 5, None, None, None, False),
-    ("full mask", (2,), 5, 6, 4, 3, (2, 5, 6), None, None, False),
-    ("broadcast key-padding mask", (2, 3), 4, 6, 3, 2, (2, 1, 1, 6), None, None, False),
-    ("broadcast 2-D mask", (2, 2), 5, 4, 3, 3, (5, 4), None, None, False),
-    ("fully masked rows", (2,), 5, 4, 3, 2, (2, 5, 4), None, None, True),
-    ("bias", (2,), 4, 5, 3, 3, None, (2, 4, 5), None, False),
-    ("broadcast bias", (2, 3), 4, 5, 3, 3, None, (3, 1, 5), None, False),
-    ("mask+bias+scale", (2, 2), 5, 6, 4, 3, (1, 2, 5, 6), (2, 1, 5, 6), 0.7, True),
-    ("custom scale", (1,), 3, 4, 2, 2, None, None, 2.5, False),
-    ("no leading dims", (), 4, 3, 2, 5, (4, 3), (4, 3), None, False),
-    ("N=1 M=1", (2,), 1, 1, 1, 1, None, None, None, False),
-]
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem: q (*lead, N, d), k (*lead, M, d), v (*lead, M, dv), optional mask and bias."""
+
+    lead: tuple[int, ...]
+    N: int
+    M: int
+    d: int
+    dv: int
+    mask: tuple[int, ...] | None = None  # the mask's shape; random, with entry (0, 0) of each matrix allowed
+    bias: tuple[int, ...] | None = None  # the bias's shape
+    scale: float | None = None
+    fully_masked_row: bool = False  # query 1 of every matrix may attend nowhere
 
 
-def make_case(case, rng):
-    _, lead, N, M, d, dv, mshape, bshape, scale, fully = case
-    q = rng.standard_normal((*lead, N, d))
-    k = rng.standard_normal((*lead, M, d))
-    v = rng.standard_normal((*lead, M, dv))
+CASES = {
+    "plain": Case((2,), 5, 5, 4, 4),
+    "N!=M d!=dv": Case((2, 3), 4, 7, 3, 5),
+    "full mask": Case((2,), 5, 6, 4, 3, mask=(2, 5, 6)),
+    "broadcast key-padding mask": Case((2, 3), 4, 6, 3, 2, mask=(2, 1, 1, 6)),
+    "broadcast 2-D mask": Case((2, 2), 5, 4, 3, 3, mask=(5, 4)),
+    "fully masked rows": Case((2,), 5, 4, 3, 2, mask=(2, 5, 4), fully_masked_row=True),
+    "bias": Case((2,), 4, 5, 3, 3, bias=(2, 4, 5)),
+    "broadcast bias": Case((2, 3), 4, 5, 3, 3, bias=(3, 1, 5)),
+    "mask+bias+scale": Case((2, 2), 5, 6, 4, 3, mask=(1, 2, 5, 6), bias=(2, 1, 5, 6), scale=0.7, fully_masked_row=True),
+    "custom scale": Case((1,), 3, 4, 2, 2, scale=2.5),
+    "no leading dims": Case((), 4, 3, 2, 5, mask=(4, 3), bias=(4, 3)),
+    "N=1 M=1": Case((2,), 1, 1, 1, 1),
+}
+
+
+def make_case(case: Case, rng):
+    q = rng.standard_normal((*case.lead, case.N, case.d))
+    k = rng.standard_normal((*case.lead, case.M, case.d))
+    v = rng.standard_normal((*case.lead, case.M, case.dv))
     mask = None
-    if mshape is not None:
-        mask = rng.random(mshape) > 0.35
+    if case.mask is not None:
+        mask = rng.random(case.mask) > 0.35
         mask[..., 0, 0] = True  # keep at least some rows alive
-        if fully:
+        if case.fully_masked_row:
             mask[..., 1, :] = False
-    bias = None if bshape is None else rng.standard_normal(bshape)
-    return q, k, v, mask, bias, scale
+    bias = None if case.bias is None else rng.standard_normal(case.bias)
+    return q, k, v, mask, bias, case.scale
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_backward_matches_finite_differences(case, rng):
-    q, k, v, mask, bias, scale = make_case(case, rng)
+@pytest.fixture(params=["readable", "fast"])
+def exact_path(request, monkeypatch):
+    """Run exact attention through the readable lines of exact.py or through exact_fast.py."""
+    monkeypatch.setattr(exact, "FAST", request.param == "fast")
+    return request.param
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_backward_matches_finite_differences(name, rng, exact_path):
+    q, k, v, mask, bias, scale = make_case(CASES[name], rng)
     inputs = {"q": q, "k": k, "v": v}
     if bias is not None:
         inputs["bias"] = bias
@@ -63,8 +86,8 @@ def test_backward_matches_finite_differences(case, rng):
     assert max(errs.values()) < FD_TOL, errs
 
 
-def test_rows_sum_to_one_and_fully_masked_rows_are_zero(be, rng):
-    q, k, v, mask, bias, scale = make_case(CASES[5], rng)
+def test_rows_sum_to_one_and_fully_masked_rows_are_zero(be, rng, exact_path):
+    q, k, v, mask, bias, scale = make_case(CASES["fully masked rows"], rng)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, cache = attention_forward(be(q), be(k), be(v), mask=be(mask))
@@ -80,9 +103,9 @@ def test_rows_sum_to_one_and_fully_masked_rows_are_zero(be, rng):
         assert np.all(np.isfinite(np_(g)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_backends_agree_with_numpy(case, be, rng):
-    q, k, v, mask, bias, scale = make_case(case, rng)
+@pytest.mark.parametrize("name", CASES)
+def test_backends_agree_with_numpy(name, be, rng):
+    q, k, v, mask, bias, scale = make_case(CASES[name], rng)
     out_np, cache_np = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
     dout = rng.standard_normal(out_np.shape)
     g_np = attention_backward(dout, cache_np)
@@ -107,12 +130,12 @@ def test_bias_gradient_has_the_bias_shape(rng):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_torch_autograd_and_sdpa(case, rng):
+@pytest.mark.parametrize("name", CASES)
+def test_matches_torch_autograd_and_sdpa(name, rng, exact_path):
     import torch
     import torch.nn.functional as F
 
-    q, k, v, mask, bias, scale = make_case(case, rng)
+    q, k, v, mask, bias, scale = make_case(CASES[name], rng)
     out, cache = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
     dout = rng.standard_normal(out.shape)
     grads = attention_backward(dout, cache)

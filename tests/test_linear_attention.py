@@ -4,6 +4,7 @@ differences, backends, identities, bad input."""
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -17,26 +18,37 @@ KINDS = ["elu", "efficient"]
 TORCH_TOL = 1e-12
 FD_TOL = 1e-7
 
-# (name, leading dims, N, M, d, dv)
-SHAPES = [
-    ("square", (2,), 6, 6, 4, 4),
-    ("N!=M d!=dv", (2, 3), 5, 9, 3, 6),
-    ("no leading dims", (), 7, 4, 2, 3),
-    ("N=1 M=1", (1,), 1, 1, 1, 1),
-]
+
+@dataclass(frozen=True)
+class Shapes:
+    """q (*lead, N, d), k (*lead, M, d), v (*lead, M, dv)."""
+
+    lead: tuple[int, ...]
+    N: int
+    M: int
+    d: int
+    dv: int
 
 
-def make(shape, rng, spread=1.5):
-    _, lead, N, M, d, dv = shape
-    q = spread * rng.standard_normal((*lead, N, d))
-    k = spread * rng.standard_normal((*lead, M, d))
-    v = rng.standard_normal((*lead, M, dv))
+SHAPES = {
+    "square": Shapes((2,), 6, 6, 4, 4),
+    "N!=M d!=dv": Shapes((2, 3), 5, 9, 3, 6),
+    "no leading dims": Shapes((), 7, 4, 2, 3),
+    "N=1 M=1": Shapes((1,), 1, 1, 1, 1),
+}
+
+
+def make(name, rng, spread=1.5):
+    s = SHAPES[name]
+    q = spread * rng.standard_normal((*s.lead, s.N, s.d))
+    k = spread * rng.standard_normal((*s.lead, s.M, s.d))
+    v = rng.standard_normal((*s.lead, s.M, s.dv))
     return q, k, v
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_matches_the_formula_under_torch_autograd(kind, shape, rng):
     import torch
     import torch.nn.functional as F
@@ -64,7 +76,7 @@ def test_matches_the_formula_under_torch_autograd(kind, shape, rng):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_finite_differences(kind, shape, rng):
     q, k, v = make(shape, rng)
     # a large eps, so that its path carries weight (with eps = 1e-6 and N = M = 1, dq is ~1e-6: FD noise)
@@ -75,7 +87,7 @@ def test_backward_matches_finite_differences(kind, shape, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_backends_agree_with_numpy(kind, be, rng):
-    q, k, v = make(SHAPES[1], rng)
+    q, k, v = make("N!=M d!=dv", rng)
     out_np, cache_np = linear_attention_forward(q, k, v, kind=kind)
     dout = rng.standard_normal(out_np.shape)
     g_np = linear_attention_backward(dout, cache_np)
@@ -88,7 +100,7 @@ def test_backends_agree_with_numpy(kind, be, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_implied_weights_reproduce_the_output(kind, be, rng):
-    q, k, v = make(SHAPES[1], rng)
+    q, k, v = make("N!=M d!=dv", rng)
     out, cache = linear_attention_forward(be(q), be(k), be(v), kind=kind)
     assert cache.weights is None  # no N × M matrix is ever formed
     A = np_(cache.implied_weights())
@@ -103,7 +115,7 @@ def test_implied_weights_reproduce_the_output(kind, be, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_permuting_queries_permutes_outputs_and_key_value_pairs_change_nothing(kind, rng):
-    q, k, v = make(SHAPES[1], rng)
+    q, k, v = make("N!=M d!=dv", rng)
     out, _ = linear_attention_forward(q, k, v, kind=kind)
     pq, pk = rng.permutation(q.shape[-2]), rng.permutation(k.shape[-2])
     out_q, _ = linear_attention_forward(q[..., pq, :], k, v, kind=kind)
@@ -114,14 +126,14 @@ def test_permuting_queries_permutes_outputs_and_key_value_pairs_change_nothing(k
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_huge_inputs_stay_finite_without_warnings(kind, rng):
-    q, k, v = make(SHAPES[0], rng, spread=1e3)  # exp(1e3) would overflow if computed
+    q, k, v = make("square", rng, spread=1e3)  # exp(1e3) would overflow if computed
     out, cache = linear_attention_forward(q, k, v, kind=kind)
     grads = linear_attention_backward(rng.standard_normal(out.shape), cache)
     assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads.values())
 
 
 def test_eps_enters_the_denominator(rng):
-    q, k, v = make(SHAPES[0], rng)
+    q, k, v = make("square", rng)
     out0, c0 = linear_attention_forward(q, k, v, eps=0.0)
     out1, c1 = linear_attention_forward(q, k, v, eps=1.0)
     np.testing.assert_allclose(c1.denominator - c0.denominator, 1.0, rtol=0, atol=1e-12)

@@ -3,6 +3,7 @@ against their definitions written out with loops, finite differences, bad input.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -56,20 +57,41 @@ def check_against_exact(be, rng, forward, backward, mask, lead, H, W, d, dv, sca
 
 # ---------------------------------------------------------------- window attention
 
-# (name, leading dims, H, W, d, dv, window, shift, scale)
-WINDOW_CASES = [
-    ("no shift", (2,), 8, 12, 4, 3, 4, 0, None),
-    ("Swin shift w/2", (2, 2), 8, 8, 3, 5, 4, 2, None),
-    ("shift 1", (1,), 6, 9, 2, 2, 3, 1, 0.8),
-    ("rectangular window and shift", (2,), 8, 6, 3, 3, (4, 2), (3, 1), None),
-    ("one window = global", (), 4, 6, 3, 2, (4, 6), 0, None),
-    ("1×1 windows", (2,), 3, 4, 2, 2, 1, 0, None),
-]
+
+@dataclass(frozen=True)
+class MapCase:
+    """q, k (*lead, H, W, d) and v (*lead, H, W, dv), with a window (and shift) or a neighborhood kernel."""
+
+    lead: tuple[int, ...]
+    H: int
+    W: int
+    d: int
+    dv: int
+    window: int | tuple[int, int] = 1
+    shift: int | tuple[int, int] = 0
+    kernel: int | tuple[int, int] = 1
+    scale: float | None = None
+
+    def unpack(self):
+        return self.lead, self.H, self.W, self.d, self.dv
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
-def test_window_attention_equals_exact_attention_under_window_mask(case, be, rng):
-    _, lead, H, W, d, dv, window, shift, scale = case
+WINDOW_CASES = {
+    "no shift": MapCase((2,), 8, 12, 4, 3, window=4),
+    "Swin shift w/2": MapCase((2, 2), 8, 8, 3, 5, window=4, shift=2),
+    "shift 1": MapCase((1,), 6, 9, 2, 2, window=3, shift=1, scale=0.8),
+    "rectangular window and shift": MapCase((2,), 8, 6, 3, 3, window=(4, 2), shift=(3, 1)),
+    "one window = global": MapCase((), 4, 6, 3, 2, window=(4, 6)),
+    "1×1 windows": MapCase((2,), 3, 4, 2, 2, window=1),
+}
+WINDOW_FD_CASES = ["no shift", "Swin shift w/2", "shift 1", "rectangular window and shift"]
+
+
+@pytest.mark.parametrize("name", WINDOW_CASES)
+def test_window_attention_equals_exact_attention_under_window_mask(name, be, rng):
+    case = WINDOW_CASES[name]
+    lead, H, W, d, dv = case.unpack()
+    window, shift, scale = case.window, case.shift, case.scale
     mask = window_mask(H, W, window, shift)
     cache, cache_ref = check_against_exact(
         be,
@@ -89,11 +111,12 @@ def test_window_attention_equals_exact_attention_under_window_mask(case, be, rng
     np.testing.assert_allclose(np_(cache.weights).sum(-1), 1.0, atol=1e-14)  # a pixel always sees itself
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES[:4], ids=[c[0] for c in WINDOW_CASES[:4]])
-def test_window_attention_backward_matches_finite_differences(case, rng):
-    _, lead, H, W, d, dv, window, shift, scale = case
+@pytest.mark.parametrize("name", WINDOW_FD_CASES)
+def test_window_attention_backward_matches_finite_differences(name, rng):
+    case = WINDOW_CASES[name]
+    lead, H, W, d, dv = case.unpack()
     q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
-    forward = partial(window_attention_forward, window=window, shift=shift, scale=scale)
+    forward = partial(window_attention_forward, window=case.window, shift=case.shift, scale=case.scale)
     errs = check_backward(forward, window_attention_backward, {"q": q, "k": k, "v": v})
     assert max(errs.values()) < FD_TOL, errs
 
@@ -156,20 +179,22 @@ def test_window_attention_bad_input(rng):
 
 # ---------------------------------------------------------------- neighborhood attention
 
-# (name, leading dims, H, W, d, dv, kernel, scale)
-NEIGHBORHOOD_CASES = [
-    ("kernel 3", (2,), 7, 9, 4, 3, 3, None),
-    ("kernel 5", (2, 2), 8, 6, 3, 5, 5, 0.6),
-    ("kernel 7 on 7×10", (1,), 7, 10, 2, 2, 7, None),
-    ("rectangular kernel", (2,), 9, 5, 3, 3, (5, 3), None),
-    ("kernel = map = global", (), 5, 3, 2, 2, (5, 3), None),
-    ("kernel 1 = itself", (2,), 3, 4, 2, 2, 1, None),
-]
+NEIGHBORHOOD_CASES = {
+    "kernel 3": MapCase((2,), 7, 9, 4, 3, kernel=3),
+    "kernel 5": MapCase((2, 2), 8, 6, 3, 5, kernel=5, scale=0.6),
+    "kernel 7 on 7×10": MapCase((1,), 7, 10, 2, 2, kernel=7),
+    "rectangular kernel": MapCase((2,), 9, 5, 3, 3, kernel=(5, 3)),
+    "kernel = map = global": MapCase((), 5, 3, 2, 2, kernel=(5, 3)),
+    "kernel 1 = itself": MapCase((2,), 3, 4, 2, 2, kernel=1),
+}
+NEIGHBORHOOD_FD_CASES = ["kernel 3", "kernel 5", "kernel 7 on 7×10", "rectangular kernel"]
 
 
-@pytest.mark.parametrize("case", NEIGHBORHOOD_CASES, ids=[c[0] for c in NEIGHBORHOOD_CASES])
-def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(case, be, rng):
-    _, lead, H, W, d, dv, kernel, scale = case
+@pytest.mark.parametrize("name", NEIGHBORHOOD_CASES)
+def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(name, be, rng):
+    case = NEIGHBORHOOD_CASES[name]
+    lead, H, W, d, dv = case.unpack()
+    kernel, scale = case.kernel, case.scale
     mask = neighborhood_mask(H, W, kernel)
     cache, cache_ref = check_against_exact(
         be,
@@ -197,11 +222,12 @@ def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(c
             np.testing.assert_allclose(weights[..., i, j, :], block.reshape(*lead, kh * kw), rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("case", NEIGHBORHOOD_CASES[:4], ids=[c[0] for c in NEIGHBORHOOD_CASES[:4]])
-def test_neighborhood_attention_backward_matches_finite_differences(case, rng):
-    _, lead, H, W, d, dv, kernel, scale = case
+@pytest.mark.parametrize("name", NEIGHBORHOOD_FD_CASES)
+def test_neighborhood_attention_backward_matches_finite_differences(name, rng):
+    case = NEIGHBORHOOD_CASES[name]
+    lead, H, W, d, dv = case.unpack()
     q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
-    forward = partial(neighborhood_attention_forward, kernel=kernel, scale=scale)
+    forward = partial(neighborhood_attention_forward, kernel=case.kernel, scale=case.scale)
     errs = check_backward(forward, neighborhood_attention_backward, {"q": q, "k": k, "v": v})
     assert max(errs.values()) < FD_TOL, errs
 

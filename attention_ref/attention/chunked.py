@@ -57,10 +57,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
 from .._checks import sum_to_shape
-from ..backend import cpu_workers, device_of, exp_inplace, namespace, parallel_map
+from ..backend import Array, cpu_workers, device_of, exp_inplace, namespace, parallel_map
 from .inputs import check_attention_inputs
 from .masks import as_pair
 
@@ -82,14 +81,14 @@ class ChunkedAttentionCache:
     weight matrix. :meth:`weight_rows` recomputes any band of its rows exactly.
     """
 
-    q: Any  # (..., N, d)
-    k: Any  # (..., M, d)
-    v: Any  # (..., M, dv)
-    out: Any  # O, (..., N, dv)
-    logsumexp: Any  # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows
+    q: Array  # (..., N, d)
+    k: Array  # (..., M, d)
+    v: Array  # (..., M, dv)
+    out: Array  # O, (..., N, dv)
+    logsumexp: Array  # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows
     scale: float
-    mask: Any | None  # as given (broadcastable to (..., N, M))
-    bias: Any | None  # as given (broadcastable to (..., N, M))
+    mask: Array | None  # as given (broadcastable to (..., N, M))
+    bias: Array | None  # as given (broadcastable to (..., N, M))
     block_q: int
     block_k: int
     weights: None = field(default=None, init=False)  # never stored; see weight_rows
@@ -98,7 +97,7 @@ class ChunkedAttentionCache:
     def bias_shape(self) -> tuple[int, ...] | None:
         return None if self.bias is None else tuple(self.bias.shape)
 
-    def weight_rows(self, start: int, stop: int) -> Any:
+    def weight_rows(self, start: int, stop: int) -> Array:
         """Rows ``start:stop`` of the weights ``P``, ``(..., stop − start, M)``, recomputed as ``exp(S − lse)``."""
         xp = namespace(self.q)
         rows = slice(start, stop)
@@ -130,14 +129,14 @@ def _blocks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _at_least_2d(xp: ModuleType, a: Any | None) -> Any | None:
+def _at_least_2d(xp: ModuleType, a: Array | None) -> Array | None:
     """A mask or bias with fewer than 2 dims, viewed as ``(1, M)`` or ``(1, 1)`` so it has row and column axes."""
     if a is None or a.ndim >= 2:
         return a
     return xp.reshape(a, (1,) * (2 - a.ndim) + tuple(a.shape))
 
 
-def _tile(a: Any, rows: slice, cols: slice) -> Any:
+def _tile(a: Array, rows: slice, cols: slice) -> Array:
     """``a[..., rows, cols]`` for a broadcastable mask or bias; an axis of size 1 is taken whole."""
     r = slice(None) if a.shape[-2] == 1 else rows
     c = slice(None) if a.shape[-1] == 1 else cols
@@ -145,11 +144,11 @@ def _tile(a: Any, rows: slice, cols: slice) -> Any:
 
 
 def _logits_tile(
-    xp: ModuleType, q_scaled: Any, k_cols: Any, mask: Any | None, bias: Any | None, rows: slice, cols: slice
-) -> Any:
+    xp: ModuleType, q_scaled: Array, k_cols: Array, mask: Array | None, bias: Array | None, rows: slice, cols: slice
+) -> Array:
     """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``."""
     # S = scale · Q Kᵀ + bias   (..., block_q, block_k); the scale was applied to Q already
-    logits = xp.matmul(q_scaled, xp.matrix_transpose(k_cols))
+    logits = q_scaled @ xp.matrix_transpose(k_cols)
     if bias is not None:
         logits += _tile(bias, rows, cols)
     if mask is not None:
@@ -157,7 +156,7 @@ def _logits_tile(
     return logits
 
 
-def _safe_lse(xp: ModuleType, lse: Any) -> Any:
+def _safe_lse(xp: ModuleType, lse: Array) -> Array:
     """``lse`` as ``(..., rows, 1)``, with 0 for fully masked rows so that ``exp(-inf - 0) = 0``, never NaN."""
     lse = xp.expand_dims(lse, axis=-1)
     return xp.where(lse == -xp.inf, 0.0, lse)
@@ -167,15 +166,15 @@ def _safe_lse(xp: ModuleType, lse: Any) -> Any:
 
 
 def chunked_attention_forward(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
-    mask: Any | None = None,
-    bias: Any | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
     scale: float | None = None,
     block_size: int | tuple[int, int] | None = None,
-) -> tuple[Any, ChunkedAttentionCache]:
+) -> tuple[Array, ChunkedAttentionCache]:
     """Exact attention ``softmax(scale · q kᵀ + bias) v`` computed tile by tile, in O(N) memory.
 
     Inputs (as :func:`attention_ref.attention_forward`):
@@ -195,7 +194,7 @@ def chunked_attention_forward(
     block_q, block_k = _block_sizes(block_size)
     mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias)
 
-    def query_tile(rows: slice) -> tuple[Any, Any]:
+    def query_tile(rows: slice) -> tuple[Array, Array]:
         return _forward_rows(xp, scale * q[..., rows, :], k, v, mask2, bias2, rows, block_k)
 
     # query tiles are independent: on NumPy they run on all cores (see attention_ref.backend.parallel_map)
@@ -218,8 +217,15 @@ def chunked_attention_forward(
 
 
 def _forward_rows(
-    xp: ModuleType, q_scaled: Any, k: Any, v: Any, mask: Any | None, bias: Any | None, rows: slice, block_k: int
-) -> tuple[Any, Any]:
+    xp: ModuleType,
+    q_scaled: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    bias: Array | None,
+    rows: slice,
+    block_k: int,
+) -> tuple[Array, Array]:
     """Output ``(..., rows, dv)`` and log-sum-exp ``(..., rows)`` of one tile of queries, by online softmax."""
     dev = device_of(q_scaled)
     stats_shape = (*q_scaled.shape[:-1], 1)  # (..., block_q, 1): one number per query row
@@ -241,7 +247,7 @@ def _forward_rows(
         # ℓ' = α ℓ + Σ_k P̃_k
         running_sum = alpha * running_sum + xp.sum(p_tilde, axis=-1, keepdims=True)
         # A' = α A + P̃ V_j
-        acc = alpha * acc + xp.matmul(p_tilde, v[..., cols, :])
+        acc = alpha * acc + p_tilde @ v[..., cols, :]
         running_max = new_max
     alive = running_sum > 0.0
     # O = A / ℓ   (a fully masked row has A = 0 and ℓ = 0: divide by 1 instead)
@@ -254,7 +260,7 @@ def _forward_rows(
 # ---------------------------------------------------------------- backward
 
 
-def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[str, Any]:
+def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dict[str, Array]:
     """Gradients of :func:`chunked_attention_forward`, recomputing the weights tile by tile.
 
     Inputs:
@@ -291,16 +297,16 @@ def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[
                 logits -= lse[..., rows, :]
                 weights = exp_inplace(xp, logits)  # (..., block_q, block_k)
                 # dV_j += Pᵀ dO_i
-                dv_j = dv_j + xp.matmul(xp.matrix_transpose(weights), dout_i)
+                dv_j = dv_j + xp.matrix_transpose(weights) @ dout_i
                 # dP = dO_i V_jᵀ
-                dweights = xp.matmul(dout_i, xp.matrix_transpose(v_j))
+                dweights = dout_i @ xp.matrix_transpose(v_j)
                 # dS = P ∘ (dP - D_i), formed in dP's memory
                 dweights -= delta[..., rows, :]
                 dweights *= weights
                 dlogits = dweights
                 # dQ_i += dS K_j ;  dK_j += dSᵀ Q_i   (times scale, below)
-                part.dq_tiles[ri] = part.dq_tiles[ri] + xp.matmul(dlogits, k_j)
-                dk_j = dk_j + xp.matmul(xp.matrix_transpose(dlogits), q[..., rows, :])
+                part.dq_tiles[ri] = part.dq_tiles[ri] + dlogits @ k_j
+                dk_j = dk_j + xp.matrix_transpose(dlogits) @ q[..., rows, :]
                 if bias is not None:
                     _accumulate_bias_grad(xp, part.dbias_tiles, dlogits, bias, ri, cj)
             part.dk_tiles[cj] = scale * dk_j
@@ -335,14 +341,14 @@ def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[
 class _KeyTilesGrads:
     """One worker's share of the backward: its key tiles' dK_j and dV_j, its sums into dQ and d bias."""
 
-    dq_tiles: list[Any]  # per query tile: Σ over this worker's key tiles of dS K_j, (..., block_q, d)
-    dk_tiles: dict[int, Any] = field(default_factory=dict)  # key tile index → scale · Σ_i dSᵀ Q_i
-    dv_tiles: dict[int, Any] = field(default_factory=dict)  # key tile index → Σ_i Pᵀ dO_i
-    dbias_tiles: dict[tuple[int, int], Any] = field(default_factory=dict)  # as in _accumulate_bias_grad
+    dq_tiles: list[Array]  # per query tile: Σ over this worker's key tiles of dS K_j, (..., block_q, d)
+    dk_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → scale · Σ_i dSᵀ Q_i
+    dv_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → Σ_i Pᵀ dO_i
+    dbias_tiles: dict[tuple[int, int], Array] = field(default_factory=dict)  # as in _accumulate_bias_grad
 
 
 def _accumulate_bias_grad(
-    xp: ModuleType, tiles: dict[tuple[int, int], Any], dlogits: Any, bias: Any, ri: int, cj: int
+    xp: ModuleType, tiles: dict[tuple[int, int], Array], dlogits: Array, bias: Array, ri: int, cj: int
 ) -> None:
     """Add ``dS`` of tile ``(ri, cj)``, summed to the bias tile's shape, into ``tiles``.
 
@@ -357,7 +363,7 @@ def _accumulate_bias_grad(
     tiles[key] = g if key not in tiles else tiles[key] + g
 
 
-def _assemble_bias_grad(xp: ModuleType, tiles: dict[tuple[int, int], Any]) -> Any:
+def _assemble_bias_grad(xp: ModuleType, tiles: dict[tuple[int, int], Array]) -> Array:
     """Glue the per-tile bias gradients back into one array of the (at least 2-D) bias shape."""
     n_rows = 1 + max(r for r, _ in tiles)
     n_cols = 1 + max(c for _, c in tiles)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
 
 from .._checks import require_bool, require_broadcastable_to, require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 
 __all__ = ["check_attention_inputs", "check_qkv", "default_scale"]
 
@@ -17,7 +16,7 @@ def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
 
 
-def check_qkv(q: Any, k: Any, v: Any) -> ModuleType:
+def check_qkv(q: Array, k: Array, v: Array) -> ModuleType:
     """Check ``q (..., N, d)``, ``k (..., M, d)``, ``v (..., M, dv)``; return their namespace.
 
     ``TypeError`` for non-floating or mixed dtypes, ``ValueError`` (naming the
@@ -44,7 +43,7 @@ def check_qkv(q: Any, k: Any, v: Any) -> ModuleType:
 
 
 def check_attention_inputs(
-    q: Any, k: Any, v: Any, mask: Any | None, bias: Any | None, scale: float | None
+    q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float | None
 ) -> tuple[ModuleType, float]:
     """Check all inputs of scaled dot-product attention; return ``(xp, scale)``.
 

@@ -18,10 +18,9 @@ Backward (see :mod:`attention_ref.ops.normalize` for ``∂L/∂x̂ → ∂L/∂x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 from .normalize import normalize, normalize_backward
 
 __all__ = ["GroupNormCache", "group_norm_backward", "group_norm_forward"]
@@ -32,16 +31,16 @@ _GROUP_AXES = (1, 3)
 
 @dataclass(frozen=True)
 class GroupNormCache:
-    xhat: Any  # (B, S, G, C/G), normalised input
-    rstd: Any  # (B, 1, G, 1)
-    weight: Any | None  # (C,)
+    xhat: Array  # (B, S, G, C/G), normalised input
+    rstd: Array  # (B, 1, G, 1)
+    weight: Array | None  # (C,)
     has_bias: bool
     shape: tuple[int, ...]  # the input's shape (B, ..., C)
 
 
 def group_norm_forward(
-    x: Any, weight: Any | None = None, bias: Any | None = None, *, groups: int, eps: float = 1e-5
-) -> tuple[Any, GroupNormCache]:
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, groups: int, eps: float = 1e-5
+) -> tuple[Array, GroupNormCache]:
     """Group norm of a channels-last map.
 
     Inputs:
@@ -78,13 +77,13 @@ def group_norm_forward(
     return y, GroupNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, shape=shape)
 
 
-def group_norm_backward(dout: Any, cache: GroupNormCache) -> dict[str, Any]:
+def group_norm_backward(dout: Array, cache: GroupNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (B, ..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
     xp = namespace(dout)
     C = cache.shape[-1]
     xhat_flat = xp.reshape(cache.xhat, (-1, C))  # (B·S, C)
     dy_flat = xp.reshape(dout, (-1, C))  # (B·S, C)
-    grads: dict[str, Any] = {}
+    grads: dict[str, Array] = {}
     g = dout
     if cache.weight is not None:
         # dγ_c = Σ dy x̂

@@ -10,10 +10,9 @@ all rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 from .normalize import normalize, normalize_backward
 
 __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
@@ -21,15 +20,15 @@ __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
 
 @dataclass(frozen=True)
 class LayerNormCache:
-    xhat: Any  # (..., C)
-    rstd: Any  # (..., 1)
-    weight: Any | None  # (C,)
+    xhat: Array  # (..., C)
+    rstd: Array  # (..., 1)
+    weight: Array | None  # (C,)
     has_bias: bool
 
 
 def layer_norm_forward(
-    x: Any, weight: Any | None = None, bias: Any | None = None, *, eps: float = 1e-5
-) -> tuple[Any, LayerNormCache]:
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
+) -> tuple[Array, LayerNormCache]:
     """Layer norm over the last axis.
 
     Inputs:
@@ -55,11 +54,11 @@ def layer_norm_forward(
     return y, LayerNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None)
 
 
-def layer_norm_backward(dout: Any, cache: LayerNormCache) -> dict[str, Any]:
+def layer_norm_backward(dout: Array, cache: LayerNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
     xp = namespace(dout)
     C = dout.shape[-1]
-    grads: dict[str, Any] = {}
+    grads: dict[str, Array] = {}
     g = dout
     if cache.weight is not None:
         # dγ = Σ_rows dy x̂

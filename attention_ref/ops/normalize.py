@@ -21,10 +21,11 @@ where the bars are means over the reduction axes.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+
+from ..backend import Array
 
 
-def normalize(xp: ModuleType, x: Any, axes: tuple[int, ...], eps: float) -> tuple[Any, Any]:
+def normalize(xp: ModuleType, x: Array, axes: tuple[int, ...], eps: float) -> tuple[Array, Array]:
     """``(x̂, r)``: ``x`` centred and scaled over ``axes``; ``r`` keeps those axes as size 1."""
     # μ = mean(x)
     mu = xp.mean(x, axis=axes, keepdims=True)
@@ -37,7 +38,7 @@ def normalize(xp: ModuleType, x: Any, axes: tuple[int, ...], eps: float) -> tupl
     return centred * rstd, rstd
 
 
-def normalize_backward(xp: ModuleType, g: Any, xhat: Any, rstd: Any, axes: tuple[int, ...]) -> Any:
+def normalize_backward(xp: ModuleType, g: Array, xhat: Array, rstd: Array, axes: tuple[int, ...]) -> Array:
     """``∂L/∂x`` from ``g = ∂L/∂x̂``: ``r (g − mean(g) − x̂ mean(g x̂))``."""
     mean_g = xp.mean(g, axis=axes, keepdims=True)
     mean_gx = xp.mean(g * xhat, axis=axes, keepdims=True)
