@@ -29,6 +29,7 @@ __all__ = [
     "device_of",
     "exp_inplace",
     "from_numpy",
+    "is_out_of_memory",
     "namespace",
     "namespace_name",
     "parallel_map",
@@ -114,6 +115,15 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.from_dlpack(x)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says an allocation failed: NumPy's ``MemoryError``, torch's ``OutOfMemoryError``
+    (CUDA) or the ``RuntimeError`` of its CPU allocator, CuPy's ``OutOfMemoryError``."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in message or "not enough memory" in message)
+
+
 def from_numpy(a: Array, like: Array) -> Array:
     """``a`` (NumPy or a Python number) as an array of ``like``'s backend and device."""
     xp = namespace(like)
@@ -170,10 +180,19 @@ def cpu_workers(like: Array) -> int:
 
 
 def thread_count() -> int:
-    """``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use."""
-    env = os.environ.get("ATTENTION_REF_NUM_THREADS")
+    """``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use.
+
+    ``ValueError`` naming the variable unless it is a positive integer.
+    """
+    env = os.environ.get("ATTENTION_REF_NUM_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            count = int(env)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"ATTENTION_REF_NUM_THREADS must be a positive integer (or unset), got {env!r}")
+        return count
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

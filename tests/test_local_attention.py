@@ -302,3 +302,115 @@ def test_numpy_integers_are_accepted_and_bools_are_not(rng):
         neighborhood_attention_forward(q, k, v, kernel=True)
     with pytest.raises(TypeError, match="window"):
         window_mask(4, 6, (2, 3, 1))
+
+
+# ---------------------------------------------------------------- against Swin's own algorithm
+
+
+def swin_window_attention(q, k, v, window, shift, scale):
+    """Shifted-window attention the way the Swin Transformer computes it, on (H, W, c) maps, square windows:
+    roll the map by −shift, cut it into windows, label the regions of the rolled map and add −100 to the
+    logits of pairs from different regions, softmax, merge the windows, roll back by +shift."""
+    H, W = q.shape[:2]
+
+    def partition(x):  # (H, W, c) → (windows, window², c), windows in row-major order
+        x = x.reshape(H // window, window, W // window, window, -1).transpose(0, 2, 1, 3, 4)
+        return x.reshape(-1, window * window, x.shape[-1])
+
+    def merge(x):  # the inverse of partition
+        x = x.reshape(H // window, W // window, window, window, -1).transpose(0, 2, 1, 3, 4)
+        return x.reshape(H, W, -1)
+
+    rolled = [np.roll(t, (-shift, -shift), axis=(0, 1)) for t in (q, k, v)]
+    qw, kw, vw = (partition(t) for t in rolled)
+    logits = scale * qw @ kw.transpose(0, 2, 1)  # (windows, window², window²)
+    if shift > 0:
+        regions = np.zeros((H, W, 1))
+        label = 0
+        for rows in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            for cols in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                regions[rows, cols] = label
+                label += 1
+        tokens = partition(regions)[..., 0]  # (windows, window²)
+        logits = logits + np.where(tokens[:, None, :] != tokens[:, :, None], -100.0, 0.0)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.roll(merge(weights @ vw), (shift, shift), axis=(0, 1))
+
+
+@pytest.mark.parametrize(("H", "W", "window"), [(8, 12, 4), (6, 9, 3), (10, 4, 2)], ids=["8×12", "6×9", "10×4"])
+def test_window_attention_equals_swins_roll_and_region_mask(H, W, window, rng):
+    """Every shift 0 … window − 1. Swin's −100 leaves exp(−100) ≈ 4e−44 of weight on the other regions,
+    far below float64's resolution: the outputs agree to rounding."""
+    q, k, v = make_maps(rng, (), H, W, 4, 3)
+    for shift in range(window):
+        out, _ = window_attention_forward(q, k, v, window=window, shift=shift, scale=0.7)
+        want = swin_window_attention(q, k, v, window, shift, 0.7)
+        assert rel_error(out, want) <= 1e-14, shift
+
+
+# ---------------------------------------------------------------- odd inputs: empty, NaN, other dtypes, other caches
+
+LOCAL = {
+    "window": (partial(window_attention_forward, window=2, shift=1), window_attention_backward),
+    "neighborhood": (partial(neighborhood_attention_forward, kernel=3), neighborhood_attention_backward),
+}
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+@pytest.mark.parametrize(("d", "dv"), [(0, 2), (3, 0)], ids=["d=0", "dv=0"])
+def test_no_features_give_what_exact_attention_under_the_mask_gives(variant, d, dv, be, rng):
+    """d = 0: every q·k is 0 whatever the scale, so each pixel's weights are uniform over what it sees."""
+    forward, backward = LOCAL[variant]
+    q, k, v = make_maps(rng, (2,), 4, 6, d, dv)
+    mask = window_mask(4, 6, 2, 1) if variant == "window" else neighborhood_mask(4, 6, 3)
+    want, cache_ref = attention_forward(flat(q), flat(k), flat(v), mask=mask)
+    out, cache = forward(be(q), be(k), be(v))
+    dout = rng.standard_normal((2, 4, 6, dv))
+    grads = backward(be(dout), cache)
+    g_ref = attention_backward(flat(dout), cache_ref)
+    assert np_(out).shape == (2, 4, 6, dv) and rel_error(flat(np_(out)), want) <= 1e-13
+    for name in ("q", "k", "v"):
+        assert rel_error(flat(np_(grads[name])), g_ref[name]) <= 1e-13, name
+
+
+def test_empty_maps():
+    """A window attention on an empty map is empty; a neighborhood does not fit an empty map (NATTEN's rule)."""
+    q = np.zeros((2, 0, 4, 3))
+    out, cache = window_attention_forward(q, q, q, window=2, shift=1)
+    assert out.shape == (2, 0, 4, 3) and window_attention_backward(out, cache)["q"].shape == (2, 0, 4, 3)
+    with pytest.raises(ValueError, match=r"a 3×3 neighborhood does not fit a 0×4 map"):
+        neighborhood_attention_forward(q, q, q, kernel=3)
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+def test_a_nan_key_reaches_the_queries_that_see_it_and_no_other(variant, be, rng):
+    forward, backward = LOCAL[variant]
+    q, k, v = make_maps(rng, (), 4, 6, 3, 2)
+    k[1, 2, 0] = np.nan
+    mask = window_mask(4, 6, 2, 1) if variant == "window" else neighborhood_mask(4, 6, 3)
+    out, cache = forward(be(q), be(k), be(v))
+    backward(be(np.ones((4, 6, 2))), cache)
+    sees_it = mask[:, 1 * 6 + 2]  # the queries whose window or neighborhood holds pixel (1, 2)
+    np.testing.assert_array_equal(np.isnan(flat(np_(out))).any(-1), sees_it)
+    k[1, 2, 0] = np.inf
+    with pytest.raises(ValueError, match="k has an infinite entry"):
+        forward(be(q), be(k), be(v))
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+def test_the_backward_checks_dout_and_cache_and_any_real_scale_is_taken(variant, rng):
+    forward, backward = LOCAL[variant]
+    q, k, v = (a.astype(np.float32) for a in make_maps(rng, (1,), 4, 6, 3, 2))
+    out, cache = forward(q, k, v)
+    with pytest.raises(TypeError, match="dout has dtype float64, but the forward ran in float32"):
+        backward(np.ones(out.shape), cache)
+    other = "neighborhood" if variant == "window" else "window"
+    _, other_cache = LOCAL[other][0](q, k, v)
+    with pytest.raises(TypeError, match=f"; it belongs to {other}_attention_backward"):
+        backward(np.ones(out.shape, dtype=np.float32), other_cache)
+    np.testing.assert_array_equal(forward(q, k, v, scale=np.float32(0.5))[0], forward(q, k, v, scale=0.5)[0])
+    import ml_dtypes
+
+    with pytest.raises(TypeError, match=r"real floating dtype \(float16, float32 or float64\), got bfloat16"):
+        forward(*(a.astype(ml_dtypes.bfloat16) for a in (q, k, v)))

@@ -254,3 +254,20 @@ def test_fast_path_takes_threads_for_big_numpy_stacks(monkeypatch, rng):
     attention_forward(q, q, q)
     assert len(calls) == (1 if importlib.util.find_spec("threadpoolctl") is not None else 0)
     assert not exact_fast._in_threads(q[:1], q[:1])  # one matrix: nothing to spread
+
+
+def test_fast_path_equals_the_readable_path_in_float16(rng, monkeypatch):
+    """float16: the fast path's softmax and its backward run in float32 like softmax_forward/backward."""
+    q, k, v, dout = (rng.standard_normal((2, 3, 6, 4)).astype(np.float16) for _ in range(4))
+    mask = rng.random((2, 1, 6, 6)) > 0.3
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(exact, "FAST", fast)
+        out, cache = attention_forward(q, k, v, mask=mask)
+        results.append((out, cache.weights, attention_backward(dout, cache)))
+    (out0, p0, g0), (out1, p1, g1) = results
+    np.testing.assert_array_equal(out1, out0)
+    np.testing.assert_array_equal(p1, p0)
+    for name in g0:
+        assert g1[name].dtype == np.float16
+        np.testing.assert_array_equal(g1[name], g0[name])

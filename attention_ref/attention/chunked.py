@@ -33,7 +33,9 @@ with ``D_i = Σ_k P_ik dP_ik = dO_i · O_i`` (one number per query, computed onc
 
 Masks and biases stay in their broadcast shape: each tile slices the rows and columns it needs, and an
 axis of size 1 is used whole. A query with no allowed key has ``ℓ = 0``: its output is 0, its ``lse`` is
-``−inf``, and its recomputed weights (and so its gradients) are 0.
+``−inf``, and its recomputed weights (and so its gradients) are 0. A NaN logit makes its row's output and
+``lse`` NaN, a ``+inf`` logit its output NaN and its ``lse`` ``+inf``, as in :mod:`.exact`; float16 inputs
+are computed in float32 (``lse`` stays float32) and the results rounded to float16.
 
 Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512 keys: a float64 tile is
 2 MiB, small enough that the few temporaries of a tile stay cache-friendly and that memory is
@@ -58,9 +60,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from .._checks import sum_to_shape
+from .._checks import as_dtype, in_working_dtype, sum_to_shape
 from ..backend import Array, cpu_workers, device_of, exp_inplace, namespace, parallel_map
-from .inputs import check_attention_inputs
+from ..ops.softmax import safe_shift
+from .inputs import check_attention_inputs, check_cache, check_dout
 from .masks import as_pair
 
 __all__ = [
@@ -85,7 +88,8 @@ class ChunkedAttentionCache:
     k: Array  # (..., M, d)
     v: Array  # (..., M, dv)
     out: Array  # O, (..., N, dv)
-    logsumexp: Array  # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows
+    # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows; float32 for float16 input
+    logsumexp: Array
     scale: float
     mask: Array | None  # as given (broadcastable to (..., N, M))
     bias: Array | None  # as given (broadcastable to (..., N, M))
@@ -101,14 +105,15 @@ class ChunkedAttentionCache:
         """Rows ``start:stop`` of the weights ``P``, ``(..., stop − start, M)``, recomputed as ``exp(S − lse)``."""
         xp = namespace(self.q)
         rows = slice(start, stop)
-        mask, bias = _at_least_2d(xp, self.mask), _at_least_2d(xp, self.bias)
-        q_rows = self.scale * self.q[..., rows, :]
+        q, k, bias = in_working_dtype(xp, self.q, self.k, self.bias)
+        mask, bias = _at_least_2d(xp, self.mask), _at_least_2d(xp, bias)
+        q_rows = self.scale * q[..., rows, :]
         lse = _safe_lse(xp, self.logsumexp[..., rows])
         tiles = []
-        for cols in _blocks(self.k.shape[-2], self.block_k):
-            logits = _logits_tile(xp, q_rows, self.k[..., cols, :], mask, bias, rows, cols)
+        for cols in _blocks(k.shape[-2], self.block_k, at_least_one=True):
+            logits = _logits_tile(xp, q_rows, k[..., cols, :], mask, bias, rows, cols)
             tiles.append(xp.exp(logits - lse))
-        return xp.concat(tiles, axis=-1)
+        return as_dtype(xp, xp.concat(tiles, axis=-1), self.q.dtype)
 
 
 # ---------------------------------------------------------------- tiles
@@ -124,9 +129,14 @@ def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
     return block_q, block_k
 
 
-def _blocks(n: int, size: int) -> list[slice]:
-    """``[0:size], [size:2·size], …`` covering ``range(n)``; the last one may be shorter."""
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+def _blocks(n: int, size: int, *, at_least_one: bool = False) -> list[slice]:
+    """``[0:size], [size:2·size], …`` covering ``range(n)``; the last one may be shorter.
+
+    For ``n = 0`` there are no blocks, or one empty block ``[0:0]`` with ``at_least_one`` (so that
+    results with an axis of length 0 still get their shape from the loop over blocks).
+    """
+    blocks = [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    return blocks or ([slice(0, 0)] if at_least_one else [])
 
 
 def _at_least_2d(xp: ModuleType, a: Array | None) -> Array | None:
@@ -157,9 +167,12 @@ def _logits_tile(
 
 
 def _safe_lse(xp: ModuleType, lse: Array) -> Array:
-    """``lse`` as ``(..., rows, 1)``, with 0 for fully masked rows so that ``exp(-inf - 0) = 0``, never NaN."""
-    lse = xp.expand_dims(lse, axis=-1)
-    return xp.where(lse == -xp.inf, 0.0, lse)
+    """``lse`` as ``(..., rows, 1)``, safe to subtract (:func:`attention_ref.ops.softmax.safe_shift`).
+
+    0 for fully masked rows, so that ``exp(-inf - 0) = 0``, never NaN; NaN for a row whose ``lse`` is
+    ``+inf``, so that its weights are NaN (as the forward's) without the warning ``inf - inf`` raises.
+    """
+    return safe_shift(xp, xp.expand_dims(lse, axis=-1))
 
 
 # ---------------------------------------------------------------- forward
@@ -192,15 +205,16 @@ def chunked_attention_forward(
     """
     xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
     block_q, block_k = _block_sizes(block_size)
-    mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias)
+    q_w, k_w, v_w, bias_w = in_working_dtype(xp, q, k, v, bias)
+    mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias_w)
 
     def query_tile(rows: slice) -> tuple[Array, Array]:
-        return _forward_rows(xp, scale * q[..., rows, :], k, v, mask2, bias2, rows, block_k)
+        return _forward_rows(xp, scale * q_w[..., rows, :], k_w, v_w, mask2, bias2, rows, block_k)
 
     # query tiles are independent: on NumPy they run on all cores (see attention_ref.backend.parallel_map)
-    tiles = parallel_map(query_tile, _blocks(q.shape[-2], block_q), like=q)
+    tiles = parallel_map(query_tile, _blocks(q.shape[-2], block_q, at_least_one=True), like=q)
     out_tiles, lse_tiles = [out_rows for out_rows, _ in tiles], [lse_rows for _, lse_rows in tiles]
-    out = xp.concat(out_tiles, axis=-2)  # (..., N, dv)
+    out = as_dtype(xp, xp.concat(out_tiles, axis=-2), q.dtype)  # (..., N, dv)
     cache = ChunkedAttentionCache(
         q=q,
         k=k,
@@ -232,13 +246,14 @@ def _forward_rows(
     running_max = xp.full(stats_shape, -xp.inf, dtype=q_scaled.dtype, device=dev)  # m
     running_sum = xp.zeros(stats_shape, dtype=q_scaled.dtype, device=dev)  # ℓ
     acc = xp.zeros((*q_scaled.shape[:-1], v.shape[-1]), dtype=q_scaled.dtype, device=dev)  # A, (..., block_q, dv)
-    shift = running_max
+    shift = safe_shift(xp, running_max)
     for cols in _blocks(k.shape[-2], block_k):
         logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols)  # (..., block_q, block_k)
         # m' = max(m, max_k S_k)
         new_max = xp.maximum(running_max, xp.max(logits, axis=-1, keepdims=True))
-        # subtract 0 instead of -inf while a row has seen no allowed key: exp(-inf - 0) = 0, not NaN
-        shift = xp.where(new_max == -xp.inf, 0.0, new_max)
+        # subtract 0 instead of -inf while a row has seen no allowed key (exp(-inf - 0) = 0, not NaN),
+        # and NaN instead of +inf once it has seen a +inf logit (its row is NaN; inf - inf would warn)
+        shift = safe_shift(xp, new_max)
         # P̃ = exp(S - m'), computed in the logits' memory
         logits -= shift
         p_tilde = exp_inplace(xp, logits)
@@ -249,11 +264,13 @@ def _forward_rows(
         # A' = α A + P̃ V_j
         acc = alpha * acc + p_tilde @ v[..., cols, :]
         running_max = new_max
-    alive = running_sum > 0.0
+    dead = running_sum == 0.0  # no allowed key (a NaN sum is not 0: NaN is never taken for "masked")
     # O = A / ℓ   (a fully masked row has A = 0 and ℓ = 0: divide by 1 instead)
-    out = acc / xp.where(alive, running_sum, 1.0)
+    out = acc / xp.where(dead, 1.0, running_sum)
     # lse = m + log ℓ, and -inf (the log of an empty sum) for a fully masked row, without a warning
-    lse = xp.where(alive, shift + xp.log(xp.where(alive, running_sum, 1.0)), -xp.inf)
+    lse = xp.where(dead, -xp.inf, shift + xp.log(xp.where(dead, 1.0, running_sum)))
+    # a row with a +inf logit (and no NaN): lse = +inf
+    lse = xp.where(running_max == xp.inf, xp.inf, lse)
     return out, xp.squeeze(lse, axis=-1)
 
 
@@ -271,15 +288,15 @@ def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dic
         ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``, plus ``"bias"`` in the bias's own
         shape when a bias was given — the same as :func:`attention_ref.attention_backward`.
     """
-    xp = namespace(dout)
-    q, k, v, scale = cache.q, cache.k, cache.v, cache.scale
-    if tuple(dout.shape) != tuple(cache.out.shape):
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(cache.out.shape)}")
-    mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, cache.bias)
-    row_blocks = _blocks(q.shape[-2], cache.block_q)
-    col_blocks = _blocks(k.shape[-2], cache.block_k)
+    check_cache(cache, ChunkedAttentionCache, "chunked_attention_backward")
+    xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
+    dtype, scale = cache.q.dtype, cache.scale
+    q, k, v, bias, dout, out = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.bias, dout, cache.out)
+    mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, bias)
+    row_blocks = _blocks(q.shape[-2], cache.block_q, at_least_one=True)
+    col_blocks = _blocks(k.shape[-2], cache.block_k, at_least_one=True)
     # D_i = Σ_k P_ik dP_ik = dO_i · O_i   (..., N, 1)
-    delta = xp.sum(dout * cache.out, axis=-1, keepdims=True)
+    delta = xp.sum(dout * out, axis=-1, keepdims=True)
     lse = _safe_lse(xp, cache.logsumexp)  # (..., N, 1)
     q_scaled = scale * q
 
@@ -334,7 +351,7 @@ def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dic
     }
     if bias is not None:
         grads["bias"] = xp.reshape(_assemble_bias_grad(xp, dbias_tiles), cache.bias_shape)
-    return grads
+    return {name: as_dtype(xp, g, dtype) for name, g in grads.items()}
 
 
 @dataclass

@@ -20,7 +20,7 @@ Backward. Given ``dO = ∂L/∂O``:
   and ``d bias = dS`` summed over every axis the bias was broadcast along.
 
 Masked entries and fully masked rows have ``P = 0``, so they get ``dS = 0`` and
-contribute nothing to any gradient.
+contribute nothing to any gradient. NaN, ``±inf``, float16 and empty inputs: see docs/numerics.md.
 
 :func:`_attend` and :func:`_gradients` below are these lines, one array per line.
 :mod:`.exact_fast` computes the same numbers in the memory of the logits and on all
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from .._checks import Shape, sum_to_shape
-from ..backend import Array, namespace
+from ..backend import Array
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from . import exact_fast
-from .inputs import check_attention_inputs
+from .inputs import check_attention_inputs, check_cache, check_dout, hint_chunked_when_out_of_memory
 
 __all__ = ["FAST", "AttentionCache", "attention_backward", "attention_forward"]
 
@@ -76,7 +76,8 @@ def attention_forward(
     """
     xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
     attend = exact_fast.attend if FAST else _attend  # the same numbers; the fast one in place, threaded
-    out, weights = attend(xp, q, k, v, mask, bias, scale)
+    with hint_chunked_when_out_of_memory(q, k):
+        out, weights = attend(xp, q, k, v, mask, bias, scale)
     bias_shape = None if bias is None else tuple(bias.shape)
     return out, AttentionCache(q=q, k=k, v=v, weights=weights, scale=scale, bias_shape=bias_shape, mask=mask)
 
@@ -108,13 +109,12 @@ def attention_backward(dout: Array, cache: AttentionCache) -> dict[str, Array]:
         ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``, plus
         ``"bias"`` in the bias's own shape when a bias was given.
     """
-    xp = namespace(dout)
+    check_cache(cache, AttentionCache, "attention_backward")
     q, k, v, P = cache.q, cache.k, cache.v, cache.weights
-    expected = (*q.shape[:-1], v.shape[-1])
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {expected}")
+    xp = check_dout(dout, like=q, shape=(*q.shape[:-1], v.shape[-1]))
     gradients = exact_fast.gradients if FAST else _gradients  # the same numbers; the fast one in place, threaded
-    return gradients(xp, dout, q, k, v, P, cache.scale, cache.bias_shape)
+    with hint_chunked_when_out_of_memory(q, k):
+        return gradients(xp, dout, q, k, v, P, cache.scale, cache.bias_shape)
 
 
 def _gradients(

@@ -33,9 +33,9 @@ import math
 from types import ModuleType
 from typing import Any
 
-from .._checks import Shape, sum_to_shape
+from .._checks import Shape, as_dtype, sum_to_shape, working_dtype
 from ..backend import Array, cpu_workers, device_of, exp_inplace, parallel_map
-from ..ops.softmax import safe_shift
+from ..ops.softmax import SoftmaxCache, softmax_backward, stable_shift
 from .per_matrix import broadcast_index, matrix_indices, take
 
 __all__ = ["PARALLEL_MIN_LOGITS", "attend", "gradients", "softmax_overwriting"]
@@ -66,15 +66,18 @@ def softmax_overwriting(xp: ModuleType, x: Array, *, axis: int = -1, mask: Array
     """The ``p`` of :func:`attention_ref.softmax_forward`, computed in ``x``'s own memory: ``x`` is destroyed.
 
     For an ``x`` the caller owns (the logits it just computed). Use the return value: backends without
-    an in-place ``exp`` return a new array and leave ``x`` holding ``x - max``.
+    an in-place ``exp`` return a new array and leave ``x`` holding ``x - max``. float16 is computed in a
+    float32 copy, as :func:`attention_ref.softmax_forward` does, and rounded back.
     """
+    dtype = x.dtype
+    x = as_dtype(xp, x, working_dtype(xp, dtype))
     if mask is not None:
         x = xp.where(mask, x, -xp.inf)  # a new array, ours to overwrite
-    x -= safe_shift(xp, xp.max(x, axis=axis, keepdims=True))
+    x -= stable_shift(xp, x, axis)
     e = exp_inplace(xp, x)
     total = xp.sum(e, axis=axis, keepdims=True)
     e /= xp.where(total == 0.0, 1.0, total)
-    return e
+    return as_dtype(xp, e, dtype)
 
 
 def _attend_in_place(
@@ -92,11 +95,14 @@ def _gradients_in_place(
 ) -> dict[str, Array]:
     dv = xp.matrix_transpose(P) @ dout  # dV = Pᵀ dO   (..., M, dv)
     dP = dout @ xp.matrix_transpose(v)  # dP = dO Vᵀ   (..., N, M)
-    row_dot = xp.expand_dims(xp.vecdot(P, dP, axis=-1), axis=-1)  # Σ_k P_ik dP_ik   (..., N, 1)
-    # dS_ij = P_ij (dP_ij - Σ_k P_ik dP_ik), formed in dP's memory
-    dP -= row_dot
-    dP *= P
-    dS = dP
+    if working_dtype(xp, dP.dtype) != dP.dtype:  # float16: the softmax's own backward, in float32
+        dS = softmax_backward(dP, SoftmaxCache(weights=P, axis=-1))["x"]
+    else:
+        row_dot = xp.expand_dims(xp.vecdot(P, dP, axis=-1), axis=-1)  # Σ_k P_ik dP_ik   (..., N, 1)
+        # dS_ij = P_ij (dP_ij - Σ_k P_ik dP_ik), formed in dP's memory
+        dP -= row_dot
+        dP *= P
+        dS = dP
     grads = {"q": scale * (dS @ k), "k": scale * (xp.matrix_transpose(dS) @ q), "v": dv}
     if bias_shape is not None:
         grads["bias"] = sum_to_shape(xp, dS, bias_shape)

@@ -46,13 +46,15 @@ along its own axis gives ``dQ`` and ``dK``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from types import ModuleType
 
 from .._checks import require_bool, require_broadcastable_to
 from ..backend import Array, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
-from .inputs import check_qkv
+from .inputs import check_cache, check_dout, check_qkv
 
 __all__ = ["LINEAR_KINDS", "LinearAttentionCache", "linear_attention_backward", "linear_attention_forward"]
 
@@ -127,10 +129,10 @@ def linear_attention_forward(
     xp = check_qkv(q, k, v)
     if kind not in LINEAR_KINDS:
         raise ValueError(f"kind must be one of {LINEAR_KINDS}, got {kind!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a Python number, got {type(eps).__name__}")
-    if eps < 0:
-        raise ValueError(f"eps must be ≥ 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be finite and ≥ 0, got {eps}")
     keys_on = None if key_mask is None else _check_key_mask(xp, key_mask, k)  # (..., M, 1)
     if kind == "elu":
         q_features, _ = _elu_plus_one(xp, q)  # φ(Q)   (..., N, d)
@@ -144,9 +146,8 @@ def linear_attention_forward(
         k_sum = xp.sum(k_features, axis=-2)
         # δ_i = φ(q_i)·z + ε   (..., N, 1)
         denominator = q_features @ xp.expand_dims(k_sum, axis=-1) + eps
-        if keys_on is not None:
-            # only when every key is masked and eps = 0 is δ = 0; the numerator is 0 there, so divide by 1
-            denominator = xp.where(denominator == 0.0, 1.0, denominator)
+        # δ = 0 only with eps = 0 and no key (all masked, or M = 0): the numerator is 0 there, so divide by 1
+        denominator = xp.where(denominator == 0.0, 1.0, denominator)
         # o_i = φ(q_i)ᵀ S / δ_i   (..., N, dv)
         out = q_features @ kv / denominator
     else:
@@ -185,9 +186,8 @@ def linear_attention_backward(dout: Array, cache: LinearAttentionCache) -> dict[
     Returns:
         ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``.
     """
-    xp = namespace(dout)
-    if tuple(dout.shape) != tuple(cache.out.shape):
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(cache.out.shape)}")
+    check_cache(cache, LinearAttentionCache, "linear_attention_backward")
+    xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
     phi_q, phi_k, kv, v = cache.q_features, cache.k_features, cache.kv, cache.v
     if cache.kind == "efficient":
         # dρ_q = dO Gᵀ   (..., N, d)

@@ -42,7 +42,7 @@ from typing import Any
 from ..backend import Array, device_of, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .dense_rows import check_row_range, spread_rows
-from .inputs import default_scale
+from .inputs import check_cache, check_dout, check_scale
 from .maps import check_map_qkv
 from .masks import check_kernel, neighborhood_starts
 
@@ -140,7 +140,7 @@ def neighborhood_attention_forward(
     """
     xp, height, width = check_map_qkv(q, k, v)
     kernel = check_kernel(height, width, kernel)
-    scale = _check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, q.shape[-1])
     rows = _gather_offsets(xp, height, kernel[0], device_of(q))
     cols = _gather_offsets(xp, width, kernel[1], device_of(q))
     logits = []
@@ -171,12 +171,10 @@ def neighborhood_attention_backward(dout: Array, cache: NeighborhoodAttentionCac
     Returns:
         ``{"q": (..., H, W, d), "k": (..., H, W, d), "v": (..., H, W, dv)}``.
     """
-    xp = namespace(dout)
+    check_cache(cache, NeighborhoodAttentionCache, "neighborhood_attention_backward")
     q, k, v, weights, scale = cache.q, cache.k, cache.v, cache.weights, cache.scale
     kh, kw = cache.kernel
-    expected = (*q.shape[:-1], v.shape[-1])
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {expected}")
+    xp = check_dout(dout, like=q, shape=(*q.shape[:-1], v.shape[-1]))
     height, width = q.shape[-3], q.shape[-2]
     rows = _gather_offsets(xp, height, kh, device_of(q))
     cols = _gather_offsets(xp, width, kw, device_of(q))
@@ -206,12 +204,3 @@ def neighborhood_attention_backward(dout: Array, cache: NeighborhoodAttentionCac
         dk = dk + _gather_adjoint(xp, dk_a, -3, kh, a)
         dv = dv + _gather_adjoint(xp, dv_a, -3, kh, a)
     return {"q": scale * dq, "k": scale * dk, "v": dv}
-
-
-def _check_scale(scale: float | None, d: int) -> float:
-    """``scale`` as a float, ``1/sqrt(d)`` when ``None``; ``TypeError`` for a non-number."""
-    if scale is None:
-        return default_scale(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    return float(scale)

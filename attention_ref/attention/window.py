@@ -31,6 +31,7 @@ from typing import Any
 from ..backend import Array, device_of, namespace
 from .dense_rows import check_row_range, spread_rows
 from .exact import AttentionCache, attention_backward, attention_forward
+from .inputs import check_cache, check_dout
 from .maps import check_map_qkv
 from .masks import check_window
 
@@ -183,11 +184,9 @@ def window_attention_backward(dout: Array, cache: WindowAttentionCache) -> dict[
     Returns:
         ``{"q": (..., H, W, d), "k": (..., H, W, d), "v": (..., H, W, dv)}``.
     """
-    xp = namespace(dout)
+    check_cache(cache, WindowAttentionCache, "window_attention_backward")
     a = cache.attention
-    expected = (*a.q.shape[:-4], cache.height, cache.width, a.v.shape[-1])
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {expected}")
+    xp = check_dout(dout, like=a.q, shape=(*a.q.shape[:-4], cache.height, cache.width, a.v.shape[-1]))
     # the forward's steps in reverse: roll by -shift, partition, attention backward, merge, roll by +shift
     grads_w = attention_backward(_partition(xp, _roll(xp, dout, cache.shift, -1), cache.window), a)
     return {name: _roll(xp, _merge(xp, grads_w[name], cache.window), cache.shift, +1) for name in ("q", "k", "v")}

@@ -16,6 +16,10 @@ and through ``r``. Using ``∂μ/∂x_i = 1/n`` and ``∂r/∂x_i = −r³ (x_i 
       = r \Big(g_i - \overline{g} - \hat x_i\, \overline{g\,\hat x}\Big),
 
 where the bars are means over the reduction axes.
+
+float16 is computed in float32, as torch does (its squares overflow at 256):
+the callers pass their inputs through :func:`attention_ref._checks.in_working_dtype`
+and round their results back.
 """
 
 from __future__ import annotations
