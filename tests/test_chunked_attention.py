@@ -260,7 +260,7 @@ def _peak_bytes(fn) -> int:
 
 @pytest.mark.slow
 def test_memory_at_16384_tokens_is_at_most_256_mib(monkeypatch):
-    """Issue [3/6]: forward + backward at N = 16,384, d = 64, one head, float64 peaks ≤ 256 MiB.
+    """Forward + backward at N = 16,384, d = 64, one head, float64 peaks ≤ 256 MiB.
 
     The peak counts everything NumPy allocates after the inputs exist, outputs and gradients included
     (they alone are 4 · N · d · 8 B = 32 MiB); one N × N weight matrix would be 2 GiB. Every thread of

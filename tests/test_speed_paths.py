@@ -230,14 +230,15 @@ def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bi
     monkeypatch.setattr(exact_fast, "_in_threads", lambda q, k: threads)
     got_out, got_p, got_g = run()
     assert be.is_native(got_out) and be.is_native(got_p)
-    # the same operations in the same order, except the products' sums when cut per matrix
-    assert rel_error(np_(got_out), np_(want_out)) <= 1e-13
-    assert rel_error(np_(got_p), np_(want_p)) <= 1e-13
+    # The same operations in the same order, in place or not: measured identical in one call; cut per matrix,
+    # the products' sums may run in another order (measured ≤ 7.7e-16 over 10 seeds, AMD EPYC, OpenBLAS)
+    assert rel_error(np_(got_out), np_(want_out)) <= 1e-14
+    assert rel_error(np_(got_p), np_(want_p)) <= 1e-14
     assert set(got_g) == set(want_g) == ({"q", "k", "v"} | ({"bias"} if bias is not None else set()))
     for name in want_g:
         assert be.is_native(got_g[name])
         assert tuple(got_g[name].shape) == tuple(want_g[name].shape), name
-        assert rel_error(np_(got_g[name]), np_(want_g[name])) <= 1e-12, name
+        assert rel_error(np_(got_g[name]), np_(want_g[name])) <= 1e-14, name
     assert not np.isnan(np_(got_out)).any() and not np.isnan(np_(got_g["q"])).any()
 
 

@@ -68,7 +68,7 @@ def attention_forward(
         v: ``(..., M, dv)`` values.
         mask: boolean, broadcastable to ``(..., N, M)``; True = may attend.
         bias: float (q's dtype), broadcastable to ``(..., N, M)``; added to the logits.
-        scale: multiplies ``q kᵀ``; default ``1/sqrt(d)``.
+        scale: a real number (Python or NumPy) multiplying ``q kᵀ``; default ``1/sqrt(d)``.
 
     Returns:
         out: ``(..., N, dv)``.
