@@ -10,22 +10,60 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from .backend import Array
+
 Shape = tuple[int, ...]
 
 
-def require_floating(xp: ModuleType, name: str, x: Any) -> None:
-    """``TypeError`` unless ``x`` has a real floating dtype."""
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+#: The dtypes every layer takes (float16 only where the backend has it; array_api_strict has not).
+FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
-def require_bool(xp: ModuleType, name: str, x: Any) -> None:
+def _is(xp: ModuleType, dtype: Any, name: str) -> bool:
+    """Whether ``dtype`` is the namespace's dtype ``name`` (False when the namespace has no such dtype)."""
+    return hasattr(xp, name) and dtype == getattr(xp, name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for NumPy's, torch's (``torch.float32``) or array_api_strict's float32 alike."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def require_floating(xp: ModuleType, name: str, x: Array) -> None:
+    """``TypeError`` unless ``x`` is float16, float32 or float64 (not bfloat16, not an integer or bool)."""
+    if not any(_is(xp, x.dtype, supported) for supported in FLOAT_DTYPES):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, float32 or float64), got {dtype_name(x.dtype)}"
+        )
+
+
+def require_bool(xp: ModuleType, name: str, x: Array) -> None:
     """``TypeError`` unless ``x`` is a boolean array."""
-    if not xp.isdtype(x.dtype, "bool"):
+    if not _is(xp, x.dtype, "bool"):
         raise TypeError(f"{name} must be a boolean array (True = may attend), got dtype {x.dtype}")
 
 
-def require_ndim(name: str, x: Any, ndim: int | Sequence[int]) -> None:
+def working_dtype(xp: ModuleType, dtype: Any) -> Any:
+    """The dtype a layer computes in for inputs of ``dtype``: float32 for float16, else ``dtype`` itself.
+
+    Half precision has 11 significant bits and overflows at 65,504: a sum of squares or of
+    exponentials in float16 loses most of its digits or becomes ``inf``. So, as torch does on the
+    CPU, softmax and the norms compute in float32 and round their results back to float16.
+    """
+    return xp.float32 if _is(xp, dtype, "float16") else dtype
+
+
+def as_dtype(xp: ModuleType, x: Array, dtype: Any) -> Array:
+    """``x`` in ``dtype``: ``x`` itself when it has that dtype already, else a converted copy."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def in_working_dtype(xp: ModuleType, *arrays: Array | None) -> list[Array | None]:
+    """Each array in its :func:`working_dtype` (float16 → float32, others as they are); ``None`` stays ``None``."""
+    return [None if a is None else as_dtype(xp, a, working_dtype(xp, a.dtype)) for a in arrays]
+
+
+def require_ndim(name: str, x: Array, ndim: int | Sequence[int]) -> None:
     """``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of them)."""
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if x.ndim not in allowed:
@@ -59,7 +97,7 @@ def require_broadcastable_to(name: str, shape: Shape, target: Shape) -> None:
         raise ValueError(f"{name} of shape {tuple(shape)} does not broadcast to {tuple(target)}")
 
 
-def sum_to_shape(xp: ModuleType, g: Any, shape: Shape) -> Any:
+def sum_to_shape(xp: ModuleType, g: Array, shape: Shape) -> Array:
     """Sum ``g`` over the axes that broadcasting added or stretched, back to ``shape``.
 
     This is the backward of ``broadcast_to(x, g.shape)`` for an ``x`` of ``shape``.
@@ -74,6 +112,6 @@ def sum_to_shape(xp: ModuleType, g: Any, shape: Shape) -> Any:
     return g
 
 
-def common_float_dtype(xp: ModuleType, *arrays: Any) -> Any:
+def common_float_dtype(xp: ModuleType, *arrays: Array) -> Any:
     """The promoted floating dtype of ``arrays`` (all must be floating)."""
     return xp.result_type(*[a.dtype for a in arrays])

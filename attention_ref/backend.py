@@ -29,6 +29,7 @@ __all__ = [
     "device_of",
     "exp_inplace",
     "from_numpy",
+    "is_out_of_memory",
     "namespace",
     "namespace_name",
     "parallel_map",
@@ -96,7 +97,7 @@ def available_backends() -> list[str]:
     return names
 
 
-def device_of(x: Any) -> Any:
+def device_of(x: Array) -> Any:
     """The device an array lives on (``"cpu"`` for NumPy)."""
     return array_api_compat.device(x)
 
@@ -114,7 +115,16 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.from_dlpack(x)
 
 
-def from_numpy(a: Any, like: Any) -> Any:
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says an allocation failed: NumPy's ``MemoryError``, torch's ``OutOfMemoryError``
+    (CUDA) or the ``RuntimeError`` of its CPU allocator, CuPy's ``OutOfMemoryError``."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in message or "not enough memory" in message)
+
+
+def from_numpy(a: Array, like: Array) -> Array:
     """``a`` (NumPy or a Python number) as an array of ``like``'s backend and device."""
     xp = namespace(like)
     return xp.asarray(np.asarray(a), device=device_of(like))
@@ -130,7 +140,7 @@ def from_numpy(a: Any, like: Any) -> Any:
 # ``out=`` argument; every other namespace takes the standard call.
 
 
-def exp_inplace(xp: ModuleType, x: Any) -> Any:
+def exp_inplace(xp: ModuleType, x: Array) -> Array:
     """``exp(x)``, written over ``x`` where the backend allows it (NumPy, CuPy), else a new array.
 
     Use the return value, not ``x``: only NumPy and CuPy overwrite ``x``. Call it
@@ -158,7 +168,7 @@ def exp_inplace(xp: ModuleType, x: Any) -> Any:
 _BLAS_CONTROLLER: Any = None
 
 
-def cpu_workers(like: Any) -> int:
+def cpu_workers(like: Array) -> int:
     """How many threads :func:`parallel_map` spreads work over for arrays like ``like``.
 
     1 unless ``like`` is a NumPy array and ``threadpoolctl`` is installed; then
@@ -170,10 +180,19 @@ def cpu_workers(like: Any) -> int:
 
 
 def thread_count() -> int:
-    """``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use."""
-    env = os.environ.get("ATTENTION_REF_NUM_THREADS")
+    """``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use.
+
+    ``ValueError`` naming the variable unless it is a positive integer.
+    """
+    env = os.environ.get("ATTENTION_REF_NUM_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            count = int(env)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"ATTENTION_REF_NUM_THREADS must be a positive integer (or unset), got {env!r}")
+        return count
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -190,7 +209,7 @@ def _single_threaded_blas() -> Any:
     return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, like: Any) -> list[R]:
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, like: Array) -> list[R]:
     """``[fn(item) for item in items]``, spread over :func:`cpu_workers` threads where that pays.
 
     Results come back in the order of ``items``. ``fn`` must not write to memory

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import Array, to_numpy
 
 __all__ = ["check_backward", "numerical_gradient", "rel_error"]
 
 
-def numerical_gradient(f: Callable[[np.ndarray], Any], x: np.ndarray, dout: Any, h: float = 1e-6) -> np.ndarray:
+def numerical_gradient(f: Callable[[np.ndarray], Array], x: np.ndarray, dout: Array, h: float = 1e-6) -> np.ndarray:
     """Central-difference gradient of ``⟨f(x), dout⟩`` with respect to ``x``.
 
     Inputs:
@@ -54,7 +54,7 @@ def numerical_gradient(f: Callable[[np.ndarray], Any], x: np.ndarray, dout: Any,
     return grad
 
 
-def rel_error(a: Any, b: Any, floor: float = 1e-300) -> float:
+def rel_error(a: Array, b: Array, floor: float = 1e-300) -> float:
     """Normwise relative error ``max|a − b| / max(max|a|, max|b|)``.
 
     Scale-free, and unlike an entry-by-entry ratio it does not blow up on
@@ -72,8 +72,8 @@ def rel_error(a: Any, b: Any, floor: float = 1e-300) -> float:
 
 
 def check_backward(
-    forward: Callable[..., tuple[Any, Any]],
-    backward: Callable[[Any, Any], Mapping[str, Any]],
+    forward: Callable[..., tuple[Array, Any]],
+    backward: Callable[[Array, Any], Mapping[str, Array]],
     inputs: Mapping[str, np.ndarray],
     *,
     h: float = 1e-6,
@@ -101,7 +101,7 @@ def check_backward(
         if name not in analytic:
             raise KeyError(f"the backward pass returned no gradient for {name!r}; it returned {sorted(analytic)}")
 
-        def f(x: np.ndarray, name: str = name) -> Any:
+        def f(x: np.ndarray, name: str = name) -> Array:
             return forward(**{**inputs, name: x})[0]
 
         numeric = numerical_gradient(f, inputs[name].copy(), dout, h)

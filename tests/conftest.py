@@ -91,6 +91,12 @@ def be(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param)
 
 
+@pytest.fixture(params=BACKENDS[1:])
+def other_be(request: pytest.FixtureRequest) -> Backend:
+    """Every backend but NumPy: for tests that compare a backend with NumPy (NumPy against itself proves nothing)."""
+    return Backend(request.param)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

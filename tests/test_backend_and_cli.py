@@ -56,3 +56,19 @@ def test_demo_runs_and_its_gradient_check_agrees():
     line = next(s for s in result.stdout.splitlines() if s.startswith("Gradient check"))
     err = float(line.split("=")[1].split()[0])
     assert err < 1e-7
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_thread_count_that_is_not_a_positive_integer_names_the_variable(value, monkeypatch):
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"ATTENTION_REF_NUM_THREADS must be a positive integer .*got '{value}'"):
+        backend.thread_count()
+
+
+def test_the_thread_count_comes_from_the_variable_or_the_cpus(monkeypatch):
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", " 3 ")
+    assert backend.thread_count() == 3
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "")
+    assert backend.thread_count() >= 1
+    monkeypatch.delenv("ATTENTION_REF_NUM_THREADS")
+    assert backend.thread_count() >= 1

@@ -31,13 +31,13 @@ def loop_conv2d(x, w, b, ph, pw):
 
 
 CASES = [
-    # (H, W, kh, kw, padding, expected (ph, pw))
-    (5, 6, 3, 3, "same", (1, 1)),
-    (5, 4, 3, 3, 0, (0, 0)),
-    (4, 5, 3, 3, 2, (2, 2)),
-    (6, 5, 3, 2, (1, 0), (1, 0)),
-    (3, 4, 1, 1, 0, (0, 0)),
-    (7, 5, 5, 3, "same", (2, 1)),
+    # H, W, kh, kw, padding, the padding expected (ph, pw)
+    pytest.param(5, 6, 3, 3, "same", (1, 1), id="3x3 same"),
+    pytest.param(5, 4, 3, 3, 0, (0, 0), id="3x3 valid"),
+    pytest.param(4, 5, 3, 3, 2, (2, 2), id="3x3 padding 2"),
+    pytest.param(6, 5, 3, 2, (1, 0), (1, 0), id="3x2 padding (1, 0)"),
+    pytest.param(3, 4, 1, 1, 0, (0, 0), id="1x1"),
+    pytest.param(7, 5, 5, 3, "same", (2, 1), id="5x3 same"),
 ]
 
 

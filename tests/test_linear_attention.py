@@ -4,6 +4,7 @@ differences, backends, identities, bad input."""
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -17,26 +18,37 @@ KINDS = ["elu", "efficient"]
 TORCH_TOL = 1e-12
 FD_TOL = 1e-7
 
-# (name, leading dims, N, M, d, dv)
-SHAPES = [
-    ("square", (2,), 6, 6, 4, 4),
-    ("N!=M d!=dv", (2, 3), 5, 9, 3, 6),
-    ("no leading dims", (), 7, 4, 2, 3),
-    ("N=1 M=1", (1,), 1, 1, 1, 1),
-]
+
+@dataclass(frozen=True)
+class Shapes:
+    """q (*lead, N, d), k (*lead, M, d), v (*lead, M, dv)."""
+
+    lead: tuple[int, ...]
+    N: int
+    M: int
+    d: int
+    dv: int
 
 
-def make(shape, rng, spread=1.5):
-    _, lead, N, M, d, dv = shape
-    q = spread * rng.standard_normal((*lead, N, d))
-    k = spread * rng.standard_normal((*lead, M, d))
-    v = rng.standard_normal((*lead, M, dv))
+SHAPES = {
+    "square": Shapes((2,), 6, 6, 4, 4),
+    "N!=M d!=dv": Shapes((2, 3), 5, 9, 3, 6),
+    "no leading dims": Shapes((), 7, 4, 2, 3),
+    "N=1 M=1": Shapes((1,), 1, 1, 1, 1),
+}
+
+
+def make(name, rng, spread=1.5):
+    s = SHAPES[name]
+    q = spread * rng.standard_normal((*s.lead, s.N, s.d))
+    k = spread * rng.standard_normal((*s.lead, s.M, s.d))
+    v = rng.standard_normal((*s.lead, s.M, s.dv))
     return q, k, v
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_matches_the_formula_under_torch_autograd(kind, shape, rng):
     import torch
     import torch.nn.functional as F
@@ -64,7 +76,7 @@ def test_matches_the_formula_under_torch_autograd(kind, shape, rng):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_finite_differences(kind, shape, rng):
     q, k, v = make(shape, rng)
     # a large eps, so that its path carries weight (with eps = 1e-6 and N = M = 1, dq is ~1e-6: FD noise)
@@ -74,21 +86,21 @@ def test_backward_matches_finite_differences(kind, shape, rng):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_backends_agree_with_numpy(kind, be, rng):
-    q, k, v = make(SHAPES[1], rng)
+def test_backends_agree_with_numpy(kind, other_be, rng):
+    q, k, v = make("N!=M d!=dv", rng)
     out_np, cache_np = linear_attention_forward(q, k, v, kind=kind)
     dout = rng.standard_normal(out_np.shape)
     g_np = linear_attention_backward(dout, cache_np)
-    out, cache = linear_attention_forward(be(q), be(k), be(v), kind=kind)
-    g = linear_attention_backward(be(dout), cache)
-    assert be.is_native(out) and rel_error(out, out_np) <= 1e-13
+    out, cache = linear_attention_forward(other_be(q), other_be(k), other_be(v), kind=kind)
+    g = linear_attention_backward(other_be(dout), cache)
+    assert other_be.is_native(out) and rel_error(out, out_np) <= 1e-13
     for name in ("q", "k", "v"):
-        assert be.is_native(g[name]) and rel_error(g[name], g_np[name]) <= 1e-13, name
+        assert other_be.is_native(g[name]) and rel_error(g[name], g_np[name]) <= 1e-13, name
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_implied_weights_reproduce_the_output(kind, be, rng):
-    q, k, v = make(SHAPES[1], rng)
+    q, k, v = make("N!=M d!=dv", rng)
     out, cache = linear_attention_forward(be(q), be(k), be(v), kind=kind)
     assert cache.weights is None  # no N × M matrix is ever formed
     A = np_(cache.implied_weights())
@@ -103,7 +115,7 @@ def test_implied_weights_reproduce_the_output(kind, be, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_permuting_queries_permutes_outputs_and_key_value_pairs_change_nothing(kind, rng):
-    q, k, v = make(SHAPES[1], rng)
+    q, k, v = make("N!=M d!=dv", rng)
     out, _ = linear_attention_forward(q, k, v, kind=kind)
     pq, pk = rng.permutation(q.shape[-2]), rng.permutation(k.shape[-2])
     out_q, _ = linear_attention_forward(q[..., pq, :], k, v, kind=kind)
@@ -114,14 +126,14 @@ def test_permuting_queries_permutes_outputs_and_key_value_pairs_change_nothing(k
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_huge_inputs_stay_finite_without_warnings(kind, rng):
-    q, k, v = make(SHAPES[0], rng, spread=1e3)  # exp(1e3) would overflow if computed
+    q, k, v = make("square", rng, spread=1e3)  # exp(1e3) would overflow if computed
     out, cache = linear_attention_forward(q, k, v, kind=kind)
     grads = linear_attention_backward(rng.standard_normal(out.shape), cache)
     assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads.values())
 
 
 def test_eps_enters_the_denominator(rng):
-    q, k, v = make(SHAPES[0], rng)
+    q, k, v = make("square", rng)
     out0, c0 = linear_attention_forward(q, k, v, eps=0.0)
     out1, c1 = linear_attention_forward(q, k, v, eps=1.0)
     np.testing.assert_allclose(c1.denominator - c0.denominator, 1.0, rtol=0, atol=1e-12)
@@ -143,6 +155,62 @@ def test_bad_input():
     out, cache = linear_attention_forward(q, k, v)
     with pytest.raises(ValueError, match="dout"):
         linear_attention_backward(np.zeros((3, 4)), cache)
+
+
+# (N, M, d, dv): no queries, no keys, no features, no value features
+EMPTY = [
+    pytest.param(0, 5, 3, 2, id="N=0"),
+    pytest.param(4, 0, 3, 2, id="M=0"),
+    pytest.param(4, 5, 0, 2, id="d=0"),
+    pytest.param(4, 5, 3, 0, id="dv=0"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY)
+def test_empty_inputs_give_empty_or_zero_outputs(kind, eps, N, M, d, dv, be, rng):
+    """No keys (M = 0) or no features (d = 0): the sums over keys S and z are 0, so is every output (even
+    with eps = 0, where δ = 0 is replaced by 1); gradients have their inputs' shapes and are finite."""
+    q, k, v = rng.standard_normal((2, N, d)), rng.standard_normal((2, M, d)), rng.standard_normal((2, M, dv))
+    out, cache = linear_attention_forward(be(q), be(k), be(v), kind=kind, eps=eps)
+    grads = linear_attention_backward(be(rng.standard_normal((2, N, dv))), cache)
+    assert np_(out).shape == (2, N, dv) and np.all(np.isfinite(np_(out)))
+    if M == 0 or d == 0 or dv == 0:
+        assert np.all(np_(out) == 0)
+    for name, like in (("q", q), ("k", k), ("v", v)):
+        assert np_(grads[name]).shape == like.shape and np.all(np.isfinite(np_(grads[name]))), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_propagates_and_infinities_are_refused(kind, be, rng):
+    q, k, v = make("N!=M d!=dv", rng)
+    q[0, 0, 1, 0] = np.nan  # one query: its output row only
+    out, cache = linear_attention_forward(be(q), be(k), be(v), kind=kind)
+    grads = linear_attention_backward(be(np.ones(out.shape)), cache)
+    nan_rows = np.isnan(np_(out)).any(-1)
+    assert nan_rows[0, 0, 1] and nan_rows.sum() == 1
+    assert np.all(np.isnan(np_(grads["q"])[0, 0, 1])) and np.all(np.isfinite(np_(grads["q"])[1]))
+    k[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="k has an infinite entry"):
+        linear_attention_forward(be(q), be(k), be(v), kind=kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_backward_checks_dout_and_cache(kind, rng):
+    from attention_ref import window_attention_forward
+
+    q, k, v = (a.astype(np.float32) for a in make("N!=M d!=dv", rng))
+    out, cache = linear_attention_forward(q, k, v, kind=kind)
+    with pytest.raises(TypeError, match="dout has dtype float64, but the forward ran in float32"):
+        linear_attention_backward(np.ones(out.shape), cache)
+    _, window_cache = window_attention_forward(q, k[..., :5, :], v[..., :5, :], window=1)
+    with pytest.raises(TypeError, match="got a WindowAttentionCache; it belongs to window_attention_backward"):
+        linear_attention_backward(np.ones(out.shape, dtype=np.float32), window_cache)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        linear_attention_forward(q, k, v, eps="0.1")
+    out2, _ = linear_attention_forward(q, k, v, kind=kind, eps=np.float32(1e-6))
+    np.testing.assert_array_equal(out2, linear_attention_forward(q, k, v, kind=kind, eps=1e-6)[0])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -3,6 +3,7 @@ against their definitions written out with loops, finite differences, bad input.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -56,20 +57,41 @@ def check_against_exact(be, rng, forward, backward, mask, lead, H, W, d, dv, sca
 
 # ---------------------------------------------------------------- window attention
 
-# (name, leading dims, H, W, d, dv, window, shift, scale)
-WINDOW_CASES = [
-    ("no shift", (2,), 8, 12, 4, 3, 4, 0, None),
-    ("Swin shift w/2", (2, 2), 8, 8, 3, 5, 4, 2, None),
-    ("shift 1", (1,), 6, 9, 2, 2, 3, 1, 0.8),
-    ("rectangular window and shift", (2,), 8, 6, 3, 3, (4, 2), (3, 1), None),
-    ("one window = global", (), 4, 6, 3, 2, (4, 6), 0, None),
-    ("1×1 windows", (2,), 3, 4, 2, 2, 1, 0, None),
-]
+
+@dataclass(frozen=True)
+class MapCase:
+    """q, k (*lead, H, W, d) and v (*lead, H, W, dv), with a window (and shift) or a neighborhood kernel."""
+
+    lead: tuple[int, ...]
+    H: int
+    W: int
+    d: int
+    dv: int
+    window: int | tuple[int, int] = 1
+    shift: int | tuple[int, int] = 0
+    kernel: int | tuple[int, int] = 1
+    scale: float | None = None
+
+    def unpack(self):
+        return self.lead, self.H, self.W, self.d, self.dv
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
-def test_window_attention_equals_exact_attention_under_window_mask(case, be, rng):
-    _, lead, H, W, d, dv, window, shift, scale = case
+WINDOW_CASES = {
+    "no shift": MapCase((2,), 8, 12, 4, 3, window=4),
+    "Swin shift w/2": MapCase((2, 2), 8, 8, 3, 5, window=4, shift=2),
+    "shift 1": MapCase((1,), 6, 9, 2, 2, window=3, shift=1, scale=0.8),
+    "rectangular window and shift": MapCase((2,), 8, 6, 3, 3, window=(4, 2), shift=(3, 1)),
+    "one window = global": MapCase((), 4, 6, 3, 2, window=(4, 6)),
+    "1×1 windows": MapCase((2,), 3, 4, 2, 2, window=1),
+}
+WINDOW_FD_CASES = ["no shift", "Swin shift w/2", "shift 1", "rectangular window and shift"]
+
+
+@pytest.mark.parametrize("name", WINDOW_CASES)
+def test_window_attention_equals_exact_attention_under_window_mask(name, be, rng):
+    case = WINDOW_CASES[name]
+    lead, H, W, d, dv = case.unpack()
+    window, shift, scale = case.window, case.shift, case.scale
     mask = window_mask(H, W, window, shift)
     cache, cache_ref = check_against_exact(
         be,
@@ -89,11 +111,12 @@ def test_window_attention_equals_exact_attention_under_window_mask(case, be, rng
     np.testing.assert_allclose(np_(cache.weights).sum(-1), 1.0, atol=1e-14)  # a pixel always sees itself
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES[:4], ids=[c[0] for c in WINDOW_CASES[:4]])
-def test_window_attention_backward_matches_finite_differences(case, rng):
-    _, lead, H, W, d, dv, window, shift, scale = case
+@pytest.mark.parametrize("name", WINDOW_FD_CASES)
+def test_window_attention_backward_matches_finite_differences(name, rng):
+    case = WINDOW_CASES[name]
+    lead, H, W, d, dv = case.unpack()
     q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
-    forward = partial(window_attention_forward, window=window, shift=shift, scale=scale)
+    forward = partial(window_attention_forward, window=case.window, shift=case.shift, scale=case.scale)
     errs = check_backward(forward, window_attention_backward, {"q": q, "k": k, "v": v})
     assert max(errs.values()) < FD_TOL, errs
 
@@ -156,20 +179,22 @@ def test_window_attention_bad_input(rng):
 
 # ---------------------------------------------------------------- neighborhood attention
 
-# (name, leading dims, H, W, d, dv, kernel, scale)
-NEIGHBORHOOD_CASES = [
-    ("kernel 3", (2,), 7, 9, 4, 3, 3, None),
-    ("kernel 5", (2, 2), 8, 6, 3, 5, 5, 0.6),
-    ("kernel 7 on 7×10", (1,), 7, 10, 2, 2, 7, None),
-    ("rectangular kernel", (2,), 9, 5, 3, 3, (5, 3), None),
-    ("kernel = map = global", (), 5, 3, 2, 2, (5, 3), None),
-    ("kernel 1 = itself", (2,), 3, 4, 2, 2, 1, None),
-]
+NEIGHBORHOOD_CASES = {
+    "kernel 3": MapCase((2,), 7, 9, 4, 3, kernel=3),
+    "kernel 5": MapCase((2, 2), 8, 6, 3, 5, kernel=5, scale=0.6),
+    "kernel 7 on 7×10": MapCase((1,), 7, 10, 2, 2, kernel=7),
+    "rectangular kernel": MapCase((2,), 9, 5, 3, 3, kernel=(5, 3)),
+    "kernel = map = global": MapCase((), 5, 3, 2, 2, kernel=(5, 3)),
+    "kernel 1 = itself": MapCase((2,), 3, 4, 2, 2, kernel=1),
+}
+NEIGHBORHOOD_FD_CASES = ["kernel 3", "kernel 5", "kernel 7 on 7×10", "rectangular kernel"]
 
 
-@pytest.mark.parametrize("case", NEIGHBORHOOD_CASES, ids=[c[0] for c in NEIGHBORHOOD_CASES])
-def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(case, be, rng):
-    _, lead, H, W, d, dv, kernel, scale = case
+@pytest.mark.parametrize("name", NEIGHBORHOOD_CASES)
+def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(name, be, rng):
+    case = NEIGHBORHOOD_CASES[name]
+    lead, H, W, d, dv = case.unpack()
+    kernel, scale = case.kernel, case.scale
     mask = neighborhood_mask(H, W, kernel)
     cache, cache_ref = check_against_exact(
         be,
@@ -197,11 +222,12 @@ def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(c
             np.testing.assert_allclose(weights[..., i, j, :], block.reshape(*lead, kh * kw), rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("case", NEIGHBORHOOD_CASES[:4], ids=[c[0] for c in NEIGHBORHOOD_CASES[:4]])
-def test_neighborhood_attention_backward_matches_finite_differences(case, rng):
-    _, lead, H, W, d, dv, kernel, scale = case
+@pytest.mark.parametrize("name", NEIGHBORHOOD_FD_CASES)
+def test_neighborhood_attention_backward_matches_finite_differences(name, rng):
+    case = NEIGHBORHOOD_CASES[name]
+    lead, H, W, d, dv = case.unpack()
     q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
-    forward = partial(neighborhood_attention_forward, kernel=kernel, scale=scale)
+    forward = partial(neighborhood_attention_forward, kernel=case.kernel, scale=case.scale)
     errs = check_backward(forward, neighborhood_attention_backward, {"q": q, "k": k, "v": v})
     assert max(errs.values()) < FD_TOL, errs
 
@@ -276,3 +302,115 @@ def test_numpy_integers_are_accepted_and_bools_are_not(rng):
         neighborhood_attention_forward(q, k, v, kernel=True)
     with pytest.raises(TypeError, match="window"):
         window_mask(4, 6, (2, 3, 1))
+
+
+# ---------------------------------------------------------------- against Swin's own algorithm
+
+
+def swin_window_attention(q, k, v, window, shift, scale):
+    """Shifted-window attention the way the Swin Transformer computes it, on (H, W, c) maps, square windows:
+    roll the map by −shift, cut it into windows, label the regions of the rolled map and add −100 to the
+    logits of pairs from different regions, softmax, merge the windows, roll back by +shift."""
+    H, W = q.shape[:2]
+
+    def partition(x):  # (H, W, c) → (windows, window², c), windows in row-major order
+        x = x.reshape(H // window, window, W // window, window, -1).transpose(0, 2, 1, 3, 4)
+        return x.reshape(-1, window * window, x.shape[-1])
+
+    def merge(x):  # the inverse of partition
+        x = x.reshape(H // window, W // window, window, window, -1).transpose(0, 2, 1, 3, 4)
+        return x.reshape(H, W, -1)
+
+    rolled = [np.roll(t, (-shift, -shift), axis=(0, 1)) for t in (q, k, v)]
+    qw, kw, vw = (partition(t) for t in rolled)
+    logits = scale * qw @ kw.transpose(0, 2, 1)  # (windows, window², window²)
+    if shift > 0:
+        regions = np.zeros((H, W, 1))
+        label = 0
+        for rows in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            for cols in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                regions[rows, cols] = label
+                label += 1
+        tokens = partition(regions)[..., 0]  # (windows, window²)
+        logits = logits + np.where(tokens[:, None, :] != tokens[:, :, None], -100.0, 0.0)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.roll(merge(weights @ vw), (shift, shift), axis=(0, 1))
+
+
+@pytest.mark.parametrize(("H", "W", "window"), [(8, 12, 4), (6, 9, 3), (10, 4, 2)], ids=["8×12", "6×9", "10×4"])
+def test_window_attention_equals_swins_roll_and_region_mask(H, W, window, rng):
+    """Every shift 0 … window − 1. Swin's −100 leaves exp(−100) ≈ 4e−44 of weight on the other regions,
+    far below float64's resolution: the outputs agree to rounding."""
+    q, k, v = make_maps(rng, (), H, W, 4, 3)
+    for shift in range(window):
+        out, _ = window_attention_forward(q, k, v, window=window, shift=shift, scale=0.7)
+        want = swin_window_attention(q, k, v, window, shift, 0.7)
+        assert rel_error(out, want) <= 1e-14, shift
+
+
+# ---------------------------------------------------------------- odd inputs: empty, NaN, other dtypes, other caches
+
+LOCAL = {
+    "window": (partial(window_attention_forward, window=2, shift=1), window_attention_backward),
+    "neighborhood": (partial(neighborhood_attention_forward, kernel=3), neighborhood_attention_backward),
+}
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+@pytest.mark.parametrize(("d", "dv"), [(0, 2), (3, 0)], ids=["d=0", "dv=0"])
+def test_no_features_give_what_exact_attention_under_the_mask_gives(variant, d, dv, be, rng):
+    """d = 0: every q·k is 0 whatever the scale, so each pixel's weights are uniform over what it sees."""
+    forward, backward = LOCAL[variant]
+    q, k, v = make_maps(rng, (2,), 4, 6, d, dv)
+    mask = window_mask(4, 6, 2, 1) if variant == "window" else neighborhood_mask(4, 6, 3)
+    want, cache_ref = attention_forward(flat(q), flat(k), flat(v), mask=mask)
+    out, cache = forward(be(q), be(k), be(v))
+    dout = rng.standard_normal((2, 4, 6, dv))
+    grads = backward(be(dout), cache)
+    g_ref = attention_backward(flat(dout), cache_ref)
+    assert np_(out).shape == (2, 4, 6, dv) and rel_error(flat(np_(out)), want) <= 1e-13
+    for name in ("q", "k", "v"):
+        assert rel_error(flat(np_(grads[name])), g_ref[name]) <= 1e-13, name
+
+
+def test_empty_maps():
+    """A window attention on an empty map is empty; a neighborhood does not fit an empty map (NATTEN's rule)."""
+    q = np.zeros((2, 0, 4, 3))
+    out, cache = window_attention_forward(q, q, q, window=2, shift=1)
+    assert out.shape == (2, 0, 4, 3) and window_attention_backward(out, cache)["q"].shape == (2, 0, 4, 3)
+    with pytest.raises(ValueError, match=r"a 3×3 neighborhood does not fit a 0×4 map"):
+        neighborhood_attention_forward(q, q, q, kernel=3)
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+def test_a_nan_key_reaches_the_queries_that_see_it_and_no_other(variant, be, rng):
+    forward, backward = LOCAL[variant]
+    q, k, v = make_maps(rng, (), 4, 6, 3, 2)
+    k[1, 2, 0] = np.nan
+    mask = window_mask(4, 6, 2, 1) if variant == "window" else neighborhood_mask(4, 6, 3)
+    out, cache = forward(be(q), be(k), be(v))
+    backward(be(np.ones((4, 6, 2))), cache)
+    sees_it = mask[:, 1 * 6 + 2]  # the queries whose window or neighborhood holds pixel (1, 2)
+    np.testing.assert_array_equal(np.isnan(flat(np_(out))).any(-1), sees_it)
+    k[1, 2, 0] = np.inf
+    with pytest.raises(ValueError, match="k has an infinite entry"):
+        forward(be(q), be(k), be(v))
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+def test_the_backward_checks_dout_and_cache_and_any_real_scale_is_taken(variant, rng):
+    forward, backward = LOCAL[variant]
+    q, k, v = (a.astype(np.float32) for a in make_maps(rng, (1,), 4, 6, 3, 2))
+    out, cache = forward(q, k, v)
+    with pytest.raises(TypeError, match="dout has dtype float64, but the forward ran in float32"):
+        backward(np.ones(out.shape), cache)
+    other = "neighborhood" if variant == "window" else "window"
+    _, other_cache = LOCAL[other][0](q, k, v)
+    with pytest.raises(TypeError, match=f"; it belongs to {other}_attention_backward"):
+        backward(np.ones(out.shape, dtype=np.float32), other_cache)
+    np.testing.assert_array_equal(forward(q, k, v, scale=np.float32(0.5))[0], forward(q, k, v, scale=0.5)[0])
+    import ml_dtypes
+
+    with pytest.raises(TypeError, match=r"real floating dtype \(float16, float32 or float64\), got bfloat16"):
+        forward(*(a.astype(ml_dtypes.bfloat16) for a in (q, k, v)))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 import pytest
-from conftest import np_
+from conftest import HAS_TORCH, Backend, np_
 
 from attention_ref import (
     group_norm_backward,
@@ -198,3 +199,152 @@ def test_rel_error_is_normwise():
     assert rel_error(np.array([1.0, 1e-20]), np.array([1.0, 2e-20])) < 1e-19
     with pytest.raises(ValueError, match="shapes"):
         rel_error(np.zeros(3), np.zeros(4))
+
+
+# ---------------------------------------------------------------- half precision: computed in float32, as torch does
+
+
+def half_ulps(a, want):
+    """``|a − want|`` in units of float16's spacing at ``want``, with a floor of float32's resolution at the
+    array's scale (results near 0 come out of a cancellation in float32)."""
+    a, want = np.asarray(a, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    spacing = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)
+    floor = 2.0**-23 * np.max(np.abs(want))
+    return np.max(np.abs(a - want) / np.maximum(spacing, floor))
+
+
+def half_cases(rng):
+    """name → (forward, backward, x, dy, params): inputs whose float16 statistics overflow or lose every digit."""
+    x_map = (300 * rng.standard_normal((2, 4, 4, 8))).astype(np.float16)  # Σ x² overflows float16 (max 65,504)
+    x_rows = (300 * rng.standard_normal((2, 3, 16))).astype(np.float16)
+    x_wide = (0.1 * rng.standard_normal((2, 70000))).astype(np.float16)  # Σ exp overflows: each p ≈ 1.4e-5
+    params = {n: rng.standard_normal(c).astype(np.float16) for n, c in (("w8", 8), ("b8", 8), ("w16", 16), ("b16", 16))}
+    return {
+        "group_norm": (
+            lambda x, w, b: group_norm_forward(x, w, b, groups=2, eps=1e-5),
+            group_norm_backward,
+            x_map,
+            (params["w8"], params["b8"]),
+        ),
+        "layer_norm": (
+            lambda x, w, b: layer_norm_forward(x, w, b, eps=1e-5),
+            layer_norm_backward,
+            x_rows,
+            (params["w16"], params["b16"]),
+        ),
+        "softmax": (lambda x: softmax_forward(x, axis=-1), softmax_backward, x_wide, ()),
+    }
+
+
+def torch_half(name, x, params):
+    """torch's CPU result in float16 (channels-first for GroupNorm)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.tensor(x)
+    if name == "group_norm":
+        w, b = (torch.tensor(p) for p in params)
+        return F.group_norm(t.permute(0, 3, 1, 2), 2, w, b, eps=1e-5).permute(0, 2, 3, 1).numpy()
+    if name == "layer_norm":
+        w, b = (torch.tensor(p) for p in params)
+        return F.layer_norm(t, (x.shape[-1],), w, b, eps=1e-5).numpy()
+    return torch.softmax(t, -1).numpy()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("name", ["group_norm", "layer_norm", "softmax"])
+def test_half_precision_forward_equals_torch_on_the_cpu(name, rng):
+    """float16 in, float16 out, the statistics in float32: torch's CPU result to one unit in the last place
+    (computing them in float16 gave zeros: Σ x² or Σ exp overflowed)."""
+    forward, _, x, params = half_cases(rng)[name]
+    y, _ = forward(x, *params)
+    assert y.dtype == np.float16
+    assert half_ulps(y, torch_half(name, x, params)) <= 1
+
+
+@pytest.mark.parametrize("name", ["group_norm", "layer_norm", "softmax"])
+def test_half_precision_backward_is_computed_in_float32(name, rng):
+    """The backward in float32 too: every gradient within one float16 unit of the float64 backward run on the
+    same cache (the forward's float16 weights for softmax, its float32 x̂ and 1/σ for the norms)."""
+    forward, backward, x, params = half_cases(rng)[name]
+    y, cache = forward(x, *params)
+    dy = rng.standard_normal(y.shape).astype(np.float16)
+    grads = backward(dy, cache)
+    as64 = {f.name: getattr(cache, f.name) for f in dataclasses.fields(cache)}
+    as64 = {n: a.astype(np.float64) if isinstance(a, np.ndarray) else a for n, a in as64.items()}
+    want = backward(dy.astype(np.float64), dataclasses.replace(cache, **as64))
+    assert set(grads) == set(want)
+    for key in grads:
+        assert grads[key].dtype == np.float16, key
+        assert half_ulps(grads[key], want[key]) <= 1, key
+
+
+# the backends with float16 (the Array API standard, and so array_api_strict, has none)
+HALF_BACKENDS = [
+    "numpy",
+    pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")),
+]
+
+
+@pytest.mark.parametrize("backend", HALF_BACKENDS)
+def test_half_precision_logsumexp_does_not_overflow(backend):
+    be = Backend(backend)
+    x = np.zeros((2, 70000), dtype=np.float16)
+    got = np_(logsumexp(be(x), axis=-1))
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, np.float16(np.log(70000.0)))
+
+
+# ---------------------------------------------------------------- NaN, ±inf, empty rows
+
+
+ROWS = [
+    pytest.param([np.nan, 1.0], np.nan, [np.nan, np.nan], id="NaN"),
+    pytest.param([np.inf, 1.0], np.inf, [np.nan, np.nan], id="+inf"),
+    pytest.param([np.inf, np.nan], np.nan, [np.nan, np.nan], id="+inf and NaN"),
+    pytest.param([-np.inf, 1.0], 1.0, [0.0, 1.0], id="-inf"),
+    pytest.param([-np.inf, -np.inf], -np.inf, [0.0, 0.0], id="all -inf"),
+    pytest.param([1e4, 1e4], 1e4 + np.log(2.0), [0.5, 0.5], id="huge"),
+]
+
+
+@pytest.mark.parametrize(("row", "lse", "p"), ROWS)
+def test_logsumexp_and_softmax_of_nan_and_infinite_rows(row, lse, p, be):
+    """NaN propagates (and is never taken for an empty row, -inf); a +inf logit gives logsumexp +inf and a NaN
+    softmax row (∞/∞); -inf entries get weight 0. No warning on the way."""
+    x = be(np.array([row, [0.0, 0.0]]))
+    got = np_(logsumexp(x, axis=-1))
+    np.testing.assert_array_equal(got, [lse, np.log(2.0)])
+    weights, cache = softmax_forward(x, axis=-1)
+    np.testing.assert_array_equal(np_(weights), [p, [0.5, 0.5]])
+    dx = np_(softmax_backward(be(np.ones((2, 2))), cache)["x"])
+    assert np.array_equal(np.isnan(dx[0]), np.isnan(p)) and np.all(dx[1] == 0)
+
+
+def test_masked_nan_is_ignored_and_empty_axes_are_empty_rows(be):
+    x = np.array([[np.nan, 1.0, 2.0], [np.nan, np.nan, np.nan]])
+    mask = np.array([[False, True, True], [False, False, False]])
+    p, _ = softmax_forward(be(x), mask=be(mask))
+    e = np.exp([1.0, 2.0])
+    np.testing.assert_allclose(np_(p), [[0.0, *(e / e.sum())], [0.0, 0.0, 0.0]], rtol=1e-15)
+    np.testing.assert_allclose(np_(logsumexp(be(x), mask=be(mask))), [np.log(e.sum()), -np.inf], rtol=1e-15)
+    empty = be(np.zeros((3, 0)))
+    assert np_(softmax_forward(empty)[0]).shape == (3, 0)
+    np.testing.assert_array_equal(np_(logsumexp(empty)), [-np.inf] * 3)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda x: softmax_forward(x), id="softmax"),
+        pytest.param(lambda x: logsumexp(x), id="logsumexp"),
+        pytest.param(lambda x: group_norm_forward(x, groups=1), id="group_norm"),
+        pytest.param(lambda x: layer_norm_forward(x), id="layer_norm"),
+        pytest.param(lambda x: linear_forward(x, x), id="linear"),
+    ],
+)
+def test_bfloat16_is_refused_naming_the_supported_dtypes(call):
+    import ml_dtypes
+
+    with pytest.raises(TypeError, match=r"real floating dtype \(float16, float32 or float64\), got bfloat16"):
+        call(np.ones((2, 2), dtype=ml_dtypes.bfloat16))

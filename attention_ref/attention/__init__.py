@@ -1,17 +1,17 @@
 """Scaled dot-product attention and its variants."""
 
-from .exact import AttentionCache, attention_backward, attention_forward
-
-__all__ = ["AttentionCache", "attention_backward", "attention_forward"]
-
-# efficient variants (issue [3/6]): tiled exact, linear, window (Swin), neighborhood (NATTEN)
+# efficient variants: tiled exact, linear, window (Swin), neighborhood (NATTEN)
 from .chunked import DEFAULT_BLOCK_SIZE, ChunkedAttentionCache, chunked_attention_backward, chunked_attention_forward
+from .exact import AttentionCache, attention_backward, attention_forward
 from .linear_attention import LinearAttentionCache, linear_attention_backward, linear_attention_forward
 from .masks import neighborhood_mask, window_mask
 from .neighborhood import NeighborhoodAttentionCache, neighborhood_attention_backward, neighborhood_attention_forward
 from .window import WindowAttentionCache, window_attention_backward, window_attention_forward
 
-__all__ += [
+__all__ = [
+    "AttentionCache",
+    "attention_backward",
+    "attention_forward",
     "DEFAULT_BLOCK_SIZE",
     "ChunkedAttentionCache",
     "chunked_attention_forward",

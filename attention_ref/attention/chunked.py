@@ -33,7 +33,9 @@ with ``D_i = Σ_k P_ik dP_ik = dO_i · O_i`` (one number per query, computed onc
 
 Masks and biases stay in their broadcast shape: each tile slices the rows and columns it needs, and an
 axis of size 1 is used whole. A query with no allowed key has ``ℓ = 0``: its output is 0, its ``lse`` is
-``−inf``, and its recomputed weights (and so its gradients) are 0.
+``−inf``, and its recomputed weights (and so its gradients) are 0. A NaN logit makes its row's output and
+``lse`` NaN, a ``+inf`` logit its output NaN and its ``lse`` ``+inf``, as in :mod:`.exact`; float16 inputs
+are computed in float32 (``lse`` stays float32) and the results rounded to float16.
 
 Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512 keys: a float64 tile is
 2 MiB, small enough that the few temporaries of a tile stay cache-friendly and that memory is
@@ -57,11 +59,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
-from .._checks import sum_to_shape
-from ..backend import cpu_workers, device_of, exp_inplace, namespace, parallel_map
-from .inputs import check_attention_inputs
+from .._checks import as_dtype, in_working_dtype, sum_to_shape
+from ..backend import Array, cpu_workers, device_of, exp_inplace, namespace, parallel_map
+from ..ops.softmax import safe_shift
+from .inputs import check_attention_inputs, check_cache, check_dout
 from .masks import as_pair
 
 __all__ = [
@@ -82,14 +84,15 @@ class ChunkedAttentionCache:
     weight matrix. :meth:`weight_rows` recomputes any band of its rows exactly.
     """
 
-    q: Any  # (..., N, d)
-    k: Any  # (..., M, d)
-    v: Any  # (..., M, dv)
-    out: Any  # O, (..., N, dv)
-    logsumexp: Any  # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows
+    q: Array  # (..., N, d)
+    k: Array  # (..., M, d)
+    v: Array  # (..., M, dv)
+    out: Array  # O, (..., N, dv)
+    # lse_i = log Σ_j exp(S_ij) over allowed keys, (..., N); -inf for fully masked rows; float32 for float16 input
+    logsumexp: Array
     scale: float
-    mask: Any | None  # as given (broadcastable to (..., N, M))
-    bias: Any | None  # as given (broadcastable to (..., N, M))
+    mask: Array | None  # as given (broadcastable to (..., N, M))
+    bias: Array | None  # as given (broadcastable to (..., N, M))
     block_q: int
     block_k: int
     weights: None = field(default=None, init=False)  # never stored; see weight_rows
@@ -98,18 +101,19 @@ class ChunkedAttentionCache:
     def bias_shape(self) -> tuple[int, ...] | None:
         return None if self.bias is None else tuple(self.bias.shape)
 
-    def weight_rows(self, start: int, stop: int) -> Any:
+    def weight_rows(self, start: int, stop: int) -> Array:
         """Rows ``start:stop`` of the weights ``P``, ``(..., stop − start, M)``, recomputed as ``exp(S − lse)``."""
         xp = namespace(self.q)
         rows = slice(start, stop)
-        mask, bias = _at_least_2d(xp, self.mask), _at_least_2d(xp, self.bias)
-        q_rows = self.scale * self.q[..., rows, :]
+        q, k, bias = in_working_dtype(xp, self.q, self.k, self.bias)
+        mask, bias = _at_least_2d(xp, self.mask), _at_least_2d(xp, bias)
+        q_rows = self.scale * q[..., rows, :]
         lse = _safe_lse(xp, self.logsumexp[..., rows])
         tiles = []
-        for cols in _blocks(self.k.shape[-2], self.block_k):
-            logits = _logits_tile(xp, q_rows, self.k[..., cols, :], mask, bias, rows, cols)
+        for cols in _blocks(k.shape[-2], self.block_k, at_least_one=True):
+            logits = _logits_tile(xp, q_rows, k[..., cols, :], mask, bias, rows, cols)
             tiles.append(xp.exp(logits - lse))
-        return xp.concat(tiles, axis=-1)
+        return as_dtype(xp, xp.concat(tiles, axis=-1), self.q.dtype)
 
 
 # ---------------------------------------------------------------- tiles
@@ -125,19 +129,24 @@ def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
     return block_q, block_k
 
 
-def _blocks(n: int, size: int) -> list[slice]:
-    """``[0:size], [size:2·size], …`` covering ``range(n)``; the last one may be shorter."""
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+def _blocks(n: int, size: int, *, at_least_one: bool = False) -> list[slice]:
+    """``[0:size], [size:2·size], …`` covering ``range(n)``; the last one may be shorter.
+
+    For ``n = 0`` there are no blocks, or one empty block ``[0:0]`` with ``at_least_one`` (so that
+    results with an axis of length 0 still get their shape from the loop over blocks).
+    """
+    blocks = [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    return blocks or ([slice(0, 0)] if at_least_one else [])
 
 
-def _at_least_2d(xp: ModuleType, a: Any | None) -> Any | None:
+def _at_least_2d(xp: ModuleType, a: Array | None) -> Array | None:
     """A mask or bias with fewer than 2 dims, viewed as ``(1, M)`` or ``(1, 1)`` so it has row and column axes."""
     if a is None or a.ndim >= 2:
         return a
     return xp.reshape(a, (1,) * (2 - a.ndim) + tuple(a.shape))
 
 
-def _tile(a: Any, rows: slice, cols: slice) -> Any:
+def _tile(a: Array, rows: slice, cols: slice) -> Array:
     """``a[..., rows, cols]`` for a broadcastable mask or bias; an axis of size 1 is taken whole."""
     r = slice(None) if a.shape[-2] == 1 else rows
     c = slice(None) if a.shape[-1] == 1 else cols
@@ -145,11 +154,11 @@ def _tile(a: Any, rows: slice, cols: slice) -> Any:
 
 
 def _logits_tile(
-    xp: ModuleType, q_scaled: Any, k_cols: Any, mask: Any | None, bias: Any | None, rows: slice, cols: slice
-) -> Any:
+    xp: ModuleType, q_scaled: Array, k_cols: Array, mask: Array | None, bias: Array | None, rows: slice, cols: slice
+) -> Array:
     """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``."""
     # S = scale · Q Kᵀ + bias   (..., block_q, block_k); the scale was applied to Q already
-    logits = xp.matmul(q_scaled, xp.matrix_transpose(k_cols))
+    logits = q_scaled @ xp.matrix_transpose(k_cols)
     if bias is not None:
         logits += _tile(bias, rows, cols)
     if mask is not None:
@@ -157,25 +166,28 @@ def _logits_tile(
     return logits
 
 
-def _safe_lse(xp: ModuleType, lse: Any) -> Any:
-    """``lse`` as ``(..., rows, 1)``, with 0 for fully masked rows so that ``exp(-inf - 0) = 0``, never NaN."""
-    lse = xp.expand_dims(lse, axis=-1)
-    return xp.where(lse == -xp.inf, 0.0, lse)
+def _safe_lse(xp: ModuleType, lse: Array) -> Array:
+    """``lse`` as ``(..., rows, 1)``, safe to subtract (:func:`attention_ref.ops.softmax.safe_shift`).
+
+    0 for fully masked rows, so that ``exp(-inf - 0) = 0``, never NaN; NaN for a row whose ``lse`` is
+    ``+inf``, so that its weights are NaN (as the forward's) without the warning ``inf - inf`` raises.
+    """
+    return safe_shift(xp, xp.expand_dims(lse, axis=-1))
 
 
 # ---------------------------------------------------------------- forward
 
 
 def chunked_attention_forward(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
-    mask: Any | None = None,
-    bias: Any | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
     scale: float | None = None,
     block_size: int | tuple[int, int] | None = None,
-) -> tuple[Any, ChunkedAttentionCache]:
+) -> tuple[Array, ChunkedAttentionCache]:
     """Exact attention ``softmax(scale · q kᵀ + bias) v`` computed tile by tile, in O(N) memory.
 
     Inputs (as :func:`attention_ref.attention_forward`):
@@ -193,15 +205,16 @@ def chunked_attention_forward(
     """
     xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
     block_q, block_k = _block_sizes(block_size)
-    mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias)
+    q_w, k_w, v_w, bias_w = in_working_dtype(xp, q, k, v, bias)
+    mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias_w)
 
-    def query_tile(rows: slice) -> tuple[Any, Any]:
-        return _forward_rows(xp, scale * q[..., rows, :], k, v, mask2, bias2, rows, block_k)
+    def query_tile(rows: slice) -> tuple[Array, Array]:
+        return _forward_rows(xp, scale * q_w[..., rows, :], k_w, v_w, mask2, bias2, rows, block_k)
 
     # query tiles are independent: on NumPy they run on all cores (see attention_ref.backend.parallel_map)
-    tiles = parallel_map(query_tile, _blocks(q.shape[-2], block_q), like=q)
+    tiles = parallel_map(query_tile, _blocks(q.shape[-2], block_q, at_least_one=True), like=q)
     out_tiles, lse_tiles = [out_rows for out_rows, _ in tiles], [lse_rows for _, lse_rows in tiles]
-    out = xp.concat(out_tiles, axis=-2)  # (..., N, dv)
+    out = as_dtype(xp, xp.concat(out_tiles, axis=-2), q.dtype)  # (..., N, dv)
     cache = ChunkedAttentionCache(
         q=q,
         k=k,
@@ -218,21 +231,29 @@ def chunked_attention_forward(
 
 
 def _forward_rows(
-    xp: ModuleType, q_scaled: Any, k: Any, v: Any, mask: Any | None, bias: Any | None, rows: slice, block_k: int
-) -> tuple[Any, Any]:
+    xp: ModuleType,
+    q_scaled: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    bias: Array | None,
+    rows: slice,
+    block_k: int,
+) -> tuple[Array, Array]:
     """Output ``(..., rows, dv)`` and log-sum-exp ``(..., rows)`` of one tile of queries, by online softmax."""
     dev = device_of(q_scaled)
     stats_shape = (*q_scaled.shape[:-1], 1)  # (..., block_q, 1): one number per query row
     running_max = xp.full(stats_shape, -xp.inf, dtype=q_scaled.dtype, device=dev)  # m
     running_sum = xp.zeros(stats_shape, dtype=q_scaled.dtype, device=dev)  # ℓ
     acc = xp.zeros((*q_scaled.shape[:-1], v.shape[-1]), dtype=q_scaled.dtype, device=dev)  # A, (..., block_q, dv)
-    shift = running_max
+    shift = safe_shift(xp, running_max)
     for cols in _blocks(k.shape[-2], block_k):
         logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols)  # (..., block_q, block_k)
         # m' = max(m, max_k S_k)
         new_max = xp.maximum(running_max, xp.max(logits, axis=-1, keepdims=True))
-        # subtract 0 instead of -inf while a row has seen no allowed key: exp(-inf - 0) = 0, not NaN
-        shift = xp.where(new_max == -xp.inf, 0.0, new_max)
+        # subtract 0 instead of -inf while a row has seen no allowed key (exp(-inf - 0) = 0, not NaN),
+        # and NaN instead of +inf once it has seen a +inf logit (its row is NaN; inf - inf would warn)
+        shift = safe_shift(xp, new_max)
         # P̃ = exp(S - m'), computed in the logits' memory
         logits -= shift
         p_tilde = exp_inplace(xp, logits)
@@ -241,20 +262,22 @@ def _forward_rows(
         # ℓ' = α ℓ + Σ_k P̃_k
         running_sum = alpha * running_sum + xp.sum(p_tilde, axis=-1, keepdims=True)
         # A' = α A + P̃ V_j
-        acc = alpha * acc + xp.matmul(p_tilde, v[..., cols, :])
+        acc = alpha * acc + p_tilde @ v[..., cols, :]
         running_max = new_max
-    alive = running_sum > 0.0
+    dead = running_sum == 0.0  # no allowed key (a NaN sum is not 0: NaN is never taken for "masked")
     # O = A / ℓ   (a fully masked row has A = 0 and ℓ = 0: divide by 1 instead)
-    out = acc / xp.where(alive, running_sum, 1.0)
+    out = acc / xp.where(dead, 1.0, running_sum)
     # lse = m + log ℓ, and -inf (the log of an empty sum) for a fully masked row, without a warning
-    lse = xp.where(alive, shift + xp.log(xp.where(alive, running_sum, 1.0)), -xp.inf)
+    lse = xp.where(dead, -xp.inf, shift + xp.log(xp.where(dead, 1.0, running_sum)))
+    # a row with a +inf logit (and no NaN): lse = +inf
+    lse = xp.where(running_max == xp.inf, xp.inf, lse)
     return out, xp.squeeze(lse, axis=-1)
 
 
 # ---------------------------------------------------------------- backward
 
 
-def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[str, Any]:
+def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dict[str, Array]:
     """Gradients of :func:`chunked_attention_forward`, recomputing the weights tile by tile.
 
     Inputs:
@@ -265,15 +288,15 @@ def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[
         ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``, plus ``"bias"`` in the bias's own
         shape when a bias was given — the same as :func:`attention_ref.attention_backward`.
     """
-    xp = namespace(dout)
-    q, k, v, scale = cache.q, cache.k, cache.v, cache.scale
-    if tuple(dout.shape) != tuple(cache.out.shape):
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(cache.out.shape)}")
-    mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, cache.bias)
-    row_blocks = _blocks(q.shape[-2], cache.block_q)
-    col_blocks = _blocks(k.shape[-2], cache.block_k)
+    check_cache(cache, ChunkedAttentionCache, "chunked_attention_backward")
+    xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
+    dtype, scale = cache.q.dtype, cache.scale
+    q, k, v, bias, dout, out = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.bias, dout, cache.out)
+    mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, bias)
+    row_blocks = _blocks(q.shape[-2], cache.block_q, at_least_one=True)
+    col_blocks = _blocks(k.shape[-2], cache.block_k, at_least_one=True)
     # D_i = Σ_k P_ik dP_ik = dO_i · O_i   (..., N, 1)
-    delta = xp.sum(dout * cache.out, axis=-1, keepdims=True)
+    delta = xp.sum(dout * out, axis=-1, keepdims=True)
     lse = _safe_lse(xp, cache.logsumexp)  # (..., N, 1)
     q_scaled = scale * q
 
@@ -291,16 +314,16 @@ def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[
                 logits -= lse[..., rows, :]
                 weights = exp_inplace(xp, logits)  # (..., block_q, block_k)
                 # dV_j += Pᵀ dO_i
-                dv_j = dv_j + xp.matmul(xp.matrix_transpose(weights), dout_i)
+                dv_j = dv_j + xp.matrix_transpose(weights) @ dout_i
                 # dP = dO_i V_jᵀ
-                dweights = xp.matmul(dout_i, xp.matrix_transpose(v_j))
+                dweights = dout_i @ xp.matrix_transpose(v_j)
                 # dS = P ∘ (dP - D_i), formed in dP's memory
                 dweights -= delta[..., rows, :]
                 dweights *= weights
                 dlogits = dweights
                 # dQ_i += dS K_j ;  dK_j += dSᵀ Q_i   (times scale, below)
-                part.dq_tiles[ri] = part.dq_tiles[ri] + xp.matmul(dlogits, k_j)
-                dk_j = dk_j + xp.matmul(xp.matrix_transpose(dlogits), q[..., rows, :])
+                part.dq_tiles[ri] = part.dq_tiles[ri] + dlogits @ k_j
+                dk_j = dk_j + xp.matrix_transpose(dlogits) @ q[..., rows, :]
                 if bias is not None:
                     _accumulate_bias_grad(xp, part.dbias_tiles, dlogits, bias, ri, cj)
             part.dk_tiles[cj] = scale * dk_j
@@ -328,21 +351,21 @@ def chunked_attention_backward(dout: Any, cache: ChunkedAttentionCache) -> dict[
     }
     if bias is not None:
         grads["bias"] = xp.reshape(_assemble_bias_grad(xp, dbias_tiles), cache.bias_shape)
-    return grads
+    return {name: as_dtype(xp, g, dtype) for name, g in grads.items()}
 
 
 @dataclass
 class _KeyTilesGrads:
     """One worker's share of the backward: its key tiles' dK_j and dV_j, its sums into dQ and d bias."""
 
-    dq_tiles: list[Any]  # per query tile: Σ over this worker's key tiles of dS K_j, (..., block_q, d)
-    dk_tiles: dict[int, Any] = field(default_factory=dict)  # key tile index → scale · Σ_i dSᵀ Q_i
-    dv_tiles: dict[int, Any] = field(default_factory=dict)  # key tile index → Σ_i Pᵀ dO_i
-    dbias_tiles: dict[tuple[int, int], Any] = field(default_factory=dict)  # as in _accumulate_bias_grad
+    dq_tiles: list[Array]  # per query tile: Σ over this worker's key tiles of dS K_j, (..., block_q, d)
+    dk_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → scale · Σ_i dSᵀ Q_i
+    dv_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → Σ_i Pᵀ dO_i
+    dbias_tiles: dict[tuple[int, int], Array] = field(default_factory=dict)  # as in _accumulate_bias_grad
 
 
 def _accumulate_bias_grad(
-    xp: ModuleType, tiles: dict[tuple[int, int], Any], dlogits: Any, bias: Any, ri: int, cj: int
+    xp: ModuleType, tiles: dict[tuple[int, int], Array], dlogits: Array, bias: Array, ri: int, cj: int
 ) -> None:
     """Add ``dS`` of tile ``(ri, cj)``, summed to the bias tile's shape, into ``tiles``.
 
@@ -357,7 +380,7 @@ def _accumulate_bias_grad(
     tiles[key] = g if key not in tiles else tiles[key] + g
 
 
-def _assemble_bias_grad(xp: ModuleType, tiles: dict[tuple[int, int], Any]) -> Any:
+def _assemble_bias_grad(xp: ModuleType, tiles: dict[tuple[int, int], Array]) -> Array:
     """Glue the per-tile bias gradients back into one array of the (at least 2-D) bias shape."""
     n_rows = 1 + max(r for r, _ in tiles)
     n_cols = 1 + max(c for _, c in tiles)

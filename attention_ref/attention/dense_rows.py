@@ -20,7 +20,7 @@ import operator
 from types import ModuleType
 from typing import Any
 
-from ..backend import device_of
+from ..backend import Array, device_of
 
 __all__ = ["check_row_range", "spread_rows"]
 
@@ -41,7 +41,7 @@ def check_row_range(start: Any, stop: Any, n: int) -> tuple[int, int]:
     return start, stop
 
 
-def spread_rows(xp: ModuleType, local: Any, key_index: Any, n_keys: int) -> Any:
+def spread_rows(xp: ModuleType, local: Array, key_index: Array, n_keys: int) -> Array:
     """Dense weight rows ``(…, R, n_keys)`` from local weights ``(…, R, L)`` and their key indices ``(R, L)``.
 
     Each row's ``L`` key indices must be distinct (they are: a query sees each key at most once).

@@ -1,34 +1,66 @@
-"""Validation of the inputs every attention variant shares: q, k, v, mask, bias, scale."""
+"""Validation of what every attention variant shares: q, k, v, mask, bias, scale, and a backward's dout and cache."""
 
 from __future__ import annotations
 
 import math
+import numbers
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from .._checks import require_bool, require_broadcastable_to, require_floating
-from ..backend import namespace
+from .._checks import dtype_name, require_bool, require_broadcastable_to, require_floating
+from ..backend import Array, is_out_of_memory, namespace
 
-__all__ = ["check_attention_inputs", "check_qkv", "default_scale"]
+__all__ = [
+    "check_attention_inputs",
+    "check_cache",
+    "check_dout",
+    "check_qkv",
+    "check_scale",
+    "default_scale",
+    "hint_chunked_when_out_of_memory",
+]
 
 
 def default_scale(d: int) -> float:
-    """``1/sqrt(d)``, the scale that keeps ``q·k`` of unit-variance entries at unit variance."""
-    return 1.0 / math.sqrt(d)
+    """``1/sqrt(d)``, the scale that keeps ``q·k`` of unit-variance entries at unit variance.
+
+    With ``d = 0`` every ``q·k`` is an empty sum, 0, whatever the scale: 1 is returned.
+    """
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
-def check_qkv(q: Any, k: Any, v: Any) -> ModuleType:
+def check_scale(scale: Any, d: int) -> float:
+    """``scale`` as a float, ``1/sqrt(d)`` when ``None``.
+
+    Any real scalar counts (``0.5``, ``2``, ``numpy.float32(0.5)``); ``TypeError`` for anything else
+    (a bool, a string, an array), ``ValueError`` for ``inf`` or NaN.
+    """
+    if scale is None:
+        return default_scale(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_qkv(q: Array, k: Array, v: Array) -> ModuleType:
     """Check ``q (..., N, d)``, ``k (..., M, d)``, ``v (..., M, dv)``; return their namespace.
 
     ``TypeError`` for non-floating or mixed dtypes, ``ValueError`` (naming the
     shapes) for anything that does not line up. Leading dims must be *equal*:
-    nothing is broadcast silently.
+    nothing is broadcast silently. Any of ``N``, ``M``, ``d``, ``dv`` may be 0.
+    ``ValueError`` for an infinite entry: ``q·k`` would be ``±inf`` or ``0·inf``
+    (NaN). NaN entries are allowed; they propagate.
     """
     xp = namespace(q, k, v)
     for name, a in (("q", q), ("k", k), ("v", v)):
         require_floating(xp, name, a)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"q, k, v must share one dtype, got {', '.join(dtype_name(a.dtype) for a in (q, k, v))}")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
         raise ValueError(f"q, k, v need at least 2 dimensions (..., tokens, features); got {shapes}")
@@ -38,18 +70,22 @@ def check_qkv(q: Any, k: Any, v: Any) -> ModuleType:
         raise ValueError(f"q and k must have the same feature size d; got {shapes}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same number of tokens M; got {shapes}")
-    if k.shape[-2] < 1:
-        raise ValueError(f"attention needs at least one key; got {shapes}")
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if bool(xp.any(xp.isinf(a))):
+            raise ValueError(
+                f"{name} has an infinite entry; q, k and v must be finite (NaN is allowed: it propagates). "
+                "To keep a key out of a query's softmax use mask, or a bias of -inf"
+            )
     return xp
 
 
 def check_attention_inputs(
-    q: Any, k: Any, v: Any, mask: Any | None, bias: Any | None, scale: float | None
+    q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: Any
 ) -> tuple[ModuleType, float]:
     """Check all inputs of scaled dot-product attention; return ``(xp, scale)``.
 
     ``mask`` must be boolean and ``bias`` floating (of q's dtype), both
-    broadcastable to ``(..., N, M)``; ``scale`` defaults to ``1/sqrt(d)``.
+    broadcastable to ``(..., N, M)``; ``scale`` as :func:`check_scale`.
     """
     xp = check_qkv(q, k, v)
     logits_shape = (*q.shape[:-1], k.shape[-2])  # (..., N, M)
@@ -63,8 +99,77 @@ def check_attention_inputs(
         if bias.dtype != q.dtype:
             raise TypeError(f"bias must have q's dtype {q.dtype}, got {bias.dtype}")
         require_broadcastable_to("bias", tuple(bias.shape), logits_shape)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    return xp, float(scale)
+    return xp, check_scale(scale, q.shape[-1])
+
+
+# ---------------------------------------------------------------- the backward's inputs
+
+
+def check_cache(cache: Any, expected: type, backward: str) -> None:
+    """``TypeError`` unless ``cache`` is an ``expected``; the message names the backward that takes it.
+
+    The backward is found among attention_ref's public ``*_backward`` functions by the annotation of
+    their ``cache`` parameter, so the blocks' caches are named as well as this layer's.
+    """
+    if isinstance(cache, expected):
+        return
+    got = type(cache).__name__
+    matching = _backwards_taking(got)
+    hint = f"; it belongs to {' or '.join(matching)}" if matching else ""
+    raise TypeError(f"{backward} needs the {expected.__name__} its forward returned, got a {got}{hint}")
+
+
+def _backwards_taking(cache_class: str) -> list[str]:
+    """Public ``*_backward`` functions of attention_ref whose ``cache`` parameter is annotated ``cache_class``."""
+    package = sys.modules.get("attention_ref")
+    names = []
+    for name in sorted(getattr(package, "__all__", ())):
+        fn = getattr(package, name, None)
+        annotation = getattr(fn, "__annotations__", {}).get("cache") if name.endswith("_backward") else None
+        if annotation == cache_class or getattr(annotation, "__name__", None) == cache_class:
+            names.append(name)
+    return names
+
+
+def check_dout(dout: Array, like: Array, shape: tuple[int, ...]) -> ModuleType:
+    """Check the upstream gradient against the forward: same library, same ``shape`` and ``like``'s dtype.
+
+    ``ValueError`` naming both shapes; ``TypeError`` for another library or another dtype (a float64
+    ``dout`` for a float32 forward would otherwise give float64 gradients without a word).
+    Returns the namespace.
+    """
+    xp = namespace(dout, like)
+    if tuple(dout.shape) != tuple(shape):
+        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
+    if dout.dtype != like.dtype:
+        raise TypeError(
+            f"dout has dtype {dtype_name(dout.dtype)}, but the forward ran in {dtype_name(like.dtype)}: cast dout to it"
+        )
+    return xp
+
+
+@contextmanager
+def hint_chunked_when_out_of_memory(q: Array, k: Array) -> Iterator[None]:
+    """Re-raise running out of memory inside exact attention as a ``MemoryError`` that suggests the tiled path.
+
+    Exact attention holds every ``N × M`` weight: 8 GiB per matrix at ``N = M = 32,768`` in float64.
+    torch reports a failed allocation as a ``RuntimeError``; it is turned into a ``MemoryError`` too.
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        n, m, matrices = q.shape[-2], k.shape[-2], math.prod(q.shape[:-2])
+        gib = matrices * n * m * _itemsize(q) / 2**30
+        raise MemoryError(
+            f"exact attention holds all its weights, {matrices}×{n}×{m} numbers ({gib:,.1f} GiB in "
+            f"{dtype_name(q.dtype)}): more than there is memory for. chunked_attention_forward gives the same "
+            "result tile by tile in O(N) memory (attention='chunked' in the blocks)"
+        ) from err
+
+
+def _itemsize(a: Array) -> int:
+    """Bytes per entry of ``a`` (from its dtype's name, which every backend has)."""
+    name = dtype_name(a.dtype)
+    return 2 if "16" in name else 4 if "32" in name else 8

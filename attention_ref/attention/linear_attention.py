@@ -46,14 +46,15 @@ along its own axis gives ``dQ`` and ``dK``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
 from .._checks import require_bool, require_broadcastable_to
-from ..backend import namespace
+from ..backend import Array, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
-from .inputs import check_qkv
+from .inputs import check_cache, check_dout, check_qkv
 
 __all__ = ["LINEAR_KINDS", "LinearAttentionCache", "linear_attention_backward", "linear_attention_forward"]
 
@@ -68,29 +69,29 @@ class LinearAttentionCache:
     :meth:`implied_weights` builds the matrix it is equivalent to, for small inputs and plots.
     """
 
-    q: Any  # (..., N, d)
-    k: Any  # (..., M, d)
-    v: Any  # (..., M, dv)
+    q: Array  # (..., N, d)
+    k: Array  # (..., M, d)
+    v: Array  # (..., M, dv)
     kind: str  # "elu" or "efficient"
     eps: float
-    q_features: Any  # φ(Q) or ρ_q(Q), (..., N, d)
-    k_features: Any  # φ(K) or ρ_k(K), (..., M, d)
-    kv: Any  # S = φ(K)ᵀ V or G = ρ_k(K)ᵀ V, (..., d, dv)
-    k_sum: Any | None  # z = Σ_j φ(k_j), (..., d); None for "efficient"
-    denominator: Any | None  # δ_i = φ(q_i)·z + ε, (..., N, 1); None for "efficient"
-    out: Any  # (..., N, dv)
+    q_features: Array  # φ(Q) or ρ_q(Q), (..., N, d)
+    k_features: Array  # φ(K) or ρ_k(K), (..., M, d)
+    kv: Array  # S = φ(K)ᵀ V or G = ρ_k(K)ᵀ V, (..., d, dv)
+    k_sum: Array | None  # z = Σ_j φ(k_j), (..., d); None for "efficient"
+    denominator: Array | None  # δ_i = φ(q_i)·z + ε, (..., N, 1); None for "efficient"
+    out: Array  # (..., N, dv)
     weights: None = field(default=None, init=False)  # never formed; see implied_weights
-    key_mask: Any | None = None  # as given, broadcastable to (..., M); None = every key counts
+    key_mask: Array | None = None  # as given, broadcastable to (..., M); None = every key counts
 
-    def implied_weights(self) -> Any:
+    def implied_weights(self) -> Array:
         """The ``(..., N, M)`` weights ``A`` with ``out = A V`` — O(N·M), for inspection only."""
         xp = namespace(self.q_features)
         # A = φ(Q) φ(K)ᵀ / δ   or   A = ρ_q(Q) ρ_k(K)ᵀ
-        a = xp.matmul(self.q_features, xp.matrix_transpose(self.k_features))
+        a = self.q_features @ xp.matrix_transpose(self.k_features)
         return a if self.denominator is None else a / self.denominator
 
 
-def _elu_plus_one(xp: ModuleType, x: Any) -> tuple[Any, Any]:
+def _elu_plus_one(xp: ModuleType, x: Array) -> tuple[Array, Array]:
     """``(φ(x), φ'(x))`` for ``φ(x) = elu(x) + 1``: ``x + 1`` and 1 for ``x > 0``, ``eˣ`` and ``eˣ`` otherwise."""
     # exp of min(x, 0) so that large positive x, whose branch is not used, cannot overflow
     exp_neg = xp.exp(xp.minimum(x, 0.0))
@@ -98,7 +99,7 @@ def _elu_plus_one(xp: ModuleType, x: Any) -> tuple[Any, Any]:
     return xp.where(positive, x + 1.0, exp_neg), xp.where(positive, 1.0, exp_neg)
 
 
-def _check_key_mask(xp: ModuleType, key_mask: Any, k: Any) -> Any:
+def _check_key_mask(xp: ModuleType, key_mask: Array, k: Array) -> Array:
     """``key_mask`` as ``(..., M, 1)`` (one flag per key, broadcast over the features); errors name the shapes."""
     namespace(k, key_mask)
     require_bool(xp, "key_mask", key_mask)
@@ -107,8 +108,8 @@ def _check_key_mask(xp: ModuleType, key_mask: Any, k: Any) -> Any:
 
 
 def linear_attention_forward(
-    q: Any, k: Any, v: Any, *, eps: float = 1e-6, kind: str = "elu", key_mask: Any | None = None
-) -> tuple[Any, LinearAttentionCache]:
+    q: Array, k: Array, v: Array, *, eps: float = 1e-6, kind: str = "elu", key_mask: Array | None = None
+) -> tuple[Array, LinearAttentionCache]:
     """Linear attention in O(N): Katharopoulos et al. (``kind="elu"``) or Shen et al. (``kind="efficient"``).
 
     Inputs:
@@ -128,10 +129,10 @@ def linear_attention_forward(
     xp = check_qkv(q, k, v)
     if kind not in LINEAR_KINDS:
         raise ValueError(f"kind must be one of {LINEAR_KINDS}, got {kind!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a Python number, got {type(eps).__name__}")
-    if eps < 0:
-        raise ValueError(f"eps must be ≥ 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be finite and ≥ 0, got {eps}")
     keys_on = None if key_mask is None else _check_key_mask(xp, key_mask, k)  # (..., M, 1)
     if kind == "elu":
         q_features, _ = _elu_plus_one(xp, q)  # φ(Q)   (..., N, d)
@@ -140,25 +141,24 @@ def linear_attention_forward(
             # a masked key contributes nothing: φ(k_j) → 0
             k_features = xp.where(keys_on, k_features, 0.0)
         # S = φ(K)ᵀ V   (..., d, dv)
-        kv = xp.matmul(xp.matrix_transpose(k_features), v)
+        kv = xp.matrix_transpose(k_features) @ v
         # z = Σ_j φ(k_j)   (..., d)
         k_sum = xp.sum(k_features, axis=-2)
         # δ_i = φ(q_i)·z + ε   (..., N, 1)
-        denominator = xp.matmul(q_features, xp.expand_dims(k_sum, axis=-1)) + eps
-        if keys_on is not None:
-            # only when every key is masked and eps = 0 is δ = 0; the numerator is 0 there, so divide by 1
-            denominator = xp.where(denominator == 0.0, 1.0, denominator)
+        denominator = q_features @ xp.expand_dims(k_sum, axis=-1) + eps
+        # δ = 0 only with eps = 0 and no key (all masked, or M = 0): the numerator is 0 there, so divide by 1
+        denominator = xp.where(denominator == 0.0, 1.0, denominator)
         # o_i = φ(q_i)ᵀ S / δ_i   (..., N, dv)
-        out = xp.matmul(q_features, kv) / denominator
+        out = q_features @ kv / denominator
     else:
         q_features, _ = softmax_forward(q, axis=-1)  # ρ_q(Q): each query's features sum to 1
         # ρ_k(K): each key feature sums to 1 over the (allowed) positions; masked keys get 0
         k_features, _ = softmax_forward(k, axis=-2, mask=keys_on)
         # G = ρ_k(K)ᵀ V   (..., d, dv)
-        kv = xp.matmul(xp.matrix_transpose(k_features), v)
+        kv = xp.matrix_transpose(k_features) @ v
         k_sum, denominator = None, None
         # O = ρ_q(Q) G   (..., N, dv)
-        out = xp.matmul(q_features, kv)
+        out = q_features @ kv
     cache = LinearAttentionCache(
         q=q,
         k=k,
@@ -176,7 +176,7 @@ def linear_attention_forward(
     return out, cache
 
 
-def linear_attention_backward(dout: Any, cache: LinearAttentionCache) -> dict[str, Any]:
+def linear_attention_backward(dout: Array, cache: LinearAttentionCache) -> dict[str, Array]:
     """Gradients of :func:`linear_attention_forward`.
 
     Inputs:
@@ -186,22 +186,21 @@ def linear_attention_backward(dout: Any, cache: LinearAttentionCache) -> dict[st
     Returns:
         ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``.
     """
-    xp = namespace(dout)
-    if tuple(dout.shape) != tuple(cache.out.shape):
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(cache.out.shape)}")
+    check_cache(cache, LinearAttentionCache, "linear_attention_backward")
+    xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
     phi_q, phi_k, kv, v = cache.q_features, cache.k_features, cache.kv, cache.v
     if cache.kind == "efficient":
         # dρ_q = dO Gᵀ   (..., N, d)
-        d_phi_q = xp.matmul(dout, xp.matrix_transpose(kv))
+        d_phi_q = dout @ xp.matrix_transpose(kv)
         # dG = ρ_qᵀ dO   (..., d, dv)
-        d_kv = xp.matmul(xp.matrix_transpose(phi_q), dout)
+        d_kv = xp.matrix_transpose(phi_q) @ dout
         # dρ_k = V dGᵀ   (..., M, d)
-        d_phi_k = xp.matmul(v, xp.matrix_transpose(d_kv))
+        d_phi_k = v @ xp.matrix_transpose(d_kv)
         return {
             "q": softmax_backward(d_phi_q, SoftmaxCache(weights=phi_q, axis=-1))["x"],
             "k": softmax_backward(d_phi_k, SoftmaxCache(weights=phi_k, axis=-2))["x"],
             # dV = ρ_k dG   (..., M, dv)
-            "v": xp.matmul(phi_k, d_kv),
+            "v": phi_k @ d_kv,
         }
     denominator = cache.denominator
     # dn_i = do_i / δ_i   (..., N, dv)
@@ -209,13 +208,13 @@ def linear_attention_backward(dout: Any, cache: LinearAttentionCache) -> dict[st
     # dδ_i = -(do_i · o_i) / δ_i   (..., N, 1)
     d_den = -xp.sum(dout * cache.out, axis=-1, keepdims=True) / denominator
     # dφ(q_i) = S dn_i + z dδ_i   (..., N, d)
-    d_phi_q = xp.matmul(d_num, xp.matrix_transpose(kv)) + d_den * xp.expand_dims(cache.k_sum, axis=-2)
+    d_phi_q = d_num @ xp.matrix_transpose(kv) + d_den * xp.expand_dims(cache.k_sum, axis=-2)
     # dS = φ(Q)ᵀ dN   (..., d, dv)
-    d_kv = xp.matmul(xp.matrix_transpose(phi_q), d_num)
+    d_kv = xp.matrix_transpose(phi_q) @ d_num
     # dz = Σ_i φ(q_i) dδ_i   (..., 1, d)
-    d_k_sum = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(phi_q), d_den))
+    d_k_sum = xp.matrix_transpose(xp.matrix_transpose(phi_q) @ d_den)
     # dφ(k_j) = dS v_j + dz   (..., M, d)
-    d_phi_k = xp.matmul(v, xp.matrix_transpose(d_kv)) + d_k_sum
+    d_phi_k = v @ xp.matrix_transpose(d_kv) + d_k_sum
     _, dphi_dq = _elu_plus_one(xp, cache.q)
     _, dphi_dk = _elu_plus_one(xp, cache.k)
     if cache.key_mask is not None:
@@ -224,5 +223,5 @@ def linear_attention_backward(dout: Any, cache: LinearAttentionCache) -> dict[st
     return {
         "q": d_phi_q * dphi_dq,  # dQ = dφ(Q) ∘ φ'(Q)
         "k": d_phi_k * dphi_dk,  # dK = dφ(K) ∘ φ'(K)
-        "v": xp.matmul(phi_k, d_kv),  # dV = φ(K) dS   (..., M, dv)
+        "v": phi_k @ d_kv,  # dV = φ(K) dS   (..., M, dv)
     }

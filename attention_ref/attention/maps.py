@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
 
+from ..backend import Array
 from .inputs import check_qkv
 
 __all__ = ["check_map_qkv"]
 
 
-def check_map_qkv(q: Any, k: Any, v: Any) -> tuple[ModuleType, int, int]:
+def check_map_qkv(q: Array, k: Array, v: Array) -> tuple[ModuleType, int, int]:
     """Check ``q (..., H, W, d)``, ``k (..., H, W, d)``, ``v (..., H, W, dv)``; return ``(xp, H, W)``.
 
     Queries and keys live on the same map (self-attention), so everything but the channel axis must be

@@ -25,7 +25,7 @@ from typing import Any
 
 import array_api_compat.numpy as default_xp
 
-from ..backend import device_of, namespace
+from ..backend import Array, device_of, namespace
 
 __all__ = ["neighborhood_mask", "neighborhood_starts", "window_bands", "window_mask"]
 
@@ -70,18 +70,18 @@ def check_kernel(height: int, width: int, kernel: Any) -> tuple[int, int]:
     return kernel
 
 
-def window_bands(xp: ModuleType, length: int, window: int, shift: int, device: Any = None) -> Any:
+def window_bands(xp: ModuleType, length: int, window: int, shift: int, device: Any = None) -> Array:
     """The band of each pixel along one axis, ``⌊(i − shift) / window⌋``: ``(length,)`` integers."""
     return xp.floor_divide(xp.arange(length, device=device) - shift, window)
 
 
-def neighborhood_starts(xp: ModuleType, length: int, kernel: int, device: Any = None) -> Any:
+def neighborhood_starts(xp: ModuleType, length: int, kernel: int, device: Any = None) -> Array:
     """First key of each pixel's neighborhood along one axis, ``clip(i − ⌊kernel/2⌋, 0, length − kernel)``."""
     centred = xp.arange(length, device=device) - kernel // 2
     return xp.minimum(xp.maximum(centred, 0), length - kernel)
 
 
-def _separable(xp: ModuleType, rows_ok: Any, cols_ok: Any) -> Any:
+def _separable(xp: ModuleType, rows_ok: Array, cols_ok: Array) -> Array:
     """``mask[(i, j), (y, x)] = rows_ok[i, y] and cols_ok[j, x]`` as ``(H·W, H·W)``."""
     height, width = rows_ok.shape[0], cols_ok.shape[0]
     # (H, 1, H, 1) & (1, W, 1, W) → (H, W, H, W): query (i, j), key (y, x)
@@ -89,15 +89,20 @@ def _separable(xp: ModuleType, rows_ok: Any, cols_ok: Any) -> Any:
     return xp.reshape(mask, (height * width, height * width))
 
 
-def _namespace(like: Any | None) -> tuple[ModuleType, Any]:
+def _namespace(like: Array | None) -> tuple[ModuleType, Any]:
     if like is None:
         return default_xp, None
     return namespace(like), device_of(like)
 
 
 def window_mask(
-    height: int, width: int, window: int | tuple[int, int], shift: int | tuple[int, int] = 0, *, like: Any = None
-) -> Any:
+    height: int,
+    width: int,
+    window: int | tuple[int, int],
+    shift: int | tuple[int, int] = 0,
+    *,
+    like: Array | None = None,
+) -> Array:
     """Swin (shifted) window attention as a dense mask ``(H·W, H·W)``, True = may attend.
 
     Inputs:
@@ -115,7 +120,7 @@ def window_mask(
     return _separable(xp, rows_ok, cols_ok)
 
 
-def neighborhood_mask(height: int, width: int, kernel: int | tuple[int, int], *, like: Any = None) -> Any:
+def neighborhood_mask(height: int, width: int, kernel: int | tuple[int, int], *, like: Array | None = None) -> Array:
     """NATTEN neighborhood attention as a dense mask ``(H·W, H·W)``, True = may attend.
 
     Inputs:
@@ -128,7 +133,7 @@ def neighborhood_mask(height: int, width: int, kernel: int | tuple[int, int], *,
     kh, kw = check_kernel(height, width, kernel)
     xp, device = _namespace(like)
 
-    def axis_ok(length: int, k: int) -> Any:
+    def axis_ok(length: int, k: int) -> Array:
         start = xp.expand_dims(neighborhood_starts(xp, length, k, device), axis=1)  # (L, 1)
         keys = xp.expand_dims(xp.arange(length, device=device), axis=0)  # (1, L)
         # start(i) ≤ y < start(i) + kernel

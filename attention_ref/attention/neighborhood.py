@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ..backend import device_of, namespace
+from ..backend import Array, device_of, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .dense_rows import check_row_range, spread_rows
-from .inputs import default_scale
+from .inputs import check_cache, check_dout, check_scale
 from .maps import check_map_qkv
 from .masks import check_kernel, neighborhood_starts
 
@@ -53,14 +53,14 @@ __all__ = ["NeighborhoodAttentionCache", "neighborhood_attention_backward", "nei
 class NeighborhoodAttentionCache:
     """Inputs and the ``(..., H, W, k_h·k_w)`` neighborhood weights (kept for plotting)."""
 
-    q: Any  # (..., H, W, d)
-    k: Any  # (..., H, W, d)
-    v: Any  # (..., H, W, dv)
-    weights: Any  # (..., H, W, k_h·k_w): weights[..., i, j, a·k_w + b] is for key (start_h(i) + a, start_w(j) + b)
+    q: Array  # (..., H, W, d)
+    k: Array  # (..., H, W, d)
+    v: Array  # (..., H, W, dv)
+    weights: Array  # (..., H, W, k_h·k_w): weights[..., i, j, a·k_w + b] is for key (start_h(i) + a, start_w(j) + b)
     kernel: tuple[int, int]
     scale: float
 
-    def weight_rows(self, start: int, stop: int) -> Any:
+    def weight_rows(self, start: int, stop: int) -> Array:
         """Rows ``start:stop`` of the dense weights ``(..., stop − start, H·W)`` over the flattened map.
 
         Query token ``t = i·W + j``; the row holds the weights of its neighborhood and 0 elsewhere —
@@ -87,13 +87,13 @@ def _axis_index(axis: int, index: slice) -> tuple:
     return (Ellipsis, index) + (slice(None),) * (-axis - 1)
 
 
-def _gather_offsets(xp: ModuleType, length: int, kernel: int, device: Any) -> list[Any]:
+def _gather_offsets(xp: ModuleType, length: int, kernel: int, device: Any) -> list[Array]:
     """For each offset ``a``: the index ``start(i) + a`` of the key that pixel ``i`` sees, ``(length,)``."""
     start = neighborhood_starts(xp, length, kernel, device)
     return [start + a for a in range(kernel)]
 
 
-def _gather_adjoint(xp: ModuleType, g: Any, axis: int, kernel: int, offset: int) -> Any:
+def _gather_adjoint(xp: ModuleType, g: Array, axis: int, kernel: int, offset: int) -> Array:
     """Adjoint of ``take(x, start + offset, axis=axis)``: scatter-add ``g`` back to the key positions.
 
     ``x̄[p] = Σ_{i : start(i) + offset = p} g[i]``, along ``axis``; the shape of ``g`` is kept.
@@ -116,14 +116,14 @@ def _gather_adjoint(xp: ModuleType, g: Any, axis: int, kernel: int, offset: int)
     return xp.concat([pieces[0], per_start, pieces[1]], axis=axis)
 
 
-def _neighbors(xp: ModuleType, x: Any, rows: Any, cols: Any) -> Any:
+def _neighbors(xp: ModuleType, x: Array, rows: Array, cols: Array) -> Array:
     """``x[..., rows[i], cols[j], :]`` for every pixel ``(i, j)``: ``(..., H, W, c)``."""
     return xp.take(xp.take(x, rows, axis=-3), cols, axis=-2)
 
 
 def neighborhood_attention_forward(
-    q: Any, k: Any, v: Any, *, kernel: int | tuple[int, int], scale: float | None = None
-) -> tuple[Any, NeighborhoodAttentionCache]:
+    q: Array, k: Array, v: Array, *, kernel: int | tuple[int, int], scale: float | None = None
+) -> tuple[Array, NeighborhoodAttentionCache]:
     """NATTEN neighborhood attention: each pixel attends to the ``kernel × kernel`` pixels around it.
 
     Inputs:
@@ -140,7 +140,7 @@ def neighborhood_attention_forward(
     """
     xp, height, width = check_map_qkv(q, k, v)
     kernel = check_kernel(height, width, kernel)
-    scale = _check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, q.shape[-1])
     rows = _gather_offsets(xp, height, kernel[0], device_of(q))
     cols = _gather_offsets(xp, width, kernel[1], device_of(q))
     logits = []
@@ -161,7 +161,7 @@ def neighborhood_attention_forward(
     return out, NeighborhoodAttentionCache(q=q, k=k, v=v, weights=weights, kernel=kernel, scale=scale)
 
 
-def neighborhood_attention_backward(dout: Any, cache: NeighborhoodAttentionCache) -> dict[str, Any]:
+def neighborhood_attention_backward(dout: Array, cache: NeighborhoodAttentionCache) -> dict[str, Array]:
     """Gradients of :func:`neighborhood_attention_forward`.
 
     Inputs:
@@ -171,12 +171,10 @@ def neighborhood_attention_backward(dout: Any, cache: NeighborhoodAttentionCache
     Returns:
         ``{"q": (..., H, W, d), "k": (..., H, W, d), "v": (..., H, W, dv)}``.
     """
-    xp = namespace(dout)
+    check_cache(cache, NeighborhoodAttentionCache, "neighborhood_attention_backward")
     q, k, v, weights, scale = cache.q, cache.k, cache.v, cache.weights, cache.scale
     kh, kw = cache.kernel
-    expected = (*q.shape[:-1], v.shape[-1])
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {expected}")
+    xp = check_dout(dout, like=q, shape=(*q.shape[:-1], v.shape[-1]))
     height, width = q.shape[-3], q.shape[-2]
     rows = _gather_offsets(xp, height, kh, device_of(q))
     cols = _gather_offsets(xp, width, kw, device_of(q))
@@ -206,12 +204,3 @@ def neighborhood_attention_backward(dout: Any, cache: NeighborhoodAttentionCache
         dk = dk + _gather_adjoint(xp, dk_a, -3, kh, a)
         dv = dv + _gather_adjoint(xp, dv_a, -3, kh, a)
     return {"q": scale * dq, "k": scale * dk, "v": dv}
-
-
-def _check_scale(scale: float | None, d: int) -> float:
-    """``scale`` as a float, ``1/sqrt(d)`` when ``None``; ``TypeError`` for a non-number."""
-    if scale is None:
-        return default_scale(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    return float(scale)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from ..backend import Array
+
 __all__ = ["broadcast_index", "matrix_indices", "take"]
 
 Index = tuple[Any, ...]  # size-1 slices of the leading dims, then Ellipsis
@@ -45,7 +47,7 @@ def broadcast_index(shape: tuple[int, ...], index: Index, rank: int) -> Index:
     return tuple(parts)
 
 
-def take(a: Any | None, index: Index, rank: int) -> Any | None:
+def take(a: Array | None, index: Index, rank: int) -> Array | None:
     """``a``'s part for problem ``index`` (see :func:`broadcast_index`); ``None`` stays ``None``."""
     if a is None:
         return None

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ..backend import device_of, namespace
+from ..backend import Array, device_of, namespace
 from .dense_rows import check_row_range, spread_rows
 from .exact import AttentionCache, attention_backward, attention_forward
+from .inputs import check_cache, check_dout
 from .maps import check_map_qkv
 from .masks import check_window
 
@@ -48,14 +49,14 @@ class WindowAttentionCache:
     width: int
 
     @property
-    def weights(self) -> Any:
+    def weights(self) -> Array:
         """``(..., H/w, W/w, w², w²)``: weights inside each window of the map rolled by ``−shift``.
 
         Window ``(a, b)``, token ``t = r·w + c`` is pixel ``((a·w + r + s) mod H, (b·w + c + s) mod W)``.
         """
         return self.attention.weights
 
-    def weight_rows(self, start: int, stop: int) -> Any:
+    def weight_rows(self, start: int, stop: int) -> Array:
         """Rows ``start:stop`` of the dense weights ``(..., stop − start, H·W)`` over the flattened map.
 
         Query token ``t = i·W + j`` (pixel ``(i, j)``); the row holds the weights of its window and 0
@@ -85,14 +86,14 @@ class WindowAttentionCache:
         return spread_rows(xp, local_rows, key_row * width + key_col, height * width)
 
 
-def _roll(xp: ModuleType, x: Any, shift: tuple[int, int], sign: int) -> Any:
+def _roll(xp: ModuleType, x: Array, shift: tuple[int, int], sign: int) -> Array:
     """``x`` rolled by ``sign · shift`` along the H and W axes ``(-3, -2)``."""
     if shift == (0, 0):
         return x
     return xp.roll(x, shift=(sign * shift[0], sign * shift[1]), axis=(-3, -2))
 
 
-def _partition(xp: ModuleType, x: Any, window: tuple[int, int]) -> Any:
+def _partition(xp: ModuleType, x: Array, window: tuple[int, int]) -> Array:
     """``(..., H, W, c) → (..., H/wh, W/ww, wh·ww, c)``, token ``r·ww + col`` inside each window."""
     *lead, height, width, c = x.shape
     wh, ww = window
@@ -102,7 +103,7 @@ def _partition(xp: ModuleType, x: Any, window: tuple[int, int]) -> Any:
     return xp.reshape(x, (*lead, height // wh, width // ww, wh * ww, c))
 
 
-def _merge(xp: ModuleType, x: Any, window: tuple[int, int]) -> Any:
+def _merge(xp: ModuleType, x: Array, window: tuple[int, int]) -> Array:
     """The inverse of :func:`_partition`: ``(..., H/wh, W/ww, wh·ww, c) → (..., H, W, c)``."""
     *lead, n_rows, n_cols, _, c = x.shape
     wh, ww = window
@@ -114,11 +115,11 @@ def _merge(xp: ModuleType, x: Any, window: tuple[int, int]) -> Any:
 
 def _region_mask(
     xp: ModuleType, height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: Any
-) -> Any:
+) -> Array:
     """``(H/wh, W/ww, wh·ww, wh·ww)``: inside each window of the rolled map, True iff both tokens come
     from the same band of the original map along both axes."""
 
-    def bands_of_rolled(length: int, w: int, s: int) -> Any:
+    def bands_of_rolled(length: int, w: int, s: int) -> Array:
         # rolled pixel r is original pixel (r + s) mod L, whose band is ⌊((r + s) mod L − s) / w⌋
         original = xp.remainder(xp.arange(length, device=device) + s, length)
         return xp.floor_divide(original - s, w)
@@ -126,7 +127,7 @@ def _region_mask(
     rows = bands_of_rolled(height, window[0], shift[0])  # (H,)
     cols = bands_of_rolled(width, window[1], shift[1])  # (W,)
 
-    def same_band(bands: Any) -> Any:
+    def same_band(bands: Array) -> Array:
         # (H, W) band per pixel → (H/wh, W/ww, wh·ww) per window token → (H/wh, W/ww, wh·ww, wh·ww) equal?
         tokens = _partition(xp, xp.expand_dims(bands, axis=-1), window)[..., 0]
         return xp.expand_dims(tokens, axis=-1) == xp.expand_dims(tokens, axis=-2)
@@ -137,14 +138,14 @@ def _region_mask(
 
 
 def window_attention_forward(
-    q: Any,
-    k: Any,
-    v: Any,
+    q: Array,
+    k: Array,
+    v: Array,
     *,
     window: int | tuple[int, int],
     shift: int | tuple[int, int] = 0,
     scale: float | None = None,
-) -> tuple[Any, WindowAttentionCache]:
+) -> tuple[Array, WindowAttentionCache]:
     """Swin window attention on maps: each pixel attends to the pixels of its (shifted) window.
 
     Inputs:
@@ -173,7 +174,7 @@ def window_attention_forward(
     return out, WindowAttentionCache(attention=attention, window=window, shift=shift, height=height, width=width)
 
 
-def window_attention_backward(dout: Any, cache: WindowAttentionCache) -> dict[str, Any]:
+def window_attention_backward(dout: Array, cache: WindowAttentionCache) -> dict[str, Array]:
     """Gradients of :func:`window_attention_forward`.
 
     Inputs:
@@ -183,11 +184,9 @@ def window_attention_backward(dout: Any, cache: WindowAttentionCache) -> dict[st
     Returns:
         ``{"q": (..., H, W, d), "k": (..., H, W, d), "v": (..., H, W, dv)}``.
     """
-    xp = namespace(dout)
+    check_cache(cache, WindowAttentionCache, "window_attention_backward")
     a = cache.attention
-    expected = (*a.q.shape[:-4], cache.height, cache.width, a.v.shape[-1])
-    if tuple(dout.shape) != expected:
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {expected}")
+    xp = check_dout(dout, like=a.q, shape=(*a.q.shape[:-4], cache.height, cache.width, a.v.shape[-1]))
     # the forward's steps in reverse: roll by -shift, partition, attention backward, merge, roll by +shift
     grads_w = attention_backward(_partition(xp, _roll(xp, dout, cache.shift, -1), cache.window), a)
     return {name: _roll(xp, _merge(xp, grads_w[name], cache.window), cache.shift, +1) for name in ("q", "k", "v")}

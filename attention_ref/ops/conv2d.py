@@ -40,10 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import device_of, namespace
+from ..backend import Array, device_of, namespace
 
 __all__ = ["Conv2dCache", "conv2d_backward", "conv2d_forward"]
 
@@ -52,8 +51,8 @@ Padding = int | tuple[int, int] | str
 
 @dataclass(frozen=True)
 class Conv2dCache:
-    cols: Any  # (B, H_out, W_out, kh·kw·C_in), the im2col matrix of the padded input
-    weight: Any  # (kh, kw, C_in, C_out)
+    cols: Array  # (B, H_out, W_out, kh·kw·C_in), the im2col matrix of the padded input
+    weight: Array  # (kh, kw, C_in, C_out)
     padding: tuple[int, int]  # (p_h, p_w)
     has_bias: bool
     x_shape: tuple[int, int, int, int]  # (B, H, W, C_in)
@@ -76,7 +75,7 @@ def _resolve_padding(padding: Padding, kh: int, kw: int) -> tuple[int, int]:
     return ph, pw
 
 
-def _zero_pad(xp: ModuleType, x: Any, ph: int, pw: int) -> Any:
+def _zero_pad(xp: ModuleType, x: Array, ph: int, pw: int) -> Array:
     """``x (B, H, W, C)`` with ``ph`` zero rows above and below and ``pw`` zero columns left and right."""
     B, H, W, C = x.shape
     if ph > 0:
@@ -88,7 +87,7 @@ def _zero_pad(xp: ModuleType, x: Any, ph: int, pw: int) -> Any:
     return x
 
 
-def _im2col(xp: ModuleType, xpad: Any, kh: int, kw: int) -> Any:
+def _im2col(xp: ModuleType, xpad: Array, kh: int, kw: int) -> Array:
     """The ``kh·kw`` shifted views of a padded map side by side: ``(B, H_out, W_out, kh·kw·C)``."""
     _, Hp, Wp, _ = xpad.shape
     Ho, Wo = Hp - kh + 1, Wp - kw + 1
@@ -96,7 +95,9 @@ def _im2col(xp: ModuleType, xpad: Any, kh: int, kw: int) -> Any:
     return xp.concat(views, axis=-1)
 
 
-def conv2d_forward(x: Any, weight: Any, bias: Any | None = None, *, padding: Padding = 0) -> tuple[Any, Conv2dCache]:
+def conv2d_forward(
+    x: Array, weight: Array, bias: Array | None = None, *, padding: Padding = 0
+) -> tuple[Array, Conv2dCache]:
     """Channels-last 2-D convolution (cross-correlation), stride 1, zero padding.
 
     Inputs:
@@ -131,14 +132,14 @@ def conv2d_forward(x: Any, weight: Any, bias: Any | None = None, *, padding: Pad
     # cols[b, i, j, (a·kw + c)·C_in + m] = x̃[b, i + a, j + c, m]   (B, H_out, W_out, kh·kw·C_in)
     cols = _im2col(xp, xpad, kh, kw)
     # y = cols · W + b   (B, H_out, W_out, C_out)
-    y = xp.matmul(cols, xp.reshape(weight, (kh * kw * c_in, c_out)))
+    y = cols @ xp.reshape(weight, (kh * kw * c_in, c_out))
     if bias is not None:
         y = y + bias
     cache = Conv2dCache(cols=cols, weight=weight, padding=(ph, pw), has_bias=bias is not None, x_shape=(B, H, W, c_in))
     return y, cache
 
 
-def conv2d_backward(dout: Any, cache: Conv2dCache) -> dict[str, Any]:
+def conv2d_backward(dout: Array, cache: Conv2dCache) -> dict[str, Array]:
     """Gradients ``{"x": (B, H, W, C_in), "weight": (kh, kw, C_in, C_out), "bias": (C_out,)}``.
 
     ``"bias"`` only when the forward had one. ``dx`` is the forward correlation
@@ -154,12 +155,12 @@ def conv2d_backward(dout: Any, cache: Conv2dCache) -> dict[str, Any]:
     cols2 = xp.reshape(cache.cols, (B * Ho * Wo, kh * kw * c_in))  # (n, kh·kw·C_in)
     dy2 = xp.reshape(dout, (B * Ho * Wo, c_out))  # (n, C_out)
     # dW = colsᵀ dy   (kh, kw, C_in, C_out)
-    dW = xp.reshape(xp.matmul(xp.matrix_transpose(cols2), dy2), (kh, kw, c_in, c_out))
+    dW = xp.reshape(xp.matrix_transpose(cols2) @ dy2, (kh, kw, c_in, c_out))
     # W'[a, c, o, m] = W[kh−1−a, kw−1−c, m, o]: flipped in space, input and output channels swapped
     w_flip = xp.permute_dims(xp.flip(cache.weight, axis=(0, 1)), (0, 1, 3, 2))  # (kh, kw, C_out, C_in)
     # dx = correlate(dy zero-padded by k−1−p, W')   (B, H, W, C_in)
     dy_pad = _zero_pad(xp, dout, kh - 1 - ph, kw - 1 - pw)
-    dx = xp.matmul(_im2col(xp, dy_pad, kh, kw), xp.reshape(w_flip, (kh * kw * c_out, c_in)))
+    dx = _im2col(xp, dy_pad, kh, kw) @ xp.reshape(w_flip, (kh * kw * c_out, c_in))
     grads = {"x": dx, "weight": dW}
     if cache.has_bias:
         # db = Σ dy over batch and positions

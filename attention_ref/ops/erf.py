@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 
 __all__ = ["erf", "erfc"]
 
@@ -57,7 +56,7 @@ _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 _ONE_OVER_SQRT_PI = 1.0 / math.sqrt(math.pi)
 
 
-def _erf_series(xp: ModuleType, s: Any) -> Any:
+def _erf_series(xp: ModuleType, s: Array) -> Array:
     """``erf(s)`` for ``0 ≤ s ≤ 2.5`` by the all-positive series."""
     two_s2 = 2.0 * s * s
     term = s
@@ -70,7 +69,7 @@ def _erf_series(xp: ModuleType, s: Any) -> Any:
     return _TWO_OVER_SQRT_PI * xp.exp(-s * s) * total
 
 
-def _erfc_fraction(xp: ModuleType, s: Any) -> Any:
+def _erfc_fraction(xp: ModuleType, s: Array) -> Array:
     """``erfc(s)`` for ``s ≥ 2.5`` by Laplace's continued fraction, evaluated bottom-up."""
     tail = s
     for k in range(_FRACTION_LEVELS, 0, -1):
@@ -85,7 +84,7 @@ def _erfc_fraction(xp: ModuleType, s: Any) -> Any:
     return _ONE_OVER_SQRT_PI * gaussian / tail
 
 
-def _erf_and_erfc_of_abs(xp: ModuleType, x: Any) -> tuple[Any, Any, Any]:
+def _erf_and_erfc_of_abs(xp: ModuleType, x: Array) -> tuple[Array, Array, Array]:
     """``(erf(|x|), erfc(|x|), x < 0)``, each computed by the branch that is accurate for it."""
     s = xp.abs(x)
     small = s < _SWITCH
@@ -97,7 +96,7 @@ def _erf_and_erfc_of_abs(xp: ModuleType, x: Any) -> tuple[Any, Any, Any]:
     return erf_abs, erfc_abs, x < 0
 
 
-def erf(x: Any) -> Any:
+def erf(x: Array) -> Array:
     r"""The error function ``erf(x) = 2/√π ∫₀ˣ exp(−t²) dt``, elementwise.
 
     Inputs:
@@ -113,7 +112,7 @@ def erf(x: Any) -> Any:
     return xp.where(negative, -erf_abs, erf_abs)
 
 
-def erfc(x: Any) -> Any:
+def erfc(x: Array) -> Array:
     r"""The complementary error function ``erfc(x) = 1 − erf(x)``, elementwise, accurate in the right tail.
 
     Inputs:

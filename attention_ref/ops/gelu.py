@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 from .erf import erfc
 
 __all__ = ["GegluCache", "GeluCache", "geglu_backward", "geglu_forward", "gelu_backward", "gelu_forward"]
@@ -42,11 +41,11 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 @dataclass(frozen=True)
 class GeluCache:
-    x: Any  # the input
-    cdf: Any  # Φ(x), same shape
+    x: Array  # the input
+    cdf: Array  # Φ(x), same shape
 
 
-def gelu_forward(x: Any) -> tuple[Any, GeluCache]:
+def gelu_forward(x: Array) -> tuple[Array, GeluCache]:
     """Exact GELU ``x Φ(x)``, elementwise.
 
     Inputs:
@@ -64,7 +63,7 @@ def gelu_forward(x: Any) -> tuple[Any, GeluCache]:
     return x * cdf, GeluCache(x=x, cdf=cdf)
 
 
-def gelu_backward(dout: Any, cache: GeluCache) -> dict[str, Any]:
+def gelu_backward(dout: Array, cache: GeluCache) -> dict[str, Array]:
     """``{"x": dout · gelu'(x)}`` with ``gelu'(x) = Φ(x) + x φ(x)``."""
     xp = namespace(dout)
     x = cache.x
@@ -76,12 +75,12 @@ def gelu_backward(dout: Any, cache: GeluCache) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class GegluCache:
-    value: Any  # a, (..., F)
-    gelu_gate: Any  # gelu(g), (..., F)
+    value: Array  # a, (..., F)
+    gelu_gate: Array  # gelu(g), (..., F)
     gate: GeluCache  # the GELU of the gate g
 
 
-def geglu_forward(x: Any) -> tuple[Any, GegluCache]:
+def geglu_forward(x: Array) -> tuple[Array, GegluCache]:
     """GEGLU: ``a · gelu(g)`` where ``x = [a, g]`` along the last axis.
 
     Inputs:
@@ -104,7 +103,7 @@ def geglu_forward(x: Any) -> tuple[Any, GegluCache]:
     return value * gelu_gate, GegluCache(value=value, gelu_gate=gelu_gate, gate=gate_cache)
 
 
-def geglu_backward(dout: Any, cache: GegluCache) -> dict[str, Any]:
+def geglu_backward(dout: Array, cache: GegluCache) -> dict[str, Array]:
     """``{"x": [da, dg]}``, ``(..., 2F)``: ``da = dout · gelu(g)``, ``dg = dout · a · gelu'(g)``."""
     xp = namespace(dout)
     if tuple(dout.shape) != tuple(cache.value.shape):

@@ -18,10 +18,9 @@ Backward (see :mod:`attention_ref.ops.normalize` for ``∂L/∂x̂ → ∂L/∂x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from .._checks import require_floating
-from ..backend import namespace
+from .._checks import as_dtype, in_working_dtype, require_floating
+from ..backend import Array, namespace
 from .normalize import normalize, normalize_backward
 
 __all__ = ["GroupNormCache", "group_norm_backward", "group_norm_forward"]
@@ -32,16 +31,16 @@ _GROUP_AXES = (1, 3)
 
 @dataclass(frozen=True)
 class GroupNormCache:
-    xhat: Any  # (B, S, G, C/G), normalised input
-    rstd: Any  # (B, 1, G, 1)
-    weight: Any | None  # (C,)
+    xhat: Array  # (B, S, G, C/G), normalised input (float32 for float16 input)
+    rstd: Array  # (B, 1, G, 1)
+    weight: Array | None  # (C,)
     has_bias: bool
     shape: tuple[int, ...]  # the input's shape (B, ..., C)
 
 
 def group_norm_forward(
-    x: Any, weight: Any | None = None, bias: Any | None = None, *, groups: int, eps: float = 1e-5
-) -> tuple[Any, GroupNormCache]:
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, groups: int, eps: float = 1e-5
+) -> tuple[Array, GroupNormCache]:
     """Group norm of a channels-last map.
 
     Inputs:
@@ -66,35 +65,39 @@ def group_norm_forward(
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (C,):
             raise ValueError(f"group norm: {name} of shape {tuple(p.shape)} does not match {C} channels")
-    xg = xp.reshape(x, (B, -1, groups, C // groups))  # (B, S, G, C/G)
+    # float16 is computed in float32 and the result rounded back (as torch does; see normalize)
+    x_w, weight_w, bias_w = in_working_dtype(xp, x, weight, bias)
+    xg = xp.reshape(x_w, (B, -1, groups, C // groups))  # (B, S, G, C/G)
     xhat, rstd = normalize(xp, xg, _GROUP_AXES, eps)
     y = xp.reshape(xhat, shape)  # (B, ..., C)
-    if weight is not None:
+    if weight_w is not None:
         # y = γ x̂
-        y = y * weight
-    if bias is not None:
+        y = y * weight_w
+    if bias_w is not None:
         # y = γ x̂ + β
-        y = y + bias
-    return y, GroupNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, shape=shape)
+        y = y + bias_w
+    cache = GroupNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, shape=shape)
+    return as_dtype(xp, y, x.dtype), cache
 
 
-def group_norm_backward(dout: Any, cache: GroupNormCache) -> dict[str, Any]:
+def group_norm_backward(dout: Array, cache: GroupNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (B, ..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
     xp = namespace(dout)
     C = cache.shape[-1]
+    dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
     xhat_flat = xp.reshape(cache.xhat, (-1, C))  # (B·S, C)
-    dy_flat = xp.reshape(dout, (-1, C))  # (B·S, C)
-    grads: dict[str, Any] = {}
-    g = dout
-    if cache.weight is not None:
+    dy_flat = xp.reshape(dy, (-1, C))  # (B·S, C)
+    grads: dict[str, Array] = {}
+    g = dy
+    if weight is not None:
         # dγ_c = Σ dy x̂
         grads["weight"] = xp.sum(dy_flat * xhat_flat, axis=0)
         # ∂L/∂x̂ = dy γ
-        g = dout * cache.weight
+        g = dy * weight
     if cache.has_bias:
         # dβ_c = Σ dy
         grads["bias"] = xp.sum(dy_flat, axis=0)
     gg = xp.reshape(g, tuple(cache.xhat.shape))  # (B, S, G, C/G)
     dx = normalize_backward(xp, gg, cache.xhat, cache.rstd, _GROUP_AXES)
     grads["x"] = xp.reshape(dx, cache.shape)
-    return grads
+    return {name: as_dtype(xp, grad, dout.dtype) for name, grad in grads.items()}

@@ -14,9 +14,8 @@ is the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ..backend import namespace
+from ..backend import Array, namespace
 
 __all__ = [
     "HeadsCache",
@@ -29,7 +28,7 @@ __all__ = [
 ]
 
 
-def split_heads(x: Any, heads: int) -> Any:
+def split_heads(x: Array, heads: int) -> Array:
     """``(..., N, heads·d)`` → ``(..., heads, N, d)``, channel ``c = head·d + j``."""
     xp = namespace(x)
     if x.ndim < 2:
@@ -42,7 +41,7 @@ def split_heads(x: Any, heads: int) -> Any:
     return xp.permute_dims(x, (*range(n), n + 1, n, n + 2))  # (..., heads, N, d)
 
 
-def merge_heads(x: Any) -> Any:
+def merge_heads(x: Array) -> Array:
     """``(..., heads, N, d)`` → ``(..., N, heads·d)``; the inverse of :func:`split_heads`."""
     xp = namespace(x)
     if x.ndim < 3:
@@ -58,21 +57,21 @@ class HeadsCache:
     heads: int
 
 
-def split_heads_forward(x: Any, heads: int) -> tuple[Any, HeadsCache]:
+def split_heads_forward(x: Array, heads: int) -> tuple[Array, HeadsCache]:
     """Layer form of :func:`split_heads`: ``(out, cache)``."""
     return split_heads(x, heads), HeadsCache(heads=heads)
 
 
-def split_heads_backward(dout: Any, cache: HeadsCache) -> dict[str, Any]:
+def split_heads_backward(dout: Array, cache: HeadsCache) -> dict[str, Array]:
     """``{"x": merge_heads(dout)}``: splitting only moves entries, so its backward moves them back."""
     return {"x": merge_heads(dout)}
 
 
-def merge_heads_forward(x: Any) -> tuple[Any, HeadsCache]:
+def merge_heads_forward(x: Array) -> tuple[Array, HeadsCache]:
     """Layer form of :func:`merge_heads`: ``(out, cache)``."""
     return merge_heads(x), HeadsCache(heads=x.shape[-3])
 
 
-def merge_heads_backward(dout: Any, cache: HeadsCache) -> dict[str, Any]:
+def merge_heads_backward(dout: Array, cache: HeadsCache) -> dict[str, Array]:
     """``{"x": split_heads(dout, heads)}``."""
     return {"x": split_heads(dout, cache.heads)}

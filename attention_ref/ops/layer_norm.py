@@ -10,10 +10,9 @@ all rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from .._checks import require_floating
-from ..backend import namespace
+from .._checks import as_dtype, in_working_dtype, require_floating
+from ..backend import Array, namespace
 from .normalize import normalize, normalize_backward
 
 __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
@@ -21,15 +20,15 @@ __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
 
 @dataclass(frozen=True)
 class LayerNormCache:
-    xhat: Any  # (..., C)
-    rstd: Any  # (..., 1)
-    weight: Any | None  # (C,)
+    xhat: Array  # (..., C) (float32 for float16 input)
+    rstd: Array  # (..., 1)
+    weight: Array | None  # (C,)
     has_bias: bool
 
 
 def layer_norm_forward(
-    x: Any, weight: Any | None = None, bias: Any | None = None, *, eps: float = 1e-5
-) -> tuple[Any, LayerNormCache]:
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
+) -> tuple[Array, LayerNormCache]:
     """Layer norm over the last axis.
 
     Inputs:
@@ -46,28 +45,33 @@ def layer_norm_forward(
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (C,):
             raise ValueError(f"layer norm: {name} of shape {tuple(p.shape)} does not match x of shape {tuple(x.shape)}")
-    xhat, rstd = normalize(xp, x, (-1,), eps)
+    # float16 is computed in float32 and the result rounded back (as torch does; see normalize)
+    x_w, weight_w, bias_w = in_working_dtype(xp, x, weight, bias)
+    xhat, rstd = normalize(xp, x_w, (-1,), eps)
     y = xhat
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y, LayerNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None)
+    if weight_w is not None:
+        # y = γ x̂
+        y = y * weight_w
+    if bias_w is not None:
+        # y = γ x̂ + β
+        y = y + bias_w
+    return as_dtype(xp, y, x.dtype), LayerNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None)
 
 
-def layer_norm_backward(dout: Any, cache: LayerNormCache) -> dict[str, Any]:
+def layer_norm_backward(dout: Array, cache: LayerNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
     xp = namespace(dout)
     C = dout.shape[-1]
-    grads: dict[str, Any] = {}
-    g = dout
-    if cache.weight is not None:
+    dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
+    grads: dict[str, Array] = {}
+    g = dy
+    if weight is not None:
         # dγ = Σ_rows dy x̂
-        grads["weight"] = xp.sum(xp.reshape(dout * cache.xhat, (-1, C)), axis=0)
+        grads["weight"] = xp.sum(xp.reshape(dy * cache.xhat, (-1, C)), axis=0)
         # ∂L/∂x̂ = dy γ
-        g = dout * cache.weight
+        g = dy * weight
     if cache.has_bias:
         # dβ = Σ_rows dy
-        grads["bias"] = xp.sum(xp.reshape(dout, (-1, C)), axis=0)
+        grads["bias"] = xp.sum(xp.reshape(dy, (-1, C)), axis=0)
     grads["x"] = normalize_backward(xp, g, cache.xhat, cache.rstd, (-1,))
-    return grads
+    return {name: as_dtype(xp, grad, dout.dtype) for name, grad in grads.items()}

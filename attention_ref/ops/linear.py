@@ -20,22 +20,21 @@ transposes on the way in and out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .._checks import require_floating
-from ..backend import namespace
+from ..backend import Array, namespace
 
 __all__ = ["LinearCache", "linear_backward", "linear_forward"]
 
 
 @dataclass(frozen=True)
 class LinearCache:
-    x: Any  # (..., in)
-    W: Any  # (in, out)
+    x: Array  # (..., in)
+    W: Array  # (in, out)
     has_bias: bool
 
 
-def linear_forward(x: Any, W: Any, b: Any | None = None) -> tuple[Any, LinearCache]:
+def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, LinearCache]:
     """``y = x @ W + b``.
 
     Inputs:
@@ -58,24 +57,24 @@ def linear_forward(x: Any, W: Any, b: Any | None = None) -> tuple[Any, LinearCac
     if b is not None and tuple(b.shape) != (W.shape[1],):
         raise ValueError(f"linear: b of shape {tuple(b.shape)} does not match W of shape {tuple(W.shape)}")
     # y = x W   (..., out)
-    y = xp.matmul(x, W)
+    y = x @ W
     if b is not None:
         # y = x W + b
         y = y + b
     return y, LinearCache(x=x, W=W, has_bias=b is not None)
 
 
-def linear_backward(dout: Any, cache: LinearCache) -> dict[str, Any]:
+def linear_backward(dout: Array, cache: LinearCache) -> dict[str, Array]:
     """Gradients ``{"x": (..., in), "W": (in, out), "b": (out,)}`` (no ``"b"`` without a bias)."""
     xp = namespace(dout)
     x, W = cache.x, cache.W
     n_in, n_out = W.shape
     # dX = dY Wᵀ   (..., in)
-    dx = xp.matmul(dout, xp.matrix_transpose(W))
+    dx = dout @ xp.matrix_transpose(W)
     x2 = xp.reshape(x, (-1, n_in))  # (n, in)
     d2 = xp.reshape(dout, (-1, n_out))  # (n, out)
     # dW = Xᵀ dY   (in, out)
-    grads = {"x": dx, "W": xp.matmul(xp.matrix_transpose(x2), d2)}
+    grads = {"x": dx, "W": xp.matrix_transpose(x2) @ d2}
     if cache.has_bias:
         # db = Σ_n dY_n   (out,)
         grads["b"] = xp.sum(d2, axis=0)

@@ -16,15 +16,20 @@ and through ``r``. Using ``∂μ/∂x_i = 1/n`` and ``∂r/∂x_i = −r³ (x_i 
       = r \Big(g_i - \overline{g} - \hat x_i\, \overline{g\,\hat x}\Big),
 
 where the bars are means over the reduction axes.
+
+float16 is computed in float32, as torch does (its squares overflow at 256):
+the callers pass their inputs through :func:`attention_ref._checks.in_working_dtype`
+and round their results back.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+
+from ..backend import Array
 
 
-def normalize(xp: ModuleType, x: Any, axes: tuple[int, ...], eps: float) -> tuple[Any, Any]:
+def normalize(xp: ModuleType, x: Array, axes: tuple[int, ...], eps: float) -> tuple[Array, Array]:
     """``(x̂, r)``: ``x`` centred and scaled over ``axes``; ``r`` keeps those axes as size 1."""
     # μ = mean(x)
     mu = xp.mean(x, axis=axes, keepdims=True)
@@ -37,7 +42,7 @@ def normalize(xp: ModuleType, x: Any, axes: tuple[int, ...], eps: float) -> tupl
     return centred * rstd, rstd
 
 
-def normalize_backward(xp: ModuleType, g: Any, xhat: Any, rstd: Any, axes: tuple[int, ...]) -> Any:
+def normalize_backward(xp: ModuleType, g: Array, xhat: Array, rstd: Array, axes: tuple[int, ...]) -> Array:
     """``∂L/∂x`` from ``g = ∂L/∂x̂``: ``r (g − mean(g) − x̂ mean(g x̂))``."""
     mean_g = xp.mean(g, axis=axes, keepdims=True)
     mean_gx = xp.mean(g * xhat, axis=axes, keepdims=True)

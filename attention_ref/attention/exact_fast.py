@@ -1,0 +1,171 @@
+r"""The fast path of exact attention: the formulas of :mod:`.exact`, computed in place and on all cores.
+
+:mod:`.exact` writes each formula out of place, one new array per line. This module computes the very
+same numbers with less memory traffic; :func:`attention_ref.attention_forward` and
+:func:`attention_ref.attention_backward` call it while :data:`attention_ref.attention.exact.FAST` is
+True (the default), and the tests hold it equal to the readable path.
+
+In place. The matrix products cost ``4·N·M·d`` flops forward and ``8·N·M·d`` backward; what else costs
+time is every pass over an ``(N, M)`` matrix, and every fresh ``(N, M)`` array (NumPy gets large arrays
+from the operating system, page by page). So the scale multiplies ``Q`` (``N·d`` numbers) rather than
+``Q Kᵀ``; the bias is added into the logits; the softmax runs in the memory of the logits (in-place
+``-=`` and ``/=``, and an in-place ``exp`` where the backend has one,
+:func:`attention_ref.backend.exp_inplace`); and the backward takes ``Σ_k P_ik dP_ik`` as one row-by-row
+dot product (``vecdot``, no ``(N, M)`` temporary) and forms ``dS`` in the memory of ``dP``. Forward,
+five passes over ``(N, M)`` follow the first product (max, subtract, exp, sum, divide); backward, three
+(the dot product, subtract, multiply).
+
+The backward does not take ``Σ_k P_ik dP_ik`` as the cheaper ``dO_i · O_i``: the two agree only up to
+rounding, and where a row of ``P`` is one-hot (a query with a single allowed key) ``Σ_k P_ik dP_ik`` is
+exactly ``dP_ij``, so ``dS`` is exactly 0 there, as the mathematics says.
+
+Threads. On NumPy, a stack of problems (leading dims: batch, heads) large enough to pay
+(:data:`PARALLEL_MIN_LOGITS`) is cut into its matrices, and the matrices run on all cores
+(:mod:`attention_ref.attention.per_matrix`, :func:`attention_ref.backend.parallel_map`): each thread
+runs the in-place code on one ``(N, M)`` problem with single-threaded BLAS, so the passes over
+``(N, M)`` (which NumPy runs on one core) run on all of them. The results equal the one-call results
+up to the order of the products' sums.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+from .._checks import Shape, as_dtype, sum_to_shape, working_dtype
+from ..backend import Array, cpu_workers, device_of, exp_inplace, parallel_map
+from ..ops.softmax import SoftmaxCache, softmax_backward, stable_shift
+from .per_matrix import broadcast_index, matrix_indices, take
+
+__all__ = ["PARALLEL_MIN_LOGITS", "attend", "gradients", "softmax_overwriting"]
+
+# Threads pay from this many logits on (all problems together); below, their start-up costs more.
+PARALLEL_MIN_LOGITS = 1 << 18
+
+
+def attend(
+    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float
+) -> tuple[Array, Array]:
+    """``(O, P)`` of :func:`attention_ref.attention.exact._attend`, in place, on all cores where that pays."""
+    if _in_threads(q, k):
+        return _attend_per_matrix(xp, q, k, v, mask, bias, scale)
+    return _attend_in_place(xp, q, k, v, mask, bias, scale)
+
+
+def gradients(
+    xp: ModuleType, dout: Array, q: Array, k: Array, v: Array, P: Array, scale: float, bias_shape: Shape | None
+) -> dict[str, Array]:
+    """The gradients of :func:`attention_ref.attention.exact._gradients`, in place, on all cores where that pays."""
+    if _in_threads(q, k):
+        return _gradients_per_matrix(xp, dout, q, k, v, P, scale, bias_shape)
+    return _gradients_in_place(xp, dout, q, k, v, P, scale, bias_shape)
+
+
+def softmax_overwriting(xp: ModuleType, x: Array, *, axis: int = -1, mask: Array | None = None) -> Array:
+    """The ``p`` of :func:`attention_ref.softmax_forward`, computed in ``x``'s own memory: ``x`` is destroyed.
+
+    For an ``x`` the caller owns (the logits it just computed). Use the return value: backends without
+    an in-place ``exp`` return a new array and leave ``x`` holding ``x - max``. float16 is computed in a
+    float32 copy, as :func:`attention_ref.softmax_forward` does, and rounded back.
+    """
+    dtype = x.dtype
+    x = as_dtype(xp, x, working_dtype(xp, dtype))
+    if mask is not None:
+        x = xp.where(mask, x, -xp.inf)  # a new array, ours to overwrite
+    x -= stable_shift(xp, x, axis)
+    e = exp_inplace(xp, x)
+    total = xp.sum(e, axis=axis, keepdims=True)
+    e /= xp.where(total == 0.0, 1.0, total)
+    return as_dtype(xp, e, dtype)
+
+
+def _attend_in_place(
+    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float
+) -> tuple[Array, Array]:
+    logits = (scale * q) @ xp.matrix_transpose(k)  # S = (scale · Q) Kᵀ   (..., N, M)
+    if bias is not None:
+        logits += bias
+    weights = softmax_overwriting(xp, logits, axis=-1, mask=mask)  # P, in the logits' memory
+    return weights @ v, weights
+
+
+def _gradients_in_place(
+    xp: ModuleType, dout: Array, q: Array, k: Array, v: Array, P: Array, scale: float, bias_shape: Shape | None
+) -> dict[str, Array]:
+    dv = xp.matrix_transpose(P) @ dout  # dV = Pᵀ dO   (..., M, dv)
+    dP = dout @ xp.matrix_transpose(v)  # dP = dO Vᵀ   (..., N, M)
+    if working_dtype(xp, dP.dtype) != dP.dtype:  # float16: the softmax's own backward, in float32
+        dS = softmax_backward(dP, SoftmaxCache(weights=P, axis=-1))["x"]
+    else:
+        row_dot = xp.expand_dims(xp.vecdot(P, dP, axis=-1), axis=-1)  # Σ_k P_ik dP_ik   (..., N, 1)
+        # dS_ij = P_ij (dP_ij - Σ_k P_ik dP_ik), formed in dP's memory
+        dP -= row_dot
+        dP *= P
+        dS = dP
+    grads = {"q": scale * (dS @ k), "k": scale * (xp.matrix_transpose(dS) @ q), "v": dv}
+    if bias_shape is not None:
+        grads["bias"] = sum_to_shape(xp, dS, bias_shape)
+    return grads
+
+
+# ---------------------------------------------------------------- one matrix per thread
+
+
+def _in_threads(q: Array, k: Array) -> bool:
+    """Whether to cut the stack into its matrices and run them in threads (NumPy, big enough, > 1 matrix)."""
+    problems = math.prod(q.shape[:-2])
+    logits = problems * q.shape[-2] * k.shape[-2]
+    return problems > 1 and logits >= PARALLEL_MIN_LOGITS and cpu_workers(q) > 1
+
+
+def _attend_per_matrix(
+    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float
+) -> tuple[Array, Array]:
+    """:func:`_attend_in_place` on each ``(N, M)`` problem of the stack, the problems spread over threads."""
+    rank = q.ndim
+    out = xp.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=device_of(q))  # (..., N, dv)
+    weights = xp.empty((*q.shape[:-1], k.shape[-2]), dtype=q.dtype, device=device_of(q))  # (..., N, M)
+
+    def one_problem(index: tuple[Any, ...]) -> None:
+        # (1, .., 1, N, dv) and (1, .., 1, N, M): this problem's rows of the results
+        o, p = _attend_in_place(
+            xp, q[index], k[index], v[index], take(mask, index, rank), take(bias, index, rank), scale
+        )
+        out[index], weights[index] = o, p
+
+    parallel_map(one_problem, matrix_indices(tuple(q.shape[:-2])), like=q)
+    return out, weights
+
+
+def _gradients_per_matrix(
+    xp: ModuleType, dout: Array, q: Array, k: Array, v: Array, P: Array, scale: float, bias_shape: Shape | None
+) -> dict[str, Array]:
+    """:func:`_gradients_in_place` on each ``(N, M)`` problem of the stack, the problems spread over threads.
+
+    Each problem's ``d bias`` is summed to the bias's shape with its leading dims of
+    size 1 (one problem covers one leading index), then added into the part of
+    ``d bias`` that problem read: parts a broadcast bias shares add up.
+    """
+    rank = q.ndim
+    grads = {name: xp.empty(a.shape, dtype=a.dtype, device=device_of(a)) for name, a in (("q", q), ("k", k), ("v", v))}
+    # the bias's shape as one problem sees it: leading dims 1, the last two as they are
+    one_bias_shape = None
+    if bias_shape is not None:
+        lead = len(bias_shape) - 2
+        one_bias_shape = (1,) * max(lead, 0) + tuple(bias_shape[max(lead, 0) :])
+
+    def one_problem(index: tuple[Any, ...]) -> Array | None:
+        g = _gradients_in_place(xp, dout[index], q[index], k[index], v[index], P[index], scale, one_bias_shape)
+        grads["q"][index], grads["k"][index], grads["v"][index] = g["q"], g["k"], g["v"]
+        return g.get("bias")
+
+    indices = matrix_indices(tuple(q.shape[:-2]))
+    bias_parts = parallel_map(one_problem, indices, like=q)
+    if bias_shape is not None:
+        dbias = xp.zeros(bias_shape, dtype=q.dtype, device=device_of(q))
+        for index, part in zip(indices, bias_parts, strict=True):
+            where = broadcast_index(bias_shape, index, rank)
+            dbias[where] = dbias[where] + part
+        grads["bias"] = dbias
+    return grads
