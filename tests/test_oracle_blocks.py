@@ -9,7 +9,7 @@ import pytest
 
 import attention_ref as ar
 from attention_ref.testing import BLOCK_CASES, BlockCase, check_diffusers_attention
-from attention_ref.testing.blocks import block_magnitudes, rounded_block
+from attention_ref.testing.blocks import block_magnitudes, simulated_block
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 if importlib.util.find_spec("diffusers") is None:
