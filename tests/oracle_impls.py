@@ -129,6 +129,14 @@ def finite_mask_value(q, k, v, *, mask=None, bias=None, scale=None):
     return finish(softmax(s, None) @ v.astype(np.float32), q)
 
 
+def grad_finite_mask_value(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    """The gradients of :func:`finite_mask_value`: a row with no key spreads its gradient over every key."""
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, np.float32(-1e9))
+    return grads_from_p(softmax(s, None), q, k, v, dout, scale)
+
+
 def bias_ignored(q, k, v, *, mask=None, bias=None, scale=None):
     return finish(softmax(logits(q, k, None, scale), mask) @ v.astype(np.float32), q)  # BUG: bias unused
 
@@ -159,6 +167,50 @@ def pv_accumulated_in_dtype(q, k, v, *, mask=None, bias=None, scale=None):
     for j in range(v.shape[-2]):  # BUG: Σ_j P_ij v_j summed in the input dtype instead of float32
         acc = (acc + p[..., j : j + 1] * v[..., j : j + 1, :]).astype(q.dtype)
     return acc
+
+
+def pv_accumulated_in_bfloat16(q, k, v, *, mask=None, bias=None, scale=None):
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    p = softmax(logits(q, k, bias, scale), mask)
+    acc = np.zeros((*p.shape[:-1], v.shape[-1]), dtype=bf16)
+    for j in range(v.shape[-2]):  # BUG: Σ_j P_ij v_j accumulated in bfloat16, whatever the dtype
+        acc = (acc.astype(np.float32) + p[..., j : j + 1] * v[..., j : j + 1, :].astype(np.float32)).astype(bf16)
+    return finish(acc.astype(np.float32), q)
+
+
+def mask_on_query_axis(q, k, v, *, mask=None, bias=None, scale=None):
+    mask = None if mask is None else t(mask)  # BUG: mask[i, j] read as mask[j, i]; only N == M broadcasts
+    return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
+
+
+def dropout_left_on(q, k, v, *, mask=None, bias=None, scale=None):
+    p = softmax(logits(q, k, bias, scale), mask)
+    keep = np.random.default_rng(0).random(p.shape) >= 0.1  # BUG: dropout p = 0.1 still on at inference
+    return finish((np.where(keep, p, 0.0) / np.float32(0.9)).astype(np.float32) @ v.astype(np.float32), q)
+
+
+QUERY_TILE = 16  # query tile of the query-tiled implementation
+
+
+def query_tiled(q, k, v, *, mask=None, bias=None, scale=None, last_size_everywhere=False):
+    """Attention one tile of QUERY_TILE queries at a time (correct unless ``last_size_everywhere``)."""
+    N = q.shape[-2]
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    out = np.zeros((*s.shape[:-1], v.shape[-1]), dtype=np.float32)
+    last = N - (N - 1) // QUERY_TILE * QUERY_TILE  # the size of the last tile (1 … QUERY_TILE)
+    for start in range(0, N, QUERY_TILE):
+        size = last if last_size_everywhere else min(QUERY_TILE, N - start)
+        rows = slice(start, start + size)
+        out[..., rows, :] = softmax(s[..., rows, :], None) @ v.astype(np.float32)
+    return finish(out, q)
+
+
+def last_query_tile_size_everywhere(q, k, v, *, mask=None, bias=None, scale=None):
+    return query_tiled(q, k, v, mask=mask, bias=bias, scale=scale, last_size_everywhere=True)  # BUG: see `query_tiled`
 
 
 # ---------------------------------------------------------------- backward (correct and buggy)

@@ -82,7 +82,8 @@ def load_target(target: str) -> Any:
         raise ValueError(f"cannot import {module_name!r}: {err}") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n)))
+            public = getattr(obj, "__all__", [n for n in dir(obj) if not n.startswith("_")])
+            names = sorted(n for n in public if callable(getattr(obj, n, None)))
             raise ValueError(f"{module_name} has no {attr!r}; its callables: {', '.join(names) or 'none'}")
         obj = getattr(obj, part)
     if not callable(obj):

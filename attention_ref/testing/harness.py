@@ -142,23 +142,31 @@ def _declared(fn: Any, grad_fn: Any, unsupported: Collection[str] | None) -> fro
     return declared
 
 
-_TORCH_ON_NUMPY = re.compile(r"must be Tensor|expected Tensor|'numpy\.ndarray' object has no attribute '(\w+)'")
+_NDARRAY_LACKS = re.compile(r"'numpy\.ndarray' object has no attribute '(\w+)'")
 
 
 def _torch_hint(err: BaseException) -> str | None:
-    """A hint when ``err`` is a torch function complaining about the NumPy arrays it was given."""
-    found = _TORCH_ON_NUMPY.search(str(err))
-    if found is None:
-        return None
-    if found.group(1):  # an ndarray lacks a method: a torch one?
+    """A hint when ``err`` is a torch function complaining about the NumPy arrays it was given.
+
+    Recognised: torch naming a ``Tensor`` it expected together with the NumPy type it got ("must be Tensor, not
+    numpy.ndarray", "invalid combination of arguments ... dtype=numpy.dtype"), or an ndarray lacking a method
+    that torch tensors have (``masked_fill``, ``transpose(-1, -2)``'s cousins).
+    """
+    message = str(err)
+    lacks = _NDARRAY_LACKS.search(message)
+    if lacks is not None:
         try:
             import torch
         except ImportError:
             return None
-        if not hasattr(torch.Tensor, found.group(1)):
-            return None
+        torch_method = hasattr(torch.Tensor, lacks.group(1))
+    else:
+        torch_method = False
+    if not torch_method and not ("Tensor" in message and ("numpy" in message or "ndarray" in message)):
+        return None
+    one_line = " ".join(message.split())[:200]
     return (
-        f"the function takes torch tensors, not the NumPy arrays it was given ({type(err).__name__}: {err}); "
+        f"the function takes torch tensors, not the NumPy arrays it was given ({type(err).__name__}: {one_line}); "
         "wrap it with attention_ref.testing.from_torch (on the command line: add --torch)"
     )
 

@@ -110,7 +110,8 @@ class Report:
         elif self.ok:
             verdict = "PASSED"
         else:
-            verdict = f"FAILED ({len(self.failures)} of {len(self.ran)} checks, in {len(self.failed_cases)} cases)"
+            n = len(self.failed_cases)
+            verdict = f"FAILED ({len(self.failures)} of {len(self.ran)} checks, in {n} case{'s' if n != 1 else ''})"
         counted = f"{len(cases)} cases"
         if skipped:
             counted = f"{ran} of {len(cases)} cases ran ({len(skipped)} not supported)"
