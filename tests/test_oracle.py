@@ -16,9 +16,10 @@ from attention_ref.testing import (
     assert_attention_close,
     battery,
     check_attention,
+    examples,
     from_torch,
+    tolerance,
 )
-from attention_ref.testing import examples, tolerance
 from attention_ref.testing.dtypes import eps, numpy_dtype
 from attention_ref.testing.examples import numpy_attention, numpy_attention_grad
 from attention_ref.testing.rounding import RoundingModel
@@ -102,12 +103,19 @@ def test_without_rounding_the_simulated_kernel_is_the_reference():
     for name in ("mask+bias+scale", "fully masked rows", "cross-attention", "large logits"):
         case = by_name(name)
         ref = reference(case, "float64")
-        as64 = {n: None if ref.inputs[n] is None else ref.inputs[n].astype(np.float64) for n in ("q", "k", "v", "dout", "bias")}
+        as64 = {
+            n: None if ref.inputs[n] is None else ref.inputs[n].astype(np.float64)
+            for n in ("q", "k", "v", "dout", "bias")
+        }
         r = RoundingModel("float64", np.random.default_rng(0))
         r.u = r.w = 0.0
-        out, grads = simulate_attention_core(r, *(as64[n] for n in ("q", "k", "v", "dout", "bias")), case.mask, case.scale)
+        out, grads = simulate_attention_core(
+            r, *(as64[n] for n in ("q", "k", "v", "dout", "bias")), case.mask, case.scale
+        )
         for o, x in {"out": out, **grads}.items():
-            np.testing.assert_allclose(x, ref.exact[o], rtol=0, atol=1e-12 * (1 + np.max(np.abs(ref.exact[o]))), err_msg=o)
+            np.testing.assert_allclose(
+                x, ref.exact[o], rtol=0, atol=1e-12 * (1 + np.max(np.abs(ref.exact[o]))), err_msg=o
+            )
 
 
 def test_a_sum_error_has_the_any_order_size():
@@ -316,14 +324,16 @@ def test_declared_unsupported_features_are_reported_not_failed():
 
     failing = check_attention(no_custom_scale, cases=["plain", "custom scale", "mask+bias+scale"])
     assert failing.failed_cases == ["custom scale", "mask+bias+scale"]
-    report = check_attention(no_custom_scale, cases=["plain", "custom scale", "mask+bias+scale"], unsupported={"custom scale"})
+    report = check_attention(
+        no_custom_scale, cases=["plain", "custom scale", "mask+bias+scale"], unsupported={"custom scale"}
+    )
     assert report.ok and report.unsupported_cases == ["custom scale", "mask+bias+scale"]
     assert "1 of 3 cases ran (2 not supported)" in str(report) and str(report).count("not supported: custom scale") == 2
     no_custom_scale.unsupported = ("custom scale",)  # the same, declared on the function
     assert check_attention(no_custom_scale, cases=["plain", "custom scale"]).unsupported_cases == ["custom scale"]
     everything_unsupported = check_attention(no_custom_scale, cases=["custom scale"])
     assert not everything_unsupported.ok and "NOTHING CHECKED" in str(everything_unsupported)
-    with pytest.raises(ValueError, match="unknown features.*the features are: d != dv"):
+    with pytest.raises(ValueError, match=r"unknown features.*the features are: d != dv"):
         check_attention(numpy_attention, unsupported={"scale"})
 
 
@@ -348,7 +358,9 @@ def test_case_features():
 def test_finite_ok_accepts_any_finite_output_on_fully_masked_rows():
     dead = ["fully masked rows", "mask+bias+scale"]
     # masking with -1e9: a row with no key averages v (and its gradient flows into dk, dv)
-    assert set(check_attention(impl.finite_mask_value, impl.grad_finite_mask_value, cases=dead).failed_cases) == set(dead)
+    assert set(check_attention(impl.finite_mask_value, impl.grad_finite_mask_value, cases=dead).failed_cases) == set(
+        dead
+    )
     report = check_attention(impl.finite_mask_value, impl.grad_finite_mask_value, cases=dead, masked_rows="finite-ok")
     assert report.ok, str(report)
     # NaN is not finite: a NaN row still fails under finite-ok
@@ -358,7 +370,7 @@ def test_finite_ok_accepts_any_finite_output_on_fully_masked_rows():
 
 
 def test_an_empty_case_list_is_an_error():
-    with pytest.raises(ValueError, match="no cases given.*the battery has: plain"):
+    with pytest.raises(ValueError, match=r"no cases given.*the battery has: plain"):
         check_attention(numpy_attention, cases=[])
 
 

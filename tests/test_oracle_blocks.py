@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref.testing import BlockCase, check_attention_call, check_diffusers_attention
-from attention_ref.testing import blocks
+from attention_ref.testing import BlockCase, blocks, check_attention_call, check_diffusers_attention
 from attention_ref.testing.blocks import block_magnitudes, simulated_block
 from attention_ref.testing.rounding import RoundingModel
 
@@ -181,7 +180,9 @@ def test_a_processor_that_cuts_the_key_gradient_fails():
 
 def test_a_processor_with_a_wrong_scale_fails():
     report = check_diffusers_attention(
-        make_attention(buggy(AttnProcessor, "scale squared"), cross=False), dtype="bfloat16", cases=[block_case("map 5×4")]
+        make_attention(buggy(AttnProcessor, "scale squared"), cross=False),
+        dtype="bfloat16",
+        cases=[block_case("map 5×4")],
     )
     assert report.failed_cases == ["map 5×4"] and report.worst_ratio() > 10
 

@@ -39,9 +39,7 @@ def ratios_of(kernel, ref, dtype):
     got = {"out": fn(x["q"], x["k"], x["v"], **kw)}
     got.update(zip(("dq", "dk", "dv"), grad_fn(x["q"], x["k"], x["v"], x["dout"], **kw), strict=True))
     return {
-        o: compare_output(
-            "sweep", o, got[o], ref.exact[o], ref.kernel_error[o], ref.magnitude[o], dtype
-        ).ratio
+        o: compare_output("sweep", o, got[o], ref.exact[o], ref.kernel_error[o], ref.magnitude[o], dtype).ratio
         for o in OUTPUTS
     }
 
