@@ -84,12 +84,12 @@ class RoundingModel:
         return self.rng.standard_normal(shape)
 
     def rel(self, x: np.ndarray, *sizes: float) -> np.ndarray:
-        """``x · (1 + Σ_s size_s · z_s)``: one independent rounding of relative size ``size_s`` per entry for each
-        ``s``; infinite entries (masked logits) are kept."""
+        """``x · (1 + Σ_s size_s · δ_s)``, ``δ_s`` uniform on ``[−1, 1]``: one independent rounding of relative size
+        at most ``size_s`` per entry for each ``s``; infinite entries (masked logits) are kept."""
         x = np.asarray(x, dtype=np.float64)
         factor = np.ones(x.shape)
         for size in sizes:
-            factor += size * self.z(x.shape)
+            factor += size * self.rng.uniform(-1.0, 1.0, x.shape)
         with np.errstate(invalid="ignore"):
             return np.where(np.isfinite(x), x * factor, x)
 
