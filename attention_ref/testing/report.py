@@ -112,10 +112,10 @@ class Report:
         else:
             n = len(self.failed_cases)
             verdict = f"FAILED ({len(self.failures)} of {len(self.ran)} checks, in {n} case{'s' if n != 1 else ''})"
-        counted = f"{len(cases)} cases"
+        counted = _count(len(cases), "case")
         if skipped:
             counted = f"{ran} of {len(cases)} cases ran ({len(skipped)} not supported)"
-        head = f"{self.title} check in {self.dtype}: {counted}, {len(self.ran)} checks — {verdict}"
+        head = f"{self.title} check in {self.dtype}: {counted}, {_count(len(self.ran), 'check')} — {verdict}"
         outputs = list(dict.fromkeys(c.output for c in self.ran))
         worst = ", ".join(f"{o} {_ratio(self.worst_ratio(o))}" for o in outputs) or "-"
         return f"{head}\nworst ratio: {worst}"
@@ -146,6 +146,10 @@ class Report:
 
     def __str__(self) -> str:
         return self.format(verbose=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _ratio(r: float) -> str:

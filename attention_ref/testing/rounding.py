@@ -3,7 +3,8 @@ r"""The rounding model behind the tolerances: every operation's error at its any
 A kernel in a dtype rounds at every operation, in an order of its own. Rather than
 guess that order, the oracle computes the operation in float64 and adds, to its
 result, an error drawn from the model below (Higham and Mary's probabilistic
-model: rounding errors independent, mean zero, each at most the unit roundoff).
+model: rounding errors independent, mean zero, each at most the unit roundoff),
+at the largest size any order allows.
 Repeating the whole computation with fresh draws gives the spread of the errors a
 legitimate kernel can make; :mod:`.tolerance` and :mod:`.blocks` take their
 yardstick from it.
@@ -16,28 +17,30 @@ Two unit roundoffs:
   operation hands on (``QKᵀ``, the weights ``P``, ``dS``, the output) may be
   stored in the dtype.
 
-The errors, each ``size · z`` with ``z`` a fresh standard normal draw per entry:
+The errors, drawn independently per entry and per operation:
 
-* storage or one rounded operation: ``size = u·|x|`` (or ``w·|x|``),
-  :meth:`RoundingModel.rel`;
-* a sum of ``n`` terms, in any order: ``size = √n · u · Σ|terms|``,
-  :meth:`RoundingModel.matmul` / :meth:`RoundingModel.sum`.
+* one rounding (a product, a function, a result stored in the dtype):
+  ``δ·|x|·size`` with ``size = u`` (or ``w``) and ``δ`` uniform on ``[−1, 1]`` —
+  everywhere a real rounding can land, since round-to-nearest never moves ``x`` by
+  more than ``u·|x|``; :meth:`RoundingModel.rel`;
+* a sum of ``n`` terms, in any order: normal, with standard deviation
+  ``√n · u · Σ|terms|``; :meth:`RoundingModel.matmul` / :meth:`RoundingModel.sum`.
 
 Why ``√n · u · Σ|terms|`` covers every order. Whatever the order (key by key,
 pairwise, in blocks of any size, a BLAS kernel's panels, a tiled online
 softmax), a sum of ``n`` terms is ``n − 1`` additions, and addition ``a`` rounds
 its partial sum ``s_a`` by ``δ_a s_a`` with ``|δ_a| ≤ u``. The error is
-``Σ_a δ_a s_a``; with the ``δ_a`` independent and of mean zero its standard
-deviation is at most ``u · √(Σ_a s_a²) ≤ u · √(n−1) · Σ|terms|``, because no
-partial sum exceeds ``Σ|terms|`` (Higham and Mary, "A new approach to
-probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019, replace
-the worst-case constant ``γ_n = nu/(1 − nu)`` by this ``√n·u`` form). The
-orders differ only in how large their partial sums are: key by key, they grow
-to the total (the worst); pairwise and blocked, most stay small. The products
-(one rounding each) are inside the same bound. The model's errors are normal
-with exactly that standard deviation, so they are larger than any order's:
-a rounding error is spread uniformly over ``±u|x|`` at most (standard deviation
-``≤ u|x|/√3``), and the partial sums of a real order are mostly below the total.
+``Σ_a δ_a s_a``; with the ``δ_a`` independent and of mean zero (Higham and Mary,
+"A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41,
+2019, who replace the worst-case constant ``γ_n = nu/(1 − nu)`` by this ``√n·u``
+form) its standard deviation is at most ``u/√3 · √(Σ_a s_a²) ≤ u/√3 · √(n−1) ·
+Σ|terms|``, because a rounding error spread over ``±u|s_a|`` has a standard deviation
+of at most ``u|s_a|/√3`` and no partial sum exceeds ``Σ|terms|``. The orders differ
+only in how large their partial sums are: key by key, they grow to the total (the
+worst); pairwise and blocked, most stay small. The products (one rounding each) are
+inside the same bound. The model draws at ``√3`` times that standard deviation,
+which leaves room for kernels whose roundings are not spread evenly (a sum whose
+terms all round the same way for a while).
 
 What it does not cover: rounding errors that are not independent — the same
 term added over and over, which rounds the same way each time (``n`` equal
@@ -80,7 +83,7 @@ class RoundingModel:
         self.rng = rng
 
     def z(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Independent standard normal draws."""
+        """Independent standard normal draws (the error of a sum, a sum of many roundings)."""
         return self.rng.standard_normal(shape)
 
     def rel(self, x: np.ndarray, *sizes: float) -> np.ndarray:
