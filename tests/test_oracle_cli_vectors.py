@@ -133,7 +133,8 @@ def test_vectors_agree_with_the_harness(tmp_path, capsys, dtype):
 def test_vectors_keep_cases_exactly(tmp_path):
     path = write_vectors(tmp_path, "float32", cases=["custom scale", "key padding", "plain"])
     _, cases = load_vectors(path.parent)
-    scale, padding, plain = cases
+    by_name = {c["name"]: c for c in cases}
+    scale, padding, plain = by_name["custom scale"], by_name["key padding"], by_name["plain"]
     assert scale["scale"] == 2.5 and plain["scale"] is None and plain["default_scale"]
     assert padding["has_mask"] and padding["arrays"]["mask"].dtype == bool
     assert padding["shapes"]["mask"] == [2, 1, 1, 10] and "bias" not in plain["arrays"]

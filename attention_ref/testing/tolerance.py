@@ -28,8 +28,8 @@ so every correct kernel that sums ``P·V`` key by key (PyTorch's CPU kernels, a 
 loop, MKL or XLA) was rejected on one machine and passed on another; and where a few
 weights dominate (logits in the hundreds) the measured error rested on a handful of
 roundings of ``QKᵀ`` that were sometimes lucky: re-seeded 80 times, that case rejected
-correct float32 kernels in 16 of the 80 draws (up to ratio 8.9). The allowance must instead be a property of the inputs, the dtype and the
-*set* of legitimate orders.
+correct float32 kernels in 16 of the 80 draws (up to ratio 8.9). The allowance must
+instead be a property of the inputs, the dtype and the *set* of legitimate orders.
 
 The rounding model (:mod:`.rounding`). Every operation's result gets an error at the
 largest size any order allows, independent per entry and per operation: a single
