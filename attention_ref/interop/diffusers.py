@@ -35,6 +35,7 @@ from ._arrays import as_numpy, weight_in_out
 
 __all__ = ["from_diffusers", "from_diffusers_transformer2d", "to_diffusers"]
 
+
 def _unsupported(what: str, module: str = "Attention") -> NotImplementedError:
     return NotImplementedError(f"attention_ref cannot express this diffusers {module}: {what}")
 
