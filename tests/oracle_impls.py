@@ -129,6 +129,14 @@ def finite_mask_value(q, k, v, *, mask=None, bias=None, scale=None):
     return finish(softmax(s, None) @ v.astype(np.float32), q)
 
 
+def grad_finite_mask_value(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    """The gradients of :func:`finite_mask_value`: a row with no key spreads its gradient over every key."""
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, np.float32(-1e9))
+    return grads_from_p(softmax(s, None), q, k, v, dout, scale)
+
+
 def bias_ignored(q, k, v, *, mask=None, bias=None, scale=None):
     return finish(softmax(logits(q, k, None, scale), mask) @ v.astype(np.float32), q)  # BUG: bias unused
 
@@ -159,6 +167,50 @@ def pv_accumulated_in_dtype(q, k, v, *, mask=None, bias=None, scale=None):
     for j in range(v.shape[-2]):  # BUG: Σ_j P_ij v_j summed in the input dtype instead of float32
         acc = (acc + p[..., j : j + 1] * v[..., j : j + 1, :]).astype(q.dtype)
     return acc
+
+
+def pv_accumulated_in_bfloat16(q, k, v, *, mask=None, bias=None, scale=None):
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    p = softmax(logits(q, k, bias, scale), mask)
+    acc = np.zeros((*p.shape[:-1], v.shape[-1]), dtype=bf16)
+    for j in range(v.shape[-2]):  # BUG: Σ_j P_ij v_j accumulated in bfloat16, whatever the dtype
+        acc = (acc.astype(np.float32) + p[..., j : j + 1] * v[..., j : j + 1, :].astype(np.float32)).astype(bf16)
+    return finish(acc.astype(np.float32), q)
+
+
+def mask_on_query_axis(q, k, v, *, mask=None, bias=None, scale=None):
+    mask = None if mask is None else t(mask)  # BUG: mask[i, j] read as mask[j, i]; only N == M broadcasts
+    return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
+
+
+def dropout_left_on(q, k, v, *, mask=None, bias=None, scale=None):
+    p = softmax(logits(q, k, bias, scale), mask)
+    keep = np.random.default_rng(0).random(p.shape) >= 0.1  # BUG: dropout p = 0.1 still on at inference
+    return finish((np.where(keep, p, 0.0) / np.float32(0.9)).astype(np.float32) @ v.astype(np.float32), q)
+
+
+QUERY_TILE = 16  # query tile of the query-tiled implementation
+
+
+def query_tiled(q, k, v, *, mask=None, bias=None, scale=None, last_size_everywhere=False):
+    """Attention one tile of QUERY_TILE queries at a time (correct unless ``last_size_everywhere``)."""
+    N = q.shape[-2]
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    out = np.zeros((*s.shape[:-1], v.shape[-1]), dtype=np.float32)
+    last = N - (N - 1) // QUERY_TILE * QUERY_TILE  # the size of the last tile (1 … QUERY_TILE)
+    for start in range(0, N, QUERY_TILE):
+        size = last if last_size_everywhere else min(QUERY_TILE, N - start)
+        rows = slice(start, start + size)
+        out[..., rows, :] = softmax(s[..., rows, :], None) @ v.astype(np.float32)
+    return finish(out, q)
+
+
+def last_query_tile_size_everywhere(q, k, v, *, mask=None, bias=None, scale=None):
+    return query_tiled(q, k, v, mask=mask, bias=bias, scale=scale, last_size_everywhere=True)  # BUG: see `query_tiled`
 
 
 # ---------------------------------------------------------------- backward (correct and buggy)
@@ -220,3 +272,144 @@ def flash_style_grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
 def numpy_forward(q, k, v, *, mask=None, bias=None, scale=None):
     """The plain correct forward."""
     return finish(softmax(logits(q, k, bias, scale), mask) @ v.astype(np.float32), q)
+
+
+# ---------------------------------------------------------------- kernels in explicit summation orders
+# One attention, forward and backward, whose every sum runs in an order of our choosing, in a working dtype (float32
+# for the low-precision dtypes, float64 for float64). The tolerance must accept all of them: a correct kernel may
+# sum in any order.
+
+ORDERS = ("sequential", "reverse", "pairwise", "blas", "blocked")
+SUM_BLOCK = 32  # the block of the "blocked" order: within a block in sequence, then the block sums in sequence
+
+
+def _work(dtype) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def ordered_sum(x, order):
+    """Σ over the last axis of ``x`` (in x's dtype) in the given order."""
+    n = x.shape[-1]
+    if n == 0:
+        return np.zeros(x.shape[:-1], x.dtype)
+    if order == "blas":
+        return np.sum(x, axis=-1)
+    if order in ("sequential", "reverse"):
+        idx = range(n) if order == "sequential" else range(n - 1, -1, -1)
+        acc = np.zeros(x.shape[:-1], x.dtype)
+        for j in idx:
+            acc = acc + x[..., j]
+        return acc
+    if order == "pairwise":
+        while x.shape[-1] > 1:
+            if x.shape[-1] % 2:
+                x = np.concatenate([x, np.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
+            x = x[..., 0::2] + x[..., 1::2]
+        return x[..., 0]
+    if order == "blocked":
+        parts = [ordered_sum(x[..., s : s + SUM_BLOCK], "sequential") for s in range(0, n, SUM_BLOCK)]
+        return ordered_sum(np.stack(parts, axis=-1), "sequential")
+    raise ValueError(order)
+
+
+def contract(a, b, order):
+    """``a @ b`` with the sum over the shared axis in the given order (products rounded one by one)."""
+    if order == "blas":
+        return a @ b
+    terms = a[..., :, :, None] * b[..., None, :, :]  # (..., N, K, M)
+    return ordered_sum(np.swapaxes(terms, -1, -2), order)
+
+
+def ordered_attention(order, qk_order=None):
+    """``(fn, grad_fn)`` of the plain attention with every sum in ``order`` (``qk_order`` for QKᵀ over d)."""
+    qk_order = qk_order or order
+
+    def weights(q, k, mask, bias, scale, w):
+        scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        s = w.type(scale) * contract(q.astype(w), t(k.astype(w)), qk_order)
+        if bias is not None:
+            s = s + bias.astype(w)
+        if mask is not None:
+            s = np.where(mask, s, -np.inf)
+        m = np.max(s, axis=-1, keepdims=True)
+        e = np.exp(s - np.where(np.isneginf(m), 0.0, m).astype(w))
+        total = ordered_sum(e, order)[..., None]
+        return (e / np.where(total == 0, 1.0, total)).astype(w)
+
+    def fn(q, k, v, *, mask=None, bias=None, scale=None):
+        w = _work(q.dtype)
+        p = weights(q, k, mask, bias, scale, w)
+        return contract(p, v.astype(w), order).astype(q.dtype)
+
+    def grad_fn(q, k, v, dout, *, mask=None, bias=None, scale=None):
+        w = _work(q.dtype)
+        p = weights(q, k, mask, bias, scale, w)
+        scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        q_, k_, v_, do = (a.astype(w) for a in (q, k, v, dout))
+        dp = contract(do, t(v_), order)
+        ds = p * (dp - ordered_sum(p * dp, order)[..., None])
+        dq = w.type(scale) * contract(ds, k_, order)
+        dk = w.type(scale) * contract(t(ds), q_, order)
+        dv = contract(t(p), do, order)
+        return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
+
+    return fn, grad_fn
+
+
+def tiled_attention(tile=32):
+    """``(fn, grad_fn)``: FlashAttention in the working dtype, keys in tiles of ``tile``: online softmax forward;
+    backward recomputing P from the logsumexp tile by tile, D = dO·O from the rounded output."""
+
+    def logits(q, k, mask, bias, scale, w):
+        scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        s = w.type(scale) * (q.astype(w) @ t(k.astype(w)))
+        if bias is not None:
+            s = s + bias.astype(w)
+        return s if mask is None else np.where(mask, s, -np.inf)
+
+    def forward(q, k, v, mask, bias, scale):
+        w = _work(q.dtype)
+        s_all, v_ = logits(q, k, mask, bias, scale, w), v.astype(w)
+        m = np.full((*s_all.shape[:-1], 1), -np.inf, dtype=w)
+        total = np.zeros_like(m)
+        acc = np.zeros((*s_all.shape[:-1], v.shape[-1]), dtype=w)
+        for start in range(0, k.shape[-2], tile):
+            s = s_all[..., start : start + tile]
+            m_new = np.maximum(m, np.max(s, axis=-1, keepdims=True))
+            shift = np.where(np.isneginf(m_new), 0.0, m_new).astype(w)
+            e = np.exp(s - shift)
+            alpha = np.exp(np.where(np.isneginf(m), -np.inf, m - shift)).astype(w)
+            total = alpha * total + np.sum(e, axis=-1, keepdims=True)
+            acc = alpha * acc + e @ v_[..., start : start + tile, :]
+            m = m_new
+        out = acc / np.where(total == 0, 1.0, total)
+        with np.errstate(divide="ignore"):
+            lse = np.where(total == 0, -np.inf, m + np.log(np.where(total == 0, 1.0, total))).astype(w)
+        return out, lse
+
+    def fn(q, k, v, *, mask=None, bias=None, scale=None):
+        return forward(q, k, v, mask, bias, scale)[0].astype(q.dtype)
+
+    def grad_fn(q, k, v, dout, *, mask=None, bias=None, scale=None):
+        w = _work(q.dtype)
+        out, lse = forward(q, k, v, mask, bias, scale)
+        o = out.astype(q.dtype).astype(w)  # the output as the forward returned it
+        scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        q_, k_, v_, do = (a.astype(w) for a in (q, k, v, dout))
+        s_all = logits(q, k, mask, bias, scale, w)
+        d = np.sum(do * o, axis=-1, keepdims=True)  # D_i = dO_i · O_i
+        dq = np.zeros(q_.shape, w)
+        dks, dvs = [], []
+        finite = np.isfinite(lse)
+        for start in range(0, k.shape[-2], tile):
+            s = s_all[..., start : start + tile]
+            p = np.where(finite, np.exp(s - np.where(finite, lse, 0.0)), 0.0).astype(w)
+            dvs.append(t(p) @ do)
+            dp = do @ t(v_[..., start : start + tile, :])
+            ds = p * (dp - d)
+            dq = dq + w.type(scale_) * (ds @ k_[..., start : start + tile, :])
+            dks.append(w.type(scale_) * (t(ds) @ q_))
+        dk, dv = np.concatenate(dks, axis=-2), np.concatenate(dvs, axis=-2)
+        return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
+
+    return fn, grad_fn

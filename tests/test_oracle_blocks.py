@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref.testing import BLOCK_CASES, BlockCase, check_diffusers_attention
-from attention_ref.testing.blocks import block_magnitudes, rounded_block
+from attention_ref.testing import BlockCase, blocks, check_attention_call, check_diffusers_attention
+from attention_ref.testing.blocks import block_magnitudes, simulated_block
+from attention_ref.testing.rounding import RoundingModel
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 if importlib.util.find_spec("diffusers") is None:
@@ -27,6 +28,10 @@ PROCESSORS = {
     "AttnProcessor2_0": AttnProcessor2_0,
     "SlicedAttnProcessor": lambda: SlicedAttnProcessor(slice_size=1),
 }
+
+
+def block_case(name: str) -> BlockCase:
+    return next(c for c in blocks.BLOCK_CASES if c.name == name)
 
 
 def make_attention(processor, *, cross: bool, seed: int = 0) -> Attention:
@@ -95,8 +100,14 @@ def test_float64_and_the_original_module_is_left_alone():
 
 
 @pytest.mark.parametrize("cross", [False, True])
-def test_the_rounded_model_is_the_reference_block_without_rounding(cross):
-    # in float64 "every op rounded to the dtype" rounds nothing: the model must be the reference block itself
+def test_the_simulated_block_without_rounding_is_the_reference_block(cross, monkeypatch):
+    # with u = w = 0 every error the model draws is 0: what is left must be the reference block itself
+    class Exact(RoundingModel):
+        def __init__(self, dtype, rng):
+            super().__init__(dtype, rng)
+            self.u = self.w = 0.0
+
+    monkeypatch.setattr(blocks, "RoundingModel", Exact)
     attn = make_attention(AttnProcessor(), cross=cross).double()
     params, options = ar.interop.from_diffusers(attn)
     rng = np.random.default_rng(0)
@@ -110,13 +121,12 @@ def test_the_rounded_model_is_the_reference_block_without_rounding(cross):
     else:
         y, cache = ar.self_attention_forward(x, params, **options)
         grads = ar.self_attention_backward(dy, cache)
-    model = rounded_block(x, context, params, dy, dtype="float64", context_mask=mask, **options)
+    model = simulated_block(x, context, params, dy, dtype="float64", rng=rng, context_mask=mask, **options)
     magnitudes = block_magnitudes(x, context, params, dy, context_mask=mask, **options)
     assert set(model) == set(magnitudes) == {"y", *grads}
     for key, value in {"y": y, **grads}.items():
         # root-sum-squares of the terms: the size of the values, and not 0 where a gradient cancels to 0
         assert magnitudes[key] > 0.1 * np.max(np.abs(value)) and magnitudes[key] > 0.1, key
-        assert model[key].dtype == np.float64
         np.testing.assert_allclose(model[key], value, rtol=0, atol=1e-12 * max(1.0, np.max(np.abs(value))), err_msg=key)
 
 
@@ -133,7 +143,7 @@ class Detached(torch.nn.Module):
 
 
 def buggy(base, bug):
-    """A processor class with diffusers' name (so it is recognised) and one bug."""
+    """A processor class (a subclass with a name of its own) with one bug."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
         if bug == "mask ignored":
@@ -153,7 +163,7 @@ def buggy(base, bug):
                 attn.scale = old
         return base.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
 
-    return type(base.__name__, (base,), {"__call__": __call__})()
+    return type(f"{base.__name__}With{bug.title().replace(' ', '')}", (base,), {"__call__": __call__})()
 
 
 def test_a_processor_that_ignores_the_padding_mask_fails():
@@ -170,7 +180,9 @@ def test_a_processor_that_cuts_the_key_gradient_fails():
 
 def test_a_processor_with_a_wrong_scale_fails():
     report = check_diffusers_attention(
-        make_attention(buggy(AttnProcessor, "scale squared"), cross=False), dtype="bfloat16", cases=BLOCK_CASES[:1]
+        make_attention(buggy(AttnProcessor, "scale squared"), cross=False),
+        dtype="bfloat16",
+        cases=[block_case("map 5×4")],
     )
     assert report.failed_cases == ["map 5×4"] and report.worst_ratio() > 10
 
@@ -188,3 +200,77 @@ def test_one_context_token_gives_zero_gradients_and_a_floor_that_does_not_vanish
     report = check_diffusers_attention(attn, cases=[BlockCase("one token", 2, 3, 3, M=1)])
     row = next(c for c in report.checks if c.output == "dq.weight")
     assert row.expected == 0 and row.floor > 0 and report.ok
+
+
+def test_any_processor_class_is_checked_by_its_numbers():
+    # a correct processor under a name of its own passes; the same with a bug fails
+    class MyFusedAttention(AttnProcessor2_0):
+        pass
+
+    report = check_diffusers_attention(make_attention(MyFusedAttention(), cross=True), dtype="float16")
+    assert report.ok and "MyFusedAttention" in report.title
+    wrong = check_diffusers_attention(make_attention(buggy(MyFusedAttention, "mask ignored"), cross=True))
+    assert wrong.failed_cases == ["padded context"] and "MaskIgnored" in wrong.title
+
+
+def test_a_module_that_raises_gives_failed_rows():
+    class Broken(AttnProcessor):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            if hidden_states.shape[-1] * hidden_states.shape[-2] == 1:
+                raise RuntimeError("no kernel for a 1×1 map")
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    report = check_diffusers_attention(make_attention(Broken(), cross=False))
+    assert report.failed_cases == ["one pixel"]
+    rows = [c for c in report.checks if c.case == "one pixel"]
+    assert {c.output for c in rows} >= {"y", "dx", "dq.weight"}
+    assert all("RuntimeError: no kernel for a 1×1 map" in c.note for c in rows)
+
+
+# ---------------------------------------------------------------- one recorded call
+
+
+def record(attn, x, context=None, mask=None):
+    with torch.no_grad():
+        kwargs = {"encoder_hidden_states": context, "attention_mask": mask}
+        return attn(x, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_one_recorded_call_passes_and_a_wrong_output_fails(dtype):
+    tdtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(1)
+    self_attn = make_attention(AttnProcessor2_0(), cross=False).to(tdtype)
+    x = torch.randn(2, 16, 5, 3, generator=g).to(tdtype)  # (B, C, H, W)
+    out = record(self_attn, x)
+    row = check_attention_call(self_attn, x, output=out, dtype=dtype, name="mid_block.attn")
+    assert row.ok and row.case == "mid_block.attn" and row.output == "y" and 0 < row.ratio < 0.5
+    wrong = out.clone()
+    wrong[1, 3, 2, 1] += 0.05 * wrong.abs().max()
+    assert not check_attention_call(self_attn, x, output=wrong, dtype=dtype).ok
+    # tokens (B, N, C) with a context and a padding mask, as a transformer block's attn2 is called
+    cross = make_attention(AttnProcessor(), cross=True).to(tdtype)
+    tokens = torch.randn(2, 15, 16, generator=g).to(tdtype)
+    context = torch.randn(2, 7, 12, generator=g).to(tdtype)
+    mask = torch.zeros(2, 1, 7, dtype=tdtype)
+    mask[1, :, 4:] = -10000.0
+    out = record(cross, tokens, context, mask)
+    assert check_attention_call(cross, tokens, context, mask, output=out, dtype=dtype).ok
+    # the same output judged without the mask it was computed with: the padded tokens were ignored, not attended
+    assert not check_attention_call(cross, tokens, context, None, output=out, dtype=dtype).ok
+
+
+def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_samples():
+    cross = make_attention(AttnProcessor(), cross=True)
+    g = torch.Generator().manual_seed(2)
+    tokens, context = torch.randn(2, 6, 16, generator=g), torch.randn(2, 7, 12, generator=g)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0] = True  # sample 1: every token masked (diffusers averages them, the reference gives 0)
+    out = record(cross, tokens, context, torch.where(mask, 0.0, -10000.0)[:, None])
+    row = check_attention_call(ar.interop.from_diffusers(cross), tokens, context, mask, output=out, dtype="float32")
+    assert row.ok and "samples [1] have every key masked: not compared" in row.note
+    everything = check_attention_call(cross, tokens, context, torch.zeros(2, 7, dtype=torch.bool), output=out,
+                                      dtype="float32")  # fmt: skip
+    assert not everything.supported and not everything.ok and not everything.failed
+    with pytest.raises(NotImplementedError, match="additive bias"):
+        check_attention_call(cross, tokens, context, torch.full((2, 7), -1.0), output=out, dtype="float32")

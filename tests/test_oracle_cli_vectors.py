@@ -24,14 +24,41 @@ def test_check_command_passes_a_correct_implementation(capsys):
     grad = f"{EXAMPLES}:numpy_attention_grad"
     rc = main(["check", f"{EXAMPLES}:numpy_attention", "--grad", grad, "--dtype", "float16"])
     out = capsys.readouterr().out
-    assert rc == 0 and "float16" in out and "PASSED" in out
-    assert all(name in out for name in CASE_NAMES)
+    assert rc == 0 and "float16: 25 cases, 100 checks — PASSED" in out and "worst ratio: out" in out
+    assert "plain" not in out  # by default the summary and the failing rows only: here none
+    assert main(["check", f"{EXAMPLES}:numpy_attention", "--grad", grad, "--dtype", "float16", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in CASE_NAMES)  # -v: every row
 
 
-def test_check_command_exits_1_on_failure(capsys):
+def test_check_command_exits_1_on_failure_and_prints_the_failing_rows(capsys):
     rc = main(["check", "oracle_impls:bias_ignored", "--cases", "plain,bias"])
     out = capsys.readouterr().out
-    assert rc == 1 and "FAILED (1 of 2 checks)" in out and "<-- FAIL" in out
+    assert rc == 1 and "FAILED (1 of 2 checks, in 1 case)" in out and "<-- FAIL" in out
+    rows = [line for line in out.splitlines() if line.startswith(("plain ", "bias "))]
+    assert len(rows) == 1 and rows[0].startswith("bias ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cases", "plain,no such case"], "no case named 'no such case'; the battery has: plain, N=1, M=1"),
+        (["--cases", ","], "no cases given: nothing would be checked; the battery has: plain"),
+        (["--unsupported", "scale"], "unknown features ['scale'] in unsupported; the features are: d != dv, N != M"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line_naming_what_is_valid(capsys, args, message):
+    assert main(["check", f"{EXAMPLES}:numpy_attention", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_a_torch_function_without_torch_flag_is_a_usage_error(capsys):
+    assert main(["check", f"{EXAMPLES}:torch_sdpa"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "add --torch" in err and "takes torch tensors" in err
 
 
 def test_check_command_masked_rows_option(capsys):
@@ -46,17 +73,25 @@ def test_check_command_rejects_a_bad_target(capsys):
     assert main(["check", f"{EXAMPLES}:no_such_function"]) == 2
     assert main(["check", "no_such_module:f"]) == 2
     err = capsys.readouterr().err
-    assert "expected package.module:function" in err and "no_such_function" in err and "no_such_module" in err
+    assert err.count("\n") == 3 and "expected package.module:function" in err and "no_such_module" in err
+    assert "has no 'no_such_function'; its callables: numpy_attention, numpy_attention_grad, torch_mha" in err
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_check_command_reads_a_peers_declared_unsupported_cases(capsys):
+    assert main(["check", f"{EXAMPLES}:torch_mha", "--torch", "--cases", "plain,custom scale", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 cases ran (1 not supported)" in out and "not supported: custom scale" in out
 
 
 def test_python_dash_m_check_end_to_end():
     cmd = [sys.executable, "-m", "attention_ref", "check", f"{EXAMPLES}:numpy_attention", "--cases", "plain,causal"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "float32: 2 cases, 2 checks — PASSED" in result.stdout
+    assert "float32: 2 cases, 2 checks — PASSED" in result.stdout and not result.stderr
     # a float32 computation does not pass as float64
     result = subprocess.run([*cmd, "--dtype", "float64"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 1 and "FAILED (2 of 2 checks)" in result.stdout
+    assert result.returncode == 1 and "FAILED (2 of 2 checks, in 2 cases)" in result.stdout
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
@@ -72,6 +107,10 @@ def test_vectors_agree_with_the_harness(tmp_path, capsys, dtype):
     assert "index.json" in capsys.readouterr().out
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["dtype"] == dtype and [e["name"] for e in index["cases"]] == list(CASE_NAMES)
+    assert "NumPy's rules" in index["broadcasting"] and "from the right" in index["broadcasting"]
+    dead = {e["name"]: e["fully_masked_rows"] for e in index["cases"] if e["fully_masked_rows"]}
+    assert dead == {"fully masked rows": 4, "mask+bias+scale": 12}
+    assert all(("fully masked rows" in e["features"]) == (e["name"] in dead) for e in index["cases"])
     assert len(list(tmp_path.glob("*.npz"))) == len(CASE_NAMES)
 
     index, cases = load_vectors(tmp_path)
@@ -102,10 +141,9 @@ def test_vectors_keep_cases_exactly(tmp_path):
         assert np.isnan(raw["scale"]) and raw["out"].dtype == np.float64 and raw["q"].dtype == np.float32
 
 
-def test_the_readme_pytest_example_runs():
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Use it as a test oracle") :]
-    code = section[section.index("```python\n") + len("```python\n") :]
+def test_the_docs_pytest_example_runs():
+    text = (ROOT / "docs" / "oracle.md").read_text()
+    code = text[text.index("```python\n") + len("```python\n") :]
     code = code[: code.index("```")]
     assert len(code.strip().splitlines()) <= 10
     code = code.replace(
@@ -113,6 +151,6 @@ def test_the_readme_pytest_example_runs():
         f"from {EXAMPLES} import numpy_attention as attention, numpy_attention_grad as attention_backward",
     )
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/oracle.md", "exec"), namespace)
     for dtype in ("float32", "float16", "bfloat16"):
         namespace["test_attention_matches_the_reference"](dtype)

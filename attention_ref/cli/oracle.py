@@ -3,7 +3,12 @@
 ::
 
     python -m attention_ref check package.module:function [--dtype float16] [--torch] [--grad module:function]
-    python -m attention_ref vectors --out DIR [--dtype float16]
+                                  [--cases "a,b"] [--masked-rows zero|nan-ok|finite-ok] [--unsupported "d != dv"] [-v]
+    python -m attention_ref vectors --out DIR [--dtype float16] [--cases "a,b"]
+
+Exit status: 0 when every check passed, 1 when a check failed, 2 for a usage error (an unknown case,
+feature or function, an empty case list, a torch function without ``--torch``): one line on stderr
+that names what is valid, no traceback.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ ORACLE_COMMANDS = ("check", "vectors")
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+class UsageError(Exception):
+    """A mistake in the command line: exit status 2, one line on stderr."""
+
+
 def add_oracle_commands(sub: Any) -> None:
     """Register ``check`` and ``vectors`` on an argparse sub-parser collection."""
     check = sub.add_parser(
         "check",
         help="check an attention implementation against the float64 reference; exit 1 on failure",
         description=(
-            "Run FUNCTION on every case of the battery and print the report. FUNCTION is "
-            "fn(q, k, v, *, mask=None, bias=None, scale=None) -> out on NumPy arrays, or on torch tensors "
-            "with --torch (gradients then come from autograd)."
+            "Run FUNCTION on every case of the battery and print a summary and the failing rows (-v: every row). "
+            "FUNCTION is fn(q, k, v, *, mask=None, bias=None, scale=None) -> out on NumPy arrays, or on torch "
+            "tensors with --torch (gradients then come from autograd). Exit status 0 passed, 1 failed, 2 usage error."
         ),
     )
     check.add_argument("target", metavar="package.module:function")
@@ -36,46 +45,98 @@ def add_oracle_commands(sub: Any) -> None:
     check.add_argument("--device", default=None, help="torch device for --torch (default: cpu)")
     check.add_argument("--grad", metavar="package.module:function", help="NumPy grad_fn -> (dq, dk, dv)")
     check.add_argument("--cases", help="comma-separated case names (default: the whole battery)")
-    check.add_argument("--masked-rows", default="zero", choices=("zero", "nan-ok"))
+    check.add_argument(
+        "--masked-rows",
+        default="zero",
+        choices=("zero", "nan-ok", "finite-ok"),
+        help="what a query row with no allowed key must give: 0 (default), 0 or NaN, any finite value",
+    )
+    check.add_argument(
+        "--unsupported",
+        metavar="FEATURES",
+        help="comma-separated case features FUNCTION does not take, e.g. 'd != dv,custom scale' (default: its "
+        "own `unsupported` attribute); those cases are reported as not supported",
+    )
+    check.add_argument("-v", "--verbose", action="store_true", help="print every row, not only the failing ones")
     vectors = sub.add_parser(
         "vectors",
         help="write every case with its float64 reference and allowed error as .npz files + index.json",
     )
     vectors.add_argument("--out", required=True, metavar="DIR")
     vectors.add_argument("--dtype", default="float32", choices=_DTYPES)
+    vectors.add_argument("--cases", help="comma-separated case names (default: the whole battery)")
 
 
 def load_target(target: str) -> Any:
-    """The object named by ``"package.module:attribute"`` (attributes may be dotted)."""
+    """The object named by ``"package.module:attribute"`` (attributes may be dotted).
+
+    ``ValueError`` (naming what is there) for a malformed target, a module that does not import, or a
+    missing or non-callable attribute.
+    """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected package.module:function, got {target!r}")
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import {module_name!r}: {err}") from err
     for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = getattr(obj, "__all__", [n for n in dir(obj) if not n.startswith("_")])
+            names = sorted(n for n in public if callable(getattr(obj, n, None)))
+            raise ValueError(f"{module_name} has no {attr!r}; its callables: {', '.join(names) or 'none'}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"{target} is not callable")
+        raise ValueError(f"{target} is not callable")
     return obj
 
 
-def run_oracle_command(args: argparse.Namespace) -> int:
-    """Run ``check`` or ``vectors``; the exit status (0 ok, 1 failed checks, 2 an unusable target)."""
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list; ``None`` when the option was not given."""
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _check(args: argparse.Namespace) -> int:
     from .. import testing
 
-    if args.command == "vectors":
-        path = testing.write_vectors(args.out, args.dtype)
-        print(f"wrote {len(testing.CASE_NAMES)} cases in {args.dtype} to {path.parent} (index: {path.name})")
-        return 0
     try:
         fn = load_target(args.target)
         grad_fn = load_target(args.grad) if args.grad else None
-    except (ImportError, AttributeError, TypeError, ValueError) as err:
-        print(f"python -m attention_ref check: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        raise UsageError(err) from err
     if args.torch:
         fn, torch_grad_fn = testing.from_torch(fn, device=args.device)
         grad_fn = grad_fn or torch_grad_fn
-    cases = None if not args.cases else [c.strip() for c in args.cases.split(",") if c.strip()]
-    report = testing.check_attention(fn, grad_fn=grad_fn, dtype=args.dtype, cases=cases, masked_rows=args.masked_rows)
-    print(report)
+    try:
+        report = testing.check_attention(
+            fn,
+            grad_fn,
+            dtype=args.dtype,
+            cases=_names(args.cases),
+            masked_rows=args.masked_rows,
+            unsupported=_names(args.unsupported),
+        )
+    except (ValueError, TypeError) as err:  # bad names, an empty list, a torch function given NumPy arrays
+        raise UsageError(err) from err
+    print(report.format(verbose=args.verbose))
     return 0 if report.ok else 1
+
+
+def run_oracle_command(args: argparse.Namespace) -> int:
+    """Run ``check`` or ``vectors``; the exit status (0 ok, 1 failed checks, 2 a usage error)."""
+    from .. import testing
+
+    try:
+        if args.command == "check":
+            return _check(args)
+        try:
+            path = testing.write_vectors(args.out, args.dtype, cases=_names(args.cases))
+        except ValueError as err:
+            raise UsageError(err) from err
+        count = len(_names(args.cases) or testing.CASE_NAMES)
+        print(f"wrote {count} cases in {args.dtype} to {path.parent} (index: {path.name})")
+        return 0
+    except UsageError as err:
+        message = " ".join(str(err).split())  # one line
+        print(f"python -m attention_ref {args.command}: error: {message}", file=sys.stderr)
+        return 2

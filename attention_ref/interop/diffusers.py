@@ -13,8 +13,12 @@ which is :func:`attention_ref.self_attention_forward` /
 :func:`attention_ref.cross_attention_forward` with the options returned here.
 ``upcast_attention`` / ``upcast_softmax`` only change the precision diffusers
 computes in (they cast to float32, even from float64), not the formula, and are
-ignored. Everything else that changes the formula raises ``NotImplementedError``
-naming it.
+ignored. Everything else of the module that changes the formula raises
+``NotImplementedError`` naming it. The processor is not inspected: only the module's
+weights and configuration are read, and any processor class is accepted (whether it
+computes the formula is what :func:`attention_ref.testing.check_diffusers_attention`
+checks). The one exception is ``AttnProcessor2_0`` with a non-default ``scale``, which that
+processor is known to ignore.
 """
 
 from __future__ import annotations
@@ -30,10 +34,6 @@ from ..backend import to_numpy
 from ._arrays import as_numpy, weight_in_out
 
 __all__ = ["from_diffusers", "from_diffusers_transformer2d", "to_diffusers"]
-
-# Processors that compute exactly the formula above.
-SUPPORTED_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor")
-
 
 def _unsupported(what: str, module: str = "Attention") -> NotImplementedError:
     return NotImplementedError(f"attention_ref cannot express this diffusers {module}: {what}")
@@ -55,9 +55,7 @@ def _check_attention(attn: Any) -> None:
     for name, present in features:
         if present:
             raise _unsupported(name)
-    processor = type(attn.processor).__name__
-    if processor not in SUPPORTED_PROCESSORS:
-        raise _unsupported(f"processor {processor} (supported: {', '.join(SUPPORTED_PROCESSORS)})")
+    processor = type(getattr(attn, "processor", None)).__name__
     head_dim = attn.inner_dim // attn.heads
     if processor == "AttnProcessor2_0" and not math.isclose(attn.scale, head_dim**-0.5, rel_tol=1e-12):
         raise _unsupported(f"scale {attn.scale} with AttnProcessor2_0, which ignores attn.scale (scale_qk=False)")
@@ -88,7 +86,8 @@ def from_diffusers(attn: Any, *, dtype: Any | None = "float64") -> tuple[dict[st
     Raises:
         NotImplementedError naming any feature the reference does not express (spatial_norm,
         added_kv_proj_dim, cross_attention_norm, only_cross_attention, qk_norm, kv_heads,
-        pre_only, context_pre_only, fused projections, other processors, dropout in training).
+        pre_only, context_pre_only, fused projections, dropout in training, AttnProcessor2_0 with a
+        scale it ignores). Any other processor class is accepted.
     """
     _check_attention(attn)
     params: dict[str, np.ndarray] = {}

@@ -4,21 +4,26 @@
 
     from attention_ref.testing import check_attention, from_torch
 
-    report = check_attention(my_attention, grad_fn=my_attention_grad, dtype="float16")
+    report = check_attention(my_attention, my_attention_grad, dtype="float16")
     print(report)      # per case and output: max abs error, where, allowed, ratio
     assert report.ok
 
+    report = check_attention(*from_torch(my_torch_attention), dtype="bfloat16")
+
 Modules: :mod:`.cases` (the battery), :mod:`.tolerance` (the tolerance policy and its
-reasoning), :mod:`.harness` (``check_attention``), :mod:`.report`, :mod:`.torch_wrap`
-(``from_torch``), :mod:`.vectors` (test vectors for other languages), :mod:`.examples`,
-:mod:`.blocks` (``check_diffusers_attention``: a diffusers ``Attention`` module against the reference block).
-torch is imported only when a torch function is called; ml_dtypes only for bfloat16.
+reasoning), :mod:`.rounding` (the rounding model it rests on), :mod:`.harness`
+(``check_attention``), :mod:`.report`, :mod:`.torch_wrap` (``from_torch``), :mod:`.vectors`
+(test vectors for other languages), :mod:`.examples`, :mod:`.blocks`
+(``check_diffusers_attention``: a diffusers ``Attention`` module against the reference block;
+``check_attention_call``: one recorded call of one). torch is imported only when a torch
+function is called; ml_dtypes only for bfloat16. The policy, the figures and how to read a
+report: ``docs/oracle.md``.
 """
 
-from .blocks import BLOCK_CASES, BlockCase, check_diffusers_attention
-from .cases import CASE_NAMES, Case, battery
+from .blocks import BLOCK_CASES, BlockCase, check_attention_call, check_diffusers_attention
+from .cases import CASE_NAMES, FEATURES, Case, battery, reseeded
 from .dtypes import DTYPES
-from .harness import assert_attention_close, check_attention
+from .harness import MASKED_ROWS, NotSupported, assert_attention_close, check_attention
 from .report import OutputCheck, Report
 from .tolerance import DEFAULT_POLICY, Policy
 from .torch_wrap import from_torch
@@ -27,6 +32,11 @@ from .vectors import load_vectors, write_vectors
 __all__ = [
     "check_attention",
     "assert_attention_close",
+    "NotSupported",
+    "MASKED_ROWS",
+    "FEATURES",
+    "reseeded",
+    "check_attention_call",
     "from_torch",
     "Report",
     "OutputCheck",

@@ -34,7 +34,10 @@ import numpy as np
 
 from ..attention.inputs import check_attention_inputs
 
-__all__ = ["CASE_NAMES", "Case", "battery", "select_cases"]
+__all__ = ["CASE_NAMES", "FEATURES", "RECIPES", "Case", "battery", "reseeded", "select_cases"]
+
+# What a case may exercise (:attr:`Case.features`); an implementation declares the ones it does not support.
+FEATURES = ("d != dv", "N != M", "custom scale", "mask", "bias", "fully masked rows")
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +94,29 @@ class Case:
         full = np.broadcast_to(self.mask, (*rows, self.k.shape[-2]))
         return ~np.any(full, axis=-1)
 
+    @property
+    def features(self) -> frozenset[str]:
+        """What the case exercises, from :data:`FEATURES`; an implementation may declare some unsupported.
+
+        ``"d != dv"`` (value width differs from key width), ``"N != M"`` (queries and keys differ in number),
+        ``"custom scale"`` (``scale`` given), ``"mask"``, ``"bias"``, ``"fully masked rows"`` (a query row with
+        no allowed key).
+        """
+        found = set()
+        if self.q.shape[-1] != self.v.shape[-1]:
+            found.add("d != dv")
+        if self.q.shape[-2] != self.k.shape[-2]:
+            found.add("N != M")
+        if self.scale is not None:
+            found.add("custom scale")
+        if self.mask is not None:
+            found.add("mask")
+        if self.bias is not None:
+            found.add("bias")
+        if self.dead_rows.any():
+            found.add("fully masked rows")
+        return frozenset(found)
+
     def shapes(self) -> dict[str, Any]:
         """Shapes of every array (``None`` for an absent mask or bias)."""
         return {
@@ -116,9 +142,13 @@ def _make(
     scale: float | None = None,
     mask: str | None = None,
     bias: str | None = None,
+    seed: int | None = None,
 ) -> Case:
-    """A random case; ``mask`` / ``bias`` name a pattern (see the code), ``qk_std`` sets the logit size."""
-    rng = np.random.default_rng(_seed(name))
+    """A random case; ``mask`` / ``bias`` name a pattern (see the code), ``qk_std`` sets the logit size.
+
+    ``seed``: ``None`` for the battery's own numbers (seeded by the name), or another draw of the same recipe.
+    """
+    rng = np.random.default_rng(_seed(name) if seed is None else [_seed(name), seed])
     q = qk_std * rng.standard_normal((*lead, N, d))
     k = qk_std * rng.standard_normal((*lead, M, d))
     v = rng.standard_normal((*lead, M, dv))
@@ -162,8 +192,8 @@ def _duplicate_keys() -> Case:
     return Case("duplicate keys", base.q, k, v, description="identical keys (some with identical values): tied weights")
 
 
-def _long_sequence() -> Case:
-    base = _make("long sequence", "", (1,), 4, 1024, 8, 8, qk_std=0.5)
+def _long_sequence(seed: int | None = None, d: int = 8, dv: int = 8) -> Case:
+    base = _make("long sequence", "", (1,), 4, 1024, d, dv, qk_std=0.5, seed=seed)
     v = 2.0 + base.v  # a common component: sums of 1024 small terms onto ~2 lose digits in low precision
     return Case(
         "long sequence",
@@ -172,6 +202,36 @@ def _long_sequence() -> Case:
         v,
         description="1024 keys, values of mean 2: exposes accumulation in the low-precision dtype",
     )
+
+
+def _large_logits(seed: int | None = None, d: int = 16, dv: int = 8) -> Case:
+    return _make(
+        "large logits",
+        "|scale·q·k| in the hundreds: exp overflows without max subtraction",
+        (2,),
+        9,
+        10,
+        d,
+        dv,
+        qk_std=14.0,
+        seed=seed,
+    )
+
+
+# The recipes that :func:`reseeded` draws again: the two whose rounding error is the most sensitive to the data
+# (large logits: a few dominant weights; long sequence: sums over 1024 keys).
+RECIPES = {"large logits": _large_logits, "long sequence": _long_sequence}
+
+
+def reseeded(name: str, seed: int, d: int | None = None) -> Case:
+    """Another draw of the battery's recipe ``name`` (one of :data:`RECIPES`), with head width ``d`` (= dv).
+
+    The battery's own case is ``seed=None``; any integer gives new numbers with the same sizes and statistics.
+    Used to check that the tolerance holds on more than the battery's one draw.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"no recipe named {name!r}; recipes: {', '.join(RECIPES)}")
+    return RECIPES[name](seed, *(() if d is None else (d, d)))
 
 
 def battery() -> list[Case]:
@@ -208,16 +268,7 @@ def battery() -> list[Case]:
             bias="full",
         ),
         _make("custom scale", "scale 2.5 instead of 1/sqrt(d)", (B,), 7, 9, 8, 8, scale=2.5),
-        _make(
-            "large logits",
-            "|scale·q·k| in the hundreds: exp overflows without max subtraction",
-            (B,),
-            9,
-            10,
-            16,
-            8,
-            qk_std=14.0,
-        ),
+        _large_logits(),
         _make(
             "large logits masked",
             "large logits with key padding",
@@ -241,11 +292,18 @@ CASE_NAMES: tuple[str, ...] = tuple(c.name for c in battery())
 
 
 def select_cases(cases: Any = None) -> list[Case]:
-    """Resolve ``cases``: ``None`` (the battery), names from the battery, :class:`Case` objects, or a mix."""
+    """Resolve ``cases``: ``None`` (the battery), names from the battery, :class:`Case` objects, or a mix.
+
+    ``ValueError`` for an empty list (nothing would be checked), an unknown name (the message lists the
+    battery's names) or a name given twice.
+    """
     if cases is None:
         return battery()
     if isinstance(cases, (str, Case)):
         cases = [cases]
+    cases = list(cases)
+    if not cases:
+        raise ValueError(f"no cases given: nothing would be checked; the battery has: {', '.join(CASE_NAMES)}")
     by_name = {c.name: c for c in battery()} if any(isinstance(c, str) for c in cases) else {}
     chosen = []
     for c in cases:

@@ -71,22 +71,28 @@ Why this shape.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from ..attention import (
-    attention_backward,
-    attention_forward,
-    chunked_attention_backward,
-    chunked_attention_forward,
-)
+from ..attention import attention_backward, attention_forward
 from .cases import Case
-from .dtypes import eps, round_to
+from .dtypes import DTYPES, eps, round_to
+from .rounding import RoundingModel
 
-__all__ = ["DEFAULT_POLICY", "OUTPUTS", "Policy", "Reference", "reference"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "OUTPUTS",
+    "Policy",
+    "Reference",
+    "reference",
+    "simulate_attention_core",
+    "simulated_attention",
+    "yardstick",
+]
 
 OUTPUTS = ("out", "dq", "dk", "dv")
 
@@ -100,14 +106,14 @@ class Policy:
     """The constants of the tolerance rule (see the module docstring).
 
     Attributes:
-        c: per output, how many times the kernel-like reference's error is allowed.
+        c: per output, how many times the simulated kernels' error is allowed.
         floor: per output, the floor in units of ``ε · max‖X‖``.
-        float64_factor: extra factor on the kernel error in float64, where that error is a model.
+        samples: how many simulated kernels the yardstick is taken over.
     """
 
-    c: MappingProxyType = field(default_factory=lambda: _frozen({"out": 3.0, "dq": 5.0, "dk": 5.0, "dv": 5.0}))
+    c: MappingProxyType = field(default_factory=lambda: _frozen({"out": 3.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}))
     floor: MappingProxyType = field(default_factory=lambda: _frozen({"out": 1.0, "dq": 1.0, "dk": 1.0, "dv": 1.0}))
-    float64_factor: float = 4.0
+    samples: int = 8
 
     def __post_init__(self) -> None:
         for name in ("c", "floor"):
@@ -115,16 +121,17 @@ class Policy:
             if set(d) != set(OUTPUTS):
                 raise ValueError(f"Policy.{name} needs exactly the keys {OUTPUTS}, got {sorted(d)}")
             object.__setattr__(self, name, _frozen(d))
+        if not (isinstance(self.samples, int) and self.samples >= 2):
+            raise ValueError(f"Policy.samples must be an integer ≥ 2, got {self.samples!r}")
 
     def allowed(self, output: str, magnitude: float, kernel_error: float, dtype: str) -> tuple[float, float]:
         """``(allowed, floor)`` for one output: ``allowed = c·kernel_error + floor``.
 
-        ``magnitude`` is ``max‖X‖`` and ``kernel_error`` the kernel-like reference's error
+        ``magnitude`` is ``max‖X‖`` and ``kernel_error`` the simulated kernels' error
         (:attr:`Reference.magnitude`, :attr:`Reference.kernel_error`).
         """
         floor = self.floor[output] * eps(dtype) * magnitude
-        c = self.c[output] * (self.float64_factor if dtype == "float64" else 1.0)
-        return c * kernel_error + floor, floor
+        return self.c[output] * kernel_error + floor, floor
 
 
 DEFAULT_POLICY = Policy()
@@ -142,44 +149,116 @@ class Reference:
         inputs: ``q, k, v, dout, bias`` rounded to the dtype (NumPy arrays of that dtype),
             ``mask`` (bool) and ``scale`` (``None`` or a float) — exactly what the implementation gets.
         exact: ``out, dq, dk, dv`` in float64, from the rounded inputs.
-        kernel: the same, computed like a typical kernel in the dtype (float32 for float64; see the
-            module docstring).
-        kernel_error: per output, ``max|kernel − exact|`` (times ``ε₆₄/ε₃₂`` for float64).
+        kernel_error: per output, the yardstick: the root-mean-square over ``Policy.samples`` simulated
+            kernels (:func:`simulated_attention`) of their largest error ``max|X_sim − X₆₄|``.
         magnitude: per output, ``max‖X‖``, the magnitude of the terms it is summed from.
     """
 
     inputs: dict[str, Any]
     exact: dict[str, np.ndarray]
-    kernel: dict[str, np.ndarray]
     kernel_error: dict[str, float]
     magnitude: dict[str, float]
 
 
-# the key and query tiles of the second kernel-like order (FlashAttention's online softmax): small, so that
-# the battery's longer cases run through several tiles and their rescaling
-KERNEL_TILE = 16
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2)
 
 
-def _attention(inputs: dict[str, Any], dtype: np.dtype, *, tiled: bool = False) -> tuple[dict[str, np.ndarray], Any]:
-    """out, dq, dk, dv computed by the reference code in ``dtype``, and the forward's cache.
+def _logits(r: RoundingModel, q: np.ndarray, k: np.ndarray, bias: Any, mask: Any, scale: float) -> np.ndarray:
+    """``S = scale·q kᵀ + bias`` (masked entries ``−inf``) with the errors of every legitimate way to form it."""
+    # scale·q and k (or √scale·q and √scale·k, PyTorch's math backend) stored in the dtype
+    qs, ks = r.rel(scale * q, r.w), r.rel(k, r.w)
+    # Σ over d in any order; Q Kᵀ stored in the dtype (unfused), the scale's product rounded
+    s = r.rel(r.matmul(qs, _t(ks)), r.w, r.u)
+    if bias is not None:
+        s = r.rel(s + bias, r.u, r.w)  # + bias, stored in the dtype
+    return s if mask is None else np.where(mask, s, -np.inf)
 
-    ``tiled``: by the tiled path (online softmax over key tiles of :data:`KERNEL_TILE`, the backward
-    recomputing the weights from the logsumexp) instead of the plain one.
+
+def simulated_attention(inputs: dict[str, Any], dtype: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One simulated kernel: ``out, dq, dk, dv`` in float64 with every error of the rounding model drawn once.
+
+    Inputs:
+        inputs: as :attr:`Reference.inputs`; dtype: the dtype under test; rng: where the errors come from.
+
+    Returns:
+        ``{"out", "dq", "dk", "dv"}``, float64, shaped like the reference's. See the module docstring for the
+        list of errors and :mod:`.rounding` for their sizes.
     """
+    q, k, v, dout = (np.asarray(inputs[n], dtype=np.float64) for n in ("q", "k", "v", "dout"))
+    bias = None if inputs["bias"] is None else np.asarray(inputs["bias"], dtype=np.float64)
+    r = RoundingModel(dtype, rng)
+    out, grads = simulate_attention_core(r, q, k, v, dout, bias, inputs["mask"], inputs["scale"])
+    return {"out": out, **grads}
 
-    def cast(a: Any) -> Any:
-        return None if a is None else np.asarray(a).astype(dtype)
 
-    forward, backward, options = attention_forward, attention_backward, {}
-    if tiled:
-        forward, backward = chunked_attention_forward, chunked_attention_backward
-        options = {"block_size": KERNEL_TILE}
-    out, cache = forward(
-        cast(inputs["q"]), cast(inputs["k"]), cast(inputs["v"]),
-        mask=inputs["mask"], bias=cast(inputs["bias"]), scale=inputs["scale"], **options,
-    )  # fmt: skip
-    grads = backward(cast(inputs["dout"]), cache)
-    return {"out": out, "dq": grads["q"], "dk": grads["k"], "dv": grads["v"]}, cache
+def simulate_attention_core(
+    r: RoundingModel,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: np.ndarray | None,
+    bias: np.ndarray | None,
+    mask: np.ndarray | None,
+    scale: float | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The attention forward (and backward when ``dout`` is given) with the errors of ``r`` drawn once.
+
+    Inputs (float64): q ``(..., N, d)``, k ``(..., M, d)``, v ``(..., M, dv)``, dout ``(..., N, dv)`` or ``None``;
+    bias, mask broadcastable to ``(..., N, M)``; scale ``None`` for ``1/sqrt(d)``.
+
+    Returns:
+        ``(out, grads)``: ``grads`` is ``{"dq", "dk", "dv"}``, empty without ``dout``.
+    """
+    u, w = r.u, r.w
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
+    M = k.shape[-2]
+    # forward: S, then e = exp(S − m) (the subtraction rounded, exp within one ulp)   (..., N, M)
+    s = _logits(r, q, k, bias, mask, scale)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)  # a row with no key: shift by 0
+    e = r.rel(np.exp(r.rel(s - m, u)), 2 * u)
+    # ℓ = Σ_k e over the keys; an online softmax also rescales the running sum at every new maximum: 2× the error
+    live = np.sum(e, axis=-1, keepdims=True) > 0  # (..., N, 1)
+    total = np.where(live, r.sum(e, factor=2.0), 1.0)
+    # P = e / ℓ, stored in the dtype; O = P V (its sum over keys rescaled like ℓ), stored in the dtype
+    p = r.rel(np.where(live, e, 0.0) / total, u, w)
+    out = r.rel(r.matmul(p, v, factor=2.0), u, w)  # (..., N, dv)
+    if dout is None:
+        return out, {}
+    lse = np.where(live, m + r.rel(np.log(total), u), -np.inf)
+    # backward: the weights again from the logsumexp, the logits summed over d in another order
+    s_b = s + r.sum_error(np.abs(scale) * (np.abs(q) @ _t(np.abs(k))), q.shape[-1])
+    finite = np.isfinite(lse)
+    with np.errstate(invalid="ignore"):
+        p_b = np.exp(r.rel(s_b - np.where(finite, lse, 0.0), u))
+    p_b = r.rel(np.where(finite & np.isfinite(s_b), p_b, 0.0), 2 * u)
+    dv = r.rel(r.matmul(_t(r.rel(p_b, w)), dout), u, w)  # P stored in the dtype for dV = Pᵀ dO
+    dp = r.rel(r.matmul(dout, _t(v)), w)  # dP = dO Vᵀ, stored in the dtype
+    # D_i = Σ_k P_ik dP_ik, or dO_i · O_i from the output the forward returned: the errors of both
+    D = r.sum(dout * out) + r.sum_error(np.sum(p_b * np.abs(dp), axis=-1, keepdims=True), M)
+    ds = r.rel(p_b * r.rel(dp - D, u), u, w)  # dS = P ∘ (dP − D), stored in the dtype
+    # dQ = scale·dS K, dK = scale·dSᵀ Q; K and Q as stored (scaled) in the dtype
+    dq = scale * r.matmul(ds, k) + np.abs(scale) * w * np.sqrt((ds * ds) @ (k * k)) * r.z(q.shape)
+    dk = scale * r.matmul(_t(ds), q) + np.abs(scale) * w * np.sqrt(_t(ds * ds) @ (q * q)) * r.z(k.shape)
+    return out, {"dq": r.rel(dq, u, w), "dk": r.rel(dk, u, w), "dv": dv}
+
+
+def _case_seed(name: str, dtype: str) -> list[int]:
+    return [zlib.crc32(name.encode()), DTYPES.index(dtype)]
+
+
+def yardstick(
+    inputs: dict[str, Any], exact: dict[str, np.ndarray], dtype: str, *, samples: int, seed: Any
+) -> dict[str, float]:
+    """Per output, the root-mean-square over ``samples`` simulated kernels of ``max|X_sim − X₆₄|``."""
+    rng = np.random.default_rng(seed)
+    squares = dict.fromkeys(exact, 0.0)
+    for _ in range(samples):
+        sim = simulated_attention(inputs, dtype, rng)
+        for n in exact:
+            squares[n] += _max_abs(sim[n] - exact[n]) ** 2
+    return {n: float(np.sqrt(sq / samples)) for n, sq in squares.items()}
 
 
 def _magnitudes(x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs: dict[str, Any]) -> dict[str, float]:
@@ -199,20 +278,17 @@ def _magnitudes(x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs:
     return {n: _max_abs(x) for n, x in terms.items()}
 
 
-def reference(case: Case, dtype: str) -> Reference:
-    """The inputs in ``dtype``, the float64 reference, and the kernel-like reference, for one case."""
+def reference(case: Case, dtype: str, policy: Policy = DEFAULT_POLICY) -> Reference:
+    """The inputs in ``dtype``, the float64 reference, the yardstick and the magnitudes, for one case."""
     inputs: dict[str, Any] = {n: round_to(getattr(case, n), dtype) for n in ("q", "k", "v", "dout", "bias")}
     inputs["mask"] = None if case.mask is None else np.asarray(case.mask, dtype=bool)
     inputs["scale"] = None if case.scale is None else float(case.scale)
-    exact, cache = _attention(inputs, np.dtype(np.float64))
-    # the kernel-like computation: float32 accumulation, result in the dtype (float32 for float64), in two
-    # orders, plain and tiled; one order's error is one sample that may cancel by luck, so the larger counts
-    kernel_dtype = "float32" if dtype == "float64" else dtype
-    kernel = {n: round_to(x, kernel_dtype) for n, x in _attention(inputs, np.dtype(np.float32))[0].items()}
-    tiled = {n: round_to(x, kernel_dtype) for n, x in _attention(inputs, np.dtype(np.float32), tiled=True)[0].items()}
-    shrink = eps(dtype) / eps(kernel_dtype)
-    kernel_error = {
-        n: shrink * max(_max_abs(k[n].astype(np.float64) - exact[n]) for k in (kernel, tiled)) for n in OUTPUTS
-    }
+    as64 = {n: None if a is None else a.astype(np.float64) for n, a in inputs.items() if n not in ("mask", "scale")}
+    out, cache = attention_forward(
+        as64["q"], as64["k"], as64["v"], mask=inputs["mask"], bias=as64["bias"], scale=inputs["scale"]
+    )
+    grads = attention_backward(as64["dout"], cache)
+    exact = {"out": out, "dq": grads["q"], "dk": grads["k"], "dv": grads["v"]}
+    kernel_error = yardstick(inputs, exact, dtype, samples=policy.samples, seed=_case_seed(case.name, dtype))
     magnitude = _magnitudes(exact, cache.weights, cache.scale, inputs)
-    return Reference(inputs=inputs, exact=exact, kernel=kernel, kernel_error=kernel_error, magnitude=magnitude)
+    return Reference(inputs=inputs, exact=exact, kernel_error=kernel_error, magnitude=magnitude)

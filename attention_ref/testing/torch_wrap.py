@@ -84,4 +84,6 @@ def from_torch(
             torch_to_numpy(torch.zeros_like(t) if g is None else g) for g, t in zip(grads, (tq, tk, tv), strict=True)
         )
 
+    if hasattr(torch_fn, "unsupported"):
+        fn.unsupported = grad_fn.unsupported = tuple(torch_fn.unsupported)  # type: ignore[attr-defined]
     return fn, grad_fn

@@ -7,16 +7,21 @@
   (when present) ``bias`` — in the dtype itself for float16/float32/float64; for
   bfloat16, which ``.npz`` cannot name, as float32 arrays whose values are all
   exactly bfloat16 numbers (narrowing them to bfloat16 is exact); ``mask`` (bool,
-  True = may attend, broadcastable to ``(..., N, M)``) when present; ``scale``
-  (0-d float64; NaN means "the default, 1/sqrt(d)");
+  True = may attend) when present; ``scale`` (0-d float64; NaN means "the default,
+  1/sqrt(d)"). ``mask`` and ``bias`` are stored in their own shapes and broadcast to
+  the logits' ``(..., N, M)`` by NumPy's rules: aligned from the right, an axis of
+  size 1 (or a missing leading axis) repeated — key padding is ``(B, 1, 1, M)``,
+  a causal mask ``(N, M)``;
 * the float64 reference ``out``, ``dq``, ``dk``, ``dv`` computed from those inputs;
 * the allowed max-abs error per output: ``allowed_out``, ``allowed_dq``, ... .
 
 and ``<dir>/index.json`` lists the cases (file, shapes, scale, description, allowed
-errors) and the tolerance policy. An implementation passes a case when, for each
+errors, the features of :attr:`~attention_ref.testing.Case.features` and the number of
+fully masked query rows) and the tolerance policy. An implementation passes a case when, for each
 output ``X``, ``max|X − X_ref| ≤ allowed_X`` with ``X`` computed in the dtype and
 converted to float64 for the comparison, and it has no NaN/Inf where ``X_ref`` is
-finite (fully masked query rows have ``X_ref = 0``). These are the same numbers
+finite (fully masked query rows — a query whose mask row, broadcast, holds no True — have
+``X_ref = 0`` in ``out`` and ``dq``). These are the same numbers
 :func:`~attention_ref.testing.check_attention` uses.
 """
 
@@ -61,7 +66,7 @@ def write_vectors(
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, case in enumerate(select_cases(cases)):
-        ref = reference(case, dtype)
+        ref = reference(case, dtype, policy)
         arrays: dict[str, np.ndarray] = {}
         for n in ("q", "k", "v", "dout", "bias"):
             if ref.inputs[n] is not None:
@@ -87,6 +92,8 @@ def write_vectors(
                 "default_scale": scale is None,
                 "has_mask": "mask" in arrays,
                 "has_bias": "bias" in arrays,
+                "features": sorted(case.features),
+                "fully_masked_rows": int(np.sum(case.dead_rows)),
                 "allowed": allowed,
             }
         )
@@ -101,8 +108,17 @@ def write_vectors(
             "weights = softmax over allowed keys (a row with none gives 0); out = weights @ v; "
             "dq, dk, dv = gradients of sum(out * dout); scale NaN in a file = 1/sqrt(d)"
         ),
+        "broadcasting": (
+            "mask and bias are stored in their own shapes and broadcast to the logits' (..., N, M) by NumPy's "
+            "rules: shapes aligned from the right, axes of size 1 and missing leading axes repeated "
+            "(key padding (B, 1, 1, M), causal (N, M), a per-head bias (heads, N, M))"
+        ),
+        "fully_masked_rows": (
+            "a query row whose broadcast mask row holds no True attends to nothing: out and dq are 0 there; "
+            "each case gives its count of such rows (over all leading dims) in 'fully_masked_rows'"
+        ),
         "pass_rule": "for X in out, dq, dk, dv: max|X - X_ref| <= allowed_X, and no NaN/Inf where X_ref is finite",
-        "policy": {"c": dict(policy.c), "floor": dict(policy.floor), "float64_factor": policy.float64_factor},
+        "policy": {"c": dict(policy.c), "floor": dict(policy.floor), "samples": policy.samples},
         "cases": entries,
     }
     path = out / "index.json"

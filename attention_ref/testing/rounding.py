@@ -1,0 +1,109 @@
+r"""The rounding model behind the tolerances: every operation's error at its any-order size, drawn at random.
+
+A kernel in a dtype rounds at every operation, in an order of its own. Rather than
+guess that order, the oracle computes the operation in float64 and adds, to its
+result, an error drawn from the model below (Higham and Mary's probabilistic
+model: rounding errors independent, mean zero, each at most the unit roundoff).
+Repeating the whole computation with fresh draws gives the spread of the errors a
+legitimate kernel can make; :mod:`.tolerance` and :mod:`.blocks` take their
+yardstick from it.
+
+Two unit roundoffs:
+
+* ``u``: of the accumulator — float32 (2⁻²⁴) for float16, bfloat16 and float32,
+  float64 (2⁻⁵³) for float64. Every sum and product is computed in it.
+* ``w``: of the dtype under test (``eps/2``). Every intermediate result an
+  operation hands on (``QKᵀ``, the weights ``P``, ``dS``, the output) may be
+  stored in the dtype.
+
+The errors, each ``size · z`` with ``z`` a fresh standard normal draw per entry:
+
+* storage or one rounded operation: ``size = u·|x|`` (or ``w·|x|``),
+  :meth:`RoundingModel.rel`;
+* a sum of ``n`` terms, in any order: ``size = √n · u · Σ|terms|``,
+  :meth:`RoundingModel.matmul` / :meth:`RoundingModel.sum`.
+
+Why ``√n · u · Σ|terms|`` covers every order. Whatever the order (key by key,
+pairwise, in blocks of any size, a BLAS kernel's panels, a tiled online
+softmax), a sum of ``n`` terms is ``n − 1`` additions, and addition ``a`` rounds
+its partial sum ``s_a`` by ``δ_a s_a`` with ``|δ_a| ≤ u``. The error is
+``Σ_a δ_a s_a``; with the ``δ_a`` independent and of mean zero its standard
+deviation is at most ``u · √(Σ_a s_a²) ≤ u · √(n−1) · Σ|terms|``, because no
+partial sum exceeds ``Σ|terms|`` (Higham and Mary, "A new approach to
+probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019, replace
+the worst-case constant ``γ_n = nu/(1 − nu)`` by this ``√n·u`` form). The
+orders differ only in how large their partial sums are: key by key, they grow
+to the total (the worst); pairwise and blocked, most stay small. The products
+(one rounding each) are inside the same bound. The model's errors are normal
+with exactly that standard deviation, so they are larger than any order's:
+a rounding error is spread uniformly over ``±u|x|`` at most (standard deviation
+``≤ u|x|/√3``), and the partial sums of a real order are mostly below the total.
+
+What it does not cover: rounding errors that are not independent — the same
+term added over and over, which rounds the same way each time (``n`` equal
+values summed key by key grow an error like ``n·u``, not ``√n·u``). Random
+inputs never do that; a case built from identical tokens can.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .dtypes import eps
+
+__all__ = ["RoundingModel", "accumulator_roundoff", "unit_roundoff"]
+
+
+def unit_roundoff(dtype: str) -> float:
+    """``w``: the unit roundoff of ``dtype``, ``eps/2`` (float16 2⁻¹¹, bfloat16 2⁻⁸, float32 2⁻²⁴, float64 2⁻⁵³)."""
+    return eps(dtype) / 2
+
+
+def accumulator_roundoff(dtype: str) -> float:
+    """``u``: the unit roundoff of the accumulator a kernel in ``dtype`` sums in (float32, or float64 for float64)."""
+    return unit_roundoff("float64" if dtype == "float64" else "float32")
+
+
+class RoundingModel:
+    """Draws the errors of the model for one simulated kernel in ``dtype`` (see the module docstring).
+
+    Attributes:
+        u: the accumulator's unit roundoff; w: the dtype's.
+        rng: the generator the errors come from (a seeded ``numpy.random.Generator``).
+    """
+
+    def __init__(self, dtype: str, rng: np.random.Generator) -> None:
+        self.u = accumulator_roundoff(dtype)
+        self.w = unit_roundoff(dtype)
+        self.rng = rng
+
+    def z(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Independent standard normal draws."""
+        return self.rng.standard_normal(shape)
+
+    def rel(self, x: np.ndarray, *sizes: float) -> np.ndarray:
+        """``x · (1 + Σ_s size_s · z_s)``: one independent rounding of relative size ``size_s`` per entry for each
+        ``s``; infinite entries (masked logits) are kept."""
+        x = np.asarray(x, dtype=np.float64)
+        factor = np.ones(x.shape)
+        for size in sizes:
+            factor += size * self.z(x.shape)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(x), x * factor, x)
+
+    def sum_error(self, total_abs: np.ndarray, n: int, factor: float = 1.0) -> np.ndarray:
+        """The error of a sum of ``n`` terms in any order: ``factor · √n · u · Σ|terms|`` times a draw."""
+        return factor * np.sqrt(n) * self.u * total_abs * self.z(np.shape(total_abs))
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, factor: float = 1.0) -> np.ndarray:
+        """``a @ b`` plus the error of its sums over the shared axis in any order (:meth:`sum_error`)."""
+        return a @ b + self.sum_error(np.abs(a) @ np.abs(b), a.shape[-1], factor)
+
+    def sum(self, x: np.ndarray, axis: int | tuple[int, ...] = -1, factor: float = 1.0) -> np.ndarray:
+        """``Σ x`` over ``axis`` (one or several, kept) plus the error of that sum in any order."""
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        n = math.prod(x.shape[a] for a in axes)
+        total = np.sum(x, axis=axes, keepdims=True)
+        return total + self.sum_error(np.sum(np.abs(x), axis=axes, keepdims=True), n, factor)
