@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     from .figures import add_arguments as figures_arguments
 
     figures_arguments(sub.add_parser("figures", help="train the toys and regenerate the gallery of figures"))
+    from .explore import add_arguments as explore_arguments
+
+    explore_arguments(sub.add_parser("explore", help="write the attention explorer: one self-contained web page"))
     args = parser.parse_args(argv)
     if args.command in ORACLE_COMMANDS:
         return run_oracle_command(args)
@@ -43,5 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         from .figures import main as figures
 
         figures(args)
+    elif args.command == "explore":
+        from .explore import main as explore
+
+        return explore(args)
     return 0
 

@@ -1,10 +1,13 @@
-"""Seeing attention: plots of attention weights, receptive fields, costs and block diagrams (matplotlib).
+"""Seeing attention: plots of attention weights, receptive fields, costs and block diagrams (matplotlib),
+and the explorer, a self-contained web page to click through attention weights (:func:`explore`).
 
 Every function takes arrays from any backend (they are brought to NumPy with
-:func:`attention_ref.backend.to_numpy`) and returns a
+:func:`attention_ref.backend.to_numpy`). The plotting functions return a
 :class:`matplotlib.figure.Figure` — shown when it is a Jupyter cell's value,
 saved with :func:`save_figure`. Figures are made outside pyplot, so nothing
-accumulates in pyplot's global state.
+accumulates in pyplot's global state. :func:`explore` returns an
+:class:`Explorer` — shown inline when it is a Jupyter cell's value, saved with
+``.save(path)`` as one HTML file (docs/explorer.md).
 
 matplotlib is imported here and nowhere else in attention_ref.
 """
@@ -13,6 +16,7 @@ from ._common import save_figure
 from .cost_curves import load_complexity, plot_complexity, scaling_exponents
 from .diagrams import cross_attention_shapes, draw_cross_attention, draw_self_attention_block, self_attention_shapes
 from .distance import attention_distance, mean_attention_distance, plot_attention_distance, uniform_distance
+from .explorer import Explorer, ExplorerLayer, explore, load_explorer, pixels_of_positions
 from .maps import as_weights, plot_attention_grid, plot_query_attention, query_map
 from .receptive_field import (
     conv_stack_backward,
@@ -70,4 +74,10 @@ __all__ = [
     # Jupyter
     "attention_viewer",
     "widgets_available",
+    # the explorer: one HTML page, in any browser or inline in Jupyter
+    "explore",
+    "Explorer",
+    "ExplorerLayer",
+    "load_explorer",
+    "pixels_of_positions",
 ]

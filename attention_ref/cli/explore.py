@@ -1,0 +1,154 @@
+"""``python -m attention_ref explore --out explorer.html``: the attention explorer as one self-contained web page.
+
+``--source`` picks what the page shows:
+
+* ``long-range`` (default): the long-range toy's self-attention block
+  (:func:`attention_ref.toys.train_long_range`), trained and at initialisation;
+* ``grounding``: the grounding toy's cross-attention block
+  (:func:`attention_ref.toys.train_token_grounding`), trained and at initialisation;
+* ``FILE.npz``: a page's data written by :meth:`attention_ref.viz.Explorer.save_npz`.
+
+A new source is one function ``(steps, seed) -> Explorer`` in :data:`SOURCES`.
+The page (:mod:`attention_ref.viz.explorer`) holds its data and script inline: open
+it in any browser, without a server or a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # the viz package loads matplotlib: imported when a page is made
+    from ..viz import Explorer
+
+__all__ = ["SOURCES", "add_arguments", "grounding_explorer", "long_range_explorer", "main"]
+
+
+def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Explorer:
+    """The long-range toy's self-attention on a held-out map, trained and at initialisation.
+
+    The image shows the first three of the 8 code channels as colours, squashed by a sigmoid
+    (twins carry the same code, so they look alike); the background is black.
+    """
+    from ..toys import train_long_range
+    from ..viz import Explorer, ExplorerLayer
+
+    result = train_long_range(seed, progress_bar=progress_bar, **({} if steps is None else {"steps": steps}))
+    b = 0
+    data = result.eval_data
+    H, W = data.copy_id.shape[1:]
+    code = data.x[b, :, :, :3]  # (H, W, 3): the first three code channels
+    image = np.where(data.copy_id[b, :, :, None] >= 0, 1.0 / (1.0 + np.exp(-2.0 * code)), 0.0)
+    first = np.argwhere(data.copy_id[b] == 0)[0]  # the top-left pixel of copy 0
+    layers = [
+        ExplorerLayer("trained", "self", (H, W), result.weights[b][None]),  # (1, heads, N, N)
+        ExplorerLayer("at initialisation", "self", (H, W), result.weights_init[b][None]),
+    ]
+    return Explorer(
+        layers=tuple(layers),
+        image=image,
+        title="Self-attention learns to look half a map away",
+        notes=(
+            f"A self-attention block trained ({len(result.losses)} Adam steps, {result.seconds:.0f} s) to give "
+            "every pixel of a 2×2 pattern the message of its identical twin, at least half the map away. "
+            "The input shows three of each pixel's 8 code channels as colours: twins look alike. Hover a "
+            f"pattern pixel: trained, its weight sits on the twin (mean weight on the twin "
+            f"{result.partner_attention:.2f}; {result.partner_attention_init:.2f} at initialisation: pick that "
+            "layer to compare)."
+        ),
+        start_query=((first[0] + 0.5) / H, (first[1] + 0.5) / W),
+    )
+
+
+def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Explorer:
+    """The grounding toy's cross-attention on a held-out scene of three objects, trained and at initialisation.
+
+    The page keeps the prompt's real tokens (the padding, masked out, has weight 0 everywhere).
+    """
+    from ..toys import train_token_grounding
+    from ..viz import Explorer, ExplorerLayer
+
+    result = train_token_grounding(seed, progress_bar=progress_bar, **({} if steps is None else {"steps": steps}))
+    scenes = result.eval_scenes
+    b = int(np.flatnonzero(scenes.lengths == scenes.lengths.max())[0])  # a scene with three objects
+    real = np.flatnonzero(scenes.context_mask[b])
+    tokens = [scenes.prompt(b)[t] for t in real]
+    H, W = scenes.images.shape[1:3]
+    layers = [
+        ExplorerLayer(name, "cross", (H, W), w[b][None][..., real])  # (1, heads, N, real tokens)
+        for name, w in (("trained", result.weights), ("at initialisation", result.weights_init))
+    ]
+    rows, cols = np.nonzero(scenes.masks[b, 0])
+    ious = ", ".join(f"{w} {v:.2f}" for w, v in result.iou.items())
+    return Explorer(
+        layers=tuple(layers),
+        image=np.clip(scenes.images[b], 0.0, 1.0),
+        tokens=tokens,
+        title="Cross-attention learns which pixels each word names",
+        notes=(
+            f"A cross-attention block trained ({len(result.losses)} Adam steps, {result.seconds:.0f} s) to copy "
+            "numbers carried by the words of the prompt to the pixels of the objects they name. Click a word: "
+            f"trained, each colour and shape word is read by its own object's pixels (held-out IoU: {ious}); "
+            "the background reads <sot>, 'and' and <eot>."
+        ),
+        start_query=((rows.mean() + 0.5) / H, (cols.mean() + 0.5) / W),
+    )
+
+
+# name → (help, builder): builder(steps=None or the --steps given, seed=...) -> Explorer
+SOURCES: dict[str, tuple[str, Callable[..., Explorer]]] = {
+    "long-range": ("the long-range toy's self-attention", long_range_explorer),
+    "grounding": ("the grounding toy's cross-attention", grounding_explorer),
+}
+
+
+def _source(value: str) -> str:
+    if value in SOURCES:
+        return value
+    if not value.endswith(".npz"):
+        raise argparse.ArgumentTypeError(f"{value!r} is neither one of {list(SOURCES)} nor a .npz file")
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options, for ``python -m attention_ref explore``."""
+    parser.add_argument("--out", default="explorer.html", help="the page to write (default: explorer.html)")
+    choices = "; ".join(f"{k}: {v[0]}" for k, v in SOURCES.items())
+    parser.add_argument(
+        "--source",
+        type=_source,
+        default="long-range",
+        help=f"what to show: {choices}; or FILE.npz written by Explorer.save_npz (default: long-range)",
+    )
+    parser.add_argument("--steps", type=int, help="training steps of a toy (default: the toy's own)")
+    parser.add_argument("--seed", type=int, default=0, help="the toy's seed (default 0)")
+    parser.add_argument("--npz", help="also write the page's data to this .npz file")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Build the page of ``args.source``, write it to ``args.out``, and say what it holds."""
+    start = time.perf_counter()
+    if args.source in SOURCES:
+        page = SOURCES[args.source][1](steps=args.steps, seed=args.seed)
+    else:
+        from ..viz import load_explorer
+
+        if args.steps is not None:
+            print("--steps applies to the toys, not to a .npz file", file=sys.stderr)
+            return 2
+        page = load_explorer(args.source)
+    out = page.save(args.out)
+    if args.npz:
+        page.save_npz(args.npz)
+    layers = ", ".join(f"{L.name} ({L.kind}, {L.grid[0]}×{L.grid[1]})" for L in page.layers)
+    print(f"{out}: {Path(out).stat().st_size / 1024:.0f} KiB, layers {layers}; open it in any browser")
+    print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0

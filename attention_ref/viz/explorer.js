@@ -1,0 +1,386 @@
+// The attention explorer's script (plain JavaScript, no library): it reads the JSON that
+// attention_ref.viz.explorer wrote into <script id="explorer-data"> (Explorer.page_data) and draws
+// the chosen map on canvases. Weights are float32 (steps, heads, queries, keys), row-major; pixel n of an
+// H×W map is row n / W, column n % W.
+"use strict";
+(function () {
+  const data = JSON.parse(document.getElementById("explorer-data").textContent);
+  const $ = (id) => document.getElementById(id);
+  const PANEL = 360; // CSS pixels of a panel's longer side
+
+  // ----- data ----------------------------------------------------------------------------------
+  // base64 → bytes; the arrays were written little-endian, the byte order of every browser's platform
+  function bytesOf(b64) {
+    const s = atob(b64);
+    const out = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+    return out;
+  }
+  const colours = bytesOf(data.colours); // 256 × (R, G, B)
+  const layers = data.layers;
+  function weightsOf(L) {
+    if (!L.w) L.w = new Float32Array(bytesOf(L.weights).buffer); // decoded on first use
+    return L.w;
+  }
+  const tokens = data.tokens;
+  const firstWord = Math.max(0, data.special.indexOf(false));
+
+  const state = {
+    layer: 0,
+    head: -1, // -1: the mean over the heads
+    step: 0,
+    scale: "max",
+    query: data.startQuery.slice(), // fractional (y, x): the same place at every grid
+    pinned: false,
+    word: firstWord,
+    opacity: data.image ? 0.75 : 1,
+    pointer: null, // fractional (y, x) of the pointer over the map, for the value under it
+  };
+
+  // w[step, head, q, k], or its mean over the heads when state.head is -1
+  function weight(L, q, k) {
+    const w = weightsOf(L);
+    const at = (h) => w[((state.step * L.heads + h) * L.queries + q) * L.keys + k];
+    if (state.head >= 0) return at(state.head);
+    let sum = 0;
+    for (let h = 0; h < L.heads; h++) sum += at(h);
+    return sum / L.heads;
+  }
+
+  function pixelAt(L, pos) {
+    const [H, W] = L.grid;
+    return [Math.min(H - 1, Math.floor(pos[0] * H)), Math.min(W - 1, Math.floor(pos[1] * W))];
+  }
+
+  // The row of a self-attention layer for the query position: the pixel under it, or, when the
+  // layer keeps only some rows, the one whose pixel centre is nearest.
+  function queryRow(L) {
+    const [H, W] = L.grid;
+    if (!L.queryPixels) {
+      const [r, c] = pixelAt(L, state.query);
+      return { row: r * W + c, pixel: [r, c] };
+    }
+    let best = 0;
+    let bestDistance = Infinity;
+    L.queryPixels.forEach(([r, c], i) => {
+      const d = ((r + 0.5) / H - state.query[0]) ** 2 + ((c + 0.5) / W - state.query[1]) ** 2;
+      if (d < bestDistance) [best, bestDistance] = [i, d];
+    });
+    return { row: best, pixel: L.queryPixels[best] };
+  }
+
+  // The map on show: its H·W values, row-major, and what they are.
+  function currentMap() {
+    const L = layers[state.layer];
+    const N = L.grid[0] * L.grid[1];
+    const values = new Float64Array(N);
+    if (L.kind === "self") {
+      const { row, pixel } = queryRow(L);
+      for (let k = 0; k < N; k++) values[k] = weight(L, row, k); // the query's row
+      return { L, values, pixel };
+    }
+    for (let n = 0; n < N; n++) values[n] = weight(L, n, state.word); // the word's column
+    return { L, values, pixel: pixelAt(L, state.query) };
+  }
+
+  // The ends [lo, hi] of the colour scale (data.scales says what each choice means).
+  function scaleRange(m) {
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const v of m.values) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)];
+    if (state.scale === "unit") return [0, 1];
+    if (state.scale === "minmax") return [lo, hi];
+    if (state.scale === "words") {
+      for (let t = 0; t < m.L.keys; t++)
+        for (let n = 0; n < m.values.length; n++) hi = Math.max(hi, weight(m.L, n, t));
+    }
+    return [0, hi];
+  }
+
+  // the colour table's entry for v: t = (v − lo) / (hi − lo) in [0, 1] → entry min(⌊256 t⌋, 255)
+  function colourIndex(v, lo, hi) {
+    if (!(hi > lo)) return 0;
+    return Math.min(255, Math.max(0, Math.floor(((v - lo) / (hi - lo)) * 256)));
+  }
+
+  function fmt(v) {
+    if (v === 0) return "0";
+    return Math.abs(v) >= 0.001 ? v.toPrecision(3) : v.toExponential(2);
+  }
+
+  // ----- drawing -------------------------------------------------------------------------------
+  const image = data.image ? imageCanvas(data.image, false) : null;
+  const grey = data.image ? imageCanvas(data.image, true) : null;
+  const cells = document.createElement("canvas"); // the map at its own resolution, one cell a pixel
+
+  function imageCanvas(img, inGrey) {
+    const rgb = bytesOf(img.rgb);
+    const c = document.createElement("canvas");
+    [c.width, c.height] = [img.width, img.height];
+    const out = new ImageData(img.width, img.height);
+    for (let i = 0; i < img.width * img.height; i++) {
+      const [r, g, b] = [rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]];
+      const y = 0.299 * r + 0.587 * g + 0.114 * b; // luminance
+      out.data.set(inGrey ? [y, y, y, 255] : [r, g, b, 255], 4 * i);
+    }
+    c.getContext("2d").putImageData(out, 0, 0);
+    return c;
+  }
+
+  // Both panels' size: the image's shape, or the map's when there is no image.
+  function panelSize(L) {
+    const [h, w] = data.image ? [data.image.height, data.image.width] : L.grid;
+    return w >= h ? [PANEL, Math.round((PANEL * h) / w)] : [Math.round((PANEL * w) / h), PANEL];
+  }
+
+  function resize(canvas, [w, h]) {
+    if (canvas.width !== w || canvas.height !== h) [canvas.width, canvas.height] = [w, h];
+    return canvas.getContext("2d");
+  }
+
+  function drawBackdrop(ctx, source, [w, h]) {
+    ctx.globalAlpha = 1;
+    // smooth a large image as it shrinks; enlarge a small one pixel by pixel, as it is
+    ctx.imageSmoothingEnabled = Boolean(source) && source.width > w;
+    if (source) ctx.drawImage(source, 0, 0, w, h);
+    else {
+      ctx.fillStyle = "#3a3a3a";
+      ctx.fillRect(0, 0, w, h);
+    }
+  }
+
+  function drawMap(m, lo, hi, size) {
+    const [H, W] = m.L.grid;
+    [cells.width, cells.height] = [W, H];
+    const rgba = new ImageData(W, H);
+    m.values.forEach((v, n) => {
+      const i = colourIndex(v, lo, hi);
+      rgba.data.set([colours[3 * i], colours[3 * i + 1], colours[3 * i + 2], 255], 4 * n);
+    });
+    cells.getContext("2d").putImageData(rgba, 0, 0);
+    const ctx = resize($("map"), size);
+    drawBackdrop(ctx, grey, size);
+    ctx.globalAlpha = state.opacity;
+    ctx.imageSmoothingEnabled = false; // each cell a sharp rectangle: the map at its true resolution
+    ctx.drawImage(cells, 0, 0, size[0], size[1]);
+    ctx.globalAlpha = 1;
+  }
+
+  // × on a pixel of grid (H, W), drawn over a canvas of size [w, h]
+  function cross(ctx, [r, c], [H, W], [w, h], colour) {
+    const [x, y] = [((c + 0.5) * w) / W, ((r + 0.5) * h) / H];
+    const s = Math.min(14, Math.max(5, Math.min(w / W, h / H) * 0.4)); // half the arm
+    ctx.lineCap = "round";
+    for (const [width, stroke] of [[5, "#000"], [2.5, colour]]) {
+      ctx.lineWidth = width;
+      ctx.strokeStyle = stroke;
+      ctx.beginPath();
+      ctx.moveTo(x - s, y - s);
+      ctx.lineTo(x + s, y + s);
+      ctx.moveTo(x + s, y - s);
+      ctx.lineTo(x - s, y + s);
+      ctx.stroke();
+    }
+  }
+
+  function drawMarks(m, size) {
+    const [H, W] = m.L.grid;
+    const imageMarks = resize($("image-marks"), size);
+    const mapMarks = resize($("map-marks"), size);
+    for (const ctx of [imageMarks, mapMarks]) ctx.clearRect(0, 0, size[0], size[1]);
+    if (m.L.queryPixels) {
+      // ○ on every query pixel the layer keeps: white on black, visible on any image
+      const radius = Math.min(12, Math.max(5, Math.min(size[0] / W, size[1] / H) * 0.3));
+      for (const [r, c] of m.L.queryPixels) {
+        for (const [width, stroke] of [[4, "#000"], [2, "#fff"]]) {
+          imageMarks.lineWidth = width;
+          imageMarks.strokeStyle = stroke;
+          imageMarks.beginPath();
+          imageMarks.arc(((c + 0.5) * size[0]) / W, ((r + 0.5) * size[1]) / H, radius, 0, 2 * Math.PI);
+          imageMarks.stroke();
+        }
+      }
+    }
+    const colour = state.pinned ? "#ff3df5" : "#33e0ff";
+    cross(imageMarks, m.pixel, [H, W], size, colour);
+    cross(mapMarks, m.pixel, [H, W], size, colour);
+  }
+
+  function drawColourBar(m, lo, hi) {
+    const bar = $("bar").getContext("2d");
+    const strip = new ImageData(256, 1);
+    for (let i = 0; i < 256; i++) strip.data.set([colours[3 * i], colours[3 * i + 1], colours[3 * i + 2], 255], 4 * i);
+    bar.putImageData(strip, 0, 0);
+    $("ticks").replaceChildren(
+      ...[0, 0.25, 0.5, 0.75, 1].map((f) => {
+        const span = document.createElement("span");
+        span.style.left = `${100 * f}%`;
+        span.textContent = fmt(lo + f * (hi - lo));
+        return span;
+      })
+    );
+    const what = m.L.kind === "self" ? "the query's weight on each pixel" : "each pixel's weight on the word";
+    $("scale-label").textContent = `Colour: ${what}; the scale runs from ${data.scales[state.scale]} (${fmt(lo)} to ${fmt(hi)}).`;
+  }
+
+  // ----- words and text ------------------------------------------------------------------------
+  function drawWords(m) {
+    const buttons = $("prompt").children;
+    const n = m.pixel[0] * m.L.grid[1] + m.pixel[1];
+    for (let t = 0; t < buttons.length; t++) {
+      buttons[t].classList.toggle("active", m.L.kind === "cross" && t === state.word);
+      buttons[t].querySelector("small").textContent = m.L.kind === "cross" ? fmt(weight(m.L, n, t)) : "";
+    }
+  }
+
+  function describe(m) {
+    const L = m.L;
+    const [H, W] = L.grid;
+    let best = 0;
+    let sum = 0;
+    m.values.forEach((v, n) => {
+      sum += v;
+      if (v > m.values[best]) best = n;
+    });
+    const top = `(${Math.floor(best / W)}, ${best % W})`;
+    let head = state.head >= 0 ? `head ${state.head}` : `mean of ${L.heads} heads`;
+    if (L.headMean) head = "mean of the heads (as stored)";
+    else if (L.heads === 1) head = "1 head";
+    const step = data.steps.length ? `, step ${data.steps[state.step]}` : "";
+    const where = `layer ${L.name} (${H}×${W}), ${head}${step}`;
+    const pin = state.pinned ? " (pinned)" : "";
+    if (L.kind === "self") {
+      const kept = L.queryPixels ? ` This layer keeps the rows of ${L.queries} query pixels (○); the nearest is shown.` : "";
+      return (
+        `Self-attention of query pixel (${m.pixel[0]}, ${m.pixel[1]})${pin} in ${where}: its ${H * W} weights ` +
+        `sum to ${sum.toFixed(3)}; the largest, ${fmt(m.values[best])}, is on pixel ${top}.${kept}`
+      );
+    }
+    return (
+      `Cross-attention of the word “${tokens[state.word]}” (token ${state.word}) in ${where}: the weight each ` +
+      `pixel gives it; the largest, ${fmt(m.values[best])}, is at pixel ${top}. Under the words: the ` +
+      `weights of pixel (${m.pixel[0]}, ${m.pixel[1]})${pin}, which sum to 1 over the ${L.keys} tokens.`
+    );
+  }
+
+  function describePointer(m) {
+    if (!state.pointer) return "Point at the map to read a weight.";
+    const [r, c] = pixelAt(m.L, state.pointer);
+    return `Under the pointer: pixel (${r}, ${c}), weight ${fmt(m.values[r * m.L.grid[1] + c])}.`;
+  }
+
+  // ----- the whole page ------------------------------------------------------------------------
+  function render() {
+    const m = currentMap();
+    const [lo, hi] = scaleRange(m);
+    const size = panelSize(m.L);
+    drawBackdrop(resize($("image"), size), image, size);
+    drawMap(m, lo, hi, size);
+    drawMarks(m, size);
+    drawColourBar(m, lo, hi);
+    drawWords(m);
+    $("readout").textContent = describe(m);
+    $("hover").textContent = describePointer(m);
+    // what is on show, readable from the page (the tests compare it with the library's weights)
+    const map = $("map");
+    map.dataset.values = JSON.stringify(Array.from(m.values));
+    map.dataset.range = JSON.stringify([lo, hi]);
+    map.dataset.grid = JSON.stringify(m.L.grid);
+    map.dataset.pixel = JSON.stringify(m.pixel);
+    map.dataset.word = m.L.kind === "cross" ? String(state.word) : "";
+  }
+
+  // ----- controls ------------------------------------------------------------------------------
+  function option(select, value, text) {
+    const o = document.createElement("option");
+    [o.value, o.textContent] = [String(value), text];
+    select.append(o);
+  }
+
+  function setLayer(i) {
+    state.layer = i;
+    const L = layers[i];
+    $("layer").value = String(i);
+    const head = $("head");
+    head.replaceChildren();
+    if (L.headMean) option(head, -1, "mean of heads (as stored)");
+    else if (L.heads === 1) option(head, -1, "the only head");
+    else {
+      option(head, -1, `mean of ${L.heads} heads`);
+      for (let h = 0; h < L.heads; h++) option(head, h, `head ${h}`);
+    }
+    if (state.head >= (L.headMean ? 0 : L.heads)) state.head = -1;
+    head.value = String(state.head);
+    const words = $("scale").querySelector('option[value="words"]');
+    words.disabled = L.kind !== "cross";
+    if (words.disabled && state.scale === "words") state.scale = $("scale").value = "max";
+  }
+
+  layers.forEach((L, i) => option($("layer"), i, `${L.name} · ${L.kind}-attention · ${L.grid[0]}×${L.grid[1]}`));
+  for (const [key, text] of Object.entries(data.scales)) option($("scale"), key, text);
+  if (data.steps.length > 1) {
+    $("step").max = String(data.steps.length - 1);
+    $("step-label").textContent = data.steps[0];
+  } else $("step-box").hidden = true;
+  if (!data.image) $("opacity-box").hidden = true;
+  if (!tokens.length) $("prompt-box").hidden = true;
+  tokens.forEach((text, t) => {
+    const b = document.createElement("button");
+    b.className = data.special[t] ? "word special" : "word";
+    b.type = "button";
+    b.dataset.index = String(t);
+    b.append(text, document.createElement("small"));
+    b.addEventListener("click", () => {
+      state.word = t;
+      // on a self-attention layer a word shows a cross-attention layer, at the same grid when there is one
+      const L = layers[state.layer];
+      if (L.kind !== "cross") {
+        const crossLayers = layers.map((K, i) => [K, i]).filter(([K]) => K.kind === "cross");
+        const same = crossLayers.find(([K]) => K.grid[0] === L.grid[0] && K.grid[1] === L.grid[1]);
+        if (crossLayers.length) setLayer((same || crossLayers[0])[1]);
+      }
+      render();
+    });
+    $("prompt").append(b);
+  });
+
+  $("layer").addEventListener("change", (e) => { setLayer(Number(e.target.value)); render(); });
+  $("head").addEventListener("change", (e) => { state.head = Number(e.target.value); render(); });
+  $("scale").addEventListener("change", (e) => { state.scale = e.target.value; render(); });
+  $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value); render(); });
+  $("step").addEventListener("input", (e) => {
+    state.step = Number(e.target.value);
+    $("step-label").textContent = data.steps[state.step];
+    render();
+  });
+
+  // the pointer's fractional (y, x) on a panel's canvas
+  function position(e, canvas) {
+    const box = canvas.getBoundingClientRect();
+    const clamp = (v) => Math.min(1, Math.max(0, v));
+    return [clamp((e.clientY - box.top) / box.height), clamp((e.clientX - box.left) / box.width)];
+  }
+  function samePixel(a, b) {
+    const [p, q] = [pixelAt(layers[state.layer], a), pixelAt(layers[state.layer], b)];
+    return p[0] === q[0] && p[1] === q[1];
+  }
+  const imageStack = $("image-stack");
+  imageStack.addEventListener("mousemove", (e) => {
+    if (state.pinned) return;
+    state.query = position(e, $("image"));
+    render();
+  });
+  imageStack.addEventListener("click", (e) => {
+    const pos = position(e, $("image"));
+    state.pinned = !(state.pinned && samePixel(pos, state.query));
+    state.query = pos;
+    render();
+  });
+  const mapStack = $("map-stack");
+  mapStack.addEventListener("mousemove", (e) => { state.pointer = position(e, $("map")); render(); });
+  mapStack.addEventListener("mouseleave", () => { state.pointer = null; render(); });
+
+  setLayer(0);
+  $("opacity").value = String(state.opacity);
+  render();
+})();
