@@ -9,9 +9,9 @@ r"""``trace``: which pixels read which words in a diffusers model, computed by t
     maps = tr.word_maps(prompt, ["dog", "sofa"], pipe.tokenizer)     # (B, 2, h, w)
 
 **What is recorded.** For every call of every diffusers ``Attention`` module inside the model,
-the attention weights are computed *here*, in NumPy, from that module's own parameters (read with
-:func:`attention_ref.interop.from_diffusers`) and that call's actual inputs, by the chain of
-operations of :func:`attention_ref.attention_layer_forward`:
+the attention weights are computed by the reference's own operations (:mod:`attention_ref.ops`, the
+chain of :func:`attention_ref.attention_layer_forward`) from that module's own parameters (read with
+:func:`attention_ref.interop.from_diffusers`) and that call's actual inputs:
 
 .. math::
     n = \mathrm{GroupNorm}(h)\ \text{(if the module has one)}, \quad
@@ -23,7 +23,10 @@ heads split head-major, ``bias`` diffusers' additive ``attention_mask`` (``−in
 boolean mask: a query with no allowed key gets weights 0). Nothing of the module's output is
 used, so the weights are the same whatever processor is installed (xformers, sliced, a custom
 one) and whatever precision the model runs in: the inputs are converted exactly to ``dtype``
-(float32 by default, float64 on request) and everything is computed in it.
+(float32 by default, float64 on request) and everything is computed in it. The reference's code
+takes its array namespace from its inputs, so it runs on the call's own torch tensors, on the
+model's device (CPU threads or GPU) — nothing is copied to the host but the recorded maps, when they
+are read.
 
 * cross-attention: the ``(B, heads, H, W, M)`` maps (pixel ``(row, col)``'s weights over the ``M``
   context tokens), or their mean over the heads ``(B, H, W, M)`` (``heads="mean"``, the default);
@@ -43,7 +46,7 @@ with no such module a ``ValueError`` names the layer.
 ``Attention`` modules and pre-/post-hooks to the modules that enclose them; it replaces no processor
 and changes no tensor, so the model's output is bitwise the same as without it. Every hook is removed
 when the ``with`` block ends, also after an exception. The weights are computed during the model's
-forward pass (on the CPU, in NumPy): that is the trace's time overhead (see ``docs/trace.md``).
+forward pass: that is the trace's time overhead (see ``docs/trace.md``).
 
 **Memory.** ``keep="sum"`` (default) keeps, per layer, the sum of its maps over the calls (the
 denoising steps): memory does not grow with the number of steps. ``keep="all"`` keeps every call's
@@ -58,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import Array, namespace, to_numpy
 from ..ops.group_norm import group_norm_forward
 from ..ops.heads import split_heads
 from ..ops.linear import linear_forward
@@ -104,33 +108,35 @@ def _check_positions(self_queries: Any) -> np.ndarray | str | None:
 
 
 def attention_weights(
-    h: np.ndarray,
-    params: dict[str, np.ndarray],
+    h: Array,
+    params: dict[str, Array],
     options: dict[str, Any],
     *,
-    context: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    bias: np.ndarray | None = None,
-    rows: np.ndarray | None = None,
-) -> np.ndarray:
+    context: Array | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    rows: Array | None = None,
+) -> Array:
     """The attention weights of a diffusers ``Attention`` on one call, rows ``rows`` only.
 
     The chain of :func:`attention_ref.attention_layer_forward` up to the softmax, without the values
-    and the output projection, and only for the query rows asked for.
+    and the output projection, and only for the query rows asked for. Any backend (the trace runs it on
+    the model's own torch tensors, on the model's device).
 
     Inputs:
         h: ``(B, N, C)`` the call's tokens (a ``(B, C, H, W)`` input as ``(B, H·W, C)``, row-major).
         params, options: from :func:`attention_ref.interop.from_diffusers` (``heads``, ``scale``, and
-            ``groups``, ``eps`` when the module has a group norm), h's dtype.
+            ``groups``, ``eps`` when the module has a group norm), h's dtype and backend.
         context: ``(B, M, D)`` for cross-attention, ``None`` for self-attention (keys are ``h``'s tokens).
         mask: boolean ``(B, 1, 1 or N, M)``, True = may attend; bias: ``(B, 1, 1 or N, M)`` added to the
             logits (diffusers' additive ``attention_mask``); both optional, rows of ``N`` as given.
-        rows: ``(Q,)`` int query tokens to compute; ``None`` for all ``N``.
+        rows: ``(Q,)`` integer query tokens to compute (h's backend); ``None`` for all ``N``.
 
     Returns:
         ``(B, heads, Q, M)`` weights (``M = N`` for self-attention); each row sums to 1 (0 when every key
         of it is masked).
     """
+    xp = namespace(h)
     # n = GroupNorm(h) over the N tokens of each sample, when the module has a group norm   (B, N, C)
     n = h
     if "norm.weight" in params:
@@ -138,49 +144,35 @@ def attention_weights(
                                   eps=options["eps"])  # fmt: skip
     # s = n (self-attention) or the context (cross-attention)   (B, M, C or D)
     s = n if context is None else context
-    queries = n if rows is None else n[:, rows]  # (B, Q, C)
+    queries = n if rows is None else xp.take(n, rows, axis=1)  # (B, Q, C)
     # Q = n W_q + b_q   (B, Q, inner);   K = s W_k + b_k   (B, M, inner)
     q, _ = linear_forward(queries, params["q.weight"], params.get("q.bias"))
     k, _ = linear_forward(s, params["k.weight"], params.get("k.bias"))
     heads = options["heads"]
     qh, kh = split_heads(q, heads), split_heads(k, heads)  # (B, heads, Q, d), (B, heads, M, d)
     # S = (scale · Q_j) K_jᵀ   (B, heads, Q, M)
-    logits = np.matmul(options["scale"] * qh, np.swapaxes(kh, -1, -2))
+    logits = xp.matmul(options["scale"] * qh, xp.matrix_transpose(kh))
     if bias is not None:
         # S = scale · Q_j K_jᵀ + bias
-        logits += bias if rows is None or bias.shape[-2] == 1 else bias[..., rows, :]
+        logits += bias if rows is None or bias.shape[-2] == 1 else xp.take(bias, rows, axis=-2)
     if mask is not None and rows is not None and mask.shape[-2] != 1:
-        mask = mask[..., rows, :]
+        mask = xp.take(mask, rows, axis=-2)
     # P_j = softmax(S) over the allowed keys of each row, in the logits' memory   (B, heads, Q, M)
     return softmax_overwriting(logits, axis=-1, mask=mask)
 
 
-def _as_array(t: Any, dtype: np.dtype) -> np.ndarray:
-    """A torch tensor (any dtype, any device) as a NumPy array of ``dtype``, converted exactly by torch."""
-    import torch
-
-    if not isinstance(t, torch.Tensor):
-        return np.asarray(t, dtype=dtype)
-    return t.detach().to(device="cpu", dtype=getattr(torch, dtype.name)).numpy()
-
-
-def _mask_and_bias(
-    attention_mask: Any, batch: int, queries: int, keys: int, dtype: np.dtype, where: str
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """diffusers' ``attention_mask`` as ``(mask, bias)``, each ``(B, 1, 1 or N, M)`` or ``None``.
+def _mask_and_bias(attention_mask: Any, batch: int, queries: int, keys: int, dtype: Any, where: str) -> tuple[Any, Any]:
+    """diffusers' ``attention_mask`` (a torch tensor) as ``(mask, bias)`` tensors ``(B, 1, 1 or N, M)``, or ``None``.
 
     A boolean mask (True = keep) is the mask. An additive one (diffusers turns ``encoder_attention_mask``
-    into 0 / −10000) is the bias, its ``−inf`` entries the mask. Shapes ``(B, M)``, ``(B, 1, M)``,
-    ``(B, N, M)`` (``B`` may be 1).
+    into 0 / −10000) is the bias, converted to ``dtype``, and its ``−inf`` entries the mask. Shapes
+    ``(B, M)``, ``(B, 1, M)``, ``(B, N, M)`` (``B`` may be 1).
     """
-    if attention_mask is None:
-        return None, None
     import torch
 
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
-        a = attention_mask.detach().cpu().numpy()
-    else:
-        a = _as_array(attention_mask, dtype)
+    if attention_mask is None:
+        return None, None
+    a = attention_mask.detach()
     if a.ndim == 2:
         a = a[:, None, :]
     if a.ndim != 3 or a.shape[0] not in (1, batch) or a.shape[1] not in (1, queries) or a.shape[2] != keys:
@@ -189,14 +181,15 @@ def _mask_and_bias(
             f"{queries} queries and {keys} keys (expected (B, M), (B, 1, M) or (B, N, M))"
         )
     a = a[:, None]  # (B, 1, 1 or N, M)
-    if a.dtype == bool:
+    if a.dtype == torch.bool:
         return a, None
-    finite = np.isfinite(a)
-    if np.any(np.isnan(a)) or np.any(a == np.inf):
+    a = a.to(dtype)
+    if torch.any(torch.isnan(a)) or torch.any(a == torch.inf):
         raise ValueError(f"{where}: attention_mask holds NaN or +inf")
-    mask = None if finite.all() else finite
-    bias = np.where(finite, a, 0.0).astype(dtype, copy=False)
-    return mask, (bias if np.any(bias != 0) else None)
+    finite = torch.isfinite(a)
+    mask = None if bool(torch.all(finite)) else finite
+    bias = torch.where(finite, a, torch.zeros((), dtype=dtype, device=a.device))
+    return mask, (bias if bool(torch.any(bias != 0)) else None)
 
 
 @dataclass(eq=False)
@@ -229,8 +222,8 @@ class LayerRecord:
     query_pixels: np.ndarray | None = None
     calls: int = 0
     steps: list[int] = field(default_factory=list)
-    _total: np.ndarray | None = field(default=None, repr=False)
-    _each: list[np.ndarray] = field(default_factory=list, repr=False)
+    _total: Array | None = field(default=None, repr=False)  # keep="sum": the running sum (the model's backend)
+    _each: list[Array] = field(default_factory=list, repr=False)  # keep="all": each call's maps
 
     @property
     def queries(self) -> int:
@@ -256,20 +249,19 @@ class LayerRecord:
         pixels, laid out as a map.
         """
         if self.keep == "sum":
-            out = self._total.view() if self._total is not None else np.zeros(self.map_shape, np.float32)
+            out = to_numpy(self._total).copy() if self._total is not None else np.zeros(self.map_shape, np.float32)
         else:
-            out = np.stack(self._each) if self._each else np.zeros((0, *self.map_shape), np.float32)
+            out = np.stack([to_numpy(a) for a in self._each]) if self._each else np.zeros((0, *self.map_shape))
         out.flags.writeable = False
         return out
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the recorded maps."""
-        if self._total is not None:
-            return int(self._total.nbytes)
-        return int(sum(a.nbytes for a in self._each))
+        held = [self._total] if self._total is not None else self._each
+        return int(sum(a.nbytes for a in held))
 
-    def _add(self, maps: np.ndarray, step: int) -> None:
+    def _add(self, maps: Array, step: int) -> None:
         if maps.shape != self.map_shape:
             raise ValueError(
                 f"{self.name}: a call gave maps of shape {maps.shape}, earlier calls {self.map_shape} "
@@ -277,9 +269,9 @@ class LayerRecord:
             )
         if self.keep == "sum":
             if self._total is None:
-                self._total = maps.copy()
+                self._total = maps
             else:
-                self._total += maps
+                self._total = self._total + maps
         else:
             self._each.append(maps)
         self.calls += 1
@@ -293,13 +285,13 @@ class LayerRecord:
         if steps is None:
             if self.calls == 0:
                 return np.zeros(self._mean_shape(), np.float32), 0
-            total = self._total if self.keep == "sum" else np.sum(self._each, axis=0)
+            total = to_numpy(self._total) if self.keep == "sum" else np.sum([to_numpy(a) for a in self._each], axis=0)
             count = self.calls
         else:
             if self.keep != "all":
                 raise ValueError(f"{self.name}: picking steps needs the trace made with keep='all'")
             wanted = set(steps)
-            chosen = [a for a, s in zip(self._each, self.steps, strict=True) if s in wanted]
+            chosen = [to_numpy(a) for a, s in zip(self._each, self.steps, strict=True) if s in wanted]
             if not chosen:
                 return np.zeros(self._mean_shape(), np.float32), 0
             total, count = np.sum(chosen, axis=0), len(chosen)
@@ -322,7 +314,7 @@ class LayerRecord:
         if not -self.batch <= batch < self.batch:
             raise ValueError(f"{self.name}: batch {batch} is outside the {self.batch} samples")
         H, W = self.grid
-        per_call = [self._total / self.calls] if self.keep == "sum" else self._each
+        per_call = [to_numpy(self._total) / self.calls] if self.keep == "sum" else [to_numpy(a) for a in self._each]
         steps = []
         for m in per_call:
             w = m[batch] if not self.head_mean else m[batch][None]  # (heads, H, W, M) or (heads, Q, H, W)
@@ -504,12 +496,20 @@ class Trace:
             "(a Transformer2DModel, a UNet)"
         )
 
-    def _module_params(self, name: str, module: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """``from_diffusers(module)`` in the trace's dtype, read again only when a parameter changed."""
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
+    def _module_params(self, name: str, module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``from_diffusers(module)`` in the trace's dtype, as tensors on the module's device.
+
+        Read again only when a parameter changed (its storage, version counter, dtype or device).
+        """
+        import torch
+
+        parameters = list(module.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parameters)
         cached = self._params.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, from_diffusers(module, dtype=self.dtype))
+            params, options = from_diffusers(module, dtype=self.dtype)
+            device = parameters[0].device if parameters else "cpu"
+            cached = (key, ({k: torch.from_numpy(v).to(device) for k, v in params.items()}, options))
             self._params[name] = cached
         return cached[1]
 
@@ -523,30 +523,35 @@ class Trace:
             )
         grid = self._grid_of(name, hidden)
         params, options = self._module_params(name, module)
-        tokens = hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden  # (B, H·W, C), row-major
-        h = _as_array(tokens, self.dtype)  # (B, N, C)
-        B, N = h.shape[0], h.shape[1]
-        ctx = None
-        if context is not None:
-            if not hasattr(context, "ndim") or context.ndim != 3 or context.shape[0] != B:
-                shape = tuple(getattr(context, "shape", ()))
-                raise ValueError(f"{name}: encoder_hidden_states of shape {shape} is not (B, M, D) with B = {B}")
-            ctx = _as_array(context, self.dtype)  # (B, M, D)
-        keys = N if ctx is None else ctx.shape[1]
-        mask, bias = _mask_and_bias(attention_mask, B, N, keys, self.dtype, name)
-        pixels = rows = None
-        if kind == "self" and isinstance(self.positions, np.ndarray):
-            pixels = query_pixels(self.positions, grid)
-            rows = pixels[:, 0] * grid[1] + pixels[:, 1]  # token row·W + col
-        P = attention_weights(h, params, options, context=ctx, mask=mask, bias=bias, rows=rows)  # (B, heads, Q, K)
-        H, W = grid
-        heads = options["heads"]
-        if kind == "cross":
-            maps = P.reshape(B, heads, H, W, keys)  # (B, heads, H, W, M)
-        else:
-            maps = P.reshape(B, heads, P.shape[2], H, W)  # (B, heads, Q, H, W)
-        if self.heads == "mean":
-            maps = maps.mean(axis=1)  # (B, H, W, M) or (B, Q, H, W)
+        import torch
+
+        torch_dtype = getattr(torch, self.dtype.name)
+        with torch.no_grad():
+            tokens = hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden  # (B, H·W, C), row-major
+            h = tokens.detach().to(dtype=torch_dtype)  # (B, N, C), converted exactly (from float16, bfloat16, ...)
+            B, N = h.shape[0], h.shape[1]
+            ctx = None
+            if context is not None:
+                if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B:
+                    shape = tuple(getattr(context, "shape", ()))
+                    raise ValueError(f"{name}: encoder_hidden_states of shape {shape} is not (B, M, D) with B = {B}")
+                ctx = context.detach().to(dtype=torch_dtype)  # (B, M, D)
+            keys = N if ctx is None else ctx.shape[1]
+            mask, bias = _mask_and_bias(attention_mask, B, N, keys, torch_dtype, name)
+            pixels = rows = None
+            if kind == "self" and isinstance(self.positions, np.ndarray):
+                pixels = query_pixels(self.positions, grid)
+                rows = torch.from_numpy(pixels[:, 0] * grid[1] + pixels[:, 1]).to(h.device)  # token row·W + col
+            # (B, heads, Q, K), computed where the model runs
+            P = attention_weights(h, params, options, context=ctx, mask=mask, bias=bias, rows=rows)
+            H, W = grid
+            heads = options["heads"]
+            if kind == "cross":
+                maps = P.reshape(B, heads, H, W, keys)  # (B, heads, H, W, M)
+            else:
+                maps = P.reshape(B, heads, P.shape[2], H, W)  # (B, heads, Q, H, W)
+            if self.heads == "mean":
+                maps = maps.mean(dim=1)  # (B, H, W, M) or (B, Q, H, W)
         record = self._records.get(name)
         if record is None:
             record = LayerRecord(name=name, kind=kind, grid=grid, heads=heads, keys=keys, batch=B,
