@@ -150,7 +150,7 @@ def test_full_self_attention_and_group_norm_path_equal_diffusers():
     finally:
         for h in handles:
             h.remove()
-    (name, attn, hidden, _, _), = calls
+    ((name, attn, hidden, _, _),) = calls
     assert hidden.ndim == 4 and attn.group_norm is not None
     record = tr.layer(name)
     assert record.grid == (6, 5) and record.query_pixels is None and record.queries == 30
