@@ -105,12 +105,16 @@ def toy_clip_tokenizer(words: Sequence[str], directory: str | Path, *, split: Se
         vocab[special] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"),
-                         model_max_length=77)  # fmt: skip
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
 
 
-def toy_text_encoder(vocab_size: int, *, width: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Any:
-    """A ``CLIPTextModel`` from a config (random weights, eval mode), 77 positions, ``width`` channels."""
+def toy_text_encoder(
+    vocab_size: int, *, bos: int, eos: int, width: int = 32, layers: int = 2, heads: int = 4, seed: int = 0
+) -> Any:
+    """A ``CLIPTextModel`` from a config (random weights, eval mode), 77 positions, ``width`` channels.
+
+    ``bos``, ``eos``: the tokenizer's start and end token ids (the end token's state is the pooled output).
+    """
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -122,6 +126,9 @@ def toy_text_encoder(vocab_size: int, *, width: int = 32, layers: int = 2, heads
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=77,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
     return CLIPTextModel(config).eval()
 
@@ -140,10 +147,17 @@ def toy_pipeline(
     scheduler with SD's noise schedule, no safety checker. Images are ``8·sample_size`` pixels square.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    import transformers
+    from diffusers import AutoencoderKL, DDIMScheduler
 
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # importing the pipeline reports optional image processors
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     tokenizer = toy_clip_tokenizer(words, directory, split=split)
-    text_encoder = toy_text_encoder(len(tokenizer), seed=seed)
+    text_encoder = toy_text_encoder(len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, seed=seed)
     unet = toy_unet(widths, sample_size=sample_size, cross_attention_dim=32, seed=seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
