@@ -428,3 +428,69 @@ def test_hand_made_records_aggregate_at_two_resolutions():
         tr.token_maps(normalize="softmax")
     with pytest.raises(ValueError, match="interpolation must be"):
         tr.token_maps(interpolation="lanczos")
+
+
+class WordTokenizer:
+    """A stand-in for a Hugging Face tokenizer: start token 0, end token 1, each word one or two ids."""
+
+    def __init__(self):
+        self.vocab = {"big": [2], "dog": [3], "on": [4], "sofa": [5, 6]}
+        self.all_special_ids = [0, 1]
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [i for word in text.split() for i in self.vocab[word]]
+        return {"input_ids": [0, *ids, 1] if add_special_tokens else ids}
+
+
+def test_word_maps_merge_sub_words_and_repeats_with_any_tokenizer():
+    tr = Trace(torch.nn.Module())
+    rng = np.random.default_rng(0)
+    w = rng.random((1, 3, 3, 8))
+    w /= w.sum(-1, keepdims=True)  # a pixel's weights over the 8 tokens sum to 1
+    record = LayerRecord("only", "cross", (3, 3), heads=1, keys=8, batch=1, head_mean=True, keep="sum")
+    record._add(w, 0)
+    tr.layers, tr._records = [record], {"only": record}
+    tok = WordTokenizer()
+    prompt = "big dog on sofa dog"  # ids [0, 2, 3, 4, 5, 6, 3, 1]
+    maps = tr.token_maps()
+    words = tr.word_maps(prompt, ["dog", "sofa"], tok)
+    np.testing.assert_allclose(words[0, 0], maps[0, 2] + maps[0, 6], atol=1e-15)  # both "dog"s
+    np.testing.assert_allclose(words[0, 1], maps[0, 4] + maps[0, 5], atol=1e-15)  # "so" + "fa"
+    np.testing.assert_allclose(tr.word_maps(prompt, "sofa", tok, merge="mean")[0, 0], words[0, 1] / 2, atol=1e-15)
+    daam = tr.word_maps(prompt, ["big", "dog", "on", "sofa"], tok, normalize="daam")
+    np.testing.assert_allclose(daam.sum(axis=1), 1.0, atol=1e-12)  # the word tokens (1 … 6) share each pixel
+    with pytest.raises(ValueError, match=r"'on sofa big' \(token ids \[4, 5, 6, 2\]\) is not in"):
+        tr.word_maps(prompt, ["on sofa big"], tok)
+    with pytest.raises(ValueError, match="merge must be"):
+        tr.word_maps(prompt, ["dog"], tok, merge="max")
+
+
+def test_resize_modes_bicubic_clamped_area_exact():
+    from attention_ref.interop.aggregate import resize_maps
+
+    spike = np.zeros((1, 3, 3))
+    spike[0, 1, 1] = 1.0
+    raw = torch.nn.functional.interpolate(torch.from_numpy(spike)[None], size=(9, 9), mode="bicubic")
+    assert raw.min() < 0  # cubic convolution undershoots next to a spike ...
+    bicubic = resize_maps(spike, (9, 9), "bicubic")
+    assert bicubic.min() == 0 and np.allclose(bicubic, raw.clamp(min=0).numpy()[0])  # ... and is clamped at 0
+    fine = np.arange(16.0).reshape(4, 4)
+    np.testing.assert_allclose(resize_maps(fine, (2, 2), "area"), [[2.5, 4.5], [10.5, 12.5]], atol=1e-15)
+    np.testing.assert_array_equal(resize_maps(fine[None, None], (4, 4)), fine[None, None])  # same size: a copy
+    with pytest.raises(ValueError, match="size must be positive"):
+        resize_maps(fine, (0, 2))
+
+
+def test_plot_word_maps_images_and_refusals():
+    pytest.importorskip("matplotlib")
+    from attention_ref.viz import plot_word_maps
+
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    for image in (np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 0.5)):
+        fig = plot_word_maps(image, maps, ["dog", "sofa"], title="toy")
+        assert [ax.get_xlabel() for ax in fig.axes[:3]] == ["image", "dog", "sofa"]
+        assert fig.axes[1].images[1].get_extent() == [-0.5, 7.5, 7.5, -0.5]  # the 4×4 map stretched over 8×8
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        plot_word_maps(np.full((8, 8), 2.0), maps, ["dog", "sofa"])
+    with pytest.raises(ValueError, match=r"len\(words\)"):
+        plot_word_maps(np.zeros((8, 8)), maps, ["dog"])
