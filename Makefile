@@ -32,7 +32,7 @@ notebooks: $(STAMP)
 
 # The optional cross-check peers: CPU torch (pinned to the build on the machine's disk) and diffusers.
 peers: $(STAMP)
-	$(PY) -m pip install -q 'torch==2.13.0' 'diffusers>=0.30'
+	$(PY) -m pip install -q 'torch==2.13.0' 'diffusers>=0.30' 'transformers>=4.40'
 
 # Time and peak memory of the attention paths next to torch SDPA and the bare GEMMs (several minutes;
 # `make bench BENCH_ARGS=--quick` for N = 1024 and 4096 only). Writes bench-results.json.

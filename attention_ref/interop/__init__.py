@@ -1,20 +1,23 @@
-"""Loading the attention blocks of real diffusion models into attention_ref, and back.
+"""Loading the attention blocks of real diffusion models into attention_ref, and back; tracing them.
 
 * :func:`from_diffusers` — a diffusers ``Attention`` (self or cross);
 * :func:`from_diffusers_transformer2d` — a diffusers ``Transformer2DModel`` (Stable Diffusion's spatial transformer);
 * :func:`from_ldm_attnblock` — CompVis's VAE ``AttnBlock``;
 * :func:`from_guided_diffusion` — OpenAI's ``AttentionBlock`` (legacy or new q/k/v order);
-* :func:`to_diffusers` — reference parameters as a diffusers state dict (optionally loaded into a module).
+* :func:`to_diffusers` — reference parameters as a diffusers state dict (optionally loaded into a module);
+* :func:`trace` — which pixels read which words: the attention weights of every ``Attention`` call of a
+  diffusers model or pipeline, computed by the reference during a run (:mod:`.trace`, ``docs/trace.md``).
 
 Each ``from_*`` returns ``(params, options)``: NumPy parameters (float64 by default) and the
 keyword options of the matching ``*_forward``. A state dict is a mapping of names to torch
 tensors or NumPy arrays; nothing is unpickled here. This is the only part of the package that
-uses torch, and only :func:`to_diffusers` imports it (lazily).
+uses torch, and only :func:`to_diffusers`, :func:`trace` and the map resizing import it (lazily).
 """
 
 from .diffusers import from_diffusers, from_diffusers_transformer2d, to_diffusers
 from .guided_diffusion import from_guided_diffusion
 from .ldm import from_ldm_attnblock
+from .trace import LayerRecord, Trace, trace
 
 __all__ = [
     "from_diffusers",
@@ -22,4 +25,7 @@ __all__ = [
     "from_guided_diffusion",
     "from_ldm_attnblock",
     "to_diffusers",
+    "trace",
+    "Trace",
+    "LayerRecord",
 ]

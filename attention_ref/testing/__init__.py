@@ -15,13 +15,15 @@ reasoning), :mod:`.rounding` (the rounding model it rests on), :mod:`.harness`
 (``check_attention``), :mod:`.report`, :mod:`.torch_wrap` (``from_torch``), :mod:`.vectors`
 (test vectors for other languages), :mod:`.examples`, :mod:`.blocks`
 (``check_diffusers_attention``: a diffusers ``Attention`` module against the reference block;
-``check_attention_call``: one recorded call of one). torch is imported only when a torch
+``check_attention_call``: one recorded call of one), :mod:`.check_model` (``check_model``: every
+``Attention`` call of a whole diffusers model, layer by layer). torch is imported only when a torch
 function is called; ml_dtypes only for bfloat16. The policy, the figures and how to read a
 report: ``docs/oracle.md``.
 """
 
 from .blocks import BLOCK_CASES, BlockCase, check_attention_call, check_diffusers_attention
 from .cases import CASE_NAMES, FEATURES, Case, battery, reseeded
+from .check_model import LayerCall, ModelReport, check_model
 from .dtypes import DTYPES
 from .harness import MASKED_ROWS, NotSupported, assert_attention_close, check_attention
 from .report import OutputCheck, Report
@@ -37,6 +39,9 @@ __all__ = [
     "FEATURES",
     "reseeded",
     "check_attention_call",
+    "check_model",
+    "ModelReport",
+    "LayerCall",
     "from_torch",
     "Report",
     "OutputCheck",

@@ -35,6 +35,7 @@ from .tokens import (
     token_segmentation,
 )
 from .viewer import attention_viewer, widgets_available
+from .word_overlay import plot_word_maps
 
 __all__ = [
     "save_figure",
@@ -50,6 +51,7 @@ __all__ = [
     "plot_token_normalizations",
     "token_segmentation",
     "plot_token_segmentation",
+    "plot_word_maps",
     # distance
     "attention_distance",
     "mean_attention_distance",

@@ -1,0 +1,104 @@
+"""Time overhead of attention_ref.interop.trace: denoising steps of a U-Net with and without tracing.
+
+    python scripts/bench_trace.py                               # toy widths (32, 64, 128, 128), 32×32 latent
+    python scripts/bench_trace.py --widths 320 640 1280 1280 --side 32 --steps 3   # SD 1.5's widths
+    python scripts/bench_trace.py --device cuda                 # on a GPU (synchronised timings)
+
+A U-Net with Stable Diffusion 1.5's block layout (attention_ref.interop.toy_models.toy_unet, random weights)
+runs ``--steps`` denoising steps on a batch of 2 (classifier-free guidance) with a 77-token context, untraced
+and traced, the two alternating ``--repeats`` times; the ratio of the medians is printed for each trace
+setting. On the CPU the time is process time (all threads), which another job on a shared machine disturbs
+less than the wall clock; ``--threads`` sets torch's threads (default 1). This is a benchmark, not a test:
+nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from attention_ref.interop import trace
+    from attention_ref.interop.toy_models import toy_unet
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs=4, default=(32, 64, 128, 128))
+    parser.add_argument("--side", type=int, default=32, help="the latent's side (SD 1.5 at 512 px: 64)")
+    parser.add_argument("--context-dim", type=int, default=None, help="default: 32, or 768 with SD 1.5's widths")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    context_dim = args.context_dim or (768 if tuple(args.widths) == (320, 640, 1280, 1280) else 32)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    unet = toy_unet(args.widths, sample_size=args.side, cross_attention_dim=context_dim)
+    torch.nn.Module.to(unet, device, dtype)  # every parameter in dtype (no diffusers message)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, args.side, args.side, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, context_dim, generator=g).to(device, dtype)
+
+    def run() -> float:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter() if cuda else time.process_time()
+        with torch.no_grad():
+            for i in range(args.steps):
+                unet(x, 1000 - 40 * i, encoder_hidden_states=context)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() if cuda else time.process_time()) - start
+
+    settings = {
+        "cross, head mean (default)": {},
+        "cross + 4 self-attention rows": {"self_queries": [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)]},
+        "cross, every head, keep='all'": {"heads": "all", "keep": "all"},
+        "cross in float64": {"dtype": "float64"},
+    }
+    run()  # warm-up
+    plain, traced = [], {name: [] for name in settings}
+    for _ in range(args.repeats):
+        plain.append(run())
+        for name, options in settings.items():
+            with trace(unet, **options):
+                traced[name].append(run())
+    base = statistics.median(plain)
+    where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"U-Net widths {tuple(args.widths)}, latent {args.side}×{args.side}, batch 2, 77 tokens, {args.dtype}, "
+          f"{args.steps} steps, {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
+    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per step")
+    figures = {"untraced_s_per_step": base / args.steps, "traced": {}}
+    for name, times in traced.items():
+        t = statistics.median(times)
+        figures["traced"][name] = {"s_per_step": t / args.steps, "ratio": t / base}
+        print(f"  {name:<32} {t / args.steps * 1e3:8.1f} ms per step   ×{t / base:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

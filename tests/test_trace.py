@@ -1,0 +1,496 @@
+"""attention_ref.interop.trace on diffusers models: exact weights (against diffusers' own get_attention_scores),
+grids from the enclosing block, any processor, output unchanged, hooks removed, records and explorer layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from diffusers import AutoencoderKL, Transformer2DModel  # noqa: E402
+from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
+from diffusers.models.attention_processor import (  # noqa: E402
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    SlicedAttnProcessor,
+)
+
+import attention_ref as ar  # noqa: E402
+from attention_ref.interop import LayerRecord, Trace, from_diffusers, trace  # noqa: E402
+from attention_ref.interop.toy_models import toy_unet  # noqa: E402
+from attention_ref.interop.trace import attention_weights, query_pixels  # noqa: E402
+
+QUERIES = [(0.1, 0.9), (0.5, 0.5), (0.99, 0.0)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: torch's thread pool only waits on a shared 2-core machine (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----- helpers ---------------------------------------------------------------------------------------------
+def record_calls(model):
+    """Every Attention call's inputs, recorded by hooks of the test's own: [(name, module, hidden, context, mask)]."""
+    calls, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+
+            def hook(module, args, kwargs, name=name):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                calls.append((name, module, hidden, kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")))
+
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    return calls, handles
+
+
+def diffusers_scores(attn, hidden, context, mask):
+    """``(B, heads, N, M)``: the weights diffusers' AttnProcessor computes, with its own helpers."""
+    with torch.no_grad():
+        tokens = hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden  # (B, N, C)
+        B, N, _ = tokens.shape
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        source = tokens if context is None else context
+        q = attn.head_to_batch_dim(attn.to_q(tokens))  # (B·heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(source))  # (B·heads, M, d)
+        prepared = attn.prepare_attention_mask(mask, source.shape[1], B)
+        p = attn.get_attention_scores(q, k, prepared)  # (B·heads, N, M)
+    return p.reshape(B, attn.heads, N, source.shape[1]).double().numpy()
+
+
+def all_hooks(model):
+    return {
+        name: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._forward_hooks_always_called))
+        for name, m in model.named_modules()
+    }
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    return toy_unet(sample_size=8, seed=3).double()
+
+
+@pytest.fixture(scope="module")
+def unet32():
+    return toy_unet(sample_size=8, seed=3)
+
+
+def unet_inputs(dtype, *, B=2, side=8, M=7, D=32, padded=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, side, side, generator=g, dtype=dtype)
+    ctx = torch.randn(B, M, D, generator=g, dtype=dtype)
+    kwargs = {"encoder_hidden_states": ctx}
+    if padded:
+        mask = torch.ones(B, M, dtype=torch.bool)
+        mask[1, M - 3 :] = False  # the second prompt is shorter: its last 3 tokens are padding
+        kwargs["encoder_attention_mask"] = mask
+    return x, kwargs
+
+
+# ----- exactness ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("precision", "tol"), [("float64", 1e-12), ("float32", 1e-5)])
+def test_cross_and_self_rows_equal_diffusers_scores(unet64, unet32, precision, tol):
+    model = unet64 if precision == "float64" else unet32
+    x, kwargs = unet_inputs(torch.float64 if precision == "float64" else torch.float32)
+    calls, handles = record_calls(model)
+    try:
+        with torch.no_grad(), trace(model, self_queries=QUERIES, heads="all", dtype=precision) as tr:
+            model(x, 7, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 32 and len(tr.layers) == 32
+    worst = {"self": 0.0, "cross": 0.0}
+    for name, attn, hidden, context, mask in calls:
+        record = tr.layer(name)
+        want = diffusers_scores(attn, hidden, context, mask)  # (B, heads, N, M)
+        H, W = record.grid
+        if record.kind == "cross":
+            got = record.maps.reshape(2, attn.heads, H * W, -1)
+        else:
+            pixels = query_pixels(np.asarray(QUERIES), (H, W))
+            np.testing.assert_array_equal(record.query_pixels, pixels)
+            want = want[:, :, pixels[:, 0] * W + pixels[:, 1]]  # the query rows
+            got = record.maps.reshape(2, attn.heads, len(QUERIES), H * W)
+        assert got.dtype == np.dtype(precision)
+        worst[record.kind] = max(worst[record.kind], float(np.max(np.abs(got - want))))
+    assert worst["cross"] <= tol and worst["self"] <= tol, worst
+    # the padded tokens of the second sample get no weight, the first sample's do
+    maps = tr.layer("down_blocks.0.attentions.0.transformer_blocks.0.attn2").maps
+    assert np.all(maps[1, ..., -3:] < 1e-30) and np.all(maps[0, ..., -3:] > 0)
+
+
+def test_full_self_attention_and_group_norm_path_equal_diffusers():
+    """self_queries='all' gives the N × N rows; an Attention called on a (B, C, H, W) map (a VAE's, with its
+    group norm and residual) gets its grid from its own input."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+    ).double()
+    for p in vae.parameters():  # a fresh Attention's zero-initialised parts would hide a missing term
+        p.data += 0.1 * torch.randn_like(p)
+    attn = vae.decoder.mid_block.attentions[0]
+    attn.upcast_softmax = False  # diffusers' "upcast" casts float64 logits down to float32; not here
+    z = torch.randn(1, 4, 6, 5, dtype=torch.float64)
+    calls, handles = record_calls(vae.decoder)
+    try:
+        with torch.no_grad(), trace(vae.decoder, self_queries="all", heads="all", dtype="float64") as tr:
+            vae.decode(z)
+    finally:
+        for h in handles:
+            h.remove()
+    ((name, attn, hidden, _, _),) = calls
+    assert hidden.ndim == 4 and attn.group_norm is not None
+    record = tr.layer(name)
+    assert record.grid == (6, 5) and record.query_pixels is None and record.queries == 30
+    want = diffusers_scores(attn, hidden, None, None)
+    got = record.maps.reshape(1, attn.heads, 30, 30)
+    assert np.max(np.abs(got - want)) <= 1e-12
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-13)
+
+
+def test_weights_are_the_token_layers():
+    """The trace's chain of ops is attention_layer_forward's: the same weights as its cache."""
+    rng = np.random.default_rng(1)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, bias=True).double()
+    params, options = from_diffusers(attn)
+    h, ctx = rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 5, 12))
+    mask = np.ones((2, 5), bool)
+    mask[0, 3:] = False
+    _, cache = ar.attention_layer_forward(h, params, context=ctx, context_mask=mask, **options)
+    got = attention_weights(h, params, options, context=ctx, mask=mask[:, None, None, :])
+    np.testing.assert_allclose(got, cache.weights, rtol=0, atol=1e-15)
+    rows = np.array([4, 0, 8])
+    np.testing.assert_allclose(
+        attention_weights(h, params, options, context=ctx, mask=mask[:, None, None, :], rows=rows),
+        cache.weights[:, :, rows],
+        rtol=0,
+        atol=1e-15,
+    )
+
+
+# ----- processors, grids -----------------------------------------------------------------------------------
+class StoringProcessor(AttnProcessor):
+    """A DAAM / prompt-to-prompt style processor: a subclass that keeps its own maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.seen += 1
+        return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [AttnProcessor(), AttnProcessor2_0(), SlicedAttnProcessor(slice_size=3), StoringProcessor()],
+    ids=lambda p: type(p).__name__,
+)
+def test_any_processor_same_maps_and_bitwise_same_output(processor):
+    unet = toy_unet(sample_size=8, seed=5).double()
+    x, kwargs = unet_inputs(torch.float64, seed=1)
+    with torch.no_grad():
+        reference_run = unet(x, 3, **kwargs).sample
+        with trace(unet, self_queries=QUERIES, dtype="float64") as default:
+            unet(x, 3, **kwargs)
+        unet.set_attn_processor(processor)
+        plain = unet(x, 3, **kwargs).sample
+        with trace(unet, self_queries=QUERIES, heads="all", keep="all", dtype="float64") as tr:
+            traced = unet(x, 3, **kwargs).sample
+    assert torch.equal(plain, traced)  # bit for bit: the trace observes and changes nothing
+    assert torch.allclose(plain, reference_run, atol=1e-12)
+    for a, b in zip(default.layers, tr.layers, strict=True):
+        assert a.name == b.name and a.grid == b.grid
+        np.testing.assert_allclose(b.maps[0].mean(axis=1), a.maps, rtol=0, atol=1e-12)
+    if isinstance(processor, StoringProcessor):
+        assert processor.seen == 2 * 32  # the processor ran, untouched, and so did the trace
+
+
+def test_output_bitwise_unchanged_float32_and_float16_models():
+    for dtype in (torch.float32, torch.float16):
+        unet = toy_unet(sample_size=8, seed=6).to(dtype)
+        x, kwargs = unet_inputs(dtype, seed=2)
+        with torch.no_grad():
+            before = unet(x, 11, **kwargs).sample
+            with trace(unet, self_queries=QUERIES, heads="all", keep="all") as tr:
+                during = unet(x, 11, **kwargs).sample
+            after = unet(x, 11, **kwargs).sample
+        assert torch.equal(before, during) and torch.equal(before, after)
+        assert tr.layers[0].maps.dtype == np.float32  # float16 inputs, converted exactly, computed in float32
+
+
+def test_grid_comes_from_the_enclosing_block_non_square():
+    unet = toy_unet(sample_size=8, seed=0)
+    x = torch.randn(1, 4, 16, 8)
+    with torch.no_grad(), trace(unet) as tr:
+        unet(x, 1, encoder_hidden_states=torch.randn(1, 5, 32))
+    grids = {r.name.split(".attentions")[0]: r.grid for r in tr.layers}
+    assert grids == {
+        "down_blocks.0": (16, 8),
+        "down_blocks.1": (8, 4),
+        "down_blocks.2": (4, 2),
+        "mid_block": (2, 1),
+        "up_blocks.1": (4, 2),
+        "up_blocks.2": (8, 4),
+        "up_blocks.3": (16, 8),
+    }
+    assert tr.grids == [(16, 8), (8, 4), (4, 2), (2, 1)]
+    assert all(r.kind == "cross" for r in tr.layers)  # no self_queries: self-attention is not traced
+
+
+def test_transformer2d_traced_directly():
+    torch.manual_seed(0)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8,
+                               cross_attention_dim=12).double().eval()  # fmt: skip
+    x, ctx = torch.randn(2, 16, 6, 10, dtype=torch.float64), torch.randn(2, 4, 12, dtype=torch.float64)
+    calls, handles = record_calls(model)
+    try:
+        with torch.no_grad(), trace(model, self_queries=[(0.5, 0.5)], dtype="float64") as tr:
+            model(x, encoder_hidden_states=ctx, return_dict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert [(r.kind, r.grid) for r in tr.layers] == [("self", (6, 10)), ("cross", (6, 10))]
+    _, attn, hidden, context, mask = calls[1]
+    want = diffusers_scores(attn, hidden, context, mask).mean(axis=1)  # head mean (B, N, M)
+    np.testing.assert_allclose(tr.layers[1].maps.reshape(2, 60, 4), want, rtol=0, atol=1e-12)
+    assert tr.timesteps == [None]
+
+
+def test_tokens_without_an_enclosing_map_are_refused():
+    block = BasicTransformerBlock(dim=16, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=12).eval()
+    before = all_hooks(block)
+    with pytest.raises(ValueError, match=r"^attn2: called on 12 tokens.*H·W = 12"):
+        with torch.no_grad(), trace(block) as tr:
+            block(torch.randn(1, 12, 16), encoder_hidden_states=torch.randn(1, 3, 12))
+    assert all_hooks(block) == before and tr.layers == []
+
+
+# ----- restoration ----------------------------------------------------------------------------------------
+def test_hooks_removed_after_exit_and_after_exceptions(unet32):
+    user = unet32.down_blocks[0].register_forward_pre_hook(lambda m, a: None)  # a hook of the user's, kept
+    try:
+        before = all_hooks(unet32)
+        x, kwargs = unet_inputs(torch.float32, padded=False)
+        with trace(unet32, self_queries=QUERIES) as tr:
+            assert all_hooks(unet32) != before
+            with torch.no_grad():
+                unet32(x, 1, **kwargs)
+        assert all_hooks(unet32) == before and tr._stack == []
+        with pytest.raises(RuntimeError, match="in the block"):
+            with trace(unet32, self_queries=QUERIES):
+                raise RuntimeError("in the block")
+        assert all_hooks(unet32) == before
+
+        class Failing(AttnProcessor2_0):
+            def __call__(self, attn, *args, **kwargs):
+                raise RuntimeError("processor failed")
+
+        name = "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
+        original = unet32.get_submodule(name).processor
+        unet32.get_submodule(name).set_processor(Failing())
+        try:
+            with pytest.raises(RuntimeError, match="processor failed"):
+                with torch.no_grad(), trace(unet32, self_queries=QUERIES) as failed:
+                    unet32(x, 1, **kwargs)
+        finally:
+            unet32.get_submodule(name).set_processor(original)
+        assert all_hooks(unet32) == before and failed._stack == []
+        assert failed.layer(name).calls == 1  # the trace saw the call before the processor raised
+        with pytest.raises(RuntimeError, match="records one run"):
+            with tr:
+                pass
+    finally:
+        user.remove()
+
+
+def test_unsupported_modules_and_bad_arguments_refused_before_any_hook():
+    model = torch.nn.Sequential(Attention(query_dim=8, heads=2, dim_head=4, qk_norm="layer_norm"))
+    before = all_hooks(model)
+    with pytest.raises(NotImplementedError, match=r"^0: .*qk_norm"):
+        with trace(model):
+            pass
+    assert all_hooks(model) == before
+    with pytest.raises(ValueError, match="no diffusers Attention"):
+        with trace(torch.nn.Linear(2, 2)):
+            pass
+    with pytest.raises(TypeError, match=r"pipeline with \.unet"):
+        trace(object())
+    unet = toy_unet(sample_size=8)
+    for bad, match in [
+        ({"heads": "max"}, "heads must be"),
+        ({"keep": "last"}, "keep must be"),
+        ({"dtype": "float16"}, "dtype must be"),
+        ({"self_queries": [(0.5, 1.5)]}, r"\[0, 1\]"),
+        ({"self_queries": [(0.5, 0.5, 0.5)]}, r"\(Q, 2\)"),
+        ({"self_queries": "centre"}, "or 'all'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            trace(unet, **bad)
+
+
+# ----- records, steps, explorer ----------------------------------------------------------------------------
+def test_keep_sum_equals_keep_all_summed_and_steps(unet32):
+    x, kwargs = unet_inputs(torch.float32, seed=4)
+    with torch.no_grad():
+        with trace(unet32, self_queries=QUERIES, keep="sum") as summed:
+            for t in (900, 500, 100):
+                unet32(x * t / 1000, torch.tensor([t, t]), **kwargs)
+        with trace(unet32, self_queries=QUERIES, keep="all") as each:
+            for t in (900, 500, 100):
+                unet32(x * t / 1000, torch.tensor([t, t]), **kwargs)
+        with trace(unet32, self_queries=QUERIES) as middle:
+            unet32(x * 500 / 1000, torch.tensor([500, 500]), **kwargs)
+    assert summed.timesteps == each.timesteps == [900.0, 500.0, 100.0]
+    for a, b, c in zip(summed.layers, each.layers, middle.layers, strict=True):
+        assert a.calls == b.calls == 3 and b.steps == [0, 1, 2] and b.maps.shape == (3, *a.maps.shape)
+        np.testing.assert_allclose(b.maps.sum(axis=0), a.maps, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(b.maps[1], c.maps)
+        assert a.nbytes == c.nbytes == a.maps.nbytes and b.nbytes == 3 * a.nbytes
+        assert not a.maps.flags.writeable
+    np.testing.assert_allclose(each.token_maps(timesteps=[1]), middle.token_maps(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(each.token_maps(timesteps=[-3, 2]), each.token_maps(timesteps=[0, 2]), atol=0)
+    with pytest.raises(ValueError, match="keep='all'"):
+        summed.token_maps(timesteps=[0])
+    with pytest.raises(ValueError, match="outside the 3"):
+        each.token_maps(timesteps=[3])
+
+
+def test_explorer_layers_and_page(unet32):
+    pytest.importorskip("matplotlib")
+    x, kwargs = unet_inputs(torch.float32, seed=5)
+    with torch.no_grad(), trace(unet32, self_queries=QUERIES, keep="all") as tr:
+        for t in (800, 200):
+            unet32(x, t, **kwargs)
+    page = tr.explorer(batch=1, tokens=[f"w{i}" for i in range(7)], title="toy")
+    assert [L.name for L in page.layers] == [r.name for r in tr.layers]
+    assert page.steps == ("t=800", "t=200") and page.tokens == tuple(f"w{i}" for i in range(7))
+    cross = tr.layer("mid_block.attentions.0.transformer_blocks.0.attn2")
+    layer = cross.explorer_layer(batch=1)
+    assert layer.head_mean and layer.grid == (1, 1)
+    np.testing.assert_allclose(layer.weights, cross.maps[:, 1].reshape(2, 1, 1, 7), atol=1e-7)
+    self_ = tr.layers[0].explorer_layer(batch=0)
+    np.testing.assert_array_equal(self_.query_pixels, tr.layers[0].query_pixels)
+    assert self_.weights.shape == (2, 1, 3, 64)
+    assert "toy" in page.html()
+    with trace(unet32) as one:
+        with torch.no_grad():
+            unet32(x, 5, **kwargs)
+    single = one.explorer()  # keep="sum": one step, the average over the calls; default tokens
+    assert single.steps is None and single.tokens[:2] == ("#0", "#1")
+
+
+def test_hand_made_records_aggregate_at_two_resolutions():
+    """Known maps at 2×2 and 4×4: nearest replication, sums, the mean, and the normalisations."""
+    tr = Trace(torch.nn.Module())
+    coarse = LayerRecord("coarse", "cross", (2, 2), heads=1, keys=2, batch=1, head_mean=True, keep="all")
+    fine = LayerRecord("fine", "cross", (4, 4), heads=1, keys=2, batch=1, head_mean=True, keep="all")
+    a = np.array([[0.1, 0.2], [0.3, 0.4]])
+    coarse._add(np.stack([a, 1 - a], axis=-1)[None], 0)  # token 0 gets a, token 1 the rest: rows sum to 1
+    coarse._add(np.stack([a**2, 1 - a**2], axis=-1)[None], 1)
+    b = np.linspace(0.0, 1.0, 16).reshape(4, 4)
+    fine._add(np.stack([b, 1 - b], axis=-1)[None], 0)
+    fine._add(np.stack([b, 1 - b], axis=-1)[None], 1)
+    tr.layers, tr._records, tr.keep, tr.timesteps = [coarse, fine], {"coarse": coarse, "fine": fine}, "all", [9, 8]
+
+    summed = tr.token_maps(normalize="sum", interpolation="nearest")
+    up = np.kron(a + a**2, np.ones((2, 2)))  # the coarse layer's token 0 over both calls, each cell made 2×2
+    np.testing.assert_allclose(summed[0, 0], up + 2 * b, atol=1e-15)
+    np.testing.assert_allclose(summed[0, 1], np.kron(2 - a - a**2, np.ones((2, 2))) + 2 * (1 - b), atol=1e-15)
+    mean = tr.token_maps(interpolation="nearest")
+    np.testing.assert_allclose(mean, summed / 4, atol=1e-15)
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0, atol=1e-15)  # tokens still sum to 1 at every pixel
+    # one step: the coarse map at step 0 only, bilinear
+    first = tr.token_maps(timesteps=[0], layers=["coarse"], size=(4, 4), normalize="sum")
+    c = np.array([0.0, 0.25, 0.75, 1.0])  # source coordinates of a 2 → 4 bilinear resize, clamped to the edges
+    bilinear = 0.1 + 0.1 * c[None, :] + 0.2 * c[:, None]  # a is linear: 0.1 + 0.1·x + 0.2·y
+    np.testing.assert_allclose(first[0, 0], bilinear, atol=1e-15)
+    np.testing.assert_allclose(tr.token_maps(grid=(2, 2), size=4, normalize="sum", timesteps=[0]), first, atol=0)
+    minmax = tr.token_maps(normalize="minmax")
+    assert np.allclose(minmax.min(axis=(2, 3)), 0) and np.allclose(minmax.max(axis=(2, 3)), 1)
+    daam = tr.token_maps(normalize="daam", word_tokens=[0])
+    np.testing.assert_allclose(daam[0, 0], 1.0, atol=1e-15)  # each pixel renormalised over token 0 alone
+    with pytest.raises(ValueError, match="word_tokens"):
+        tr.token_maps(normalize="daam")
+    with pytest.raises(ValueError, match="normalize must be"):
+        tr.token_maps(normalize="softmax")
+    with pytest.raises(ValueError, match="interpolation must be"):
+        tr.token_maps(interpolation="lanczos")
+
+
+class WordTokenizer:
+    """A stand-in for a Hugging Face tokenizer: start token 0, end token 1, each word one or two ids."""
+
+    def __init__(self):
+        self.vocab = {"big": [2], "dog": [3], "on": [4], "sofa": [5, 6]}
+        self.all_special_ids = [0, 1]
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [i for word in text.split() for i in self.vocab[word]]
+        return {"input_ids": [0, *ids, 1] if add_special_tokens else ids}
+
+
+def test_word_maps_merge_sub_words_and_repeats_with_any_tokenizer():
+    tr = Trace(torch.nn.Module())
+    rng = np.random.default_rng(0)
+    w = rng.random((1, 3, 3, 8))
+    w /= w.sum(-1, keepdims=True)  # a pixel's weights over the 8 tokens sum to 1
+    record = LayerRecord("only", "cross", (3, 3), heads=1, keys=8, batch=1, head_mean=True, keep="sum")
+    record._add(w, 0)
+    tr.layers, tr._records = [record], {"only": record}
+    tok = WordTokenizer()
+    prompt = "big dog on sofa dog"  # ids [0, 2, 3, 4, 5, 6, 3, 1]
+    maps = tr.token_maps()
+    words = tr.word_maps(prompt, ["dog", "sofa"], tok)
+    np.testing.assert_allclose(words[0, 0], maps[0, 2] + maps[0, 6], atol=1e-15)  # both "dog"s
+    np.testing.assert_allclose(words[0, 1], maps[0, 4] + maps[0, 5], atol=1e-15)  # "so" + "fa"
+    np.testing.assert_allclose(tr.word_maps(prompt, "sofa", tok, merge="mean")[0, 0], words[0, 1] / 2, atol=1e-15)
+    daam = tr.word_maps(prompt, ["big", "dog", "on", "sofa"], tok, normalize="daam")
+    np.testing.assert_allclose(daam.sum(axis=1), 1.0, atol=1e-12)  # the word tokens (1 … 6) share each pixel
+    with pytest.raises(ValueError, match=r"'on sofa big' \(token ids \[4, 5, 6, 2\]\) is not in"):
+        tr.word_maps(prompt, ["on sofa big"], tok)
+    with pytest.raises(ValueError, match="merge must be"):
+        tr.word_maps(prompt, ["dog"], tok, merge="max")
+
+
+def test_resize_modes_bicubic_clamped_area_exact():
+    from attention_ref.interop.aggregate import resize_maps
+
+    spike = np.zeros((1, 3, 3))
+    spike[0, 1, 1] = 1.0
+    raw = torch.nn.functional.interpolate(torch.from_numpy(spike)[None], size=(9, 9), mode="bicubic")
+    assert raw.min() < 0  # cubic convolution undershoots next to a spike ...
+    bicubic = resize_maps(spike, (9, 9), "bicubic")
+    assert bicubic.min() == 0 and np.allclose(bicubic, raw.clamp(min=0).numpy()[0])  # ... and is clamped at 0
+    fine = np.arange(16.0).reshape(4, 4)
+    np.testing.assert_allclose(resize_maps(fine, (2, 2), "area"), [[2.5, 4.5], [10.5, 12.5]], atol=1e-15)
+    np.testing.assert_array_equal(resize_maps(fine[None, None], (4, 4)), fine[None, None])  # same size: a copy
+    with pytest.raises(ValueError, match="size must be positive"):
+        resize_maps(fine, (0, 2))
+
+
+def test_plot_word_maps_images_and_refusals():
+    pytest.importorskip("matplotlib")
+    from attention_ref.viz import plot_word_maps
+
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    for image in (np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 0.5)):
+        fig = plot_word_maps(image, maps, ["dog", "sofa"], title="toy")
+        assert [ax.get_xlabel() for ax in fig.axes[:3]] == ["image", "dog", "sofa"]
+        assert fig.axes[1].images[1].get_extent() == [-0.5, 7.5, 7.5, -0.5]  # the 4×4 map stretched over 8×8
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        plot_word_maps(np.full((8, 8), 2.0), maps, ["dog", "sofa"])
+    with pytest.raises(ValueError, match=r"len\(words\)"):
+        plot_word_maps(np.zeros((8, 8)), maps, ["dog"])
