@@ -65,7 +65,7 @@ from ..backend import Array, namespace, to_numpy
 from ..ops.group_norm import group_norm_forward
 from ..ops.heads import split_heads
 from ..ops.linear import linear_forward
-from ..ops.softmax import softmax_overwriting
+from ..ops.softmax import softmax_forward
 from .aggregate import find_word_tokens, normalize_maps, prompt_token_ids, resize_maps
 from .diffusers import from_diffusers
 
@@ -151,14 +151,16 @@ def attention_weights(
     heads = options["heads"]
     qh, kh = split_heads(q, heads), split_heads(k, heads)  # (B, heads, Q, d), (B, heads, M, d)
     # S = (scale · Q_j) K_jᵀ   (B, heads, Q, M)
-    logits = xp.matmul(options["scale"] * qh, xp.matrix_transpose(kh))
+    logits = (options["scale"] * qh) @ xp.matrix_transpose(kh)
     if bias is not None:
         # S = scale · Q_j K_jᵀ + bias
-        logits += bias if rows is None or bias.shape[-2] == 1 else xp.take(bias, rows, axis=-2)
+        bias_rows = bias if rows is None or bias.shape[-2] == 1 else xp.take(bias, rows, axis=-2)
+        logits = logits + bias_rows
     if mask is not None and rows is not None and mask.shape[-2] != 1:
         mask = xp.take(mask, rows, axis=-2)
-    # P_j = softmax(S) over the allowed keys of each row, in the logits' memory   (B, heads, Q, M)
-    return softmax_overwriting(logits, axis=-1, mask=mask)
+    # P_j = softmax(S) over the allowed keys of each row   (B, heads, Q, M)
+    weights, _ = softmax_forward(logits, axis=-1, mask=mask)
+    return weights
 
 
 def _mask_and_bias(attention_mask: Any, batch: int, queries: int, keys: int, dtype: Any, where: str) -> tuple[Any, Any]:
