@@ -21,6 +21,7 @@ from .distance import (
     mean_attention_distance,
     plot_attention_distance,
     uniform_distance,
+    weight_within,
 )
 from .explorer import Explorer, ExplorerLayer, explore, load_explorer, pixels_of_positions
 from .maps import as_weights, plot_attention_grid, plot_query_attention, query_map
@@ -61,6 +62,7 @@ __all__ = [
     "mean_attention_distance",
     "uniform_distance",
     "field_distance",
+    "weight_within",
     "plot_attention_distance",
     # receptive fields
     "input_gradient",

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ._common import grey, new_figure, show_map
+from ._common import BACKDROP_NOTE, grey, new_figure, note, show_map
 from .maps import as_weights
 
 __all__ = [
@@ -137,6 +137,7 @@ def plot_token_maps(
     show: Sequence[int] | None = None,
     context_mask: Any | None = None,
     max_columns: int = 6,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
     """One map per token, the token's text under it, one shared colour bar; long prompts wrap onto rows.
@@ -148,6 +149,7 @@ def plot_token_maps(
         normalization: see :func:`token_maps`.
         show: token indices to draw (default: all, or those ``context_mask`` marks real).
         max_columns: panels per row at most; more tokens wrap onto further rows (:func:`_grid_shape`).
+        backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
     w = as_weights(weights)
     _check_tokens(tokens, w)
@@ -168,6 +170,8 @@ def plot_token_maps(
         ax.set_xlabel(tokens[t], fontsize=11)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=min(0.85, 0.4 + 0.25 * rows), label=NORMALIZATIONS[normalization])
+    if image is not None:
+        note(fig, backdrop_note)
     fig.suptitle(title or "where each token is read from", fontsize=12)
     return fig
 
@@ -192,6 +196,7 @@ def plot_token_normalizations(
     context_mask: Any | None = None,
     normalizations: Sequence[str] | None = None,
     same_within: float = 0.02,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
     """The normalisations of :func:`token_maps` one row each, labelled on the left, a colour bar per row.
@@ -205,6 +210,7 @@ def plot_token_normalizations(
     Inputs:
         weights, tokens, shape, image, batch, head, show, context_mask: as for :func:`plot_token_maps`.
         normalizations: the rows, keys of :data:`NORMALIZATIONS` (default: all four, in that order).
+        backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
     w = as_weights(weights)
     _check_tokens(tokens, w)
@@ -251,8 +257,9 @@ def plot_token_normalizations(
                 ax.set_ylabel(ROW_LABELS[norm], fontsize=10)
         if im is not None:
             fig.colorbar(im, ax=axes[i], shrink=0.9, ticks=np.linspace(0.0, vmax, 3), format="%.2g")
-    if notes:
-        fig.supxlabel("\n".join(notes), fontsize=9)
+    if image is not None and backdrop_note:
+        notes.append(backdrop_note)
+    note(fig, "\n".join(notes))
     fig.suptitle(title or "the same weights under different normalisations", fontsize=12)
     return fig
 
