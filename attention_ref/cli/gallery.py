@@ -310,9 +310,9 @@ def make_figures(
     figures.append(
         (
             save_figure(plot_complexity(complexity), out / "complexity.png", dpi=dpi),
-            "CPU time (one thread, best of several runs) and peak memory of exact, tiled, linear, window and "
-            "neighborhood attention against the number of pixels, log-log, with slopes fitted over the largest "
-            "maps and the theoretical memory dashed.",
+            "Forward + backward cost of exact, tiled, linear, window and neighborhood attention against the "
+            "number of pixels, log-log: the operation counts (lines) with the measured CPU time of one thread "
+            "(dots, best of several runs), and the measured peak memory with the theory dashed.",
         )
     )
     figures.append(

@@ -187,7 +187,7 @@ def plot_attention_distance(
             where="post",
             color="black",
             linewidth=0.9,
-            label=f"{target_label}: {goal.mean():.1f} px",
+            label=f"{target_label}: mean distance {goal.mean():.1f} px",
         )
     ax.step(
         radii,
