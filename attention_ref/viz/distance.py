@@ -220,6 +220,6 @@ def plot_attention_distance(
     ax.set_xlim(0.0, float(radii[-1]))
     ax.set_ylim(0.0, 1.02)
     ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
+    fig.legend(loc="outside right center", fontsize=9, frameon=False)
     fig.suptitle(title or "how far each head looks", fontsize=11)
     return fig

@@ -105,7 +105,7 @@ def plot_attention_grid(
     along the head axis: before and after training); ``transpose`` puts the
     queries in rows and the heads in columns; ``label`` names the colour bar.
     ``log``: a shared logarithmic scale from ``1/(10·M)`` to the largest weight, with the weight
-    of uniform attention, ``1/M`` for ``M`` keys, marked on the colour bar; it keeps weights near
+    of uniform attention, ``1/M`` for ``M`` keys, marked on the colour bar in cyan; it keeps weights near
     uniform visible beside weights near 1, where a linear scale shows them black.
     ``backdrop_note``: the line under the figure saying what the grey backdrop is (drawn only
     with an ``image``; None for none).
@@ -121,7 +121,8 @@ def plot_attention_grid(
     vmin = min(0.1 / keys, vmax / 10) if log else 0.0
     backdrop = grey(image, shape)
     rows, cols = (len(queries), len(heads)) if transpose else (len(heads), len(queries))
-    fig = new_figure(1.9 * cols + 0.9, 1.9 * rows + 0.6 + 0.25 * (image is not None), layout="constrained")
+    aspect = shape[0] / shape[1]  # panels as tall as the map is, relative to its width
+    fig = new_figure(1.9 * cols + 0.9, 1.75 * aspect * rows + 0.7 + 0.25 * (image is not None), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(len(heads)):
         for j, q in enumerate(queries):
@@ -134,19 +135,11 @@ def plot_attention_grid(
                 ax.set_title(top, fontsize=10)
             if ax is (axes[j, 0] if transpose else axes[i, 0]):
                 ax.set_ylabel(side, fontsize=10)
-    bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"{label} (log scale)" if log else label)
     if log:
+        bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"{label} (log scale; cyan: uniform, 1/{keys})")
         bar.ax.axhline(1.0 / keys, color="cyan", linewidth=2)
-        bar.ax.text(
-            -0.3,
-            1.0 / keys,
-            f"uniform 1/{keys}",
-            color="#007a7a",
-            fontsize=8,
-            ha="right",
-            va="center",
-            transform=bar.ax.get_yaxis_transform(),
-        )
+    else:
+        fig.colorbar(im, ax=axes, shrink=0.8, label=label)
     if image is not None:
         note(fig, backdrop_note)
     fig.suptitle(title or "each head's weights, per query pixel", fontsize=11)
