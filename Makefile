@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LAB_STAMP := $(VENV)/.lab-installed
 
-.PHONY: figures demo test lint notebooks peers bench clean
+.PHONY: figures demo test lint notebooks notebooks-outputs lab peers bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The main job: train the toy models and redraw the README's gallery (a few minutes on 2 cores).
+# It REWRITES the committed figures/*.png and figures/complexity.json: look at them before committing.
 figures: $(STAMP)
 	$(PY) -m attention_ref figures --out figures
 
@@ -29,6 +31,21 @@ test: $(STAMP) lint
 # Every notebook, run top to bottom in a fresh kernel (nbmake); the committed copies keep their outputs.
 notebooks: $(STAMP)
 	$(PY) -m pytest --nbmake notebooks
+
+# The `notebooks` extra (JupyterLab, nbconvert) on top of the rest, in .venv.
+$(LAB_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[notebooks]'
+	touch $(LAB_STAMP)
+
+# JupyterLab on the notebooks, with this checkout's attention_ref; `make lab LAB_ARGS=--no-browser` on a
+# machine without a browser (then open the URL with the token that it prints).
+LAB_ARGS ?=
+lab: $(LAB_STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+# Re-execute every notebook and save its outputs in place (what the committed copies hold).
+notebooks-outputs: $(LAB_STAMP)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
 # The optional cross-check peers: CPU torch (pinned to the build on the machine's disk) and diffusers.
 peers: $(STAMP)

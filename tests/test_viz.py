@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 import subprocess
 import sys
+from typing import Any
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -257,3 +259,284 @@ def test_viewer_widgets_build_and_redraw_when_asked_for(self_weights, cross_weig
     token, head, norm = box.children[0].children
     assert [label for label, _ in token.options] == [f"{i}: {t}" for i, t in enumerate(TOKENS)]
     token.value, norm.value = 2, "minmax"
+
+
+# ---------------------------------------------------------------- readability of the gallery's figures
+
+
+def test_token_maps_refuse_a_label_count_that_is_not_the_token_count(cross_weights):
+    _, w = cross_weights  # 4 tokens
+    for plot in (viz.plot_token_maps, viz.plot_token_normalizations):
+        with pytest.raises(ValueError, match=r"3 token labels for weights of shape .* with 4 tokens"):
+            plot(w, TOKENS[:3], (H, W))
+    with pytest.raises(ValueError, match="3 token labels"):
+        viz.plot_token_segmentation(w, TOKENS[:3], (H, W), [1])
+    with pytest.raises(ValueError, match="outside the 4 tokens"):
+        viz.plot_token_maps(w, TOKENS, (H, W), show=[0, 4])
+
+
+def test_long_prompts_wrap_onto_rows_of_at_most_six_maps(rng):
+    from attention_ref.viz.tokens import _grid_shape
+
+    assert [_grid_shape(n) for n in (1, 5, 6, 7, 10, 77)] == [(1, 1), (1, 5), (1, 6), (2, 4), (2, 5), (13, 6)]
+    w = rng.random((1, 1, H * W, 77))
+    w /= w.sum(-1, keepdims=True)
+    fig = viz.plot_token_maps(w, [f"t{i}" for i in range(77)], (H, W))
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == 77
+    assert len({round(ax.get_position().y0, 3) for ax in maps}) == 13  # 13 rows
+    assert fig.get_size_inches()[0] < 13  # not one 124-inch row
+    ten = viz.plot_token_maps(w[..., :10] / w[..., :10].sum(-1, keepdims=True), [f"t{i}" for i in range(10)], (H, W))
+    assert len({round(ax.get_position().y0, 3) for ax in ten.axes if ax.images}) == 2  # two rows of five
+
+
+def test_token_normalisations_label_their_rows_and_leave_out_a_row_equal_to_another(cross_weights):
+    _, w = cross_weights
+    # minmax equals token_max when every map's minimum is 0: make it so
+    w = w.copy()
+    w[..., 0, :] = [0.0, 0.0, 0.0, 1.0]
+    w[..., 1, :] = [1.0, 0.0, 0.0, 0.0]
+    w[..., 2, :] = [0.0, 0.5, 0.5, 0.0]
+    fig = viz.plot_token_normalizations(w, TOKENS, (H, W))
+    rows = sorted({round(ax.get_position().y0, 3) for ax in fig.axes if ax.images})
+    assert len(rows) == 3  # raw, ÷ max, no special: min–max left out
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert labels == [viz.tokens.ROW_LABELS[n] for n in ("raw", "token_max", "no_special")]
+    assert "each token's min–max is not drawn" in fig._supxlabel.get_text()
+    everything = viz.plot_token_normalizations(w, TOKENS, (H, W), same_within=0.0)
+    assert len({round(ax.get_position().y0, 3) for ax in everything.axes if ax.images or ax.texts}) == 4
+    # the colour bars carry no label of their own that could run into their tick labels
+    assert all(not ax.get_ylabel() or ax.get_ylabel() in labels for ax in fig.axes)
+
+
+def test_weight_within_accumulates_each_querys_weights_by_distance(be, self_weights):
+    _, w = self_weights  # (2, 2, 30, 30) on a 5×6 map
+    radii, within = viz.weight_within(be(w), (H, W))
+    rows, cols = np.divmod(np.arange(H * W), W)
+    D = np.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :])
+    np.testing.assert_allclose(radii, np.unique(np.round(D, 9)))
+    for r_index in (0, 3, len(radii) - 1):
+        expected = np.sum(w * (D <= radii[r_index] + 1e-9), axis=-1)
+        np.testing.assert_allclose(within[..., r_index], expected, atol=1e-14)
+    np.testing.assert_allclose(within[..., -1], 1.0, atol=1e-14)  # every row sums to 1
+    assert np.all(np.diff(within, axis=-1) >= -1e-15)  # and only grows with r
+    np.testing.assert_array_equal(viz.weight_within(np.eye(H * W), (H, W))[1][..., 0], 1.0)
+
+
+def test_field_distance_is_the_mean_distance_of_an_influence_map():
+    field = np.zeros((5, 5))
+    field[2, 2], field[2, 4], field[0, 2] = 2.0, 1.0, 1.0  # half on the pixel, a quarter 2 px away twice
+    assert viz.field_distance(field, (2, 2)) == pytest.approx(1.0)
+    conv = viz.conv_stack_receptive_field(2, (9, 9), (4, 4), channels=3, draws=2)
+    assert 0.5 < viz.field_distance(conv, (4, 4)) < 2 * np.sqrt(2)  # inside the 5×5 it can reach
+    with pytest.raises(ValueError, match="non-negative"):
+        viz.field_distance(-field, (2, 2))
+
+
+def test_attention_distance_plot_shows_targets_fields_and_mean_distances(self_weights):
+    x, w = self_weights
+    target = np.full((2, H, W), 3.0)
+    field = viz.conv_stack_receptive_field(1, (H, W), (2, 2), channels=2, draws=1)
+    fig = viz.plot_attention_distance(
+        {"a": w, "b": w[:, ::-1].copy()},
+        (H, W),
+        queries=np.abs(x[..., 0]) > 0.5,
+        target=target,
+        target_label="all on the target",
+        fields={"conv": (field, (2, 2))},
+    )
+    assert_not_blank(fig)
+    entries = [t.get_text() for t in fig.legends[0].get_texts()]
+    chosen = np.abs(x[..., 0]).reshape(2, -1) > 0.5
+    assert entries[:4] == [
+        f"{name}, head {h}: mean distance {viz.attention_distance(ws, (H, W))[:, h][chosen].mean():.1f} px"
+        for name, ws in (("a", w), ("b", w[:, ::-1]))
+        for h in range(2)
+    ]
+    assert "all on the target: mean distance 3.0 px" in entries and any(
+        e.startswith("conv: mean distance") for e in entries
+    )
+    with pytest.raises(ValueError, match="queries must be"):
+        viz.plot_attention_distance(w, (H, W), queries=np.ones((3, H * W), dtype=bool))
+
+
+def test_attention_grid_on_a_log_scale_keeps_near_uniform_weights_visible(self_weights):
+    from matplotlib.colors import LogNorm
+
+    _, w = self_weights
+    near_uniform = np.full_like(w, 1.0 / (H * W))
+    sharp = np.zeros_like(w)
+    sharp[..., 0] = 1.0
+    both = np.concatenate([near_uniform[:, :1], sharp[:, :1]], axis=1)
+    linear = viz.plot_attention_grid(both, [(1, 1)], (H, W), row_labels=["uniform", "sharp"])
+    log = viz.plot_attention_grid(both, [(1, 1)], (H, W), row_labels=["uniform", "sharp"], log=True)
+    uniform_panel = next(ax for ax in log.axes if ax.get_ylabel() == "uniform")
+    norm = uniform_panel.images[-1].norm
+    assert isinstance(norm, LogNorm) and norm.vmin <= 0.1 / (H * W) and norm.vmax == 1.0
+    # on the linear scale the uniform row is the colour of 0; on the log scale it is well above it
+    lin_norm = next(ax for ax in linear.axes if ax.get_ylabel() == "uniform").images[-1].norm
+    assert lin_norm(1.0 / (H * W)) < 0.05 < 0.3 < norm(1.0 / (H * W))
+    assert "log scale" in log.axes[-1].get_ylabel()
+    with pytest.raises(ValueError, match="1 row labels for 2 heads"):
+        viz.plot_attention_grid(both, [(1, 1)], (H, W), row_labels=["one"])
+
+
+def test_maps_over_an_image_say_what_the_grey_backdrop_is(self_weights, cross_weights):
+    x, w = self_weights
+    _, wc = cross_weights
+    field = viz.conv_stack_receptive_field(1, (H, W), (2, 2), channels=2, draws=1)
+    with_image = [
+        viz.plot_attention_grid(w, [(1, 1)], (H, W), image=x[0]),
+        viz.plot_receptive_fields({"conv": field}, (2, 2), image=x[0]),
+        viz.plot_weights_vs_influence(field, field, (2, 2), image=x[0]),
+        viz.plot_token_maps(wc, TOKENS, (H, W), image=x[0]),
+        viz.plot_token_normalizations(wc, TOKENS, (H, W), image=x[0]),
+    ]
+    for fig in with_image:
+        assert "grey underneath the colours: the input map" in fig._supxlabel.get_text()
+    custom = viz.plot_receptive_fields({"conv": field}, (2, 2), image=x[0], backdrop_note="grey: the scene")
+    assert custom._supxlabel.get_text() == "grey: the scene"
+    assert viz.plot_attention_grid(w, [(1, 1)], (H, W))._supxlabel is None  # no image, no backdrop, no note
+
+
+def _box_texts(fig: Figure) -> list[tuple[Any, Any]]:
+    """(text, box) pairs of a diagram: each text drawn inside a rounded box."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import FancyBboxPatch
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [p for p in ax.patches if isinstance(p, FancyBboxPatch)]
+    pairs = []
+    for text in ax.texts:
+        x, y = text.get_position()
+        inside = [
+            b
+            for b in boxes
+            if b.get_x() <= x <= b.get_x() + b.get_width() and b.get_y() <= y <= b.get_y() + b.get_height()
+        ]
+        if inside:
+            pairs.append((text.get_window_extent(renderer), inside[0].get_window_extent(renderer), text))
+    return pairs
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda: viz.draw_self_attention_block(),
+        lambda: viz.draw_self_attention_block(8, 8, 32, heads=2, groups=8),
+        lambda: viz.draw_cross_attention(),
+        lambda: viz.draw_cross_attention(16, 16, 320, 77, 768, heads=8, groups=32),
+    ],
+)
+def test_diagram_texts_are_readable_and_fit_their_boxes(draw):
+    fig = draw()
+    pairs = _box_texts(fig)
+    assert len(pairs) >= 10
+    for text_box, box, text in pairs:
+        assert text.get_fontsize() >= 9, text.get_text()
+        assert box.x0 <= text_box.x0 and text_box.x1 <= box.x1, f"{text.get_text()!r} overflows its box"
+        assert box.y0 <= text_box.y0 and text_box.y1 <= box.y1, f"{text.get_text()!r} overflows its box"
+    assert all(t.get_fontsize() >= 8 for t in fig.axes[0].texts)
+
+
+def test_diagrams_draw_the_heads_the_resblock_shapes_and_the_number_under_the_root():
+    texts = [t.get_text() for t in viz.draw_self_attention_block(16, 16, 64, heads=4, groups=32).axes[0].texts]
+    assert sum("conv 3×3   (1, 16, 16, 64)" in t for t in texts) == 2  # both ResBlock rows carry their shape
+    assert any("4 heads of d = 64 / 4 = 16" in t for t in texts)
+    assert any(t.startswith("head 0:") for t in texts) and any(t.startswith("head 3:") for t in texts)
+    assert any("2 more" in t for t in texts)  # heads 1 and 2 stand behind the ellipsis
+    assert any("/ √16)" in t and "(1, 256, 256)" in t for t in texts)
+    assert any("√d" in t for t in texts) is False
+    texts = [t.get_text() for t in viz.draw_cross_attention(8, 8, 32, 6, 16, heads=2, groups=8).axes[0].texts]
+    assert any("/ √16)" in t and "(1, 64, 6)" in t for t in texts)
+    assert any(t.startswith("head 1:") for t in texts) and not any("more" in t for t in texts)
+    assert viz.diagrams.resblock_shapes(4, 6, 16, 8) == {
+        "conv1": (1, 4, 6, 16),
+        "conv2": (1, 4, 6, 16),
+        "sum": (1, 4, 6, 16),
+    }
+
+
+def _report_v2(sides=(16, 32, 48, 64), disturbed=()):
+    """A schema-2 report: exact ∝ N², linear ∝ N plus a fixed overhead; ``disturbed`` (variant, side) are 3× slower."""
+    rows = []
+    for variant, power, per, overhead in (("exact", 2, 1e-9, 0.0), ("linear", 1, 1e-6, 2e-4)):
+        for s in sides:
+            n = s * s
+            t = per * n**power + overhead
+            slow = (variant, s) in disturbed
+            rows.append(
+                {
+                    "variant": variant,
+                    "side": s,
+                    "tokens": n,
+                    "forward_s": t * (6 if slow else 1),
+                    "backward_s": t * (6 if slow else 1),
+                    "forward_cpu_s": t * (3 if slow else 1),
+                    "backward_cpu_s": t * (3 if slow else 1),
+                    "runs": 3,
+                    "cpu_share": 0.5 if slow else 1.0,
+                    "disturbed": slow,
+                    "peak_bytes": int(8 * n**power),
+                    "flops_forward": 2 * n**power,
+                    "flops_backward": 4 * n**power,
+                    "theory_bytes": int(8 * n**power),
+                    "skipped": None,
+                }
+            )
+    return {
+        "schema": "attention_ref.complexity/2",
+        "config": {"dim": 8, "repeats": 3},
+        "machine": {"cpu": "a test CPU"},
+        "results": rows,
+    }
+
+
+def test_time_slopes_are_fitted_over_the_largest_sizes_and_leave_out_disturbed_runs():
+    report = _report_v2(sides=(8, 16, 32, 48, 64))
+    # linear attention's fixed overhead bends its curve at small maps: 0.9 over the three largest, 0.7 over all
+    assert viz.scaling_exponents(report, "time")["linear"] == pytest.approx(0.9, abs=0.05)
+    assert viz.scaling_exponents(report, "time", points=5)["linear"] < 0.8
+    assert viz.scaling_exponents(report, "flops") == pytest.approx({"exact": 2.0, "linear": 1.0})
+    slow = _report_v2(sides=(8, 16, 32, 48, 64), disturbed={("exact", 64)})
+    assert viz.scaling_exponents(slow, "time")["exact"] == pytest.approx(2.0, abs=1e-9)  # 64² left out
+    assert viz.scaling_exponents(slow, "peak_bytes")["exact"] == pytest.approx(2.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        viz.scaling_exponents(report, points=1)
+
+
+def test_complexity_plot_title_names_each_power_once_and_its_ticks_do_not_collide():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = viz.plot_complexity(_report_v2(disturbed={("linear", 32)}))
+    title = fig._suptitle.get_text()
+    assert title == (
+        "The work grows as $N^{2}$ for exact; $N$ for linear;\npeak memory as $N^{2.0}$ for exact; $N^{1.0}$ for linear"
+    )
+    assert "hollow" in fig._supxlabel.get_text() and "a test CPU" in fig._supxlabel.get_text()
+    # a range only when the ends differ: never "N^1.0–N^1.0"
+    from attention_ref.viz.cost_curves import _power_range
+
+    assert _power_range([1.02, 0.98]) == "$N^{1.0}$" and _power_range([0.9, 1.1]) == "$N^{0.9}$–$N^{1.1}$"
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True) if t.get_text()]
+        assert [t.get_text() for t in labels] == ["16²", "32²", "64²"]
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes))
+
+
+def test_complexity_time_panel_draws_operation_counts_through_the_measured_times():
+    fig = viz.plot_complexity(_report_v2(sides=(16, 32, 48, 64)))
+    ax_time = fig.axes[0]
+    exact = next(line for line in ax_time.get_lines() if line.get_linestyle() == "-" and line.get_color() == "#d95f02")
+    n, t = np.asarray(exact.get_xdata(), float), np.asarray(exact.get_ydata(), float)
+    np.testing.assert_allclose(np.diff(np.log(t)) / np.diff(np.log(n)), 2.0)  # the operation count's slope
+    np.testing.assert_allclose(t, 2e-9 * n**2)  # scaled to the measured times (here exactly ∝ N²)
+    legend = [x.get_text() for x in ax_time.get_legend().get_texts()]
+    assert legend[0] == "exact: work ∝ N², measured slope 2.0" and legend[1].startswith("linear: work ∝ N, measured")

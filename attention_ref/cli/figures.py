@@ -1,5 +1,7 @@
 """``python -m attention_ref figures --out figures``: regenerate the README's gallery.
 
+With the default ``--out figures`` it rewrites the figures committed with the project.
+
 The figures themselves are drawn by :mod:`attention_ref.cli.gallery` (imported only when the command runs,
 so the other commands do not load matplotlib).
 """
@@ -14,9 +16,20 @@ import time
 __all__ = ["add_arguments", "main"]
 
 
+DESCRIPTION = (
+    "Train the two toy models and redraw every figure of the gallery into --out. With the default "
+    "--out figures this REWRITES the figures committed with the project (PNGs and complexity.json): "
+    "review them with `git diff --stat figures` and look at them before committing. A line per stage, "
+    "with the time elapsed, goes to stderr; a caption per figure and the numbers behind them to stdout."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options, for ``python -m attention_ref figures``."""
-    parser.add_argument("--out", default="figures", help="directory for the PNGs (default: figures)")
+    parser.description = DESCRIPTION
+    parser.add_argument(
+        "--out", default="figures", help="directory for the PNGs (default: figures, the committed gallery: rewritten)"
+    )
     parser.add_argument("--quick", action="store_true", help="short training, small maps: a smoke test")
     parser.add_argument("--complexity", help="use this complexity JSON instead of measuring")
     parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNGs (default 80)")
@@ -27,7 +40,12 @@ def main(args: argparse.Namespace) -> int:
     from .gallery import make_figures
 
     start = time.perf_counter()
-    figures, numbers = make_figures(args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi)
+
+    def stage(line: str) -> None:
+        # flushed at once: the command runs for minutes, and stderr may be a pipe or a log file
+        print(f"[{time.perf_counter() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    figures, numbers = make_figures(args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi, log=stage)
     for path, caption in figures:
         print(f"{path}: {caption}")
     print(json.dumps(numbers, indent=1))

@@ -11,6 +11,7 @@ a smoke test, not the gallery.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from ..viz import (
     draw_cross_attention,
     draw_self_attention_block,
     input_gradient,
-    mean_attention_distance,
     plot_attention_distance,
     plot_attention_grid,
     plot_complexity,
@@ -38,12 +38,18 @@ from ..viz import (
     save_figure,
     scaling_exponents,
     token_segmentation,
-    uniform_distance,
+    weight_within,
 )
 from .complexity import add_arguments as complexity_arguments
 from .complexity import main as run_complexity
 
 __all__ = ["make_figures"]
+
+LONG_RANGE_BACKDROP = (
+    "grey underneath the colours: the input map, the length of each pixel's channel vector "
+    "(the four 2×2 patterns are the light squares)"
+)
+SCENE_BACKDROP = "grey underneath the colours: the scene's luminance"
 
 COMPLEXITY_SIZES = ("16", "32", "48", "64", "96", "128")
 
@@ -52,6 +58,25 @@ def _pattern_queries(result: LongRangeResult, b: int) -> list[tuple[int, int]]:
     """The top-left pixel of every pattern copy in evaluation map ``b``, copy 0, 1, 2, …"""
     ids = result.eval_data.copy_id[b]
     return [tuple(int(v) for v in np.argwhere(ids == c)[0]) for c in range(ids.max() + 1)]
+
+
+def _twin_distances(copy_id: np.ndarray) -> np.ndarray:
+    """``(B, S, S)``: on every pixel of a pattern copy, how far its twin copy is (between their top-left
+    pixels, so between matching pixels); 0 on the background."""
+    out = np.zeros(copy_id.shape)
+    for b, ids in enumerate(copy_id):
+        for copy in np.unique(ids[ids >= 0]):
+            here, there = np.argwhere(ids == copy)[0], np.argwhere(ids == (copy ^ 1))[0]  # copies 2p ↔ 2p + 1
+            out[b][ids == copy] = np.hypot(*(here - there))
+    return out
+
+
+def _share_from(weights: np.ndarray, shape: tuple[int, int], queries: np.ndarray, r: float) -> float:
+    """The mean, over the ``queries`` pixels, of the share of head 0's weight at distance ``r`` or more."""
+    radii, within = weight_within(weights, shape)  # (B, heads, N, R)
+    below = int(np.searchsorted(radii, r - 1e-9)) - 1  # the largest radius under r
+    inside = within[:, 0][queries.reshape(len(weights), -1)]  # (queries, R)
+    return 1.0 - float(inside[:, below].mean()) if below >= 0 else 1.0
 
 
 def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tuple[Path, str]]:
@@ -70,6 +95,8 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         image=image,
         batch=b,
         row_labels=["at initialisation", "trained"],
+        log=True,
+        backdrop_note=LONG_RANGE_BACKDROP,
         title=f"Trained, a pattern pixel looks at its twin half a map away "
         f"(mean weight on the twin {result.partner_attention_init:.2f} → {result.partner_attention:.2f})",
     )
@@ -77,22 +104,39 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         (
             save_figure(fig, out / "long_range_attention.png", dpi=dpi),
             "Self-attention of one pixel in each of four patterns, before and after training the "
-            "long-range toy: trained, each pixel's weight sits on its identical twin.",
+            "long-range toy, on one logarithmic scale: at initialisation every weight is near uniform "
+            f"(1/{size * size}); trained, each pixel's weight sits on its identical twin.",
         )
     )
 
-    init_d, trained_d = (float(mean_attention_distance(w, shape)[0]) for w in (result.weights_init, result.weights))
+    fields = {
+        f"3×3 conv ×{layers}, receptive field": (conv_stack_receptive_field(layers, shape, centre), centre)
+        for layers in (2, 4)
+        for centre in [(size // 2, size // 2)]
+    }
+    inside = result.eval_data.copy_id >= 0  # (B, S, S): the pattern pixels
+    twin = _twin_distances(result.eval_data.copy_id)
+    near = float(twin[inside].min())
+    far = {
+        name: _share_from(w, shape, inside, near)
+        for name, w in (("init", result.weights_init), ("trained", result.weights))
+    }
     fig = plot_attention_distance(
         {"at initialisation": result.weights_init, "trained": result.weights},
         shape,
-        title=f"Trained, attention reaches further: mean distance {init_d:.1f} → {trained_d:.1f} pixels "
-        f"(uniform weights: {uniform_distance(shape):.1f})",
+        queries=inside,
+        target=twin,
+        target_label="all weight on the twin",
+        fields=fields,
+        title=f"Trained, {far['trained']:.0%} of a pattern pixel's weight lies {near:.0f} px or more away, where "
+        f"the twins are ({far['init']:.0%} at initialisation); stacked 3×3 convs reach only a few pixels",
     )
     figures.append(
         (
             save_figure(fig, out / "attention_distance.png", dpi=dpi),
-            "Mean attention distance per head and its distribution over query pixels, before and after "
-            "training the long-range toy.",
+            "The share of a pattern pixel's attention weight within distance r, averaged over the pattern "
+            "pixels of the held-out maps, before and after training the long-range toy (one head), against "
+            "all weight on the twin and the receptive fields of stacked 3×3 convolutions at the map's centre.",
         )
     )
 
@@ -112,6 +156,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         fields,
         query,
         image=image,
+        backdrop_note=LONG_RANGE_BACKDROP,
         title=f"Convs reach as many pixels as they have layers; one attention block reaches the twin {far:.0f} "
         "pixels away",
     )
@@ -119,7 +164,8 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         (
             save_figure(fig, out / "receptive_fields.png", dpi=dpi),
             "Effective receptive field |∂y_q/∂x| of the marked pixel, from the library's backward "
-            "passes: stacks of random 3×3 convolutions against the trained self-attention block.",
+            "passes: stacks of random 3×3 convolutions against the trained self-attention block, each "
+            "map divided by its maximum, over the input map in grey.",
         )
     )
 
@@ -128,6 +174,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         attention_field,
         query,
         image=image,
+        backdrop_note=LONG_RANGE_BACKDROP,
         title="The weights point at the twin; the gradient adds the pixel itself (residual) and the keys",
     )
     figures.append(
@@ -156,29 +203,34 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         image=image,
         batch=b,
         context_mask=mask,
+        backdrop_note=SCENE_BACKDROP,
         title=f"Each word is read by its own object's pixels (held-out IoU: {ious})",
     )
     figures.append(
         (
             save_figure(fig, out / "token_maps.png", dpi=dpi),
             "Cross-attention weights of every prompt token over the pixels of a held-out scene, after "
-            "training the grounding toy; `<sot>` and `and` collect the background.",
+            "training the grounding toy, two rows of five; `<sot>` and `and` collect the background.",
         )
     )
 
+    show = [0, 1, 2, 3, int(scenes.lengths[b]) - 1]  # <sot>, a colour, a shape, "and", <eot>
     fig = plot_token_normalizations(
         result.weights,
         tokens,
         shape,
         image=image,
         batch=b,
-        context_mask=mask,
-        title="Raw weights, per-token max, per-token min–max, and renormalised without special tokens",
+        show=show,
+        backdrop_note=SCENE_BACKDROP,
+        title="÷ max lifts words few pixels read to full strength; without the special tokens the background "
+        "goes to “and”",
     )
     figures.append(
         (
             save_figure(fig, out / "token_normalizations.png", dpi=dpi),
-            "The same token maps under the four usual normalisations, side by side.",
+            "Five of the token maps under the usual normalisations, one row each; a normalisation that looks "
+            "the same as an earlier row is left out, and the note under the figure says so and why.",
         )
     )
 
@@ -213,46 +265,69 @@ def make_figures(
     complexity: str | Path | None = None,
     dpi: int = 80,
     progress_bar: bool | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[tuple[Path, str]], dict[str, Any]]:
-    """Draw the gallery into ``out``.
+    """Draw the gallery into ``out``, overwriting the PNGs (and ``complexity.json``) already there.
+
+    Inputs:
+        out: the folder; ``figures`` is the gallery committed with the project.
+        quick: short training, small maps: a smoke test, not the gallery.
+        complexity: a complexity report to plot instead of measuring one (then ``out/complexity.json``
+            is left alone).
+        dpi: resolution of the PNGs.
+        progress_bar: tqdm bars during training (``None``: only in a terminal or a notebook).
+        log: called with a line at the start and the end of each stage (training, measuring, drawing).
 
     Returns:
         ``[(path, one-line description), …]`` and a dict of the numbers behind the figures
         (partner attention, IoU per word, training times, scaling exponents).
     """
+    say = log or (lambda _line: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = {"long": 40, "ground": 40} if quick else {}
-    long_range = train_long_range(0, progress_bar=progress_bar, **({"steps": steps["long"]} if quick else {}))
-    grounding = train_token_grounding(0, progress_bar=progress_bar, **({"steps": steps["ground"]} if quick else {}))
+    steps = {"steps": 40} if quick else {}
+    say("training the long-range toy (self-attention)")
+    long_range = train_long_range(0, progress_bar=progress_bar, **steps)
+    say(f"long-range toy trained in {long_range.seconds:.0f} s: partner attention {long_range.partner_attention:.2f}")
+    say("training the grounding toy (cross-attention)")
+    grounding = train_token_grounding(0, progress_bar=progress_bar, **steps)
+    say(f"grounding toy trained in {grounding.seconds:.0f} s: mean IoU {grounding.mean_iou:.2f}")
 
     if complexity is None:
         complexity = out / "complexity.json"
         parser = argparse.ArgumentParser()
         complexity_arguments(parser)
         sizes = ["--quick"] if quick else ["--sizes", *COMPLEXITY_SIZES]
+        say(f"measuring the attention variants' time and memory into {complexity} (a line per size and variant)")
         run_complexity(parser.parse_args(["--out", str(complexity), *sizes]))
+        say("measured")
 
-    figures = _long_range_figures(long_range, out, dpi) + _grounding_figures(grounding, out, dpi)
+    say("drawing the long-range figures")
+    figures = _long_range_figures(long_range, out, dpi)
+    say("drawing the grounding figures")
+    figures += _grounding_figures(grounding, out, dpi)
+    say("drawing the cost curves and the diagrams")
     figures.append(
         (
             save_figure(plot_complexity(complexity), out / "complexity.png", dpi=dpi),
-            "Measured time and peak memory of exact, tiled, linear, window and neighborhood attention "
-            "against the number of pixels, log-log, with the theoretical memory dashed.",
+            "Forward + backward cost of exact, tiled, linear, window and neighborhood attention against the "
+            "number of pixels, log-log: the operation counts (lines) with the measured CPU time of one thread "
+            "(dots, best of several runs), and the measured peak memory with the theory dashed.",
         )
     )
     figures.append(
         (
             save_figure(draw_self_attention_block(), out / "self_attention_block.png", dpi=dpi),
-            "The self-attention block inside a U-Net stage, every shape read off a forward pass.",
+            "The self-attention block inside a U-Net stage, one column per head, every shape read off a forward pass.",
         )
     )
     figures.append(
         (
             save_figure(draw_cross_attention(), out / "cross_attention.png", dpi=dpi),
-            "Cross-attention: queries from the pixels, keys and values from the text tokens.",
+            "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head.",
         )
     )
+    say(f"{len(figures)} figures written to {out}")
 
     numbers = {
         "partner_attention_init": long_range.partner_attention_init,

@@ -15,7 +15,14 @@ matplotlib is imported here and nowhere else in attention_ref.
 from ._common import save_figure
 from .cost_curves import load_complexity, plot_complexity, scaling_exponents
 from .diagrams import cross_attention_shapes, draw_cross_attention, draw_self_attention_block, self_attention_shapes
-from .distance import attention_distance, mean_attention_distance, plot_attention_distance, uniform_distance
+from .distance import (
+    attention_distance,
+    field_distance,
+    mean_attention_distance,
+    plot_attention_distance,
+    uniform_distance,
+    weight_within,
+)
 from .explorer import Explorer, ExplorerLayer, explore, load_explorer, pixels_of_positions
 from .maps import as_weights, plot_attention_grid, plot_query_attention, query_map
 from .receptive_field import (
@@ -56,6 +63,8 @@ __all__ = [
     "attention_distance",
     "mean_attention_distance",
     "uniform_distance",
+    "field_distance",
+    "weight_within",
     "plot_attention_distance",
     # receptive fields
     "input_gradient",

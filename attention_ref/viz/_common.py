@@ -1,4 +1,4 @@
-"""Helpers every plot shares: arrays to NumPy, the grey backdrop, query markers, saving."""
+"""Helpers every plot shares: arrays to NumPy, the grey backdrop and its note, query markers, saving."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ from matplotlib.figure import Figure
 
 from ..backend import to_numpy
 
-__all__ = ["as_numpy", "grey", "mark_query", "new_figure", "pixel_of", "save_figure", "show_map", "token_of"]
+__all__ = [
+    "BACKDROP_NOTE",
+    "as_numpy",
+    "grey",
+    "mark_query",
+    "new_figure",
+    "note",
+    "pixel_of",
+    "save_figure",
+    "show_map",
+    "token_of",
+]
 
 MAP_CMAP = "magma"  # attention weights
 SEQ_CMAP = "viridis"  # other magnitudes
@@ -64,17 +75,42 @@ def token_of(query: int | tuple[int, int], shape: tuple[int, int]) -> int:
 
 
 def show_map(
-    ax: Any, values: np.ndarray, *, backdrop: np.ndarray | None, vmin: float, vmax: float, cmap: str = MAP_CMAP
+    ax: Any,
+    values: np.ndarray,
+    *,
+    backdrop: np.ndarray | None,
+    vmin: float,
+    vmax: float,
+    cmap: str = MAP_CMAP,
+    log: bool = False,
 ):
-    """``values`` (H, W) at true resolution; over a grey backdrop with alpha when one is given."""
+    """``values`` (H, W) at true resolution; over a grey backdrop with alpha when one is given.
+
+    ``log``: a logarithmic colour scale from ``vmin`` (> 0; smaller values get its colour) to ``vmax``.
+    """
+    from matplotlib.colors import LogNorm, Normalize
+
+    norm = LogNorm(vmin=vmin, vmax=vmax, clip=True) if log else Normalize(vmin=vmin, vmax=vmax)
     if backdrop is not None:
         ax.imshow(backdrop, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=OVERLAY_ALPHA, interpolation="nearest")
+        im = ax.imshow(values, cmap=cmap, norm=norm, alpha=OVERLAY_ALPHA, interpolation="nearest")
     else:
-        im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     return im
+
+
+BACKDROP_NOTE = (
+    "grey underneath the colours: the input map (luminance, or the length of each pixel's channel vector, "
+    "scaled to 0–1)"
+)
+
+
+def note(fig: Figure, text: str | None) -> None:
+    """A line of small text under the figure (e.g. what the grey backdrop is)."""
+    if text:
+        fig.supxlabel(text, fontsize=9, color="#444444")
 
 
 def mark_query(ax: Any, pixel: tuple[int, int], *, color: str = "cyan", size: float = 80) -> None:

@@ -1,8 +1,13 @@
 """The cost of the attention variants against map size, log-log, from ``python -m attention_ref complexity``.
 
-Reads the JSON that command writes (schema ``attention_ref.complexity/1``, see
-:mod:`attention_ref.cli.complexity`): for each variant and map side, the forward and
-backward wall times and the peak memory, next to the theoretical memory.
+Reads the JSON that command writes (schemas ``attention_ref.complexity/2`` and the older ``/1``, see
+:mod:`attention_ref.cli.complexity`): for each variant and map side, the forward and backward
+times and the peak memory, next to the theoretical memory.
+
+Time is the *CPU time* of one thread, the best of several runs (schema 2; schema 1 reports only wall
+time, which is used then), so that a busy machine changes the curves little; a run during which the
+process did not get most of a core is marked ``disturbed`` and drawn hollow. Slopes are fitted by
+least squares over the largest sizes, where fixed overheads no longer dominate.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ._common import new_figure
+from ._common import new_figure, note
 
 __all__ = ["load_complexity", "plot_complexity", "scaling_exponents"]
 
-SCHEMA = "attention_ref.complexity/1"
+SCHEMAS = ("attention_ref.complexity/2", "attention_ref.complexity/1")
 COLOURS = {
     "exact": "#d95f02",
     "chunked": "#7570b3",
@@ -27,6 +32,7 @@ COLOURS = {
     "window": "#e7298a",
     "neighborhood": "#66a61e",
 }
+FIT_POINTS = 3  # slopes are fitted over this many of the largest sizes
 
 
 def load_complexity(data: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -34,72 +40,202 @@ def load_complexity(data: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(data, (str, Path)):
         data = json.loads(Path(data).read_text(encoding="utf-8"))
     data = dict(data)
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"expected a report with schema {SCHEMA!r}, got {data.get('schema')!r}")
+    if data.get("schema") not in SCHEMAS:
+        raise ValueError(f"expected a report with schema {' or '.join(map(repr, SCHEMAS))}, got {data.get('schema')!r}")
     return data
 
 
-def _series(data: Mapping[str, Any], key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """variant → (tokens, values) for the rows that were run and have ``key``."""
-    out: dict[str, tuple[list[int], list[float]]] = {}
+def _value(row: Mapping[str, Any], key: str) -> float | None:
+    """``row[key]``; ``"time"`` is forward + backward, CPU time where the row has it, else wall time;
+    ``"flops"`` is ``flops_forward + flops_backward``."""
+    if key == "flops":
+        return row["flops_forward"] + row["flops_backward"] if row.get("flops_forward") is not None else None
+    if key != "time":
+        return row.get(key)
+    if row.get("forward_cpu_s") is not None:
+        return row["forward_cpu_s"] + row["backward_cpu_s"]
+    if row.get("forward_s") is not None:
+        return row["forward_s"] + row["backward_s"]
+    return None
+
+
+def _series(data: Mapping[str, Any], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """variant → (tokens, values, disturbed) for the rows that were run and have ``key``, by size."""
+    out: dict[str, list[tuple[int, float, bool]]] = {}
     for row in data["results"]:
-        if row.get("skipped"):
-            continue
-        value = row["forward_s"] + row["backward_s"] if key == "time" else row[key]
+        value = None if row.get("skipped") else _value(row, key)
         if value is None:
             continue
-        out.setdefault(row["variant"], ([], []))
-        out[row["variant"]][0].append(row["tokens"])
-        out[row["variant"]][1].append(value)
-    return {v: (np.array(n), np.array(y, dtype=float)) for v, (n, y) in out.items()}
+        disturbed = bool(row.get("disturbed")) and key == "time"  # memory counts are exact either way
+        out.setdefault(row["variant"], []).append((row["tokens"], float(value), disturbed))
+    series = {}
+    for variant, points in out.items():
+        points.sort()
+        n, y, bad = zip(*points, strict=True)
+        series[variant] = (np.array(n), np.array(y, dtype=float), np.array(bad, dtype=bool))
+    return series
 
 
-def scaling_exponents(data: str | Path | Mapping[str, Any], key: str = "peak_bytes") -> dict[str, float]:
-    """variant → slope of ``log(key)`` against ``log N`` over the two largest measured sizes.
+def _fit(n: np.ndarray, y: np.ndarray, disturbed: np.ndarray, points: int) -> tuple[float, float] | None:
+    """``(slope, intercept)`` of ``log y = slope · log n + intercept`` over the ``points`` largest sizes.
 
-    ``key`` is ``"peak_bytes"``, ``"theory_bytes"`` or ``"time"`` (forward + backward seconds).
-    The largest sizes are used because small maps are dominated by fixed overheads.
+    Disturbed sizes are left out when at least two others remain; None with fewer than two sizes.
     """
+    use = np.flatnonzero((y > 0) & ~disturbed)
+    if use.size < 2:
+        use = np.flatnonzero(y > 0)
+    use = use[-points:]
+    if use.size < 2:
+        return None
+    slope, intercept = np.polyfit(np.log(n[use]), np.log(y[use]), 1)
+    return float(slope), float(intercept)
+
+
+def scaling_exponents(
+    data: str | Path | Mapping[str, Any], key: str = "peak_bytes", *, points: int = FIT_POINTS
+) -> dict[str, float]:
+    """variant → least-squares slope of ``log(key)`` against ``log N`` over the ``points`` largest sizes.
+
+    ``key`` is ``"peak_bytes"``, ``"theory_bytes"``, ``"flops"`` (forward + backward, theory) or
+    ``"time"`` (forward + backward CPU seconds; wall seconds for a schema-1 report). The largest
+    sizes are used because small maps are dominated by fixed overheads; disturbed runs are left out
+    when two other sizes remain.
+    A slope of 2 means O(N²), 1 means O(N).
+    """
+    if points < 2:
+        raise ValueError(f"a slope needs at least 2 points, got points={points}")
     exps = {}
-    for variant, (n, y) in _series(load_complexity(data), key).items():
-        if len(n) >= 2 and np.all(y[-2:] > 0):
-            exps[variant] = float(np.diff(np.log(y[-2:]))[0] / np.diff(np.log(n[-2:]))[0])
+    for variant, (n, y, bad) in _series(load_complexity(data), key).items():
+        fit = _fit(n, y, bad, points)
+        if fit is not None:
+            exps[variant] = fit[0]
     return exps
+
+
+def _power_range(exps: list[float], decimals: int = 1) -> str:
+    """``N^2.0`` or ``N^1.9–N^2.1`` (mathtext) for the slopes of a group of variants, to ``decimals``
+    (``N`` for a power that rounds to ``1`` with no decimals)."""
+    lo, hi = f"{min(exps):.{decimals}f}", f"{max(exps):.{decimals}f}"
+
+    def power(e: str) -> str:
+        return "$N$" if e == "1" else f"$N^{{{e}}}$"
+
+    return power(lo) if lo == hi else f"{power(lo)}–{power(hi)}"
+
+
+def _grouped(exps: dict[str, float], decimals: int = 1) -> str:
+    """ "N^2.0 for exact, chunked; N^1.0 for linear, window": the variants grouped by quadratic or linear slope."""
+    quadratic = {v: e for v, e in exps.items() if e >= 1.5}
+    linear = {v: e for v, e in exps.items() if e < 1.5}
+    parts = []
+    for group in (quadratic, linear):
+        if group:
+            parts.append(f"{_power_range(list(group.values()), decimals)} for {', '.join(group)}")
+    return "; ".join(parts)
+
+
+def _side_ticks(ax: Any, tokens: np.ndarray) -> None:
+    """x ticks at the measured map sizes, labelled ``S×S`` at the sides that are powers of two (they never crowd)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    sides = np.sqrt(tokens).round().astype(int)
+    labelled = [n for n, s in zip(tokens, sides, strict=True) if s & (s - 1) == 0]
+    ax.xaxis.set_major_locator(FixedLocator(labelled))
+    ax.xaxis.set_minor_locator(FixedLocator([n for n in tokens if n not in labelled]))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticklabels([f"{round(np.sqrt(n))}²" for n in labelled])
+
+
+def _work_line(
+    n: np.ndarray, t: np.ndarray, bad: np.ndarray, flops: dict[int, float]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The operation count at the measured sizes, in seconds: ``flops · c`` with ``c`` the geometric mean of
+    ``t / flops`` over the :data:`FIT_POINTS` largest undisturbed sizes (all of them when fewer than two)."""
+    use = np.flatnonzero(~bad & (t > 0))
+    if use.size < 2:
+        use = np.flatnonzero(t > 0)
+    use = use[-FIT_POINTS:]
+    if use.size == 0 or any(int(k) not in flops for k in n):
+        return None
+    work = np.array([flops[int(k)] for k in n], dtype=float)
+    # c = exp(mean(log t − log flops))
+    c = float(np.exp(np.mean(np.log(t[use]) - np.log(work[use]))))
+    return n, work * c
 
 
 def plot_complexity(data: str | Path | Mapping[str, Any], *, title: str | None = None) -> Figure:
     """Time (forward + backward) and peak memory against the number of pixels, log-log, per variant.
 
-    Measured values are solid lines with markers, the theoretical memory dashed;
-    the legend gives each variant's measured slope between the two largest maps
-    (2 means O(N²), 1 means O(N)).
+    Time: the measured CPU times are dots (hollow: a disturbed run, see the module docstring), the
+    lines are the operation counts (``flops_forward + flops_backward``, theory) scaled to the dots of
+    the largest sizes, so the slope of a line is exact whatever the machine did, and the dots show how
+    closely the measurement follows it; the legend gives both slopes (:func:`scaling_exponents`).
+    Memory: measured peaks joined by lines, the theoretical memory dashed.
     """
     data = load_complexity(data)
     time_exp = scaling_exponents(data, "time")
     mem_exp = scaling_exponents(data, "peak_bytes")
-    fig = new_figure(8.6, 3.4, layout="constrained")
+    work_exp = scaling_exponents(data, "flops")
+    flops = {v: dict(zip(n.tolist(), f.tolist(), strict=True)) for v, (n, f, _) in _series(data, "flops").items()}
+    fig = new_figure(9.6, 4.1, layout="constrained")
     ax_time, ax_mem = fig.subplots(1, 2)
-    for variant, (n, t) in _series(data, "time").items():
-        label = f"{variant} (slope {time_exp[variant]:.1f})" if variant in time_exp else variant
-        ax_time.loglog(n, t, "o-", color=COLOURS.get(variant), label=label, markersize=4)
-    for variant, (n, m) in _series(data, "peak_bytes").items():
-        label = f"{variant} (slope {mem_exp[variant]:.1f})" if variant in mem_exp else variant
-        ax_mem.loglog(n, m / 2**20, "o-", color=COLOURS.get(variant), label=label, markersize=4)
-    for variant, (n, m) in _series(data, "theory_bytes").items():
+    all_tokens: set[int] = set()
+    any_disturbed = False
+    for variant, (n, t, bad) in _series(data, "time").items():
+        colour = COLOURS.get(variant)
+        all_tokens.update(int(k) for k in n)
+        any_disturbed |= bool(bad.any())
+        ax_time.loglog(n[~bad], t[~bad], "o", color=colour, markersize=5)
+        ax_time.loglog(n[bad], t[bad], "o", color=colour, markersize=5, markerfacecolor="white")
+        line = _work_line(n, t, bad, flops.get(variant, {}))
+        if line is not None:
+            ax_time.loglog(*line, "-", color=colour, linewidth=1.2)
+        parts = [f"work ∝ N{'²' if round(work_exp[variant]) == 2 else ''}"] if variant in work_exp else []
+        parts += [f"measured slope {time_exp[variant]:.1f}"] if variant in time_exp else []
+        ax_time.plot([], [], "o-", color=colour, markersize=5, linewidth=1.2, label=f"{variant}: {', '.join(parts)}")
+    for variant, (n, m, _) in _series(data, "peak_bytes").items():
+        colour = COLOURS.get(variant)
+        all_tokens.update(int(k) for k in n)
+        ax_mem.loglog(
+            n,
+            m / 2**20,
+            "o-",
+            color=colour,
+            markersize=5,
+            linewidth=1.2,
+            label=f"{variant} (slope {mem_exp[variant]:.1f})" if variant in mem_exp else variant,
+        )
+    for variant, (n, m, _) in _series(data, "theory_bytes").items():
         ax_mem.loglog(n, m / 2**20, "--", color=COLOURS.get(variant), linewidth=0.9, alpha=0.7)
-    dim = data["config"].get("dim")
-    ax_time.set_title("time, forward + backward", fontsize=10)
-    ax_mem.set_title("peak memory (dashed: theory)", fontsize=10)
+    tokens = np.array(sorted(all_tokens))
     for ax in (ax_time, ax_mem):
-        ax.set_xlabel("pixels N = H·W")
-        ax.legend(fontsize=7, frameon=False)
+        if tokens.size:
+            _side_ticks(ax, tokens)
+        ax.set_xlabel("map size H×W (pixels N = H·W)")
+        ax.legend(fontsize=8, frameon=False)
         ax.grid(True, which="major", alpha=0.3)
+    config = data["config"]
+    runs = f"best of ≥ {config.get('repeats', '?')} runs"
+    cpu = "forward_cpu_s" in next((r for r in data["results"] if not r.get("skipped")), {})
+    ax_time.set_title(
+        f"{'CPU time of one thread' if cpu else 'wall time'}, forward + backward: dots ({runs});\n"
+        "lines: operation counts, scaled to the dots of the largest maps",
+        fontsize=9,
+    )
+    ax_mem.set_title("peak memory (dashed: theory)", fontsize=9)
     ax_time.set_ylabel("seconds")
     ax_mem.set_ylabel("MiB")
+    machine = data.get("machine", {})
+    where = f"measured on {machine['cpu']}, float64, d = {config.get('dim')}" if machine.get("cpu") else ""
+    if any_disturbed:
+        where += (
+            "\nhollow: timed while other processes held the core (this one had under 80% of it): "
+            "that stretches wall time, CPU time less"
+        )
+    note(fig, where)
     if title is None:
-        others = [e for v, e in mem_exp.items() if v != "exact"]
-        title = f"Peak memory grows as N^{mem_exp['exact']:.1f} for exact attention" if "exact" in mem_exp else ""
-        if others:
-            title += f", as N^{min(others):.1f}–N^{max(others):.1f} for the rest (d = {dim}, float64)"
+        lines = [f"The work grows as {_grouped(work_exp, 0)}"] if work_exp else []
+        lines += [f"peak memory as {_grouped(mem_exp)}"] if mem_exp else []
+        title = ";\n".join(lines)
     fig.suptitle(title, fontsize=11)
     return fig

@@ -1,13 +1,15 @@
 """Block diagrams drawn from code: every shape printed on a box comes from running the block.
 
 * :func:`draw_self_attention_block` — a U-Net stage: a residual conv block, then
-  the self-attention block (GroupNorm → Q, K, V → softmax(QKᵀ/√d) V → out → + x).
+  the self-attention block (GroupNorm → Q, K, V → split into heads → softmax(QKᵀ/√d) V
+  per head → merge → out → + x), one column per head.
 * :func:`draw_cross_attention` — cross-attention: Q from the pixels, K and V from
   the text tokens, weights ``(B, heads, H·W, M)``.
 
 The functions run :func:`attention_ref.self_attention_forward` /
 :func:`attention_ref.cross_attention_forward` on zeros of the requested size and
-read the shapes off the caches, so the picture cannot drift from the code.
+read the shapes off the caches (the ResBlock's from the library's group norm and
+convolution), so the picture cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ..blocks import cross_attention_forward, init_cross_attention, init_self_attention, self_attention_forward
+from ..ops import conv2d_forward, group_norm_forward
 from ._common import new_figure
 
-__all__ = ["draw_cross_attention", "draw_self_attention_block", "self_attention_shapes", "cross_attention_shapes"]
+__all__ = [
+    "draw_cross_attention",
+    "draw_self_attention_block",
+    "self_attention_shapes",
+    "cross_attention_shapes",
+    "resblock_shapes",
+]
 
 PALETTE = {
     "input": "#e8e8e8",
@@ -72,92 +81,221 @@ def cross_attention_shapes(
     }
 
 
-def _box(ax: Any, x: float, y: float, text: str, kind: str, *, width: float = 3.2, height: float = 0.62) -> None:
+def resblock_shapes(H: int, W: int, C: int, groups: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of a ResBlock's two GroupNorm → SiLU → 3×3 conv steps, run on a zero ``(1, H, W, C)`` map.
+
+    (The library has no ResBlock; its group norm and convolution give the shapes. The time
+    embedding a diffusion ResBlock adds between the two steps changes no shape.)
+    """
+    x = np.zeros((1, H, W, C))
+    kernel = np.zeros((3, 3, C, C))
+    shapes = {}
+    h = x
+    for step in ("conv1", "conv2"):
+        h, _ = group_norm_forward(h, groups=groups)  # SiLU, elementwise, keeps this shape
+        h, _ = conv2d_forward(h, kernel, padding="same")
+        shapes[step] = tuple(h.shape)
+    shapes["sum"] = tuple((x + h).shape)
+    return shapes
+
+
+FONT = 10  # points, in every box
+
+
+def _box(
+    ax: Any, x: float, y: float, text: str, kind: str, *, width: float, height: float = 0.7, size: float = FONT
+) -> None:
+    """A rounded box centred on ``(x, y)`` with ``text`` in it (the caller sizes it to the text)."""
     ax.add_patch(
         FancyBboxPatch(
             (x - width / 2, y - height / 2),
             width,
             height,
-            boxstyle="round,pad=0.05",
+            boxstyle="round,pad=0.04",
             facecolor=PALETTE[kind],
             edgecolor="#444444",
-            linewidth=0.8,
+            linewidth=0.9,
         )
     )
-    ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
+    ax.text(x, y, text, ha="center", va="center", fontsize=size, linespacing=1.3)
 
 
-def _arrow(ax: Any, start: tuple[float, float], end: tuple[float, float], *, rad: float = 0.0) -> None:
+def _arrow(ax: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
     ax.add_patch(
         FancyArrowPatch(
-            start,
-            end,
-            arrowstyle="-|>",
-            mutation_scale=9,
-            linewidth=0.9,
-            color="#444444",
-            connectionstyle=f"arc3,rad={rad}",
+            start, end, arrowstyle="-|>", mutation_scale=11, linewidth=1.0, color="#444444", shrinkA=0, shrinkB=0
         )
     )
 
 
-def _column(ax: Any, x: float, top: float, steps: list[tuple[str, str]], gap: float = 0.95) -> list[float]:
-    """Boxes from ``top`` down, joined by arrows; returns their y positions."""
-    ys = [top - i * gap for i in range(len(steps))]
-    for i, (text, kind) in enumerate(steps):
-        _box(ax, x, ys[i], text, kind)
-        if i:
-            _arrow(ax, (x, ys[i - 1] - 0.33), (x, ys[i] + 0.33))
-    return ys
+def _skip(ax: Any, x_out: float, y_from: float, y_to: float, label: str) -> None:
+    """A residual connection: out of the box at ``y_from`` to the right, down, into the box at ``y_to``."""
+    ax.plot([x_out - 0.6, x_out, x_out], [y_from, y_from, y_to], color="#888888", linewidth=1.0)
+    _arrow(ax, (x_out, y_to), (x_out - 0.6, y_to))
+    ax.text(x_out + 0.15, (y_from + y_to) / 2, label, fontsize=9, color="#666666", rotation=90, va="center")
 
 
-def _skip(ax: Any, x: float, y_from: float, y_to: float, label: str) -> None:
-    """A residual connection down the right side of a column."""
-    side = x + 2.0
-    ax.plot([x + 1.6, side, side], [y_from, y_from, y_to], color="#888888", linewidth=0.9)
-    _arrow(ax, (side, y_to), (x + 1.66, y_to))
-    ax.text(side + 0.1, (y_from + y_to) / 2, label, fontsize=7, color="#666666", rotation=90, va="center")
+SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def _sub(h: int) -> str:
+    """``h`` in subscript digits: Q₀, P₁₂."""
+    return str(h).translate(SUBSCRIPTS)
+
+
+def _shown_heads(heads: int) -> list[int | None]:
+    """The heads drawn as columns: all of up to 3, else the first, an ellipsis (None) and the last."""
+    return list(range(heads)) if heads <= 3 else [0, None, heads - 1]
+
+
+def _head_columns(
+    ax: Any,
+    top: float,
+    left: float,
+    right: float,
+    heads: int,
+    rows: list[tuple[str, str, float]],
+    gap: float,
+) -> tuple[list[float], float]:
+    """One column of boxes per shown head, between ``left`` and ``right``, from ``top`` down.
+
+    ``rows`` holds ``(text, kind, box height)``, the text with ``{n}`` for the head's number and
+    ``{h}`` for it as a subscript; the ellipsis column says how many heads it stands for.
+    Returns the columns' x centres and the y of the last row.
+    """
+    shown = _shown_heads(heads)
+    narrow = 0.9  # the ellipsis column
+    wide = ((right - left) - narrow * shown.count(None) - 0.3 * (len(shown) - 1)) / (len(shown) - shown.count(None))
+    xs, x = [], left
+    for h in shown:
+        w = narrow if h is None else wide
+        xs.append(x + w / 2)
+        x += w + 0.3
+    y = top
+    for i, (text, kind, height) in enumerate(rows):
+        for h, cx in zip(shown, xs, strict=True):
+            if h is None:
+                ax.text(cx, y, "⋯", ha="center", va="center", fontsize=14, color="#444444")
+                if i == 0:
+                    ax.text(cx, y - 0.55, f"{heads - 2} more", ha="center", va="top", fontsize=8, color="#666666")
+                continue
+            _box(ax, cx, y, text.format(h=_sub(h), n=h), kind, width=wide, height=height)
+            if i:
+                _arrow(ax, (cx, y + gap - rows[i - 1][2] / 2), (cx, y + height / 2))
+        if i < len(rows) - 1:
+            y -= gap
+    return [cx for h, cx in zip(shown, xs, strict=True) if h is not None], y
 
 
 def draw_self_attention_block(
     H: int = 16, W: int = 16, C: int = 64, *, heads: int = 4, groups: int = 32, title: str | None = None
 ) -> Figure:
-    """A U-Net stage: residual conv block, then the self-attention block, shapes from a real forward pass."""
+    """A U-Net stage: residual conv block, then the self-attention block, shapes from a real forward pass.
+
+    Every head is a column of its own (up to three drawn; more are summarised by an ellipsis), so
+    that the split of the channels into heads and their merge are visible.
+    """
     s = self_attention_shapes(H, W, C, heads, groups)
-    N = s["tokens"][1]
+    r = resblock_shapes(H, W, C, groups)
+    N, d = s["tokens"][1], s["heads"][-1]
+    B = s["x"][0]
+    wide, gap = 11.0, 1.05
+    fig = new_figure(8.6, 11.4)
+    ax = fig.add_subplot()
     steps = [
         (f"x  {_shape(s['x'])}", "input"),
-        ("GroupNorm → SiLU → conv 3×3", "conv"),
-        ("GroupNorm → SiLU → conv 3×3", "conv"),
-        ("+  (residual conv block)", "add"),
-        (f"GroupNorm({groups})  {_shape(s['x'])}", "norm"),
-        (f"flatten pixels: token = row·W+col  {_shape(s['tokens'])}", "input"),
-        (f"Q, K, V = h W_q, h W_k, h W_v  {_shape(s['qkv'])} each", "linear"),
-        (f"split {heads} heads  {_shape(s['heads'])}", "linear"),
-        (f"P = softmax(QKᵀ/√{s['heads'][-1]})  {_shape(s['weights'])}", "attention"),
-        (f"O = P V, merge heads  {_shape(s['qkv'])}", "attention"),
-        (f"O W_o + b_o, back to the map  {_shape(s['y'])}", "linear"),
-        (f"y = x + …  {_shape(s['y'])}", "add"),
+        (f"GroupNorm({groups}) → SiLU → conv 3×3   {_shape(r['conv1'])}", "conv"),
+        (f"GroupNorm({groups}) → SiLU → conv 3×3   {_shape(r['conv2'])}", "conv"),
+        (f"+ the skip   {_shape(r['sum'])}", "add"),
+        (f"GroupNorm: {groups} groups of {C // groups} channels   {_shape(s['x'])}", "norm"),
+        (f"flatten: pixel (row, col) → token row·{W} + col   {_shape(s['tokens'])}", "input"),
     ]
-    fig = new_figure(5.4, 8.6)
-    ax = fig.add_subplot()
-    ys = _column(ax, 0.0, 0.0, steps)
-    _skip(ax, 0.0, ys[0], ys[3], "skip")
-    _skip(ax, 0.0, ys[3] - 0.2, ys[-1], "skip")
-    ax.text(-2.35, (ys[1] + ys[2]) / 2, "ResBlock", rotation=90, va="center", fontsize=8, color="#2b7a2b")
-    ax.text(-2.35, (ys[4] + ys[-1]) / 2, "AttentionBlock", rotation=90, va="center", fontsize=8, color="#a0305a")
+    ys = [-i * gap for i in range(len(steps))]
+    for i, (text, kind) in enumerate(steps):
+        _box(ax, 0.0, ys[i], text, kind, width=wide)
+        if i:
+            _arrow(ax, (0.0, ys[i - 1] - 0.35), (0.0, ys[i] + 0.35))
+    # Q, K, V: three projections of the same tokens
+    y_qkv = ys[-1] - 1.3
+    y_split = y_qkv - 1.05
+    third = (wide - 0.6) / 3
+    for j, name in enumerate("QKV"):
+        cx = -wide / 2 + third / 2 + j * (third + 0.3)
+        ax.plot([cx, cx], [y_qkv - 0.475, y_split + 0.25], color="#444444", linewidth=1.0)
+        _box(
+            ax,
+            cx,
+            y_qkv,
+            f"{name} = h W_{name.lower()} + b_{name.lower()}\n{_shape(s['qkv'])}",
+            "linear",
+            width=third,
+            height=0.95,
+        )
+        _arrow(ax, (0.0, ys[-1] - 0.35), (cx, y_qkv + 0.475))
+    # the split into heads: channel c = head·d + j
     ax.text(
         0.0,
-        ys[-1] - 0.75,
-        f"the weights are N×N = {N}×{N} per head: cost grows as (H·W)²",
+        y_split,
+        f"split the {s['qkv'][-1]} channels into {heads} heads of d = {s['qkv'][-1]} / {heads} = {d}:"
+        f" channel c = head·{d} + j",
         ha="center",
-        fontsize=7.5,
+        va="center",
+        fontsize=FONT,
+        color="#7a3b00",
+    )
+    xs, y_last = _head_columns(
+        ax,
+        y_split - 1.0,
+        -wide / 2,
+        wide / 2,
+        heads,
+        [
+            ("head {n}: Q{h}, K{h}, V{h}\n" + f"{_shape((B, N, d))} each", "linear", 0.95),
+            ("P{h} = softmax(Q{h} K{h}ᵀ / √" + f"{d})\n{_shape((B, N, N))}", "attention", 0.95),
+            ("O{h} = P{h} V{h}\n" + f"{_shape((B, N, d))}", "attention", 0.95),
+        ],
+        1.35,
+    )
+    for cx in xs:
+        _arrow(ax, (cx, y_split - 0.3 + 0.25), (cx, y_split - 1.0 + 0.475))
+    tail = [
+        (f"merge heads: O = [O₀ … O{_sub(heads - 1)}]   {_shape(s['qkv'])}", "attention"),
+        (f"O W_o + b_o, back to the map   {_shape(s['y'])}", "linear"),
+        (f"y = x + …   {_shape(s['y'])}", "add"),
+    ]
+    y_tail = [y_last - 1.35 - i * gap for i in range(len(tail))]
+    for i, (text, kind) in enumerate(tail):
+        _box(ax, 0.0, y_tail[i], text, kind, width=wide)
+        if i:
+            _arrow(ax, (0.0, y_tail[i - 1] - 0.35), (0.0, y_tail[i] + 0.35))
+    for cx in xs:
+        _arrow(ax, (cx, y_last - 0.475), (cx, y_tail[0] + 0.35))
+    edge = wide / 2 + 0.9
+    _skip(ax, edge, ys[0], ys[3], "skip")
+    _skip(ax, edge, ys[3] - 0.2, y_tail[-1], "skip")
+    ax.text(-edge, (ys[1] + ys[2]) / 2, "ResBlock", rotation=90, va="center", ha="center", fontsize=11, color="#2b7a2b")
+    ax.text(
+        -edge,
+        (ys[4] + y_tail[-1]) / 2,
+        "AttentionBlock",
+        rotation=90,
+        va="center",
+        ha="center",
+        fontsize=11,
         color="#a0305a",
     )
-    ax.set_xlim(-2.6, 2.9)
-    ax.set_ylim(ys[-1] - 1.0, 0.6)
+    ax.text(
+        0.0,
+        y_tail[-1] - 0.85,
+        f"each head's weights Pₕ are N×N = {N}×{N}: memory and time grow as (H·W)²",
+        ha="center",
+        fontsize=FONT,
+        color="#a0305a",
+    )
+    ax.set_xlim(-edge - 0.5, edge + 0.6)
+    ax.set_ylim(y_tail[-1] - 1.2, 0.6)
     ax.set_axis_off()
-    ax.set_title(title or f"every pixel of a {H}×{W} map attends to every other one", fontsize=10)
+    ax.set_title(title or f"every pixel of a {H}×{W} map attends to every other one", fontsize=12)
     return fig
 
 
@@ -172,49 +310,82 @@ def draw_cross_attention(
     groups: int = 32,
     title: str | None = None,
 ) -> Figure:
-    """Cross-attention: queries from the pixels, keys and values from the tokens; shapes from a forward pass."""
+    """Cross-attention: queries from the pixels, keys and values from the tokens; shapes from a forward pass.
+
+    As in :func:`draw_self_attention_block`, every head is a column (up to three drawn).
+    """
     s = cross_attention_shapes(H, W, C, M, D, heads, groups)
-    fig = new_figure(8.2, 5.2)
+    B, N, inner = s["q"]
+    d = inner // heads
+    gap = 1.05
+    fig = new_figure(8.6, 9.6)
     ax = fig.add_subplot()
-    half = 0.31  # half a box's height
-    # the pixel path on the left
-    _column(
-        ax,
-        -2.6,
-        0.0,
-        [
-            (f"pixels x  {_shape(s['x'])}", "input"),
-            (f"GroupNorm, flatten  {_shape((*s['q'][:-1], C))}", "norm"),
-            (f"Q = h W_q  {_shape(s['q'])}", "linear"),
-        ],
-    )
-    # the token path on the right: K and V side by side
-    _box(ax, 2.5, 0.0, f"tokens c (text encoder)  {_shape(s['context'])}", "input")
-    _box(ax, 1.2, -2.0, f"K = c W_k  {_shape(s['kv'])}", "linear", width=2.3)
-    _box(ax, 3.7, -2.0, f"V = c W_v  {_shape(s['kv'])}", "linear", width=2.3)
-    _arrow(ax, (2.2, -half), (1.3, -2.0 + half))
-    _arrow(ax, (2.8, -half), (3.6, -2.0 + half))
-    # attention, output, residual
-    _box(ax, -0.8, -3.0, f"P = softmax(QKᵀ/√d) over tokens  {_shape(s['weights'])}", "attention", width=4.6)
-    _arrow(ax, (-2.6, -2.0 - half), (-1.6, -3.0 + half))
-    _arrow(ax, (1.2, -2.0 - half), (0.4, -3.0 + half))
-    _box(ax, 0.8, -4.0, f"O = P V,  O W_o + b_o  {_shape(s['y'])}", "linear", width=6.0)
-    _arrow(ax, (-0.8, -3.0 - half), (-0.8, -4.0 + half))
-    _arrow(ax, (3.7, -2.0 - half), (3.7, -4.0 + half))
-    _box(ax, 0.8, -5.0, f"y = x + …  {_shape(s['y'])}", "add", width=6.0)
-    _arrow(ax, (0.8, -4.0 - half), (0.8, -5.0 + half))
-    ax.plot([-4.2, -4.45, -4.45], [0.0, 0.0, -5.0], color="#888888", linewidth=0.9)
-    _arrow(ax, (-4.45, -5.0), (-2.25, -5.0))
+    left, right = -2.9, 3.0  # the pixel path and the token path
+    half = 2.6  # half a column box's width
+    _box(ax, left, 0.0, f"pixels x  {_shape(s['x'])}", "input", width=2 * half)
+    _box(ax, left, -gap, f"GroupNorm({groups}), flatten\n{_shape((B, N, C))}", "norm", width=2 * half, height=0.95)
+    _arrow(ax, (left, -0.35), (left, -gap + 0.475))
+    _box(ax, right, 0.0, f"text tokens c  {_shape(s['context'])}", "input", width=2 * half)
+    y_proj = -2.4
+    _box(ax, left, y_proj, f"Q = h W_q\n{_shape(s['q'])}", "linear", width=2 * half, height=0.95)
+    _arrow(ax, (left, -gap - 0.475), (left, y_proj + 0.475))
+    for dx, name in ((-1.35, "K"), (1.35, "V")):
+        _box(
+            ax, right + dx, y_proj, f"{name} = c W_{name.lower()}\n{_shape(s['kv'])}", "linear", width=2.5, height=0.95
+        )
+        _arrow(ax, (right + dx / 3, -0.35), (right + dx, y_proj + 0.475))
+    y_split = y_proj - 1.1
     ax.text(
-        0.8,
-        -5.75,
-        f"row i of P: how pixel i splits its attention over the {M} tokens",
+        0.0,
+        y_split,
+        f"split {inner} channels into {heads} heads of d = {inner} / {heads} = {d}: channel c = head·{d} + j",
         ha="center",
-        fontsize=7.5,
+        va="center",
+        fontsize=FONT,
+        color="#7a3b00",
+    )
+    for x in (left, right - 1.35, right + 1.35):
+        ax.plot([x, x], [y_proj - 0.475, y_split + 0.25], color="#444444", linewidth=1.0)
+    xs, y_last = _head_columns(
+        ax,
+        y_split - 1.0,
+        left - half,
+        right + half,
+        heads,
+        [
+            ("head {n}: Q{h} " + f"{_shape((B, N, d))}\n" + "K{h}, V{h} " + f"{_shape((B, M, d))}", "linear", 0.95),
+            ("P{h} = softmax(Q{h} K{h}ᵀ / √" + f"{d})\nover the {M} tokens  {_shape((B, N, M))}", "attention", 0.95),
+            ("O{h} = P{h} V{h}\n" + f"{_shape((B, N, d))}", "attention", 0.95),
+        ],
+        1.35,
+    )
+    for cx in xs:
+        _arrow(ax, (cx, y_split - 0.25), (cx, y_split - 1.0 + 0.475))
+    tail = [
+        (f"merge heads, O W_o + b_o, back to the map   {_shape(s['y'])}", "linear"),
+        (f"y = x + …   {_shape(s['y'])}", "add"),
+    ]
+    y_tail = [y_last - 1.35 - i * gap for i in range(len(tail))]
+    for i, (text, kind) in enumerate(tail):
+        _box(ax, 0.0, y_tail[i], text, kind, width=right - left + 2 * half)
+        if i:
+            _arrow(ax, (0.0, y_tail[i - 1] - 0.35), (0.0, y_tail[i] + 0.35))
+    for cx in xs:
+        _arrow(ax, (cx, y_last - 0.475), (cx, y_tail[0] + 0.35))
+    edge = left - half - 0.5
+    ax.plot([left - half, edge, edge], [0.0, 0.0, y_tail[-1]], color="#888888", linewidth=1.0)
+    _arrow(ax, (edge, y_tail[-1]), (left - half, y_tail[-1]))
+    ax.text(edge - 0.15, y_tail[-1] / 2, "skip", fontsize=9, color="#666666", rotation=90, va="center", ha="right")
+    ax.text(
+        0.0,
+        y_tail[-1] - 0.85,
+        f"row i of Pₕ: how pixel i splits its attention over the {M} tokens",
+        ha="center",
+        fontsize=FONT,
         color="#a0305a",
     )
-    ax.set_xlim(-4.7, 5.0)
-    ax.set_ylim(-6.1, 0.6)
+    ax.set_xlim(edge - 0.6, right + half + 0.3)
+    ax.set_ylim(y_tail[-1] - 1.2, 0.6)
     ax.set_axis_off()
-    ax.set_title(title or "cross-attention: pixels ask (Q), tokens answer (K, V)", fontsize=10)
+    ax.set_title(title or "cross-attention: pixels ask (Q), tokens answer (K, V)", fontsize=12)
     return fig

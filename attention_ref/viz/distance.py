@@ -8,6 +8,12 @@ the pixels of the same map,
 the distance of the weights' centre of mass of "how far": 0 when a pixel looks
 only at itself, about half the map's side for uniform weights. The mean of
 ``d_i`` over query pixels (and images) gives one number per head.
+
+One number hides a lot: uniform weights on a 10×10 map already average about 5
+pixels, so "far" may mean "everywhere" as easily as "one far place". The plot
+therefore draws the whole profile, :func:`weight_within`: the share of a query's
+weight within distance ``r``, against ``r``; :func:`field_distance` and the
+plot's ``fields`` put a convolution stack's receptive field on the same scale.
 """
 
 from __future__ import annotations
@@ -18,10 +24,18 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ._common import new_figure
+from ..backend import to_numpy
+from ._common import as_numpy, new_figure, pixel_of, token_of
 from .maps import as_weights
 
-__all__ = ["attention_distance", "mean_attention_distance", "plot_attention_distance", "uniform_distance"]
+__all__ = [
+    "attention_distance",
+    "field_distance",
+    "mean_attention_distance",
+    "plot_attention_distance",
+    "uniform_distance",
+    "weight_within",
+]
 
 
 def _pixel_distances(shape: tuple[int, int]) -> np.ndarray:
@@ -56,51 +70,156 @@ def uniform_distance(shape: tuple[int, int]) -> float:
     return float(_pixel_distances(shape).mean())
 
 
+def field_distance(field: Any, pixel: tuple[int, int]) -> float:
+    """``Σ_j R_j ‖p_q − p_j‖ / Σ_j R_j``: the mean distance of an influence map ``R`` ``(H, W)`` from ``pixel``.
+
+    The same statistic as :func:`attention_distance`, with the map (e.g. a receptive field from
+    :func:`attention_ref.viz.conv_stack_receptive_field`) in place of a query's weights, so that a
+    convolution stack and an attention head can be compared in pixels.
+    """
+    R = as_numpy(field, "field")
+    if R.ndim != 2 or np.any(R < 0) or not R.sum() > 0:
+        raise ValueError(f"field must be an (H, W) map of non-negative values, not all 0; got shape {R.shape}")
+    r, c = pixel_of(pixel, R.shape)
+    rows, cols = np.indices(R.shape)
+    # Σ_j R_j ‖p_q − p_j‖ / Σ_j R_j
+    return float(np.sum(R * np.hypot(rows - r, cols - c)) / R.sum())
+
+
+def _per_query(a: Any, B: int, N: int, name: str) -> np.ndarray:
+    """``a`` as ``(B, N)``: accepts ``(B, N)`` or ``(B, H, W)`` with ``H·W = N``."""
+    a = np.asarray(to_numpy(a))
+    if a.ndim not in (2, 3) or a.shape[0] != B or int(np.prod(a.shape[1:])) != N:
+        raise ValueError(f"{name} must be (B, N) or (B, H, W) for {B} maps of {N} pixels, got shape {a.shape}")
+    return a.reshape(B, N)
+
+
+def weight_within(weights: Any, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """How a query's weight accumulates with distance: ``F_i(r) = Σ_{j : ‖p_i − p_j‖ ≤ r} P_ij``.
+
+    Inputs:
+        weights: self-attention weights ``(B, heads, H·W, H·W)`` (or without B / heads), any backend.
+        shape: ``(H, W)``.
+
+    Returns:
+        radii: ``(R,)``, every distance between two pixels of the map, ascending (``F`` steps there).
+        within: ``(B, heads, N, R)``, ``F_i(r)`` at each radius; 1 at the largest for rows summing to 1.
+    """
+    w = as_weights(weights)
+    H, W = shape
+    if w.shape[2:] != (H * W, H * W):
+        raise ValueError(f"self-attention weights of shape {w.shape} do not fit a {H}×{W} map")
+    D = _pixel_distances(shape)  # (N, N)
+    radii = np.unique(np.round(D, 9))
+    order = np.argsort(D, axis=1, kind="stable")  # each query's keys, nearest first
+    # the last key of row i at distance ≤ r, for every r   (N, R)
+    last = np.stack([np.searchsorted(D[i, order[i]], radii + 1e-9, side="right") - 1 for i in range(H * W)])
+    # Σ of the weights of the nearest keys, nearest first   (B, heads, N, N)
+    cumulative = np.cumsum(np.take_along_axis(w, np.broadcast_to(order, w.shape), axis=-1), axis=-1)
+    within = np.take_along_axis(cumulative, np.broadcast_to(last, (*w.shape[:-1], radii.size)), axis=-1)
+    return radii, within
+
+
+LINE_COLOURS = ["#7570b3", "#d95f02", "#1b9e77", "#e7298a", "#66a61e", "#e6ab02"]
+
+
 def plot_attention_distance(
     weights: Any | Mapping[str, Any],
     shape: tuple[int, int],
     *,
+    queries: Any | None = None,
+    target: Any | None = None,
+    target_label: str = "all weight at the distance the task needs",
+    fields: Mapping[str, tuple[Any, tuple[int, int]]] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Mean attention distance per head (bars) and its distribution over query pixels (histograms).
+    """How far attention reaches: the share of a query's weight within distance ``r``, against ``r``.
+
+    One curve per weights array and head (the mean of :func:`weight_within` over the chosen query
+    pixels), a grey dashed curve for uniform weights, thin black for ``target`` and dotted for
+    ``fields``. Each legend entry gives the mean distance of its curve (:func:`attention_distance`,
+    :func:`field_distance`), the usual one-number summary per head.
 
     Inputs:
         weights: one weights array ``(B, heads, N, N)`` or a dict ``name → weights`` to compare
-            (e.g. ``{"at initialisation": w0, "trained": w1}``).
+            (e.g. ``{"at initialisation": w0, "trained": w1}``), any backend.
         shape: ``(H, W)``.
+        queries: bool ``(B, N)`` or ``(B, H, W)``: the query pixels to average over (default: all).
+        target: ``(B, N)`` or ``(B, H, W)``: the distance each query should look at, in pixels (e.g.
+            to a far-away twin); its curve is what weights entirely at that distance would give.
+        target_label: the target curve's legend entry.
+        fields: name → ``(map (H, W), pixel)``: influence maps (e.g. a conv stack's receptive field,
+            :func:`attention_ref.viz.conv_stack_receptive_field`) on the same scale: the share of the
+            map's total within ``r`` of ``pixel``.
     """
-    named = dict(weights) if isinstance(weights, Mapping) else {"": weights}
-    dists = {name: attention_distance(w, shape) for name, w in named.items()}
-    reference = uniform_distance(shape)
-    fig = new_figure(8.0, 3.0, layout="constrained")
-    bars, hist = fig.subplots(1, 2)
-    width = 0.8 / len(dists)
-    colours = ["#7570b3", "#d95f02", "#1b9e77", "#e7298a"]
-    top = float(np.hypot(*np.subtract(shape, 1)))
-    bins = np.linspace(0.0, top, 30)
-    for k, (name, d) in enumerate(dists.items()):
-        per_head = d.mean(axis=(0, 2))
-        heads = np.arange(per_head.size)
-        bars.bar(heads + k * width, per_head, width=width, color=colours[k % 4], label=name or None)
-        for h in heads:
-            label = f"{name} head {h}".strip() if per_head.size > 1 else (name or "all queries")
-            hist.hist(
-                d[:, h].ravel(),
-                bins=bins,
-                histtype="step",
-                linewidth=1.5,
-                color=colours[k % 4],
-                linestyle=["-", "--", ":", "-."][h % 4],
-                label=label,
+    named = {name: as_weights(w) for name, w in (weights.items() if isinstance(weights, Mapping) else [("", weights)])}
+    H, W = shape
+    N = H * W
+    B = next(iter(named.values())).shape[0]
+    keep = np.ones((B, N), dtype=bool) if queries is None else _per_query(queries, B, N, "queries").astype(bool)
+    radii, uniform = weight_within(np.full((1, 1, N, N), 1.0 / N), shape)
+    fig = new_figure(8.8, 3.9, layout="constrained")
+    ax = fig.add_subplot()
+    several_heads = any(w.shape[1] > 1 for w in named.values())
+    k = 0
+    for name, w in named.items():
+        if w.shape[0] != B:
+            raise ValueError(f"every weights array must hold {B} maps; {name!r} has shape {w.shape}")
+        _, within = weight_within(w, shape)  # (B, heads, N, R)
+        dist = attention_distance(w, shape)  # (B, heads, N)
+        for h in range(w.shape[1]):
+            label = ", ".join(p for p in (name, f"head {h}" if several_heads else "") if p) or "attention"
+            ax.step(
+                radii,
+                within[:, h][keep].mean(axis=0),
+                where="post",
+                linewidth=2.0,
+                color=LINE_COLOURS[k % len(LINE_COLOURS)],
+                label=f"{label}: mean distance {dist[:, h][keep].mean():.1f} px",
             )
-    bars.axhline(reference, color="grey", linestyle="--", linewidth=1, label="uniform weights")
-    hist.axvline(reference, color="grey", linestyle="--", linewidth=1)
-    bars.set_xticks(np.arange(max(d.shape[1] for d in dists.values())) + 0.4 - width / 2)
-    bars.set_xticklabels([f"head {h}" for h in range(max(d.shape[1] for d in dists.values()))])
-    bars.set_ylabel("mean attention distance (pixels)")
-    bars.legend(fontsize=8, frameon=True, loc="lower right")
-    hist.set_xlabel("attention distance of a query pixel (pixels)")
-    hist.set_ylabel("query pixels")
-    hist.legend(fontsize=8, frameon=False)
+            k += 1
+    if target is not None:
+        goal = _per_query(target, B, N, "target").astype(np.float64)[keep]
+        # the share of queries whose target lies within r: weights all at the target distance
+        ax.step(
+            radii,
+            (goal[:, None] <= radii + 1e-9).mean(axis=0),
+            where="post",
+            color="black",
+            linewidth=0.9,
+            label=f"{target_label}: mean distance {goal.mean():.1f} px",
+        )
+    ax.step(
+        radii,
+        uniform[0, 0].mean(axis=0),
+        where="post",
+        color="grey",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"uniform weights: mean distance {uniform_distance(shape):.1f} px",
+    )
+    distances = _pixel_distances(shape)
+    for k, (name, (field, pixel)) in enumerate((fields or {}).items()):
+        R = as_numpy(field, name)
+        if R.shape != tuple(shape):
+            raise ValueError(f"field {name!r} has shape {R.shape}, the map is {tuple(shape)}")
+        mean = field_distance(R, pixel)  # also checks R
+        # Σ_{j : ‖p_q − p_j‖ ≤ r} R_j / Σ_j R_j
+        share = (distances[token_of(pixel, shape)][None, :] <= radii[:, None] + 1e-9) @ R.ravel() / R.sum()
+        ax.step(
+            radii,
+            share,
+            where="post",
+            linestyle=":",
+            linewidth=1.8,
+            color=["#1b1b1b", "#666666", "#a6761d"][k % 3],
+            label=f"{name}: mean distance {mean:.1f} px",
+        )
+    ax.set_xlabel("distance r from the query pixel (pixels)")
+    ax.set_ylabel("share of the weight within r")
+    ax.set_xlim(0.0, float(radii[-1]))
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=9, frameon=False)
     fig.suptitle(title or "how far each head looks", fontsize=11)
     return fig

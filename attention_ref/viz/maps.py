@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ._common import as_numpy, grey, mark_query, new_figure, pixel_of, show_map, token_of
+from ._common import BACKDROP_NOTE, as_numpy, grey, mark_query, new_figure, note, pixel_of, show_map, token_of
 
 __all__ = ["as_weights", "plot_attention_grid", "plot_query_attention", "query_map"]
 
@@ -94,6 +94,8 @@ def plot_attention_grid(
     row_labels: Sequence[str] | None = None,
     transpose: bool = False,
     label: str = "attention weight",
+    log: bool = False,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
     """A grid of query maps: one row per head, one column per query, one shared colour scale.
@@ -102,27 +104,43 @@ def plot_attention_grid(
     ``row_labels`` replaces the "head h" labels (e.g. to compare weights stacked
     along the head axis: before and after training); ``transpose`` puts the
     queries in rows and the heads in columns; ``label`` names the colour bar.
+    ``log``: a shared logarithmic scale from ``1/(10·M)`` to the largest weight, with the weight
+    of uniform attention, ``1/M`` for ``M`` keys, marked on the colour bar in cyan; it keeps weights near
+    uniform visible beside weights near 1, where a linear scale shows them black.
+    ``backdrop_note``: the line under the figure saying what the grey backdrop is (drawn only
+    with an ``image``; None for none).
     """
     w = as_weights(weights)
     heads = list(range(w.shape[1])) if heads is None else list(heads)
     names = [f"head {h}" for h in heads] if row_labels is None else list(row_labels)
+    if len(names) != len(heads):
+        raise ValueError(f"{len(names)} row labels for {len(heads)} heads")
     maps = [[query_map(w, q, shape, batch=batch, head=h) for q in queries] for h in heads]
     vmax = max(float(m.max()) for row in maps for m in row)
+    keys = w.shape[-1]
+    vmin = min(0.1 / keys, vmax / 10) if log else 0.0
     backdrop = grey(image, shape)
     rows, cols = (len(queries), len(heads)) if transpose else (len(heads), len(queries))
-    fig = new_figure(1.9 * cols + 0.8, 1.9 * rows + 0.6, layout="constrained")
+    aspect = shape[0] / shape[1]  # panels as tall as the map is, relative to its width
+    fig = new_figure(1.9 * cols + 0.9, 1.75 * aspect * rows + 0.7 + 0.25 * (image is not None), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(len(heads)):
         for j, q in enumerate(queries):
             ax = axes[j, i] if transpose else axes[i, j]
-            im = show_map(ax, maps[i][j], backdrop=backdrop, vmin=0.0, vmax=vmax)
+            im = show_map(ax, maps[i][j], backdrop=backdrop, vmin=vmin, vmax=vmax, log=log)
             mark_query(ax, pixel_of(q, shape), size=50)
             head_name, query_name = names[i], f"query {pixel_of(q, shape)}"
             top, side = (head_name, query_name) if transpose else (query_name, head_name)
             if ax in axes[0]:
-                ax.set_title(top, fontsize=9)
+                ax.set_title(top, fontsize=10)
             if ax is (axes[j, 0] if transpose else axes[i, 0]):
-                ax.set_ylabel(side, fontsize=9)
-    fig.colorbar(im, ax=axes, shrink=0.8, label=label)
+                ax.set_ylabel(side, fontsize=10)
+    if log:
+        bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"{label} (log scale; cyan: uniform, 1/{keys})")
+        bar.ax.axhline(1.0 / keys, color="cyan", linewidth=2)
+    else:
+        fig.colorbar(im, ax=axes, shrink=0.8, label=label)
+    if image is not None:
+        note(fig, backdrop_note)
     fig.suptitle(title or "each head's weights, per query pixel", fontsize=11)
     return fig

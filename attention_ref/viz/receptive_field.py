@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from ..backend import from_numpy
 from ..ops import conv2d_backward, conv2d_forward
-from ._common import as_numpy, grey, mark_query, new_figure, pixel_of, show_map
+from ._common import BACKDROP_NOTE, as_numpy, grey, mark_query, new_figure, note, pixel_of, show_map
 
 __all__ = [
     "conv_stack_backward",
@@ -104,6 +104,7 @@ def plot_receptive_fields(
     pixel: tuple[int, int],
     *,
     image: Any | None = None,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
     """Receptive-field maps side by side, each divided by its own maximum, one shared colour bar.
@@ -111,6 +112,7 @@ def plot_receptive_fields(
     Inputs:
         fields: name → ``(H, W)`` map (e.g. from :func:`input_gradient`), all of one size.
         pixel: the output pixel, marked ×; image: a backdrop or None.
+        backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
     maps = {name: as_numpy(m, name) for name, m in fields.items()}
     shape = next(iter(maps.values())).shape
@@ -123,6 +125,8 @@ def plot_receptive_fields(
         mark_query(ax, pixel_of(pixel, shape), size=50)
         ax.set_xlabel(name, fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.85, label="|∂y_q/∂x| ÷ its max")
+    if image is not None:
+        note(fig, backdrop_note)
     fig.suptitle(title or "which input pixels move the marked output pixel", fontsize=11)
     return fig
 
@@ -133,6 +137,7 @@ def plot_weights_vs_influence(
     pixel: tuple[int, int],
     *,
     image: Any | None = None,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
     """A query pixel's attention weights next to its true influence map ``|∂y_q/∂x|``.
@@ -141,6 +146,7 @@ def plot_weights_vs_influence(
         weights_map: ``(H, W)``, e.g. :func:`attention_ref.viz.query_map`.
         influence: ``(H, W)``, e.g. :func:`input_gradient` of the block.
         pixel: the query; image: a backdrop or None.
+        backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
     w, g = as_numpy(weights_map, "weights_map"), as_numpy(influence, "influence")
     if w.shape != g.shape:
@@ -157,5 +163,7 @@ def plot_weights_vs_influence(
         fig.colorbar(im, ax=ax, shrink=0.85).set_label(label, fontsize=9)
     axes[0].set_title("what it attends to", fontsize=10)
     axes[1].set_title("what actually moves it (backward pass)", fontsize=10)
+    if image is not None:
+        note(fig, backdrop_note)
     fig.suptitle(title or "attention weights are not the whole influence", fontsize=11)
     return fig

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ._common import grey, new_figure, show_map
+from ._common import BACKDROP_NOTE, grey, new_figure, note, show_map
 from .maps import as_weights
 
 __all__ = [
@@ -91,11 +91,38 @@ def token_maps(
     return maps
 
 
+def _check_tokens(tokens: Sequence[str], weights: np.ndarray) -> None:
+    """ValueError unless there is exactly one label per token of ``weights`` ``(B, heads, N, M)``."""
+    if len(tokens) != weights.shape[-1]:
+        raise ValueError(
+            f"{len(tokens)} token labels for weights of shape {weights.shape} with {weights.shape[-1]} tokens: "
+            "give one label per token (the last axis)"
+        )
+
+
 def _shown(tokens: Sequence[str], show: Sequence[int] | None, context_mask: Any | None) -> list[int]:
+    """The token indices to draw: ``show``, else those ``context_mask`` marks real, else all."""
     if show is not None:
-        return list(show)
+        idx = [int(t) for t in show]
+        bad = [t for t in idx if not 0 <= t < len(tokens)]
+        if bad:
+            raise ValueError(f"show={list(show)} names tokens {bad} outside the {len(tokens)} tokens")
+        return idx
     keep = np.ones(len(tokens), dtype=bool) if context_mask is None else np.asarray(context_mask, dtype=bool)
+    if keep.shape != (len(tokens),):
+        raise ValueError(f"context_mask has shape {keep.shape}, expected ({len(tokens)},): one flag per token")
     return [t for t in range(len(tokens)) if keep[t]]
+
+
+def _grid_shape(count: int, max_columns: int = 6) -> tuple[int, int]:
+    """``(rows, columns)`` for ``count`` panels: at most ``max_columns`` a row, the rows as even as they can be.
+
+    E.g. 5 → (1, 5), 10 → (2, 5), 77 → (13, 6).
+    """
+    if count < 1 or max_columns < 1:
+        raise ValueError(f"need at least one panel and one column, got {count} panels, {max_columns} columns")
+    rows = -(-count // max_columns)  # ceil
+    return rows, -(-count // rows)
 
 
 def plot_token_maps(
@@ -109,29 +136,52 @@ def plot_token_maps(
     normalization: str = "raw",
     show: Sequence[int] | None = None,
     context_mask: Any | None = None,
+    max_columns: int = 6,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
-    """One map per token, the token's text under it, one shared colour bar.
+    """One map per token, the token's text under it, one shared colour bar; long prompts wrap onto rows.
 
     Inputs:
         weights: ``(B, heads, H·W, M)`` (or without B / heads), any backend.
-        tokens: the ``M`` token strings.
+        tokens: the ``M`` token strings, one per token (ValueError otherwise).
         image: backdrop ``(H, W[, C])`` or None.
         normalization: see :func:`token_maps`.
         show: token indices to draw (default: all, or those ``context_mask`` marks real).
+        max_columns: panels per row at most; more tokens wrap onto further rows (:func:`_grid_shape`).
+        backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
-    maps = token_maps(weights, shape, batch=batch, head=head, normalization=normalization, special=_is_special(tokens))
+    w = as_weights(weights)
+    _check_tokens(tokens, w)
+    maps = token_maps(w, shape, batch=batch, head=head, normalization=normalization, special=_is_special(tokens))
     idx = _shown(tokens, show, context_mask)
     backdrop = grey(image, shape)
-    vmax = max(float(maps[idx].max()), 1e-12)
-    fig = new_figure(1.6 * len(idx) + 0.9, 2.3, layout="constrained")
-    axes = fig.subplots(1, len(idx), squeeze=False)[0]
-    for ax, t in zip(axes, idx, strict=True):
+    vmax = max(float(maps[idx].max()), 1e-12) if idx else 1.0
+    rows, cols = _grid_shape(max(len(idx), 1), max_columns)
+    fig = new_figure(1.75 * cols + 1.0, 2.0 * rows + 0.5, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(idx):
+            ax.set_axis_off()
+            continue
+        t = idx[k]
         im = show_map(ax, maps[t], backdrop=backdrop, vmin=0.0, vmax=vmax)
-        ax.set_xlabel(tokens[t], fontsize=10)
-    fig.colorbar(im, ax=axes, shrink=0.85, label=NORMALIZATIONS[normalization])
-    fig.suptitle(title or "where each token is read from", fontsize=11)
+        ax.set_xlabel(tokens[t], fontsize=11)
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=min(0.85, 0.4 + 0.25 * rows), label=NORMALIZATIONS[normalization])
+    if image is not None:
+        note(fig, backdrop_note)
+    fig.suptitle(title or "where each token is read from", fontsize=12)
     return fig
+
+
+ROW_LABELS = {
+    "raw": "raw weights\n(one scale for all)",
+    "token_max": "÷ each token's\nmax",
+    "minmax": "each token's\nmin–max",
+    "no_special": "renormalised\nwithout special\ntokens",
+}
 
 
 def plot_token_normalizations(
@@ -144,30 +194,73 @@ def plot_token_normalizations(
     head: int | None = None,
     show: Sequence[int] | None = None,
     context_mask: Any | None = None,
+    normalizations: Sequence[str] | None = None,
+    same_within: float = 0.02,
+    backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
-    """The four normalisations of :func:`token_maps` side by side: one row each, a colour bar per row."""
+    """The normalisations of :func:`token_maps` one row each, labelled on the left, a colour bar per row.
+
+    A row that looks the same as an earlier one is not drawn: when each shown map of a
+    normalisation differs from the earlier one's by at most ``same_within`` (both on their colour
+    scale, 0 to the row's maximum), the row is left out and a note under the figure says so and
+    gives the largest difference. ÷ max and min–max coincide that way whenever every token's
+    smallest weight is close to 0, as it is for most attention maps. ``same_within=0`` draws every row.
+
+    Inputs:
+        weights, tokens, shape, image, batch, head, show, context_mask: as for :func:`plot_token_maps`.
+        normalizations: the rows, keys of :data:`NORMALIZATIONS` (default: all four, in that order).
+        backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
+    """
+    w = as_weights(weights)
+    _check_tokens(tokens, w)
     special = _is_special(tokens)
     idx = _shown(tokens, show, context_mask)
+    norms = list(NORMALIZATIONS) if normalizations is None else list(normalizations)
+    unknown = [n for n in norms if n not in NORMALIZATIONS]
+    if unknown or not norms or not idx:
+        raise ValueError(f"normalizations must be keys of {list(NORMALIZATIONS)} and tokens must be shown; got {norms}")
     backdrop = grey(image, shape)
-    fig = new_figure(1.45 * len(idx) + 1.6, 1.55 * len(NORMALIZATIONS) + 0.6, layout="constrained")
-    axes = fig.subplots(len(NORMALIZATIONS), len(idx), squeeze=False)
-    for i, norm in enumerate(NORMALIZATIONS):
-        maps = token_maps(weights, shape, batch=batch, head=head, normalization=norm, special=special)
+    drawn: dict[str, np.ndarray] = {}  # normalisation → shown maps on their colour scale, in [0, 1]
+    notes = []
+    for norm in norms:
+        maps = token_maps(w, shape, batch=batch, head=head, normalization=norm, special=special)[idx]
+        scaled = maps / max(float(maps.max()), 1e-12)
+        twin = next((n for n, other in drawn.items() if float(np.abs(other - scaled).max()) <= same_within), None)
+        if twin is None:
+            drawn[norm] = scaled
+        else:
+            gap = float(np.abs(drawn[twin] - scaled).max())
+            why = " (every shown map's smallest weight is ≈ 0)" if {norm, twin} == {"token_max", "minmax"} else ""
+            notes.append(
+                f"{NORMALIZATIONS[norm]} is not drawn: it differs from {NORMALIZATIONS[twin]} by at most "
+                f"{gap:.3f} here{why}"
+            )
+    fig = new_figure(1.6 * len(idx) + 2.4, 1.65 * len(drawn) + 0.9 + 0.2 * len(notes), layout="constrained")
+    axes = fig.subplots(len(drawn), len(idx), squeeze=False)
+    for i, norm in enumerate(drawn):
+        maps = token_maps(w, shape, batch=batch, head=head, normalization=norm, special=special)
         vmax = max(float(maps[idx].max()), 1e-12)
+        im = None
         for j, t in enumerate(idx):
             ax = axes[i, j]
             if norm == "no_special" and special[t]:
-                ax.set_axis_off()
-                ax.text(0.5, 0.5, "left out", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_facecolor("#f2f2f2")
+                ax.text(0.5, 0.5, "left out", ha="center", va="center", fontsize=10, transform=ax.transAxes)
             else:
                 im = show_map(ax, maps[t], backdrop=backdrop, vmin=0.0, vmax=vmax)
-            if i == len(NORMALIZATIONS) - 1 or (norm == "no_special" and special[t]):
-                ax.set_xlabel(tokens[t], fontsize=9)
-            if i == len(NORMALIZATIONS) - 1 and special[t]:
-                ax.text(0.5, -0.12, tokens[t], ha="center", va="top", fontsize=9, transform=ax.transAxes)
-        fig.colorbar(im, ax=axes[i], shrink=0.9).set_label(NORMALIZATIONS[norm], fontsize=8)
-    fig.suptitle(title or "the same weights under four normalisations", fontsize=11)
+            if i == 0:
+                ax.set_title(tokens[t], fontsize=11)
+            if j == 0:
+                ax.set_ylabel(ROW_LABELS[norm], fontsize=10)
+        if im is not None:
+            fig.colorbar(im, ax=axes[i], shrink=0.9, ticks=np.linspace(0.0, vmax, 3), format="%.2g")
+    if image is not None and backdrop_note:
+        notes.append(backdrop_note)
+    note(fig, "\n".join(notes))
+    fig.suptitle(title or "the same weights under different normalisations", fontsize=12)
     return fig
 
 
@@ -210,6 +303,7 @@ def plot_token_segmentation(
     """
     from matplotlib.colors import ListedColormap
 
+    _check_tokens(tokens, as_weights(weights))
     seg = token_segmentation(weights, shape, include, batch=batch, head=head, background=background)
     palette = ["#1b1b1b", "#e6ab02", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#a6761d", "#666666"]
     order = [-1, *include]
