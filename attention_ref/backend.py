@@ -12,6 +12,7 @@ give torch tensors. Plotting code converts with :func:`to_numpy`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "is_out_of_memory",
     "namespace",
     "namespace_name",
+    "overflow_unreported",
     "parallel_map",
     "thread_count",
     "to_numpy",
@@ -153,6 +155,17 @@ def exp_inplace(xp: ModuleType, x: Array) -> Array:
 
         return cupy.exp(x, out=x)
     return xp.exp(x)
+
+
+def overflow_unreported(x: Array) -> contextlib.AbstractContextManager[Any]:
+    """A context in which NumPy does not warn of overflow (``inf``) and invalid results (``inf · 0 = NaN``).
+
+    For code that checks its results for ``inf`` and NaN itself (the tiled path's shifted tiles);
+    other backends do not warn, and get a context that does nothing.
+    """
+    if array_api_compat.is_numpy_array(x):
+        return np.errstate(over="ignore", invalid="ignore")
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- CPU threads
