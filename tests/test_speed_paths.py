@@ -137,12 +137,9 @@ def test_parallel_map_keeps_order_and_uses_threads_only_for_numpy(be, rng, monke
 def test_parallel_map_without_threadpoolctl_runs_in_this_thread(monkeypatch):
     import threading
 
-    real = importlib.util.find_spec
+    from attention_ref import backend
 
-    def find_spec(name, *args):
-        return None if name == "threadpoolctl" else real(name, *args)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(backend, "_HAS_THREADPOOLCTL", False)
     assert cpu_workers(np.zeros(2)) == 1
     assert parallel_map(lambda i: threading.get_ident(), [0, 1, 2], like=np.zeros(2)) == [threading.get_ident()] * 3
 
@@ -177,7 +174,7 @@ def test_tiled_path_gives_the_same_result_on_any_number_of_threads(rng, monkeypa
 
 # ---------------------------------------------------------------- the fast path against the readable path
 
-from attention_ref.attention.per_matrix import broadcast_index, matrix_indices, take  # noqa: E402
+from attention_ref.attention.per_matrix import broadcast_index, matrix_indices, slab_indices, take  # noqa: E402
 
 
 def test_matrix_indices_and_broadcast_index():
@@ -195,6 +192,25 @@ def test_matrix_indices_and_broadcast_index():
     assert take(None, idx[4], rank=4) is None
 
 
+def test_slab_indices_cut_one_leading_dim_into_nearly_equal_runs():
+    assert slab_indices((32, 4), 2) == [(slice(0, 16), slice(None), ...), (slice(16, 32), slice(None), ...)]
+    assert slab_indices((1, 4), 2) == [(slice(None), slice(0, 2), ...), (slice(None), slice(2, 4), ...)]
+    assert slab_indices((3,), 2) == [(slice(0, 1), ...), (slice(1, 3), ...)]
+    assert slab_indices((2, 3), 4) == [(slice(None), slice(i, i + 1), ...) for i in range(3)]  # the longest dim
+    assert slab_indices((1, 1), 2) == slab_indices((), 2) == [(...,)]
+    # every problem in exactly one slab
+    for parts, count in ((1, 1), (2, 2), (3, 3), (5, 5), (7, 6)):
+        seen = np.zeros((5, 6, 1, 1), dtype=int)
+        slabs = slab_indices((5, 6), parts)
+        for index in slabs:
+            seen[index] += 1
+        assert len(slabs) == count and np.all(seen == 1), parts
+    # a slab's part of a broadcast bias: the cut dim where the bias has it, whole where it broadcasts
+    slab = slab_indices((4, 3), 2)[1]
+    assert broadcast_index((4, 1, 6, 7), slab, rank=4) == (slice(2, 4), slice(None), slice(None), slice(None))
+    assert broadcast_index((1, 3, 6, 7), slab, rank=4) == (slice(None),) * 4
+
+
 # (mask shape, bias shape) against a (2, 3, N, M) stack
 BROADCASTS = [
     pytest.param((2, 3, 6, 7), (2, 3, 6, 7), id="full mask and bias"),
@@ -206,10 +222,10 @@ BROADCASTS = [
 ]
 
 
-@pytest.mark.parametrize("threads", [False, True], ids=["one call", "one matrix per thread"])
+@pytest.mark.parametrize("threads", [False, True], ids=["one call", "one slab per thread"])
 @pytest.mark.parametrize(("mask_shape", "bias_shape"), BROADCASTS)
 def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bias_shape, threads):
-    """exact_fast (in place; one call, or one (N, M) problem at a time) gives the readable path's results.
+    """exact_fast (in place; one call, or one slab of the stack at a time) gives the readable path's results.
 
     The threads are forced on or off, so the per-matrix code also runs on backends without threads (there
     ``parallel_map`` runs the problems one after another): it must use only Array API calls.
@@ -230,7 +246,7 @@ def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bi
     monkeypatch.setattr(exact_fast, "_in_threads", lambda q, k: threads)
     got_out, got_p, got_g = run()
     assert be.is_native(got_out) and be.is_native(got_p)
-    # The same operations in the same order, in place or not: measured identical in one call; cut per matrix,
+    # The same operations in the same order, in place or not: measured identical in one call; cut in slabs,
     # the products' sums may run in another order (measured ≤ 7.7e-16 over 10 seeds, AMD EPYC, OpenBLAS)
     assert rel_error(np_(got_out), np_(want_out)) <= 1e-14
     assert rel_error(np_(got_p), np_(want_p)) <= 1e-14
@@ -243,11 +259,11 @@ def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bi
 
 
 def test_fast_path_takes_threads_for_big_numpy_stacks(monkeypatch, rng):
-    """On NumPy with threadpoolctl and 2+ workers a stack above PARALLEL_MIN_LOGITS goes per matrix."""
+    """On NumPy with threadpoolctl and 2+ workers a stack above PARALLEL_MIN_LOGITS goes in slabs."""
     monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "2")
     calls = []
-    real = exact_fast._attend_per_matrix
-    monkeypatch.setattr(exact_fast, "_attend_per_matrix", lambda *a: calls.append(1) or real(*a))
+    real = exact_fast._attend_per_slab
+    monkeypatch.setattr(exact_fast, "_attend_per_slab", lambda *a: calls.append(1) or real(*a))
     q = rng.standard_normal((2, 64, 8))
     monkeypatch.setattr(exact_fast, "PARALLEL_MIN_LOGITS", 2 * 64 * 64)
     attention_forward(q, q, q)

@@ -289,7 +289,7 @@ def _forward_rows(
     for cols in _blocks(k.shape[-2], block_k):
         if every_row_has_weight:
             # the shift m stays: P̃ = exp(S_j - m), [A | ℓ] += P̃ [V_j | 1]
-            with overflow_unreported(q_scaled):  # checked below
+            with overflow_unreported():  # inf and NaN are checked for below
                 shifted = _logits_tile(xp, q_shift, k_ones[..., cols, :], mask, bias, rows, cols)  # S_j - m
                 part = exp_inplace(xp, shifted) @ v_ones[..., cols, :]
             # unless a logit of this tile exceeds m by so much that its weights outgrow SHIFT_AGAIN_ABOVE

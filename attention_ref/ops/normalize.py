@@ -29,13 +29,28 @@ from types import ModuleType
 from ..backend import Array
 
 
+def mean_over(xp: ModuleType, x: Array, axes: tuple[int, ...]) -> Array:
+    """The mean of ``x`` over ``axes``, kept as size-1 axes: ``xp.mean(x, axis=axes, keepdims=True)``.
+
+    Summed one axis at a time, outermost first: NumPy reduces two axes that are not next to each other
+    (a group norm's positions and channels, ``(1, 3)`` of ``(B, S, G, C/G)``) 15–20× slower in one call.
+    """
+    total = x
+    for axis in sorted(a % x.ndim for a in axes):
+        total = xp.sum(total, axis=axis, keepdims=True)
+    count = 1
+    for axis in axes:
+        count *= x.shape[axis]
+    return total / count
+
+
 def normalize(xp: ModuleType, x: Array, axes: tuple[int, ...], eps: float) -> tuple[Array, Array]:
     """``(x̂, r)``: ``x`` centred and scaled over ``axes``; ``r`` keeps those axes as size 1."""
     # μ = mean(x)
-    mu = xp.mean(x, axis=axes, keepdims=True)
+    mu = mean_over(xp, x, axes)
     centred = x - mu
     # σ² = mean((x - μ)²)
-    var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    var = mean_over(xp, centred * centred, axes)
     # r = 1 / sqrt(σ² + ε)
     rstd = 1.0 / xp.sqrt(var + eps)
     # x̂ = (x - μ) r
@@ -44,7 +59,7 @@ def normalize(xp: ModuleType, x: Array, axes: tuple[int, ...], eps: float) -> tu
 
 def normalize_backward(xp: ModuleType, g: Array, xhat: Array, rstd: Array, axes: tuple[int, ...]) -> Array:
     """``∂L/∂x`` from ``g = ∂L/∂x̂``: ``r (g − mean(g) − x̂ mean(g x̂))``."""
-    mean_g = xp.mean(g, axis=axes, keepdims=True)
-    mean_gx = xp.mean(g * xhat, axis=axes, keepdims=True)
+    mean_g = mean_over(xp, g, axes)
+    mean_gx = mean_over(xp, g * xhat, axes)
     # dx = r (g - mean(g) - x̂ mean(g x̂))
     return rstd * (g - mean_g - xhat * mean_gx)
