@@ -1,5 +1,8 @@
 """``python -m attention_ref figures --out figures``: regenerate the README's gallery.
 
+Threads: ``ATTENTION_REF_NUM_THREADS`` sets them all (attention_ref's and BLAS's); unset, the toys
+train on one thread (their matrices are small) and the complexity curves use every CPU.
+
 The figures themselves are drawn by :mod:`attention_ref.cli.gallery` (imported only when the command runs,
 so the other commands do not load matplotlib).
 """
@@ -24,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run :func:`make_figures` with the command's options and print what each figure shows."""
+    from ..backend import thread_count
+    from ..toys._progress import toy_threads
     from .gallery import make_figures
 
+    print(f"threads: {toy_threads()} for the toys, {thread_count()} for the complexity curves", file=sys.stderr)
     start = time.perf_counter()
     figures, numbers = make_figures(args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi)
     for path, caption in figures:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import limited_threads
 from ..toys import train_long_range, train_token_grounding
 from ..toys.long_range import LongRangeResult
 from ..toys.scenes import SIZE as SCENE_SIZE
@@ -223,6 +224,8 @@ def make_figures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"long": 40, "ground": 40} if quick else {}
+    # the toys train on toy_threads() (ATTENTION_REF_NUM_THREADS, else 1); the complexity measurement on
+    # thread_count() (ATTENTION_REF_NUM_THREADS, else every CPU); BLAS included (see attention_ref.backend)
     long_range = train_long_range(0, progress_bar=progress_bar, **({"steps": steps["long"]} if quick else {}))
     grounding = train_token_grounding(0, progress_bar=progress_bar, **({"steps": steps["ground"]} if quick else {}))
 
@@ -231,7 +234,8 @@ def make_figures(
         parser = argparse.ArgumentParser()
         complexity_arguments(parser)
         sizes = ["--quick"] if quick else ["--sizes", *COMPLEXITY_SIZES]
-        run_complexity(parser.parse_args(["--out", str(complexity), *sizes]))
+        with limited_threads():
+            run_complexity(parser.parse_args(["--out", str(complexity), *sizes]))
 
     figures = _long_range_figures(long_range, out, dpi) + _grounding_figures(grounding, out, dpi)
     figures.append(
