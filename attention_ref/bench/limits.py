@@ -10,13 +10,14 @@ implementation on this machine, with this BLAS and this ``exp``, can beat
 and ``time / t_limit`` says how much of the time goes to anything else (passes over memory, Python, threads
 waiting for each other, products of shapes the BLAS runs below its peak).
 
-* Peak GEMM rate: square ``2048 × 2048`` products, the best of two ways to use ``threads`` cores: one BLAS
-  call on ``threads`` BLAS threads, and ``threads`` single-threaded calls side by side (the way the tiled
-  path runs). Square products of that size run at the BLAS's best; thin ones (the ``(N, 64)`` operands of
-  attention) do not, and that shortfall counts against the implementation, not the limit.
+* Peak GEMM rate: square ``2048 × 2048`` products (``8192 × 8192`` on a GPU), the best of two ways to
+  use ``threads`` cores: one BLAS call on ``threads`` BLAS threads, and ``threads`` single-threaded calls
+  side by side (the way the tiled path runs). Square products of that size run at the BLAS's best; thin
+  ones (the ``(N, 64)`` operands of attention) do not, and that shortfall counts against the
+  implementation, not the limit.
 * ``exp`` rate: ``threads`` threads side by side, each computing ``exp`` of its own cache-sized array of
   numbers in ``[-10, 0]`` (the range softmax exponentiates) into another, with NumPy's ``exp`` (or the
-  backend's).
+  backend's; on a GPU one ``8192 × 8192`` array).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from .measure import Device
 GEMM_SIDE = 2048
 EXP_SHAPE = (256, 512)  # 1 MiB in float64 with its output: stays in a core's L2 cache
 EXP_CALLS = 40  # per thread and timed run
+# on a GPU, sizes that fill it: a 2048² product or a 128K-element exp is over before the GPU is busy
+GPU_GEMM_SIDE = 8192
+GPU_EXP_SHAPE = (8192, 8192)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ def measure_limit(dtype: str, threads: int, device: Device, *, repeats: int = 5)
     """The peak GEMM and ``exp`` rates of this machine for ``dtype`` on ``threads`` threads (see the module)."""
     xp, sync = device.xp, device.sync
     rng = np.random.default_rng(0)
-    n = GEMM_SIDE
+    on_gpu = device.name != "numpy"
+    n = GPU_GEMM_SIDE if on_gpu else GEMM_SIDE
     flops = 2.0 * n**3
     workers = threads if device.name == "numpy" else 1
     a = [device.asarray(rng.standard_normal((n, n)).astype(dtype)) for _ in range(workers)]
@@ -89,7 +94,8 @@ def measure_limit(dtype: str, threads: int, device: Device, *, repeats: int = 5)
 
             side_by_side = workers * flops / _best_seconds(products, sync, repeats)
 
-        src = [device.asarray(-10.0 * rng.random(EXP_SHAPE).astype(dtype)) for _ in range(workers)]
+        shape = GPU_EXP_SHAPE if on_gpu else EXP_SHAPE
+        src = [device.asarray((-10.0 * rng.random(shape)).astype(dtype)) for _ in range(workers)]
         dst = [xp.empty_like(s) for s in src]
 
         def exps(i: int) -> None:
