@@ -398,3 +398,40 @@ def test_the_toys_train_on_one_thread_unless_told(toy, monkeypatch):
     train(0, steps=2, batch=2, progress_bar=False, threads=3, **small)
     assert set(seen) == {(3, 3)}
     assert _blas_threads() == blas_before
+
+
+# ---------------------------------------------------------------- the norms' statistics
+
+
+def test_means_one_axis_at_a_time_equal_numpys_mean(be, rng):
+    from attention_ref.ops.normalize import mean_over
+
+    x = rng.standard_normal((3, 10, 4, 2))
+    for axes in [(1, 3), (-1,), (0, 1, 2, 3), (3, 1)]:
+        got = mean_over(namespace(be(x)), be(x), axes)
+        assert be.is_native(got)
+        np.testing.assert_allclose(np_(got), np.mean(x, axis=axes, keepdims=True), rtol=1e-14, atol=1e-15)
+
+
+def test_statistics_repeated_along_short_rows_change_no_number(be, rng):
+    """A group norm's (B, 1, G, 1) statistic is repeated along the 2 channels of its groups, so that the loops
+    over x run along whole rows; a layer norm's (..., 1) (nothing else reduced) is left as it is."""
+    from attention_ref.ops.normalize import along_rows, normalize, normalize_backward
+
+    xp = namespace(be(np.zeros(1)))
+    stat = be(rng.standard_normal((3, 1, 4, 1)))
+    spread = along_rows(xp, stat, (3, 10, 4, 2))
+    assert tuple(spread.shape) == (3, 1, 4, 2)
+    np.testing.assert_array_equal(np_(spread), np.broadcast_to(np_(stat), (3, 1, 4, 2)))
+    assert along_rows(xp, be(np.ones((3, 10, 1))), (3, 10, 2)).shape == (3, 10, 1)  # layer norm: nothing to gain
+    assert along_rows(xp, be(np.ones((3, 1, 4, 1))), (3, 10, 4, 32)).shape == (3, 1, 4, 1)  # long rows already
+    # the group norm's normalisation and its backward: the plain broadcasting formulas, to rounding
+    x, g = rng.standard_normal((3, 10, 4, 2)), rng.standard_normal((3, 10, 4, 2))
+    xhat, rstd = normalize(xp, be(x), (1, 3), 1e-5)
+    mu = x.mean(axis=(1, 3), keepdims=True)
+    r = 1 / np.sqrt(((x - mu) ** 2).mean(axis=(1, 3), keepdims=True) + 1e-5)
+    assert tuple(rstd.shape) == (3, 1, 4, 1)
+    np.testing.assert_allclose(np_(xhat), (x - mu) * r, rtol=1e-13, atol=1e-14)
+    dx = normalize_backward(xp, be(g), xhat, rstd, (1, 3))
+    want = r * (g - g.mean(axis=(1, 3), keepdims=True) - np_(xhat) * (g * np_(xhat)).mean(axis=(1, 3), keepdims=True))
+    np.testing.assert_allclose(np_(dx), want, rtol=1e-12, atol=1e-13)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ..backend import Array
+from ..backend import Array, device_of
 
 
 def mean_over(xp: ModuleType, x: Array, axes: tuple[int, ...]) -> Array:
@@ -44,22 +44,45 @@ def mean_over(xp: ModuleType, x: Array, axes: tuple[int, ...]) -> Array:
     return total / count
 
 
+def along_rows(xp: ModuleType, stat: Array, shape: tuple[int, ...]) -> Array:
+    """A statistic (size 1 on the reduced axes), repeated along the last axis when that axis was reduced but is
+    short and other axes were reduced too: a group norm's ``(B, 1, G, 1)`` becomes ``(B, 1, G, C/G)``.
+
+    The same numbers; only the speed changes. NumPy's elementwise loops run along the last axis, so a
+    statistic that broadcasts along 2 channels makes them 2 numbers long (5× slower at the toys' sizes);
+    repeated, it lines up with ``x``'s ``(G, C/G)`` and the loops run along whole rows of ``C``.
+    """
+    n = shape[-1]
+    if stat.shape[-1] == 1 and 1 < n < 16 and _size(tuple(stat.shape)) * n < _size(shape):
+        return stat * xp.ones((n,), dtype=stat.dtype, device=device_of(stat))  # s · 1 = s exactly
+    return stat
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for n in shape:
+        size *= n
+    return size
+
+
 def normalize(xp: ModuleType, x: Array, axes: tuple[int, ...], eps: float) -> tuple[Array, Array]:
     """``(x̂, r)``: ``x`` centred and scaled over ``axes``; ``r`` keeps those axes as size 1."""
+    shape = tuple(x.shape)
     # μ = mean(x)
     mu = mean_over(xp, x, axes)
-    centred = x - mu
+    centred = x - along_rows(xp, mu, shape)
     # σ² = mean((x - μ)²)
     var = mean_over(xp, centred * centred, axes)
     # r = 1 / sqrt(σ² + ε)
     rstd = 1.0 / xp.sqrt(var + eps)
     # x̂ = (x - μ) r
-    return centred * rstd, rstd
+    return centred * along_rows(xp, rstd, shape), rstd
 
 
 def normalize_backward(xp: ModuleType, g: Array, xhat: Array, rstd: Array, axes: tuple[int, ...]) -> Array:
     """``∂L/∂x`` from ``g = ∂L/∂x̂``: ``r (g − mean(g) − x̂ mean(g x̂))``."""
-    mean_g = mean_over(xp, g, axes)
-    mean_gx = mean_over(xp, g * xhat, axes)
+    shape = tuple(g.shape)
+    mean_g = along_rows(xp, mean_over(xp, g, axes), shape)
+    mean_gx = along_rows(xp, mean_over(xp, g * xhat, axes), shape)
     # dx = r (g - mean(g) - x̂ mean(g x̂))
-    return rstd * (g - mean_g - xhat * mean_gx)
+    return along_rows(xp, rstd, shape) * (g - mean_g - xhat * mean_gx)
