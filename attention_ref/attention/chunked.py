@@ -40,19 +40,39 @@ are computed in float32 (``lse`` stays float32) and the results rounded to float
 Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512 keys: a float64 tile is
 2 MiB, small enough that the few temporaries of a tile stay cache-friendly and that memory is
 dominated by the O(N·d) inputs and outputs, large enough that each tile is a real matrix product and
-the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times (64 tiles at N = M = 4096). Peak extra memory is
-a handful of ``block_q × block_k`` tiles per thread plus O(N·(d + dv)) for the outputs and gradients, and
-one more ``(..., N, d)`` share of ``dQ`` per thread (see Speed).
+the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times per problem (64 tiles at N = M = 4096). Peak extra
+memory is a handful of ``block_q × block_k`` tiles per thread plus O(N·(d + dv)) for the outputs and
+gradients, and, where one problem's key tiles are shared between threads, one more ``(N, d)`` share of
+``dQ`` per share (see Speed).
 
-Speed. Each tile's elementwise work runs in the memory of the tile it starts from (in-place ``-=`` and
-``*=``, and an in-place ``exp`` where the backend has one: :func:`attention_ref.backend.exp_inplace`),
-so a tile costs its matrix products plus four passes over ``block_q × block_k`` numbers forward (max,
-subtract, exp, sum) and four backward (subtract, exp, subtract, multiply). The work is spread over the
-CPU's cores with :func:`attention_ref.backend.parallel_map`: forward, the query tiles are independent;
-backward, the key tiles are dealt round-robin to the workers, each of which owns its tiles' ``dK_j`` and
-``dV_j`` and sums its own share of ``dQ`` (and ``d bias``), added up at the end — each worker holds
-one more ``(..., N, d)`` array. On one worker (any backend but NumPy) the order of the sums is the
-original one.
+Speed. What costs time is the seven matrix products per tile and the two exponentials per weight;
+everything else is arranged to cost almost nothing:
+
+* The subtractions ride in the products. A column appended to each operand puts a per-row number into
+  a product: ``[scale·Q_i | -m] [K_j | 1]ᵀ = S_j - m`` and ``[dO_i | -D_i] [V_j | 1]ᵀ = dP - D_i``, and the
+  ones column of ``[V_j | 1]`` makes ``P̃ [V_j | 1] = [P̃ V_j | Σ_k P̃_k]`` deliver the row sums ``ℓ``. So the
+  backward's tile is product, ``exp``, product, product, one elementwise product ``dS = P ∘ (dP − D)``,
+  product, product; no subtraction, no sum.
+* The forward keeps its shift. The online softmax above needs ``m`` only to keep ``exp`` in range: any
+  shift does, as long as it is the same for every tile of a row. So after its first key tile a query tile
+  keeps the maximum found there as its shift, and each later tile is one product (``S_j - m``, shift
+  included), an in-place ``exp``, and ``[A | ℓ] += P̃ [V_j | 1]`` — no pass for the maximum, no rescaling.
+  A tile whose weights outgrow ``SHIFT_AGAIN_ABOVE`` (2¹⁶) in some row (a logit more than about 11 above
+  the shift; also an ``exp`` that overflowed, or a NaN) is done again the careful way, with ``m`` moved
+  to the new maximum and ``α`` as above; so is the first tile, and every tile while a row has no weight
+  yet (fully masked so far). ``lse = m + log ℓ`` holds for any shift.
+* The in-place ``exp`` (:func:`attention_ref.backend.exp_inplace`) writes over the tile it reads.
+* ``dK_jᵀ += Q_iᵀ dS`` and ``dV_jᵀ += dO_iᵀ P`` are formed transposed: OpenBLAS runs that shape faster
+  than ``dSᵀ Q_i``.
+* On NumPy the stack (batch × heads) is cut into its ``(N, M)`` problems, one at a time per thread, so
+  that a tile is one problem's (2 MiB in float64, a core's L2 cache) rather than every head's at once.
+  Elsewhere (CuPy, torch, array_api_strict) each tile takes the whole stack in one call.
+
+The work is spread over the CPU's cores with :func:`attention_ref.backend.parallel_map`: forward, every
+(problem, query tile) is independent; backward, each problem's key tiles are dealt round-robin into
+groups (as many as it takes to give every worker work, one per problem when there are enough problems),
+each group owns its tiles' ``dK_j`` and ``dV_j`` and sums its own share of ``dQ`` (and ``d bias``), and the
+shares are added up at the end. The time against the machine's limit: docs/performance.md.
 """
 
 from __future__ import annotations
