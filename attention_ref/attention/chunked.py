@@ -62,8 +62,8 @@ everything else is arranged to cost almost nothing:
   to the new maximum and ``α`` as above; so is the first tile, and every tile while a row has no weight
   yet (fully masked so far). ``lse = m + log ℓ`` holds for any shift.
 * The in-place ``exp`` (:func:`attention_ref.backend.exp_inplace`) writes over the tile it reads.
-* ``dK_jᵀ += Q_iᵀ dS`` and ``dV_jᵀ += dO_iᵀ P`` are formed transposed: OpenBLAS runs that shape faster
-  than ``dSᵀ Q_i``.
+* ``dK_jᵀ += Q_iᵀ dS`` and ``dV_jᵀ += dO_iᵀ P`` are formed transposed: alone, OpenBLAS ran that product
+  at 0.88 of its peak against 0.77 for ``Pᵀ dO_i`` (float64, 512² tiles, AMD EPYC).
 * On NumPy the stack (batch × heads) is cut into its ``(N, M)`` problems, one at a time per thread, so
   that a tile is one problem's (2 MiB in float64, a core's L2 cache) rather than every head's at once.
   Elsewhere (CuPy, torch, array_api_strict) each tile takes the whole stack in one call.
