@@ -34,6 +34,7 @@ __all__ = [
     "from_numpy",
     "is_out_of_memory",
     "limited_threads",
+    "matmul_into",
     "namespace",
     "namespace_name",
     "overflow_unreported",
@@ -158,6 +159,18 @@ def exp_inplace(xp: ModuleType, x: Array) -> Array:
 
         return cupy.exp(x, out=x)
     return xp.exp(x)
+
+
+def matmul_into(xp: ModuleType, a: Array, b: Array, out: Array | None) -> Array:
+    """``a @ b``, written into ``out`` where the backend allows it (NumPy, CuPy) and ``out`` is given.
+
+    For a loop that forms a product of the same shape again and again (the tiles of the tiled path):
+    written into one buffer, the product stays in the CPU's cache instead of landing in fresh memory
+    each time. Use the return value; ``out`` must be the caller's own scratch array of the product's shape.
+    """
+    if out is not None and (array_api_compat.is_numpy_array(out) or array_api_compat.is_cupy_array(out)):
+        return xp.matmul(a, b, out=out)
+    return a @ b
 
 
 def overflow_unreported() -> contextlib.AbstractContextManager[Any]:

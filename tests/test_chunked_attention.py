@@ -181,9 +181,9 @@ def test_the_default_tiles_are_512_queries_by_512_keys(rng, monkeypatch):
     tiles = []
     real = chunked_module._logits_tile
 
-    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols):
+    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols, out=None):
         tiles.append((q_scaled.shape[-2], k_cols.shape[-2]))
-        return real(xp, q_scaled, k_cols, mask, bias, rows, cols)
+        return real(xp, q_scaled, k_cols, mask, bias, rows, cols, out)
 
     monkeypatch.setattr(chunked_module, "_logits_tile", logits_tile)
     q, k, v = rng.standard_normal((513, 2)), rng.standard_normal((1025, 2)), rng.standard_normal((1025, 2))
@@ -328,9 +328,9 @@ def _count_tiles(monkeypatch):
     calls = []
     real = chunked_module._logits_tile
 
-    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols):
+    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols, out=None):
         calls.append("shifted" if q_scaled.shape[-1] == k_cols.shape[-1] and k_cols.shape[-1] == 5 else "plain")
-        return real(xp, q_scaled, k_cols, mask, bias, rows, cols)
+        return real(xp, q_scaled, k_cols, mask, bias, rows, cols, out)
 
     monkeypatch.setattr(chunked_module, "_logits_tile", logits_tile)
     return calls

@@ -87,6 +87,7 @@ from ..backend import (
     cpu_workers,
     device_of,
     exp_inplace,
+    matmul_into,
     namespace,
     namespace_name,
     overflow_unreported,
@@ -188,16 +189,36 @@ def _tile(a: Array, rows: slice, cols: slice) -> Array:
 
 
 def _logits_tile(
-    xp: ModuleType, q_scaled: Array, k_cols: Array, mask: Array | None, bias: Array | None, rows: slice, cols: slice
+    xp: ModuleType,
+    q_scaled: Array,
+    k_cols: Array,
+    mask: Array | None,
+    bias: Array | None,
+    rows: slice,
+    cols: slice,
+    out: Array | None = None,
 ) -> Array:
-    """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``."""
+    """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``; in ``out``'s memory when it fits."""
     # S = scale · Q Kᵀ + bias   (..., block_q, block_k); the scale was applied to Q already
-    logits = q_scaled @ xp.matrix_transpose(k_cols)
+    logits = matmul_into(xp, q_scaled, xp.matrix_transpose(k_cols), _fitting(out, q_scaled, k_cols))
     if bias is not None:
         logits += _tile(bias, rows, cols)
     if mask is not None:
         logits = xp.where(_tile(mask, rows, cols), logits, -xp.inf)
     return logits
+
+
+def _fitting(buffer: Array | None, a: Array, b: Array) -> Array | None:
+    """``buffer`` when it has the shape of the product ``a bᵀ`` (a full tile), else ``None`` (a ragged one)."""
+    if buffer is None or tuple(buffer.shape[-2:]) != (a.shape[-2], b.shape[-2]):
+        return None
+    return buffer
+
+
+def _tile_buffer(xp: ModuleType, like: Array, rows: int, cols: int) -> Array:
+    """Scratch memory for one tile, ``(..., rows, cols)``: every full tile of a loop is formed in it, so that it
+    stays in the CPU's cache (:func:`attention_ref.backend.matmul_into`)."""
+    return xp.empty((*like.shape[:-2], rows, cols), dtype=like.dtype, device=device_of(like))
 
 
 def _with_ones_column(xp: ModuleType, a: Array) -> Array:
@@ -306,18 +327,19 @@ def _forward_rows(
     # [scale·Q_i | -m], so that [scale·Q_i | -m] [K_j | 1]ᵀ = S_j - m   (..., block_q, d + 1)
     q_shift = xp.concat([q_scaled, xp.zeros(stats_shape, dtype=dtype, device=dev)], axis=-1)
     every_row_has_weight = False  # ℓ > 0 in every row: m is a finite maximum, fit to shift the next tiles by
+    buffer = _tile_buffer(xp, q_scaled, q_scaled.shape[-2], min(block_k, k.shape[-2]))
     for cols in _blocks(k.shape[-2], block_k):
         if every_row_has_weight:
             # the shift m stays: P̃ = exp(S_j - m), [A | ℓ] += P̃ [V_j | 1]
             with overflow_unreported():  # inf and NaN are checked for below
-                shifted = _logits_tile(xp, q_shift, k_ones[..., cols, :], mask, bias, rows, cols)  # S_j - m
+                shifted = _logits_tile(xp, q_shift, k_ones[..., cols, :], mask, bias, rows, cols, buffer)  # S_j - m
                 part = exp_inplace(xp, shifted) @ v_ones[..., cols, :]
             # unless a logit of this tile exceeds m by so much that its weights outgrow SHIFT_AGAIN_ABOVE
             # (or are inf or NaN): then this tile is done again below, with m moved to its maximum
             if bool(xp.all(part[..., -1] <= SHIFT_AGAIN_ABOVE)):
                 acc += part
                 continue
-        logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols)  # (..., block_q, block_k)
+        logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols, buffer)  # (..., block_q, block_k)
         # m' = max(m, max_k S_k)
         new_max = xp.maximum(running_max, xp.max(logits, axis=-1, keepdims=True))
         # subtract 0 instead of -inf while a row has seen no allowed key (exp(-inf - 0) = 0, not NaN),
@@ -382,18 +404,24 @@ def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dic
         k_ones_i, v_ones_i = k_ones[index], v_ones[index]
         mask_i, bias_i = take(mask, index, rank), take(bias, index, rank)
         part = _KeyTilesGrads(dq_tiles=[None] * len(row_blocks))
+        # every full tile of P and dS is formed in these two (see _tile_buffer)
+        block_rows, block_cols = row_blocks[0].stop - row_blocks[0].start, col_blocks[0].stop - col_blocks[0].start
+        p_buffer, ds_buffer = (_tile_buffer(xp, q_shift_i, block_rows, block_cols) for _ in range(2))
         for cj in tile_indices:
             cols = col_blocks[cj]
             k_j = k_i[..., cols, :]
             dk_j_t, dv_j_t = None, None  # dK_jᵀ (..., d, block_k) and dV_jᵀ (..., dv, block_k)
             for ri, rows in enumerate(row_blocks):
                 # P = exp(S - lse): the forward's weights, recomputed exactly
-                shifted = _logits_tile(xp, q_shift_i[..., rows, :], k_ones_i[..., cols, :], mask_i, bias_i, rows, cols)
+                q_rows, k_cols = q_shift_i[..., rows, :], k_ones_i[..., cols, :]
+                shifted = _logits_tile(xp, q_rows, k_cols, mask_i, bias_i, rows, cols, p_buffer)
                 weights = exp_inplace(xp, shifted)  # (..., block_q, block_k)
                 # dV_jᵀ += dO_iᵀ P   (the transposed product runs faster than Pᵀ dO_i)
                 dv_j_t = _add(dv_j_t, xp.matrix_transpose(dout_i[..., rows, :]) @ weights)
                 # dP - D = dO_i V_jᵀ - D_i
-                dlogits = dout_shift_i[..., rows, :] @ xp.matrix_transpose(v_ones_i[..., cols, :])
+                dout_rows, v_cols = dout_shift_i[..., rows, :], v_ones_i[..., cols, :]
+                ds_out = _fitting(ds_buffer, dout_rows, v_cols)
+                dlogits = matmul_into(xp, dout_rows, xp.matrix_transpose(v_cols), ds_out)
                 # dS = P ∘ (dP - D), formed in its memory
                 dlogits *= weights
                 # dQ_i += dS K_j ;  dK_jᵀ += Q_iᵀ dS   (times scale, below)
@@ -483,4 +511,7 @@ def _accumulate_bias_grad(
     key = (0 if bias.shape[-2] == 1 else ri, 0 if bias.shape[-1] == 1 else cj)
     # d bias = dS, summed over every axis the bias was broadcast along
     g = sum_to_shape(xp, dlogits, (*bias.shape[:-2], rows_len, cols_len))
-    tiles[key] = g if key not in tiles else tiles[key] + g
+    if key in tiles:
+        tiles[key] = tiles[key] + g
+    else:  # a copy when nothing was summed: dS's memory is the next tile's
+        tiles[key] = xp.asarray(g, copy=True) if g is dlogits else g
