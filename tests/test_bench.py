@@ -256,3 +256,21 @@ def _blas_threads():
     except ImportError:
         return None
     return next((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), None)
+
+
+def test_breakdown_names_every_part_of_the_tiled_path(tmp_path, capsys):
+    path = tmp_path / "breakdown.json"
+    argv = ["bench", "--breakdown", "--sizes", "256", "--dtypes", "float32", "--block-size", "64", "--repeats", "1"]
+    assert main([*argv, "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "product dS K_j (dQ)" in printed and "the path, forward + backward" in printed
+    (result,) = json.loads(path.read_text())["breakdown"]
+    assert result["config"] == {"n": 256, "d": 64, "dtype": "float32", "block": 64, "tiles": 16}
+    parts = result["parts"]
+    assert len([name for name in parts if name.startswith("product")]) == 6  # S counted twice: 7 per tile
+    # the parts and the rest add up to the path's time
+    total = sum(p["s"] for p in parts.values()) + result["other_s"]
+    assert total == pytest.approx(result["path_s"])
+    assert result["limit_s"] == pytest.approx(
+        14 * 256 * 256 * 64 / (result["peak_gflops"] * 1e9) + 2 * 256 * 256 * result["exp_ns"] * 1e-9
+    )

@@ -28,8 +28,7 @@ import numpy as np
 
 from ..attention.chunked import DEFAULT_BLOCK_SIZE, chunked_attention_backward, chunked_attention_forward
 from ..backend import limited_threads
-
-_GEMM_SIDE = 1024
+from .limits import GEMM_SIDE
 
 
 def _cpu_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -53,8 +52,8 @@ def breakdown(n: int = 4096, d: int = 64, dtype: str = "float64", block: int | N
     q, k, v, dout = (rng.standard_normal((n, d)).astype(dtype) for _ in range(4))
     tiles = (n // block) ** 2
     with limited_threads(1):
-        a = rng.standard_normal((_GEMM_SIDE, _GEMM_SIDE)).astype(dtype)
-        peak = 2.0 * _GEMM_SIDE**3 / _cpu_seconds(lambda: a @ a, repeats)
+        a = rng.standard_normal((GEMM_SIDE, GEMM_SIDE)).astype(dtype)  # the peak GEMM rate, as bench/limits.py
+        peak = 2.0 * GEMM_SIDE**3 / _cpu_seconds(lambda: a @ a, repeats)
 
         def path() -> None:
             _, cache = chunked_attention_forward(q, k, v, block_size=block)
