@@ -435,3 +435,30 @@ def test_statistics_repeated_along_short_rows_change_no_number(be, rng):
     dx = normalize_backward(xp, be(g), xhat, rstd, (1, 3))
     want = r * (g - g.mean(axis=(1, 3), keepdims=True) - np_(xhat) * (g * np_(xhat)).mean(axis=(1, 3), keepdims=True))
     np.testing.assert_allclose(np_(dx), want, rtol=1e-12, atol=1e-13)
+
+
+def test_a_stack_larger_than_a_slab_is_done_slab_by_slab_in_place(monkeypatch, rng):
+    """On one thread too, a stack whose logits exceed SLAB_BYTES runs one cache-sized slab at a time, each
+    slab's weights formed in their place in P (no copy), with the readable path's results."""
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "1")
+    monkeypatch.setattr(exact_fast, "SLAB_BYTES", 3 * 5 * 5 * 8)  # three (5, 5) float64 problems per slab
+    q, k, v, dout = (rng.standard_normal((4, 3, 5, 2)) for _ in range(4))
+    bias = rng.standard_normal((3, 5, 5))
+    seen = []
+    real = exact_fast._attend_in_place
+
+    def spy(xp, q, k, v, mask, bias, scale, logits_out=None):
+        out, weights = real(xp, q, k, v, mask, bias, scale, logits_out)
+        seen.append((q.shape, weights is logits_out))
+        return out, weights
+
+    monkeypatch.setattr(exact_fast, "_attend_in_place", spy)
+    out, cache = attention_forward(q, k, v, bias=bias)
+    grads = attention_backward(dout, cache)
+    assert seen == [((1, 3, 5, 2), True)] * 4  # the batch cut into 4 slabs of 3 problems, no thread
+    monkeypatch.setattr(exact, "FAST", False)
+    want_out, want_cache = attention_forward(q, k, v, bias=bias)
+    want = attention_backward(dout, want_cache)
+    assert rel_error(out, want_out) <= 1e-14 and rel_error(cache.weights, want_cache.weights) <= 1e-14
+    for name in want:
+        assert rel_error(grads[name], want[name]) <= 1e-14, name

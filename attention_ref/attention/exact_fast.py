@@ -33,16 +33,29 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import Any
 
 from .._checks import Shape, as_dtype, sum_to_shape, working_dtype
-from ..backend import Array, blas_threads_for, cpu_workers, device_of, exp_inplace, parallel_map
+from ..backend import (
+    Array,
+    blas_threads_for,
+    cpu_workers,
+    device_of,
+    exp_inplace,
+    matmul_into,
+    namespace_name,
+    parallel_map,
+)
 from ..ops.softmax import SoftmaxCache, softmax_backward, stable_shift
 from .per_matrix import Index, broadcast_index, slab_indices, take
 
-__all__ = ["PARALLEL_MIN_LOGITS", "attend", "gradients", "softmax_overwriting"]
+__all__ = ["PARALLEL_MIN_LOGITS", "SLAB_BYTES", "attend", "gradients", "softmax_overwriting"]
 
 # Threads pay from this many logits on (all problems together); below, their start-up costs more.
 PARALLEL_MIN_LOGITS = 1 << 18
+# On NumPy a stack is cut into slabs of at most this many bytes of logits, so that each slab's softmax and
+# dS are formed while its logits are still in the core's cache (L2: 1-2 MiB per core on current CPUs).
+SLAB_BYTES = 1 << 20
 
 
 def attend(
@@ -50,8 +63,9 @@ def attend(
 ) -> tuple[Array, Array]:
     """``(O, P)`` of :func:`attention_ref.attention.exact._attend`, in place, on all cores where that pays."""
     with blas_threads_for(q, _product_size(q, k, v)):
-        if _in_threads(q, k):
-            return _attend_per_slab(xp, q, k, v, mask, bias, scale)
+        slabs = _slabs(xp, q, k)
+        if len(slabs) > 1:
+            return _attend_per_slab(xp, q, k, v, mask, bias, scale, slabs)
         return _attend_in_place(xp, q, k, v, mask, bias, scale)
 
 
@@ -60,8 +74,9 @@ def gradients(
 ) -> dict[str, Array]:
     """The gradients of :func:`attention_ref.attention.exact._gradients`, in place, on all cores where that pays."""
     with blas_threads_for(q, _product_size(q, k, v)):
-        if _in_threads(q, k):
-            return _gradients_per_slab(xp, dout, q, k, v, P, scale, bias_shape)
+        slabs = _slabs(xp, q, k)
+        if len(slabs) > 1:
+            return _gradients_per_slab(xp, dout, q, k, v, P, scale, bias_shape, slabs)
         return _gradients_in_place(xp, dout, q, k, v, P, scale, bias_shape)
 
 
@@ -89,9 +104,17 @@ def softmax_overwriting(xp: ModuleType, x: Array, *, axis: int = -1, mask: Array
 
 
 def _attend_in_place(
-    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float
+    xp: ModuleType,
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    bias: Array | None,
+    scale: float,
+    logits_out: Array | None = None,
 ) -> tuple[Array, Array]:
-    logits = (scale * q) @ xp.matrix_transpose(k)  # S = (scale · Q) Kᵀ   (..., N, M)
+    """``(O, P)``, with ``P`` formed in ``logits_out``'s memory where the backend allows it (else new)."""
+    logits = matmul_into(xp, scale * q, xp.matrix_transpose(k), logits_out)  # S = (scale · Q) Kᵀ   (..., N, M)
     if bias is not None:
         logits += bias
     weights = softmax_overwriting(xp, logits, axis=-1, mask=mask)  # P, in the logits' memory
@@ -117,44 +140,76 @@ def _gradients_in_place(
     return grads
 
 
-# ---------------------------------------------------------------- slabs of the stack in threads
+# ---------------------------------------------------------------- slabs of the stack
 
 
 def _in_threads(q: Array, k: Array) -> bool:
-    """Whether to cut the stack into slabs and run them in threads (NumPy, big enough, > 1 matrix)."""
+    """Whether to spread the stack's slabs over threads (NumPy, big enough, > 1 matrix)."""
     problems = math.prod(q.shape[:-2])
     logits = problems * q.shape[-2] * k.shape[-2]
     return problems > 1 and logits >= PARALLEL_MIN_LOGITS and cpu_workers(q) > 1
 
 
-def _slabs(q: Array) -> list[Index]:
-    """One slab of the stack per worker (see :func:`attention_ref.attention.per_matrix.slab_indices`)."""
-    return slab_indices(tuple(q.shape[:-2]), max(cpu_workers(q), 2))
+def _slabs(xp: ModuleType, q: Array, k: Array) -> list[Index]:
+    """How the stack is cut (:func:`attention_ref.attention.per_matrix.slab_indices`): at least one slab per
+    worker where threads pay (:func:`_in_threads`), and on NumPy slabs of at most ``SLAB_BYTES`` of logits;
+    ``[(...,)]`` (the whole stack in one call) when neither applies."""
+    lead = tuple(q.shape[:-2])
+    parts = max(cpu_workers(q), 2) if _in_threads(q, k) else 1
+    if namespace_name(xp) == "numpy":
+        logit_bytes = math.prod(lead) * q.shape[-2] * k.shape[-2] * q.dtype.itemsize
+        parts = max(parts, -(-logit_bytes // SLAB_BYTES))
+    return slab_indices(lead, parts) if parts > 1 else [(...,)]
+
+
+def _run_slabs(fn: Any, slabs: list[Index], q: Array, k: Array) -> list[Any]:
+    """``[fn(slab) for slab in slabs]``, over threads where they pay, else one after another."""
+    if _in_threads(q, k):
+        return parallel_map(fn, slabs, like=q)
+    return [fn(index) for index in slabs]
 
 
 def _attend_per_slab(
-    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float
+    xp: ModuleType,
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    bias: Array | None,
+    scale: float,
+    slabs: list[Index],
 ) -> tuple[Array, Array]:
-    """:func:`_attend_in_place` on each slab of the stack, the slabs spread over threads."""
+    """:func:`_attend_in_place` on each slab of the stack, each slab's weights formed in their place in ``P``."""
     rank = q.ndim
     out = xp.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=device_of(q))  # (..., N, dv)
     weights = xp.empty((*q.shape[:-1], k.shape[-2]), dtype=q.dtype, device=device_of(q))  # (..., N, M)
 
     def one_slab(index: Index) -> None:
         # this slab's rows of the results: (slab, N, dv) and (slab, N, M)
+        place = weights[index]
         o, p = _attend_in_place(
-            xp, q[index], k[index], v[index], take(mask, index, rank), take(bias, index, rank), scale
+            xp, q[index], k[index], v[index], take(mask, index, rank), take(bias, index, rank), scale, place
         )
-        out[index], weights[index] = o, p
+        out[index] = o
+        if p is not place:  # formed elsewhere (a mask, float16, a backend without out=)
+            weights[index] = p
 
-    parallel_map(one_slab, _slabs(q), like=q)
+    _run_slabs(one_slab, slabs, q, k)
     return out, weights
 
 
 def _gradients_per_slab(
-    xp: ModuleType, dout: Array, q: Array, k: Array, v: Array, P: Array, scale: float, bias_shape: Shape | None
+    xp: ModuleType,
+    dout: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    P: Array,
+    scale: float,
+    bias_shape: Shape | None,
+    slabs: list[Index],
 ) -> dict[str, Array]:
-    """:func:`_gradients_in_place` on each slab of the stack, the slabs spread over threads.
+    """:func:`_gradients_in_place` on each slab of the stack.
 
     Each slab's ``d bias`` is summed to the part of the bias that slab read (a leading dim of size 1 is
     read whole by every slab), then added into that part of ``d bias``: parts a broadcast bias shares add up.
@@ -177,8 +232,7 @@ def _gradients_per_slab(
         grads["q"][index], grads["k"][index], grads["v"][index] = g["q"], g["k"], g["v"]
         return g.get("bias")
 
-    slabs = _slabs(q)
-    bias_parts = parallel_map(one_slab, slabs, like=q)
+    bias_parts = _run_slabs(one_slab, slabs, q, k)
     if bias_shape is not None:
         dbias = xp.zeros(bias_shape, dtype=q.dtype, device=device_of(q))
         for index, g in zip(slabs, bias_parts, strict=True):
