@@ -1,13 +1,15 @@
-"""``python -m attention_ref bench``: time and peak memory of our attention paths, side by side with
-torch's ``scaled_dot_product_attention`` (plus autograd) and with the bare matrix products of the same shapes.
+"""``python -m attention_ref bench``: time and peak memory of our attention paths against the machine's limit
+(the case's matrix-product flops at the peak GEMM rate plus its exponentials at the ``exp`` rate, both measured
+in the same run on the same threads: :mod:`.limits`), side by side with torch's ``scaled_dot_product_attention``
+(plus autograd) and with the bare matrix products of the same shapes.
 
-For each N (default 1,024, 4,096 and 16,384 tokens; 4 heads of 64; float64 and
-float32) and each part — the plain path, the tiled path and the self-attention
-block, the latter two when this version of the package has them — it runs ours,
-torch and the GEMM bound one after another, several times, and reports the
-medians of the forward, backward and forward+backward times, the peak memory,
-and the ratios ours/torch and ours/GEMM. Parts that hold N×N matrices stop at
-N = 4,096. The JSON file holds every run.
+For each N (default 1,024, 4,096 and 16,384 tokens; 4 heads of 64; float64 and float32) and each part — the
+plain path, the tiled path and the self-attention block — and once for the small self- and cross-attention
+blocks (32 maps of 8 × 8 × 64), it runs ours, torch and the GEMM bound one after another, several times, and
+reports the medians of the forward, backward and forward+backward times, the peak memory, and each one's
+time over the limit, ours over torch's and over the GEMM bound's. Parts that hold N×N matrices stop at
+N = 4,096. The JSON file holds every run. ``--breakdown`` instead times the tiled path's parts on one core
+(:mod:`.breakdown`). See docs/performance.md.
 
     python -m attention_ref bench                 # the full table (several minutes on 2 cores)
     python -m attention_ref bench --quick         # N = 1,024 and 4,096, 3 runs each
