@@ -51,8 +51,11 @@ notebooks-outputs: $(LAB_STAMP)
 peers: $(STAMP)
 	$(PY) -m pip install -q 'torch==2.13.0' 'diffusers>=0.30' 'transformers>=4.40'
 
-# Time and peak memory of the attention paths next to torch SDPA and the bare GEMMs (several minutes;
-# `make bench BENCH_ARGS=--quick` for N = 1024 and 4096 only). Writes bench-results.json.
+# Time and peak memory of the attention paths and the small blocks against the machine's limit (peak GEMM
+# rate + exp rate, measured in the same run on the same threads), torch SDPA and the bare GEMMs (several
+# minutes; `make bench BENCH_ARGS=--quick` for N = 1024 and 4096 only, BENCH_ARGS=--breakdown for where
+# the tiled path's time goes, BENCH_ARGS="--threads 1" on a busy machine). Writes bench-results.json.
+# See docs/performance.md.
 BENCH_ARGS ?=
 bench: peers
 	$(PY) -m attention_ref bench $(BENCH_ARGS)

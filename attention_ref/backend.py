@@ -12,9 +12,10 @@ give torch tensors. Plotting code converts with :func:`to_numpy`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, TypeAlias, TypeVar
@@ -24,14 +25,19 @@ import numpy as np
 
 __all__ = [
     "Array",
+    "SMALL_PRODUCT",
     "available_backends",
+    "blas_threads_for",
     "cpu_workers",
     "device_of",
     "exp_inplace",
     "from_numpy",
     "is_out_of_memory",
+    "limited_threads",
+    "matmul_into",
     "namespace",
     "namespace_name",
+    "overflow_unreported",
     "parallel_map",
     "thread_count",
     "to_numpy",
@@ -155,6 +161,27 @@ def exp_inplace(xp: ModuleType, x: Array) -> Array:
     return xp.exp(x)
 
 
+def matmul_into(xp: ModuleType, a: Array, b: Array, out: Array | None) -> Array:
+    """``a @ b``, written into ``out`` where the backend allows it (NumPy, CuPy) and ``out`` is given.
+
+    For a loop that forms a product of the same shape again and again (the tiles of the tiled path):
+    written into one buffer, the product stays in the CPU's cache instead of landing in fresh memory
+    each time. Use the return value; ``out`` must be the caller's own scratch array of the product's shape.
+    """
+    if out is not None and (array_api_compat.is_numpy_array(out) or array_api_compat.is_cupy_array(out)):
+        return xp.matmul(a, b, out=out)
+    return a @ b
+
+
+def overflow_unreported() -> contextlib.AbstractContextManager[Any]:
+    """A context in which NumPy does not warn of overflow (``inf``) and invalid results (``inf · 0 = NaN``).
+
+    For code that checks its results for ``inf`` and NaN itself (the tiled path's shifted tiles). It
+    covers NumPy and the backends built on it (array_api_strict); the others do not warn.
+    """
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 # ---------------------------------------------------------------- CPU threads
 #
 # NumPy releases the GIL inside its ufuncs and its BLAS calls, so independent
@@ -164,26 +191,47 @@ def exp_inplace(xp: ModuleType, x: Array) -> Array:
 # otherwise every thread's matrix product asks OpenBLAS for all cores at once
 # and they fight over them. The BLAS limit comes from ``threadpoolctl`` (the
 # ``fast`` extra); without it the work runs in the calling thread, in order.
+#
+# Small matrix products are the other way round: handing a product of a few
+# hundred microseconds to a second BLAS thread costs more than it gives, and on a
+# busy machine the hand-over waits for a core. :func:`blas_threads_for` runs them
+# on one thread. Whole programs (the toys, ``figures``, ``bench``) take their
+# thread count from :func:`limited_threads`.
 
 _BLAS_CONTROLLER: Any = None
+_HAS_THREADPOOLCTL: bool | None = None
+_THREADS_OVERRIDE: int | None = None  # set by limited_threads
+
+#: Matrix products with fewer multiply-adds than this run on one BLAS thread inside :func:`blas_threads_for`:
+#: 2^24 is about 0.2 ms of float32 work on one core of the development machines (AMD EPYC, AVX-512).
+SMALL_PRODUCT = 1 << 24
+
+
+def _threadpoolctl_installed() -> bool:
+    global _HAS_THREADPOOLCTL
+    if _HAS_THREADPOOLCTL is None:
+        _HAS_THREADPOOLCTL = importlib.util.find_spec("threadpoolctl") is not None
+    return _HAS_THREADPOOLCTL
 
 
 def cpu_workers(like: Array) -> int:
     """How many threads :func:`parallel_map` spreads work over for arrays like ``like``.
 
-    1 unless ``like`` is a NumPy array and ``threadpoolctl`` is installed; then
-    ``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use.
+    1 unless ``like`` is a NumPy array and ``threadpoolctl`` is installed; then :func:`thread_count`.
     """
-    if not array_api_compat.is_numpy_array(like) or importlib.util.find_spec("threadpoolctl") is None:
+    if not array_api_compat.is_numpy_array(like) or not _threadpoolctl_installed():
         return 1
     return thread_count()
 
 
 def thread_count() -> int:
-    """``ATTENTION_REF_NUM_THREADS`` when set, else the number of CPUs this process may use.
+    """The number of threads attention_ref runs on.
 
-    ``ValueError`` naming the variable unless it is a positive integer.
+    Inside :func:`limited_threads`, its count; else ``ATTENTION_REF_NUM_THREADS`` when set, else the
+    number of CPUs this process may use. ``ValueError`` naming the variable unless it is a positive integer.
     """
+    if _THREADS_OVERRIDE is not None:
+        return _THREADS_OVERRIDE
     env = os.environ.get("ATTENTION_REF_NUM_THREADS", "").strip()
     if env:
         try:
@@ -199,14 +247,48 @@ def thread_count() -> int:
         return os.cpu_count() or 1
 
 
-def _single_threaded_blas() -> Any:
-    """A context in which BLAS calls use one thread each (a ``threadpoolctl`` limit, restored on exit)."""
+def _blas_limit(threads: int) -> Any:
+    """A context in which BLAS calls use at most ``threads`` threads (a ``threadpoolctl`` limit, restored on exit)."""
     global _BLAS_CONTROLLER
     from threadpoolctl import ThreadpoolController
 
     if _BLAS_CONTROLLER is None:
         _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+    return _BLAS_CONTROLLER.limit(limits=threads, user_api="blas")
+
+
+def _single_threaded_blas() -> Any:
+    """A context in which BLAS calls use one thread each."""
+    return _blas_limit(1)
+
+
+@contextlib.contextmanager
+def limited_threads(threads: int | None = None) -> Iterator[int]:
+    """Run the body on ``threads`` threads: attention_ref's own (:func:`parallel_map`) and BLAS's.
+
+    ``threads=None`` takes :func:`thread_count` (``ATTENTION_REF_NUM_THREADS``, else every usable CPU).
+    Yields the count. The BLAS limit needs ``threadpoolctl`` (without it BLAS keeps its own setting);
+    both limits are process-wide while the body runs, and restored afterwards.
+    """
+    global _THREADS_OVERRIDE
+    count = thread_count() if threads is None else int(threads)
+    if count < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    previous = _THREADS_OVERRIDE
+    with _blas_limit(count) if _threadpoolctl_installed() else contextlib.nullcontext():
+        _THREADS_OVERRIDE = count
+        try:
+            yield count
+        finally:
+            _THREADS_OVERRIDE = previous
+
+
+def blas_threads_for(like: Array, multiply_adds: int) -> contextlib.AbstractContextManager[Any]:
+    """A context for matrix products of at most ``multiply_adds`` each: one BLAS thread when that is
+    below :data:`SMALL_PRODUCT` (NumPy with ``threadpoolctl``), BLAS's own setting otherwise."""
+    if multiply_adds < SMALL_PRODUCT and array_api_compat.is_numpy_array(like) and _threadpoolctl_installed():
+        return _single_threaded_blas()
+    return contextlib.nullcontext()
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, like: Array) -> list[R]:

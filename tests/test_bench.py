@@ -10,12 +10,16 @@ from conftest import HAS_TORCH
 
 from attention_ref.bench.cases import (
     FULL_MATRIX_LIMIT,
+    PARTS,
+    SMALL_BATCH,
+    SMALL_PARTS,
     case_flops,
     gemm_bound,
     make_inputs,
     ours,
     part_available,
     part_runs_at,
+    work,
 )
 from attention_ref.bench.measure import Device, peak_memory_mib, rss_available
 from attention_ref.cli import main
@@ -26,25 +30,41 @@ def test_bench_command_writes_every_case(tmp_path, capsys):
     argv = ["bench", "--sizes", "16", "36", "--repeats", "1", "--pause", "0", "--retries", "0", "--return-memory"]
     assert main([*argv, "--json", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "×torch" in printed and f"wrote {path}" in printed
+    assert "×torch" in printed and "×limit" in printed and f"wrote {path}" in printed
+    assert "# BLAS: " in printed and "# limit, float64 on" in printed
     result = json.loads(path.read_text())
     assert result["config"]["sizes"] == [16, 36] and result["config"]["freed_memory_kept"] is False
     assert "freed memory returned to the OS" in printed
-    assert result["machine"]["cores"] >= 1
-    impls = {"ours", "gemm"} | ({"torch"} if HAS_TORCH else set())
-    parts = [p for p in ("plain", "tiled", "block") if part_available(p)]
+    assert result["machine"]["cores"] >= 1 and "blas" in result["machine"]
+    for dtype in ("float64", "float32"):
+        limit = result["limits"][dtype]
+        best = max(limit["gemm_one_call_flops_per_s"], limit["gemm_side_by_side_flops_per_s"])
+        assert limit["gemm_flops_per_s"] == best
+        assert limit["gemm_flops_per_s"] > 0 and limit["exp_per_s"] > 0
+    impls = {"limit", "ours", "gemm"} | ({"torch"} if HAS_TORCH else set())
+    parts = [p for p in PARTS if part_available(p)]
     for part in parts:
+        n = 64 if part in SMALL_PARTS else 36
         for dtype in ("float64", "float32"):
-            rows = {r["impl"]: r for r in result["results"] if (r["part"], r["n"], r["dtype"]) == (part, 36, dtype)}
+            rows = {r["impl"]: r for r in result["results"] if (r["part"], r["n"], r["dtype"]) == (part, n, dtype)}
             assert set(rows) == impls, (part, dtype)
-            mine = rows["ours"]
+            mine, limit = rows["ours"], rows["limit"]
             assert mine["total_s"] > 0 and len(mine["runs_fwd_s"]) == 1
             assert mine["other_load"] is None or 0.0 <= mine["other_load"] <= 1.0
             assert mine["peak_method"] == "tracemalloc" and mine["peak_mib"] > 0
             assert mine["total_vs_gemm"] == pytest.approx(mine["total_s"] / rows["gemm"]["total_s"])
+            # the limit: the case's flops at the peak GEMM rate plus its exponentials at the exp rate
+            rates = result["limits"][dtype]
+            want = limit["flops"] / rates["gemm_flops_per_s"] + limit["exps"] / rates["exp_per_s"]
+            assert limit["total_s"] == pytest.approx(want) and limit["flops"] == mine["flops"] > 0
+            assert mine["total_vs_limit"] == pytest.approx(mine["total_s"] / limit["total_s"])
             if HAS_TORCH:
                 assert mine["total_vs_torch"] == pytest.approx(mine["total_s"] / rows["torch"]["total_s"])
-    for part in {"plain", "tiled", "block"} - set(parts):
+                assert rows["torch"]["total_vs_limit"] == pytest.approx(rows["torch"]["total_s"] / limit["total_s"])
+        if part in SMALL_PARTS:  # run once, at their own size, not at each N
+            assert not any(r["part"] == part and r["n"] != 64 for r in result["results"])
+            assert all(r["batch"] == SMALL_BATCH for r in result["results"] if r["part"] == part)
+    for part in set(PARTS) - set(parts):
         assert any(s["part"] == part and "not in this version" in s["reason"] for s in result["skipped"])
 
 
@@ -54,7 +74,7 @@ def test_quick_mode_without_torch_or_memory(tmp_path, capsys):
     assert main([*argv, "--no-torch", "--no-memory", "--pause", "0", "--retries", "0", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["config"]["repeats"] == 3 and not result["config"]["torch"]
-    assert {r["impl"] for r in result["results"]} == {"ours", "gemm"}
+    assert {r["impl"] for r in result["results"]} == {"limit", "ours", "gemm"}
     assert all(r["peak_mib"] is None for r in result["results"])
 
 
@@ -93,15 +113,72 @@ def test_flops_and_gemm_bound_shapes():
     assert set(mine.bwd((out, cache))) == {"q", "k", "v"}
 
 
+def test_the_work_of_each_path():
+    """Flops and exponentials: the plain path keeps P, the tiled path recomputes S and P in its backward."""
+    logits = 2 * 40 * 40  # heads · N · M
+    plain = work(make_inputs("plain", 40, 2, 8, "float64"))
+    assert (plain.flops_fwd, plain.flops_bwd, plain.exps_fwd, plain.exps_bwd) == (
+        4 * logits * 8,
+        8 * logits * 8,
+        logits,
+        0,
+    )
+    tiled = work(make_inputs("tiled", 40, 2, 8, "float64"))
+    assert (tiled.flops_bwd, tiled.exps_bwd) == (10 * logits * 8, logits)
+    assert tiled.flops == 14 * logits * 8 and tiled.exps == 2 * logits
+    assert work(make_inputs("tiled", 40, 2, 8, "float64"), "gemm").exps == 0
+    # the small cross-attention block: 32 maps of 8×8 pixels attending to 16 context tokens, C = 64
+    cross = make_inputs("cross-small", 0, 4, 0, "float32")
+    assert cross.x.shape == (SMALL_BATCH, 8, 8, 64) and cross.context.shape == (SMALL_BATCH, 16, 64)
+    w = work(cross)
+    attention = 4 * SMALL_BATCH * 64 * 16 * 64  # 4·N·M·d per head, heads·d = C = 64
+    projections = 2 * (2 * SMALL_BATCH * 64 + 2 * SMALL_BATCH * 16) * 64 * 64
+    assert (w.flops_fwd, w.flops_bwd) == (attention + projections, 2 * attention + 2 * projections)
+    assert (w.exps_fwd, w.exps_bwd) == (SMALL_BATCH * 4 * 64 * 16, 0)
+
+
+def test_the_small_blocks_and_their_torch_peers_run(capsys):
+    device = Device.create("numpy")
+    for part in SMALL_PARTS:
+        inputs = make_inputs(part, 0, 4, 0, "float32")
+        for runner in (ours(inputs, device), gemm_bound(inputs, device)):
+            runner.bwd(runner.fwd())
+        if HAS_TORCH:
+            from attention_ref.bench.peers import torch_runner
+
+            peer = torch_runner(inputs, "cpu")
+            peer.bwd(peer.fwd())
+
+
 def test_peak_memory_sees_numpy_allocations():
     peak = peak_memory_mib(lambda: np.ones((1024, 1024)), "tracemalloc")
     assert 7.9 < peak < 8.5
-    if rss_available():
-        assert peak_memory_mib(lambda: np.ones((1024, 1024)), "rss") > 4.0
     with pytest.raises(ValueError, match="unknown"):
         peak_memory_mib(lambda: None, "nope")
     with pytest.raises(ValueError, match="unknown backend"):
         Device.create("jax")
+
+
+def test_peak_rss_sees_numpy_allocations():
+    """The RSS method sees an 8 MiB array being written, in a fresh process.
+
+    In a fresh process, because in this one the C heap may already hold resident pages that earlier
+    tests freed, and an array placed in them adds nothing to the resident set (measured: 0.0 MiB after the
+    rest of the suite). The child starts with no such pages, so the array's pages are new.
+    """
+    import subprocess
+    import sys
+
+    if not rss_available():  # not Linux: the method says it cannot measure
+        assert peak_memory_mib(lambda: np.ones((1024, 1024)), "rss") is None
+        return
+    code = (
+        "import numpy as np\n"
+        "from attention_ref.bench.measure import peak_memory_mib\n"
+        "print(peak_memory_mib(lambda: np.ones((1024, 1024)), 'rss'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 7.5 < float(out) < 12.0, out
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
@@ -150,23 +227,50 @@ def test_a_disturbed_case_is_measured_again_and_the_quietest_try_kept(monkeypatc
 
 
 def test_threads_reach_ours_and_are_restored(tmp_path, monkeypatch):
-    """--threads sets ours' thread count (ATTENTION_REF_NUM_THREADS) for the run, and restores it afterwards."""
-    import os
-
+    """--threads sets ours' thread count and BLAS's for the run, and restores both afterwards."""
+    from attention_ref.backend import thread_count
     from attention_ref.bench import cases
 
     seen = []
     real_ours = cases.ours
 
     def spy(*args, **kwargs):
-        seen.append(os.environ.get("ATTENTION_REF_NUM_THREADS"))
+        seen.append((thread_count(), _blas_threads()))
         return real_ours(*args, **kwargs)
 
     monkeypatch.setattr("attention_ref.bench.run.ours", spy)
     monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "7")
+    blas_before = _blas_threads()
     argv = ["bench", "--sizes", "16", "--parts", "plain", "--dtypes", "float32", "--repeats", "1", "--threads", "1"]
     path = tmp_path / "t.json"
     assert main([*argv, "--no-memory", "--pause", "0", "--retries", "0", "--return-memory", "--json", str(path)]) == 0
-    assert seen and set(seen) == {"1"}
+    assert seen and set(seen) == {(1, 1 if blas_before is not None else None)}
     assert json.loads(path.read_text())["machine"]["threads"] == 1
-    assert os.environ["ATTENTION_REF_NUM_THREADS"] == "7"
+    assert thread_count() == 7 and _blas_threads() == blas_before
+
+
+def _blas_threads():
+    """NumPy's BLAS thread count (None without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return next((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), None)
+
+
+def test_breakdown_names_every_part_of_the_tiled_path(tmp_path, capsys):
+    path = tmp_path / "breakdown.json"
+    argv = ["bench", "--breakdown", "--sizes", "256", "--dtypes", "float32", "--block-size", "64", "--repeats", "1"]
+    assert main([*argv, "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "product dS K_j (dQ)" in printed and "the path, forward + backward" in printed
+    (result,) = json.loads(path.read_text())["breakdown"]
+    assert result["config"] == {"n": 256, "d": 64, "dtype": "float32", "block": 64, "tiles": 16}
+    parts = result["parts"]
+    assert len([name for name in parts if name.startswith("product")]) == 6  # S counted twice: 7 per tile
+    # the parts and the rest add up to the path's time
+    total = sum(p["s"] for p in parts.values()) + result["other_s"]
+    assert total == pytest.approx(result["path_s"])
+    assert result["limit_s"] == pytest.approx(
+        14 * 256 * 256 * 64 / (result["peak_gflops"] * 1e9) + 2 * 256 * 256 * result["exp_ns"] * 1e-9
+    )

@@ -181,9 +181,9 @@ def test_the_default_tiles_are_512_queries_by_512_keys(rng, monkeypatch):
     tiles = []
     real = chunked_module._logits_tile
 
-    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols):
+    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols, out=None):
         tiles.append((q_scaled.shape[-2], k_cols.shape[-2]))
-        return real(xp, q_scaled, k_cols, mask, bias, rows, cols)
+        return real(xp, q_scaled, k_cols, mask, bias, rows, cols, out)
 
     monkeypatch.setattr(chunked_module, "_logits_tile", logits_tile)
     q, k, v = rng.standard_normal((513, 2)), rng.standard_normal((1025, 2)), rng.standard_normal((1025, 2))
@@ -318,3 +318,66 @@ def test_numpy_integer_block_sizes_are_accepted(rng):
     assert rel_error(out, attention_forward(q, k, v)[0]) <= TOL
     with pytest.raises(TypeError, match="block_size"):
         chunked_attention_forward(q, k, v, block_size=True)
+
+
+# ---------------------------------------------------------------- the forward's shift
+
+
+def _count_tiles(monkeypatch):
+    """Record, per call of _logits_tile, whether the tile was shifted in its product (q with d + 1 columns)."""
+    calls = []
+    real = chunked_module._logits_tile
+
+    def logits_tile(xp, q_scaled, k_cols, mask, bias, rows, cols, out=None):
+        calls.append("shifted" if q_scaled.shape[-1] == k_cols.shape[-1] and k_cols.shape[-1] == 5 else "plain")
+        return real(xp, q_scaled, k_cols, mask, bias, rows, cols, out)
+
+    monkeypatch.setattr(chunked_module, "_logits_tile", logits_tile)
+    return calls
+
+
+def test_the_forward_keeps_its_shift_until_a_tile_outgrows_it(rng, monkeypatch):
+    """Each query tile finds its maximum in its first key tile and keeps it as the shift: the later tiles get
+    their shift in the product (no pass for the maximum), unless their weights outgrow SHIFT_AGAIN_ABOVE."""
+    q, k, v = rng.standard_normal((64, 4)), rng.standard_normal((64, 4)), rng.standard_normal((64, 3))
+    calls = _count_tiles(monkeypatch)
+    out, cache = chunked_attention_forward(q, k, v, block_size=16)
+    # 4 query tiles × 4 key tiles: the first key tile of each with its own maximum, the 3 others shifted
+    assert sorted(calls) == ["plain"] * 4 + ["shifted"] * 12
+    assert rel_error(out, attention_forward(q, k, v)[0]) <= TOL
+    # key 40 (third key tile) draws the queries far above the first tile's maximum: that tile again, unshifted
+    k[40] = 30 * q.mean(0) / np.linalg.norm(q.mean(0))
+    calls.clear()
+    out, cache = chunked_attention_forward(q, k, v, block_size=16, scale=2.0)
+    want, want_cache = attention_forward(q, k, v, scale=2.0)
+    redone = calls.count("plain") - 4
+    assert 1 <= redone <= 4 and calls.count("shifted") == 12  # tried shifted, then done again
+    assert rel_error(out, want) <= TOL
+    np.testing.assert_allclose(cache.logsumexp, logsumexp(2.0 * q @ k.T, axis=-1), rtol=1e-14)
+
+
+def test_a_shifted_tile_that_overflows_is_done_again_without_a_warning(rng, monkeypatch):
+    """A logit 1,000 above the kept shift overflows exp (inf, then inf·0 = NaN in the product): no warning
+    (the tests turn warnings into errors), the tile is done again with its own maximum, the result exact."""
+    q, k, v = rng.standard_normal((8, 4)), rng.standard_normal((16, 4)), rng.standard_normal((16, 3))
+    bias = np.zeros((8, 16))
+    bias[3, 12] = 1000.0  # query 3, key 12 (second key tile)
+    calls = _count_tiles(monkeypatch)
+    out, cache = chunked_attention_forward(q, k, v, bias=bias, block_size=8)
+    assert calls == ["plain", "shifted", "plain"]
+    want, _ = attention_forward(q, k, v, bias=bias)
+    assert rel_error(out, want) <= TOL and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[3], v[12], rtol=1e-14)  # all of query 3's weight on key 12
+
+
+def test_the_backward_gets_its_subtractions_from_the_products(rng, monkeypatch):
+    """Backward, S − lse and dP − D come out of the products [scale·Q | −lse][K | 1]ᵀ and [dO | −D][V | 1]ᵀ:
+    every tile's logits are shifted ones."""
+    q, k, v = rng.standard_normal((2, 20, 4)), rng.standard_normal((2, 30, 4)), rng.standard_normal((2, 30, 3))
+    out, cache = chunked_attention_forward(q, k, v, block_size=8)
+    calls = _count_tiles(monkeypatch)
+    grads = chunked_attention_backward(np.ones_like(out), cache)
+    assert calls == ["shifted"] * (2 * 3 * 4)  # 2 problems (one at a time on NumPy) × 3 × 4 tiles
+    want = attention_backward(np.ones_like(out), attention_forward(q, k, v)[1])
+    for name in want:
+        assert close(grads[name], want[name]), name

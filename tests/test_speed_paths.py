@@ -137,12 +137,9 @@ def test_parallel_map_keeps_order_and_uses_threads_only_for_numpy(be, rng, monke
 def test_parallel_map_without_threadpoolctl_runs_in_this_thread(monkeypatch):
     import threading
 
-    real = importlib.util.find_spec
+    from attention_ref import backend
 
-    def find_spec(name, *args):
-        return None if name == "threadpoolctl" else real(name, *args)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(backend, "_HAS_THREADPOOLCTL", False)
     assert cpu_workers(np.zeros(2)) == 1
     assert parallel_map(lambda i: threading.get_ident(), [0, 1, 2], like=np.zeros(2)) == [threading.get_ident()] * 3
 
@@ -177,7 +174,7 @@ def test_tiled_path_gives_the_same_result_on_any_number_of_threads(rng, monkeypa
 
 # ---------------------------------------------------------------- the fast path against the readable path
 
-from attention_ref.attention.per_matrix import broadcast_index, matrix_indices, take  # noqa: E402
+from attention_ref.attention.per_matrix import broadcast_index, matrix_indices, slab_indices, take  # noqa: E402
 
 
 def test_matrix_indices_and_broadcast_index():
@@ -195,6 +192,25 @@ def test_matrix_indices_and_broadcast_index():
     assert take(None, idx[4], rank=4) is None
 
 
+def test_slab_indices_cut_one_leading_dim_into_nearly_equal_runs():
+    assert slab_indices((32, 4), 2) == [(slice(0, 16), slice(None), ...), (slice(16, 32), slice(None), ...)]
+    assert slab_indices((1, 4), 2) == [(slice(None), slice(0, 2), ...), (slice(None), slice(2, 4), ...)]
+    assert slab_indices((3,), 2) == [(slice(0, 1), ...), (slice(1, 3), ...)]
+    assert slab_indices((2, 3), 4) == [(slice(None), slice(i, i + 1), ...) for i in range(3)]  # the longest dim
+    assert slab_indices((1, 1), 2) == slab_indices((), 2) == [(...,)]
+    # every problem in exactly one slab
+    for parts, count in ((1, 1), (2, 2), (3, 3), (5, 5), (7, 6)):
+        seen = np.zeros((5, 6, 1, 1), dtype=int)
+        slabs = slab_indices((5, 6), parts)
+        for index in slabs:
+            seen[index] += 1
+        assert len(slabs) == count and np.all(seen == 1), parts
+    # a slab's part of a broadcast bias: the cut dim where the bias has it, whole where it broadcasts
+    slab = slab_indices((4, 3), 2)[1]
+    assert broadcast_index((4, 1, 6, 7), slab, rank=4) == (slice(2, 4), slice(None), slice(None), slice(None))
+    assert broadcast_index((1, 3, 6, 7), slab, rank=4) == (slice(None),) * 4
+
+
 # (mask shape, bias shape) against a (2, 3, N, M) stack
 BROADCASTS = [
     pytest.param((2, 3, 6, 7), (2, 3, 6, 7), id="full mask and bias"),
@@ -206,10 +222,10 @@ BROADCASTS = [
 ]
 
 
-@pytest.mark.parametrize("threads", [False, True], ids=["one call", "one matrix per thread"])
+@pytest.mark.parametrize("threads", [False, True], ids=["one call", "one slab per thread"])
 @pytest.mark.parametrize(("mask_shape", "bias_shape"), BROADCASTS)
 def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bias_shape, threads):
-    """exact_fast (in place; one call, or one (N, M) problem at a time) gives the readable path's results.
+    """exact_fast (in place; one call, or one slab of the stack at a time) gives the readable path's results.
 
     The threads are forced on or off, so the per-matrix code also runs on backends without threads (there
     ``parallel_map`` runs the problems one after another): it must use only Array API calls.
@@ -230,7 +246,7 @@ def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bi
     monkeypatch.setattr(exact_fast, "_in_threads", lambda q, k: threads)
     got_out, got_p, got_g = run()
     assert be.is_native(got_out) and be.is_native(got_p)
-    # The same operations in the same order, in place or not: measured identical in one call; cut per matrix,
+    # The same operations in the same order, in place or not: measured identical in one call; cut in slabs,
     # the products' sums may run in another order (measured ≤ 7.7e-16 over 10 seeds, AMD EPYC, OpenBLAS)
     assert rel_error(np_(got_out), np_(want_out)) <= 1e-14
     assert rel_error(np_(got_p), np_(want_p)) <= 1e-14
@@ -243,11 +259,11 @@ def test_fast_path_equals_the_readable_path(be, rng, monkeypatch, mask_shape, bi
 
 
 def test_fast_path_takes_threads_for_big_numpy_stacks(monkeypatch, rng):
-    """On NumPy with threadpoolctl and 2+ workers a stack above PARALLEL_MIN_LOGITS goes per matrix."""
+    """On NumPy with threadpoolctl and 2+ workers a stack above PARALLEL_MIN_LOGITS goes in slabs."""
     monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "2")
     calls = []
-    real = exact_fast._attend_per_matrix
-    monkeypatch.setattr(exact_fast, "_attend_per_matrix", lambda *a: calls.append(1) or real(*a))
+    real = exact_fast._attend_per_slab
+    monkeypatch.setattr(exact_fast, "_attend_per_slab", lambda *a: calls.append(1) or real(*a))
     q = rng.standard_normal((2, 64, 8))
     monkeypatch.setattr(exact_fast, "PARALLEL_MIN_LOGITS", 2 * 64 * 64)
     attention_forward(q, q, q)
@@ -272,3 +288,177 @@ def test_fast_path_equals_the_readable_path_in_float16(rng, monkeypatch):
     for name in g0:
         assert g1[name].dtype == np.float16
         np.testing.assert_array_equal(g1[name], g0[name])
+
+
+# ---------------------------------------------------------------- thread counts: ours and BLAS's
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return next(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+
+needs_threadpoolctl = pytest.mark.skipif(
+    importlib.util.find_spec("threadpoolctl") is None, reason="threadpoolctl (the fast extra) is not installed"
+)
+
+
+@needs_threadpoolctl
+def test_limited_threads_sets_ours_and_blas_and_restores_both(monkeypatch):
+    from attention_ref.backend import limited_threads, thread_count
+
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "3")
+    blas_before = _blas_threads()
+    with limited_threads(1) as count:
+        assert count == 1 and thread_count() == 1 and cpu_workers(np.zeros(2)) == 1 and _blas_threads() == 1
+        with limited_threads() as inner:  # None: the variable's count (the outer limit is not the variable)
+            assert inner == 1
+    assert thread_count() == 3 and _blas_threads() == blas_before
+    with limited_threads() as count:
+        assert count == 3 == thread_count()
+    with pytest.raises(ValueError, match="positive"):
+        with limited_threads(0):
+            pass
+
+
+@needs_threadpoolctl
+def test_small_products_run_on_one_blas_thread(monkeypatch):
+    from attention_ref import backend
+
+    seen = []
+    real = np.matmul
+
+    def spy(a, b, *args, **kwargs):
+        seen.append(_blas_threads())
+        return real(a, b, *args, **kwargs)
+
+    with backend.limited_threads(2):
+        with backend.blas_threads_for(np.zeros(2), backend.SMALL_PRODUCT - 1):
+            spy(np.ones((2, 2)), np.ones((2, 2)))
+        with backend.blas_threads_for(np.zeros(2), backend.SMALL_PRODUCT):
+            spy(np.ones((2, 2)), np.ones((2, 2)))
+    assert seen == [1, 2]
+    # a block at the toys' size: its linear layers' and attention's products run on one BLAS thread
+    import contextlib
+
+    from attention_ref import init_self_attention, self_attention_backward, self_attention_forward
+
+    inside = []
+
+    def recording(like, multiply_adds):
+        @contextlib.contextmanager
+        def context():
+            with backend.blas_threads_for(like, multiply_adds):
+                inside.append(_blas_threads())
+                yield
+
+        return context()
+
+    monkeypatch.setattr("attention_ref.ops.linear.blas_threads_for", recording)
+    monkeypatch.setattr("attention_ref.attention.exact_fast.blas_threads_for", recording)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 16))
+    with backend.limited_threads(2):
+        y, cache = self_attention_forward(x, init_self_attention(16, heads=2, groups=4, rng=0), heads=2, groups=4)
+        self_attention_backward(np.ones_like(y), cache)
+        assert _blas_threads() == 2  # only around the products
+    assert inside == [1] * 10  # 4 projections and attention, forward and backward
+
+
+@needs_threadpoolctl
+@pytest.mark.parametrize("toy", ["long_range", "grounding"])
+def test_the_toys_train_on_one_thread_unless_told(toy, monkeypatch):
+    """A toy's training runs on toy_threads(): ATTENTION_REF_NUM_THREADS when set, else 1 (ours and BLAS's)."""
+    import attention_ref.toys.grounding as grounding
+    import attention_ref.toys.long_range as long_range
+    from attention_ref.backend import thread_count
+
+    module, train = {
+        "long_range": (long_range, long_range.train_long_range),
+        "grounding": (grounding, grounding.train_token_grounding),
+    }[toy]
+    seen = []
+    real = module.model_forward
+
+    def spy(*args):
+        seen.append((thread_count(), _blas_threads()))
+        return real(*args)
+
+    monkeypatch.setattr(module, "model_forward", spy)
+    small = {"eval_maps": 4} if toy == "long_range" else {"train_scenes": 8, "eval_scenes": 4}
+    monkeypatch.delenv("ATTENTION_REF_NUM_THREADS", raising=False)
+    blas_before = _blas_threads()
+    train(0, steps=2, batch=2, progress_bar=False, **small)
+    assert set(seen) == {(1, 1)}
+    seen.clear()
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "2")
+    train(0, steps=2, batch=2, progress_bar=False, **small)
+    assert set(seen) == {(2, 2)}
+    seen.clear()
+    train(0, steps=2, batch=2, progress_bar=False, threads=3, **small)
+    assert set(seen) == {(3, 3)}
+    assert _blas_threads() == blas_before
+
+
+# ---------------------------------------------------------------- the norms' statistics
+
+
+def test_means_one_axis_at_a_time_equal_numpys_mean(be, rng):
+    from attention_ref.ops.normalize import mean_over
+
+    x = rng.standard_normal((3, 10, 4, 2))
+    for axes in [(1, 3), (-1,), (0, 1, 2, 3), (3, 1)]:
+        got = mean_over(namespace(be(x)), be(x), axes)
+        assert be.is_native(got)
+        np.testing.assert_allclose(np_(got), np.mean(x, axis=axes, keepdims=True), rtol=1e-14, atol=1e-15)
+
+
+def test_statistics_repeated_along_short_rows_change_no_number(be, rng):
+    """A group norm's (B, 1, G, 1) statistic is repeated along the 2 channels of its groups, so that the loops
+    over x run along whole rows; a layer norm's (..., 1) (nothing else reduced) is left as it is."""
+    from attention_ref.ops.normalize import along_rows, normalize, normalize_backward
+
+    xp = namespace(be(np.zeros(1)))
+    stat = be(rng.standard_normal((3, 1, 4, 1)))
+    spread = along_rows(xp, stat, (3, 10, 4, 2))
+    assert tuple(spread.shape) == (3, 1, 4, 2)
+    np.testing.assert_array_equal(np_(spread), np.broadcast_to(np_(stat), (3, 1, 4, 2)))
+    assert along_rows(xp, be(np.ones((3, 10, 1))), (3, 10, 2)).shape == (3, 10, 1)  # layer norm: nothing to gain
+    assert along_rows(xp, be(np.ones((3, 1, 4, 1))), (3, 10, 4, 32)).shape == (3, 1, 4, 1)  # long rows already
+    # the group norm's normalisation and its backward: the plain broadcasting formulas, to rounding
+    x, g = rng.standard_normal((3, 10, 4, 2)), rng.standard_normal((3, 10, 4, 2))
+    xhat, rstd = normalize(xp, be(x), (1, 3), 1e-5)
+    mu = x.mean(axis=(1, 3), keepdims=True)
+    r = 1 / np.sqrt(((x - mu) ** 2).mean(axis=(1, 3), keepdims=True) + 1e-5)
+    assert tuple(rstd.shape) == (3, 1, 4, 1)
+    np.testing.assert_allclose(np_(xhat), (x - mu) * r, rtol=1e-13, atol=1e-14)
+    dx = normalize_backward(xp, be(g), xhat, rstd, (1, 3))
+    want = r * (g - g.mean(axis=(1, 3), keepdims=True) - np_(xhat) * (g * np_(xhat)).mean(axis=(1, 3), keepdims=True))
+    np.testing.assert_allclose(np_(dx), want, rtol=1e-12, atol=1e-13)
+
+
+def test_a_stack_larger_than_a_slab_is_done_slab_by_slab_in_place(monkeypatch, rng):
+    """On one thread too, a stack whose logits exceed SLAB_BYTES runs one cache-sized slab at a time, each
+    slab's weights formed in their place in P (no copy), with the readable path's results."""
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "1")
+    monkeypatch.setattr(exact_fast, "SLAB_BYTES", 3 * 5 * 5 * 8)  # three (5, 5) float64 problems per slab
+    q, k, v, dout = (rng.standard_normal((4, 3, 5, 2)) for _ in range(4))
+    bias = rng.standard_normal((3, 5, 5))
+    seen = []
+    real = exact_fast._attend_in_place
+
+    def spy(xp, q, k, v, mask, bias, scale, logits_out=None):
+        out, weights = real(xp, q, k, v, mask, bias, scale, logits_out)
+        seen.append((q.shape, weights is logits_out))
+        return out, weights
+
+    monkeypatch.setattr(exact_fast, "_attend_in_place", spy)
+    out, cache = attention_forward(q, k, v, bias=bias)
+    grads = attention_backward(dout, cache)
+    assert seen == [((1, 3, 5, 2), True)] * 4  # the batch cut into 4 slabs of 3 problems, no thread
+    monkeypatch.setattr(exact, "FAST", False)
+    want_out, want_cache = attention_forward(q, k, v, bias=bias)
+    want = attention_backward(dout, want_cache)
+    assert rel_error(out, want_out) <= 1e-14 and rel_error(cache.weights, want_cache.weights) <= 1e-14
+    for name in want:
+        assert rel_error(grads[name], want[name]) <= 1e-14, name

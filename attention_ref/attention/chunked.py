@@ -40,31 +40,63 @@ are computed in float32 (``lse`` stays float32) and the results rounded to float
 Block size. ``block_size=None`` uses ``DEFAULT_BLOCK_SIZE`` = 512 queries × 512 keys: a float64 tile is
 2 MiB, small enough that the few temporaries of a tile stay cache-friendly and that memory is
 dominated by the O(N·d) inputs and outputs, large enough that each tile is a real matrix product and
-the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times (64 tiles at N = M = 4096). Peak extra memory is
-a handful of ``block_q × block_k`` tiles per thread plus O(N·(d + dv)) for the outputs and gradients, and
-one more ``(..., N, d)`` share of ``dQ`` per thread (see Speed).
+the Python loop runs only ``⌈N/512⌉·⌈M/512⌉`` times per problem (64 tiles at N = M = 4096). Peak extra
+memory is a handful of ``block_q × block_k`` tiles per thread plus O(N·(d + dv)) for the outputs and
+gradients, and, where one problem's key tiles are shared between threads, one more ``(N, d)`` share of
+``dQ`` per share (see Speed).
 
-Speed. Each tile's elementwise work runs in the memory of the tile it starts from (in-place ``-=`` and
-``*=``, and an in-place ``exp`` where the backend has one: :func:`attention_ref.backend.exp_inplace`),
-so a tile costs its matrix products plus four passes over ``block_q × block_k`` numbers forward (max,
-subtract, exp, sum) and four backward (subtract, exp, subtract, multiply). The work is spread over the
-CPU's cores with :func:`attention_ref.backend.parallel_map`: forward, the query tiles are independent;
-backward, the key tiles are dealt round-robin to the workers, each of which owns its tiles' ``dK_j`` and
-``dV_j`` and sums its own share of ``dQ`` (and ``d bias``), added up at the end — each worker holds
-one more ``(..., N, d)`` array. On one worker (any backend but NumPy) the order of the sums is the
-original one.
+Speed. What costs time is the seven matrix products per tile and the two exponentials per weight;
+everything else is arranged to cost almost nothing:
+
+* The subtractions ride in the products. A column appended to each operand puts a per-row number into
+  a product: ``[scale·Q_i | -m] [K_j | 1]ᵀ = S_j - m`` and ``[dO_i | -D_i] [V_j | 1]ᵀ = dP - D_i``, and the
+  ones column of ``[V_j | 1]`` makes ``P̃ [V_j | 1] = [P̃ V_j | Σ_k P̃_k]`` deliver the row sums ``ℓ``. So the
+  backward's tile is product, ``exp``, product, product, one elementwise product ``dS = P ∘ (dP − D)``,
+  product, product; no subtraction, no sum.
+* The forward keeps its shift. The online softmax above needs ``m`` only to keep ``exp`` in range: any
+  shift does, as long as it is the same for every tile of a row. So after its first key tile a query tile
+  keeps the maximum found there as its shift, and each later tile is one product (``S_j - m``, shift
+  included), an in-place ``exp``, and ``[A | ℓ] += P̃ [V_j | 1]`` — no pass for the maximum, no rescaling.
+  A tile whose weights outgrow ``SHIFT_AGAIN_ABOVE`` (2¹⁶) in some row (a logit more than about 11 above
+  the shift; also an ``exp`` that overflowed, or a NaN) is done again the careful way, with ``m`` moved
+  to the new maximum and ``α`` as above; so is the first tile, and every tile while a row has no weight
+  yet (fully masked so far). ``lse = m + log ℓ`` holds for any shift.
+* The in-place ``exp`` (:func:`attention_ref.backend.exp_inplace`) writes over the tile it reads.
+* ``dK_jᵀ += Q_iᵀ dS`` and ``dV_jᵀ += dO_iᵀ P`` are formed transposed: alone, OpenBLAS ran that product
+  at 0.88 of its peak against 0.77 for ``Pᵀ dO_i`` (float64, 512² tiles, AMD EPYC).
+* On NumPy the stack (batch × heads) is cut into its ``(N, M)`` problems, one at a time per thread, so
+  that a tile is one problem's (2 MiB in float64, a core's L2 cache) rather than every head's at once.
+  Elsewhere (CuPy, torch, array_api_strict) each tile takes the whole stack in one call.
+
+The work is spread over the CPU's cores with :func:`attention_ref.backend.parallel_map`: forward, every
+(problem, query tile) is independent; backward, each problem's key tiles are dealt round-robin into
+groups (as many as it takes to give every worker work, one per problem when there are enough problems),
+each group owns its tiles' ``dK_j`` and ``dV_j`` and sums its own share of ``dQ`` (and ``d bias``), and the
+shares are added up at the end. The time against the machine's limit: docs/performance.md.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import ModuleType
 
 from .._checks import as_dtype, in_working_dtype, sum_to_shape
-from ..backend import Array, cpu_workers, device_of, exp_inplace, namespace, parallel_map
+from ..backend import (
+    Array,
+    cpu_workers,
+    device_of,
+    exp_inplace,
+    matmul_into,
+    namespace,
+    namespace_name,
+    overflow_unreported,
+    parallel_map,
+)
 from ..ops.softmax import safe_shift
 from .inputs import check_attention_inputs, check_cache, check_dout
 from .masks import as_pair
+from .per_matrix import Index, broadcast_index, matrix_indices, take
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -74,6 +106,9 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZE = 512
+# a tile shifted by the running maximum m whose weights sum to more than this in some row is computed again
+# with m moved to its own maximum (see Speed in the docstring)
+SHIFT_AGAIN_ABOVE = 2.0**16
 
 
 @dataclass(frozen=True)
@@ -154,16 +189,42 @@ def _tile(a: Array, rows: slice, cols: slice) -> Array:
 
 
 def _logits_tile(
-    xp: ModuleType, q_scaled: Array, k_cols: Array, mask: Array | None, bias: Array | None, rows: slice, cols: slice
+    xp: ModuleType,
+    q_scaled: Array,
+    k_cols: Array,
+    mask: Array | None,
+    bias: Array | None,
+    rows: slice,
+    cols: slice,
+    out: Array | None = None,
 ) -> Array:
-    """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``."""
+    """One tile of logits, ``-inf`` where masked: ``(..., rows, cols)``; in ``out``'s memory when it fits."""
     # S = scale · Q Kᵀ + bias   (..., block_q, block_k); the scale was applied to Q already
-    logits = q_scaled @ xp.matrix_transpose(k_cols)
+    logits = matmul_into(xp, q_scaled, xp.matrix_transpose(k_cols), _fitting(out, q_scaled, k_cols))
     if bias is not None:
         logits += _tile(bias, rows, cols)
     if mask is not None:
         logits = xp.where(_tile(mask, rows, cols), logits, -xp.inf)
     return logits
+
+
+def _fitting(buffer: Array | None, a: Array, b: Array) -> Array | None:
+    """``buffer`` when it has the shape of the product ``a bᵀ`` (a full tile), else ``None`` (a ragged one)."""
+    if buffer is None or tuple(buffer.shape[-2:]) != (a.shape[-2], b.shape[-2]):
+        return None
+    return buffer
+
+
+def _tile_buffer(xp: ModuleType, like: Array, rows: int, cols: int) -> Array:
+    """Scratch memory for one tile, ``(..., rows, cols)``: every full tile of a loop is formed in it, so that it
+    stays in the CPU's cache (:func:`attention_ref.backend.matmul_into`)."""
+    return xp.empty((*like.shape[:-2], rows, cols), dtype=like.dtype, device=device_of(like))
+
+
+def _with_ones_column(xp: ModuleType, a: Array) -> Array:
+    """``[a | 1]``: ``a`` ``(..., n, c)`` with a column of ones appended, ``(..., n, c + 1)``."""
+    ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=device_of(a))
+    return xp.concat([a, ones], axis=-1)
 
 
 def _safe_lse(xp: ModuleType, lse: Array) -> Array:
@@ -208,19 +269,31 @@ def chunked_attention_forward(
     q_w, k_w, v_w, bias_w = in_working_dtype(xp, q, k, v, bias)
     mask2, bias2 = _at_least_2d(xp, mask), _at_least_2d(xp, bias_w)
 
-    def query_tile(rows: slice) -> tuple[Array, Array]:
-        return _forward_rows(xp, scale * q_w[..., rows, :], k_w, v_w, mask2, bias2, rows, block_k)
+    k_ones, v_ones = _with_ones_column(xp, k_w), _with_ones_column(xp, v_w)  # [K | 1], [V | 1]
+    rank = q.ndim
+    # the work: every tile of queries of every problem (see Speed), each independent of the others
+    items = [(index, rows) for index in _problems(xp, q) for rows in _blocks(q.shape[-2], block_q, at_least_one=True)]
 
-    # query tiles are independent: on NumPy they run on all cores (see attention_ref.backend.parallel_map)
-    tiles = parallel_map(query_tile, _blocks(q.shape[-2], block_q, at_least_one=True), like=q)
-    out_tiles, lse_tiles = [out_rows for out_rows, _ in tiles], [lse_rows for _, lse_rows in tiles]
-    out = as_dtype(xp, xp.concat(out_tiles, axis=-2), q.dtype)  # (..., N, dv)
+    def query_tile(item: tuple[Index, slice]) -> tuple[Array, Array]:
+        index, rows = item
+        q_scaled = scale * q_w[index][..., rows, :]
+        mask_i, bias_i = take(mask2, index, rank), take(bias2, index, rank)
+        return _forward_rows(xp, q_scaled, k_w[index], k_ones[index], v_ones[index], mask_i, bias_i, rows, block_k)
+
+    # on NumPy the items run on all cores (see attention_ref.backend.parallel_map)
+    tiles = parallel_map(query_tile, items, like=q)
+    out = xp.empty((*q.shape[:-1], v.shape[-1]), dtype=q_w.dtype, device=device_of(q))  # O   (..., N, dv)
+    lse = xp.empty(q.shape[:-1], dtype=q_w.dtype, device=device_of(q))  # (..., N)
+    for (index, rows), (out_rows, lse_rows) in zip(items, tiles, strict=True):
+        out[(*index[:-1], ..., rows, slice(None))] = out_rows
+        lse[(*index[:-1], ..., rows)] = lse_rows
+    out = as_dtype(xp, out, q.dtype)
     cache = ChunkedAttentionCache(
         q=q,
         k=k,
         v=v,
         out=out,
-        logsumexp=xp.concat(lse_tiles, axis=-1),  # (..., N)
+        logsumexp=lse,
         scale=scale,
         mask=mask,
         bias=bias,
@@ -234,21 +307,39 @@ def _forward_rows(
     xp: ModuleType,
     q_scaled: Array,
     k: Array,
-    v: Array,
+    k_ones: Array,
+    v_ones: Array,
     mask: Array | None,
     bias: Array | None,
     rows: slice,
     block_k: int,
 ) -> tuple[Array, Array]:
-    """Output ``(..., rows, dv)`` and log-sum-exp ``(..., rows)`` of one tile of queries, by online softmax."""
-    dev = device_of(q_scaled)
+    """Output ``(..., rows, dv)`` and log-sum-exp ``(..., rows)`` of one tile of queries, by online softmax.
+
+    ``k_ones = [K | 1]`` ``(..., M, d + 1)`` and ``v_ones = [V | 1]`` ``(..., M, dv + 1)``: see Speed in the
+    module's docstring.
+    """
+    dev, dtype = device_of(q_scaled), q_scaled.dtype
     stats_shape = (*q_scaled.shape[:-1], 1)  # (..., block_q, 1): one number per query row
-    running_max = xp.full(stats_shape, -xp.inf, dtype=q_scaled.dtype, device=dev)  # m
-    running_sum = xp.zeros(stats_shape, dtype=q_scaled.dtype, device=dev)  # ℓ
-    acc = xp.zeros((*q_scaled.shape[:-1], v.shape[-1]), dtype=q_scaled.dtype, device=dev)  # A, (..., block_q, dv)
-    shift = safe_shift(xp, running_max)
+    running_max = xp.full(stats_shape, -xp.inf, dtype=dtype, device=dev)  # m
+    # [A | ℓ]: the running unnormalised output A, and in the last column the running sum ℓ   (..., block_q, dv + 1)
+    acc = xp.zeros((*q_scaled.shape[:-1], v_ones.shape[-1]), dtype=dtype, device=dev)
+    # [scale·Q_i | -m], so that [scale·Q_i | -m] [K_j | 1]ᵀ = S_j - m   (..., block_q, d + 1)
+    q_shift = xp.concat([q_scaled, xp.zeros(stats_shape, dtype=dtype, device=dev)], axis=-1)
+    every_row_has_weight = False  # ℓ > 0 in every row: m is a finite maximum, fit to shift the next tiles by
+    buffer = _tile_buffer(xp, q_scaled, q_scaled.shape[-2], min(block_k, k.shape[-2]))
     for cols in _blocks(k.shape[-2], block_k):
-        logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols)  # (..., block_q, block_k)
+        if every_row_has_weight:
+            # the shift m stays: P̃ = exp(S_j - m), [A | ℓ] += P̃ [V_j | 1]
+            with overflow_unreported():  # inf and NaN are checked for below
+                shifted = _logits_tile(xp, q_shift, k_ones[..., cols, :], mask, bias, rows, cols, buffer)  # S_j - m
+                part = exp_inplace(xp, shifted) @ v_ones[..., cols, :]
+            # unless a logit of this tile exceeds m by so much that its weights outgrow SHIFT_AGAIN_ABOVE
+            # (or are inf or NaN): then this tile is done again below, with m moved to its maximum
+            if bool(xp.all(part[..., -1] <= SHIFT_AGAIN_ABOVE)):
+                acc += part
+                continue
+        logits = _logits_tile(xp, q_scaled, k[..., cols, :], mask, bias, rows, cols, buffer)  # (..., block_q, block_k)
         # m' = max(m, max_k S_k)
         new_max = xp.maximum(running_max, xp.max(logits, axis=-1, keepdims=True))
         # subtract 0 instead of -inf while a row has seen no allowed key (exp(-inf - 0) = 0, not NaN),
@@ -259,14 +350,16 @@ def _forward_rows(
         p_tilde = exp_inplace(xp, logits)
         # α = exp(m - m'): rescales what was summed under the old maximum
         alpha = xp.exp(running_max - shift)
-        # ℓ' = α ℓ + Σ_k P̃_k
-        running_sum = alpha * running_sum + xp.sum(p_tilde, axis=-1, keepdims=True)
-        # A' = α A + P̃ V_j
-        acc = alpha * acc + p_tilde @ v[..., cols, :]
+        # [A' | ℓ'] = α [A | ℓ] + P̃ [V_j | 1], that is A' = α A + P̃ V_j and ℓ' = α ℓ + Σ_k P̃_k
+        acc = alpha * acc + p_tilde @ v_ones[..., cols, :]
         running_max = new_max
+        q_shift[..., -1:] = -shift
+        every_row_has_weight = bool(xp.all(acc[..., -1:] > 0.0))
+    running_sum = acc[..., -1:]  # ℓ   (..., block_q, 1)
+    shift = safe_shift(xp, running_max)
     dead = running_sum == 0.0  # no allowed key (a NaN sum is not 0: NaN is never taken for "masked")
     # O = A / ℓ   (a fully masked row has A = 0 and ℓ = 0: divide by 1 instead)
-    out = acc / xp.where(dead, 1.0, running_sum)
+    out = acc[..., :-1] / xp.where(dead, 1.0, running_sum)
     # lse = m + log ℓ, and -inf (the log of an empty sum) for a fully masked row, without a warning
     lse = xp.where(dead, -xp.inf, shift + xp.log(xp.where(dead, 1.0, running_sum)))
     # a row with a +inf logit (and no NaN): lse = +inf
@@ -295,71 +388,112 @@ def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dic
     mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, bias)
     row_blocks = _blocks(q.shape[-2], cache.block_q, at_least_one=True)
     col_blocks = _blocks(k.shape[-2], cache.block_k, at_least_one=True)
+    rank = q.ndim
     # D_i = Σ_k P_ik dP_ik = dO_i · O_i   (..., N, 1)
     delta = xp.sum(dout * out, axis=-1, keepdims=True)
     lse = _safe_lse(xp, cache.logsumexp)  # (..., N, 1)
-    q_scaled = scale * q
+    # [scale·Q | -lse] [K | 1]ᵀ = S - lse and [dO | -D] [V | 1]ᵀ = dP - D: the subtractions ride in the products
+    q_shift = xp.concat([scale * q, -lse], axis=-1)  # (..., N, d + 1)
+    dout_shift = xp.concat([dout, -delta], axis=-1)  # (..., N, dv + 1)
+    k_ones, v_ones = _with_ones_column(xp, k), _with_ones_column(xp, v)  # (..., M, d + 1), (..., M, dv + 1)
 
-    def key_tiles(tile_indices: list[int]) -> _KeyTilesGrads:
-        """Gradients from key tiles ``tile_indices``: their own dK_j, dV_j, and their share of dQ and d bias."""
-        part = _KeyTilesGrads(dq_tiles=[0.0] * len(row_blocks))
+    def key_tiles(item: tuple[Index, list[int]]) -> _KeyTilesGrads:
+        """Gradients from some key tiles of one problem: their own dK_j, dV_j, and their share of dQ and d bias."""
+        index, tile_indices = item
+        q_i, k_i, dout_i, q_shift_i, dout_shift_i = q[index], k[index], dout[index], q_shift[index], dout_shift[index]
+        k_ones_i, v_ones_i = k_ones[index], v_ones[index]
+        mask_i, bias_i = take(mask, index, rank), take(bias, index, rank)
+        part = _KeyTilesGrads(dq_tiles=[None] * len(row_blocks))
+        # every full tile of P and dS is formed in these two (see _tile_buffer)
+        block_rows, block_cols = row_blocks[0].stop - row_blocks[0].start, col_blocks[0].stop - col_blocks[0].start
+        p_buffer, ds_buffer = (_tile_buffer(xp, q_shift_i, block_rows, block_cols) for _ in range(2))
         for cj in tile_indices:
             cols = col_blocks[cj]
-            k_j, v_j = k[..., cols, :], v[..., cols, :]
-            dk_j, dv_j = 0.0, 0.0
+            k_j = k_i[..., cols, :]
+            dk_j_t, dv_j_t = None, None  # dK_jᵀ (..., d, block_k) and dV_jᵀ (..., dv, block_k)
             for ri, rows in enumerate(row_blocks):
-                dout_i = dout[..., rows, :]
-                logits = _logits_tile(xp, q_scaled[..., rows, :], k_j, mask, bias, rows, cols)
-                # P = exp(S - lse): the forward's weights, recomputed exactly in the logits' memory
-                logits -= lse[..., rows, :]
-                weights = exp_inplace(xp, logits)  # (..., block_q, block_k)
-                # dV_j += Pᵀ dO_i
-                dv_j = dv_j + xp.matrix_transpose(weights) @ dout_i
-                # dP = dO_i V_jᵀ
-                dweights = dout_i @ xp.matrix_transpose(v_j)
-                # dS = P ∘ (dP - D_i), formed in dP's memory
-                dweights -= delta[..., rows, :]
-                dweights *= weights
-                dlogits = dweights
-                # dQ_i += dS K_j ;  dK_j += dSᵀ Q_i   (times scale, below)
-                part.dq_tiles[ri] = part.dq_tiles[ri] + dlogits @ k_j
-                dk_j = dk_j + xp.matrix_transpose(dlogits) @ q[..., rows, :]
-                if bias is not None:
-                    _accumulate_bias_grad(xp, part.dbias_tiles, dlogits, bias, ri, cj)
-            part.dk_tiles[cj] = scale * dk_j
-            part.dv_tiles[cj] = dv_j
+                # P = exp(S - lse): the forward's weights, recomputed exactly
+                q_rows, k_cols = q_shift_i[..., rows, :], k_ones_i[..., cols, :]
+                shifted = _logits_tile(xp, q_rows, k_cols, mask_i, bias_i, rows, cols, p_buffer)
+                weights = exp_inplace(xp, shifted)  # (..., block_q, block_k)
+                # dV_jᵀ += dO_iᵀ P   (the transposed product runs faster than Pᵀ dO_i)
+                dv_j_t = _add(dv_j_t, xp.matrix_transpose(dout_i[..., rows, :]) @ weights)
+                # dP - D = dO_i V_jᵀ - D_i
+                dout_rows, v_cols = dout_shift_i[..., rows, :], v_ones_i[..., cols, :]
+                ds_out = _fitting(ds_buffer, dout_rows, v_cols)
+                dlogits = matmul_into(xp, dout_rows, xp.matrix_transpose(v_cols), ds_out)
+                # dS = P ∘ (dP - D), formed in its memory
+                dlogits *= weights
+                # dQ_i += dS K_j ;  dK_jᵀ += Q_iᵀ dS   (times scale, below)
+                part.dq_tiles[ri] = _add(part.dq_tiles[ri], dlogits @ k_j)
+                dk_j_t = _add(dk_j_t, xp.matrix_transpose(q_i[..., rows, :]) @ dlogits)
+                if bias_i is not None:
+                    _accumulate_bias_grad(xp, part.dbias_tiles, dlogits, bias_i, ri, cj)
+            part.dk_tiles[cj] = xp.matrix_transpose(dk_j_t)
+            part.dv_tiles[cj] = xp.matrix_transpose(dv_j_t)
         return part
 
-    # Each key tile owns its dK_j and dV_j; dQ and d bias collect from every key tile. So the key tiles
-    # are dealt round-robin to the workers (one group on one core, all on NumPy with several), each
-    # worker sums its own share of dQ and d bias, and the shares are added up at the end.
-    workers = min(cpu_workers(q), len(col_blocks))
-    parts = parallel_map(key_tiles, [list(range(w, len(col_blocks), workers)) for w in range(workers)], like=q)
-    dq_tiles, dk_tiles, dv_tiles, dbias_tiles = parts[0].dq_tiles, {}, {}, {}
-    for part in parts[1:]:
-        dq_tiles = [a + b for a, b in zip(dq_tiles, part.dq_tiles, strict=True)]
-    for part in parts:
-        dk_tiles.update(part.dk_tiles)
-        dv_tiles.update(part.dv_tiles)
-        for key, g in part.dbias_tiles.items():
-            dbias_tiles[key] = g if key not in dbias_tiles else dbias_tiles[key] + g
+    # Each key tile owns its dK_j and dV_j; dQ and d bias collect from every key tile. So the key tiles of each
+    # problem are dealt round-robin into groups, one work item per (problem, group): enough items to keep every
+    # worker busy. Each item sums its own share of dQ and d bias, and the shares are added up at the end.
+    problems = _problems(xp, q)
+    workers = cpu_workers(q)
+    n_groups = min(len(col_blocks), workers // math.gcd(len(problems), workers))
+    items = [(index, list(range(g, len(col_blocks), n_groups))) for index in problems for g in range(n_groups)]
+    parts = parallel_map(key_tiles, items, like=q)
+
+    dev = device_of(q)
+    dq = xp.zeros(q.shape, dtype=q.dtype, device=dev)  # (..., N, d)
+    dk = xp.empty(k.shape, dtype=k.dtype, device=dev)  # (..., M, d)
+    dv = xp.empty(v.shape, dtype=v.dtype, device=dev)  # (..., M, dv)
+    dbias = None if bias is None else xp.zeros(bias.shape, dtype=bias.dtype, device=dev)
+    for (index, _), part in zip(items, parts, strict=True):
+        lead = index[:-1]
+        for rows, dq_rows in zip(row_blocks, part.dq_tiles, strict=True):
+            dq[(*lead, ..., rows, slice(None))] += dq_rows
+        for cj, dk_j in part.dk_tiles.items():
+            dk[(*lead, ..., col_blocks[cj], slice(None))] = dk_j
+            dv[(*lead, ..., col_blocks[cj], slice(None))] = part.dv_tiles[cj]
+        if dbias is not None:
+            # this problem's part of the bias (a leading axis of size 1 is shared by every problem), tile by tile
+            where = broadcast_index(tuple(bias.shape), index, rank)[:-2]
+            for (ri, cj), g in part.dbias_tiles.items():
+                rows = slice(None) if bias.shape[-2] == 1 else row_blocks[ri]
+                cols = slice(None) if bias.shape[-1] == 1 else col_blocks[cj]
+                dbias[(*where, rows, cols)] += g
 
     grads = {
-        "q": scale * xp.concat(dq_tiles, axis=-2),  # dQ = scale · dS K   (..., N, d)
-        "k": xp.concat([dk_tiles[cj] for cj in range(len(col_blocks))], axis=-2),  # dK = scale · dSᵀ Q
-        "v": xp.concat([dv_tiles[cj] for cj in range(len(col_blocks))], axis=-2),  # dV = Pᵀ dO   (..., M, dv)
+        "q": scale * dq,  # dQ = scale · dS K   (..., N, d)
+        "k": scale * dk,  # dK = scale · dSᵀ Q   (..., M, d)
+        "v": dv,  # dV = Pᵀ dO   (..., M, dv)
     }
-    if bias is not None:
-        grads["bias"] = xp.reshape(_assemble_bias_grad(xp, dbias_tiles), cache.bias_shape)
+    if dbias is not None:
+        grads["bias"] = xp.reshape(dbias, cache.bias_shape)
     return {name: as_dtype(xp, g, dtype) for name, g in grads.items()}
+
+
+def _add(total: Array | None, term: Array) -> Array:
+    """``total + term``, summed in ``total``'s memory; ``term`` itself when there is no total yet."""
+    if total is None:
+        return term
+    total += term
+    return total
+
+
+def _problems(xp: ModuleType, q: Array) -> list[Index]:
+    """The leading indices the work is cut along: on NumPy each ``(N, M)`` problem of the stack (batch, head), so
+    that one tile stays in a core's cache; elsewhere the whole stack at once, ``[(...,)]`` (one call per tile)."""
+    if namespace_name(xp) != "numpy":
+        return [(...,)]
+    return matrix_indices(tuple(q.shape[:-2]))
 
 
 @dataclass
 class _KeyTilesGrads:
-    """One worker's share of the backward: its key tiles' dK_j and dV_j, its sums into dQ and d bias."""
+    """One work item of the backward: its key tiles' dK_j and dV_j, its sums into dQ and d bias."""
 
-    dq_tiles: list[Array]  # per query tile: Σ over this worker's key tiles of dS K_j, (..., block_q, d)
-    dk_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → scale · Σ_i dSᵀ Q_i
+    dq_tiles: list[Array | None]  # per query tile: Σ over this item's key tiles of dS K_j, (..., block_q, d)
+    dk_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → Σ_i dSᵀ Q_i
     dv_tiles: dict[int, Array] = field(default_factory=dict)  # key tile index → Σ_i Pᵀ dO_i
     dbias_tiles: dict[tuple[int, int], Array] = field(default_factory=dict)  # as in _accumulate_bias_grad
 
@@ -377,12 +511,7 @@ def _accumulate_bias_grad(
     key = (0 if bias.shape[-2] == 1 else ri, 0 if bias.shape[-1] == 1 else cj)
     # d bias = dS, summed over every axis the bias was broadcast along
     g = sum_to_shape(xp, dlogits, (*bias.shape[:-2], rows_len, cols_len))
-    tiles[key] = g if key not in tiles else tiles[key] + g
-
-
-def _assemble_bias_grad(xp: ModuleType, tiles: dict[tuple[int, int], Array]) -> Array:
-    """Glue the per-tile bias gradients back into one array of the (at least 2-D) bias shape."""
-    n_rows = 1 + max(r for r, _ in tiles)
-    n_cols = 1 + max(c for _, c in tiles)
-    bands = [xp.concat([tiles[(r, c)] for c in range(n_cols)], axis=-1) for r in range(n_rows)]
-    return xp.concat(bands, axis=-2)
+    if key in tiles:
+        tiles[key] = tiles[key] + g
+    else:  # a copy when nothing was summed: dS's memory is the next tile's
+        tiles[key] = xp.asarray(g, copy=True) if g is dlogits else g

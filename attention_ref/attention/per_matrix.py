@@ -15,7 +15,7 @@ from typing import Any
 
 from ..backend import Array
 
-__all__ = ["broadcast_index", "matrix_indices", "take"]
+__all__ = ["broadcast_index", "matrix_indices", "slab_indices", "take"]
 
 Index = tuple[Any, ...]  # size-1 slices of the leading dims, then Ellipsis
 
@@ -30,8 +30,26 @@ def matrix_indices(leading: tuple[int, ...]) -> list[Index]:
     return [(*(slice(i, i + 1) for i in idx), ...) for idx in itertools.product(*(range(n) for n in leading))]
 
 
+def slab_indices(leading: tuple[int, ...], parts: int) -> list[Index]:
+    """The stack cut into at most ``parts`` slabs of whole problems, along one leading dim, in order.
+
+    The dim cut is the first with at least ``parts`` entries, else the longest; its range is split
+    into nearly equal runs (``slab_indices((32, 4), 2)`` is ``[(0:16, :, ...), (16:32, :, ...)]``).
+    A slab is one thread's work: far fewer hand-overs than one problem per thread when the problems
+    are small. With no dim longer than 1 there is one slab, ``[(...,)]``.
+    """
+    if not leading or max(leading) <= 1:
+        return [(...,)]
+    axis = next((i for i, n in enumerate(leading) if n >= parts), max(range(len(leading)), key=lambda i: leading[i]))
+    n = leading[axis]
+    count = min(parts, n)
+    bounds = [n * i // count for i in range(count + 1)]
+    before, after = (slice(None),) * axis, (slice(None),) * (len(leading) - axis - 1)
+    return [(*before, slice(a, b), *after, ...) for a, b in itertools.pairwise(bounds)]
+
+
 def broadcast_index(shape: tuple[int, ...], index: Index, rank: int) -> Index:
-    """The part of an array of ``shape`` that problem ``index`` of a rank-``rank`` stack reads.
+    """The part of an array of ``shape`` that problem (or slab) ``index`` of a rank-``rank`` stack reads.
 
     ``shape`` is broadcastable to the stack's ``(..., N, M)``; it may have fewer dims
     (they are aligned from the right, as in broadcasting). A leading dim of size 1

@@ -1,17 +1,20 @@
-"""``python -m attention_ref bench``: time and peak memory of our attention paths, side by side with
-torch's ``scaled_dot_product_attention`` (plus autograd) and with the bare matrix products of the same shapes.
+"""``python -m attention_ref bench``: time and peak memory of our attention paths against the machine's limit
+(the case's matrix-product flops at the peak GEMM rate plus its exponentials at the ``exp`` rate, both measured
+in the same run on the same threads: :mod:`.limits`), side by side with torch's ``scaled_dot_product_attention``
+(plus autograd) and with the bare matrix products of the same shapes.
 
-For each N (default 1,024, 4,096 and 16,384 tokens; 4 heads of 64; float64 and
-float32) and each part — the plain path, the tiled path and the self-attention
-block, the latter two when this version of the package has them — it runs ours,
-torch and the GEMM bound one after another, several times, and reports the
-medians of the forward, backward and forward+backward times, the peak memory,
-and the ratios ours/torch and ours/GEMM. Parts that hold N×N matrices stop at
-N = 4,096. The JSON file holds every run.
+For each N (default 1,024, 4,096 and 16,384 tokens; 4 heads of 64; float64 and float32) and each part — the
+plain path, the tiled path and the self-attention block — and once for the small self- and cross-attention
+blocks (32 maps of 8 × 8 × 64), it runs ours, torch and the GEMM bound one after another, several times, and
+reports the medians of the forward, backward and forward+backward times, the peak memory, and each one's
+time over the limit, ours over torch's and over the GEMM bound's. Parts that hold N×N matrices stop at
+N = 4,096. The JSON file holds every run. ``--breakdown`` instead times the tiled path's parts on one core
+(:mod:`.breakdown`). See docs/performance.md.
 
     python -m attention_ref bench                 # the full table (several minutes on 2 cores)
     python -m attention_ref bench --quick         # N = 1,024 and 4,096, 3 runs each
     python -m attention_ref bench --sizes 4096 --parts plain --dtypes float32
+    python -m attention_ref bench --breakdown --sizes 4096   # the tiled path's time, part by part
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", default="bench-results.json", help="where to write every run (default %(default)s)")
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead: where the tiled path's time goes, part by part, on one core (bench/breakdown.py)",
+    )
+    parser.add_argument(
         "--return-memory",
         action="store_true",
         help="let freed memory go back to the OS between runs (default: keep it; see measure.keep_freed_memory)",
@@ -57,6 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else 5)
+    if args.breakdown:
+        from .breakdown import breakdown, print_breakdown
+
+        results = []
+        for n in sizes:
+            for dtype in args.dtypes:
+                results.append(breakdown(n, args.dim, dtype, args.block_size, repeats=min(repeats, 3)))
+                print_breakdown(results[-1])
+        if args.json:
+            write_json({"breakdown": results}, args.json)
+            print(f"wrote {args.json}")
+        return 0
     kept = False if args.return_memory else keep_freed_memory()
     print(f"# freed memory {'kept in the process' if kept else 'returned to the OS'} between runs")
     result = run_bench(

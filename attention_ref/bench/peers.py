@@ -5,9 +5,10 @@ peer gets the same NumPy inputs as ours, on the same kind of device (CPU when
 ours runs on NumPy, CUDA when ours runs on CuPy); on the CPU the caller sets
 ``torch.set_num_threads`` to the benchmark's thread count.
 
-The block restated in torch follows the self-attention block's definition:
-``h = GroupNorm(x)``, ``Q, K, V = h W + b`` split head-major into heads, ``O = SDPA(Q, K, V)``
-merged back, ``y = x + O W_o + b_o``; its backward is autograd's, for ``x`` and every weight.
+The blocks restated in torch follow the blocks' definitions: ``h = GroupNorm(x)``, ``Q = h W_q + b_q``,
+``K, V = s W + b`` with ``s = h`` (self-attention) or the context (cross-attention), split head-major
+into heads, ``O = SDPA(Q, K, V)`` merged back, ``y = x + O W_o + b_o``; the backward is autograd's, for
+``x`` (and the context) and every weight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .cases import BLOCK_GROUPS, Inputs, Runner, case_flops
+from .cases import BLOCK_GROUPS, BLOCK_PARTS, Inputs, Runner, work
 
 BLOCK_EPS = 1e-6
 
@@ -40,26 +41,31 @@ def torch_runner(inputs: Inputs, device: str) -> Runner:
         return torch.asarray(a, device=device).requires_grad_(True)
 
     dout = torch.asarray(inputs.dout, device=device)
-    if inputs.part == "block":
-        x = leaf(inputs.x)  # (1, side, side, C), channels-last like ours
+    if inputs.part in BLOCK_PARTS:
+        x = leaf(inputs.x)  # (batch, side, side, C), channels-last like ours
+        context = None if inputs.context is None else leaf(inputs.context)  # (batch, M, C)
         params = {name: leaf(p) for name, p in inputs.params.items()}
-        leaves = (x, *params.values())
-        heads, n, c = inputs.heads, inputs.n, inputs.channels
+        leaves = (x, *(() if context is None else (context,)), *params.values())
+        batch, heads, n, m, c = inputs.batch, inputs.heads, inputs.n, inputs.keys, inputs.channels
 
         def linear(h: Any, name: str) -> Any:
             # h W + b with W stored (in, out)
             out = h @ params[name + ".weight"]
             return out + params[name + ".bias"] if name + ".bias" in params else out
 
+        def split(a: Any, rows: int) -> Any:
+            return a.reshape(batch, rows, heads, c // heads).transpose(1, 2)  # (batch, heads, rows, d)
+
         def fwd() -> Any:
-            # GroupNorm wants channels first: (1, C, side, side)
+            # GroupNorm wants channels first: (batch, C, side, side)
             h = x.permute(0, 3, 1, 2)
             if "norm.weight" in params:
                 h = F.group_norm(h, BLOCK_GROUPS, params["norm.weight"], params.get("norm.bias"), BLOCK_EPS)
-            h = h.flatten(2).transpose(1, 2)  # (1, N, C), token h*W + w
-            q, k, v = (linear(h, name).reshape(1, n, heads, c // heads).transpose(1, 2) for name in "qkv")
-            o = F.scaled_dot_product_attention(q, k, v)  # (1, heads, N, d)
-            o = o.transpose(1, 2).reshape(1, n, c)  # (1, N, C)
+            h = h.flatten(2).transpose(1, 2)  # (batch, N, C), token h*W + w
+            source = h if context is None else context  # keys and values: the map's tokens, or the context
+            q, k, v = split(linear(h, "q"), n), split(linear(source, "k"), m), split(linear(source, "v"), m)
+            o = F.scaled_dot_product_attention(q, k, v)  # (batch, heads, N, d)
+            o = o.transpose(1, 2).reshape(batch, n, c)  # (batch, N, C)
             return x + linear(o, "out").reshape(x.shape)
 
     else:
@@ -73,7 +79,7 @@ def torch_runner(inputs: Inputs, device: str) -> Runner:
         return torch.autograd.grad(out, leaves, dout)
 
     memory = "cuda" if device == "cuda" else "rss"
-    return Runner("torch", fwd, bwd, memory, *case_flops(inputs))
+    return Runner("torch", fwd, bwd, memory, work(inputs, "torch"))
 
 
 def torch_sync(device: str) -> None:

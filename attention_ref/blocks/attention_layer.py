@@ -468,7 +468,9 @@ def attention_layer_forward(
     # P = O W_o + b_o   (B, N, C_out)
     proj, out_cache = linear_forward(o, params["out.weight"], params.get("out.bias"))
     # y = (h + P) / rescale, or P / rescale
-    y = (h + proj) / rescale if residual else proj / rescale
+    y = h + proj if residual else proj
+    if rescale != 1:
+        y = y / rescale
     cache = AttentionLayerCache(
         norm=norm_cache,
         cross_norm=cross_cache,
@@ -527,7 +529,7 @@ def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str,
     check_dout(dy, (B, N, cache.out.W.shape[1]), cache.q.x.dtype)
     grads: dict[str, Array] = {}
     # y = (h + P) / r   ⇒   dP = dy / r  (and dh gets dy / r straight through the residual)
-    dproj = dy / cache.rescale
+    dproj = dy / cache.rescale if cache.rescale != 1 else dy
     # P = O W_o + b_o
     do = _linear_grads(grads, "out", linear_backward(dproj, cache.out))  # (B, N, inner)
     # heads: dO → dQ, dK, dV   (B, heads, ·, d), merged back to (B, ·, inner)
@@ -556,6 +558,6 @@ def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str,
         # n = GroupNorm(h)
         dh = _norm_grads(grads, "norm", group_norm_backward(dn, cache.norm))
     if cache.residual:
-        dh = dh + dy / cache.rescale
+        dh = dh + dproj
     grads["h"] = dh
     return grads

@@ -99,6 +99,7 @@ from ..attention import (
     window_attention_backward,
     window_attention_forward,
 )
+from ..backend import limited_threads
 
 __all__ = ["SCHEMA", "VARIANTS", "add_arguments", "main", "measure", "one_thread", "summarise", "theory", "time_passes"]
 
@@ -234,26 +235,12 @@ def summarise(timings: Timings) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[bool]:
-    """Everything on one thread inside: the library's (``ATTENTION_REF_NUM_THREADS=1``) and BLAS's.
+    """Everything on one thread inside: the library's and BLAS's (:func:`attention_ref.backend.limited_threads`).
 
-    Yields whether BLAS could be limited (it can where ``threadpoolctl`` is installed); the
-    environment variable is restored on exit.
+    Yields whether BLAS could be limited (it can where ``threadpoolctl`` is installed).
     """
-    previous = os.environ.get("ATTENTION_REF_NUM_THREADS")
-    os.environ["ATTENTION_REF_NUM_THREADS"] = "1"
-    try:
-        with contextlib.ExitStack() as stack:
-            limited = importlib.util.find_spec("threadpoolctl") is not None
-            if limited:
-                from threadpoolctl import threadpool_limits
-
-                stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-            yield limited
-    finally:
-        if previous is None:
-            os.environ.pop("ATTENTION_REF_NUM_THREADS", None)
-        else:
-            os.environ["ATTENTION_REF_NUM_THREADS"] = previous
+    with limited_threads(1):
+        yield importlib.util.find_spec("threadpoolctl") is not None
 
 
 def _cell(variant: str, side: int, config: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...] | None]:

@@ -2,6 +2,9 @@
 
 With the default ``--out figures`` it rewrites the figures committed with the project.
 
+Threads: ``ATTENTION_REF_NUM_THREADS`` sets the toys' threads (attention_ref's and BLAS's); unset, the toys
+train on one thread (their matrices are small). The complexity curves are measured on one thread, in CPU time.
+
 The figures themselves are drawn by :mod:`attention_ref.cli.gallery` (imported only when the command runs,
 so the other commands do not load matplotlib).
 """

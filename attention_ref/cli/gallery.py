@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..toys import train_long_range, train_token_grounding
+from ..toys._progress import toy_threads
 from ..toys.long_range import LongRangeResult
 from ..toys.scenes import SIZE as SCENE_SIZE
 from ..toys.scenes import VOCAB
@@ -286,7 +287,9 @@ def make_figures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"steps": 40} if quick else {}
-    say("training the long-range toy (self-attention)")
+    # the toys train on toy_threads() (ATTENTION_REF_NUM_THREADS, else 1, BLAS included: see attention_ref.backend);
+    # the complexity measurement runs on one thread (attention_ref.cli.complexity.one_thread)
+    say(f"training the long-range toy (self-attention) on {toy_threads()} thread(s), then the grounding toy")
     long_range = train_long_range(0, progress_bar=progress_bar, **steps)
     say(f"long-range toy trained in {long_range.seconds:.0f} s: partner attention {long_range.partner_attention:.2f}")
     say("training the grounding toy (cross-attention)")

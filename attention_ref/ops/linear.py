@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._checks import require_floating
-from ..backend import Array, namespace
+from ..backend import Array, blas_threads_for, namespace
 
 __all__ = ["LinearCache", "linear_backward", "linear_forward"]
 
@@ -56,8 +56,9 @@ def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, L
         )
     if b is not None and tuple(b.shape) != (W.shape[1],):
         raise ValueError(f"linear: b of shape {tuple(b.shape)} does not match W of shape {tuple(W.shape)}")
-    # y = x W   (..., out)
-    y = x @ W
+    # y = x W   (..., out); a small product on one BLAS thread (see attention_ref.backend.blas_threads_for)
+    with blas_threads_for(x, _size(x, W)):
+        y = x @ W
     if b is not None:
         # y = x W + b
         y = y + b
@@ -69,13 +70,22 @@ def linear_backward(dout: Array, cache: LinearCache) -> dict[str, Array]:
     xp = namespace(dout)
     x, W = cache.x, cache.W
     n_in, n_out = W.shape
-    # dX = dY Wᵀ   (..., in)
-    dx = dout @ xp.matrix_transpose(W)
     x2 = xp.reshape(x, (-1, n_in))  # (n, in)
     d2 = xp.reshape(dout, (-1, n_out))  # (n, out)
-    # dW = Xᵀ dY   (in, out)
-    grads = {"x": dx, "W": xp.matrix_transpose(x2) @ d2}
+    with blas_threads_for(x, _size(x, W)):
+        # dX = dY Wᵀ   (..., in)
+        dx = dout @ xp.matrix_transpose(W)
+        # dW = Xᵀ dY   (in, out)
+        grads = {"x": dx, "W": xp.matrix_transpose(x2) @ d2}
     if cache.has_bias:
         # db = Σ_n dY_n   (out,)
         grads["b"] = xp.sum(d2, axis=0)
     return grads
+
+
+def _size(x: Array, W: Array) -> int:
+    """Multiply-adds of the layer's products: ``n · in · out`` over the ``n`` rows of ``x``."""
+    rows = 1
+    for n in x.shape[:-1]:
+        rows *= n
+    return rows * W.shape[0] * W.shape[1]

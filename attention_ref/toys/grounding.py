@@ -43,10 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import limited_threads
 from ..blocks import cross_attention_backward, cross_attention_forward, init_cross_attention
 from ..blocks.params import prefixed, sub_params
 from ..ops import conv2d_backward, conv2d_forward, linear_backward, linear_forward
-from ._progress import progress
+from ._progress import progress, toy_threads
 from .adam import Adam
 from .scenes import COLOURS, SHAPES, SIZE, VOCAB, Scenes, make_scenes, word_embeddings
 
@@ -234,6 +235,7 @@ def train_token_grounding(
     train_scenes: int = 1024,
     eval_scenes: int = 256,
     progress_bar: bool | None = None,
+    threads: int | None = None,
 ) -> GroundingResult:
     """Train the grounding toy (module docstring) and score each word's attention map.
 
@@ -243,45 +245,48 @@ def train_token_grounding(
         train_scenes: size of the pool of training scenes (payloads are fresh at every step).
         eval_scenes: held-out scenes for the measurements.
         progress_bar: a tqdm bar; ``None`` shows it only in a terminal or a notebook.
+        threads: the threads it trains on, attention_ref's and BLAS's; ``None``: ``ATTENTION_REF_NUM_THREADS``
+            when set, else 1 (the toy's matrices are small: see :func:`toy_threads`).
 
     Returns:
         :class:`GroundingResult`.
     """
-    init_rng, data_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    params = _init_params(init_rng)
-    pool = make_scenes(data_rng, train_scenes)
-    held_out = make_scenes(eval_rng, eval_scenes)
-    eval_payload = eval_rng.standard_normal(held_out.words.shape)
-    eval_context, eval_target = make_context(held_out, eval_payload), make_target(held_out, eval_payload)
-    iou_init, loss_init, weights_init = _evaluate(params, held_out, eval_context, eval_target)
+    with limited_threads(toy_threads(threads)):
+        init_rng, data_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        params = _init_params(init_rng)
+        pool = make_scenes(data_rng, train_scenes)
+        held_out = make_scenes(eval_rng, eval_scenes)
+        eval_payload = eval_rng.standard_normal(held_out.words.shape)
+        eval_context, eval_target = make_context(held_out, eval_payload), make_target(held_out, eval_payload)
+        iou_init, loss_init, weights_init = _evaluate(params, held_out, eval_context, eval_target)
 
-    optimiser = Adam(params, lr=lr)
-    losses = []
-    start = time.perf_counter()
-    for step in progress(range(steps), total=steps, desc="grounding toy", enabled=progress_bar):
-        scenes = pool.subset(data_rng.integers(0, train_scenes, size=batch))
-        payload = data_rng.standard_normal(scenes.words.shape)
-        target = make_target(scenes, payload)
-        pred, caches = model_forward(params, scenes, make_context(scenes, payload))
-        err = pred - target
-        # L = mean (pred − target)² ;  ∂L/∂pred = 2 (pred − target) / size
-        losses.append(float(np.mean(err * err)))
-        # learning rate: lr · (0.1 + 0.9 · ½ (1 + cos(π · step / steps)))
-        lr_now = lr * (0.1 + 0.45 * (1.0 + np.cos(np.pi * step / steps)))
-        optimiser.step(model_backward(2.0 * err / err.size, caches), lr=lr_now)
-    seconds = time.perf_counter() - start
+        optimiser = Adam(params, lr=lr)
+        losses = []
+        start = time.perf_counter()
+        for step in progress(range(steps), total=steps, desc="grounding toy", enabled=progress_bar):
+            scenes = pool.subset(data_rng.integers(0, train_scenes, size=batch))
+            payload = data_rng.standard_normal(scenes.words.shape)
+            target = make_target(scenes, payload)
+            pred, caches = model_forward(params, scenes, make_context(scenes, payload))
+            err = pred - target
+            # L = mean (pred − target)² ;  ∂L/∂pred = 2 (pred − target) / size
+            losses.append(float(np.mean(err * err)))
+            # learning rate: lr · (0.1 + 0.9 · ½ (1 + cos(π · step / steps)))
+            lr_now = lr * (0.1 + 0.45 * (1.0 + np.cos(np.pi * step / steps)))
+            optimiser.step(model_backward(2.0 * err / err.size, caches), lr=lr_now)
+        seconds = time.perf_counter() - start
 
-    iou, loss, weights = _evaluate(params, held_out, eval_context, eval_target)
-    return GroundingResult(
-        params=params,
-        iou=iou,
-        iou_init=iou_init,
-        eval_scenes=held_out,
-        eval_context=eval_context,
-        weights=weights,
-        weights_init=weights_init,
-        eval_loss=loss,
-        eval_loss_init=loss_init,
-        losses=losses,
-        seconds=seconds,
-    )
+        iou, loss, weights = _evaluate(params, held_out, eval_context, eval_target)
+        return GroundingResult(
+            params=params,
+            iou=iou,
+            iou_init=iou_init,
+            eval_scenes=held_out,
+            eval_context=eval_context,
+            weights=weights,
+            weights_init=weights_init,
+            eval_loss=loss,
+            eval_loss_init=loss_init,
+            losses=losses,
+            seconds=seconds,
+        )

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import limited_threads
 from ..blocks import init_self_attention, self_attention_backward, self_attention_forward
 from ..blocks.params import prefixed, sub_params
 from ..ops import linear_backward, linear_forward
-from ._progress import progress
+from ._progress import progress, toy_threads
 from .adam import Adam
 from .pairs import PairMaps, make_pair_maps, positional_channels
 
@@ -159,6 +160,7 @@ def train_long_range(
     lr: float = 3e-3,
     eval_maps: int = 64,
     progress_bar: bool | None = None,
+    threads: int | None = None,
 ) -> LongRangeResult:
     """Train the long-range toy (module docstring) and measure where the attention goes.
 
@@ -167,41 +169,44 @@ def train_long_range(
         steps, batch, lr: Adam steps, maps per step (fresh maps every step), learning rate.
         eval_maps: held-out maps for the measurements.
         progress_bar: a tqdm bar; ``None`` shows it only in a terminal or a notebook.
+        threads: the threads it trains on, attention_ref's and BLAS's; ``None``: ``ATTENTION_REF_NUM_THREADS``
+            when set, else 1 (the toy's matrices are small: see :func:`toy_threads`).
 
     Returns:
         :class:`LongRangeResult`.
     """
-    init_rng, train_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    params = prefixed(init_self_attention(CHANNELS, heads=HEADS, groups=GROUPS, rng=init_rng), "attn.")
-    bound = 1.0 / np.sqrt(CHANNELS)
-    params["readout.weight"] = init_rng.uniform(-bound, bound, (CHANNELS, 1))
-    params["readout.bias"] = np.zeros(1)
+    with limited_threads(toy_threads(threads)):
+        init_rng, train_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        params = prefixed(init_self_attention(CHANNELS, heads=HEADS, groups=GROUPS, rng=init_rng), "attn.")
+        bound = 1.0 / np.sqrt(CHANNELS)
+        params["readout.weight"] = init_rng.uniform(-bound, bound, (CHANNELS, 1))
+        params["readout.bias"] = np.zeros(1)
 
-    eval_data = make_pair_maps(eval_rng, eval_maps, size=SIZE, code_channels=CODE_CHANNELS)
-    pa_init, acc_init, weights_init = _evaluate(params, eval_data)
+        eval_data = make_pair_maps(eval_rng, eval_maps, size=SIZE, code_channels=CODE_CHANNELS)
+        pa_init, acc_init, weights_init = _evaluate(params, eval_data)
 
-    optimiser = Adam(params, lr=lr)
-    losses = []
-    start = time.perf_counter()
-    for _ in progress(range(steps), total=steps, desc="long-range toy", enabled=progress_bar):
-        data = make_pair_maps(train_rng, batch, size=SIZE, code_channels=CODE_CHANNELS)
-        pred, caches = model_forward(params, data)
-        loss, dpred = _loss(pred, data)
-        optimiser.step(model_backward(dpred, caches))
-        losses.append(loss)
-    seconds = time.perf_counter() - start
+        optimiser = Adam(params, lr=lr)
+        losses = []
+        start = time.perf_counter()
+        for _ in progress(range(steps), total=steps, desc="long-range toy", enabled=progress_bar):
+            data = make_pair_maps(train_rng, batch, size=SIZE, code_channels=CODE_CHANNELS)
+            pred, caches = model_forward(params, data)
+            loss, dpred = _loss(pred, data)
+            optimiser.step(model_backward(dpred, caches))
+            losses.append(loss)
+        seconds = time.perf_counter() - start
 
-    pa, acc, weights = _evaluate(params, eval_data)
-    return LongRangeResult(
-        params=params,
-        partner_attention=pa,
-        partner_attention_init=pa_init,
-        accuracy=acc,
-        accuracy_init=acc_init,
-        eval_data=eval_data,
-        eval_input=block_input(eval_data),
-        weights=weights,
-        weights_init=weights_init,
-        losses=losses,
-        seconds=seconds,
-    )
+        pa, acc, weights = _evaluate(params, eval_data)
+        return LongRangeResult(
+            params=params,
+            partner_attention=pa,
+            partner_attention_init=pa_init,
+            accuracy=acc,
+            accuracy_init=acc_init,
+            eval_data=eval_data,
+            eval_input=block_input(eval_data),
+            weights=weights,
+            weights_init=weights_init,
+            losses=losses,
+            seconds=seconds,
+        )
