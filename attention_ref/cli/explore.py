@@ -58,9 +58,9 @@ def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: b
             f"A self-attention block trained ({len(result.losses)} Adam steps, {result.seconds:.0f} s) to give "
             "every pixel of a 2×2 pattern the message of its identical twin, at least half the map away. "
             "The input shows three of each pixel's 8 code channels as colours: twins look alike. Hover a "
-            f"pattern pixel: trained, its weight sits on the twin (mean weight on the twin "
-            f"{result.partner_attention:.2f}; {result.partner_attention_init:.2f} at initialisation: pick that "
-            "layer to compare)."
+            "pattern pixel to see where its weight goes. Over the held-out pattern pixels, the mean weight on "
+            f"the twin is {result.partner_attention:.2f} trained and {result.partner_attention_init:.2f} at "
+            "initialisation (pick that layer to compare)."
         ),
         start_query=((first[0] + 0.5) / H, (first[1] + 0.5) / W),
     )
@@ -93,9 +93,9 @@ def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bo
         title="Cross-attention learns which pixels each word names",
         notes=(
             f"A cross-attention block trained ({len(result.losses)} Adam steps, {result.seconds:.0f} s) to copy "
-            "numbers carried by the words of the prompt to the pixels of the objects they name. Click a word: "
-            f"trained, each colour and shape word is read by its own object's pixels (held-out IoU: {ious}); "
-            "the background reads <sot>, 'and' and <eot>."
+            "numbers carried by the words of the prompt to the pixels of the objects they name. Click a word "
+            "to see which pixels read it. How well each word's thresholded map covers its own objects on held-out "
+            f"scenes (IoU, 1 = exactly): {ious}."
         ),
         start_query=((rows.mean() + 0.5) / H, (cols.mean() + 0.5) / W),
     )
