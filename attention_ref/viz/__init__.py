@@ -11,6 +11,7 @@ matplotlib is imported here and nowhere else in attention_ref.
 
 from ._common import save_figure
 from .cost_curves import load_complexity, plot_complexity, scaling_exponents
+from .denoising import plot_denoising_steps, plot_maps_by_layer_and_head
 from .diagrams import cross_attention_shapes, draw_cross_attention, draw_self_attention_block, self_attention_shapes
 from .distance import attention_distance, mean_attention_distance, plot_attention_distance, uniform_distance
 from .maps import as_weights, plot_attention_grid, plot_query_attention, query_map
@@ -46,6 +47,9 @@ __all__ = [
     "plot_token_normalizations",
     "token_segmentation",
     "plot_token_segmentation",
+    # diffusion: maps during denoising
+    "plot_denoising_steps",
+    "plot_maps_by_layer_and_head",
     # distance
     "attention_distance",
     "mean_attention_distance",

@@ -117,6 +117,23 @@ class SampleResult:
             total = m if total is None else total + m
         return total
 
+    def step_word_maps(self, b: int) -> np.ndarray:
+        """Image ``b``'s token maps at every step, ``(S, 16, 16, M)``: mean over cross-attention layers and heads.
+
+        A pixel's weights over the tokens sum to 1 at every step (each layer's do).
+        """
+        layers = self.cross_layers()
+        total = sum(upsample_map(layer.maps[b].mean(axis=1), (SIZE, SIZE)) for layer in layers)  # (S, 16, 16, M)
+        return total / len(layers)
+
+    def layer_head_maps(self, b: int, token: int) -> dict[str, np.ndarray]:
+        """Image ``b``, token ``token``: transformer name (``"up.0.attn"``) → ``(S, heads, h, w)``, the map of its
+        cross-attention in every head at every step."""
+        return {
+            layer.name.removesuffix(".blocks.0.attn2"): layer.maps[b, :, :, :, :, token]
+            for layer in self.cross_layers()
+        }
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The whole trace as a flat dict of arrays (for ``np.savez``); ``"meta"`` is a JSON string.
 
