@@ -44,4 +44,3 @@ def main(argv: list[str] | None = None) -> int:
 
         figures(args)
     return 0
-

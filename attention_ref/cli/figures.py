@@ -20,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short training, small maps: a smoke test")
     parser.add_argument("--complexity", help="use this complexity JSON instead of measuring")
     parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNGs (default 80)")
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the diffusion toy again (hours on 2 cores) and overwrite its shipped weights "
+        "instead of loading them",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,7 +33,9 @@ def main(args: argparse.Namespace) -> int:
     from .gallery import make_figures
 
     start = time.perf_counter()
-    figures, numbers = make_figures(args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi)
+    figures, numbers = make_figures(
+        args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi, retrain=args.retrain
+    )
     for path, caption in figures:
         print(f"{path}: {caption}")
     print(json.dumps(numbers, indent=1))

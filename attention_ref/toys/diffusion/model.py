@@ -17,7 +17,7 @@ import numpy as np
 from .schedule import Schedule, cosine_schedule
 from .unet import UNetCache, UNetConfig, init_unet, unet_forward
 
-__all__ = ["DiffusionModel", "PRETRAINED", "load_pretrained", "pretrained_log"]
+__all__ = ["DiffusionModel", "PRETRAINED", "load_pretrained", "pretrained_log", "pretrained_path"]
 
 PRETRAINED = "diffusion_unet"  # file stem inside attention_ref/toys/data
 
@@ -82,6 +82,11 @@ class DiffusionModel:
 
 def _data_file(suffix: str) -> Any:
     return resources.files("attention_ref.toys").joinpath("data", PRETRAINED + suffix)
+
+
+def pretrained_path() -> Path:
+    """Where the shipped weights live (``attention_ref/toys/data/diffusion_unet.npz``), as a file path."""
+    return Path(str(_data_file(".npz")))
 
 
 def load_pretrained(dtype: Any = "float64") -> DiffusionModel:

@@ -41,8 +41,10 @@ from .model import DiffusionModel
 from .schedule import T, cosine_schedule, noise_images
 from .unet import UNetConfig, init_unet, unet_backward, unet_forward
 
-__all__ = ["diffusion_loss", "train_diffusion", "training_step"]
+__all__ = ["SHIPPED", "diffusion_loss", "retrain_shipped", "train_diffusion", "training_step"]
 
+# the run that made the shipped weights: `python -m attention_ref.toys.diffusion.train --seed 0 --steps STEPS`
+SHIPPED = {"seed": 0, "steps": 12000}
 DEFAULTS = {"batch": 32, "lr": 1e-3, "warmup": 500, "ema": 0.999, "uncond": 0.1, "clip": 1.0, "dtype": "float32"}
 
 
@@ -107,7 +109,7 @@ def _clip(grads: dict[str, np.ndarray], max_norm: float) -> float:
 def train_diffusion(
     seed: int = 0,
     *,
-    steps: int = 12000,
+    steps: int = SHIPPED["steps"],
     batch: int = DEFAULTS["batch"],
     lr: float = DEFAULTS["lr"],
     warmup: int = DEFAULTS["warmup"],
@@ -204,8 +206,8 @@ def _single_threaded_blas() -> Any:
 def main(argv: list[str] | None = None) -> int:
     """``python -m attention_ref.toys.diffusion.train``: train and save the weights and log."""
     parser = argparse.ArgumentParser(prog="python -m attention_ref.toys.diffusion.train", description=__doc__)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--seed", type=int, default=SHIPPED["seed"])
+    parser.add_argument("--steps", type=int, default=SHIPPED["steps"])
     parser.add_argument("--out", default="attention_ref/toys/data/diffusion_unet.npz", help="weights (.npz); log .json")
     for name in ("batch", "warmup"):
         parser.add_argument(f"--{name}", type=int, default=DEFAULTS[name])
@@ -237,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     model.save(args.out)
     print(json.dumps({k: v for k, v in model.log.items() if k not in ("loss", "grad_norm")}, indent=1))
     return 0
+
+
+def retrain_shipped(out: str | Path) -> None:
+    """Train the shipped model again with its seed and step count (hours) and write it to ``out`` (.npz and .json)."""
+    main(["--seed", str(SHIPPED["seed"]), "--steps", str(SHIPPED["steps"]), "--out", str(out)])
 
 
 if __name__ == "__main__":
