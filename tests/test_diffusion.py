@@ -30,7 +30,7 @@ from attention_ref.toys.diffusion import (
 )
 from attention_ref.toys.diffusion.data import prompt_objects
 from attention_ref.toys.diffusion.evaluate import shape_classifier_accuracy
-from attention_ref.toys.diffusion.sample import upsample_map
+from attention_ref.toys.diffusion.sample import load_trace, upsample_map
 from attention_ref.toys.diffusion.unet import UNetConfig
 from attention_ref.toys.scenes import COLOURS, SHAPES, VOCAB, make_scenes, shape_mask
 
@@ -157,7 +157,7 @@ def jittered():
     return DiffusionModel({k: v + 0.3 * rng.standard_normal(v.shape) for k, v in model.params.items()}, TINY)
 
 
-def test_sample_trace_layout_rows_sum_to_one_and_match_the_unet(jittered):
+def test_sample_trace_layout_rows_sum_to_one_and_match_the_unet(jittered, tmp_path):
     prompts = ["red square and blue circle", "green triangle"]
     r = sample(prompts, seed=4, steps=4, guidance=2.0, model=jittered, queries=[(0, 0), (9, 14)])
     assert (
@@ -192,6 +192,9 @@ def test_sample_trace_layout_rows_sum_to_one_and_match_the_unet(jittered):
     np.testing.assert_allclose(r.step_word_maps(0).sum(-1), 1.0, rtol=1e-12)
     meta = json.loads(str(r.to_arrays()["meta"]))
     assert meta["layers"][1]["kind"] == "cross" and meta["layers"][1]["axes"] == "(B, steps, heads, h, w, M)"
+    back = load_trace(r.save(tmp_path / "trace.npz"))
+    assert back["meta"]["tokens"] == r.tokens and back["meta"]["layers"][-1]["grid"] == [16, 16]
+    np.testing.assert_array_equal(back["layer7.maps"], r.layers[7].maps)
 
 
 def test_sampling_is_seeded_and_guidance_one_is_the_conditional_model(jittered):

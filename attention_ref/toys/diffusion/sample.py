@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -31,7 +32,15 @@ from .data import EMPTY_PROMPT, encode_prompts, from_model
 from .model import DiffusionModel, load_pretrained
 from .schedule import ddim_step, ddim_timesteps, guided_eps
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_QUERIES", "LayerTrace", "SampleResult", "sample", "upsample_map"]
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_QUERIES",
+    "LayerTrace",
+    "SampleResult",
+    "load_trace",
+    "sample",
+    "upsample_map",
+]
 
 DEFAULT_GUIDANCE = 3.0
 # a 4×4 grid of query pixels, one in each 4×4 block of the image (distinct cells on the 8×8 layers)
@@ -168,6 +177,20 @@ class SampleResult:
         }
         arrays["meta"] = np.array(json.dumps(meta))
         return arrays
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_arrays` to ``path`` (``.npz``, compressed); :func:`load_trace` reads it back."""
+        path = Path(path)
+        np.savez_compressed(path, **self.to_arrays())
+        return path
+
+
+def load_trace(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays :meth:`SampleResult.save` wrote, with ``"meta"`` parsed back into a dict."""
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["meta"] = json.loads(str(arrays["meta"]))
+    return arrays
 
 
 def upsample_map(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
