@@ -32,9 +32,9 @@ from attention_ref.toys.diffusion.data import prompt_objects
 from attention_ref.toys.diffusion.evaluate import shape_classifier_accuracy
 from attention_ref.toys.diffusion.sample import load_trace, upsample_map
 from attention_ref.toys.diffusion.unet import UNetConfig
-from attention_ref.toys.scenes import COLOURS, SHAPES, VOCAB, make_scenes, shape_mask
+from attention_ref.toys.scenes import COLOURS, SHAPES, VOCAB, make_scenes, shape_mask, word_embeddings
 
-TINY = UNetConfig(channels=(8, 8), head_dim=4, groups=2, time_dim=8, context_dim=16, ff_mult=1)
+TINY = UNetConfig(channels=(8, 8), head_dim=4, groups=2, time_dim=8, context_dim=32, ff_mult=1)
 
 # ---------------------------------------------------------------- data
 
@@ -77,9 +77,24 @@ def test_scenes_draw_each_named_object_in_its_colour_and_shape():
         assert not scenes.masks[b, 2].any()
 
 
+def test_the_text_encoder_binds_each_colour_to_its_shape():
+    context, mask, _ = encode_prompts(["red circle and blue triangle", "red triangle and blue circle"])
+    e = word_embeddings()
+    red, circle, triangle, sot = (e[VOCAB.index(w)] for w in ("red", "circle", "triangle", "<sot>"))
+    # token 1 ("red"): its own embedding, then the mean of its neighbours "<sot>" and the shape word
+    np.testing.assert_allclose(context[0, 1], np.concatenate([red, (sot + circle) / 2]), rtol=1e-15)
+    np.testing.assert_allclose(context[1, 1], np.concatenate([red, (sot + triangle) / 2]), rtol=1e-15)
+    # as sets of tokens the two prompts differ: cross-attention can tell them apart
+    a, b = (sorted(map(tuple, c[m].round(12))) for c, m in zip(context, mask, strict=True))
+    assert a != b
+    # <eot>'s right neighbour is padding, which counts as 0
+    eot = e[VOCAB.index("<eot>")]
+    np.testing.assert_allclose(context[0, 6], np.concatenate([eot, e[VOCAB.index("triangle")] / 2]), rtol=1e-15)
+
+
 def test_encode_prompts_and_bad_prompts():
     context, mask, words = encode_prompts(["red square and blue circle", ""])
-    assert context.shape == (2, 10, 16)
+    assert context.shape == (2, 10, 32)
     assert [VOCAB[i] for i in words[0, :7]] == ["<sot>", "red", "square", "and", "blue", "circle", "<eot>"]
     assert [VOCAB[i] for i in words[1, :2]] == ["<sot>", "<eot>"] and mask[1].sum() == 2
     for bad in ("red", "square red", "red square blue circle", "red square and", "purple square"):

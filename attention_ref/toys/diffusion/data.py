@@ -1,4 +1,4 @@
-"""Training data for the diffusion toy: scenes of one or two coloured shapes and their prompts.
+r"""Training data for the diffusion toy: scenes of one or two coloured shapes, their prompts, the text encoder.
 
 The scenes are those of :mod:`attention_ref.toys.scenes` — 16×16 RGB, red, green or blue
 squares, circles and triangles of side 5 to 7, objects that do not touch, a prompt such as
@@ -11,6 +11,18 @@ one-object prompts and 18 unordered pairs of objects; the pairs in :data:`HELD_O
 never appear in training, in either order, so the 8 prompts they make test whether the
 model composes objects it has only seen in other company. Every object of a held-out
 pair appears in training, alone and in other pairs.
+
+**The text encoder** is frozen, as Stable Diffusion's CLIP is, and *contextual*, as CLIP
+is: token ``i`` is the word's fixed embedding ``e(w_i)`` (the table of ``toys.scenes``)
+joined with the mean of its neighbours' embeddings,
+
+.. math:: c_i = \big[\, e(w_i),\ \tfrac12\big(e(w_{i-1}) + e(w_{i+1})\big) \big] \in \mathbb R^{32}
+
+(a missing or padding neighbour counts as 0). Without the second half the prompt would
+reach the U-Net as a *set* of tokens — cross-attention is invariant to the order of its
+keys — and "red circle and blue triangle" would be the same input as "red triangle and
+blue circle": no model could bind a colour to its shape. With it, "red" in "red circle"
+carries "circle" and vice versa, as CLIP's token vectors carry their context.
 
 Images enter the model scaled to ``[−1, 1]`` (:func:`to_model`): background −1, a red
 pixel ``(1, −1, −1)``.
@@ -27,12 +39,14 @@ from ..scenes import COLOURS, PROMPT_LENGTH, SHAPES, SIZE, VOCAB, Scenes, shape_
 __all__ = [
     "EMPTY_PROMPT",
     "HELD_OUT_PAIRS",
+    "TEXT_DIM",
     "all_prompts",
     "encode_prompts",
     "from_model",
     "held_out_prompts",
     "make_diffusion_scenes",
     "prompt_objects",
+    "text_encoder",
     "to_model",
 ]
 
@@ -80,14 +94,30 @@ def prompt_objects(prompt: str) -> list[Object]:
     return objects
 
 
+TEXT_DIM = 2 * word_embeddings().shape[1]  # 32: a word's embedding and its neighbours' mean
+
+
+def text_encoder(words: np.ndarray) -> np.ndarray:
+    """``(B, M)`` token ids → ``(B, M, 32)``: ``[e(w_i), (e(w_{i−1}) + e(w_{i+1}))/2]`` (module docstring).
+
+    Padding tokens keep their own embedding (the mask hides them) but count as 0 for their neighbours.
+    """
+    table = word_embeddings()
+    e = table[words] * (words != VOCAB.index("<pad>"))[..., None]  # (B, M, 16), padding zeroed
+    zero = np.zeros_like(e[:, :1])
+    # (e(w_{i−1}) + e(w_{i+1})) / 2, with 0 beyond the ends
+    neighbours = 0.5 * (np.concatenate([zero, e[:, :-1]], axis=1) + np.concatenate([e[:, 1:], zero], axis=1))
+    return np.concatenate([table[words], neighbours], axis=-1)
+
+
 def encode_prompts(prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The frozen text encoder: prompts → token embeddings.
+    """The frozen text encoder: prompts → token vectors.
 
     Inputs:
         prompts: strings like ``"red square and blue circle"`` (``""`` is the empty prompt).
 
     Returns:
-        context: ``(B, PROMPT_LENGTH, 16)`` the word embeddings of ``<sot> … <eot> <pad> …``.
+        context: ``(B, PROMPT_LENGTH, 32)`` the vectors of ``<sot> … <eot> <pad> …`` (:func:`text_encoder`).
         mask: ``(B, PROMPT_LENGTH)`` bool, True for real tokens (``<sot>`` to ``<eot>``).
         words: ``(B, PROMPT_LENGTH)`` int indices into :data:`~attention_ref.toys.scenes.VOCAB`.
     """
@@ -99,7 +129,7 @@ def encode_prompts(prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.n
             raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, more than {PROMPT_LENGTH}")
         words[b, : len(ids)] = ids
     mask = words != VOCAB.index("<pad>")
-    return word_embeddings()[words], mask, words
+    return text_encoder(words), mask, words
 
 
 def _pairs(held_out: bool) -> list[tuple[Object, Object]]:

@@ -10,9 +10,9 @@ One step, for a batch of fresh scenes (:mod:`~attention_ref.toys.diffusion.data`
 4. ``grads = unet_backward(2 (ε̂ − ε)/n, cache)``, clipped to a global norm of ``clip``;
 5. an Adam step; the learning rate rises linearly over ``warmup`` steps and then stays
    constant, so a run of ``N`` steps is the first ``N`` steps of any longer run with the same seed;
-6. an exponential moving average of the parameters (decay ``ema``, starting from the initial
-   parameters, whose weight in it after ``n`` steps is ``ema^n``: 6·10⁻⁶ after 12,000 steps at
-   0.999) is kept and is what the function returns — the usual practice for diffusion models.
+6. an exponential moving average of the parameters is kept and is what the function returns
+   — the usual practice for diffusion models. Its decay after ``n`` steps is
+   ``min(ema, (1 + n)/(10 + n))``, so the early average forgets the initial parameters quickly.
 
 The command line trains the shipped weights::
 
@@ -176,10 +176,11 @@ def train_diffusion(
         window_norm.append(_clip(grads, clip))
         window_loss.append(loss)
         optimiser.step(grads, lr=lr * min(1.0, (step + 1) / warmup))
-        # θ̄ ← ema θ̄ + (1 − ema) θ
+        # θ̄ ← d θ̄ + (1 − d) θ, with d = min(ema, (1 + n)/(10 + n)) after n steps
+        decay = min(ema, (1.0 + step) / (10.0 + step))
         for k, v in params.items():
-            averaged[k] *= ema
-            averaged[k] += (1.0 - ema) * v
+            averaged[k] *= decay
+            averaged[k] += (1.0 - decay) * v
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log["loss"].append(float(np.mean(window_loss)))
             log["grad_norm"].append(float(np.mean(window_norm)))

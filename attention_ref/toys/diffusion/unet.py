@@ -100,7 +100,7 @@ class UNetConfig:
     head_dim: int = 16
     groups: int = 8
     time_dim: int = 64
-    context_dim: int = 16
+    context_dim: int = 32
     ff_mult: int = 2
     image_channels: int = 3
 
