@@ -231,7 +231,7 @@ def _diffusion_figures(out: Path, dpi: int, *, quick: bool, retrain: bool) -> tu
     n = len(result.tokens[0])
     held = model.log.get("evaluation", {}).get("held_out", {})
     title = (
-        f"“{DIFFUSION_PROMPT}” (never seen in training) denoised in {steps} DDIM steps; "
+        f"“{DIFFUSION_PROMPT}” (never seen in training) denoised in {steps} DDIM steps;\n"
         f"under the image, where each word is read (IoU of the summed maps: colour words "
         f"{score['iou_colour']:.2f}, shape words {score['iou_shape']:.2f})"
     )

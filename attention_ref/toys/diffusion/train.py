@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_eval:
             from .evaluate import evaluate_model
 
-            model.log["evaluation"] = evaluate_model(model)
+            # sampled in float64, as sample() does with the shipped weights
+            model.log["evaluation"] = evaluate_model(model.astype("float64"))
     model.save(args.out)
     print(json.dumps({k: v for k, v in model.log.items() if k not in ("loss", "grad_norm")}, indent=1))
     return 0
