@@ -26,6 +26,8 @@ from .attention import (
     window_mask,
 )
 from .ops import (
+    avg_pool_backward,
+    avg_pool_forward,
     conv2d_backward,
     conv2d_forward,
     erf,
@@ -44,11 +46,17 @@ from .ops import (
     merge_heads,
     merge_heads_backward,
     merge_heads_forward,
+    silu_backward,
+    silu_forward,
     softmax_backward,
     softmax_forward,
     split_heads,
     split_heads_backward,
     split_heads_forward,
+    timestep_embedding_backward,
+    timestep_embedding_forward,
+    upsample_nearest_backward,
+    upsample_nearest_forward,
 )
 
 # isort: split
@@ -106,6 +114,14 @@ __all__ = [
     "gelu_backward",
     "geglu_forward",
     "geglu_backward",
+    "silu_forward",
+    "silu_backward",
+    "upsample_nearest_forward",
+    "upsample_nearest_backward",
+    "avg_pool_forward",
+    "avg_pool_backward",
+    "timestep_embedding_forward",
+    "timestep_embedding_backward",
     # attention, exact
     "AttentionCache",
     "attention_forward",

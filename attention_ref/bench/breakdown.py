@@ -113,6 +113,8 @@ def print_breakdown(result: dict, log: Callable[[str], None] = print) -> None:
     for name, p in result["parts"].items():
         own = f"{p['s'] / p['limit_s']:11.2f}" if "limit_s" in p else f"{'–':>11}"
         log(f"{name:<52} {p['s'] * 1e3:9.1f} {p['s'] / path:6.0%} {own}")
-    log(f"{'other (first tiles, accumulators, Python, caches)':<52} {result['other_s'] * 1e3:9.1f} "
-        f"{result['other_s'] / path:6.0%} {'–':>11}")
+    log(
+        f"{'other (first tiles, accumulators, Python, caches)':<52} {result['other_s'] * 1e3:9.1f} "
+        f"{result['other_s'] / path:6.0%} {'–':>11}"
+    )
     log(f"{'the path, forward + backward':<52} {path * 1e3:9.1f} {1:6.0%} {path / limit:11.2f}")

@@ -78,11 +78,14 @@ def blas_info() -> str:
     from threadpoolctl import threadpool_info
 
     libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    return "; ".join(
-        f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture', '?')} kernels, "
-        f"{lib.get('num_threads')} threads by default)"
-        for lib in libs
-    ) or "none found"
+    return (
+        "; ".join(
+            f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture', '?')} kernels, "
+            f"{lib.get('num_threads')} threads by default)"
+            for lib in libs
+        )
+        or "none found"
+    )
 
 
 def numpy_simd() -> str:
@@ -377,4 +380,3 @@ def run_bench(
         if previous is not None:
             peers.torch_threads(previous)
     return result
-

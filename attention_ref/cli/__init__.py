@@ -51,4 +51,3 @@ def main(argv: list[str] | None = None) -> int:
 
         return explore(args)
     return 0
-

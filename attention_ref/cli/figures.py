@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short training, small maps: a smoke test")
     parser.add_argument("--complexity", help="use this complexity JSON instead of measuring")
     parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNGs (default 80)")
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the diffusion toy again (hours on 2 cores) and overwrite its shipped weights "
+        "instead of loading them",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +54,9 @@ def main(args: argparse.Namespace) -> int:
         # flushed at once: the command runs for minutes, and stderr may be a pipe or a log file
         print(f"[{time.perf_counter() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
 
-    figures, numbers = make_figures(args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi, log=stage)
+    figures, numbers = make_figures(
+        args.out, quick=args.quick, complexity=args.complexity, dpi=args.dpi, log=stage, retrain=args.retrain
+    )
     for path, caption in figures:
         print(f"{path}: {caption}")
     print(json.dumps(numbers, indent=1))

@@ -259,6 +259,59 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
     return figures
 
 
+DIFFUSION_PROMPT, DIFFUSION_SEED = "red circle and blue triangle", 1000  # a held-out prompt, the first eval seed
+
+
+def _diffusion_figures(
+    out: Path, dpi: int, *, quick: bool, retrain: bool, say: Callable[[str], None]
+) -> tuple[list[tuple[Path, str]], dict]:
+    """The diffusion toy: a held-out prompt denoised step by step, each word's map under the image.
+
+    Loads the shipped weights (``retrain``: trains them again first and overwrites them, hours).
+    """
+    from ..toys.diffusion import load_pretrained, sample, score_samples
+    from ..toys.diffusion.model import pretrained_path
+    from ..toys.diffusion.train import retrain_shipped
+    from ..viz import plot_denoising_steps
+
+    if retrain:
+        say("training the diffusion U-Net again (hours) and overwriting its shipped weights")
+        retrain_shipped(pretrained_path())
+    say("the diffusion toy: loading its shipped weights, sampling a held-out prompt")
+    model = load_pretrained()
+    steps = 10 if quick else 25
+    result = sample([DIFFUSION_PROMPT], seed=DIFFUSION_SEED, steps=steps, model=model, queries=())
+    score = score_samples(result.images, result.prompts, result.word_maps())
+    n = len(result.tokens[0])
+    held = model.log.get("evaluation", {}).get("held_out", {})
+    title = (
+        f"“{DIFFUSION_PROMPT}” (never seen in training) denoised in {steps} DDIM steps;\n"
+        f"under the image, where each word is read (IoU of the summed maps: colour words "
+        f"{score['iou_colour']:.2f}, shape words {score['iou_shape']:.2f})"
+    )
+    fig = plot_denoising_steps(
+        (result.x0_pred[0] + 1.0) / 2.0,
+        result.step_word_maps(0)[..., :n],
+        result.tokens[0],
+        timesteps=result.timesteps,
+        image_label="predicted x̂₀",
+        title=title,
+    )
+    caption = (
+        "The NumPy diffusion U-Net draws a held-out prompt: the clean image each DDIM step predicts, and under "
+        "it each token's cross-attention (mean over the 4 cross-attention layers and their heads)."
+    )
+    figures = [(save_figure(fig, out / "diffusion_denoising.png", dpi=dpi), caption)]
+    numbers = {
+        "diffusion_figure_iou": {"colour": score["iou_colour"], "shape": score["iou_shape"]},
+        "diffusion_held_out": {k: held[k] for k in ("colour_accuracy", "shape_accuracy", "iou_colour", "iou_shape")}
+        if held
+        else {},
+    }
+    say("diffusion figure drawn")
+    return figures, numbers
+
+
 def make_figures(
     out: str | Path = "figures",
     *,
@@ -267,6 +320,7 @@ def make_figures(
     dpi: int = 80,
     progress_bar: bool | None = None,
     log: Callable[[str], None] | None = None,
+    retrain: bool = False,
 ) -> tuple[list[tuple[Path, str]], dict[str, Any]]:
     """Draw the gallery into ``out``, overwriting the PNGs (and ``complexity.json``) already there.
 
@@ -278,10 +332,12 @@ def make_figures(
         dpi: resolution of the PNGs.
         progress_bar: tqdm bars during training (``None``: only in a terminal or a notebook).
         log: called with a line at the start and the end of each stage (training, measuring, drawing).
+        retrain: train the diffusion toy again (hours) and overwrite its shipped weights, instead of
+            loading them.
 
     Returns:
         ``[(path, one-line description), …]`` and a dict of the numbers behind the figures
-        (partner attention, IoU per word, training times, scaling exponents).
+        (partner attention, IoU per word, training times, scaling exponents, the diffusion toy's scores).
     """
     say = log or (lambda _line: None)
     out = Path(out)
@@ -330,6 +386,8 @@ def make_figures(
             "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head.",
         )
     )
+    diffusion_figures, diffusion_numbers = _diffusion_figures(out, dpi, quick=quick, retrain=retrain, say=say)
+    figures += diffusion_figures
     say(f"{len(figures)} figures written to {out}")
 
     numbers = {
@@ -343,5 +401,6 @@ def make_figures(
         "grounding_seconds": grounding.seconds,
         "memory_exponents": scaling_exponents(complexity, "peak_bytes"),
         "time_exponents": scaling_exponents(complexity, "time"),
+        **diffusion_numbers,
     }
     return figures, numbers

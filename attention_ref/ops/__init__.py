@@ -1,4 +1,5 @@
-"""The building blocks below attention: softmax, linear, norms, head split/merge, erf, GELU/GEGLU, 2-D convolution.
+"""The building blocks below attention: softmax, linear, norms, head split/merge, erf, GELU/GEGLU, SiLU,
+2-D convolution, nearest up-sampling and average pooling, the sinusoidal timestep embedding.
 
 Each operation is a pair ``out, cache = thing_forward(...)`` /
 ``grads = thing_backward(dout, cache)``.
@@ -18,9 +19,14 @@ from .heads import (
 )
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import linear_backward, linear_forward
+from .resample import avg_pool_backward, avg_pool_forward, upsample_nearest_backward, upsample_nearest_forward
+from .silu import silu_backward, silu_forward
 from .softmax import logsumexp, softmax_backward, softmax_forward
+from .timestep_embedding import timestep_embedding_backward, timestep_embedding_forward
 
 __all__ = [
+    "avg_pool_backward",
+    "avg_pool_forward",
     "conv2d_backward",
     "conv2d_forward",
     "erf",
@@ -39,9 +45,15 @@ __all__ = [
     "merge_heads",
     "merge_heads_backward",
     "merge_heads_forward",
+    "silu_backward",
+    "silu_forward",
     "softmax_backward",
     "softmax_forward",
     "split_heads",
     "split_heads_backward",
     "split_heads_forward",
+    "timestep_embedding_backward",
+    "timestep_embedding_forward",
+    "upsample_nearest_backward",
+    "upsample_nearest_forward",
 ]

@@ -14,6 +14,7 @@ matplotlib is imported here and nowhere else in attention_ref.
 
 from ._common import save_figure
 from .cost_curves import load_complexity, plot_complexity, scaling_exponents
+from .denoising import plot_denoising_steps, plot_maps_by_layer_and_head
 from .diagrams import cross_attention_shapes, draw_cross_attention, draw_self_attention_block, self_attention_shapes
 from .distance import (
     attention_distance,
@@ -59,6 +60,9 @@ __all__ = [
     "token_segmentation",
     "plot_token_segmentation",
     "plot_word_maps",
+    # diffusion: maps during denoising
+    "plot_denoising_steps",
+    "plot_maps_by_layer_and_head",
     # distance
     "attention_distance",
     "mean_attention_distance",
