@@ -394,6 +394,48 @@ def test_explore_command_grounding_keeps_the_real_tokens(tmp_path):
     np.testing.assert_allclose(page.layers[0].weights.sum(axis=-1), 1.0, rtol=1e-5)
 
 
+def test_explore_command_diffusion_shows_every_layer_at_every_step(tmp_path, capsys):
+    npz = tmp_path / "d.npz"
+    assert cli_main(["explore", "--source", "diffusion", "--out", str(tmp_path / "d.html"), "--npz", str(npz)]) == 0
+    page = load_explorer(npz)
+    assert [(L.kind, L.grid) for L in page.layers] == [("self", (8, 8)), ("cross", (8, 8))] * 3 + [
+        ("self", (16, 16)),
+        ("cross", (16, 16)),
+    ]
+    assert page.tokens == ("<sot>", "red", "circle", "and", "blue", "triangle", "<eot>")
+    assert len(page.steps) == 25 and page.steps[0] == "t=999" and page.steps[-1] == "t=0"
+    for L in page.layers:
+        np.testing.assert_allclose(L.weights.sum(axis=-1), 1.0, rtol=1e-5)  # the padding had no weight
+    assert "IoU" in page.notes
+    # the training steps of a toy do not apply to shipped weights
+    assert cli_main(["explore", "--source", "diffusion", "--steps", "3", "--out", str(tmp_path / "x.html")]) == 2
+    assert "loads its weights" in capsys.readouterr().err
+
+
+def test_diffusion_trace_page_holds_the_trace():
+    from attention_ref.toys.diffusion import sample
+
+    # (2, 2) and (3, 3) fall in one cell of the 8×8 layers: that row is kept once there
+    result = sample(
+        ["green square", "red circle and blue triangle"], seed=1, steps=3, queries=[(2, 2), (3, 3), (9, 12)]
+    )
+    page = result.explorer(1)
+    assert page.steps == tuple(f"t={t}" for t in result.timesteps)
+    assert page.tokens == tuple(result.tokens[1]) and np.array_equal(page.image, np.round(result.images[1] * 255))
+    for layer, shown in zip(result.layers, page.layers, strict=True):
+        assert (shown.name, shown.kind, shown.grid) == (layer.name, layer.kind, layer.grid)
+        h, w = layer.grid
+        if layer.kind == "cross":
+            expected = layer.maps[1].reshape(3, layer.heads, h * w, -1)[..., : len(page.tokens)]
+        else:
+            cells = [0, 2] if h == 8 else [0, 1, 2]
+            np.testing.assert_array_equal(shown.query_pixels, layer.queries[cells])
+            expected = layer.maps[1].reshape(3, layer.heads, -1, h * w)[:, :, cells]
+        np.testing.assert_allclose(shown.weights, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="outside the 2 prompts"):
+        result.explorer(2)
+
+
 def test_explore_command_refuses_unknown_sources(tmp_path, capsys):
     for source in ("diffusion-xl", str(tmp_path / "missing.npz")):
         with pytest.raises(SystemExit):

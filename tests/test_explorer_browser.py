@@ -335,7 +335,7 @@ def test_steps_heads_and_layers_at_different_grids(driver, tmp_path):
 
 
 def test_screenshots_of_the_toys_pages(driver, screenshots):
-    from attention_ref.cli.explore import grounding_explorer, long_range_explorer
+    from attention_ref.cli.explore import diffusion_explorer, grounding_explorer, long_range_explorer
 
     long_range = Page(driver, long_range_explorer(steps=60, progress_bar=False), screenshots / "long-range.html")
     assert long_range.errors() == []
@@ -344,7 +344,11 @@ def test_screenshots_of_the_toys_pages(driver, screenshots):
     driver.find_elements("css selector", ".word")[1].click()
     driver.save_screenshot(str(screenshots / "grounding.png"))
     assert grounding.errors() == []
-    for name in ("long-range.png", "grounding.png"):
+    diffusion = Page(driver, diffusion_explorer(), screenshots / "diffusion.html")
+    driver.find_elements("css selector", ".word")[2].click()  # "circle"
+    driver.save_screenshot(str(screenshots / "diffusion.png"))
+    assert diffusion.errors() == []
+    for name in ("long-range.png", "grounding.png", "diffusion.png"):
         png = (screenshots / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 20_000
 

@@ -6,9 +6,11 @@
   (:func:`attention_ref.toys.train_long_range`), trained and at initialisation;
 * ``grounding``: the grounding toy's cross-attention block
   (:func:`attention_ref.toys.train_token_grounding`), trained and at initialisation;
+* ``diffusion``: the diffusion U-Net's eight attention layers at each of its 25 denoising steps,
+  drawing a prompt never seen in training (:func:`attention_ref.toys.diffusion.sample`, shipped weights);
 * ``FILE.npz``: a page's data written by :meth:`attention_ref.viz.Explorer.save_npz`.
 
-A new source is one function ``(steps, seed) -> Explorer`` in :data:`SOURCES`.
+A new source is one function ``(steps, seed) -> Explorer`` in :data:`SOURCES` (``None`` for either: its default).
 The page (:mod:`attention_ref.viz.explorer`) holds its data and script inline: open
 it in any browser, without a server or a network.
 """
@@ -27,10 +29,12 @@ import numpy as np
 if TYPE_CHECKING:  # the viz package loads matplotlib: imported when a page is made
     from ..viz import Explorer
 
-__all__ = ["SOURCES", "add_arguments", "grounding_explorer", "long_range_explorer", "main"]
+__all__ = ["SOURCES", "add_arguments", "diffusion_explorer", "grounding_explorer", "long_range_explorer", "main"]
 
 
-def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Explorer:
+def long_range_explorer(
+    steps: int | None = None, seed: int | None = None, progress_bar: bool | None = None
+) -> Explorer:
     """The long-range toy's self-attention on a held-out map, trained and at initialisation.
 
     The image shows the first three of the 8 code channels as colours, squashed by a sigmoid
@@ -39,7 +43,7 @@ def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: b
     from ..toys import train_long_range
     from ..viz import Explorer, ExplorerLayer
 
-    result = train_long_range(seed, progress_bar=progress_bar, **({} if steps is None else {"steps": steps}))
+    result = train_long_range(seed or 0, progress_bar=progress_bar, **({} if steps is None else {"steps": steps}))
     b = 0
     data = result.eval_data
     H, W = data.copy_id.shape[1:]
@@ -66,7 +70,7 @@ def long_range_explorer(steps: int | None = None, seed: int = 0, progress_bar: b
     )
 
 
-def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bool | None = None) -> Explorer:
+def grounding_explorer(steps: int | None = None, seed: int | None = None, progress_bar: bool | None = None) -> Explorer:
     """The grounding toy's cross-attention on a held-out scene of three objects, trained and at initialisation.
 
     The page keeps the prompt's real tokens (the padding, masked out, has weight 0 everywhere).
@@ -74,7 +78,7 @@ def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bo
     from ..toys import train_token_grounding
     from ..viz import Explorer, ExplorerLayer
 
-    result = train_token_grounding(seed, progress_bar=progress_bar, **({} if steps is None else {"steps": steps}))
+    result = train_token_grounding(seed or 0, progress_bar=progress_bar, **({} if steps is None else {"steps": steps}))
     scenes = result.eval_scenes
     b = int(np.flatnonzero(scenes.lengths == scenes.lengths.max())[0])  # a scene with three objects
     real = np.flatnonzero(scenes.context_mask[b])
@@ -101,10 +105,46 @@ def grounding_explorer(steps: int | None = None, seed: int = 0, progress_bar: bo
     )
 
 
+DIFFUSION_PROMPT = "red circle and blue triangle"  # a held-out pair: never in training, in either order
+
+
+def diffusion_explorer(steps: int | None = None, seed: int | None = None, prompt: str = DIFFUSION_PROMPT) -> Explorer:
+    """The diffusion U-Net (shipped weights) drawing ``prompt``: every attention layer at every DDIM step.
+
+    ``seed``: the starting noise (default 1000, the first evaluation seed; training never draws it).
+    ``steps`` must be None: the model is loaded, not trained.
+    """
+    from ..toys.diffusion import load_pretrained, sample, score_samples
+
+    if steps is not None:
+        raise ValueError("the diffusion toy loads its shipped weights: --steps (training steps) does not apply")
+    model = load_pretrained()
+    result = sample([prompt], seed=1000 if seed is None else seed, model=model)
+    score = score_samples(result.images, result.prompts, result.word_maps())
+    held = model.log.get("evaluation", {}).get("held_out", {})
+    overall = (
+        f" Over 128 images of the 8 held-out prompts the summed maps score IoU {held['iou_colour']:.2f} "
+        f"(colour words) and {held['iou_shape']:.2f} (shape words)."
+        if {"iou_colour", "iou_shape"} <= held.keys()
+        else ""
+    )
+    notes = (
+        f"A small text-to-image diffusion U-Net in NumPy ({sum(v.size for v in model.params.values()):,} "
+        f"parameters, trained with the library's own backward passes) draws a prompt it never saw, in "
+        f"{len(result.timesteps)} DDIM steps with guidance {result.guidance:g}. Move the step slider to watch "
+        "the maps form as the image does; click a word to see which pixels read it, a pixel to see where "
+        "it looks (self-attention layers keep 16 query pixels). For this image, the word maps summed over "
+        f"steps and layers cover their objects with IoU {score['iou_colour']:.2f} (colour words) and "
+        f"{score['iou_shape']:.2f} (shape words), 1 being exact.{overall}"
+    )
+    return result.explorer(0, notes=notes)
+
+
 # name → (help, builder): builder(steps=None or the --steps given, seed=...) -> Explorer
 SOURCES: dict[str, tuple[str, Callable[..., Explorer]]] = {
     "long-range": ("the long-range toy's self-attention", long_range_explorer),
     "grounding": ("the grounding toy's cross-attention", grounding_explorer),
+    "diffusion": ("the diffusion U-Net's attention at every denoising step (shipped weights)", diffusion_explorer),
 }
 
 
@@ -129,13 +169,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"what to show: {choices}; or FILE.npz written by Explorer.save_npz (default: long-range)",
     )
     parser.add_argument("--steps", type=int, help="training steps of a toy (default: the toy's own)")
-    parser.add_argument("--seed", type=int, default=0, help="the toy's seed (default 0)")
+    parser.add_argument(
+        "--seed", type=int, help="the toy's seed (default 0), or the diffusion toy's starting noise (default 1000)"
+    )
     parser.add_argument("--npz", help="also write the page's data to this .npz file")
 
 
 def main(args: argparse.Namespace) -> int:
     """Build the page of ``args.source``, write it to ``args.out``, and say what it holds."""
     start = time.perf_counter()
+    if args.source == "diffusion" and args.steps is not None:
+        print("--steps applies to the toys trained on the spot; the diffusion toy loads its weights", file=sys.stderr)
+        return 2
     if args.source in SOURCES:
         page = SOURCES[args.source][1](steps=args.steps, seed=args.seed)
     else:

@@ -24,6 +24,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,6 +143,45 @@ class SampleResult:
             layer.name.removesuffix(".blocks.0.attn2"): layer.maps[b, :, :, :, :, token]
             for layer in self.cross_layers()
         }
+
+    def explorer(self, b: int = 0, *, title: str | None = None, notes: str = "") -> Any:
+        """Image ``b``'s trace as an explorer page (:class:`attention_ref.viz.Explorer`): every layer, every step.
+
+        Each cross-attention layer keeps the prompt's real tokens (the padding has weight 0), each
+        self-attention layer the rows of its query pixels; the step slider is labelled with the
+        timesteps, and the maps are drawn over the generated image. Imports :mod:`attention_ref.viz`
+        (matplotlib).
+        """
+        from ...viz import Explorer, ExplorerLayer
+
+        if not -len(self.prompts) <= b < len(self.prompts):
+            raise ValueError(f"image {b} is outside the {len(self.prompts)} prompts")
+        real = np.flatnonzero(self.context_mask[b])  # the prompt's tokens, padding left out
+        layers = []
+        for layer in self.layers:
+            h, w = layer.grid
+            maps = layer.maps[b]
+            if layer.kind == "cross":
+                S, heads = maps.shape[:2]
+                weights = maps.reshape(S, heads, h * w, -1)[..., real]  # (S, heads, h·w, real tokens)
+                layers.append(ExplorerLayer(layer.name, "cross", (h, w), weights))
+            else:
+                # image pixels in one cell of a coarse layer share its row: keep each cell once
+                _, first = np.unique(layer.queries, axis=0, return_index=True)
+                order = np.sort(first)
+                S, heads, Q = maps.shape[:3]
+                weights = maps.reshape(S, heads, Q, h * w)[:, :, order]  # (S, heads, distinct cells, h·w)
+                layers.append(ExplorerLayer(layer.name, "self", (h, w), weights, query_pixels=layer.queries[order]))
+        query = self.queries[len(self.queries) // 2] if len(self.queries) else np.array([SIZE // 2, SIZE // 2])
+        return Explorer(
+            layers=tuple(layers),
+            image=self.images[b],
+            tokens=tuple(self.tokens[b]),
+            steps=tuple(f"t={int(t)}" for t in self.timesteps),
+            title=title or f"“{self.prompts[b]}”, denoised in {len(self.timesteps)} DDIM steps",
+            notes=notes,
+            start_query=((query[0] + 0.5) / SIZE, (query[1] + 0.5) / SIZE),
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The whole trace as a flat dict of arrays (for ``np.savez``); ``"meta"`` is a JSON string.
