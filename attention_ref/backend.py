@@ -109,7 +109,8 @@ def device_of(x: Array) -> Any:
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A NumPy copy (or view) of an array from any backend, for plotting and printing."""
+    """A NumPy copy (or view) of an array from any backend (or of anything NumPy reads, such as a PIL
+    image), for plotting and printing."""
     if isinstance(x, np.ndarray):
         return x
     if array_api_compat.is_torch_array(x):
@@ -117,6 +118,8 @@ def to_numpy(x: Any) -> np.ndarray:
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if np.isscalar(x) or isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    if not hasattr(x, "__dlpack__") and (hasattr(x, "__array__") or hasattr(x, "__array_interface__")):  # a PIL image
         return np.asarray(x)
     return np.from_dlpack(x)
 

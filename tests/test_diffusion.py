@@ -9,6 +9,7 @@ import pytest
 
 from attention_ref.gradcheck import numerical_gradient, rel_error
 from attention_ref.toys.diffusion import (
+    EXAMPLE_PROMPT,
     HELD_OUT_PAIRS,
     DiffusionModel,
     all_prompts,
@@ -18,6 +19,7 @@ from attention_ref.toys.diffusion import (
     ddim_timesteps,
     diffusion_loss,
     encode_prompts,
+    guided_eps,
     held_out_prompts,
     make_diffusion_scenes,
     noise_images,
@@ -45,6 +47,7 @@ TINY = UNetConfig(channels=(8, 8), head_dim=4, groups=2, time_dim=8, context_dim
 def test_prompt_sets_and_held_out_pairs_never_appear_in_training():
     assert len(all_prompts(1)) == 9 and len(all_prompts(2)) == 28 and len(held_out_prompts()) == 8
     assert not set(held_out_prompts()) & set(all_prompts())
+    assert EXAMPLE_PROMPT in held_out_prompts()
     scenes = make_diffusion_scenes(np.random.default_rng(0), 400)
     seen = set()
     for b in range(len(scenes)):
@@ -119,6 +122,32 @@ def test_cosine_schedule_and_forward_noising():
     for b in range(3):
         np.testing.assert_allclose(xt[b], np.sqrt(ab[t[b]]) * x0[b] + np.sqrt(1 - ab[t[b]]) * eps[b], rtol=1e-14)
     np.testing.assert_array_equal(ddim_timesteps(5), [999, 749, 500, 250, 0])
+    # the closed form: with no β capped, ᾱ_t = f(t + 1) / f(0)
+    f = np.cos((np.arange(1001) / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+    uncapped = np.cumsum(1 - f[1:] / f[:-1] >= 0.999) == 0
+    np.testing.assert_allclose(ab[uncapped], (f[1:] / f[0])[uncapped], rtol=1e-12)
+    assert uncapped.sum() >= 990
+
+
+def test_cosine_schedule_is_diffusers_squaredcos_cap_v2():
+    schedulers = pytest.importorskip("diffusers.schedulers", reason="diffusers is not installed")
+    theirs = schedulers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    np.testing.assert_allclose(cosine_schedule().alpha_bar, theirs.double().numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_noising_and_ddim_refuse_what_would_broadcast_or_wrap():
+    s = cosine_schedule()
+    x0 = np.zeros((2, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"eps \(1, 4, 4, 3\)"):
+        noise_images(s, x0, np.array([1, 2]), np.zeros((1, 4, 4, 3)))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1000\), got -1"):
+        noise_images(s, x0, np.array([-1, 2]), x0)
+    with pytest.raises(TypeError, match="integer steps"):
+        noise_images(s, x0, np.array([1.5, 2.0]), x0)
+    with pytest.raises(ValueError, match="t_prev < t"):
+        ddim_step(s, x0, x0, 10, 20)
+    with pytest.raises(ValueError, match="does not match"):
+        ddim_step(s, x0, x0[:1], 10, 5)
 
 
 def test_ddim_with_the_true_noise_walks_the_forward_process_back_exactly():
@@ -134,6 +163,32 @@ def test_ddim_with_the_true_noise_walks_the_forward_process_back_exactly():
         if t_prev is not None:  # η = 0: the same noise, a smaller step
             np.testing.assert_allclose(x, noise_images(s, x0, np.full(2, t_prev), eps), atol=1e-10)
     np.testing.assert_allclose(x, x0, atol=1e-10)
+
+
+def test_ddim_clips_the_predicted_image_and_keeps_the_noise_consistent():
+    s = cosine_schedule()
+    rng = np.random.default_rng(1)
+    x0, eps = rng.uniform(-3, 3, (2, 4, 4, 3)), rng.standard_normal((2, 4, 4, 3))  # x₀ outside [−1, 1]
+    t, t_prev = 600, 300
+    x_t = noise_images(s, x0, np.full(2, t), eps)
+    x_prev, x0_hat = ddim_step(s, x_t, eps, t, t_prev)
+    np.testing.assert_allclose(x0_hat, np.clip(x0, -1, 1), atol=1e-12)
+    a, a_prev = s.alpha_bar[t], s.alpha_bar[t_prev]
+    # ε̂' = (x_t − √ᾱ_t x̂₀) / √(1 − ᾱ_t) re-creates x_t from the clipped x̂₀; the step uses it
+    eps_clipped = (x_t - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
+    np.testing.assert_allclose(np.sqrt(a) * x0_hat + np.sqrt(1 - a) * eps_clipped, x_t, atol=1e-12)
+    np.testing.assert_allclose(x_prev, np.sqrt(a_prev) * x0_hat + np.sqrt(1 - a_prev) * eps_clipped, atol=1e-12)
+    unclipped, _ = ddim_step(s, x_t, eps, t, t_prev, clip=False)
+    np.testing.assert_allclose(unclipped, noise_images(s, x0, np.full(2, t_prev), eps), atol=1e-12)
+    assert not np.allclose(unclipped, x_prev)
+
+
+def test_guidance_is_the_unconditional_prediction_pushed_towards_the_conditional():
+    rng = np.random.default_rng(2)
+    cond, uncond = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    np.testing.assert_allclose(guided_eps(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond), rtol=1e-15)
+    np.testing.assert_allclose(guided_eps(cond, uncond, 1.0), cond, rtol=0, atol=1e-15)  # the conditional model
+    np.testing.assert_array_equal(guided_eps(cond, uncond, 0.0), uncond)
 
 
 def test_loss_gradient():
@@ -233,6 +288,15 @@ def test_sampling_is_seeded_and_guidance_one_is_the_conditional_model(jittered):
     assert not np.allclose(c.images, a.images)
     with pytest.raises(ValueError, match="query pixels"):
         sample(["blue circle"], steps=2, model=jittered, queries=[(16, 0)])
+    with pytest.raises(TypeError, match="not one string"):
+        sample("blue circle", steps=2, model=jittered)
+    with pytest.raises(ValueError, match="trace=False"):
+        a.step_word_maps(0)
+    with pytest.raises(ValueError, match="trace=False"):
+        a.explorer(0)
+    # without query pixels the page keeps the cross-attention layers
+    no_rows = sample(["blue circle"], seed=1, steps=2, model=jittered, queries=())
+    assert [L.kind for L in no_rows.explorer(0).layers] == ["cross"] * len(no_rows.cross_layers())
 
 
 def test_upsample_map_repeats_cells():
@@ -289,6 +353,15 @@ def test_scores_on_true_scenes_are_perfect_and_each_failure_counts():
 
 
 # ---------------------------------------------------------------- the command line and the shipped weights
+
+
+def test_training_refuses_empty_settings_and_honours_threads(monkeypatch):
+    with pytest.raises(ValueError, match="warmup"):
+        train_diffusion(0, steps=2, warmup=0, config=TINY)
+    monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "2")
+    model = train_diffusion(0, steps=1, batch=2, warmup=1, config=TINY, progress=False)
+    assert model.log["threads"] == 2
+    assert train_diffusion(0, steps=1, batch=2, warmup=1, config=TINY, progress=False, threads=1).log["threads"] == 1
 
 
 def test_training_command_writes_weights_and_log(tmp_path, capsys):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH
 
+from attention_ref.backend import to_numpy
 from attention_ref.gradcheck import check_backward, rel_error
 from attention_ref.toys.diffusion.unet import UNetConfig, init_unet, unet_backward, unet_forward
 
@@ -231,6 +232,20 @@ def test_the_cache_holds_every_transformers_weights_with_rows_summing_to_one(rng
         assert np.all(cross[0, ..., -1] == 0.0)  # the padded token
 
 
+def test_the_whole_unet_runs_on_every_backend_and_equals_numpy(be, rng):
+    params, x, t, context, mask = _case(TINY, 4, rng)
+    eps, cache = unet_forward(params, x, t, context, mask, config=TINY)
+    grads = unet_backward(np.ones_like(eps), cache)
+    theirs = {k: be(v) for k, v in params.items()}
+    eps_b, cache_b = unet_forward(theirs, be(x), be(t), be(context), be(mask), config=TINY)
+    grads_b = unet_backward(be(np.ones_like(eps)), cache_b)
+    assert be.is_native(eps_b) and all(be.is_native(g) for g in grads_b.values())
+    np.testing.assert_allclose(to_numpy(eps_b), eps, rtol=1e-12, atol=1e-12)
+    assert set(grads_b) == set(grads)
+    for k, g in grads.items():
+        assert rel_error(to_numpy(grads_b[k]), g) < 1e-10, k
+
+
 def test_bad_inputs_are_named(rng):
     params, x, t, context, mask = _case(TINY, 4, rng)
     with pytest.raises(ValueError, match=r"cannot be halved"):
@@ -245,3 +260,7 @@ def test_bad_inputs_are_named(rng):
         UNetConfig(channels=(6, 8), groups=4, head_dim=2)
     with pytest.raises(ValueError, match="attention flags"):
         UNetConfig(channels=(8, 16), down_attention=(True,))
+    with pytest.raises(ValueError, match=r"sizes must be positive, got \{'head_dim': 0\}"):
+        UNetConfig(channels=(8, 8), head_dim=0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        unet_forward(params, x.astype(np.float32), t, context, mask, config=TINY)

@@ -139,6 +139,14 @@ def test_image_becomes_rgb_bytes(image, expected):
     np.testing.assert_array_equal(page.image, np.array(expected, dtype=np.uint8))
 
 
+def test_image_may_be_a_pil_image_as_pipelines_return():
+    from PIL import Image  # matplotlib's own dependency
+
+    rgb = np.array([[[3, 2, 1], [250, 128, 0]]], dtype=np.uint8)
+    page = Explorer((ExplorerLayer("s", "self", (1, 1), np.ones((1, 1, 1, 1))),), image=Image.fromarray(rgb))
+    np.testing.assert_array_equal(page.image, rgb)
+
+
 @pytest.mark.parametrize(
     ("image", "error", "message"),
     [

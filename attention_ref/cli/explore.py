@@ -105,37 +105,38 @@ def grounding_explorer(steps: int | None = None, seed: int | None = None, progre
     )
 
 
-DIFFUSION_PROMPT = "red circle and blue triangle"  # a held-out pair: never in training, in either order
-
-
-def diffusion_explorer(steps: int | None = None, seed: int | None = None, prompt: str = DIFFUSION_PROMPT) -> Explorer:
+def diffusion_explorer(steps: int | None = None, seed: int | None = None, prompt: str | None = None) -> Explorer:
     """The diffusion U-Net (shipped weights) drawing ``prompt``: every attention layer at every DDIM step.
 
-    ``seed``: the starting noise (default 1000, the first evaluation seed; training never draws it).
-    ``steps`` must be None: the model is loaded, not trained.
+    ``prompt``: default :data:`~attention_ref.toys.diffusion.EXAMPLE_PROMPT`, a pair never drawn together
+    in training. ``seed``: the starting noise (default 1000, the first evaluation seed; training never
+    draws it). ``steps`` must be None: the model is loaded, not trained.
     """
-    from ..toys.diffusion import load_pretrained, sample, score_samples
+    from ..toys.diffusion import EXAMPLE_PROMPT, held_out_prompts, load_pretrained, sample, score_samples
+    from ..toys.diffusion.evaluate import EVAL_SEEDS
 
     if steps is not None:
         raise ValueError("the diffusion toy loads its shipped weights: --steps (training steps) does not apply")
+    prompt = EXAMPLE_PROMPT if prompt is None else prompt
     model = load_pretrained()
-    result = sample([prompt], seed=1000 if seed is None else seed, model=model)
+    result = sample([prompt], seed=EVAL_SEEDS[0] if seed is None else seed, model=model)
     score = score_samples(result.images, result.prompts, result.word_maps())
     held = model.log.get("evaluation", {}).get("held_out", {})
     overall = (
-        f" Over 128 images of the 8 held-out prompts the summed maps score IoU {held['iou_colour']:.2f} "
-        f"(colour words) and {held['iou_shape']:.2f} (shape words)."
-        if {"iou_colour", "iou_shape"} <= held.keys()
+        f" Over {held['images']} images of the {len(held_out_prompts())} held-out prompts the summed maps "
+        f"score IoU {held['iou_colour']:.2f} (colour words) and {held['iou_shape']:.2f} (shape words)."
+        if {"images", "iou_colour", "iou_shape"} <= held.keys()
         else ""
     )
+    which = "a prompt it never saw" if prompt in held_out_prompts() else "a prompt of its training set"
     notes = (
         f"A small text-to-image diffusion U-Net in NumPy ({sum(v.size for v in model.params.values()):,} "
-        f"parameters, trained with the library's own backward passes) draws a prompt it never saw, in "
+        f"parameters, trained with the library's own backward passes) draws {which}, in "
         f"{len(result.timesteps)} DDIM steps with guidance {result.guidance:g}. Move the step slider to watch "
         "the maps form as the image does; click a word to see which pixels read it, a pixel to see where "
-        "it looks (self-attention layers keep 16 query pixels). For this image, the word maps summed over "
-        f"steps and layers cover their objects with IoU {score['iou_colour']:.2f} (colour words) and "
-        f"{score['iou_shape']:.2f} (shape words), 1 being exact.{overall}"
+        f"it looks (self-attention layers keep {len(result.queries)} query pixels). For this image, the word "
+        f"maps summed over steps and layers cover their objects with IoU {score['iou_colour']:.2f} (colour "
+        f"words) and {score['iou_shape']:.2f} (shape words), 1 being exact.{overall}"
     )
     return result.explorer(0, notes=notes)
 

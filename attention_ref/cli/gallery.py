@@ -259,9 +259,6 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
     return figures
 
 
-DIFFUSION_PROMPT, DIFFUSION_SEED = "red circle and blue triangle", 1000  # a held-out prompt, the first eval seed
-
-
 def _diffusion_figures(
     out: Path, dpi: int, *, quick: bool, retrain: bool, say: Callable[[str], None]
 ) -> tuple[list[tuple[Path, str]], dict]:
@@ -269,7 +266,8 @@ def _diffusion_figures(
 
     Loads the shipped weights (``retrain``: trains them again first and overwrites them, hours).
     """
-    from ..toys.diffusion import load_pretrained, sample, score_samples
+    from ..toys.diffusion import EXAMPLE_PROMPT, load_pretrained, sample, score_samples
+    from ..toys.diffusion.evaluate import EVAL_SEEDS
     from ..toys.diffusion.model import pretrained_path
     from ..toys.diffusion.train import retrain_shipped
     from ..viz import plot_denoising_steps
@@ -280,12 +278,12 @@ def _diffusion_figures(
     say("the diffusion toy: loading its shipped weights, sampling a held-out prompt")
     model = load_pretrained()
     steps = 10 if quick else 25
-    result = sample([DIFFUSION_PROMPT], seed=DIFFUSION_SEED, steps=steps, model=model, queries=())
+    result = sample([EXAMPLE_PROMPT], seed=EVAL_SEEDS[0], steps=steps, model=model, queries=())
     score = score_samples(result.images, result.prompts, result.word_maps())
     n = len(result.tokens[0])
     held = model.log.get("evaluation", {}).get("held_out", {})
     title = (
-        f"“{DIFFUSION_PROMPT}” (never seen in training) denoised in {steps} DDIM steps;\n"
+        f"“{EXAMPLE_PROMPT}” (never seen in training) denoised in {steps} DDIM steps;\n"
         f"under the image, where each word is read (IoU of the summed maps: colour words "
         f"{score['iou_colour']:.2f}, shape words {score['iou_shape']:.2f})"
     )
@@ -299,7 +297,8 @@ def _diffusion_figures(
     )
     caption = (
         "The NumPy diffusion U-Net draws a held-out prompt: the clean image each DDIM step predicts, and under "
-        "it each token's cross-attention (mean over the 4 cross-attention layers and their heads)."
+        f"it each token's cross-attention (mean over the {len(result.cross_layers())} cross-attention layers and "
+        "their heads)."
     )
     figures = [(save_figure(fig, out / "diffusion_denoising.png", dpi=dpi), caption)]
     numbers = {

@@ -31,6 +31,7 @@ with one reshape that exposes the blocks, ``(B, H, f, W, f, C)``.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from .._checks import require_floating
@@ -56,8 +57,10 @@ def _check(x: Array, factor: int, where: str) -> None:
     require_floating(xp, "x", x)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be a channels-last map (B, H, W, C), got shape {tuple(x.shape)}")
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise ValueError(f"{where}: factor must be a positive int, got {factor!r}")
+    if not isinstance(factor, numbers.Integral) or isinstance(factor, bool):
+        raise TypeError(f"{where}: factor must be an int, got {type(factor).__name__}")
+    if factor < 1:
+        raise ValueError(f"{where}: factor must be positive, got {factor}")
 
 
 def _blocks_sum(dy: Array, f: int) -> Array:

@@ -10,11 +10,19 @@
 * :mod:`.model` — :class:`DiffusionModel` and :func:`load_pretrained` (the shipped weights).
 """
 
-from .data import EMPTY_PROMPT, HELD_OUT_PAIRS, all_prompts, encode_prompts, held_out_prompts, make_diffusion_scenes
+from .data import (
+    EMPTY_PROMPT,
+    EXAMPLE_PROMPT,
+    HELD_OUT_PAIRS,
+    all_prompts,
+    encode_prompts,
+    held_out_prompts,
+    make_diffusion_scenes,
+)
 from .evaluate import classify_shape, evaluate_model, score_samples, score_scene, segment_objects
 from .model import DiffusionModel, load_pretrained, pretrained_log
 from .sample import LayerTrace, SampleResult, sample
-from .schedule import cosine_schedule, ddim_step, ddim_timesteps, noise_images
+from .schedule import cosine_schedule, ddim_step, ddim_timesteps, guided_eps, noise_images
 from .train import diffusion_loss, train_diffusion, training_step
 from .unet import UNetCache, UNetConfig, init_unet, unet_backward, unet_forward
 
@@ -25,6 +33,7 @@ __all__ = [
     "unet_forward",
     "unet_backward",
     "EMPTY_PROMPT",
+    "EXAMPLE_PROMPT",
     "HELD_OUT_PAIRS",
     "all_prompts",
     "held_out_prompts",
@@ -34,6 +43,7 @@ __all__ = [
     "noise_images",
     "ddim_timesteps",
     "ddim_step",
+    "guided_eps",
     "diffusion_loss",
     "training_step",
     "train_diffusion",

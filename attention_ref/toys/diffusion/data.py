@@ -38,6 +38,7 @@ from ..scenes import COLOURS, PROMPT_LENGTH, SHAPES, SIZE, VOCAB, Scenes, shape_
 
 __all__ = [
     "EMPTY_PROMPT",
+    "EXAMPLE_PROMPT",
     "HELD_OUT_PAIRS",
     "TEXT_DIM",
     "all_prompts",
@@ -61,6 +62,9 @@ HELD_OUT_PAIRS: tuple[tuple[Object, Object], ...] = (
     (("blue", "circle"), ("green", "triangle")),
     (("red", "square"), ("green", "circle")),
 )
+
+# the prompt the gallery figure and the explorer page draw: the first held-out pair
+EXAMPLE_PROMPT = "red circle and blue triangle"
 
 
 def _pair_key(a: Object, b: Object) -> frozenset[Object]:

@@ -106,7 +106,7 @@ def shape_scores(mask: np.ndarray) -> dict[str, float]:
     if rows.size == 0:
         return {s: 0.0 for s in SHAPES}
     H, W = mask.shape
-    pad = 12
+    pad = 12  # room for a template of the largest side (10) to overhang the mask on any side
     big = np.zeros((H + 2 * pad, W + 2 * pad), dtype=bool)
     big[pad : pad + H, pad : pad + W] = mask
     area = int(mask.sum())
@@ -233,6 +233,13 @@ def score_samples(images: np.ndarray, prompts: Sequence[str], word_maps: np.ndar
         ``{"colour_accuracy", "shape_accuracy", "iou_colour", "iou_shape", "objects" (named + extra),
         "named", "extra", "missing", "images"}``.
     """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, one per image, not one string")
+    lengths = {"images": len(images), "prompts": len(prompts)} | (
+        {} if word_maps is None else {"word_maps": len(word_maps)}
+    )
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"score_samples needs one prompt (and word map) per image, got {lengths}")
     scores = [
         score_scene(images[b], prompts[b], None if word_maps is None else word_maps[b]) for b in range(len(prompts))
     ]

@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from ..scenes import SIZE, VOCAB
 from .data import EMPTY_PROMPT, encode_prompts, from_model
 from .model import DiffusionModel, load_pretrained
 from .schedule import ddim_step, ddim_timesteps, guided_eps
+
+if TYPE_CHECKING:  # the viz package loads matplotlib: imported when a page is made
+    from ...viz import Explorer
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -109,7 +112,9 @@ class SampleResult:
         """The cross-attention layers."""
         return [layer for layer in self.layers if layer.kind == "cross"]
 
-    def word_maps(self, *, steps: slice | Sequence[int] | None = None, layers: Sequence[str] | None = None):
+    def word_maps(
+        self, *, steps: slice | Sequence[int] | None = None, layers: Sequence[str] | None = None
+    ) -> np.ndarray:
         """Each token's heat map on the image: ``(B, 16, 16, M)``.
 
         The cross-attention weights, averaged over heads, brought to 16×16 (nearest),
@@ -133,6 +138,8 @@ class SampleResult:
         A pixel's weights over the tokens sum to 1 at every step (each layer's do).
         """
         layers = self.cross_layers()
+        if not layers:
+            raise ValueError("no cross-attention layer was recorded (sample(..., trace=False)?)")
         total = sum(upsample_map(layer.maps[b].mean(axis=1), (SIZE, SIZE)) for layer in layers)  # (S, 16, 16, M)
         return total / len(layers)
 
@@ -144,13 +151,13 @@ class SampleResult:
             for layer in self.cross_layers()
         }
 
-    def explorer(self, b: int = 0, *, title: str | None = None, notes: str = "") -> Any:
+    def explorer(self, b: int = 0, *, title: str | None = None, notes: str = "") -> Explorer:
         """Image ``b``'s trace as an explorer page (:class:`attention_ref.viz.Explorer`): every layer, every step.
 
         Each cross-attention layer keeps the prompt's real tokens (the padding has weight 0), each
         self-attention layer the rows of its query pixels; the step slider is labelled with the
-        timesteps, and the maps are drawn over the generated image. Imports :mod:`attention_ref.viz`
-        (matplotlib).
+        timesteps, and the maps are drawn over the generated image. A self-attention layer without
+        query pixels (``sample(..., queries=())``) is left out. Imports :mod:`attention_ref.viz` (matplotlib).
         """
         from ...viz import Explorer, ExplorerLayer
 
@@ -165,13 +172,15 @@ class SampleResult:
                 S, heads = maps.shape[:2]
                 weights = maps.reshape(S, heads, h * w, -1)[..., real]  # (S, heads, h·w, real tokens)
                 layers.append(ExplorerLayer(layer.name, "cross", (h, w), weights))
-            else:
+            elif len(layer.queries):
                 # image pixels in one cell of a coarse layer share its row: keep each cell once
                 _, first = np.unique(layer.queries, axis=0, return_index=True)
                 order = np.sort(first)
                 S, heads, Q = maps.shape[:3]
                 weights = maps.reshape(S, heads, Q, h * w)[:, :, order]  # (S, heads, distinct cells, h·w)
                 layers.append(ExplorerLayer(layer.name, "self", (h, w), weights, query_pixels=layer.queries[order]))
+        if not layers:
+            raise ValueError("the trace holds no attention maps (sample(..., trace=False)?)")
         query = self.queries[len(self.queries) // 2] if len(self.queries) else np.array([SIZE // 2, SIZE // 2])
         return Explorer(
             layers=tuple(layers),
@@ -242,6 +251,11 @@ def upsample_map(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(maps, fh, axis=1), fw, axis=2)
 
 
+def _cells(queries: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``(Q, 2)``: the cell ``(r·h // 16, c·w // 16)`` of an ``h×w`` layer that each image pixel ``(r, c)`` is in."""
+    return np.stack([queries[:, 0] * h // SIZE, queries[:, 1] * w // SIZE], axis=1)
+
+
 def sample(
     prompts: Sequence[str],
     *,
@@ -266,6 +280,8 @@ def sample(
     Returns:
         :class:`SampleResult`.
     """
+    if isinstance(prompts, str):
+        raise TypeError('prompts must be a sequence of strings, e.g. ["red square"], not one string')
     model = model or load_pretrained()
     prompts = list(prompts)
     B = len(prompts)
@@ -297,10 +313,12 @@ def sample(
             grids[name] = (h, w)
             block = st.blocks[0]
             cross = np.asarray(block.attn2.weights)[:B]  # (B, heads, h·w, M), conditional half
-            records.setdefault((name, "cross"), []).append(cross.reshape(B, -1, h, w, cross.shape[-1]))
-            cells = (queries[:, 0] * h // SIZE) * w + queries[:, 1] * w // SIZE  # query tokens row·w + col
-            rows = np.asarray(block.attn1.weights)[:B][:, :, cells, :]  # (B, heads, Q, h·w)
-            records.setdefault((name, "self"), []).append(rows.reshape(B, rows.shape[1], -1, h, w))
+            cross = cross.reshape(B, -1, h, w, cross.shape[-1])  # (B, heads, h, w, M)
+            records.setdefault((name, "cross"), []).append(cross)
+            cells = _cells(queries, h, w)  # (Q, 2) row, col on the layer's grid
+            rows = np.asarray(block.attn1.weights)[:B][:, :, cells[:, 0] * w + cells[:, 1], :]  # (B, heads, Q, h·w)
+            rows = rows.reshape(B, rows.shape[1], -1, h, w)  # (B, heads, Q, h, w)
+            records.setdefault((name, "self"), []).append(rows)
     layers = []
     for name in grids:
         h, w = grids[name]
@@ -309,11 +327,12 @@ def sample(
                 f"{name}.blocks.0.attn1",
                 "self",
                 (h, w),
-                np.stack(records[(name, "self")], axis=1),
-                np.stack([queries[:, 0] * h // SIZE, queries[:, 1] * w // SIZE], axis=1),
+                np.stack(records[(name, "self")], axis=1),  # (B, S, heads, Q, h, w)
+                _cells(queries, h, w),
             )
         )
-        layers.append(LayerTrace(f"{name}.blocks.0.attn2", "cross", (h, w), np.stack(records[(name, "cross")], axis=1)))
+        cross = np.stack(records[(name, "cross")], axis=1)  # (B, S, heads, h, w, M)
+        layers.append(LayerTrace(f"{name}.blocks.0.attn2", "cross", (h, w), cross))
     lengths = mask[:B].sum(axis=1)
     return SampleResult(
         prompts=prompts,

@@ -76,8 +76,23 @@ def noise_images(schedule: Schedule, x0: np.ndarray, t: np.ndarray, eps: np.ndar
     Returns:
         x_t: like ``x0`` (``x0``'s dtype).
     """
-    ab = schedule.alpha_bar[np.asarray(t)].astype(x0.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+    t = np.asarray(t)
+    if x0.ndim != 4 or eps.shape != x0.shape or t.shape != x0.shape[:1]:
+        raise ValueError(
+            f"noising needs x0 (B, H, W, C), eps of the same shape and t (B,); got x0 {x0.shape}, "
+            f"eps {eps.shape}, t {t.shape}"
+        )
+    _check_steps(schedule, t, "t")
+    ab = schedule.alpha_bar[t].astype(x0.dtype)[:, None, None, None]  # (B, 1, 1, 1)
     return np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * eps
+
+
+def _check_steps(schedule: Schedule, t: np.ndarray, name: str) -> None:
+    """Steps are integers in ``[0, T)``: a negative one would silently index from the end."""
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer steps, got {t.dtype}")
+    if t.size and (t.min() < 0 or t.max() >= schedule.steps):
+        raise ValueError(f"{name} must lie in [0, {schedule.steps}), got {t.min()} to {t.max()}")
 
 
 def ddim_timesteps(steps: int, total: int = T) -> np.ndarray:
@@ -104,6 +119,11 @@ def ddim_step(
     Returns:
         ``(x_prev, x0_hat)``, both like ``x_t``.
     """
+    if eps.shape != x_t.shape:
+        raise ValueError(f"DDIM: eps of shape {eps.shape} does not match x_t {x_t.shape}")
+    _check_steps(schedule, np.asarray(t), "t")
+    if t_prev is not None and not 0 <= t_prev < t:
+        raise ValueError(f"DDIM steps to an earlier step: need 0 ≤ t_prev < t, got t_prev={t_prev}, t={t}")
     ab = schedule.alpha_bar[t]
     ab_prev = 1.0 if t_prev is None else schedule.alpha_bar[t_prev]
     # x̂₀ = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t

@@ -25,9 +25,7 @@ gives the command and the time it took).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -35,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from ...backend import limited_threads
 from .._progress import progress as progress_bar
+from .._progress import toy_threads
 from ..adam import Adam
 from .data import EMPTY_PROMPT, encode_prompts, make_diffusion_scenes, to_model
 from .model import DiffusionModel
@@ -123,6 +123,7 @@ def train_diffusion(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 1000,
     log_every: int = 50,
+    threads: int | None = None,
 ) -> DiffusionModel:
     """Train the diffusion U-Net on scenes of one or two objects (module docstring).
 
@@ -139,11 +140,18 @@ def train_diffusion(
         checkpoint: if given, the EMA model is saved there every ``checkpoint_every`` steps (and at the end);
             a ``{step}`` in the path is replaced by the step count (one file per checkpoint).
         log_every: the log keeps the mean loss of every ``log_every`` steps.
+        threads: attention_ref's and BLAS's threads while training; default ``ATTENTION_REF_NUM_THREADS``
+            when set, else 1 (:func:`attention_ref.toys.toy_threads`: the maps are small).
 
     Returns:
         :class:`DiffusionModel` with the EMA parameters and ``log``: the settings, the mean loss per
         ``log_every`` steps, the gradient norm, wall and CPU seconds, the CPU.
     """
+    if steps < 1 or batch < 1 or warmup < 1 or log_every < 1:
+        raise ValueError(
+            f"train_diffusion: steps, batch, warmup and log_every must be ≥ 1, got {steps}, {batch}, {warmup}, "
+            f"{log_every}"
+        )
     config = config or UNetConfig()
     schedule = cosine_schedule(T)
     init_rng, data_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
@@ -168,41 +176,34 @@ def train_diffusion(
         "loss": [],
         "grad_norm": [],
     }
-    window_loss, window_norm = [], []
-    wall, cpu = time.perf_counter(), time.process_time()
-    model = DiffusionModel(averaged, config, schedule, log)
-    for step in progress_bar(range(steps), total=steps, desc="diffusion U-Net", enabled=progress):
-        loss, grads, _ = training_step(params, config, schedule, data_rng, batch=batch, uncond=uncond)
-        window_norm.append(_clip(grads, clip))
-        window_loss.append(loss)
-        optimiser.step(grads, lr=lr * min(1.0, (step + 1) / warmup))
-        # θ̄ ← d θ̄ + (1 − d) θ, with d = min(ema, (1 + n)/(10 + n)) after n steps
-        decay = min(ema, (1.0 + step) / (10.0 + step))
-        for k, v in params.items():
-            averaged[k] *= decay
-            averaged[k] += (1.0 - decay) * v
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log["loss"].append(float(np.mean(window_loss)))
-            log["grad_norm"].append(float(np.mean(window_norm)))
-            window_loss, window_norm = [], []
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            log["done_steps"] = step + 1
-            log["wall_seconds"] = time.perf_counter() - wall
-            log["cpu_seconds"] = time.process_time() - cpu
-            model.save(str(checkpoint).format(step=step + 1))
-    log["done_steps"] = steps
-    log["wall_seconds"] = time.perf_counter() - wall
-    log["cpu_seconds"] = time.process_time() - cpu
-    return model
-
-
-def _single_threaded_blas() -> Any:
-    """BLAS limited to one thread when threadpoolctl is installed (the ``fast`` extra), else nothing."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
+    with limited_threads(toy_threads(threads)) as used:
+        log["threads"] = used
+        window_loss, window_norm = [], []
+        wall, cpu = time.perf_counter(), time.process_time()
+        model = DiffusionModel(averaged, config, schedule, log)
+        for step in progress_bar(range(steps), total=steps, desc="diffusion U-Net", enabled=progress):
+            loss, grads, _ = training_step(params, config, schedule, data_rng, batch=batch, uncond=uncond)
+            window_norm.append(_clip(grads, clip))
+            window_loss.append(loss)
+            optimiser.step(grads, lr=lr * min(1.0, (step + 1) / warmup))
+            # θ̄ ← d θ̄ + (1 − d) θ, with d = min(ema, (1 + n)/(10 + n)) after n steps
+            decay = min(ema, (1.0 + step) / (10.0 + step))
+            for k, v in params.items():
+                averaged[k] *= decay
+                averaged[k] += (1.0 - decay) * v
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                log["loss"].append(float(np.mean(window_loss)))
+                log["grad_norm"].append(float(np.mean(window_norm)))
+                window_loss, window_norm = [], []
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                log["done_steps"] = step + 1
+                log["wall_seconds"] = time.perf_counter() - wall
+                log["cpu_seconds"] = time.process_time() - cpu
+                model.save(str(checkpoint).format(step=step + 1))
+        log["done_steps"] = steps
+        log["wall_seconds"] = time.perf_counter() - wall
+        log["cpu_seconds"] = time.process_time() - cpu
+        return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--checkpoint", help="also save the model every --checkpoint-every steps here ({step} allowed)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    parser.add_argument(
+        "--threads", type=int, help="attention_ref's and BLAS's threads (default: ATTENTION_REF_NUM_THREADS, else 1)"
+    )
     args = parser.parse_args(argv)
-    # the CPU time in the log is for single-threaded BLAS and attention (the machines these ran on are shared)
-    os.environ.setdefault("ATTENTION_REF_NUM_THREADS", "1")
-    with _single_threaded_blas():
+    with limited_threads(toy_threads(args.threads)):
         model = train_diffusion(
             args.seed,
             steps=args.steps,
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             clip=args.clip,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
+            threads=args.threads,
         )
         if not args.no_eval:
             from .evaluate import evaluate_model

@@ -5,7 +5,7 @@ scenes and one layer per stage, written only with the library's
 ``*_forward``/``*_backward`` pairs. For ``channels = (C₀, C₁)`` (two
 resolutions, 16×16 and 8×8) and ``x_t (B, 16, 16, 3)``::
 
-    temb  = W₂ SiLU(W₁ e(t) + b₁) + b₂                         (B, T)          time MLP on the sinusoidal e(t)
+    temb  = W₂ SiLU(W₁ e(t) + b₁) + b₂                         (B, D_t)        time MLP on the sinusoidal e(t)
     h     = conv_in(x_t)                                        (B, 16, 16, C₀)
     down.0: h = Res(h, temb);  [h = ST(h, text)]   → skip₀      (B, 16, 16, C₀)
             h = AvgPool₂(h)                                     (B, 8, 8, C₀)
@@ -70,9 +70,18 @@ from ...ops import (
     linear_backward,
     linear_forward,
 )
-from ...ops.resample import avg_pool_backward, avg_pool_forward, upsample_nearest_backward, upsample_nearest_forward
-from ...ops.silu import silu_backward, silu_forward
-from ...ops.timestep_embedding import timestep_embedding_backward, timestep_embedding_forward
+from ...ops.conv2d import Conv2dCache
+from ...ops.group_norm import GroupNormCache
+from ...ops.linear import LinearCache
+from ...ops.resample import (
+    ResampleCache,
+    avg_pool_backward,
+    avg_pool_forward,
+    upsample_nearest_backward,
+    upsample_nearest_forward,
+)
+from ...ops.silu import SiluCache, silu_backward, silu_forward
+from ...ops.timestep_embedding import TimestepEmbeddingCache, timestep_embedding_backward, timestep_embedding_forward
 
 __all__ = ["UNetCache", "UNetConfig", "init_unet", "unet_backward", "unet_forward"]
 
@@ -105,6 +114,11 @@ class UNetConfig:
     image_channels: int = 3
 
     def __post_init__(self) -> None:
+        names = ("head_dim", "groups", "time_dim", "context_dim", "ff_mult", "image_channels")
+        sizes = {name: getattr(self, name) for name in names} | {"channels": min(self.channels, default=0)}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"UNetConfig: sizes must be positive, got {bad}")
         L = len(self.channels)
         if L < 1 or len(self.down_attention) != L or len(self.up_attention) != L:
             raise ValueError(
@@ -237,15 +251,17 @@ def init_unet(config: UNetConfig, *, rng: np.random.Generator | int | None = Non
 
 @dataclass(frozen=True)
 class ResBlockCache:
-    norm1: Any
-    silu1: Any
-    conv1: Any
-    time_silu: Any
-    time: Any
-    norm2: Any
-    silu2: Any
-    conv2: Any
-    skip: Any  # LinearCache of the 1×1 skip convolution, or None for the identity
+    """The caches of the residual block's layers, in forward order."""
+
+    norm1: GroupNormCache
+    silu1: SiluCache
+    conv1: Conv2dCache
+    time_silu: SiluCache
+    time: LinearCache
+    norm2: GroupNormCache
+    silu2: SiluCache
+    conv2: Conv2dCache
+    skip: LinearCache | None  # the 1×1 skip convolution, or None for the identity
 
 
 def res_block_forward(
@@ -254,8 +270,8 @@ def res_block_forward(
     """The residual block with its time term (module docstring).
 
     Inputs:
-        x: ``(B, H, W, C_in)``; temb: ``(B, T)``.
-        params: ``"norm1.*"`` ``(C_in,)``, ``"conv1.*"`` ``(3, 3, C_in, C_out)``, ``"time.*"`` ``(T, C_out)``,
+        x: ``(B, H, W, C_in)``; temb: ``(B, D_t)``, the time embedding (``D_t = config.time_dim``).
+        params: ``"norm1.*"`` ``(C_in,)``, ``"conv1.*"`` ``(3, 3, C_in, C_out)``, ``"time.*"`` ``(D_t, C_out)``,
             ``"norm2.*"`` ``(C_out,)``, ``"conv2.*"`` ``(3, 3, C_out, C_out)``, optional ``"skip.*"`` ``(C_in, C_out)``.
         groups: of both group norms.
 
@@ -294,7 +310,7 @@ def _put(grads: dict, name: str, g: Mapping[str, Array], w: str = "weight", b: s
 
 
 def res_block_backward(dy: Array, cache: ResBlockCache) -> tuple[dict[str, Array], Array, Array]:
-    """Gradients of :func:`res_block_forward`: ``(param grads, dx (B, H, W, C_in), dtemb (B, T))``."""
+    """Gradients of :func:`res_block_forward`: ``(param grads, dx (B, H, W, C_in), dtemb (B, D_t))``."""
     xp = namespace(dy)
     grads: dict[str, Array] = {}
     # y = skip(x) + r: both branches get dy
@@ -329,12 +345,16 @@ class UNetCache:
     """
 
     config: UNetConfig
-    temb: tuple[Any, Any, Any, Any]  # timestep embedding, time.0, SiLU, time.1
-    conv_in: Any
-    down: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (res, transformer or None, pool or None)
-    mid: tuple[Any, Any, Any] | None = None  # (res1, transformer, res2)
-    up: dict[int, tuple[int, Any, Any, Any, Any]] = field(default_factory=dict)  # split, res, st, upsample, conv
-    out: tuple[Any, Any, Any] | None = None  # (norm, SiLU, conv)
+    temb: tuple[TimestepEmbeddingCache, LinearCache, SiluCache, LinearCache]  # e(t), time.0, SiLU, time.1
+    conv_in: Conv2dCache
+    # per level: (res, transformer or None, pool or None)
+    down: list[tuple[ResBlockCache, SpatialTransformerCache | None, ResampleCache | None]] = field(default_factory=list)
+    mid: tuple[ResBlockCache, SpatialTransformerCache, ResBlockCache] | None = None  # (res1, transformer, res2)
+    # level → (channels of h before the skip joins, res, transformer or None, upsample or None, conv or None)
+    up: dict[
+        int, tuple[int, ResBlockCache, SpatialTransformerCache | None, ResampleCache | None, Conv2dCache | None]
+    ] = field(default_factory=dict)
+    out: tuple[GroupNormCache, SiluCache, Conv2dCache] | None = None  # (norm, SiLU, conv)
     transformers: dict[str, SpatialTransformerCache] = field(default_factory=dict)
     context_shape: tuple[int, ...] = ()
 
@@ -361,7 +381,7 @@ def unet_forward(
     Inputs:
         params: from :func:`init_unet` (x's dtype and backend).
         x: ``(B, H, W, 3)`` the noisy images; ``H`` and ``W`` divisible by ``2^(levels − 1)``.
-        t: ``(B,)`` diffusion steps, real floating (integers cast to x's dtype).
+        t: ``(B,)`` diffusion steps in x's dtype (cast integer steps first, as ``DiffusionModel.eps`` does).
         context: ``(B, M, D)`` prompt token embeddings.
         context_mask: ``(B, M)`` bool, True for real tokens (padding gets no attention), or ``None``.
         config: the :class:`UNetConfig` the parameters were made for.
@@ -381,9 +401,12 @@ def unet_forward(
         raise ValueError(f"unet: t must be ({B},) for x of shape {tuple(x.shape)}, got {tuple(t.shape)}")
     if context.ndim != 3 or context.shape[0] != B or context.shape[-1] != config.context_dim:
         raise ValueError(f"unet: context must be ({B}, M, {config.context_dim}), got {tuple(context.shape)}")
+    dtypes = {"x": x.dtype, "t": t.dtype, "context": context.dtype, "params": params["conv_in.weight"].dtype}
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"unet: x, t, context and the parameters must share one dtype, got {dtypes}")
     ch, L, g = config.channels, len(config.channels), config.groups
 
-    # temb = W₂ SiLU(W₁ e(t) + b₁) + b₂   (B, T)
+    # temb = W₂ SiLU(W₁ e(t) + b₁) + b₂   (B, D_t)
     e, c_emb = timestep_embedding_forward(t, ch[0])
     u, c_t0 = linear_forward(e, params["time.0.weight"], params["time.0.bias"])
     u, c_ts = silu_forward(u)
