@@ -284,3 +284,21 @@ def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_sampl
     assert not everything.supported and not everything.ok and not everything.failed
     with pytest.raises(NotImplementedError, match="additive bias"):
         check_attention_call(cross, tokens, context, torch.full((2, 7), -1.0), output=out, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_recorded_call_leaves_out_single_fully_masked_query_rows(dtype):
+    tdtype = getattr(torch, dtype)
+    self_attn = make_attention(AttnProcessor(), cross=False).to(tdtype)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 6, 16, generator=g).to(tdtype)  # (B, N, C)
+    allowed = torch.rand(2, 6, 6, generator=g) < 0.6
+    allowed[:, :, 0] = True
+    allowed[1, 2] = False  # sample 1, query 2: every key masked (diffusers averages the values there)
+    out = record(self_attn, tokens, mask=torch.where(allowed, 0.0, -10000.0).to(tdtype))
+    row = check_attention_call(self_attn, tokens, None, allowed, output=out, dtype=dtype)
+    assert row.ok and "1 query rows with every key masked: not compared" in row.note
+    # every other row is still judged
+    wrong = out.clone()
+    wrong[1, 3] += 0.05 * wrong.abs().max()
+    assert not check_attention_call(self_attn, tokens, None, allowed, output=wrong, dtype=dtype).ok

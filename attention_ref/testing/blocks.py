@@ -582,9 +582,10 @@ def check_attention_call(
         seed: for the simulated blocks.
 
     Returns:
-        One :class:`OutputCheck` (output ``"y"``): ``ratio`` (worst error / allowed), ``ok``. A sample whose
-        every key is masked is not compared (diffusers averages its values, the reference gives 0): the row says
-        so in ``note`` and is marked not supported when no sample is left.
+        One :class:`OutputCheck` (output ``"y"``): ``ratio`` (worst error / allowed), ``ok``. A query whose
+        every key is masked is not compared (diffusers averages the values there, the reference gives 0): a
+        whole sample of them, or single query rows of a self-attention mask ``(B, N, N)``; the row says so in
+        ``note`` and is marked not supported when no sample is left.
     """
     numpy_dtype(dtype)
     params, options = from_diffusers(attn, dtype="float64") if not isinstance(attn, tuple) else attn
@@ -614,6 +615,17 @@ def check_attention_call(
         context_mask = None if context_mask is None else context_mask[keep]
         mask = None if mask is None else mask[keep]
     exact = _reference(x, context, params, None, options, context_mask, mask)
+    if mask is not None and mask.shape[2] > 1:
+        # single query rows with every key masked: each token's output reads only its own row of weights,
+        # so those tokens are left out by taking the reference's value there (error 0)
+        dead_rows = ~np.any(mask[:, 0], axis=-1)  # (B', N)
+        if dead_rows.any():
+            tokens = (got.shape[0], -1, got.shape[-1])
+            flat = got.reshape(tokens).copy()  # (B', N, C_out), token n = row·W + col
+            flat[dead_rows] = exact["y"].reshape(tokens)[dead_rows]
+            got = flat.reshape(got.shape)
+            rows = f"{int(dead_rows.sum())} query rows with every key masked: not compared"
+            note = f"{note}; {rows}" if note else rows
     seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
     yard = _block_yardstick(exact, x, context, params, None, options, dtype=dtype, samples=policy.samples,
                             seed=seed_, context_mask=context_mask, mask=mask)  # fmt: skip
