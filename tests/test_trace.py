@@ -267,6 +267,60 @@ def test_transformer2d_traced_directly():
     want = diffusers_scores(attn, hidden, context, mask).mean(axis=1)  # head mean (B, N, M)
     np.testing.assert_allclose(tr.layers[1].maps.reshape(2, 60, 4), want, rtol=0, atol=1e-12)
     assert tr.timesteps == [None]
+    # the context given positionally is not taken for a timestep
+    with torch.no_grad(), trace(model) as positional:
+        model(x, ctx, return_dict=False)
+    assert positional.timesteps == [None]
+
+
+def test_autocast_does_not_lower_the_traced_precision():
+    torch.manual_seed(0)
+    # a VAE-style Attention on a (B, C, H, W) map: the traced call's input is x itself, whatever autocast does
+    model = torch.nn.Sequential(Attention(16, heads=2, dim_head=8, norm_num_groups=8, residual_connection=True)).eval()
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad(), trace(model, self_queries="all", dtype="float32") as plain:
+        model(x)
+    for low in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=low), trace(model, self_queries="all", dtype="float32") as tr:
+            model(x)
+        assert tr.layers[0].maps.dtype == np.float32
+        np.testing.assert_array_equal(tr.layers[0].maps, plain.layers[0].maps)
+
+
+def test_projections_that_are_not_plain_linear_layers_are_refused():
+    class Adapter(torch.nn.Module):
+        """A LoRA adapter as peft lays it out: the base layer's weight shown, an update added in forward."""
+
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.lora = base, torch.nn.Linear(base.in_features, base.out_features, bias=False)
+
+        weight = property(lambda self: self.base_layer.weight)
+        bias = property(lambda self: self.base_layer.bias)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora(x)
+
+    class OwnForward(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    attn = Attention(16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    attn.to_q = Adapter(attn.to_q)
+    with pytest.raises(NotImplementedError, match=r"to_q is a Adapter, not a plain torch.nn.Linear.*fuse_lora"):
+        from_diffusers(attn)
+    attn = Attention(16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    attn.to_k = OwnForward(12, 16, bias=False)
+    with pytest.raises(NotImplementedError, match="to_k is a OwnForward"):
+        with trace(torch.nn.Sequential(attn)):
+            pass
+
+
+def test_query_pixels_refuse_positions_outside_the_image():
+    np.testing.assert_array_equal(query_pixels([[0.0, 1.0], [0.5, 0.26]], (4, 4)), [[0, 3], [2, 1]])
+    for bad in ([[-0.5, 0.2]], [[0.5]], [0.5, 0.5]):
+        with pytest.raises(ValueError, match=r"\(Q, 2\) fractional"):
+            query_pixels(bad, (4, 4))
 
 
 def test_tokens_without_an_enclosing_map_are_refused():

@@ -56,12 +56,33 @@ def _check_attention(attn: Any) -> None:
     for name, present in features:
         if present:
             raise _unsupported(name)
+    _check_plain_linears(attn)
     processor = type(getattr(attn, "processor", None)).__name__
     head_dim = attn.inner_dim // attn.heads
     if processor == "AttnProcessor2_0" and not math.isclose(attn.scale, head_dim**-0.5, rel_tol=1e-12):
         raise _unsupported(f"scale {attn.scale} with AttnProcessor2_0, which ignores attn.scale (scale_qk=False)")
     if attn.training and attn.to_out[1].p > 0:
         raise _unsupported(f"dropout p={attn.to_out[1].p} in training mode (call .eval())")
+
+
+def _check_plain_linears(attn: Any) -> None:
+    """The projections must compute ``x Wᵀ + b`` from the weights they show: a LoRA adapter (peft's layers
+    show the base layer's ``weight`` and add their own update in ``forward``), a ``Linear`` subclass with
+    its own ``forward``, or integer (quantised) weights would make the reference's maps silently wrong."""
+    import torch
+
+    to_out = attn.to_out[0] if isinstance(getattr(attn, "to_out", None), torch.nn.ModuleList) else None
+    for name, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out[0]", to_out)):
+        if layer is None:
+            continue
+        plain = isinstance(layer, torch.nn.Linear) and type(layer).forward is torch.nn.Linear.forward
+        if not plain:
+            raise _unsupported(
+                f"{name} is a {type(layer).__name__}, not a plain torch.nn.Linear: its forward may not be its "
+                "weight (a LoRA adapter: fuse it first, e.g. pipe.fuse_lora(); a wrapped or quantised layer)"
+            )
+        if not layer.weight.is_floating_point():
+            raise _unsupported(f"{name} holds {layer.weight.dtype} (quantised) weights")
 
 
 def from_diffusers(attn: Any, *, dtype: Any | None = "float64") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -88,7 +109,8 @@ def from_diffusers(attn: Any, *, dtype: Any | None = "float64") -> tuple[dict[st
         NotImplementedError naming any feature the reference does not express (spatial_norm,
         added_kv_proj_dim, cross_attention_norm, only_cross_attention, qk_norm, kv_heads,
         pre_only, context_pre_only, fused projections, dropout in training, AttnProcessor2_0 with a
-        scale it ignores). Any other processor class is accepted.
+        scale it ignores, projections that are not plain ``torch.nn.Linear`` layers such as LoRA
+        adapters). Any other processor class is accepted.
     """
     _check_attention(attn)
     params: dict[str, np.ndarray] = {}

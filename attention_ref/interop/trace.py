@@ -55,6 +55,7 @@ maps, so ``token_maps(timesteps=...)`` and the explorer's step slider can pick s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,8 @@ def query_pixels(positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """
     H, W = grid
     p = np.asarray(positions, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2 or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError(f"positions must be (Q, 2) fractional (y, x) in [0, 1]; got {p.tolist()}")
     rows = np.minimum(np.floor(p[:, 0] * H), H - 1)
     cols = np.minimum(np.floor(p[:, 1] * W), W - 1)
     return np.stack([rows, cols], axis=1).astype(np.int64)
@@ -407,6 +410,13 @@ class Trace:
         self._stack: list[tuple[str, tuple[int, ...] | None]] = []
         self._params: dict[str, tuple[tuple[Any, ...], tuple[dict[str, np.ndarray], dict[str, Any]]]] = {}
         self._used = False
+        # the root's second positional argument is read as the timestep only where forward names it so
+        # (UNet2DConditionModel, Transformer2DModel's keyword); a positional context is not a timestep
+        try:
+            names = list(inspect.signature(self.root.forward).parameters)
+        except (TypeError, ValueError):
+            names = []
+        self._timestep_second = names[1:2] == ["timestep"]
 
     # ----- attaching and detaching ------------------------------------------------------------------------
     def __enter__(self) -> Trace:
@@ -456,7 +466,9 @@ class Trace:
 
     # ----- the hooks --------------------------------------------------------------------------------------
     def _on_model_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
+        t = kwargs.get("timestep")
+        if t is None and len(args) > 1 and self._timestep_second:
+            t = args[1]
         self.timesteps.append(_timestep_value(t))
 
     def _enter_block(self, name: str) -> Callable[..., None]:
@@ -490,11 +502,14 @@ class Trace:
             return int(hidden.shape[2]), int(hidden.shape[3])
         N = int(hidden.shape[1])
         for block, shape in reversed(self._stack):
-            if (block == "" or name.startswith(block + ".")) and shape is not None and shape[2] * shape[3] == N:
+            inside = block == "" or name.startswith(block + ".")
+            # the map's batch must be the tokens' too: a video U-Net's temporal attention runs on
+            # (B·H·W, frames, C) inside a block whose map is (B·frames, C, H, W)
+            if inside and shape is not None and shape[2] * shape[3] == N and shape[0] == hidden.shape[0]:
                 return int(shape[2]), int(shape[3])
         raise ValueError(
             f"{name}: called on {N} tokens (B, N, C), and no enclosing module runs on a (B, C, H, W) map with "
-            f"H·W = {N}; trace a model in which the attention sits in a block with a map input "
+            f"H·W = {N} and the same B; trace a model in which the attention sits in a block with a map input "
             "(a Transformer2DModel, a UNet)"
         )
 
@@ -528,14 +543,20 @@ class Trace:
         import torch
 
         torch_dtype = getattr(torch, self.dtype.name)
-        with torch.no_grad():
+        # no autocast: the maps are computed in the trace's dtype, whatever precision the model runs in
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             tokens = hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden  # (B, H·W, C), row-major
             h = tokens.detach().to(dtype=torch_dtype)  # (B, N, C), converted exactly (from float16, bfloat16, ...)
             B, N = h.shape[0], h.shape[1]
             ctx = None
             if context is not None:
-                if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B:
-                    shape = tuple(getattr(context, "shape", ()))
+                if not isinstance(context, torch.Tensor):
+                    raise TypeError(
+                        f"{name}: encoder_hidden_states is a {type(context).__name__}, not one (B, M, D) tensor "
+                        "(IP-Adapter's (text, image) pairs are not traced)"
+                    )
+                if context.ndim != 3 or context.shape[0] != B:
+                    shape = tuple(context.shape)
                     raise ValueError(f"{name}: encoder_hidden_states of shape {shape} is not (B, M, D) with B = {B}")
                 ctx = context.detach().to(dtype=torch_dtype)  # (B, M, D)
             keys = N if ctx is None else ctx.shape[1]
