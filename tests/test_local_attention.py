@@ -81,7 +81,7 @@ WINDOW_CASES = {
     "Swin shift w/2": MapCase((2, 2), 8, 8, 3, 5, window=4, shift=2),
     "shift 1": MapCase((1,), 6, 9, 2, 2, window=3, shift=1, scale=0.8),
     "rectangular window and shift": MapCase((2,), 8, 6, 3, 3, window=(4, 2), shift=(3, 1)),
-    "one window = global": MapCase((), 4, 6, 3, 2, window=(4, 6)),
+    "one window = global": MapCase((1,), 4, 6, 3, 2, window=(4, 6)),
     "1×1 windows": MapCase((2,), 3, 4, 2, 2, window=1),
 }
 WINDOW_FD_CASES = ["no shift", "Swin shift w/2", "shift 1", "rectangular window and shift"]
@@ -184,7 +184,7 @@ NEIGHBORHOOD_CASES = {
     "kernel 5": MapCase((2, 2), 8, 6, 3, 5, kernel=5, scale=0.6),
     "kernel 7 on 7×10": MapCase((1,), 7, 10, 2, 2, kernel=7),
     "rectangular kernel": MapCase((2,), 9, 5, 3, 3, kernel=(5, 3)),
-    "kernel = map = global": MapCase((), 5, 3, 2, 2, kernel=(5, 3)),
+    "kernel = map = global": MapCase((1,), 5, 3, 2, 2, kernel=(5, 3)),
     "kernel 1 = itself": MapCase((2,), 3, 4, 2, 2, kernel=1),
 }
 NEIGHBORHOOD_FD_CASES = ["kernel 3", "kernel 5", "kernel 7 on 7×10", "rectangular kernel"]
@@ -344,8 +344,8 @@ def test_window_attention_equals_swins_roll_and_region_mask(H, W, window, rng):
     far below float64's resolution: the outputs agree to rounding."""
     q, k, v = make_maps(rng, (), H, W, 4, 3)
     for shift in range(window):
-        out, _ = window_attention_forward(q, k, v, window=window, shift=shift, scale=0.7)
-        want = swin_window_attention(q, k, v, window, shift, 0.7)
+        out, _ = window_attention_forward(q[None], k[None], v[None], window=window, shift=shift, scale=0.7)
+        want = swin_window_attention(q, k, v, window, shift, 0.7)[None]
         assert rel_error(out, want) <= 1e-14, shift
 
 
@@ -386,16 +386,27 @@ def test_empty_maps():
 @pytest.mark.parametrize("variant", LOCAL)
 def test_a_nan_key_reaches_the_queries_that_see_it_and_no_other(variant, be, rng):
     forward, backward = LOCAL[variant]
-    q, k, v = make_maps(rng, (), 4, 6, 3, 2)
-    k[1, 2, 0] = np.nan
+    q, k, v = make_maps(rng, (1,), 4, 6, 3, 2)
+    k[0, 1, 2, 0] = np.nan
     mask = window_mask(4, 6, 2, 1) if variant == "window" else neighborhood_mask(4, 6, 3)
     out, cache = forward(be(q), be(k), be(v))
-    backward(be(np.ones((4, 6, 2))), cache)
+    backward(be(np.ones((1, 4, 6, 2))), cache)
     sees_it = mask[:, 1 * 6 + 2]  # the queries whose window or neighborhood holds pixel (1, 2)
-    np.testing.assert_array_equal(np.isnan(flat(np_(out))).any(-1), sees_it)
-    k[1, 2, 0] = np.inf
+    np.testing.assert_array_equal(np.isnan(flat(np_(out))[0]).any(-1), sees_it)
+    k[0, 1, 2, 0] = np.inf
     with pytest.raises(ValueError, match="k has an infinite entry"):
         forward(be(q), be(k), be(v))
+
+
+@pytest.mark.parametrize("variant", LOCAL)
+def test_a_bare_3d_array_is_not_read_as_a_map(variant, rng):
+    """(H, W, d) and a batch of token sequences (B, N, d) look alike: one map needs its leading axis."""
+    forward, _ = LOCAL[variant]
+    q, k, v = make_maps(rng, (), 4, 6, 3, 2)
+    with pytest.raises(ValueError, match=r"q of shape \(4, 6, 3\) is 3-D.*pass q\[None\]"):
+        forward(q, k, v)
+    out, _ = forward(q[None], k[None], v[None])
+    assert out.shape == (1, 4, 6, 2)
 
 
 @pytest.mark.parametrize("variant", LOCAL)

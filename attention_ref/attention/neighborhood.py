@@ -127,7 +127,7 @@ def neighborhood_attention_forward(
     """NATTEN neighborhood attention: each pixel attends to the ``kernel × kernel`` pixels around it.
 
     Inputs:
-        q: ``(..., H, W, d)`` queries, one per pixel.
+        q: ``(..., H, W, d)`` queries, one per pixel, with at least one leading axis (batch or heads).
         k: ``(..., H, W, d)`` keys.
         v: ``(..., H, W, dv)`` values.
         kernel: neighborhood size, odd, int or ``(rows, cols)``, at most ``(H, W)`` (else ``ValueError``).

@@ -149,7 +149,7 @@ def window_attention_forward(
     """Swin window attention on maps: each pixel attends to the pixels of its (shifted) window.
 
     Inputs:
-        q: ``(..., H, W, d)`` queries, one per pixel.
+        q: ``(..., H, W, d)`` queries, one per pixel, with at least one leading axis (batch or heads).
         k: ``(..., H, W, d)`` keys.
         v: ``(..., H, W, dv)`` values.
         window: window size, int or ``(rows, cols)``; must divide ``H`` and ``W`` (else ``ValueError``).

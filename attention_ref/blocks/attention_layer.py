@@ -26,8 +26,9 @@ Backward runs the same steps in reverse with the ops' own backward passes:
   cross-attention: ``dn = dn_Q`` and ``dc = dc_K + dc_V``, then the context norm's backward;
 * ``n = GroupNorm(h)``: :func:`attention_ref.group_norm_backward`.
 
-Padded context tokens (``context_mask`` False) get weight 0 from every query, so they change
-neither the output nor any gradient, and their own gradient is 0.
+Padded context tokens (``context_mask`` False) get weight 0 from every query, so, as long as they
+are finite, they change neither the output nor any gradient, and their own gradient is 0 (NaN in a
+padded token propagates, as in diffusers: ``0 · NaN`` is NaN).
 
 The per-head step is exact attention (:func:`attention_ref.attention_forward`) unless
 ``attention=`` names a variant of :data:`attention_ref.blocks.ATTENTION_VARIANTS`
@@ -373,8 +374,8 @@ def attention_layer_forward(
         heads: number of heads; must divide ``inner``; ``d = inner/heads``.
         context: ``(B, M, D)``, h's dtype, for cross-attention; ``None`` for self-attention.
         context_mask: boolean ``(B, M)`` or ``(M,)``, True = a real context token; padded tokens get
-            weight 0, cannot change the output and get gradient 0; a sample with every token padded
-            gets attention output 0.
+            weight 0, cannot change the output (if finite) and get gradient 0; a sample with every
+            token padded gets attention output 0.
         mask: boolean ``(N, M)`` or ``(B or 1, heads or 1, N, M)`` (``M = N`` for self-attention), True =
             query token ``n`` may attend to key token ``m``. diffusers' boolean ``attention_mask`` of shape
             ``(B, 1, M)`` or ``(B, N, M)`` is ``mask[:, None]``; a 3-D mask is refused, as it could be either

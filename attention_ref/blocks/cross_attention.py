@@ -92,7 +92,7 @@ def cross_attention_forward(
             ``"v.weight"`` are ``(D, inner)``.
         heads, groups, eps, residual, rescale, scale: as for :func:`attention_ref.self_attention_forward`.
         context_mask: boolean ``(B, M)`` or ``(M,)`` (the same for every sample), True = a real
-            token. Padded tokens get weight 0, cannot change the output, and get gradient 0.
+            token. Padded tokens get weight 0, cannot change the output (if finite), and get gradient 0.
             A sample whose tokens are all padded gets attention output 0. Every attention below
             honours it: chunked slices it per tile; linear leaves the padded tokens out of its sums
             (exactly as if they were deleted).
