@@ -37,6 +37,20 @@ def require_floating(xp: ModuleType, name: str, x: Array) -> None:
         )
 
 
+def require_dout_shape(where: str, dout: Array, shape: Sequence[int]) -> None:
+    """``ValueError`` unless ``dout`` has exactly the forward output's ``shape`` (no broadcasting)."""
+    if tuple(dout.shape) != tuple(shape):
+        raise ValueError(f"{where}: dout of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
+
+
+def require_same_dtype(where: str, **arrays: Array | None) -> None:
+    """``TypeError`` unless every given array has one dtype (no silent promotion)."""
+    given = {name: a.dtype for name, a in arrays.items() if a is not None}
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{name} {dtype_name(dtype)}" for name, dtype in given.items())
+        raise TypeError(f"{where}: the inputs must share one dtype, got {listed}")
+
+
 def require_bool(xp: ModuleType, name: str, x: Array) -> None:
     """``TypeError`` unless ``x`` is a boolean array."""
     if not _is(xp, x.dtype, "bool"):

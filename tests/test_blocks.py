@@ -296,6 +296,11 @@ def test_bad_shapes_raise_value_errors_naming_the_numbers(rng):
         ar.self_attention_forward(x, {**params, "to_q.weight": params["q.weight"]}, heads=2, groups=3)
     with pytest.raises(ValueError, match=r"missing \['out.weight'\]"):
         ar.self_attention_forward(x, {k: v for k, v in params.items() if k != "out.weight"}, heads=2, groups=3)
+    # a group norm inside a transformer block's attention layers would normalise their input a second time
+    st = ar.init_spatial_transformer(6, 4, heads=2, groups=3, rng=0)
+    extra = {**st, "blocks.0.attn1.norm.weight": np.ones(6), "blocks.0.attn1.norm.bias": np.zeros(6)}
+    with pytest.raises(ValueError, match=r"\['attn1.norm.bias', 'attn1.norm.weight'\] would add a group norm"):
+        ar.spatial_transformer_forward(x, rng.standard_normal((2, 3, 4)), extra, heads=2, groups=3)
     with pytest.raises(TypeError, match=r"q\.weight has dtype float32 but the input has dtype float64"):
         ar.self_attention_forward(x, {**params, "q.weight": params["q.weight"].astype(np.float32)}, heads=2, groups=3)
 

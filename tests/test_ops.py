@@ -295,6 +295,53 @@ def test_half_precision_logsumexp_does_not_overflow(backend):
     np.testing.assert_array_equal(got, np.float16(np.log(70000.0)))
 
 
+@pytest.mark.parametrize("backend", HALF_BACKENDS)
+def test_half_precision_softmax_sums_in_float32(backend):
+    """Σ exp over 70,000 float16 zeros is 70,000 > 65,504: summed in float16 it would be inf and every
+    weight 0; in float32 each weight is 1/70,000 (a float16 subnormal) and the backward stays finite."""
+    be = Backend(backend)
+    x = np.zeros((2, 70000), dtype=np.float16)
+    p, cache = softmax_forward(be(x))
+    assert np_(p).dtype == np.float16
+    np.testing.assert_array_equal(np_(p), np.float16(1.0 / 70000.0))
+    dout = np.zeros((2, 70000), dtype=np.float16)
+    dout[:, 0] = 1.0
+    dx = np_(softmax_backward(be(dout), cache)["x"])
+    # dx_0 = p_0 (1 − p_0), every other dx_j = −p_j p_0: rounded from float32, not from a float16 sum
+    assert np.all(np.isfinite(dx)) and dx[0, 0] == np.float16(1.0 / 70000.0 * (1 - 1.0 / 70000.0))
+
+
+def test_op_backwards_refuse_a_dout_that_would_broadcast(rng):
+    x = rng.standard_normal((3, 4))
+    for where, (forward, backward) in {
+        "softmax": (softmax_forward, softmax_backward),
+        "layer_norm": (layer_norm_forward, layer_norm_backward),
+        "linear": (lambda a: linear_forward(a, rng.standard_normal((4, 4))), linear_backward),
+    }.items():
+        _, cache = forward(x)
+        with pytest.raises(
+            ValueError, match=rf"{where}: dout of shape \(1, 4\) does not match the output shape \(3, 4\)"
+        ):
+            backward(np.ones((1, 4)), cache)
+    _, cache = group_norm_forward(rng.standard_normal((2, 3, 4)), groups=2)
+    with pytest.raises(ValueError, match=r"group_norm: dout of shape \(1, 3, 4\)"):
+        group_norm_backward(np.ones((1, 3, 4)), cache)
+
+
+def test_group_norm_refuses_empty_groups_and_takes_an_empty_batch():
+    with pytest.raises(ValueError, match=r"x of shape \(2, 0, 3, 4\) leaves every group empty"):
+        group_norm_forward(np.zeros((2, 0, 3, 4)), groups=2)
+    y, cache = group_norm_forward(np.zeros((0, 3, 3, 4)), np.ones(4), np.zeros(4), groups=2)
+    grads = group_norm_backward(y, cache)
+    assert y.shape == grads["x"].shape == (0, 3, 3, 4) and np.all(grads["weight"] == 0)
+
+
+def test_linear_refuses_mixed_dtypes(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match="linear: the inputs must share one dtype, got x float32, W float64"):
+        linear_forward(x, rng.standard_normal((4, 2)))
+
+
 # ---------------------------------------------------------------- NaN, ±inf, empty rows
 
 

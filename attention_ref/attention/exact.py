@@ -20,7 +20,8 @@ Backward. Given ``dO = ∂L/∂O``:
   and ``d bias = dS`` summed over every axis the bias was broadcast along.
 
 Masked entries and fully masked rows have ``P = 0``, so they get ``dS = 0`` and
-contribute nothing to any gradient (a masked key or value holding NaN still does: ``0 · NaN`` is NaN). NaN, ``±inf``, float16 and empty inputs: see docs/numerics.md.
+contribute nothing to any gradient (a masked key or value holding NaN still does: ``0 · NaN``
+is NaN). NaN, ``±inf``, float16 and empty inputs: see docs/numerics.md.
 
 :func:`_attend` and :func:`_gradients` below are these lines, one array per line.
 :mod:`.exact_fast` computes the same numbers in the memory of the logits and on all

@@ -53,6 +53,14 @@ def _check_block_inputs(h: Array, context: Array | None, params: Mapping[str, Ar
     unknown = sorted(k for k in params if k not in norm_keys and not k.startswith(("attn1.", "attn2.", "ff.")))
     if unknown:
         raise ValueError(f"{where} params: unknown {unknown} (expected norm1-3.weight/bias, attn1.*, attn2.*, ff.*)")
+    # the block's LayerNorms (norm1, norm2) come before its attention layers: a group norm inside them is not
+    # part of diffusers' BasicTransformerBlock and would normalise their input twice
+    inner_norms = sorted(k for k in params if k.startswith(("attn1.norm.", "attn2.norm.")))
+    if inner_norms:
+        raise ValueError(
+            f"{where} params: {inner_norms} would add a group norm inside the attention layers; the block's "
+            "own norm1 and norm2 normalise their input"
+        )
     if h.ndim != 3 or context is None or context.ndim != 3:
         shapes = f"h {tuple(h.shape)}, context {None if context is None else tuple(context.shape)}"
         way_out = "; a (B, H, W, C) map is h.reshape(B, H·W, C) with grid=(H, W)" if h.ndim == 4 else ""

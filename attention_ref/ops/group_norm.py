@@ -17,9 +17,10 @@ Backward (see :mod:`attention_ref.ops.normalize` for ``∂L/∂x̂ → ∂L/∂x
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from .._checks import as_dtype, in_working_dtype, require_floating
+from .._checks import as_dtype, in_working_dtype, require_dout_shape, require_floating
 from ..backend import Array, namespace
 from .normalize import normalize, normalize_backward
 
@@ -62,12 +63,15 @@ def group_norm_forward(
     B, C = shape[0], shape[-1]
     if groups < 1 or C % groups != 0:
         raise ValueError(f"group norm: {C} channels are not divisible into {groups} groups")
+    if B > 0 and math.prod(shape[1:]) == 0:
+        raise ValueError(f"group norm: x of shape {shape} leaves every group empty (no mean or variance to take)")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (C,):
             raise ValueError(f"group norm: {name} of shape {tuple(p.shape)} does not match {C} channels")
     # float16 is computed in float32 and the result rounded back (as torch does; see normalize)
     x_w, weight_w, bias_w = in_working_dtype(xp, x, weight, bias)
-    xg = xp.reshape(x_w, (B, -1, groups, C // groups))  # (B, S, G, C/G)
+    S = math.prod(shape[1:-1])  # pixels (or tokens) per sample
+    xg = xp.reshape(x_w, (B, S, groups, C // groups))  # (B, S, G, C/G)
     xhat, rstd = normalize(xp, xg, _GROUP_AXES, eps)
     y = xp.reshape(xhat, shape)  # (B, ..., C)
     if weight_w is not None:
@@ -83,10 +87,12 @@ def group_norm_forward(
 def group_norm_backward(dout: Array, cache: GroupNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (B, ..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
     xp = namespace(dout)
+    require_dout_shape("group_norm", dout, cache.shape)
     C = cache.shape[-1]
     dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
-    xhat_flat = xp.reshape(cache.xhat, (-1, C))  # (B·S, C)
-    dy_flat = xp.reshape(dy, (-1, C))  # (B·S, C)
+    rows = math.prod(cache.shape[:-1])
+    xhat_flat = xp.reshape(cache.xhat, (rows, C))  # (B·S, C)
+    dy_flat = xp.reshape(dy, (rows, C))  # (B·S, C)
     grads: dict[str, Array] = {}
     g = dy
     if weight is not None:

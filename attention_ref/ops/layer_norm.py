@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import as_dtype, in_working_dtype, require_floating
+from .._checks import as_dtype, in_working_dtype, require_dout_shape, require_floating
 from ..backend import Array, namespace
 from .normalize import normalize, normalize_backward
 
@@ -61,6 +61,7 @@ def layer_norm_forward(
 def layer_norm_backward(dout: Array, cache: LayerNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
     xp = namespace(dout)
+    require_dout_shape("layer_norm", dout, cache.xhat.shape)
     C = dout.shape[-1]
     dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
     grads: dict[str, Array] = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import require_floating
+from .._checks import require_dout_shape, require_floating, require_same_dtype
 from ..backend import Array, blas_threads_for, namespace
 
 __all__ = ["LinearCache", "linear_backward", "linear_forward"]
@@ -50,6 +50,7 @@ def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, L
     for name, a in (("x", x), ("W", W), ("b", b)):
         if a is not None:
             require_floating(xp, name, a)
+    require_same_dtype("linear", x=x, W=W, b=b)
     if W.ndim != 2 or x.ndim < 1 or x.shape[-1] != W.shape[0]:
         raise ValueError(
             f"linear: x of shape {tuple(x.shape)} does not match W of shape {tuple(W.shape)} (W is (in, out))"
@@ -70,6 +71,7 @@ def linear_backward(dout: Array, cache: LinearCache) -> dict[str, Array]:
     xp = namespace(dout)
     x, W = cache.x, cache.W
     n_in, n_out = W.shape
+    require_dout_shape("linear", dout, (*x.shape[:-1], n_out))
     x2 = xp.reshape(x, (-1, n_in))  # (n, in)
     d2 = xp.reshape(dout, (-1, n_out))  # (n, out)
     with blas_threads_for(x, _size(x, W)):

@@ -35,7 +35,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from .._checks import as_dtype, require_bool, require_broadcastable_to, require_floating, working_dtype
+from .._checks import (
+    as_dtype,
+    require_bool,
+    require_broadcastable_to,
+    require_dout_shape,
+    require_floating,
+    working_dtype,
+)
 from ..backend import Array, device_of, namespace
 
 __all__ = ["SoftmaxCache", "logsumexp", "safe_shift", "softmax_backward", "softmax_forward", "stable_shift"]
@@ -116,6 +123,7 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> dict[str, Array]:
     dx_j = p_j (dp_j − Σ_i p_i dp_i)
     """
     xp = namespace(dout)
+    require_dout_shape("softmax", dout, cache.weights.shape)
     work = working_dtype(xp, dout.dtype)
     p, dp = as_dtype(xp, cache.weights, work), as_dtype(xp, dout, work)
     # Σ_i p_i dp_i, one dot product per row, kept as a size-1 axis
