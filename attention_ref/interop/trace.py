@@ -22,11 +22,12 @@ with ``s = n`` for self-attention and the context (``encoder_hidden_states``) fo
 heads split head-major, ``bias`` diffusers' additive ``attention_mask`` (``−inf`` entries are a
 boolean mask: a query with no allowed key gets weights 0). Nothing of the module's output is
 used, so the weights are the same whatever processor is installed (xformers, sliced, a custom
-one) and whatever precision the model runs in: the inputs are converted exactly to ``dtype``
+one: the weights of this formula, which a processor that edits them does not compute) and
+whatever precision the model runs in, autocast included: the inputs are converted exactly to ``dtype``
 (float32 by default, float64 on request) and everything is computed in it. The reference's code
 takes its array namespace from its inputs, so it runs on the call's own torch tensors, on the
-model's device (CPU threads or GPU) — nothing is copied to the host but the recorded maps, when they
-are read.
+model's device (CPU threads or GPU) — only the recorded maps (when they are read), each call's
+timestep and the checks of its attention mask are copied to the host.
 
 * cross-attention: the ``(B, heads, H, W, M)`` maps (pixel ``(row, col)``'s weights over the ``M``
   context tokens), or their mean over the heads ``(B, H, W, M)`` (``heads="mean"``, the default);

@@ -181,6 +181,11 @@ class ExplorerLayer:
         object.__setattr__(self, "query_pixels", pixels)
         object.__setattr__(self, "head_mean", bool(self.head_mean))
 
+    def __repr__(self) -> str:
+        S, heads, Q, K = self.weights.shape
+        shape = f"{self.grid[0]}×{self.grid[1]}, {S} steps, {heads} heads, {Q} queries, {K} keys"
+        return f"<ExplorerLayer {self.name!r}: {self.kind}, {shape}>"
+
     @property
     def steps(self) -> int:
         return self.weights.shape[0]
@@ -340,6 +345,12 @@ class Explorer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.html(), encoding="utf-8")
         return path
+
+    def __repr__(self) -> str:
+        steps = f", {len(self.steps)} steps" if self.steps else ""
+        tokens = f", {len(self.tokens)} tokens" if self.tokens else ""
+        image = f", image {self.image.shape[0]}×{self.image.shape[1]}" if self.image is not None else ""
+        return f"<Explorer {self.title!r}: {len(self.layers)} layers{steps}{tokens}{image}>"
 
     def _repr_html_(self) -> str:
         """Jupyter's inline view: the page in an iframe (``srcdoc``), so its script and style stay its own."""
