@@ -548,3 +548,5 @@ def test_plot_word_maps_images_and_refusals():
         plot_word_maps(np.full((8, 8), 2.0), maps, ["dog", "sofa"])
     with pytest.raises(ValueError, match=r"len\(words\)"):
         plot_word_maps(np.zeros((8, 8)), maps, ["dog"])
+    with pytest.raises(ValueError, match="no map to draw"):
+        plot_word_maps(np.zeros((8, 8)), np.zeros((0, 4, 4)), [])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..backend import Array
 from ._common import MAP_CMAP, OVERLAY_ALPHA, as_numpy, new_figure
 
 __all__ = ["plot_word_maps"]
@@ -34,8 +35,8 @@ def _rgb01(image: Any) -> np.ndarray:
 
 
 def plot_word_maps(
-    image: Any,
-    maps: Any,
+    image: Array | Any,  # or a PIL image
+    maps: Array,
     words: Sequence[str],
     *,
     title: str | None = None,
@@ -56,6 +57,8 @@ def plot_word_maps(
     m = as_numpy(maps, "maps")
     if m.ndim != 3 or m.shape[0] != len(words):
         raise ValueError(f"maps must be (len(words), H, W) = ({len(words)}, H, W), got shape {m.shape}")
+    if m.size == 0:
+        raise ValueError(f"no map to draw: maps of shape {m.shape} (give at least one word and a non-empty map)")
     h, w = rgb.shape[:2]
     backdrop = rgb @ np.array([0.299, 0.587, 0.114])  # luminance   (h, w)
     top = float(m.max()) if vmax is None else float(vmax)
