@@ -42,8 +42,7 @@ def test_bench_command_writes_every_case(tmp_path, capsys):
         assert limit["gemm_flops_per_s"] == best
         assert limit["gemm_flops_per_s"] > 0 and limit["exp_per_s"] > 0
     impls = {"limit", "ours", "gemm"} | ({"torch"} if HAS_TORCH else set())
-    parts = [p for p in PARTS if part_available(p)]
-    for part in parts:
+    for part in PARTS:
         n = 64 if part in SMALL_PARTS else 36
         for dtype in ("float64", "float32"):
             rows = {r["impl"]: r for r in result["results"] if (r["part"], r["n"], r["dtype"]) == (part, n, dtype)}
@@ -94,8 +93,12 @@ def test_keep_freed_memory_takes_on_glibc():
 def test_parts_that_hold_full_matrices_stop_at_4096():
     assert part_runs_at("plain", FULL_MATRIX_LIMIT) is None
     assert "N = 4096" in part_runs_at("plain", 4 * FULL_MATRIX_LIMIT)
-    if part_available("block"):
-        assert "perfect square" in part_runs_at("block", 1000)
+    assert "perfect square" in part_runs_at("block", 1000)
+
+
+def test_every_part_runs_on_this_version():
+    """part_available lets the bench run against older versions side by side; this one has every part."""
+    assert all(part_available(p) for p in PARTS)
 
 
 def test_flops_and_gemm_bound_shapes():
@@ -185,8 +188,7 @@ def test_peak_rss_sees_numpy_allocations():
 @pytest.mark.parametrize("part", ["plain", "tiled", "block"])
 def test_the_torch_peer_computes_the_same_thing_as_ours(part):
     """The bench's torch side is the same computation (so the times compare like with like)."""
-    if not part_available(part):
-        pytest.skip(f"{part} is not in this version of attention_ref")
+    assert part_available(part)
     from attention_ref.backend import to_numpy
     from attention_ref.bench.peers import torch_runner
     from attention_ref.gradcheck import rel_error
