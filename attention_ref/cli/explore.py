@@ -10,7 +10,8 @@
   drawing a prompt never seen in training (:func:`attention_ref.toys.diffusion.sample`, shipped weights);
 * ``FILE.npz``: a page's data written by :meth:`attention_ref.viz.Explorer.save_npz`.
 
-A new source is one function ``(steps, seed) -> Explorer`` in :data:`SOURCES` (``None`` for either: its default).
+A new source is one entry ``name: (help text, builder)`` of :data:`SOURCES`, where
+``builder(steps=..., seed=...)`` returns the :class:`~attention_ref.viz.Explorer` (``None`` for either: its default).
 The page (:mod:`attention_ref.viz.explorer`) holds its data and script inline: open
 it in any browser, without a server or a network.
 """
