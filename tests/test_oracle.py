@@ -141,17 +141,25 @@ def test_a_sum_error_has_the_any_order_size():
     assert np.std(draws / sigma) == pytest.approx(1.0, abs=0.05)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_allowance_does_not_depend_on_the_blas_threads(dtype):
-    # the yardstick comes from float64 arithmetic and seeded draws, not from a float32 run through the BLAS
-    from threadpoolctl import threadpool_limits
+@pytest.mark.parametrize("dtype", [*LOW, "float64"])
+def test_the_allowance_barely_depends_on_the_float64_sum_order(dtype, monkeypatch):
+    # the yardstick is float64 arithmetic plus seeded draws; another BLAS (another order of the float64 sums)
+    # moves it by float64 rounding: nothing next to the draws of a float32/16/bf16 kernel's rounding, but the
+    # draws of a float64 kernel are themselves of float64's size, so there the allowance moves by a few %
+    cases = ["long sequence", "large logits", "cross-attention", "odd sizes"]
+    before = [reference(by_name(n), dtype).kernel_error[o] for n in cases for o in OUTPUTS]
 
-    cases = ["long sequence", "large logits", "cross-attention"]
-    allowances = []
-    for threads in (1, 2):
-        with threadpool_limits(limits=threads, user_api="blas"):
-            allowances.append([reference(by_name(n), dtype).kernel_error[o] for n in cases for o in OUTPUTS])
-    np.testing.assert_allclose(allowances[0], allowances[1], rtol=1e-6)
+    def einsum_matmul(self, a, b, factor=1.0):  # NumPy's own loop instead of the BLAS: another summation order
+        exact = np.einsum("...ij,...jk->...ik", a, b, optimize=False)
+        return exact + self.sum_error(np.abs(a) @ np.abs(b), a.shape[-1], factor)
+
+    monkeypatch.setattr(RoundingModel, "matmul", einsum_matmul)
+    after = [reference(by_name(n), dtype).kernel_error[o] for n in cases for o in OUTPUTS]
+    change = np.max(np.abs(np.subtract(after, before)) / np.asarray(before))
+    if dtype == "float64":
+        assert 0 < change < 0.1  # measured: up to 3 % (AMD EPYC Zen 4, OpenBLAS)
+    else:
+        assert change <= 1e-6  # measured: ~1e-10
 
 
 def test_allowed_error_is_c_times_the_yardstick_plus_floor():
