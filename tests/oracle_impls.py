@@ -251,6 +251,16 @@ def grad_recomputes_p_without_mask(q, k, v, dout, *, mask=None, bias=None, scale
     return grads_from_p(p, q, k, v, dout, scale)
 
 
+def grad_dv_accumulated_in_dtype(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    p = softmax(logits(q, k, bias, scale), mask)
+    dq, dk, _ = grads_from_p(p, q, k, v, dout, scale)
+    do32 = dout.astype(np.float32)
+    dv = np.zeros(v.shape, q.dtype)
+    for i in range(q.shape[-2]):  # BUG: dV = Σ_i P_ij dO_i accumulated query by query in the input dtype
+        dv = (dv.astype(np.float32) + p[..., i, :, None] * do32[..., i, None, :]).astype(q.dtype)
+    return dq, dk, dv
+
+
 def flash_style_grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
     """FlashAttention-2's backward in the input dtype: P and dS rounded to it for the matmuls, D = rowsum(dO ∘ O)
     from the rounded output O, float32 accumulation."""

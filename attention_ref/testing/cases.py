@@ -19,7 +19,9 @@ own fixed seed). They cover:
 * logits: large (|scale·q·k| in the hundreds, which overflows ``exp`` without
   max subtraction), near-uniform weights, near-one-hot weights; duplicate keys;
 * a long sequence (1024 keys) whose values share a common component, which
-  exposes sums accumulated in the low-precision dtype.
+  exposes sums over the keys accumulated in the low-precision dtype; and a long
+  query axis (1024 queries, 64 keys) whose upstream gradient shares one, which
+  exposes the backward's sums over the queries (``dV = Pᵀ dO``) accumulated so.
 
 Add your own with ``Case(name, q, k, v, mask=..., bias=..., scale=...)``.
 """
@@ -204,6 +206,20 @@ def _long_sequence(seed: int | None = None, d: int = 8, dv: int = 8) -> Case:
     )
 
 
+def _long_query_axis() -> Case:
+    base = _make("long query axis", "", (1,), 1024, 64, 8, 8, qk_std=0.5)
+    rng = np.random.default_rng(_seed("long query axis/dout"))
+    dout = 1.0 + rng.standard_normal((*base.q.shape[:-1], 8))  # a common component: Σ_i P_ij dO_i grows to ~16
+    return Case(
+        "long query axis",
+        base.q,
+        base.k,
+        base.v,
+        dout=dout,
+        description="1024 queries, 64 keys, dout of mean 1: exposes dK, dV accumulated over queries in the dtype",
+    )
+
+
 def _large_logits(seed: int | None = None, d: int = 16, dv: int = 8) -> Case:
     return _make(
         "large logits",
@@ -284,6 +300,7 @@ def battery() -> list[Case]:
         _make("near-one-hot", "logits ~10: one weight ≈ 1, the rest small", (B,), 8, 12, 16, 8, qk_std=3.0),
         _duplicate_keys(),
         _long_sequence(),
+        _long_query_axis(),
     ]
     return cases
 
