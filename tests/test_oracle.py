@@ -86,6 +86,47 @@ def test_a_case_checks_its_inputs():
         check_attention(numpy_attention, cases=["plain", "plain"])
 
 
+def test_a_case_refuses_non_finite_and_empty_inputs():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 2))
+    for name, bad in [("q", q), ("k", k), ("v", v)]:
+        for value in (np.nan, np.inf):
+            arrays = {"q": q, "k": k, "v": v}
+            arrays[name] = bad.copy()
+            arrays[name][0, 0] = value
+            with pytest.raises(ValueError, match=f"{name} (holds NaN or Inf|has an infinite entry)"):
+                Case("bad", **arrays)
+    dout = np.ones((3, 2))
+    dout[1, 1] = np.nan
+    with pytest.raises(ValueError, match="dout holds NaN or Inf"):
+        Case("bad", q, k, v, dout=dout)
+    for value in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="bias holds NaN or Inf"):
+            Case("bad", q, k, v, bias=np.full((3, 5), value))
+    Case("fine", q, k, v, bias=np.full((3, 5), -np.inf))  # a bias of -inf drops keys, as a mask does
+    with pytest.raises(ValueError, match=r"case 'empty': q of shape \(0, 4\) has no entries"):
+        Case("empty", q[:0], k, v)
+
+
+def test_inputs_that_overflow_the_dtype_are_the_case_s_error():
+    rng = np.random.default_rng(0)
+    big = Case("big", 1e6 * rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 2)))
+    with pytest.raises(ValueError, match=r"case 'big': q does not fit in float16: .* rounds to inf"):
+        check_attention(numpy_attention, dtype="float16", cases=[big])
+    assert check_attention(numpy_attention, dtype="float32", cases=[big]).checks  # fits in float32
+
+
+def test_a_bias_row_of_minus_inf_is_a_fully_masked_row():
+    rng = np.random.default_rng(0)
+    bias = rng.standard_normal((4, 5))
+    bias[2] = -np.inf
+    case = Case("dead bias row", rng.standard_normal((4, 3)), rng.standard_normal((5, 3)), rng.standard_normal((5, 3)),
+                bias=bias)  # fmt: skip
+    assert case.dead_rows.tolist() == [False, False, True, False] and "fully masked rows" in case.features
+    assert not check_attention(impl.nan_on_fully_masked_rows, cases=[case]).ok
+    assert check_attention(impl.nan_on_fully_masked_rows, cases=[case], masked_rows="nan-ok").ok
+
+
 def test_user_cases_and_subsets():
     rng = np.random.default_rng(0)
     mine = Case("mine", rng.standard_normal((3, 5)), rng.standard_normal((4, 5)), rng.standard_normal((4, 2)))
@@ -269,6 +310,14 @@ def test_from_torch_pair_unpacks_into_check_attention_and_carries_the_declaratio
     assert [c.output for c in report.checks] == ["out", "dq", "dk", "dv"] * 2 and report.ok
 
 
+def test_from_torch_functions_are_annotated():
+    import typing
+
+    fn, grad_fn = from_torch(lambda q, k, v, **kw: q)
+    assert typing.get_type_hints(fn)["return"] is np.ndarray
+    assert "return" in typing.get_type_hints(grad_fn)
+
+
 @needs_torch
 def test_from_torch_keeps_dtypes_and_zero_fills_unused_gradients():
     import torch
@@ -359,6 +408,8 @@ def test_bad_arguments():
         check_attention(numpy_attention, dtype="int8")
     with pytest.raises(ValueError, match="fn, grad_fn, or both"):
         check_attention(None)
+    with pytest.raises(TypeError, match=r"policy must be a Policy \(attention_ref.testing.Policy"):
+        check_attention(numpy_attention, policy={"c": 3.0})
 
 
 def test_results_from_other_array_libraries_are_read_and_a_non_array_fails():

@@ -75,6 +75,12 @@ class Case:
         for name, a in as64.items():
             object.__setattr__(self, name, a)
         check_attention_inputs(self.q, self.k, self.v, self.mask, self.bias, self.scale)
+        empty = [n for n in ("q", "k", "v") if getattr(self, n).size == 0]
+        if empty:
+            raise ValueError(
+                f"case {self.name!r}: {', '.join(empty)} of shape "
+                f"{', '.join(str(getattr(self, n).shape) for n in empty)} has no entries: nothing would be compared"
+            )
         out_shape = (*self.q.shape[:-1], self.v.shape[-1])
         if self.dout is None:
             rng = np.random.default_rng(_seed(self.name + "/dout"))
@@ -86,15 +92,29 @@ class Case:
                     f"case {self.name!r}: dout of shape {dout.shape} does not match the output {out_shape}"
                 )
             object.__setattr__(self, "dout", dout)
+        for n in ("q", "k", "v", "dout", "bias"):
+            a = getattr(self, n)
+            if a is None:
+                continue
+            finite = np.isfinite(a) if n != "bias" else np.isfinite(a) | (a == -np.inf)  # a bias may drop keys
+            if not np.all(finite):
+                raise ValueError(
+                    f"case {self.name!r}: {n} holds NaN or Inf; non-finite inputs are the case's error, not the "
+                    "implementation's (a bias may hold -inf to drop a key)"
+                )
 
     @property
     def dead_rows(self) -> np.ndarray:
-        """Boolean ``(..., N)``: query rows with no allowed key (their output must be 0)."""
+        """Boolean ``(..., N)``: query rows with no allowed key (their output must be 0): every key masked, or
+        given a bias of ``-inf``."""
         rows = (*self.q.shape[:-1],)
-        if self.mask is None:
-            return np.zeros(rows, dtype=bool)
-        full = np.broadcast_to(self.mask, (*rows, self.k.shape[-2]))
-        return ~np.any(full, axis=-1)
+        logits = (*rows, self.k.shape[-2])
+        allowed = np.ones(logits, dtype=bool)
+        if self.mask is not None:
+            allowed = allowed & np.broadcast_to(self.mask, logits)
+        if self.bias is not None:
+            allowed = allowed & np.broadcast_to(self.bias != -np.inf, logits)
+        return ~np.any(allowed, axis=-1)
 
     @property
     def features(self) -> frozenset[str]:

@@ -263,6 +263,16 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
+def check_policy(policy: Any) -> Policy:
+    """``policy`` itself when it is a :class:`Policy`; ``TypeError`` otherwise (a dict is not read as one)."""
+    if not isinstance(policy, Policy):
+        raise TypeError(
+            f"policy must be a Policy (attention_ref.testing.Policy(c=..., floor=..., samples=...)), "
+            f"got {type(policy).__name__}"
+        )
+    return policy
+
+
 def _max_abs(a: np.ndarray) -> float:
     return float(np.max(np.abs(a))) if a.size else 0.0
 
@@ -412,7 +422,9 @@ def _magnitudes(x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs:
 
 def reference(case: Case, dtype: str, policy: Policy = DEFAULT_POLICY) -> Reference:
     """The inputs in ``dtype``, the float64 reference, the yardstick and the magnitudes, for one case."""
-    inputs: dict[str, Any] = {n: round_to(getattr(case, n), dtype) for n in ("q", "k", "v", "dout", "bias")}
+    inputs: dict[str, Any] = {
+        n: round_to(getattr(case, n), dtype, f"case {case.name!r}: {n}") for n in ("q", "k", "v", "dout", "bias")
+    }
     inputs["mask"] = None if case.mask is None else np.asarray(case.mask, dtype=bool)
     inputs["scale"] = None if case.scale is None else float(case.scale)
     as64 = {n: None if a is None else a.astype(np.float64) for n, a in inputs.items() if n not in ("mask", "scale")}
