@@ -251,6 +251,16 @@ def grad_recomputes_p_without_mask(q, k, v, dout, *, mask=None, bias=None, scale
     return grads_from_p(p, q, k, v, dout, scale)
 
 
+def grad_dv_accumulated_in_dtype(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    p = softmax(logits(q, k, bias, scale), mask)
+    dq, dk, _ = grads_from_p(p, q, k, v, dout, scale)
+    do32 = dout.astype(np.float32)
+    dv = np.zeros(v.shape, q.dtype)
+    for i in range(q.shape[-2]):  # BUG: dV = Σ_i P_ij dO_i accumulated query by query in the input dtype
+        dv = (dv.astype(np.float32) + p[..., i, :, None] * do32[..., i, None, :]).astype(q.dtype)
+    return dq, dk, dv
+
+
 def flash_style_grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
     """FlashAttention-2's backward in the input dtype: P and dS rounded to it for the matmuls, D = rowsum(dO ∘ O)
     from the rounded output O, float32 accumulation."""
@@ -410,6 +420,54 @@ def tiled_attention(tile=32):
             dq = dq + w.type(scale_) * (ds @ k_[..., start : start + tile, :])
             dks.append(w.type(scale_) * (t(ds) @ q_))
         dk, dv = np.concatenate(dks, axis=-2), np.concatenate(dvs, axis=-2)
+        return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
+
+    return fn, grad_fn
+
+
+def eager_attention(detach_max=False):
+    """``(fn, grad_fn)``: attention as eager PyTorch code writes it, ``e = exp(S − max S)``, ``P = e / Σe``, with
+    every op's result stored in the dtype (sums in the working dtype), and the backward that autograd derives from
+    those ops. Unless ``detach_max``, the gradient also flows through the shift: ``m = max_k S_k`` adds
+    ``−Σ_k dS_k`` — zero in exact arithmetic, a rounding residue in practice — to each row's argmax entry."""
+
+    def forward(q, k, v, mask, bias, scale):
+        w = _work(q.dtype)
+
+        def st(x):  # an op's result stored in the dtype, read back in the working dtype
+            return x.astype(q.dtype).astype(w)
+
+        scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        s = st(st(q.astype(w) @ t(k.astype(w))) * w.type(scale))
+        if bias is not None:
+            s = st(s + bias.astype(w))
+        if mask is not None:
+            s = np.where(mask, s, -np.inf)
+        m = np.max(s, axis=-1, keepdims=True)
+        m = np.where(np.isneginf(m), 0.0, m).astype(w)
+        e = st(np.exp(st(s - m)))
+        total = st(np.sum(e, axis=-1, keepdims=True))
+        total = np.where(total == 0, 1.0, total).astype(w)
+        p = st(e / total)
+        return st(p @ v.astype(w)), (s, e, total, p, w, st, scale)
+
+    def fn(q, k, v, *, mask=None, bias=None, scale=None):
+        return forward(q, k, v, mask, bias, scale)[0].astype(q.dtype)
+
+    def grad_fn(q, k, v, dout, *, mask=None, bias=None, scale=None):
+        _, (s, e, total, p, w, st, scale_) = forward(q, k, v, mask, bias, scale)
+        q_, k_, v_, do = (a.astype(w) for a in (q, k, v, dout))
+        dv = st(t(p) @ do)
+        dp = st(do @ t(v_))
+        # P = e / ℓ: de = dP / ℓ, dℓ = −Σ_k dP_k e_k / ℓ²; ℓ = Σ e sends dℓ to every e_k
+        dl = st(-np.sum(st(dp * e), axis=-1, keepdims=True) / (total * total))
+        de = st(st(dp / total) + dl)
+        dx = st(de * e)  # through exp: the gradient of S − m
+        if not detach_max:  # through m = max_k S_k: −Σ_k dx_k onto the argmax entry
+            dm = st(-np.sum(dx, axis=-1, keepdims=True))
+            dx = st(dx + np.where(np.arange(s.shape[-1]) == np.argmax(s, axis=-1)[..., None], dm, 0.0))
+        ds = st(dx * w.type(scale_))  # through S = scale·(Q Kᵀ)
+        dq, dk = st(ds @ k_), st(t(ds) @ q_)
         return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
 
     return fn, grad_fn

@@ -142,3 +142,29 @@ def test_unsupported_module_is_a_row_and_bad_arguments(unet):
         check_model(Pipe())
     with pytest.raises(ValueError, match="no diffusers Attention"):
         check_model(torch.nn.Linear(2, 2), torch.randn(1, 2))
+
+
+def test_a_call_without_hidden_states_is_a_failed_row_not_an_escaped_error():
+    from diffusers.models.attention_processor import Attention
+
+    class Wrapper(torch.nn.Module):
+        """Calls its Attention with a keyword the hook does not know (through a replaced forward)."""
+
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(query_dim=16, heads=2, dim_head=8)
+            forward = self.attn.forward
+            self.attn.forward = lambda *, tokens: forward(tokens)
+
+        def forward(self, x):
+            return self.attn(tokens=x)
+
+    report = check_model(Wrapper(), torch.randn(1, 5, 16))
+    assert [r.name for r in report.rows] == ["attn"] and report.rows[0].check.failed
+    assert "KeyError" in report.rows[0].check.note
+
+
+def test_a_policy_must_be_a_policy():
+    with pytest.raises(TypeError, match="policy must be a Policy"):
+        args, kwargs = inputs()
+        check_model(toy_unet(), *args, policy={"c": 3}, **kwargs)

@@ -86,6 +86,47 @@ def test_a_case_checks_its_inputs():
         check_attention(numpy_attention, cases=["plain", "plain"])
 
 
+def test_a_case_refuses_non_finite_and_empty_inputs():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 2))
+    for name, bad in [("q", q), ("k", k), ("v", v)]:
+        for value in (np.nan, np.inf):
+            arrays = {"q": q, "k": k, "v": v}
+            arrays[name] = bad.copy()
+            arrays[name][0, 0] = value
+            with pytest.raises(ValueError, match=f"{name} (holds NaN or Inf|has an infinite entry)"):
+                Case("bad", **arrays)
+    dout = np.ones((3, 2))
+    dout[1, 1] = np.nan
+    with pytest.raises(ValueError, match="dout holds NaN or Inf"):
+        Case("bad", q, k, v, dout=dout)
+    for value in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="bias holds NaN or Inf"):
+            Case("bad", q, k, v, bias=np.full((3, 5), value))
+    Case("fine", q, k, v, bias=np.full((3, 5), -np.inf))  # a bias of -inf drops keys, as a mask does
+    with pytest.raises(ValueError, match=r"case 'empty': q of shape \(0, 4\) has no entries"):
+        Case("empty", q[:0], k, v)
+
+
+def test_inputs_that_overflow_the_dtype_are_the_case_s_error():
+    rng = np.random.default_rng(0)
+    big = Case("big", 1e6 * rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 2)))
+    with pytest.raises(ValueError, match=r"case 'big': q does not fit in float16: .* rounds to inf"):
+        check_attention(numpy_attention, dtype="float16", cases=[big])
+    assert check_attention(numpy_attention, dtype="float32", cases=[big]).checks  # fits in float32
+
+
+def test_a_bias_row_of_minus_inf_is_a_fully_masked_row():
+    rng = np.random.default_rng(0)
+    bias = rng.standard_normal((4, 5))
+    bias[2] = -np.inf
+    case = Case("dead bias row", rng.standard_normal((4, 3)), rng.standard_normal((5, 3)), rng.standard_normal((5, 3)),
+                bias=bias)  # fmt: skip
+    assert case.dead_rows.tolist() == [False, False, True, False] and "fully masked rows" in case.features
+    assert not check_attention(impl.nan_on_fully_masked_rows, cases=[case]).ok
+    assert check_attention(impl.nan_on_fully_masked_rows, cases=[case], masked_rows="nan-ok").ok
+
+
 def test_user_cases_and_subsets():
     rng = np.random.default_rng(0)
     mine = Case("mine", rng.standard_normal((3, 5)), rng.standard_normal((4, 5)), rng.standard_normal((4, 2)))
@@ -141,17 +182,25 @@ def test_a_sum_error_has_the_any_order_size():
     assert np.std(draws / sigma) == pytest.approx(1.0, abs=0.05)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_allowance_does_not_depend_on_the_blas_threads(dtype):
-    # the yardstick comes from float64 arithmetic and seeded draws, not from a float32 run through the BLAS
-    from threadpoolctl import threadpool_limits
+@pytest.mark.parametrize("dtype", [*LOW, "float64"])
+def test_the_allowance_barely_depends_on_the_float64_sum_order(dtype, monkeypatch):
+    # the yardstick is float64 arithmetic plus seeded draws; another BLAS (another order of the float64 sums)
+    # moves it by float64 rounding: nothing next to the draws of a float32/16/bf16 kernel's rounding, but the
+    # draws of a float64 kernel are themselves of float64's size, so there the allowance moves by a few %
+    cases = ["long sequence", "large logits", "cross-attention", "odd sizes"]
+    before = [reference(by_name(n), dtype).kernel_error[o] for n in cases for o in OUTPUTS]
 
-    cases = ["long sequence", "large logits", "cross-attention"]
-    allowances = []
-    for threads in (1, 2):
-        with threadpool_limits(limits=threads, user_api="blas"):
-            allowances.append([reference(by_name(n), dtype).kernel_error[o] for n in cases for o in OUTPUTS])
-    np.testing.assert_allclose(allowances[0], allowances[1], rtol=1e-6)
+    def einsum_matmul(self, a, b, factor=1.0):  # NumPy's own loop instead of the BLAS: another summation order
+        exact = np.einsum("...ij,...jk->...ik", a, b, optimize=False)
+        return exact + self.sum_error(np.abs(a) @ np.abs(b), a.shape[-1], factor)
+
+    monkeypatch.setattr(RoundingModel, "matmul", einsum_matmul)
+    after = [reference(by_name(n), dtype).kernel_error[o] for n in cases for o in OUTPUTS]
+    change = np.max(np.abs(np.subtract(after, before)) / np.asarray(before))
+    if dtype == "float64":
+        assert 0 < change < 0.1  # measured: up to 3 % (AMD EPYC Zen 4, OpenBLAS)
+    else:
+        assert change <= 1e-6  # measured: ~1e-10
 
 
 def test_allowed_error_is_c_times_the_yardstick_plus_floor():
@@ -200,10 +249,12 @@ def test_a_blocked_online_softmax_and_flash_style_rounding_pass(dtype):
     [
         pytest.param(impl.ordered_attention("sequential"), id="key by key"),
         pytest.param(impl.tiled_attention(32), id="tiled over 32 keys"),
+        pytest.param(impl.eager_attention(), id="eager, autograd through the max shift"),
     ],
 )
 def test_a_key_by_key_and_a_tiled_kernel_pass(kernel, dtype):
-    # the orders that a BLAS-measured yardstick rejected: every sum key by key, and FlashAttention's tiles
+    # the orders that a BLAS-measured yardstick rejected: every sum key by key, and FlashAttention's tiles; and
+    # eager code whose backward runs through m = max S, leaving a rounding residue on each row's argmax entry
     assert assert_attention_close(*kernel, dtype=dtype).worst_ratio() < 0.5
 
 
@@ -229,12 +280,42 @@ def test_torch_attentions_pass(peer, dtype):
     assert report.unsupported_cases == (["mask+bias+scale", "custom scale"] if peer == "torch_mha" else [])
 
 
+def manual_softmax_attention(q, k, v, *, mask=None, bias=None, scale=None):
+    """Eager PyTorch attention with the softmax written out and the max shift *not* detached: autograd sends
+    −Σ_k dS_k (zero up to rounding) through ``amax`` to each row's largest logit."""
+    import torch
+
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = s if bias is None else s + bias
+    s = s if mask is None else s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total == 0, torch.ones_like(total), total) @ v
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", [*LOW, "float64"])
+def test_autograd_through_an_undetached_max_shift_passes(dtype):
+    # the residue of −Σ_k dS_k lands on one key's dk: before the model drew it, long sequence failed at 6.9
+    # (float16), 3.8 (bfloat16) and up to 1.4 (float32, re-seeded)
+    assert assert_attention_close(*from_torch(manual_softmax_attention), dtype=dtype).worst_ratio() < 0.5
+
+
 @needs_torch
 def test_from_torch_pair_unpacks_into_check_attention_and_carries_the_declaration():
     fn, grad_fn = from_torch(examples.torch_mha)
     assert fn.unsupported == grad_fn.unsupported == ("custom scale",)
     report = check_attention(*from_torch(examples.torch_mha), cases=["plain", "custom scale"])
     assert [c.output for c in report.checks] == ["out", "dq", "dk", "dv"] * 2 and report.ok
+
+
+def test_from_torch_functions_are_annotated():
+    import typing
+
+    fn, grad_fn = from_torch(lambda q, k, v, **kw: q)
+    assert typing.get_type_hints(fn)["return"] is np.ndarray
+    assert "return" in typing.get_type_hints(grad_fn)
 
 
 @needs_torch
@@ -327,6 +408,8 @@ def test_bad_arguments():
         check_attention(numpy_attention, dtype="int8")
     with pytest.raises(ValueError, match="fn, grad_fn, or both"):
         check_attention(None)
+    with pytest.raises(TypeError, match=r"policy must be a Policy \(attention_ref.testing.Policy"):
+        check_attention(numpy_attention, policy={"c": 3.0})
 
 
 def test_results_from_other_array_libraries_are_read_and_a_non_array_fails():

@@ -11,6 +11,7 @@ import attention_ref as ar
 from attention_ref.testing import BlockCase, blocks, check_attention_call, check_diffusers_attention
 from attention_ref.testing.blocks import block_magnitudes, simulated_block
 from attention_ref.testing.rounding import RoundingModel
+from attention_ref.testing.torch_wrap import torch_to_numpy
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 if importlib.util.find_spec("diffusers") is None:
@@ -284,6 +285,29 @@ def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_sampl
     assert not everything.supported and not everything.ok and not everything.failed
     with pytest.raises(NotImplementedError, match="additive bias"):
         check_attention_call(cross, tokens, context, torch.full((2, 7), -1.0), output=out, dtype="float32")
+
+
+def test_one_recorded_call_checks_its_arguments():
+    self_attn = make_attention(AttnProcessor2_0(), cross=False).to(torch.bfloat16)
+    x = torch.randn(2, 16, 5, 3, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    out = record(self_attn, x)
+    # bfloat16 torch tensors and ml_dtypes bfloat16 arrays are both bfloat16
+    assert check_attention_call(self_attn, x, output=out, dtype="bfloat16").ok
+    assert check_attention_call(self_attn, torch_to_numpy(x), output=torch_to_numpy(out), dtype="bfloat16").ok
+    # inputs in another dtype than the call's would give the reference other values than the module saw
+    with pytest.raises(TypeError, match="hidden_states is float32, not bfloat16"):
+        check_attention_call(self_attn, x.float(), output=out, dtype="bfloat16")
+    with pytest.raises(TypeError, match="hidden_states is bfloat16, not float16"):
+        check_attention_call(self_attn, x, output=out, dtype="float16")
+    # an output in another dtype is the module's fault: a failed row that says so
+    upcast = check_attention_call(self_attn, x, output=out.float(), dtype="bfloat16")
+    assert upcast.failed and "dtype float32, expected bfloat16" in upcast.note
+    with pytest.raises(ValueError, match=r"output must be \(B, C, H, W\) or \(B, N, C\)"):
+        check_attention_call(self_attn, x, output=out[0, 0], dtype="bfloat16")
+    with pytest.raises(TypeError, match="policy must be a Policy"):
+        check_attention_call(self_attn, x, output=out, dtype="bfloat16", policy={"c": 3})
+    with pytest.raises(TypeError, match="policy must be a Policy"):
+        check_diffusers_attention(self_attn, dtype="bfloat16", policy={"c": 3})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -109,6 +109,14 @@ def test_values_accumulated_in_bfloat16(dtype):
     assert report.failed_cases == ["long sequence"] and report.worst_ratio() > 10
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dv_accumulated_in_the_low_precision_dtype_over_the_queries(dtype):
+    # Σ_i P_ij dO_i over 1024 queries onto ~16 (dout of mean 1) in the dtype: only the long query axis shows it
+    report = check_attention(None, impl.grad_dv_accumulated_in_dtype, dtype=dtype)
+    assert report.failed_cases == ["long query axis"] and failing_outputs(report) == {"dv"}
+    assert check_attention(None, impl.grad_dv_accumulated_in_dtype, dtype="float32").ok  # float32 is legitimate
+
+
 def test_mask_applied_on_the_query_axis():
     report = check_attention(impl.mask_on_query_axis)
     failed = set(report.failed_cases)

@@ -55,7 +55,7 @@ from .dtypes import DTYPES, numpy_dtype, round_to
 from .harness import compare_output, exception_check
 from .report import OutputCheck, Report
 from .rounding import RoundingModel
-from .tolerance import DEFAULT_POLICY, Policy, simulate_attention_core
+from .tolerance import DEFAULT_POLICY, Policy, check_policy, simulate_attention_core
 from .torch_wrap import numpy_to_torch, torch_to_numpy
 
 __all__ = [
@@ -431,6 +431,7 @@ def check_diffusers_attention(
     import torch
 
     np_dtype = numpy_dtype(dtype)
+    check_policy(policy)
     module = copy.deepcopy(attn).to(getattr(torch, dtype))
     device = next(module.parameters()).device  # run where the module lives (CPU, CUDA, ...)
     params64, options = from_diffusers(module, dtype="float64")  # the module's own (rounded) weights, exactly
@@ -517,13 +518,16 @@ def _as_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _channels_last(a: np.ndarray) -> np.ndarray:
-    """``(B, C, H, W)`` → ``(B, H, W, C)``; tokens ``(B, N, C)`` → a one-row map ``(B, 1, N, C)``."""
+def _channels_last(a: np.ndarray, name: str = "hidden_states") -> np.ndarray:
+    """``(B, C, H, W)`` → ``(B, H, W, C)``; tokens ``(B, N, C)`` → a one-row map ``(B, 1, N, C)``.
+
+    ``name``: the argument ``a`` came from, for the error message.
+    """
     if a.ndim == 4:
         return a.transpose(0, 2, 3, 1)
     if a.ndim == 3:
         return a[:, None]
-    raise ValueError(f"hidden_states must be (B, C, H, W) or (B, N, C), got shape {a.shape}")
+    raise ValueError(f"{name} must be (B, C, H, W) or (B, N, C), got shape {a.shape}")
 
 
 def _allowed_keys(attention_mask: Any, batch: int, queries: int, keys: int) -> np.ndarray:
@@ -587,12 +591,20 @@ def check_attention_call(
         whole sample of them, or single query rows of a self-attention mask ``(B, N, N)``; the row says so in
         ``note`` and is marked not supported when no sample is left.
     """
-    numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
+    check_policy(policy)
+    inputs = {"hidden_states": _as_numpy(hidden_states)}
+    if encoder_hidden_states is not None:
+        inputs["encoder_hidden_states"] = _as_numpy(encoder_hidden_states)
+    for arg, a in inputs.items():  # the reference must see the values the module saw
+        if a.dtype != np_dtype:
+            raise TypeError(f"{arg} is {a.dtype}, not {dtype}: pass the call's inputs as the module got them")
     params, options = from_diffusers(attn, dtype="float64") if not isinstance(attn, tuple) else attn
-    x = _channels_last(_as_numpy(hidden_states).astype(np.float64))  # (B, H, W, C)
+    x = _channels_last(inputs["hidden_states"].astype(np.float64))  # (B, H, W, C)
     B, H, W, _ = x.shape
-    context = None if encoder_hidden_states is None else _as_numpy(encoder_hidden_states).astype(np.float64)
-    got = _channels_last(_as_numpy(output))
+    context = inputs.get("encoder_hidden_states")
+    context = None if context is None else context.astype(np.float64)
+    got = _channels_last(_as_numpy(output), "output")  # its dtype is checked with its values: a failed row
     keys = H * W if context is None else context.shape[-2]
     allowed = None if attention_mask is None else _allowed_keys(attention_mask, B, H * W, keys)  # (B, 1|N, M)
     context_mask = mask = None

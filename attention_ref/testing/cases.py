@@ -19,7 +19,9 @@ own fixed seed). They cover:
 * logits: large (|scale·q·k| in the hundreds, which overflows ``exp`` without
   max subtraction), near-uniform weights, near-one-hot weights; duplicate keys;
 * a long sequence (1024 keys) whose values share a common component, which
-  exposes sums accumulated in the low-precision dtype.
+  exposes sums over the keys accumulated in the low-precision dtype; and a long
+  query axis (1024 queries, 64 keys) whose upstream gradient shares one, which
+  exposes the backward's sums over the queries (``dV = Pᵀ dO``) accumulated so.
 
 Add your own with ``Case(name, q, k, v, mask=..., bias=..., scale=...)``.
 """
@@ -73,6 +75,12 @@ class Case:
         for name, a in as64.items():
             object.__setattr__(self, name, a)
         check_attention_inputs(self.q, self.k, self.v, self.mask, self.bias, self.scale)
+        empty = [n for n in ("q", "k", "v") if getattr(self, n).size == 0]
+        if empty:
+            raise ValueError(
+                f"case {self.name!r}: {', '.join(empty)} of shape "
+                f"{', '.join(str(getattr(self, n).shape) for n in empty)} has no entries: nothing would be compared"
+            )
         out_shape = (*self.q.shape[:-1], self.v.shape[-1])
         if self.dout is None:
             rng = np.random.default_rng(_seed(self.name + "/dout"))
@@ -84,15 +92,29 @@ class Case:
                     f"case {self.name!r}: dout of shape {dout.shape} does not match the output {out_shape}"
                 )
             object.__setattr__(self, "dout", dout)
+        for n in ("q", "k", "v", "dout", "bias"):
+            a = getattr(self, n)
+            if a is None:
+                continue
+            finite = np.isfinite(a) if n != "bias" else np.isfinite(a) | (a == -np.inf)  # a bias may drop keys
+            if not np.all(finite):
+                raise ValueError(
+                    f"case {self.name!r}: {n} holds NaN or Inf; non-finite inputs are the case's error, not the "
+                    "implementation's (a bias may hold -inf to drop a key)"
+                )
 
     @property
     def dead_rows(self) -> np.ndarray:
-        """Boolean ``(..., N)``: query rows with no allowed key (their output must be 0)."""
+        """Boolean ``(..., N)``: query rows with no allowed key (their output must be 0): every key masked, or
+        given a bias of ``-inf``."""
         rows = (*self.q.shape[:-1],)
-        if self.mask is None:
-            return np.zeros(rows, dtype=bool)
-        full = np.broadcast_to(self.mask, (*rows, self.k.shape[-2]))
-        return ~np.any(full, axis=-1)
+        logits = (*rows, self.k.shape[-2])
+        allowed = np.ones(logits, dtype=bool)
+        if self.mask is not None:
+            allowed = allowed & np.broadcast_to(self.mask, logits)
+        if self.bias is not None:
+            allowed = allowed & np.broadcast_to(self.bias != -np.inf, logits)
+        return ~np.any(allowed, axis=-1)
 
     @property
     def features(self) -> frozenset[str]:
@@ -204,6 +226,20 @@ def _long_sequence(seed: int | None = None, d: int = 8, dv: int = 8) -> Case:
     )
 
 
+def _long_query_axis() -> Case:
+    base = _make("long query axis", "", (1,), 1024, 64, 8, 8, qk_std=0.5)
+    rng = np.random.default_rng(_seed("long query axis/dout"))
+    dout = 1.0 + rng.standard_normal((*base.q.shape[:-1], 8))  # a common component: Σ_i P_ij dO_i grows to ~16
+    return Case(
+        "long query axis",
+        base.q,
+        base.k,
+        base.v,
+        dout=dout,
+        description="1024 queries, 64 keys, dout of mean 1: exposes dK, dV accumulated over queries in the dtype",
+    )
+
+
 def _large_logits(seed: int | None = None, d: int = 16, dv: int = 8) -> Case:
     return _make(
         "large logits",
@@ -284,6 +320,7 @@ def battery() -> list[Case]:
         _make("near-one-hot", "logits ~10: one weight ≈ 1, the rest small", (B,), 8, 12, 16, 8, qk_std=3.0),
         _duplicate_keys(),
         _long_sequence(),
+        _long_query_axis(),
     ]
     return cases
 

@@ -32,7 +32,7 @@ from .blocks import check_attention_call
 from .dtypes import DTYPES
 from .harness import exception_check
 from .report import OutputCheck
-from .tolerance import DEFAULT_POLICY, Policy
+from .tolerance import DEFAULT_POLICY, Policy, check_policy
 
 __all__ = ["LayerCall", "ModelReport", "check_model"]
 
@@ -212,6 +212,7 @@ def check_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_policy(policy)
     if not isinstance(model, torch.nn.Module):
         hint = " (for a pipeline, check pipe.unet with its inputs)" if hasattr(model, "unet") else ""
         raise TypeError(f"check_model needs a torch.nn.Module, got {type(model).__name__}{hint}")
@@ -230,13 +231,14 @@ def check_model(
 
     def make_hook(name: str) -> Any:
         def hook(module: Any, hook_args: tuple[Any, ...], hook_kwargs: dict[str, Any], output: Any) -> None:
-            hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
-            context = hook_args[1] if len(hook_args) > 1 else hook_kwargs.get("encoder_hidden_states")
-            mask = hook_args[2] if len(hook_args) > 2 else hook_kwargs.get("attention_mask")
             i = calls.get(name, 0)
             calls[name] = i + 1
             label = f"{name}#{i}"
+            hidden = context = None
             try:
+                hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
+                context = hook_args[1] if len(hook_args) > 1 else hook_kwargs.get("encoder_hidden_states")
+                mask = hook_args[2] if len(hook_args) > 2 else hook_kwargs.get("attention_mask")
                 check = check_attention_call(module, hidden, context, mask, output=output, dtype=dtype,
                                              policy=policy, name=label, seed=seed)  # fmt: skip
             except NotImplementedError as err:
@@ -250,7 +252,7 @@ def check_model(
                     call=i,
                     kind="self" if context is None else "cross",
                     processor=type(module.processor).__name__,
-                    hidden_shape=tuple(hidden.shape),
+                    hidden_shape=tuple(getattr(hidden, "shape", ())),
                     context_shape=None if context is None else tuple(context.shape),
                     output_shape=tuple(getattr(output, "shape", ())),
                     check=check,

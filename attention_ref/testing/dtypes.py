@@ -40,8 +40,18 @@ def eps(name: str) -> float:
     return 2.0 ** -bits[name]
 
 
-def round_to(x: Any, name: str) -> np.ndarray | None:
-    """``x`` (NumPy, any float dtype) rounded to the nearest number of dtype ``name``; ``None`` stays ``None``."""
+def round_to(x: Any, name: str, what: str = "an array") -> np.ndarray | None:
+    """``x`` (NumPy, any float dtype) rounded to the nearest number of dtype ``name``; ``None`` stays ``None``.
+
+    ``ValueError`` naming ``what`` when a finite value is too large for the dtype (it would become ``inf``).
+    """
     if x is None:
         return None
-    return np.asarray(x).astype(numpy_dtype(name))
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):
+        rounded = x.astype(numpy_dtype(name))
+    overflow = np.isinf(rounded.astype(np.float64)) & np.isfinite(x)
+    if np.any(overflow):
+        big = float(np.max(np.abs(x[overflow])))
+        raise ValueError(f"{what} does not fit in {name}: {big:.3g} rounds to inf")
+    return rounded

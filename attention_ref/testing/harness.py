@@ -29,7 +29,7 @@ from ..backend import to_numpy
 from .cases import FEATURES, Case, select_cases
 from .dtypes import numpy_dtype
 from .report import OutputCheck, Report
-from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, reference
+from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
 
 __all__ = [
     "MASKED_ROWS",
@@ -216,6 +216,7 @@ def check_attention(
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"masked_rows must be one of {', '.join(MASKED_ROWS)}; got {masked_rows!r}")
     numpy_dtype(dtype)  # validates the name early
+    check_policy(policy)
     declared = _declared(fn, grad_fn, unsupported)
     chosen = select_cases(cases)
     wanted = [o for o in OUTPUTS if (o == "out" and fn is not None) or (o != "out" and grad_fn is not None)]

@@ -33,14 +33,16 @@ its partial sum ``s_a`` by ``δ_a s_a`` with ``|δ_a| ≤ u``. The error is
 ``Σ_a δ_a s_a``; with the ``δ_a`` independent and of mean zero (Higham and Mary,
 "A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41,
 2019, who replace the worst-case constant ``γ_n = nu/(1 − nu)`` by this ``√n·u``
-form) its standard deviation is at most ``u/√3 · √(Σ_a s_a²) ≤ u/√3 · √(n−1) ·
-Σ|terms|``, because a rounding error spread over ``±u|s_a|`` has a standard deviation
-of at most ``u|s_a|/√3`` and no partial sum exceeds ``Σ|terms|``. The orders differ
-only in how large their partial sums are: key by key, they grow to the total (the
-worst); pairwise and blocked, most stay small. The products (one rounding each) are
-inside the same bound. The model draws at ``√3`` times that standard deviation,
-which leaves room for kernels whose roundings are not spread evenly (a sum whose
-terms all round the same way for a while).
+form) its standard deviation is at most ``u · √(Σ_a s_a²) ≤ u · √(n−1) · Σ|terms|``,
+because a mean-zero rounding error bounded by ``u|s_a|`` has a standard deviation of at
+most ``u|s_a|`` (reached by an error of ``±u|s_a|``, two points; a uniform spread would
+give ``u|s_a|/√3``, but nothing forces a rounding error to be uniform) and no partial
+sum exceeds ``Σ|terms|``. The orders differ only in how large their partial sums are:
+key by key, they grow to the total (the worst); pairwise and blocked, most stay small.
+The products (one rounding each) are inside the same bound. So the model's draw,
+``√n·u·Σ|terms|``, *is* the bound of the worst order's spread, not a multiple of it; the
+margin for kernels whose roundings line up lies in the tolerance's ``c = 3`` and in the
+partial sums, which most orders keep well below ``Σ|terms|``.
 
 What it does not cover: rounding errors that are not independent — the same
 term added over and over, which rounds the same way each time (``n`` equal

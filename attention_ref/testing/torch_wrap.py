@@ -57,7 +57,9 @@ def from_torch(
         with upstream ``dout``; an input ``out`` does not depend on gets a zero gradient.
     """
 
-    def fn(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask: Any = None, bias: Any = None, scale: Any = None):
+    def fn(
+        q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask: Any = None, bias: Any = None, scale: Any = None
+    ) -> np.ndarray:
         import torch
 
         args = [numpy_to_torch(a, device) for a in (q, k, v, mask, bias)]
