@@ -137,8 +137,9 @@ real kernels' errors are well under the model's (each rounding at most ``u|x|``,
 partial sums below the total). Measured on 20 re-seeds × d ∈ {8, 16, 32, 64} of the
 large-logits and long-sequence recipes, through kernels summing key by key, pairwise,
 through the BLAS, in tiles of 32 keys and with ``QKᵀ`` reversed over ``d``, plus PyTorch's
-SDPA: 0 rejects in 17,920 checks, worst ratio 0.32 (float64) and 0.28 (float32); 2,000 more
-large-logits runs: worst 0.29 (``docs/oracle.md`` has the tables).
+SDPA: 0 rejects in 17,920 checks (before the argmax term below; re-measured since in float32 and
+float64 through the sweep's kernels: worst 0.24 and 0.29); 2,000 more large-logits runs: worst 0.29
+(``docs/oracle.md`` has the tables).
 ``c = 3`` leaves that margin; ``c`` need not differ between the output and the gradients,
 because the gradients' longer chain of roundings is in the simulation itself.
 
@@ -155,7 +156,8 @@ gives non-finite values, which always fail; and precision bugs exceed the model 
 ratio of the roundoffs: ``P·V`` accumulated in bfloat16 (``2⁻⁸`` per addition instead of
 ``2⁻²⁴``, and over 1024 keys the sum stalls where the terms fall below half a unit) or in
 float16 in a float16 kernel, ``S`` stored in float16 in a float32 kernel (``2⁻¹¹`` instead
-of ``2⁻²⁴``). ``tests/test_oracle_bugs.py`` asserts each, on the cases that expose it.
+of ``2⁻²⁴``), ``dV`` accumulated over the queries in float16 or bfloat16 (the long query axis: ratios
+5.0 and 10.5). ``tests/test_oracle_bugs.py`` asserts each, on the cases that expose it.
 
 What the model does not cover: rounding errors that are not independent, as when the
 same term is added over and over (``n`` identical values summed key by key round the same
