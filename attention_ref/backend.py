@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -28,6 +29,7 @@ __all__ = [
     "SMALL_PRODUCT",
     "available_backends",
     "blas_threads_for",
+    "cpu_model",
     "cpu_workers",
     "device_of",
     "exp_inplace",
@@ -306,3 +308,15 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, like: Array) -> li
         return [fn(item) for item in items]
     with _single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(fn, items))
+
+
+def cpu_model() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

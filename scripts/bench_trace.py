@@ -16,25 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
+    from attention_ref.backend import cpu_model
     from attention_ref.interop import trace
     from attention_ref.interop.toy_models import toy_unet
 
@@ -86,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             with trace(unet, **options):
                 traced[name].append(run())
     base = statistics.median(plain)
-    where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"U-Net widths {tuple(args.widths)}, latent {args.side}×{args.side}, batch 2, 77 tokens, {args.dtype}, "
           f"{args.steps} steps, {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
     print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per step")

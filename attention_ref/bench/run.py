@@ -14,7 +14,7 @@ import numpy as np
 
 import attention_ref
 
-from ..backend import limited_threads, thread_count
+from ..backend import cpu_model, limited_threads, thread_count
 from . import peers
 from .cases import (
     FULL_MATRIX_LIMIT,
@@ -43,18 +43,6 @@ RETRY_WAIT_S = 20
 def repeats_at(n: int, repeats: int) -> int:
     """Timed runs per implementation: ``repeats``, halved (rounded up) above N = 4096 where one run takes seconds."""
     return repeats if n <= FULL_MATRIX_LIMIT else max(1, (repeats + 1) // 2)
-
-
-def cpu_model() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

@@ -340,8 +340,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "exact_max_tokens": args.exact_max_tokens,
         "quick": bool(args.quick),
     }
+    from ..backend import cpu_model
     from ..bench.measure import load_average
-    from ..bench.run import cpu_model
 
     machine = {
         "cpu": cpu_model(),

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...backend import limited_threads
+from ...backend import cpu_model, limited_threads
 from .._progress import progress as progress_bar
 from .._progress import toy_threads
 from ..adam import Adam
@@ -53,16 +52,6 @@ def diffusion_loss(eps_hat: np.ndarray, eps: np.ndarray) -> tuple[float, np.ndar
     """``L = mean (ε̂ − ε)²`` and ``∂L/∂ε̂ = 2 (ε̂ − ε)/n``."""
     err = eps_hat - eps
     return float(np.mean(err.astype(np.float64) ** 2)), 2.0 * err / err.size
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def training_step(
@@ -171,7 +160,7 @@ def train_diffusion(
         "config": config.to_dict(),
         "parameters": int(sum(v.size for v in params.values())),
         "schedule": f"cosine, T = {T}",
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "log_every": log_every,
         "loss": [],
         "grad_norm": [],
