@@ -97,6 +97,22 @@ def other_be(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (restored afterwards): the tests' models are tiny, and on a
+    shared machine torch's thread pool only waits for a core (~20 ms per small op instead of ~1 ms).
+    Modules take it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    if not HAS_TORCH:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

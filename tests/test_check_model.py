@@ -19,13 +19,7 @@ SELF = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
 MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: torch's thread pool only waits on a shared 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BuggyProcessor:

@@ -29,18 +29,7 @@ LOW = ["float32", "float16", "bfloat16"]
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """torch on one thread while these tests run: its small ops then cost ~1 ms, not ~20 ms on a shared machine."""
-    if not HAS_TORCH:
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def by_name(name: str) -> Case:

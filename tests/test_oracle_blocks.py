@@ -24,14 +24,7 @@ from diffusers.models.attention_processor import (  # noqa: E402
     SlicedAttnProcessor,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """torch on one thread while these tests run: its small ops then cost ~1 ms, not ~20 ms on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROCESSORS = {

@@ -26,13 +26,7 @@ from attention_ref.interop.trace import attention_weights, query_pixels  # noqa:
 QUERIES = [(0.1, 0.9), (0.5, 0.5), (0.99, 0.0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: torch's thread pool only waits on a shared 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------

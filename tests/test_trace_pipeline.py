@@ -17,12 +17,7 @@ WORDS = ["a", "photo", "of", "dog", "on", "red", "sofa", "cat"]
 PROMPT = "a photo of a dog on a red sofa"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
