@@ -113,18 +113,19 @@ def machine_info(device: Device, threads: int | None) -> dict[str, Any]:
     return info
 
 
+def _case_fields(inputs: Any) -> dict[str, Any]:
+    """The case's sizes and dtype, as every table record of it carries them."""
+    return {"n": inputs.n, "m": inputs.keys, "batch": inputs.batch, "dtype": inputs.dtype, "heads": inputs.heads,
+            "d": inputs.d}  # fmt: skip
+
+
 def _record(runner: Runner, inputs: Any, fwd: list[float], bwd: list[float]) -> dict[str, Any]:
     total = [f + b for f, b in zip(fwd, bwd, strict=True)]
     med = statistics.median(total)
     return {
         "part": inputs.part,
         "impl": runner.impl,
-        "n": inputs.n,
-        "m": inputs.keys,
-        "batch": inputs.batch,
-        "dtype": inputs.dtype,
-        "heads": inputs.heads,
-        "d": inputs.d,
+        **_case_fields(inputs),
         "fwd_s": statistics.median(fwd),
         "bwd_s": statistics.median(bwd),
         "total_s": med,
@@ -145,12 +146,7 @@ def limit_record(inputs: Any, runner: Runner, limit: MachineLimit) -> dict[str, 
     return {
         "part": inputs.part,
         "impl": "limit",
-        "n": inputs.n,
-        "m": inputs.keys,
-        "batch": inputs.batch,
-        "dtype": inputs.dtype,
-        "heads": inputs.heads,
-        "d": inputs.d,
+        **_case_fields(inputs),
         "fwd_s": fwd,
         "bwd_s": bwd,
         "total_s": fwd + bwd,
