@@ -27,9 +27,9 @@ import numpy as np
 
 from ..backend import to_numpy
 from .cases import FEATURES, Case, select_cases
-from .dtypes import numpy_dtype
+from .dtypes import half_spacing, numpy_dtype
 from .report import OutputCheck, Report
-from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
+from .tolerance import DEFAULT_POLICY, OUTPUTS, Group, Policy, check_policy, reference
 
 __all__ = [
     "MASKED_ROWS",
@@ -60,30 +60,39 @@ def compare_output(
     magnitude: float,
     dtype: str,
     *,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str = DEFAULT_POLICY,
     kind: str | None = None,
     excused_rows: np.ndarray | None = None,
     excuse: str = "nan",
+    groups: Sequence[Group] | None = None,
+    last_rounding: bool = False,
 ) -> OutputCheck:
     """Compare one output with its float64 reference ``x64`` (see :mod:`.tolerance` for the rule).
 
     ``kernel_error`` is the yardstick for this output and ``magnitude`` the magnitude of its terms
-    (:class:`~attention_ref.testing.tolerance.Reference`).
+    (:class:`~attention_ref.testing.tolerance.Reference`); ``groups`` (:class:`~.tolerance.Group`) replaces them
+    by several groups of entries, each judged by its own (the ratio is the largest).
 
     ``kind``: which of the policy's outputs (``"out"``, ``"dq"``, ...) sets the constants; default ``output``.
     ``excused_rows``: boolean ``(..., rows)`` — rows on which ``excuse`` is accepted: ``"nan"`` (NaN there is
     not an error: ``masked_rows="nan-ok"``) or ``"finite"`` (any finite value: ``masked_rows="finite-ok"``).
+    ``last_rounding``: deduct from each entry's error the output's own last rounding to the dtype — half the
+    dtype's spacing at the value returned, the most rounding to nearest can have moved it (the yardstick then
+    leaves that rounding out too).
     """
-    allowed, floor = policy.allowed(kind or output, magnitude, kernel_error, dtype)
-    numbers = {"allowed": allowed, "kernel_error": kernel_error, "floor": floor}
+    policy = check_policy(policy)
+    if groups is None:
+        groups = (Group(None, kernel_error, magnitude),)
 
     def fail(note: str, where: tuple[int, ...] | None = None, got_value: float = np.nan) -> OutputCheck:
         expected = float(x64[where]) if where is not None else np.nan
+        allowed, floor = policy.allowed(kind or output, groups[0].magnitude, groups[0].kernel_error, dtype)
         return OutputCheck(case=case, output=output, error=np.inf, where=where, ratio=np.inf, got=got_value,
-                           expected=expected, note=note, **numbers)  # fmt: skip
+                           expected=expected, note=note, allowed=allowed, kernel_error=groups[0].kernel_error,
+                           floor=floor)  # fmt: skip
 
-    try:  # NumPy is expected; a CuPy array or a (float32/16/64) torch tensor is brought over too
-        arr = got if isinstance(got, np.ndarray) else to_numpy(got)
+    try:  # NumPy is expected; a CuPy array or a (float32/16/64, bfloat16) torch tensor is brought over too
+        arr = got if isinstance(got, np.ndarray) else _as_numpy(got)
     except Exception as err:  # an object NumPy cannot read
         return fail(f"returned {type(got).__name__}, not an array ({err})")
     if arr.shape != x64.shape:
@@ -99,17 +108,38 @@ def compare_output(
     if np.any(bad):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         return fail(f"{g[where]} where the reference is finite", where, float(g[where]))
-    diff = np.where(excused, 0.0, np.abs(np.where(excused, 0.0, g) - x64))
-    if diff.size == 0:
-        return OutputCheck(case=case, output=output, error=0.0, where=None, ratio=0.0, **numbers)
-    where = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
-    error = float(diff[where])
-    if allowed > 0:
-        ratio = error / allowed
-    else:
-        ratio = 0.0 if error == 0 else np.inf
-    return OutputCheck(case=case, output=output, error=error, where=where, ratio=ratio, got=float(g[where]),
-                       expected=float(x64[where]), **numbers)  # fmt: skip
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(np.where(excused, 0.0, g) - x64)
+        if last_rounding:  # the output's own rounding to the dtype, at most half a spacing at the value returned
+            diff = np.maximum(diff - half_spacing(np.where(excused, 0.0, g), dtype), 0.0)
+    diff = np.where(excused, 0.0, diff)
+    worst: OutputCheck | None = None
+    for group in groups:
+        allowed, floor = policy.allowed(kind or output, group.magnitude, group.kernel_error, dtype)
+        numbers = {"allowed": allowed, "kernel_error": group.kernel_error, "floor": floor}
+        part = diff if group.where is None else np.where(group.where, diff, -1.0)
+        if part.size == 0 or not np.any(part >= 0):
+            check = OutputCheck(case=case, output=output, error=0.0, where=None, ratio=0.0, **numbers)
+        else:
+            where = tuple(int(i) for i in np.unravel_index(int(np.argmax(part)), part.shape))
+            error = float(part[where])
+            ratio = error / allowed if allowed > 0 else (0.0 if error == 0 else np.inf)
+            note = f"on the {group.label}" if group.label and ratio > 0 else ""
+            check = OutputCheck(case=case, output=output, error=error, where=where, ratio=ratio, got=float(g[where]),
+                                expected=float(x64[where]), note=note, **numbers)  # fmt: skip
+        if worst is None or check.ratio > worst.ratio:
+            worst = check
+    assert worst is not None
+    return worst
+
+
+def _as_numpy(got: Any) -> np.ndarray:
+    """A NumPy array of ``got``: a torch tensor of any dtype (bfloat16 through ml_dtypes), a CuPy array, ..."""
+    if type(got).__module__.startswith("torch"):
+        from .torch_wrap import torch_to_numpy
+
+        return torch_to_numpy(got)
+    return to_numpy(got)
 
 
 def exception_check(case: str, output: str, err: BaseException) -> OutputCheck:
@@ -216,7 +246,7 @@ def check_attention(
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"masked_rows must be one of {', '.join(MASKED_ROWS)}; got {masked_rows!r}")
     numpy_dtype(dtype)  # validates the name early
-    check_policy(policy)
+    policy = check_policy(policy)
     declared = _declared(fn, grad_fn, unsupported)
     chosen = select_cases(cases)
     wanted = [o for o in OUTPUTS if (o == "out" and fn is not None) or (o != "out" and grad_fn is not None)]
@@ -269,6 +299,8 @@ def check_attention(
                         policy=policy,
                         excused_rows=dead if query_rows else None,
                         excuse="finite" if masked_rows == "finite-ok" else "nan",
+                        groups=ref.groups[output],
+                        last_rounding=True,
                     )
                 )
     return Report(dtype=dtype, checks=tuple(checks), masked_rows=masked_rows)

@@ -199,7 +199,9 @@ are compared everywhere in every mode.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -212,10 +214,16 @@ from .dtypes import DTYPES, eps, round_to
 from .rounding import RoundingModel
 
 __all__ = [
+    "ARITHMETICS",
     "DEFAULT_POLICY",
+    "EAGER",
+    "FUSED",
     "OUTPUTS",
+    "POLICIES",
+    "Group",
     "Policy",
     "Reference",
+    "check_policy",
     "reference",
     "simulate_attention_core",
     "simulated_attention",
@@ -224,26 +232,40 @@ __all__ = [
 
 OUTPUTS = ("out", "dq", "dk", "dv")
 
+# What a kernel keeps in float32 (or wider), and what it may store in the dtype under test: see the module docstring.
+ARITHMETICS = ("fused", "eager")
+
 
 def _frozen(d: dict[str, float]) -> MappingProxyType:
     return MappingProxyType(dict(d))
 
 
+_C = {"out": 3.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}
+_FLOOR = {"out": 0.0, "dq": 1.0, "dk": 1.0, "dv": 1.0}
+
+
 @dataclass(frozen=True)
 class Policy:
-    """The constants of the tolerance rule (see the module docstring).
+    """What a kernel may do, and the constants of the tolerance rule (see the module docstring).
 
     Attributes:
+        arithmetic: ``"fused"`` (the default: the logits, the softmax's max, sum and logsumexp and every sum in
+            float32 or wider; ``q, k, v, P, dP, dS`` and the outputs may be stored in the dtype — FlashAttention and
+            PyTorch's fused SDPA backends) or ``"eager"`` (also the logits and the softmax stored in the dtype, op
+            by op — PyTorch's eager half-precision code, diffusers' ``AttnProcessor``).
         c: per output, how many times the simulated kernels' error is allowed.
         floor: per output, the floor in units of ``ε · max‖X‖``.
         samples: how many simulated kernels the yardstick is taken over.
     """
 
-    c: MappingProxyType = field(default_factory=lambda: _frozen({"out": 3.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}))
-    floor: MappingProxyType = field(default_factory=lambda: _frozen({"out": 1.0, "dq": 1.0, "dk": 1.0, "dv": 1.0}))
+    arithmetic: str = "fused"
+    c: MappingProxyType = field(default_factory=lambda: _frozen(_C))
+    floor: MappingProxyType = field(default_factory=lambda: _frozen(_FLOOR))
     samples: int = 8
 
     def __post_init__(self) -> None:
+        if self.arithmetic not in ARITHMETICS:
+            raise ValueError(f"Policy.arithmetic must be one of {', '.join(ARITHMETICS)}; got {self.arithmetic!r}")
         for name in ("c", "floor"):
             d = getattr(self, name)
             if set(d) != set(OUTPUTS):
@@ -252,25 +274,46 @@ class Policy:
         if not (isinstance(self.samples, int) and self.samples >= 2):
             raise ValueError(f"Policy.samples must be an integer ≥ 2, got {self.samples!r}")
 
+    @property
+    def name(self) -> str:
+        """``"fused"`` or ``"eager"``, with ``" (custom constants)"`` when ``c``, ``floor`` or ``samples`` differ
+        from the defaults."""
+        default = dict(self.c) == _C and dict(self.floor) == _FLOOR and self.samples == 8
+        return self.arithmetic if default else f"{self.arithmetic} (custom constants)"
+
+    def key(self) -> tuple[Any, ...]:
+        """Everything the allowance depends on, hashable."""
+        return (self.arithmetic, tuple(sorted(self.c.items())), tuple(sorted(self.floor.items())), self.samples)
+
     def allowed(self, output: str, magnitude: float, kernel_error: float, dtype: str) -> tuple[float, float]:
         """``(allowed, floor)`` for one output: ``allowed = c·kernel_error + floor``.
 
         ``magnitude`` is ``max‖X‖`` and ``kernel_error`` the simulated kernels' error
-        (:attr:`Reference.magnitude`, :attr:`Reference.kernel_error`).
+        (:attr:`Group.magnitude`, :attr:`Group.kernel_error`).
         """
         floor = self.floor[output] * eps(dtype) * magnitude
         return self.c[output] * kernel_error + floor, floor
 
 
-DEFAULT_POLICY = Policy()
+FUSED = Policy("fused")
+EAGER = Policy("eager")
+POLICIES = MappingProxyType({"fused": FUSED, "eager": EAGER})
+DEFAULT_POLICY = FUSED
 
 
 def check_policy(policy: Any) -> Policy:
-    """``policy`` itself when it is a :class:`Policy`; ``TypeError`` otherwise (a dict is not read as one)."""
+    """``policy`` as a :class:`Policy`: a Policy itself, or the name of one (``"fused"``, ``"eager"``).
+
+    ``TypeError`` for anything else (a dict is not read as one), ``ValueError`` for an unknown name.
+    """
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise ValueError(f"no policy named {policy!r}; the policies: {', '.join(POLICIES)}")
+        return POLICIES[policy]
     if not isinstance(policy, Policy):
         raise TypeError(
-            f"policy must be a Policy (attention_ref.testing.Policy(c=..., floor=..., samples=...)), "
-            f"got {type(policy).__name__}"
+            f"policy must be 'fused', 'eager' or a Policy (attention_ref.testing.Policy(arithmetic=..., c=..., "
+            f"floor=..., samples=...)), got {type(policy).__name__}"
         )
     return policy
 
@@ -280,53 +323,92 @@ def _max_abs(a: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
+class Group:
+    """Entries of one output judged together, with their own yardstick and magnitude.
+
+    Attributes:
+        where: boolean, the output's shape: the entries of the group; ``None`` for all of them.
+        kernel_error: the root-mean-square over the simulated kernels of their largest error on these entries.
+        magnitude: ``max‖X‖`` over these entries.
+        label: what the group is (``""`` for a whole output; ``"argmax keys"``: the keys ``dk`` of each row's
+            largest logit, where autograd through an un-detached max shift leaves its residue).
+    """
+
+    where: np.ndarray | None
+    kernel_error: float
+    magnitude: float
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class Reference:
-    """One case made ready for one dtype.
+    """One case made ready for one dtype and policy.
 
     Attributes:
         inputs: ``q, k, v, dout, bias`` rounded to the dtype (NumPy arrays of that dtype),
             ``mask`` (bool) and ``scale`` (``None`` or a float) — exactly what the implementation gets.
         exact: ``out, dq, dk, dv`` in float64, from the rounded inputs.
-        kernel_error: per output, the yardstick: the root-mean-square over ``Policy.samples`` simulated
-            kernels (:func:`simulated_attention`) of their largest error ``max|X_sim − X₆₄|``.
+        groups: per output, the groups of entries judged together (one, or for ``dk`` the argmax keys and the
+            rest), each with its yardstick and magnitude.
+        kernel_error: per output, the yardstick over all its entries: the root-mean-square over
+            ``Policy.samples`` simulated kernels (:func:`simulated_attention`) of their largest error
+            ``max|X_sim − X₆₄|``, the output's own last rounding to the dtype left out (it is deducted from the
+            implementation's error entry by entry instead).
         magnitude: per output, ``max‖X‖``, the magnitude of the terms it is summed from.
+        policy: the policy the yardstick was simulated under.
     """
 
     inputs: dict[str, Any]
     exact: dict[str, np.ndarray]
+    groups: dict[str, tuple[Group, ...]]
     kernel_error: dict[str, float]
     magnitude: dict[str, float]
+    policy: Policy = DEFAULT_POLICY
 
 
 def _t(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2)
 
 
-def _logits(r: RoundingModel, q: np.ndarray, k: np.ndarray, bias: Any, mask: Any, scale: float) -> np.ndarray:
+def _logits(
+    r: RoundingModel, q: np.ndarray, k: np.ndarray, bias: Any, mask: Any, scale: float, eager: bool
+) -> np.ndarray:
     """``S = scale·q kᵀ + bias`` (masked entries ``−inf``) with the errors of every legitimate way to form it."""
-    # scale·q and k (or √scale·q and √scale·k, PyTorch's math backend) stored in the dtype
-    qs, ks = r.rel(scale * q, r.w), r.rel(k, r.w)
-    # Σ over d in any order; Q Kᵀ stored in the dtype (unfused), the scale's product rounded
-    s = r.rel(r.matmul(qs, _t(ks)), r.w, r.u)
-    if bias is not None:
-        s = r.rel(s + bias, r.u, r.w)  # + bias, stored in the dtype
+    if eager:
+        # scale·q and k (or √scale·q and √scale·k, PyTorch's math backend) stored in the dtype; Σ over d in any
+        # order; Q Kᵀ stored in the dtype (unfused), the scale's product rounded
+        qs, ks = r.rel(scale * q, r.w), r.rel(k, r.w)
+        s = r.rel(r.matmul(qs, _t(ks)), r.w, r.u)
+        if bias is not None:
+            s = r.rel(s + bias, r.u, r.w)  # + bias, stored in the dtype
+    else:
+        # q, k as given; Σ over d in any order and the scale's product, in float32 (fused)
+        s = r.rel(scale * r.matmul(q, _t(k)), r.u)
+        if bias is not None:
+            s = r.rel(s + bias, r.u)
     return s if mask is None else np.where(mask, s, -np.inf)
 
 
-def simulated_attention(inputs: dict[str, Any], dtype: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def simulated_attention(
+    inputs: dict[str, Any], dtype: str, rng: np.random.Generator, arithmetic: str = "fused"
+) -> dict[str, np.ndarray]:
     """One simulated kernel: ``out, dq, dk, dv`` in float64 with every error of the rounding model drawn once.
 
     Inputs:
-        inputs: as :attr:`Reference.inputs`; dtype: the dtype under test; rng: where the errors come from.
+        inputs: as :attr:`Reference.inputs`; dtype: the dtype under test; rng: where the errors come from;
+        arithmetic: ``"fused"`` or ``"eager"`` (:class:`Policy`).
 
     Returns:
-        ``{"out", "dq", "dk", "dv"}``, float64, shaped like the reference's. See the module docstring for the
-        list of errors and :mod:`.rounding` for their sizes.
+        ``{"out", "dq", "dk", "dv"}``, float64, shaped like the reference's, *before* their last rounding to the
+        dtype (the harness deducts that rounding from the implementation's error entry by entry). See the module
+        docstring for the list of errors and :mod:`.rounding` for their sizes.
     """
     q, k, v, dout = (np.asarray(inputs[n], dtype=np.float64) for n in ("q", "k", "v", "dout"))
     bias = None if inputs["bias"] is None else np.asarray(inputs["bias"], dtype=np.float64)
     r = RoundingModel(dtype, rng)
-    out, grads = simulate_attention_core(r, q, k, v, dout, bias, inputs["mask"], inputs["scale"])
+    out, grads = simulate_attention_core(
+        r, q, k, v, dout, bias, inputs["mask"], inputs["scale"], arithmetic=arithmetic, last_rounding=False
+    )
     return {"out": out, **grads}
 
 
@@ -339,53 +421,80 @@ def simulate_attention_core(
     bias: np.ndarray | None,
     mask: np.ndarray | None,
     scale: float | None,
+    *,
+    arithmetic: str,
+    last_rounding: bool = True,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The attention forward (and backward when ``dout`` is given) with the errors of ``r`` drawn once.
 
     Inputs (float64): q ``(..., N, d)``, k ``(..., M, d)``, v ``(..., M, dv)``, dout ``(..., N, dv)`` or ``None``;
-    bias, mask broadcastable to ``(..., N, M)``; scale ``None`` for ``1/sqrt(d)``.
+    bias, mask broadcastable to ``(..., N, M)``; scale ``None`` for ``1/sqrt(d)``; arithmetic ``"fused"`` or
+    ``"eager"``; last_rounding: whether the results are rounded to the dtype (stored) as they are handed on.
 
     Returns:
         ``(out, grads)``: ``grads`` is ``{"dq", "dk", "dv"}``, empty without ``dout``.
     """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {', '.join(ARITHMETICS)}; got {arithmetic!r}")
+    eager = arithmetic == "eager"
     u, w = r.u, r.w
+    stored = (w,) if eager else ()  # the softmax's intermediates: in the dtype (eager) or float32 (fused)
+    last = (w,) if last_rounding else ()
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
-    M = k.shape[-2]
+    d, M = q.shape[-1], k.shape[-2]
+    qk_terms = np.abs(scale) * (np.abs(q) @ _t(np.abs(k)))  # Σ_c |scale·q_c k_c|, the terms of each logit
     # forward: S, then e = exp(S − m) (the subtraction rounded, exp within one ulp)   (..., N, M)
-    s = _logits(r, q, k, bias, mask, scale)
+    s = _logits(r, q, k, bias, mask, scale, eager)
     m = np.max(s, axis=-1, keepdims=True)
     m = np.where(np.isneginf(m), 0.0, m)  # a row with no key: shift by 0
-    e = r.rel(np.exp(r.rel(s - m, u)), 2 * u)
+    e = r.rel(np.exp(r.rel(s - m, u, *stored)), 2 * u, *stored)
     # ℓ = Σ_k e over the keys; an online softmax also rescales the running sum at every new maximum: 2× the error
     live = np.sum(e, axis=-1, keepdims=True) > 0  # (..., N, 1)
-    total = np.where(live, r.sum(e, factor=2.0), 1.0)
-    # P = e / ℓ, stored in the dtype; O = P V (its sum over keys rescaled like ℓ), stored in the dtype
-    p = r.rel(np.where(live, e, 0.0) / total, u, w)
-    out = r.rel(r.matmul(p, v, factor=2.0), u, w)  # (..., N, dv)
+    total = np.where(live, r.rel(r.sum(e, factor=2.0), *stored), 1.0)
+    lse = np.where(live, m + np.log(total), 0.0)
+    # P = e / ℓ; or exp(S' − lse) (two passes, split-K merged by lse): S' summed over d in another order, and the
+    # lse rounded as a whole, a split's and the merged one: a factor exp(±2u·|lse|) shared by the row
+    row = np.exp(2 * u * np.abs(lse) * r.rng.uniform(-1.0, 1.0, lse.shape))
+    again = np.where(np.isfinite(s), r.sum_error(qk_terms, d), 0.0)
+    p = np.where(live, e / total, 0.0) * np.exp(again) * row
+    # P stored in the dtype for P·V; O = P V (its sum over keys rescaled like ℓ), divided by ℓ, stored in the dtype
+    p = r.rel(p, u, w)
+    out_pre = r.rel(r.matmul(p, v, factor=2.0), u)  # (..., N, dv)
+    out = r.rel(out_pre, w)  # the output as returned
     if dout is None:
-        return out, {}
-    lse = np.where(live, m + r.rel(np.log(total), u), -np.inf)
-    # backward: the weights again from the logsumexp, the logits summed over d in another order
-    s_b = s + r.sum_error(np.abs(scale) * (np.abs(q) @ _t(np.abs(k))), q.shape[-1])
-    finite = np.isfinite(lse)
+        return (out if last_rounding else out_pre), {}
+    # backward: the weights again from the logsumexp, kept in float32 and rounded as a whole (|lse| ~ 500 moves by
+    # u·500), with the logits summed over d in yet another order
+    lse_b = np.where(live, r.rel(m + r.rel(np.log(total), u), u), np.inf)
+    s_b = s + np.where(np.isfinite(s), r.sum_error(qk_terms, d), 0.0)
     with np.errstate(invalid="ignore"):
-        p_b = np.exp(r.rel(s_b - np.where(finite, lse, 0.0), u))
-    p_b = r.rel(np.where(finite & np.isfinite(s_b), p_b, 0.0), 2 * u)
-    dv = r.rel(r.matmul(_t(r.rel(p_b, w)), dout), u, w)  # P stored in the dtype for dV = Pᵀ dO
+        p_b = np.exp(r.rel(s_b - lse_b, u))
+    p_b = r.rel(np.where(live & np.isfinite(s_b), p_b, 0.0), 2 * u)
+    dv = r.rel(r.matmul(_t(r.rel(p_b, w)), dout), u, *last)  # P stored in the dtype for dV = Pᵀ dO
     dp = r.rel(r.matmul(dout, _t(v)), w)  # dP = dO Vᵀ, stored in the dtype
-    # D_i = Σ_k P_ik dP_ik, or dO_i · O_i from the output the forward returned: the errors of both
+    # D_i = Σ_k P_ik dP_ik, or dO_i · O_i from the output the forward returned: the errors of both; Σ P∘dP also
+    # carries the row factor of P from the lse (an independent draw of its size)
     D = r.sum(dout * out) + r.sum_error(np.sum(p_b * np.abs(dp), axis=-1, keepdims=True), M)
-    ds = r.rel(p_b * r.rel(dp - D, u), u, w)  # dS = P ∘ (dP − D), stored in the dtype
+    D = D * np.exp(2 * u * np.abs(np.where(live, lse, 0.0)) * r.rng.uniform(-1.0, 1.0, D.shape))
+    # eager autograd forms D as ℓ·Σ_k dP_k·(e_k/ℓ)/ℓ (the division's backward), whose terms fall below the dtype's
+    # normal numbers on a long row (float16, ℓ ~ 2000): each rounded by up to half a subnormal spacing
+    subnormal = total * r.tiny[w] * np.sqrt(np.sum(1.0 + dp * dp, axis=-1, keepdims=True))  # (..., N, 1)
+    if eager:
+        D = D + subnormal * r.z(D.shape)
+    # dS = P ∘ (dP − D), stored in the dtype; eager autograd uses the weights P̃ as the forward stored them
+    ds = r.rel((r.rel(p_b, w) if eager else p_b) * r.rel(dp - D, u), u, w)
     # autograd through an un-detached shift m = max_k S_k adds −Σ_k dS_k (0 up to rounding) to each row's argmax
     # entry: a normal draw of σ_i = w·Σ_k P_ik (|dP_ik| + |D_i|) + √M·u·Σ_k |dS_ik| there (module docstring)
     at_max = np.arange(M) == np.argmax(s, axis=-1)[..., None]  # (..., N, M), one entry per row
     sigma = w * np.sum(p_b * (np.abs(dp) + np.abs(D)), axis=-1, keepdims=True)
     sigma = sigma + np.sqrt(M) * u * np.sum(np.abs(ds), axis=-1, keepdims=True)  # (..., N, 1)
-    ds = ds + np.where(at_max, sigma * r.z(sigma.shape), 0.0)
-    # dQ = scale·dS K, dK = scale·dSᵀ Q; K and Q as stored (scaled) in the dtype
-    dq = scale * r.matmul(ds, k) + np.abs(scale) * w * np.sqrt((ds * ds) @ (k * k)) * r.z(q.shape)
-    dk = scale * r.matmul(_t(ds), q) + np.abs(scale) * w * np.sqrt(_t(ds * ds) @ (q * q)) * r.z(k.shape)
-    return out, {"dq": r.rel(dq, u, w), "dk": r.rel(dk, u, w), "dv": dv}
+    sigma = sigma + subnormal  # ... and the division's backward, in subnormal numbers (above)
+    ds = ds + np.where(at_max & live, sigma * r.z(sigma.shape), 0.0)
+    # dQ = scale·dS K, dK = scale·dSᵀ Q; eager: K and Q as stored (scaled) in the dtype; fused: the scale in float32
+    ws = w if eager else u
+    dq = scale * r.matmul(ds, k) + np.abs(scale) * ws * np.sqrt((ds * ds) @ (k * k)) * r.z(q.shape)
+    dk = scale * r.matmul(_t(ds), q) + np.abs(scale) * ws * np.sqrt(_t(ds * ds) @ (q * q)) * r.z(k.shape)
+    return (out if last_rounding else out_pre), {"dq": r.rel(dq, u, *last), "dk": r.rel(dk, u, *last), "dv": dv}
 
 
 def _case_seed(name: str, dtype: str) -> list[int]:
@@ -393,37 +502,92 @@ def _case_seed(name: str, dtype: str) -> list[int]:
 
 
 def yardstick(
-    inputs: dict[str, Any], exact: dict[str, np.ndarray], dtype: str, *, samples: int, seed: Any
-) -> dict[str, float]:
-    """Per output, the root-mean-square over ``samples`` simulated kernels of ``max|X_sim − X₆₄|``."""
+    inputs: dict[str, Any],
+    exact: dict[str, np.ndarray],
+    dtype: str,
+    *,
+    samples: int,
+    seed: Any,
+    arithmetic: str = "fused",
+    groups: dict[str, list[np.ndarray | None]] | None = None,
+) -> dict[str, list[float]]:
+    """Per output and group of its entries (``groups``: boolean masks, ``None`` = every entry; default one group of
+    all), the root-mean-square over ``samples`` simulated kernels of ``max|X_sim − X₆₄|`` over the group."""
     rng = np.random.default_rng(seed)
-    squares = dict.fromkeys(exact, 0.0)
+    groups = groups or {n: [None] for n in exact}
+    squares = {n: [0.0] * len(groups[n]) for n in exact}
     for _ in range(samples):
-        sim = simulated_attention(inputs, dtype, rng)
+        sim = simulated_attention(inputs, dtype, rng, arithmetic)
         for n in exact:
-            squares[n] += _max_abs(sim[n] - exact[n]) ** 2
-    return {n: float(np.sqrt(sq / samples)) for n, sq in squares.items()}
+            diff = np.abs(sim[n] - exact[n])
+            for i, where in enumerate(groups[n]):
+                squares[n][i] += _max_abs(diff if where is None else diff[where]) ** 2
+    return {n: [float(np.sqrt(sq / samples)) for sq in squares[n]] for n in exact}
 
 
-def _magnitudes(x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs: dict[str, Any]) -> dict[str, float]:
-    """``max‖X‖`` per output (see the module docstring); ``x64`` is the float64 reference, ``P`` its weights."""
+def _magnitudes(x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``‖X‖`` per output and entry (see the module docstring); ``x64`` is the float64 reference, ``P`` its weights."""
     q, k, v, dout = (inputs[n].astype(np.float64) for n in ("q", "k", "v", "dout"))
     # dS = P ∘ (dO Vᵀ − D),  D_i = dO_i · O_i   (..., N, M)
     D = np.sum(dout * x64["out"], axis=-1, keepdims=True)
     dS = P * (dout @ np.swapaxes(v, -1, -2) - D)
     # ‖dS‖ = |dS| + P ∘ Σ_c |dO_ic| |O_ic|
     dS_terms = np.abs(dS) + P * np.sum(np.abs(dout) * np.abs(x64["out"]), axis=-1, keepdims=True)
-    terms = {
+    return {
         "out": P @ np.abs(v),
         "dq": abs(scale) * (dS_terms @ np.abs(k)),
         "dk": abs(scale) * (np.swapaxes(dS_terms, -1, -2) @ np.abs(q)),
         "dv": np.swapaxes(P, -1, -2) @ np.abs(dout),
     }
-    return {n: _max_abs(x) for n, x in terms.items()}
 
 
-def reference(case: Case, dtype: str, policy: Policy = DEFAULT_POLICY) -> Reference:
-    """The inputs in ``dtype``, the float64 reference, the yardstick and the magnitudes, for one case."""
+def _argmax_keys(s: np.ndarray, k_shape: tuple[int, ...], margin: np.ndarray) -> np.ndarray:
+    """Boolean, ``dk``'s shape ``(..., M, d)``: the keys within ``margin`` of some query row's largest logit.
+
+    ``s``: the exact logits ``(..., N, M)`` (``-inf`` where masked); ``margin``: ``(..., N, 1)``, how far a
+    kernel's rounded logits may reorder the largest ones (a kernel's max may land on a near-tie).
+    """
+    m = np.max(s, axis=-1, keepdims=True)
+    near = np.isfinite(s) & (s >= m - margin)  # (..., N, M)
+    keys = np.any(near, axis=-2)  # (..., M)
+    return np.broadcast_to(keys[..., None], k_shape)
+
+
+_CACHE: OrderedDict[tuple[Any, ...], Reference] = OrderedDict()
+_CACHE_SIZE = 256
+
+
+def _digest(case: Case) -> str:
+    """A fingerprint of everything in ``case`` the reference depends on (name included: it seeds the draws)."""
+    h = hashlib.blake2b(case.name.encode(), digest_size=16)
+    for n in ("q", "k", "v", "dout", "mask", "bias"):
+        a = getattr(case, n)
+        h.update(f"|{n}:{None if a is None else (a.dtype.str, a.shape)}".encode())
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    h.update(f"|scale:{case.scale!r}".encode())
+    return h.hexdigest()
+
+
+def reference(case: Case, dtype: str, policy: Policy | str = DEFAULT_POLICY) -> Reference:
+    """The inputs in ``dtype``, the float64 reference, the yardstick and the magnitudes, for one case.
+
+    The result depends only on the case's numbers, the dtype and the policy; the last 256 are kept, so that
+    checking several kernels on one battery simulates each case once. Its arrays are read-only.
+    """
+    policy = check_policy(policy)
+    key = (_digest(case), dtype, policy.key())
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    ref = _reference(case, dtype, policy)
+    _CACHE[key] = ref
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return ref
+
+
+def _reference(case: Case, dtype: str, policy: Policy) -> Reference:
     inputs: dict[str, Any] = {
         n: round_to(getattr(case, n), dtype, f"case {case.name!r}: {n}") for n in ("q", "k", "v", "dout", "bias")
     }
@@ -435,6 +599,41 @@ def reference(case: Case, dtype: str, policy: Policy = DEFAULT_POLICY) -> Refere
     )
     grads = attention_backward(as64["dout"], cache)
     exact = {"out": out, "dq": grads["q"], "dk": grads["k"], "dv": grads["v"]}
-    kernel_error = yardstick(inputs, exact, dtype, samples=policy.samples, seed=_case_seed(case.name, dtype))
-    magnitude = _magnitudes(exact, cache.weights, cache.scale, inputs)
-    return Reference(inputs=inputs, exact=exact, kernel_error=kernel_error, magnitude=magnitude)
+    # the keys each row's largest logit may sit on, in a kernel's rounding of the logits: dk's own group, where
+    # autograd through an un-detached max shift puts its residue
+    q, k = as64["q"], as64["k"]
+    s = cache.scale * (q @ _t(k)) + (0.0 if as64["bias"] is None else as64["bias"])
+    if inputs["mask"] is not None:
+        s = np.where(inputs["mask"], s, -np.inf)
+    terms = np.abs(cache.scale) * (np.abs(q) @ _t(np.abs(k)))  # (..., N, M)
+    w_s = eps(dtype) / 2 if policy.arithmetic == "eager" else eps("float64" if dtype == "float64" else "float32") / 2
+    peak = np.max(np.where(np.isfinite(s), np.abs(s), 0.0), axis=-1, keepdims=True)
+    margin = 4 * w_s * (peak + (1 + np.sqrt(q.shape[-1])) * np.max(terms, axis=-1, keepdims=True))
+    reach = _argmax_keys(s, k.shape, margin)
+    masks: dict[str, list[np.ndarray | None]] = {n: [None] for n in OUTPUTS}
+    split = bool(reach.any() and not reach.all())
+    if split:
+        masks["dk"] = [~reach, reach]
+    yard = yardstick(inputs, exact, dtype, samples=policy.samples, seed=_case_seed(case.name, dtype),
+                     arithmetic=policy.arithmetic, groups={**masks, "dk": [None, *masks["dk"]] if split else [None]})  # fmt: skip
+    norms = _magnitudes(exact, cache.weights, cache.scale, inputs)
+    groups: dict[str, tuple[Group, ...]] = {}
+    for n in OUTPUTS:
+        whole = yard[n][0]
+        if n == "dk" and split:
+            groups[n] = tuple(
+                Group(where, err, _max_abs(norms[n][where]), label)
+                for where, err, label in zip(masks["dk"], yard[n][1:], ("", "argmax keys"), strict=True)
+            )
+        else:
+            groups[n] = (Group(None, whole, _max_abs(norms[n])),)
+    for a in (*exact.values(), reach):
+        a.setflags(write=False)
+    return Reference(
+        inputs=inputs,
+        exact=exact,
+        groups=groups,
+        kernel_error={n: yard[n][0] for n in OUTPUTS},
+        magnitude={n: _max_abs(norms[n]) for n in OUTPUTS},
+        policy=policy,
+    )
