@@ -702,3 +702,39 @@ def lse_attention(forward="two-pass", splits=4, d_from="dO·O"):
         return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
 
     return fn, grad_fn
+
+
+# ---------------------------------------------------------------- the sweep's kernels
+# Every correct formulation the tolerance must accept on re-seeds of the battery's most data-dependent recipes
+# (tests/test_oracle_sweep.py runs a few seeds on every `make test`; scripts/oracle_sweep.py runs all 40).
+
+
+def sweep_kernels():
+    """``{name: (fn, grad_fn)}``: five summation orders, eager code through the max shift, three lse formulations."""
+    return {
+        "sequential over keys": ordered_attention("sequential"),
+        "pairwise": ordered_attention("pairwise"),
+        "BLAS": ordered_attention("blas"),
+        "tiled over 32 keys": tiled_attention(32),
+        "QKᵀ reversed over d": ordered_attention("blas", qk_order="reverse"),
+        "eager, autograd through the max shift": eager_attention(),
+        "two-pass forward": lse_attention("two-pass"),
+        "split-K merged by lse": lse_attention("split-k", splits=4),
+        "backward from lse, D = ΣP∘dP": lse_attention("two-pass", d_from="ΣP∘dP"),
+    }
+
+
+def sweep_ratios(kernel, ref, dtype):
+    """Per output, the check's ratio for one kernel on one reference (the harness's own comparison)."""
+    from attention_ref.testing.harness import compare_output
+
+    fn, grad_fn = kernel
+    x = ref.inputs
+    kw = {"mask": x["mask"], "bias": x["bias"], "scale": x["scale"]}
+    got = {"out": fn(x["q"], x["k"], x["v"], **kw)}
+    got.update(zip(("dq", "dk", "dv"), grad_fn(x["q"], x["k"], x["v"], x["dout"], **kw), strict=True))
+    return {
+        o: compare_output("sweep", o, got[o], ref.exact[o], ref.kernel_error[o], ref.magnitude[o], dtype,
+                          policy=ref.policy, groups=ref.groups[o], last_rounding=True).ratio
+        for o in ("out", "dq", "dk", "dv")
+    }  # fmt: skip
