@@ -297,9 +297,9 @@ def test_one_recorded_call_checks_its_arguments():
     assert upcast.failed and "dtype float32, expected bfloat16" in upcast.note
     with pytest.raises(ValueError, match=r"output must be \(B, C, H, W\) or \(B, N, C\)"):
         check_attention_call(self_attn, x, output=out[0, 0], dtype="bfloat16")
-    with pytest.raises(TypeError, match="policy must be a Policy"):
+    with pytest.raises(TypeError, match="policy must be .fused., .eager. or a Policy"):
         check_attention_call(self_attn, x, output=out, dtype="bfloat16", policy={"c": 3})
-    with pytest.raises(TypeError, match="policy must be a Policy"):
+    with pytest.raises(TypeError, match="policy must be .fused., .eager. or a Policy"):
         check_diffusers_attention(self_attn, dtype="bfloat16", policy={"c": 3})
 
 

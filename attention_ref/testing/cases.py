@@ -42,7 +42,7 @@ import numpy as np
 from ..attention.inputs import check_attention_inputs
 from ..attention.masks import causal_mask
 
-__all__ = ["CASE_NAMES", "FEATURES", "RECIPES", "Case", "battery", "reseeded", "select_cases"]
+__all__ = ["CASE_NAMES", "CORE_CASES", "FEATURES", "RECIPES", "Case", "battery", "reseeded", "select_cases"]
 
 # What a case may exercise (:attr:`Case.features`); an implementation declares the ones it does not support.
 FEATURES = ("d != dv", "N != M", "custom scale", "mask", "bias", "fully masked rows")
@@ -366,6 +366,23 @@ def battery() -> list[Case]:
 
 
 CASE_NAMES: tuple[str, ...] = tuple(c.name for c in battery())
+
+# Where kernels break, grouped: a check whose selected cases of a group all went unrun (declared unsupported) is not
+# ok unless the caller accepts that group's absence by name (check_attention's missing_ok).
+CORE_CASES: dict[str, tuple[str, ...]] = {
+    "long sequence": ("long sequence", "4096 keys", "long query axis"),
+    "large logits": ("large logits", "large logits masked"),
+    "masks": (
+        "random mask",
+        "key padding",
+        "causal",
+        "causal top-left N<M",
+        "causal bottom-right N<M",
+        "window",
+        "fully masked rows",
+        "mask+bias+scale",
+    ),
+}
 
 
 def select_cases(cases: Any = None) -> list[Case]:

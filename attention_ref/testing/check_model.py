@@ -32,7 +32,7 @@ from .blocks import check_attention_call
 from .dtypes import DTYPES
 from .harness import exception_check
 from .report import OutputCheck
-from .tolerance import DEFAULT_POLICY, Policy, check_policy
+from .tolerance import Policy, check_policy
 
 __all__ = ["LayerCall", "ModelReport", "check_model"]
 
@@ -132,9 +132,11 @@ class ModelReport:
         else:
             verdict = f"FAILED ({len(self.failures)} of {len(self.ran)} calls, in {len(self.failed_layers)} layers)"
         extra = f", {skipped} not supported" if skipped else ""
+        policies = sorted({r.check.policy for r in self.ran if r.check.policy})
+        under = f" ({' and '.join(policies)} policy)" if policies else ""
         return (
             f"{self.title}: {len(self.rows)} attention calls in {len(self.layers)} layers, checked in {self.dtype}"
-            f"{extra} — {verdict}; worst ratio {_ratio(self.worst_ratio())}"
+            f"{under}{extra} — {verdict}; worst ratio {_ratio(self.worst_ratio())}"
         )
 
     def format(self, verbose: bool = True) -> str:
@@ -166,6 +168,14 @@ def _ratio(r: float) -> str:
     return "inf" if math.isinf(r) else ("nan" if math.isnan(r) else f"{r:.3g}")
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    """A tensor's shape as a tuple of ints; ``()`` for anything without one."""
+    try:
+        return tuple(int(n) for n in value.shape)
+    except (AttributeError, TypeError):
+        return ()
+
+
 def _cast(value: Any, dtype: Any, device: Any) -> Any:
     """Floating tensors (also inside lists, tuples and dicts) cast to ``dtype`` on ``device``; the rest as it is."""
     import torch
@@ -183,7 +193,7 @@ def check_model(
     model: Any,
     *args: Any,
     dtype: str = "float32",
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
     seed: int = 0,
     title: str | None = None,
     **kwargs: Any,
@@ -199,20 +209,25 @@ def check_model(
         args, kwargs: the model's inputs; floating tensors among them (also in lists, tuples, dicts) are cast
             to ``dtype`` and moved to the model's device.
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
-        policy: the tolerance constants (:class:`~attention_ref.testing.Policy`); seed: of the simulated blocks.
+        policy: ``None`` (default): per call, the policy matching the module's arithmetic
+            (:func:`~attention_ref.testing.blocks.module_policy`: ``fused`` for a processor that calls
+            ``scaled_dot_product_attention``, ``eager`` otherwise); or ``"fused"``, ``"eager"``, a
+            :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
         title: the report's title (default the model's class name).
 
     Returns:
         :class:`ModelReport`, one :class:`LayerCall` per call of an ``Attention`` module, in call order. A module
         the reference does not express (``from_diffusers`` raises ``NotImplementedError``) gives a "not
-        supported" row naming the feature; an exception while judging a call is a failed row.
+        supported" row naming the feature (also an IP-Adapter ``(text, image)`` context); any exception while
+        judging a call or building its row is a failed row.
     """
     import torch
     from diffusers.models.attention_processor import Attention
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    check_policy(policy)
+    if policy is not None:
+        policy = check_policy(policy)
     if not isinstance(model, torch.nn.Module):
         hint = " (for a pipeline, check pipe.unet with its inputs)" if hasattr(model, "unet") else ""
         raise TypeError(f"check_model needs a torch.nn.Module, got {type(model).__name__}{hint}")
@@ -239,6 +254,11 @@ def check_model(
                 hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
                 context = hook_args[1] if len(hook_args) > 1 else hook_kwargs.get("encoder_hidden_states")
                 mask = hook_args[2] if len(hook_args) > 2 else hook_kwargs.get("attention_mask")
+                if isinstance(context, (tuple, list)):  # IP-Adapter: (text, image embeddings)
+                    raise NotImplementedError(
+                        f"a {type(context).__name__} context (IP-Adapter's text and image embeddings): the reference "
+                        "block has no image-prompt branch"
+                    )
                 check = check_attention_call(module, hidden, context, mask, output=output, dtype=dtype,
                                              policy=policy, name=label, seed=seed)  # fmt: skip
             except NotImplementedError as err:
@@ -246,18 +266,23 @@ def check_model(
                                     ratio=math.nan, note=f"not supported: {err}", supported=False)  # fmt: skip
             except Exception as err:  # a call the check could not judge is a failure, reported, not raised
                 check = exception_check(label, "y", err)
-            rows.append(
-                LayerCall(
+            try:  # whatever the call held, it becomes a row
+                text = context[0] if isinstance(context, (tuple, list)) and context else context
+                row = LayerCall(
                     name=name,
                     call=i,
                     kind="self" if context is None else "cross",
                     processor=type(module.processor).__name__,
-                    hidden_shape=tuple(getattr(hidden, "shape", ())),
-                    context_shape=None if context is None else tuple(context.shape),
-                    output_shape=tuple(getattr(output, "shape", ())),
+                    hidden_shape=_shape(hidden),
+                    context_shape=None if context is None else _shape(text),
+                    output_shape=_shape(output),
                     check=check,
                 )
-            )
+            except Exception as err:
+                row = LayerCall(name=name, call=i, kind="?", processor=type(getattr(module, "processor", None)).__name__,
+                                hidden_shape=(), context_shape=None, output_shape=(),
+                                check=exception_check(label, "y", err))  # fmt: skip
+            rows.append(row)
 
         return hook
 

@@ -80,6 +80,7 @@ class RoundingModel:
 
     Attributes:
         u: the accumulator's unit roundoff; w: the dtype's.
+        tiny_w, tiny_u: half the spacing of the dtype's and the accumulator's subnormal numbers.
         rng: the generator the errors come from (a seeded ``numpy.random.Generator``).
     """
 
@@ -88,7 +89,8 @@ class RoundingModel:
         self.w = unit_roundoff(dtype)
         self.rng = rng
         # below the smallest normal number a rounding moves x by up to half the subnormals' spacing, not w·|x|
-        self.tiny = {s: float(half_spacing(0.0, n)) for s, n in ((self.w, dtype), (self.u, _accumulator(dtype)))}
+        self.tiny_w = float(half_spacing(0.0, dtype))
+        self.tiny_u = float(half_spacing(0.0, _accumulator(dtype)))
 
     def z(self, shape: tuple[int, ...]) -> np.ndarray:
         """Independent standard normal draws (the error of a sum, a sum of many roundings)."""
@@ -105,7 +107,7 @@ class RoundingModel:
         error = np.zeros(x.shape)
         for size in sizes:
             step = size * xf
-            tiny = self.tiny.get(size, 0.0)
+            tiny = self.tiny_w if size == self.w else self.tiny_u if size == self.u else 0.0
             if tiny:  # a rounding to the dtype or the accumulator: at least half a subnormal spacing (0 stays 0)
                 step = np.where(xf != 0, np.sign(xf) * np.maximum(np.abs(step), tiny), 0.0)
             error += step * self.rng.uniform(-1.0, 1.0, x.shape)

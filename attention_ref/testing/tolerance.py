@@ -477,7 +477,7 @@ def simulate_attention_core(
     D = D * np.exp(2 * u * np.abs(np.where(live, lse, 0.0)) * r.rng.uniform(-1.0, 1.0, D.shape))
     # eager autograd forms D as ℓ·Σ_k dP_k·(e_k/ℓ)/ℓ (the division's backward), whose terms fall below the dtype's
     # normal numbers on a long row (float16, ℓ ~ 2000): each rounded by up to half a subnormal spacing
-    subnormal = total * r.tiny[w] * np.sqrt(np.sum(1.0 + dp * dp, axis=-1, keepdims=True))  # (..., N, 1)
+    subnormal = total * r.tiny_w * np.sqrt(np.sum(1.0 + dp * dp, axis=-1, keepdims=True))  # (..., N, 1)
     if eager:
         D = D + subnormal * r.z(D.shape)
     # dS = P ∘ (dP − D), stored in the dtype; eager autograd uses the weights P̃ as the forward stored them
