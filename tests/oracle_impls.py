@@ -6,6 +6,8 @@ Each buggy function differs from a correct one in one place, marked ``# BUG``.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 BLOCK = 16  # tile width of the blocked (FlashAttention-style) implementations
@@ -233,7 +235,7 @@ def causal_bottom_right_for_top_left(q, k, v, *, mask=None, bias=None, scale=Non
     N, M = q.shape[-2], k.shape[-2]
     if _causal_pattern(mask, N, M, "top_left"):
         mask = causal_mask(N, M, "bottom_right")  # BUG: the kernel's causal flag is aligned bottom-right
-    return numpy_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    return working_precision_forward(q, k, v, mask=mask, bias=bias, scale=scale)
 
 
 def causal_top_left_for_bottom_right(q, k, v, *, mask=None, bias=None, scale=None):
@@ -243,17 +245,27 @@ def causal_top_left_for_bottom_right(q, k, v, *, mask=None, bias=None, scale=Non
     N, M = q.shape[-2], k.shape[-2]
     if _causal_pattern(mask, N, M, "bottom_right"):
         mask = causal_mask(N, M, "top_left")  # BUG: is_causal is aligned top-left
-    return numpy_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    return working_precision_forward(q, k, v, mask=mask, bias=bias, scale=scale)
 
 
 def scale_or_default(q, k, v, *, mask=None, bias=None, scale=None):
     scale = scale or 1.0 / np.sqrt(q.shape[-1])  # BUG: a scale of 0 is taken as "use the default"
-    return numpy_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    return working_precision_forward(q, k, v, mask=mask, bias=bias, scale=scale)
 
 
 def grad_scale_or_default(q, k, v, dout, *, mask=None, bias=None, scale=None):
     scale = scale or 1.0 / np.sqrt(q.shape[-1])  # BUG: as in scale_or_default
-    return grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+    return working_precision_grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+
+
+def working_precision_forward(q, k, v, *, mask=None, bias=None, scale=None):
+    """The plain correct forward in the working dtype (float32, or float64 for float64)."""
+    return ordered_attention("blas")[0](q, k, v, mask=mask, bias=bias, scale=scale)
+
+
+def working_precision_grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    """The plain correct backward in the working dtype (float32, or float64 for float64)."""
+    return ordered_attention("blas")[1](q, k, v, dout, mask=mask, bias=bias, scale=scale)
 
 
 def online_sum_in_float16(q, k, v, *, mask=None, bias=None, scale=None):
@@ -335,9 +347,12 @@ def grad_missing_softmax_term(q, k, v, dout, *, mask=None, bias=None, scale=None
 
 
 def grad_dq_missing_scale(q, k, v, dout, *, mask=None, bias=None, scale=None):
-    dq, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
-    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    return finish(dq.astype(np.float32) / np.float32(scale_), q), dk, dv  # BUG: dQ = dS K, no scale
+    _, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+    p = softmax(logits(q, k, bias, scale), mask)
+    do32, v32 = dout.astype(np.float32), v.astype(np.float32)
+    dp = do32 @ t(v32)
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    return finish(ds @ k.astype(np.float32), q), dk, dv  # BUG: dQ = dS K, no scale
 
 
 def grad_dk_not_transposed(q, k, v, dout, *, mask=None, bias=None, scale=None):
@@ -665,7 +680,7 @@ def lse_attention(forward="two-pass", splits=4, d_from="dO·O"):
         M, w = s.shape[-1], s.dtype
         bounds = np.linspace(0, M, splits + 1).astype(int)
         outs, lses = [], []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for a, b in itertools.pairwise(bounds):
             if a == b:
                 continue
             o_s, lse_s = two_pass(s[..., a:b], v_[..., a:b, :], like)
@@ -710,17 +725,18 @@ def lse_attention(forward="two-pass", splits=4, d_from="dO·O"):
 
 
 def sweep_kernels():
-    """``{name: (fn, grad_fn)}``: five summation orders, eager code through the max shift, three lse formulations."""
+    """``{name: ((fn, grad_fn), policy)}``: five summation orders, eager code through the max shift (judged as eager
+    code: in float32 and float64 that is the fused policy's arithmetic too), three logsumexp formulations."""
     return {
-        "sequential over keys": ordered_attention("sequential"),
-        "pairwise": ordered_attention("pairwise"),
-        "BLAS": ordered_attention("blas"),
-        "tiled over 32 keys": tiled_attention(32),
-        "QKᵀ reversed over d": ordered_attention("blas", qk_order="reverse"),
-        "eager, autograd through the max shift": eager_attention(),
-        "two-pass forward": lse_attention("two-pass"),
-        "split-K merged by lse": lse_attention("split-k", splits=4),
-        "backward from lse, D = ΣP∘dP": lse_attention("two-pass", d_from="ΣP∘dP"),
+        "sequential over keys": (ordered_attention("sequential"), "fused"),
+        "pairwise": (ordered_attention("pairwise"), "fused"),
+        "BLAS": (ordered_attention("blas"), "fused"),
+        "tiled over 32 keys": (tiled_attention(32), "fused"),
+        "QKᵀ reversed over d": (ordered_attention("blas", qk_order="reverse"), "fused"),
+        "eager, autograd through the max shift": (eager_attention(), "eager"),
+        "two-pass forward": (lse_attention("two-pass"), "fused"),
+        "split-K merged by lse": (lse_attention("split-k", splits=4), "fused"),
+        "backward from lse, D = ΣP∘dP": (lse_attention("two-pass", d_from="ΣP∘dP"), "fused"),
     }
 
 

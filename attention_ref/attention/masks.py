@@ -37,7 +37,14 @@ import array_api_compat.numpy as default_xp
 
 from ..backend import Array, device_of, namespace
 
-__all__ = ["CAUSAL_ALIGNMENTS", "causal_mask", "neighborhood_mask", "neighborhood_starts", "window_bands", "window_mask"]
+__all__ = [
+    "CAUSAL_ALIGNMENTS",
+    "causal_mask",
+    "neighborhood_mask",
+    "neighborhood_starts",
+    "window_bands",
+    "window_mask",
+]
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 

@@ -172,7 +172,13 @@ def _group_norm_back(
 
 
 def _attention_slices(
-    r: RoundingModel, qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, do: np.ndarray | None, mask: Any, scale: Any,
+    r: RoundingModel,
+    qh: np.ndarray,
+    kh: np.ndarray,
+    vh: np.ndarray,
+    do: np.ndarray | None,
+    mask: Any,
+    scale: Any,
     arithmetic: str,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """:func:`simulate_attention_core` one (sample, head) at a time, so that no ``(B, heads, N, M)`` array is held."""
@@ -185,7 +191,14 @@ def _attention_slices(
         for h in range(heads):
             one = None if do is None else do[b, h]
             out[b, h], g = simulate_attention_core(
-                r, qh[b, h], kh[b, h], vh[b, h], one, None, None if masks is None else masks[b, h], scale,
+                r,
+                qh[b, h],
+                kh[b, h],
+                vh[b, h],
+                one,
+                None,
+                None if masks is None else masks[b, h],
+                scale,
                 arithmetic=arithmetic,
             )
             for n, a in g.items():
@@ -453,7 +466,8 @@ def check_diffusers_attention(
             ``floor["dq"]`` to every gradient.
 
     Returns:
-        :class:`Report` (its ``policy`` names the policy used) with one row per case and output: ``y``, ``dx``, ``dcontext`` (cross-attention),
+        :class:`Report` (its ``policy`` names the policy used) with one row per case and output: ``y``, ``dx``,
+        ``dcontext`` (cross-attention),
         and ``d<param>`` for every weight, e.g. ``dq.weight`` (compared in the reference's ``(in, out)`` layout).
         An exception raised by the module (forward or backward) is a failed row for each of that case's
         outputs, not re-raised.

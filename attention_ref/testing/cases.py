@@ -380,7 +380,6 @@ CORE_CASES: dict[str, tuple[str, ...]] = {
         "causal bottom-right N<M",
         "window",
         "fully masked rows",
-        "mask+bias+scale",
     ),
 }
 

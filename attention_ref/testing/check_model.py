@@ -279,9 +279,9 @@ def check_model(
                     check=check,
                 )
             except Exception as err:
-                row = LayerCall(name=name, call=i, kind="?", processor=type(getattr(module, "processor", None)).__name__,
-                                hidden_shape=(), context_shape=None, output_shape=(),
-                                check=exception_check(label, "y", err))  # fmt: skip
+                processor = type(getattr(module, "processor", None)).__name__
+                row = LayerCall(name=name, call=i, kind="?", processor=processor, hidden_shape=(), context_shape=None,
+                                output_shape=(), check=exception_check(label, "y", err))  # fmt: skip
             rows.append(row)
 
         return hook

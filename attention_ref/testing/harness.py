@@ -281,7 +281,7 @@ LAYOUTS = ("bhnd", "bnhd")
 def _lead4(lead: tuple[int, ...]) -> tuple[int, int]:
     """The case's leading dims as ``(B, H)``: none → (1, 1), (B,) → (B, 1), (B, H), more folded into B."""
     if len(lead) <= 2:
-        return ((1, 1) + lead)[-2:] if len(lead) < 2 else (lead[0], lead[1])
+        return (*lead, 1, 1)[:2] if lead else (1, 1)
     return math.prod(lead[:-1]), lead[-1]
 
 
@@ -291,10 +291,12 @@ def _to_layout(a: Any, lead: tuple[int, ...], layout: str | None, logits: bool =
     if layout is None or a is None:
         return a
     if logits:
-        if len(lead) > 2:
-            a = np.broadcast_to(a, (*lead, *a.shape[-2:]))
-        a = a.reshape((1,) * (4 - a.ndim) + a.shape) if a.ndim < 4 else a.reshape(*_lead4(lead), *a.shape[-2:])
-        return np.ascontiguousarray(a)
+        a = a.reshape((1,) * (len(lead) + 2 - a.ndim) + a.shape)  # one axis per leading dim of the case
+        if len(lead) > 2:  # fold the leading dims like the arrays': every axis at its full size
+            a = np.broadcast_to(a, (*lead, *a.shape[-2:])).reshape(*_lead4(lead), *a.shape[-2:])
+        elif len(lead) < 2:  # (B|1,) → (B|1, 1); none → (1, 1)
+            a = a.reshape(*a.shape[: len(lead)], *(1,) * (2 - len(lead)), *a.shape[-2:])
+        return np.ascontiguousarray(a)  # (B|1, H|1, N|1, M|1)
     a4 = a.reshape(*_lead4(lead), *a.shape[-2:])  # (B, H, rows, cols)
     return np.ascontiguousarray(a4 if layout == "bhnd" else np.swapaxes(a4, 1, 2))
 
@@ -433,9 +435,7 @@ def check_attention(
                   notes=tuple(notes), missing_core=missing_core)  # fmt: skip
 
 
-def _run(
-    fn: Any, grad_fn: Any, case: Case, ref: Any, masked_rows: str, layout: str | None
-) -> dict[str, Any]:
+def _run(fn: Any, grad_fn: Any, case: Case, ref: Any, masked_rows: str, layout: str | None) -> dict[str, Any]:
     """Call ``fn`` and ``grad_fn`` on one case; per output, the array returned (in the case's own shape) or the
     exception raised. Usage errors are raised."""
     lead, N, M = case.q.shape[:-2], case.q.shape[-2], case.k.shape[-2]
@@ -466,9 +466,8 @@ def _run(
         try:
             grads = _grads_tuple(grad_fn(x["q"], x["k"], x["v"], x["dout"], **{n: x[n] for n in kw}))
             shapes = ((N, d), (M, d), (M, dv))
-            results.update(
-                (o, _from_layout(g, lead, *rc, layout)) for o, g, rc in zip(("dq", "dk", "dv"), grads, shapes, strict=True)
-            )
+            for o, g, (rows, cols) in zip(("dq", "dk", "dv"), grads, shapes, strict=True):
+                results[o] = _from_layout(g, lead, rows, cols, layout)
         except UsageError:
             raise
         except Exception as err:

@@ -524,7 +524,9 @@ def yardstick(
     return {n: [float(np.sqrt(sq / samples)) for sq in squares[n]] for n in exact}
 
 
-def _magnitudes(x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+def _magnitudes(
+    x64: dict[str, np.ndarray], P: np.ndarray, scale: float, inputs: dict[str, Any]
+) -> dict[str, np.ndarray]:
     """``‖X‖`` per output and entry (see the module docstring); ``x64`` is the float64 reference, ``P`` its weights."""
     q, k, v, dout = (inputs[n].astype(np.float64) for n in ("q", "k", "v", "dout"))
     # dS = P ∘ (dO Vᵀ − D),  D_i = dO_i · O_i   (..., N, M)
@@ -613,8 +615,9 @@ def _reference(case: Case, dtype: str, policy: Policy) -> Reference:
     split = bool(reach.any() and not reach.all())
     if split:
         masks["dk"] = [~reach, reach]
+    groups = {**masks, "dk": [None, *masks["dk"]] if split else [None]}  # the whole of dk first, then its groups
     yard = yardstick(inputs, exact, dtype, samples=policy.samples, seed=_case_seed(case.name, dtype),
-                     arithmetic=policy.arithmetic, groups={**masks, "dk": [None, *masks["dk"]] if split else [None]})  # fmt: skip
+                     arithmetic=policy.arithmetic, groups=groups)  # fmt: skip
     norms = _magnitudes(exact, cache.weights, cache.scale, inputs)
     groups: dict[str, tuple[Group, ...]] = {}
     for n in OUTPUTS:

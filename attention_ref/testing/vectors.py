@@ -13,16 +13,19 @@
   size 1 (or a missing leading axis) repeated — key padding is ``(B, 1, 1, M)``,
   a causal mask ``(N, M)``;
 * the float64 reference ``out``, ``dq``, ``dk``, ``dv`` computed from those inputs;
-* the allowed max-abs error per output: ``allowed_out``, ``allowed_dq``, ... .
+* the allowed error of every entry of each output: ``allowed_out``, ``allowed_dq``, ... (arrays shaped like
+  the output: one number per group of entries — for ``dk`` the keys that are some row's largest logit may
+  get more, for the residue eager autograd leaves there — the same number elsewhere).
 
 and ``<dir>/index.json`` lists the cases (file, shapes, scale, description, allowed
 errors, the features of :attr:`~attention_ref.testing.Case.features` and the number of
 fully masked query rows) and the tolerance policy. An implementation passes a case when, for each
-output ``X``, ``max|X − X_ref| ≤ allowed_X`` with ``X`` computed in the dtype and
-converted to float64 for the comparison, and it has no NaN/Inf where ``X_ref`` is
-finite (fully masked query rows — a query whose mask row, broadcast, holds no True — have
-``X_ref = 0`` in ``out`` and ``dq``). These are the same numbers
-:func:`~attention_ref.testing.check_attention` uses.
+output ``X`` and each entry, ``|X − X_ref| − spacing(X)/2 ≤ allowed_X`` (the left side taken as 0 when
+negative), with ``X`` computed in the dtype and converted to float64 for the comparison, ``spacing(X)``
+the dtype's spacing just above ``|X|`` (``nextafter(|X|, inf) − |X|`` in the dtype: the output's own last
+rounding is not counted), and it has no NaN/Inf where ``X_ref`` is finite (fully masked query rows — a
+query whose mask row, broadcast, holds no True — have ``X_ref = 0`` in ``out`` and ``dq``). These are the
+same numbers :func:`~attention_ref.testing.check_attention` uses.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ from typing import Any
 import numpy as np
 
 from .cases import Case, select_cases
-from .dtypes import eps
-from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, reference
+from .dtypes import dtype_name, eps
+from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
 
 __all__ = ["FORMAT_VERSION", "load_vectors", "write_vectors"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: allowed errors per entry, the output's own last rounding deducted, the policy named
 
 
 def _file_name(i: int, name: str) -> str:
@@ -56,12 +59,15 @@ def _storable(a: np.ndarray) -> np.ndarray:
 
 def write_vectors(
     out_dir: str | Path,
-    dtype: str = "float32",
+    dtype: Any = "float32",
     *,
     cases: Sequence[Case | str] | None = None,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str = DEFAULT_POLICY,
 ) -> Path:
-    """Write every case (or ``cases``) for ``dtype`` into ``out_dir``; returns the path of ``index.json``."""
+    """Write every case (or ``cases``) for ``dtype`` into ``out_dir``, judged under ``policy`` (``"fused"``, the
+    default, or ``"eager"``); returns the path of ``index.json``."""
+    dtype = dtype_name(dtype)
+    policy = check_policy(policy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -78,8 +84,12 @@ def write_vectors(
         allowed = {}
         for o in OUTPUTS:
             arrays[o] = ref.exact[o]
-            allowed[o] = policy.allowed(o, ref.magnitude[o], ref.kernel_error[o], dtype)[0]
-            arrays[f"allowed_{o}"] = np.array(allowed[o], dtype=np.float64)
+            per_entry = np.zeros(ref.exact[o].shape)
+            for group in ref.groups[o]:
+                limit = policy.allowed(o, group.magnitude, group.kernel_error, dtype)[0]
+                per_entry = np.where(True if group.where is None else group.where, limit, per_entry)
+            arrays[f"allowed_{o}"] = per_entry
+            allowed[o] = float(np.max(per_entry)) if per_entry.size else 0.0
         name = _file_name(i, case.name)
         np.savez(out / name, **arrays)
         entries.append(
@@ -117,8 +127,18 @@ def write_vectors(
             "a query row whose broadcast mask row holds no True attends to nothing: out and dq are 0 there; "
             "each case gives its count of such rows (over all leading dims) in 'fully_masked_rows'"
         ),
-        "pass_rule": "for X in out, dq, dk, dv: max|X - X_ref| <= allowed_X, and no NaN/Inf where X_ref is finite",
-        "policy": {"c": dict(policy.c), "floor": dict(policy.floor), "samples": policy.samples},
+        "pass_rule": (
+            "for X in out, dq, dk, dv and every entry: max(|X - X_ref| - spacing(X)/2, 0) <= allowed_X (the array "
+            "of the same shape), spacing(X) = nextafter(|X|, inf) - |X| in the dtype (the output's own last "
+            "rounding is not counted); and no NaN/Inf where X_ref is finite"
+        ),
+        "policy": {
+            "name": policy.name,
+            "arithmetic": policy.arithmetic,
+            "c": dict(policy.c),
+            "floor": dict(policy.floor),
+            "samples": policy.samples,
+        },
         "cases": entries,
     }
     path = out / "index.json"
