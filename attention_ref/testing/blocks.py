@@ -30,7 +30,8 @@ The tolerance has the shape of :mod:`.tolerance`'s, ``c·(the simulated kernels'
   far above any error.
 
 ``c`` and ``f`` are the kernel check's: ``Policy.c["out"]`` for ``y``, ``Policy.c["dq"]`` for
-every gradient. The policy is the one that matches the module's arithmetic (:func:`module_policy`):
+every gradient; as there, each output's own last rounding to the dtype (half a spacing at the value
+returned) is deducted from its error entry by entry. The policy is the one that matches the module's arithmetic (:func:`module_policy`):
 ``fused`` when its processor calls PyTorch's ``scaled_dot_product_attention`` (``AttnProcessor2_0``:
 every SDPA backend keeps the logits and the softmax in float32), ``eager`` otherwise (``AttnProcessor``,
 ``SlicedAttnProcessor``: ``baddbmm`` and ``softmax`` in the dtype); a ``policy`` argument overrides it,
@@ -522,11 +523,11 @@ def check_diffusers_attention(
                     dtype,
                     policy=policy,
                     kind="out" if key == "y" else "dq",
+                    last_rounding=True,
                 )
             )
     title = f"diffusers Attention ({type(attn.processor).__name__}, {'cross' if is_cross else 'self'})"
-    return Report(dtype=dtype, checks=tuple(checks), title=title, masked_rows="n/a (blocks)", policy=policy.name,
-                  last_rounding=False)  # fmt: skip
+    return Report(dtype=dtype, checks=tuple(checks), title=title, masked_rows="n/a (blocks)", policy=policy.name)
 
 
 def _run_module(module: Any, x: np.ndarray, context: np.ndarray | None, dy: np.ndarray, mask: np.ndarray | None,
@@ -690,5 +691,5 @@ def check_attention_call(
                             arithmetic=policy.arithmetic)  # fmt: skip
     magnitude = block_magnitudes(x, context, params, None, context_mask=context_mask, mask=mask, **options)["y"]
     check = compare_output(name, "y", got, exact["y"], yard["y"], max(magnitude, float(np.max(np.abs(exact["y"])))),
-                           dtype, policy=policy, kind="out")  # fmt: skip
+                           dtype, policy=policy, kind="out", last_rounding=True)  # fmt: skip
     return check if not note else dataclasses.replace(check, note=note if check.ok else f"{check.note} {note}".strip())
