@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=40, help="re-seeds per recipe and width (default 40)")
     parser.add_argument("--dtypes", default="float32,float64", help="comma-separated (default float32,float64)")
     parser.add_argument("--recipes", default="large logits,long sequence")
-    parser.add_argument("--kernels", default=None, help="comma-separated names (default every sweep kernel)")
+    parser.add_argument("--kernels", default=None, help="names separated by ; (default: every sweep kernel)")
     args = parser.parse_args(argv)
     kernels = impl.sweep_kernels()
     if args.kernels:
-        kernels = {n: kernels[n] for n in args.kernels.split(",")}
+        kernels = {n: kernels[n] for n in args.kernels.split(";")}
     total_rejects = 0
     for dtype in args.dtypes.split(","):
         for recipe in args.recipes.split(","):

@@ -375,10 +375,11 @@ def _logits(
 ) -> np.ndarray:
     """``S = scale·q kᵀ + bias`` (masked entries ``−inf``) with the errors of every legitimate way to form it."""
     if eager:
-        # scale·q and k (or √scale·q and √scale·k, PyTorch's math backend) stored in the dtype; Σ over d in any
-        # order; Q Kᵀ stored in the dtype (unfused), the scale's product rounded
+        # scale·q and k (or √scale·q and √scale·k) stored in the dtype; Σ over d in any order; Q Kᵀ stored in the
+        # dtype and its product with the scale stored again (PyTorch's eager q @ kᵀ * scale; diffusers' baddbmm
+        # on the CPU rounds Q Kᵀ before it scales it)
         qs, ks = r.rel(scale * q, r.w), r.rel(k, r.w)
-        s = r.rel(r.matmul(qs, _t(ks)), r.w, r.u)
+        s = r.rel(r.matmul(qs, _t(ks)), r.w, r.w, r.u)
         if bias is not None:
             s = r.rel(s + bias, r.u, r.w)  # + bias, stored in the dtype
     else:
