@@ -116,8 +116,9 @@ def bugs() -> None:
     for name, fn, grad_fn, where in BUGS:
         cells = []
         for dt in DTYPES:
-            if (where is not None and dt not in where) or (dt in float32_inside and where is None and
-                                                           "causal" not in name and "scale or" not in name):
+            if (where is not None and dt not in where) or (
+                dt in float32_inside and where is None and "causal" not in name and "scale or" not in name
+            ):
                 cells.append("—")
                 continue
             report = check_attention(fn, grad_fn, dtype=dt)
