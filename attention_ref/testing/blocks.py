@@ -32,10 +32,11 @@ The tolerance has the shape of :mod:`.tolerance`'s, ``c·(the simulated kernels'
 ``c`` and ``f`` are the kernel check's: ``Policy.c["out"]`` for ``y``, ``Policy.c["dq"]`` for
 every gradient; as there, each output's own last rounding to the dtype (half a spacing at the value
 returned) is deducted from its error entry by entry. The policy is the one that matches the module's
-arithmetic (:func:`module_policy`): ``fused`` when its processor calls PyTorch's ``scaled_dot_product_attention`` (``AttnProcessor2_0``:
-every SDPA backend keeps the logits and the softmax in float32), ``eager`` otherwise (``AttnProcessor``,
-``SlicedAttnProcessor``: ``baddbmm`` and ``softmax`` in the dtype); a ``policy`` argument overrides it,
-and every report names the policy it used. See ``docs/oracle.md``.
+arithmetic (:func:`module_policy`): ``fused`` when its processor calls PyTorch's
+``scaled_dot_product_attention`` (``AttnProcessor2_0``: every SDPA backend keeps the logits and the
+softmax in float32), ``eager`` otherwise (``AttnProcessor``, ``SlicedAttnProcessor``: ``baddbmm`` and
+``softmax`` in the dtype); a ``policy`` argument overrides it, and every report names the policy it used.
+See ``docs/oracle.md``.
 """
 
 from __future__ import annotations
