@@ -14,7 +14,11 @@ An implementation that cannot take some cases says so, either up front — an
 ``unsupported`` collection of :data:`~attention_ref.testing.cases.FEATURES`
 (``"d != dv"``, ``"custom scale"``, ...), given to :func:`check_attention` or set as
 ``fn.unsupported`` — or by raising :class:`NotSupported` from ``fn``. Those cases are
-reported as "not supported", not failed.
+reported as "not supported", not failed; a core group of cases
+(:data:`~attention_ref.testing.cases.CORE_CASES`) that never ran makes the report not ok
+unless the caller accepts it by name. A 4-D-only kernel asks for ``layout="bhnd"`` or
+``"bnhd"``. Every verdict is judged under a named policy (``"fused"`` by default,
+``"eager"``: :mod:`.tolerance`) and says which.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ The errors, drawn independently per entry and per operation:
 * one rounding (a product, a function, a result stored in the dtype):
   ``δ·|x|·size`` with ``size = u`` (or ``w``) and ``δ`` uniform on ``[−1, 1]`` —
   everywhere a real rounding can land, since round-to-nearest never moves ``x`` by
-  more than ``u·|x|``; :meth:`RoundingModel.rel`;
+  more than ``u·|x|``; below the smallest normal number of the dtype (or the
+  accumulator) by up to half the subnormals' spacing instead (float16: 2⁻²⁵ ≈ 3e-8, the
+  size of a weight ``P ≈ 2e-4`` times a logit gradient on 4096 keys); :meth:`RoundingModel.rel`;
 * a sum of ``n`` terms, in any order: normal, with standard deviation
   ``√n · u · Σ|terms|``; :meth:`RoundingModel.matmul` / :meth:`RoundingModel.sum`.
 
