@@ -251,11 +251,14 @@
     if (state.scale !== "shared") return data.scales[state.scale];
     const { count } = sharedTop(m);
     const head = state.head >= 0 ? ` (head ${state.head})` : "";
-    const where = `at any of the ${stepCount} step${stepCount > 1 ? "s" : ""}, in any of the ${count} ` +
-      `${m.L.kind}-attention layer${count > 1 ? "s" : ""}${head}`;
+    const where = [
+      stepCount > 1 ? `at any of the ${stepCount} steps` : "",
+      count > 1 ? `in any of the ${count} ${m.L.kind}-attention layers${head}` : "",
+    ].filter(Boolean);
     const whose = m.L.kind === "cross" ? `any pixel gives “${tokens[state.word]}”` : "of this query pixel";
-    return `0 to the largest weight ${whose} ${where}, so that maps compare across steps and layers and a ` +
-      "map near uniform stays dark";
+    if (!where.length) return `0 to the largest weight ${whose} (the only map of its kind on this page)`;
+    return `0 to the largest weight ${whose} ${where.join(", ")}, so that maps compare across steps and ` +
+      "layers and a map near uniform stays dark";
   }
 
   function drawColourBar(m, lo, hi) {
