@@ -389,6 +389,7 @@ def test_the_first_view_is_a_cross_attention_map_on_a_scale_that_keeps_a_flat_ma
     top = max(w[:, :, :, 1].mean(axis=1).max() for w in (flat, sharp))
     assert shown["range"] == pytest.approx([0.0, top], rel=1e-6)
     assert_colours(page, flat[1, :, :, 1].mean(axis=0).reshape(H, W), 0.0, top)
+
     # the flat map looks flat and dark: its cells span a few entries of the colour table, all in its lower part
     def entries() -> np.ndarray:
         return np.array([np.flatnonzero((TABLE == c).all(axis=1))[0] for c in page.cell_colours().reshape(-1, 3)])
