@@ -267,7 +267,7 @@ def _diffusion_figures(
     Loads the shipped weights (``retrain``: trains them again first and overwrites them, hours).
     """
     from ..toys.diffusion import EXAMPLE_PROMPT, load_pretrained, sample, score_samples
-    from ..toys.diffusion.evaluate import EVAL_SEEDS
+    from ..toys.diffusion.evaluate import EVAL_SEEDS, classify_shape, segment_objects
     from ..toys.diffusion.model import pretrained_path
     from ..toys.diffusion.train import retrain_shipped
     from ..viz import plot_denoising_steps
@@ -282,23 +282,27 @@ def _diffusion_figures(
     score = score_samples(result.images, result.prompts, result.word_maps())
     n = len(result.tokens[0])
     held = model.log.get("evaluation", {}).get("held_out", {})
+    objects = segment_objects(result.images[0])  # the final image's objects: [(colour, mask)], largest first
+    outlines = {f"{colour} {classify_shape(mask)}": mask for colour, mask in objects}
     title = (
-        f"“{EXAMPLE_PROMPT}” (never seen in training) denoised in {steps} DDIM steps;\n"
-        f"under the image, where each word is read (IoU of the summed maps: colour words "
-        f"{score['iou_colour']:.2f}, shape words {score['iou_shape']:.2f})"
+        f"“{EXAMPLE_PROMPT}” (never seen in training) denoised in {steps} DDIM steps: each word's map at six steps\n"
+        f"(IoU of the maps summed over all steps and layers: colour words {score['iou_colour']:.2f}, "
+        f"shape words {score['iou_shape']:.2f})"
     )
     fig = plot_denoising_steps(
         (result.x0_pred[0] + 1.0) / 2.0,
         result.step_word_maps(0)[..., :n],
         result.tokens[0],
         timesteps=result.timesteps,
+        outlines=outlines,
         image_label="predicted x̂₀",
+        map_label=f"cross-attention weight\n(mean of the {len(result.cross_layers())} layers and their heads)",
         title=title,
     )
     caption = (
-        "The NumPy diffusion U-Net draws a held-out prompt: the clean image each DDIM step predicts, and under "
-        f"it each token's cross-attention (mean over the {len(result.cross_layers())} cross-attention layers and "
-        "their heads)."
+        "The NumPy diffusion U-Net draws a held-out prompt: the clean image x̂₀ six of its 25 DDIM steps predict, and "
+        f"under it each token's cross-attention at that step (mean over the {len(result.cross_layers())} "
+        "cross-attention layers and their heads), drawn on one linear scale with the final image's objects outlined."
     )
     figures = [(save_figure(fig, out / "diffusion_denoising.png", dpi=dpi), caption)]
     numbers = {

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ._common import BACKDROP_NOTE, grey, new_figure, note, show_map
+from ._common import BACKDROP_NOTE, grey, new_figure, note, plain_text, show_map
 from .maps import as_weights
 
 __all__ = [
@@ -167,7 +167,7 @@ def plot_token_maps(
             continue
         t = idx[k]
         im = show_map(ax, maps[t], backdrop=backdrop, vmin=0.0, vmax=vmax)
-        ax.set_xlabel(tokens[t], fontsize=11)
+        ax.set_xlabel(plain_text(tokens[t]), fontsize=11)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=min(0.85, 0.4 + 0.25 * rows), label=NORMALIZATIONS[normalization])
     if image is not None:
@@ -252,7 +252,7 @@ def plot_token_normalizations(
             else:
                 im = show_map(ax, maps[t], backdrop=backdrop, vmin=0.0, vmax=vmax)
             if i == 0:
-                ax.set_title(tokens[t], fontsize=11)
+                ax.set_title(plain_text(tokens[t]), fontsize=11)
             if j == 0:
                 ax.set_ylabel(ROW_LABELS[norm], fontsize=10)
         if im is not None:
@@ -329,7 +329,7 @@ def plot_token_segmentation(
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Patch(color=palette[i], label="none" if t < 0 else tokens[t]) for i, t in enumerate(order)]
+    handles = [Patch(color=palette[i], label="none" if t < 0 else plain_text(tokens[t])) for i, t in enumerate(order)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(title or "each pixel labelled by the token it attends to most", fontsize=11)
     return fig

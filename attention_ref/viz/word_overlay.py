@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..backend import Array
-from ._common import MAP_CMAP, OVERLAY_ALPHA, as_numpy, new_figure
+from ._common import MAP_CMAP, OVERLAY_ALPHA, as_numpy, new_figure, plain_text
 
 __all__ = ["plot_word_maps"]
 
@@ -72,7 +72,7 @@ def plot_word_maps(
         ax.imshow(backdrop, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         im = ax.imshow(values, cmap=MAP_CMAP, vmin=0.0, vmax=max(top, 1e-12), alpha=alpha, extent=extent,
                        interpolation="nearest")  # fmt: skip
-        ax.set_xlabel(word, fontsize=10)
+        ax.set_xlabel(plain_text(word), fontsize=10)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
