@@ -138,10 +138,10 @@ def plot_denoising_steps(
     if masks:
         from matplotlib.lines import Line2D
 
+        styles = [OUTLINE_STYLES[k % len(OUTLINE_STYLES)] for k in range(len(masks))]
         handles = [
-            Line2D([], [], color=OUTLINE_COLOUR, linestyle=OUTLINE_STYLES[k % len(OUTLINE_STYLES)], linewidth=1.4,
-                   label=plain_text(name))  # fmt: skip
-            for k, name in enumerate(masks)
+            Line2D([], [], color=OUTLINE_COLOUR, linestyle=style, linewidth=1.4, label=plain_text(name))
+            for style, name in zip(styles, masks, strict=True)
         ]
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False,
                    title="outlined on every map", title_fontsize=9)  # fmt: skip

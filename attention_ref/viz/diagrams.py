@@ -230,7 +230,6 @@ def draw_self_attention_block(
     r = resblock_shapes(H, W, C, groups)
     N, d = s["tokens"][1], s["heads"][-1]
     B = s["x"][0]
-    T = r["time_embedding"][1]
     wide = 11.0
     fig = new_figure(8.6, 12.6)
     ax = fig.add_subplot()
@@ -339,8 +338,7 @@ def draw_self_attention_block(
         ax.text(
             0.0,
             y_tail[-1] - 1.35,
-            "b_q, b_k, b_v: the library's default (bias=True, as in OpenAI's U-Net); "
-            "diffusers' Attention has none",
+            "b_q, b_k, b_v: the library's default (bias=True, as in OpenAI's U-Net); diffusers' Attention has none",
             ha="center",
             fontsize=8,
             color="#555555",
@@ -378,7 +376,8 @@ def draw_cross_attention(
     left, right = -2.9, 3.0  # the pixel path and the token path
     half = 2.6  # half a column box's width
     _box(ax, left, 0.0, f"pixels x  {_shape(s['x'])}", "input", width=2 * half)
-    _box(ax, left, -gap, f"h = GroupNorm({groups})(x), flattened\n{_shape((B, N, C))}", "norm", width=2 * half, height=0.95)
+    norm_text = f"h = GroupNorm({groups})(x), flattened\n{_shape((B, N, C))}"
+    _box(ax, left, -gap, norm_text, "norm", width=2 * half, height=0.95)
     _arrow(ax, (left, -0.35), (left, -gap + 0.475))
     _box(ax, right, 0.0, f"text tokens c  {_shape(s['context'])}", "input", width=2 * half)
     y_proj = -2.4

@@ -42,6 +42,7 @@ def plot_word_maps(
     title: str | None = None,
     vmax: float | None = None,
     alpha: float = OVERLAY_ALPHA,
+    label: str = "attention weight",
 ) -> Figure:
     """The image, then each word's map over a grey copy of it; the word under its map; one shared colour bar.
 
@@ -52,6 +53,8 @@ def plot_word_maps(
         title: the figure's title (say what it shows); default "where each word is read from".
         vmax: the top of the colour scale (default the largest value over all maps, so that words compare).
         alpha: the maps' opacity over the grey image.
+        label: what the colours are, under the colour bar: say so when the maps are not weights (e.g.
+            ``word_maps(..., normalize="minmax")`` stretches each map to [0, 1]).
     """
     rgb = _rgb01(image)
     m = as_numpy(maps, "maps")
@@ -77,6 +80,6 @@ def plot_word_maps(
         ax.set_xticks([])
         ax.set_yticks([])
     if im is not None:
-        fig.colorbar(im, ax=list(axes[1:]), shrink=0.85, label="attention weight")
+        fig.colorbar(im, ax=list(axes[1:]), shrink=0.85, label=label)
     fig.suptitle(title or "where each word is read from", fontsize=11)
     return fig
