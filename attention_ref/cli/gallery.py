@@ -118,10 +118,13 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
     attention_field = input_gradient(result.block_forward, self_attention_backward, z, query)
     centre = (size // 2, size // 2)
     fields = {
-        f"3×3 conv ×{layers}, at the centre {centre}": (conv_stack_receptive_field(layers, shape, centre), centre)
+        f"3×3 conv ×{layers}, at the centre (row {centre[0]}, col {centre[1]})": (
+            conv_stack_receptive_field(layers, shape, centre),
+            centre,
+        )
         for layers in (2, 4)
     }
-    fields[f"self-attention block, trained, at {tuple(query)}"] = (attention_field, query)
+    fields[f"self-attention block, trained, at (row {query[0]}, col {query[1]})"] = (attention_field, query)
     inside = result.eval_data.copy_id >= 0  # (B, S, S): the pattern pixels
     twin = _twin_distances(result.eval_data.copy_id)
     near = float(twin[inside].min())

@@ -161,7 +161,7 @@ def plot_attention_distance(
     B = next(iter(named.values())).shape[0]
     keep = np.ones((B, N), dtype=bool) if queries is None else _per_query(queries, B, N, "queries").astype(bool)
     radii, uniform = weight_within(np.full((1, 1, N, N), 1.0 / N), shape)
-    fig = new_figure(10.6 if fields else 6.2, 4.2, layout="constrained")
+    fig = new_figure(10.6 if fields else 6.2, 5.0, layout="constrained")
     axes = fig.subplots(1, 2 if fields else 1, squeeze=False, sharex=True)[0]
     ax = axes[0]
     several_heads = any(w.shape[1] > 1 for w in named.values())
@@ -225,11 +225,11 @@ def plot_attention_distance(
             )
         right.set_title("influence |∂y_q/∂x| (receptive fields, from the backward pass)", fontsize=10)
         right.set_ylabel("share of Σ|∂y_q/∂x| within r")
-    for a in axes:
+    for a in axes:  # each legend under its own panel: it hides no curve and leaves no empty canvas beside it
         a.set_xlabel("distance r from the query pixel (pixels)")
         a.set_xlim(0.0, float(radii[-1]))
         a.set_ylim(0.0, 1.02)
         a.grid(True, alpha=0.3)
-        a.legend(loc="lower right", fontsize=8.5, frameon=True, framealpha=0.9)
+        a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8.5, frameon=False)
     fig.suptitle(title or "how far each head looks", fontsize=11)
     return fig
