@@ -409,19 +409,22 @@ def make_figures(
             save_figure(plot_complexity(complexity), out / "complexity.png", dpi=dpi),
             "Forward + backward cost of exact, tiled, linear, window and neighborhood attention against the "
             "number of pixels, log-log: the operation counts (lines) with the measured CPU time of one thread "
-            "(dots, best of several runs), and the measured peak memory with the theory dashed.",
+            "(dots, best of several runs), and the measured peak memory with the theory dashed (the arrays a pass "
+            "must hold; the measured peaks sit about 2–3× above it, the backward's temporaries).",
         )
     )
     figures.append(
         (
             save_figure(draw_self_attention_block(), out / "self_attention_block.png", dpi=dpi),
-            "The self-attention block inside a U-Net stage, one column per head, every shape read off a forward pass.",
+            "A U-Net stage: a ResBlock that adds the timestep embedding, then the self-attention block, one "
+            "column per head, every tensor named and every shape read off a forward pass.",
         )
     )
     figures.append(
         (
             save_figure(draw_cross_attention(), out / "cross_attention.png", dpi=dpi),
-            "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head.",
+            "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head; "
+            "the projections' biases drawn as the library's blocks have them (diffusers' have none).",
         )
     )
     diffusion_figures, diffusion_numbers = _diffusion_figures(out, dpi, quick=quick, retrain=retrain, say=say)
