@@ -431,6 +431,13 @@ def test_page_text_cannot_break_out_of_its_elements(cross_cache):
     assert text.count("</script>") == 2  # the data's and the script's own
     assert "<b>bold</b>" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
     assert page_json(page)["tokens"][0] == tokens[0]  # and the script reads the token back as it was
+    # the per-step images' label and the first layer's name travel in the data too
+    evil = "</script><img src=x onerror=alert(1)>"
+    layer = ExplorerLayer(evil, "self", (1, 1), np.ones((2, 1, 1, 1)))
+    page = Explorer((layer,), step_images=np.zeros((2, 2, 2)), step_images_label=evil, start_layer=evil)
+    text = page.html()
+    assert text.count("</script>") == 2 and "<img" not in text
+    assert page_json(page)["stepImages"]["label"] == evil and page_json(page)["layers"][0]["name"] == evil
 
 
 def test_colour_table_is_the_figures_colour_map():

@@ -439,7 +439,7 @@ def test_attention_distance_plot_shows_targets_fields_and_mean_distances(self_we
     ]
     assert "all on the target: mean distance 3.0 px" in entries
     # an influence map is not a share of the weight: it has an axis of its own, labelled as a gradient
-    assert [t.get_text() for t in fields_ax.get_legend().get_texts()][0].startswith("conv: mean distance")
+    assert fields_ax.get_legend().get_texts()[0].get_text().startswith("conv: mean distance")
     assert "attention weight" in weights_ax.get_ylabel() and "∂y" in fields_ax.get_ylabel()
     assert "weight" not in fields_ax.get_ylabel()
     # the legends sit inside their axes: no empty canvas around them
