@@ -72,7 +72,20 @@ def _bomb(path: Path, mib: int) -> None:
 
     header = np.lib.format.header_data_from_array_1_0(np.zeros(0))
     header["shape"] = (mib * 2**20 // 8,)
+    from attention_ref.toys.diffusion.unet import UNetConfig
+    from attention_ref.viz.explorer import FORMAT
+
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        # the small entries each loader reads first, so that every one of them reaches the large member
+        small = {
+            "format": np.array(FORMAT),
+            "layers": np.array(["a"]),
+            "__config__": np.array(json.dumps(UNetConfig().to_dict())),
+            "meta": np.array("{}"),
+        }
+        for name, a in small.items():
+            with z.open(name + ".npy", "w") as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
         with z.open("layer0.weights.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             chunk = bytes(2**24)
@@ -93,25 +106,22 @@ def _run_loader(name: str, target: Path, python: str) -> dict:
     else:
         arg = target
     if name == "explore --source":
-        body = (
-            "import sys\nfrom attention_ref.__main__ import main\n"
-            f"sys.argv = ['attention_ref', 'explore', '--source', {str(arg)!r}, '--out', {str(arg) + '.html'!r}]\n"
-            "main()\n"
-        )
+        argv = ["explore", "--source", str(arg), "--out", str(arg) + ".html"]
+        body = f"from attention_ref.cli import main\nmain({argv!r})\n"
     else:
         body = f"{_LOADERS[name]}\nload({str(arg)!r})\n"
-    code = textwrap.dedent(
-        f"""
-        import resource, time, json, sys
-        t = time.perf_counter()
-        outcome = "returned"
-        try:
-        {textwrap.indent(body, "    ")}
-        except BaseException as err:
-            outcome = type(err).__name__ + ": " + str(err)[:160]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({{"outcome": outcome, "seconds": time.perf_counter() - t, "peak_mib": peak}}))
-        """
+    code = "\n".join(
+        [
+            "import resource, time, json, sys",
+            "t = time.perf_counter()",
+            "outcome = 'returned'",
+            "try:",
+            textwrap.indent(body, "    "),
+            "except BaseException as err:",
+            "    outcome = type(err).__name__ + ': ' + str(err)[:160]",
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024",
+            "print(json.dumps({'outcome': outcome, 'seconds': time.perf_counter() - t, 'peak_mib': peak}))",
+        ]
     )
     run = subprocess.run([python, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
