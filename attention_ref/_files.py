@@ -109,7 +109,9 @@ def _header(f: IO[bytes], path: Path, name: str) -> tuple[tuple[int, ...], bool,
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"unknown .npy version {major}.{minor}")
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    except zipfile.BadZipFile as err:  # a CRC error, a broken deflate stream
+        raise _fail(path, f"member {name!r} is damaged ({err})") from None
+    except (ValueError, OSError, EOFError) as err:
         raise _fail(path, f"member {name!r} is not a valid .npy array ({err})") from None
     if dtype.hasobject:
         raise _fail(path, f"member {name!r} holds Python objects (a pickle), which are never loaded")
@@ -199,10 +201,14 @@ def _declared_directory(fp: IO[bytes]) -> tuple[int, int]:
 def read_text(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """The UTF-8 text of ``path``, refused (``ValueError`` naming the file) when it is longer than ``max_bytes``."""
     path = Path(path)
+    chunks, size = [], 0
     with path.open("rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise _fail(path, f"longer than the limit of {_size(max_bytes)} (max_bytes=)")
+        while chunk := f.read(min(1 << 16, max_bytes + 1 - size)):  # read(n) would reserve n bytes at once
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise _fail(path, f"longer than the limit of {_size(max_bytes)} (max_bytes=)")
+    data = b"".join(chunks)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
