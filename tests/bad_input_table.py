@@ -531,9 +531,8 @@ def cases(spec: Spec, seed: int = 0) -> Iterator[Case]:
             base, what=f"params {first} int", arg=first, params={**p, first: p[first].astype(np.int64)}, must_fail=True
         )
         yield replace(base, what=f"params {first} None", arg=first, params={**p, first: None}, must_fail=True)
-        yield replace(
-            base, what=f"params {first} inf", arg=first, params={**p, first: _poke(p[first], math.inf)}, must_fail=bool(spec.refuses_inf)
-        )
+        infinite = {**p, first: _poke(p[first], math.inf)}
+        yield replace(base, what=f"params {first} inf", arg=first, params=infinite, must_fail=bool(spec.refuses_inf))
         yield replace(base, what=f"params {first} NaN", arg=first, params={**p, first: _poke(p[first], math.nan)})
         yield replace(
             base,
@@ -691,7 +690,7 @@ def classify_error(err: BaseException, arg: str) -> Verdict:
     if not isinstance(err, DOCUMENTED) or not _deliberate(err):
         where = traceback.extract_tb(err.__traceback__)[-1]
         return Verdict("internal error", f"{text} (at {Path(where.filename).name}:{where.lineno})")
-    names = {"dout": ("dout", "dy", "dh_out")}.get(arg, (arg, arg.split(".")[0]))
+    names = {"dout": ("dout", "dy", "dh_out"), "cache": ("cache", "Cache")}.get(arg, (arg, arg.split(".")[0]))
     if arg and not any(n in str(err) for n in names):
         return Verdict("vague error", text)
     return Verdict("clear error", text)

@@ -56,6 +56,8 @@ def merge_heads(x: Array) -> Array:
     if x.ndim < 3:
         raise ValueError(f"merge_heads needs x of shape (..., heads, N, d), got {tuple(x.shape)}")
     *lead, heads, N, d = x.shape
+    if heads == 0:
+        raise ValueError(f"merge_heads needs at least one head, got x of shape {tuple(x.shape)} (..., heads, N, d)")
     n = len(lead)
     x = xp.permute_dims(x, (*range(n), n + 1, n, n + 2))  # (..., N, heads, d)
     return xp.reshape(x, (*lead, N, heads * d))  # (..., N, heads·d)
