@@ -353,6 +353,48 @@ SPECS: list[Spec] = [
     ),
 ]
 
+_SIZES_BAD = (0, -1, 2.0, True, None, "2")
+SPECS += [
+    Spec(
+        "init_self_attention",
+        ar.init_self_attention,
+        {},
+        options={"channels": 8, "heads": 2, "groups": 4, "rng": 0},
+        bad={"channels": _SIZES_BAD, "heads": INTS_3, "groups": (0, -1, 2.0, True, "2", 3)},
+        returns_pair=False,
+    ),
+    Spec(
+        "init_cross_attention",
+        ar.init_cross_attention,
+        {},
+        options={"channels": 8, "context_dim": 6, "heads": 2, "groups": 4, "rng": 0},
+        bad={"context_dim": _SIZES_BAD, "heads": INTS_3, "groups": (0, 2.0, True, 3)},
+        returns_pair=False,
+    ),
+    Spec(
+        "init_attention_layer",
+        ar.init_attention_layer,
+        {},
+        options={"channels": 8, "heads": 2, "groups": 4, "rng": 0},
+        bad={"heads": INTS_3, "head_dim": (0, 2.0, True, "2"), "groups": (0, 2.0, True, 3)},
+        returns_pair=False,
+    ),
+    Spec(
+        "init_spatial_transformer",
+        ar.init_spatial_transformer,
+        {},
+        options={"channels": 8, "context_dim": 6, "heads": 2, "groups": 4, "rng": 0},
+        bad={
+            "heads": INTS_3,
+            "groups": (0, 2.0, True, None, 3),
+            "depth": _SIZES_BAD,
+            "ff_mult": _SIZES_BAD,
+            "head_dim": (0, 2.0, True),
+        },
+        returns_pair=False,
+    ),
+]
+
 #: rows another module adds (a new op's own Spec); :func:`all_specs` appends them
 EXTRA_SPECS: list[Spec] = []
 
@@ -702,6 +744,11 @@ def _tolerance(dtype: Any) -> float:
 
 def _compare(got: Any, want: Any, dtype: Any, finite_inputs: bool, magnitude: float = 1.0) -> str | None:
     """None when ``got`` equals ``want`` (float64) to the dtype's tolerance, else what differs."""
+    if isinstance(want, dict):  # a parameter dict: every entry
+        if not isinstance(got, dict) or set(got) != set(want):
+            return "a different set of keys"
+        problems = [_compare(got[k], want[k], None, finite_inputs) for k in sorted(want)]
+        return next((p for p in problems if p), None)
     if isinstance(got, np.generic):  # NumPy's 0-d results come back as scalars
         got = np.asarray(got)
     if not isinstance(got, np.ndarray):
@@ -790,7 +837,7 @@ def run_case(case: Case) -> Verdict:
         return Verdict("silent wrong", f"returned, but the float64 call fails: {type(err).__name__}: {err}")
     dtype = _result_dtype(case)
     finite = _finite(case) and (case.dout is None or "NaN" not in case.what)
-    problem = _compare(out, np.asarray(ref_out), dtype, finite)
+    problem = _compare(out, ref_out if isinstance(ref_out, dict) else np.asarray(ref_out), dtype, finite)
     if problem is None and grads is not None:
         for name in sorted(ref_grads):
             if name not in grads:

@@ -66,7 +66,7 @@ from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_for
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from .attend import VariantCache, check_attention_choice, variant_backward, variant_forward
 from .caches import require_cache
-from .params import check_keys, check_param_dtypes, check_params, init_linear, init_norm
+from .params import check_keys, check_param_dtypes, check_params, check_sizes, init_linear, init_norm
 
 __all__ = ["AttentionLayerCache", "attention_layer_backward", "attention_layer_forward", "init_attention_layer"]
 
@@ -166,8 +166,15 @@ def init_attention_layer(
         ``{"q.weight" (C, inner), "k.weight", "v.weight" (C or D, inner), "out.weight" (inner, C)}``, the
         biases asked for, norm weights 1 and biases 0; weights uniform in ``±1/√fan_in`` (PyTorch's default).
     """
-    if heads < 1:
-        raise ValueError(f"heads must be at least 1, got {heads}")
+    check_sizes(
+        "init_attention_layer",
+        ("context_dim", "head_dim", "groups"),
+        channels=channels,
+        context_dim=context_dim,
+        heads=heads,
+        head_dim=head_dim,
+        groups=groups,
+    )
     if head_dim is None:
         if channels % heads != 0:
             raise ValueError(f"{channels} channels are not divisible into {heads} heads; give head_dim")

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import dtype_name, require_array
+from .._checks import check_positive_int, dtype_name, require_array
 from ..backend import Array, namespace
 
 __all__ = [
     "check_keys",
     "check_param_dtypes",
     "check_params",
+    "check_sizes",
     "init_linear",
     "init_norm",
     "prefixed",
@@ -75,6 +76,14 @@ def check_keys(params: Mapping[str, Array], *, required: Iterable[str], optional
         if unknown:
             parts.append(f"unknown {unknown}")
         raise ValueError(f"{where} params: {'; '.join(parts)} (expected {required}, optionally {optional})")
+
+
+def check_sizes(where: str, optional: tuple[str, ...] = (), **sizes: Any) -> None:
+    """``TypeError`` / ``ValueError`` naming the first size that is not an int ≥ 1 (those in ``optional`` may be
+    ``None``: not given)."""
+    for name, value in sizes.items():
+        if value is not None or name not in optional:
+            check_positive_int(name, value, where)
 
 
 def check_params(params: Any, where: str) -> None:

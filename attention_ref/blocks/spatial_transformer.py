@@ -36,7 +36,7 @@ from ..ops.linear import LinearCache, linear_backward, linear_forward
 from .attention_block import check_map
 from .attention_layer import check_dout
 from .caches import require_cache
-from .params import check_param_dtypes, check_params, init_linear, init_norm, prefixed, sub_params
+from .params import check_param_dtypes, check_params, check_sizes, init_linear, init_norm, prefixed, sub_params
 from .transformer_block import TransformerBlockCache, transformer_block_backward, transformer_block_forward
 
 __all__ = [
@@ -98,8 +98,17 @@ def init_spatial_transformer(
         ``"blocks.i.ff.out.weight"`` ``(F, inner)``, ``"blocks.i.ff.out.bias"``;
         ``"proj_out.weight"`` ``(inner, C)``, ``"proj_out.bias"`` ``(C,)``.
     """
-    if heads < 1:
-        raise ValueError(f"heads must be at least 1, got {heads}")
+    check_sizes(
+        "init_spatial_transformer",
+        ("head_dim",),
+        channels=channels,
+        context_dim=context_dim,
+        heads=heads,
+        head_dim=head_dim,
+        depth=depth,
+        groups=groups,
+        ff_mult=ff_mult,
+    )
     if head_dim is None:
         if channels % heads != 0:
             raise ValueError(f"{channels} channels do not split into {heads} heads; give head_dim")
