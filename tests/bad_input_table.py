@@ -237,6 +237,7 @@ SPECS: list[Spec] = [
         bad={"eps": (-1.0, math.nan, math.inf, None, "0", True), "kind": ("softmax", None, 1)},
         backward=ar.linear_attention_backward,
         refuses_inf=_POS,
+        large=("q", "k"),
     ),
     Spec(
         "window_attention",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -78,15 +79,22 @@ def test_float16_attention_with_logits_beyond_65504_is_finite_and_agrees_with_th
         np.testing.assert_allclose(grads[name], tiled_grads[name], atol=0.05 * 300)
 
 
-def test_float16_window_and_neighborhood_attention_do_not_overflow_either():
+def test_float16_window_neighborhood_and_linear_attention_do_not_overflow_either():
     q = np.full((1, 4, 4, 4), 300, dtype=np.float16)
     v = np.random.default_rng(0).standard_normal((1, 4, 4, 2)).astype(np.float16)
-    for out, cache in (
-        ar.window_attention_forward(q, q, v, window=2),
-        ar.neighborhood_attention_forward(q, q, v, kernel=3),
+    tokens, values = q.reshape(1, 16, 4), v.reshape(1, 16, 2)
+    for forward, backward in (
+        (lambda: ar.window_attention_forward(q, q, v, window=2), ar.window_attention_backward),
+        (lambda: ar.neighborhood_attention_forward(q, q, v, kernel=3), ar.neighborhood_attention_backward),
+        (lambda: ar.linear_attention_forward(tokens, tokens, values), ar.linear_attention_backward),
+        (lambda: ar.linear_attention_forward(tokens, tokens, values, kind="efficient"), ar.linear_attention_backward),
     ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow on the way
+            out, cache = forward()
+            grads = backward(np.ones_like(out), cache)
         assert out.dtype == np.float16 and np.all(np.isfinite(out))
-        assert np.all(np.isfinite(cache.weights)) if hasattr(cache, "weights") else True
+        assert all(g.dtype == np.float16 and np.all(np.isfinite(g)) for g in grads.values())
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
