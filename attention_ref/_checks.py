@@ -84,7 +84,10 @@ def require_dout(dout: Any, shape: Sequence[int], dtype: Any, *, where: str = ""
 
 
 def require_dout_shape(where: str, dout: Array, shape: Sequence[int]) -> None:
-    """``ValueError`` unless ``dout`` has exactly the forward output's ``shape`` (no broadcasting)."""
+    """``ValueError`` unless ``dout`` has exactly the forward output's ``shape`` (no broadcasting).
+
+    The shape alone: a backward checks its ``dout`` with :func:`require_dout`, which checks the dtype too.
+    """
     if tuple(dout.shape) != tuple(shape):
         raise ValueError(f"{where}: dout of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
 

@@ -303,7 +303,7 @@ def test_a_token_that_is_not_text_is_refused_before_anything_is_written(tmp_path
     page = Explorer(_page().layers, tokens=("a", "\ud800"))
     target = tmp_path / "page.html"
     target.write_text("the old page")
-    with pytest.raises(ValueError, match=r"tokens\[1\] '\\ud800' holds '\\ud800', a lone surrogate"):
+    with pytest.raises(ValueError, match=r"page.html: tokens\[1\] '\\ud800' holds '\\ud800', a lone surrogate"):
         page.save(target)
     assert target.read_text() == "the old page"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # no temporary file left behind

@@ -349,14 +349,14 @@ class Explorer:
         (a lone surrogate such as ``"\\ud800"`` in a token, which UTF-8 cannot encode).
         """
         path = Path(path)
-        self._require_encodable()
+        self._require_encodable(path)
         data = self.html().encode("utf-8")
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             f.write(data)
         return path
 
-    def _require_encodable(self) -> None:
+    def _require_encodable(self, path: Path) -> None:
         """``ValueError`` naming the first text field that UTF-8 cannot encode (a lone surrogate)."""
         fields = [("title", [self.title]), ("notes", [self.notes]), ("tokens", self.tokens or ())]
         fields += [("steps", self.steps or ()), ("layer names", [L.name for L in self.layers])]
@@ -368,7 +368,7 @@ class Explorer:
                     where = field_name if field_name in ("title", "notes") else f"{field_name}[{i}] {text!r}"
                     bad = text[err.start : err.end]
                     raise ValueError(
-                        f"{where} holds {bad!a}, a lone surrogate that is not text (UTF-8 cannot encode it): "
+                        f"{path}: {where} holds {bad!a}, a lone surrogate that is not text (UTF-8 cannot encode it): "
                         "nothing written; decode the token's bytes with errors='replace'"
                     ) from None
 
