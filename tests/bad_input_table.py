@@ -323,6 +323,7 @@ SPECS: list[Spec] = [
             ).items()
         },
         backward=ar.geglu_ff_backward,
+        refuses_inf=("x",),
     ),
     Spec(
         "transformer_block",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._checks import require_array, require_floating
+from .._checks import require_array, require_finite, require_floating
 from ..backend import Array, namespace
 from ..ops.gelu import GegluCache, geglu_backward, geglu_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
@@ -47,6 +47,7 @@ def geglu_ff_forward(x: Array, params: Mapping[str, Array]) -> tuple[Array, Gegl
     require_floating(xp, "x", x)
     check_keys(params, required=("proj.weight", "out.weight"), optional=("proj.bias", "out.bias"), where="feed-forward")
     check_param_dtypes(x, params, "feed-forward")
+    require_finite(xp, "x", x, "feed-forward")  # as every block: an infinite input is refused, NaN propagates
     Wp, Wo = params["proj.weight"], params["out.weight"]
     if Wp.ndim != 2 or Wo.ndim != 2 or Wp.shape[1] != 2 * Wo.shape[0]:
         raise ValueError(

@@ -56,8 +56,6 @@ def merge_heads(x: Array) -> Array:
     if x.ndim < 3:
         raise ValueError(f"merge_heads needs x of shape (..., heads, N, d), got {tuple(x.shape)}")
     *lead, heads, N, d = x.shape
-    if heads == 0:
-        raise ValueError(f"merge_heads needs at least one head, got x of shape {tuple(x.shape)} (..., heads, N, d)")
     n = len(lead)
     x = xp.permute_dims(x, (*range(n), n + 1, n, n + 2))  # (..., N, heads, d)
     return xp.reshape(x, (*lead, N, heads * d))  # (..., N, heads·d)
@@ -90,8 +88,12 @@ def split_heads_backward(dout: Array, cache: HeadsCache) -> dict[str, Array]:
 
 
 def merge_heads_forward(x: Array) -> tuple[Array, HeadsCache]:
-    """Layer form of :func:`merge_heads`: ``(out, cache)``; ``x`` real floating."""
-    out = merge_heads(_floating(x))
+    """Layer form of :func:`merge_heads`: ``(out, cache)``; ``x`` real floating, with at least one head (the
+    backward splits ``dout`` into them again)."""
+    _floating(x)
+    if x.ndim >= 3 and x.shape[-3] == 0:
+        raise ValueError(f"merge_heads needs at least one head, got x of shape {tuple(x.shape)} (..., heads, N, d)")
+    out = merge_heads(x)
     return out, HeadsCache(heads=x.shape[-3], out_shape=tuple(out.shape), dtype=x.dtype)
 
 
