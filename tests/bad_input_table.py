@@ -14,7 +14,7 @@ module): nothing else changes.
 
 from __future__ import annotations
 
-import linecache
+import dis
 import math
 import traceback
 import warnings
@@ -718,15 +718,21 @@ def _float64(case: Case) -> tuple[dict[str, Any], Any]:
 
 
 def _deliberate(err: BaseException) -> bool:
-    """Raised by a ``raise`` statement in attention_ref's own code (not by NumPy, not by a failed operation)."""
-    frames = traceback.extract_tb(err.__traceback__)
-    if not frames:
+    """Raised by a ``raise`` statement in attention_ref's own code (not by NumPy, not by a failed operation).
+
+    Read from the bytecode of the innermost frame (the instruction that raised is ``RAISE_VARARGS``), so that
+    it does not depend on the source file matching the running code.
+    """
+    tb = err.__traceback__
+    if tb is None:
         return False
-    last = frames[-1]
-    if not Path(last.filename).resolve().is_relative_to(PACKAGE.resolve()):
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    if not Path(code.co_filename).resolve().is_relative_to(PACKAGE.resolve()):
         return False
-    line = (linecache.getline(last.filename, last.lineno) or last.line or "").strip()
-    return line.startswith("raise") or line.startswith("_fail(")
+    raising = next((i for i in dis.get_instructions(code) if i.offset == tb.tb_lasti), None)
+    return raising is not None and raising.opname == "RAISE_VARARGS"
 
 
 def classify_error(err: BaseException, arg: str) -> Verdict:
