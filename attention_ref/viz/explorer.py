@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import atomic_write, load_npz
 from ..backend import Array, to_numpy
 from ..blocks import AttentionBlockCache, AttentionLayerCache, SpatialTransformerCache, TransformerBlockCache
 from ._common import MAP_CMAP
@@ -404,11 +405,36 @@ class Explorer:
         return re.sub(r"__(TITLE|NOTES|SCRIPT|DATA)__", lambda m: parts[m.group(1)], template)
 
     def save(self, path: str | Path) -> Path:
-        """Write the page (:meth:`html`) to ``path``; returns the path."""
+        """Write the page (:meth:`html`) to ``path``; returns the path.
+
+        The page is encoded first and written through a temporary file renamed over ``path``
+        (:func:`attention_ref._files.atomic_write`), so a failure leaves an existing file as it was.
+        ``ValueError`` naming the field, before anything is written, for text that is not valid Unicode
+        (a lone surrogate such as ``"\\ud800"`` in a token, which UTF-8 cannot encode).
+        """
         path = Path(path)
+        self._require_encodable(path)
+        data = self.html().encode("utf-8")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html(), encoding="utf-8")
+        with atomic_write(path) as f:
+            f.write(data)
         return path
+
+    def _require_encodable(self, path: Path) -> None:
+        """``ValueError`` naming the first text field that UTF-8 cannot encode (a lone surrogate)."""
+        fields = [("title", [self.title]), ("notes", [self.notes]), ("tokens", self.tokens or ())]
+        fields += [("steps", self.steps or ()), ("layer names", [L.name for L in self.layers])]
+        for field_name, texts in fields:
+            for i, text in enumerate(texts):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    where = field_name if field_name in ("title", "notes") else f"{field_name}[{i}] {text!r}"
+                    bad = text[err.start : err.end]
+                    raise ValueError(
+                        f"{path}: {where} holds {bad!a}, a lone surrogate that is not text (UTF-8 cannot encode it): "
+                        "nothing written; decode the token's bytes with errors='replace'"
+                    ) from None
 
     def __repr__(self) -> str:
         steps = f", {len(self.steps)} steps" if self.steps else ""
@@ -469,34 +495,74 @@ class Explorer:
                 arrays[f"layer{i}.query_pixels"] = L.query_pixels
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:  # a file object: numpy would add ".npz" to a name without it
+        # a file object (numpy would add ".npz" to a name without it), renamed over path once written whole
+        with atomic_write(path) as f:
             np.savez_compressed(f, **arrays)
         return path
 
 
-# The optional entries of the page's first view and its per-step images (schema in Explorer.save_npz),
-# and how load_explorer reads each back into an Explorer field.
-VIEW_ENTRIES = {
-    "step_images": lambda a: a,
-    "step_images_label": str,
-    "start_layer": str,
-    "start_step": int,
-}
+def _field_str(arrays: Mapping[str, np.ndarray], key: str, path: Path, default: str | None = None) -> str | None:
+    """The 0-d string entry ``key`` (``default`` when absent); ``ValueError`` naming it otherwise."""
+    if key not in arrays:
+        return default
+    a = arrays[key]
+    if a.dtype.kind != "U" or a.ndim != 0:
+        raise ValueError(f"{path}: '{key}' must be a string (a 0-d unicode array), got {a.dtype} of shape {a.shape}")
+    return str(a)
 
 
-def _view_fields(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The :data:`VIEW_ENTRIES` an explorer file holds, as :class:`Explorer` keyword arguments."""
-    return {k: read(arrays[k]) for k, read in VIEW_ENTRIES.items() if k in arrays}
+def _field_strings(arrays: Mapping[str, np.ndarray], key: str, path: Path) -> list[str] | None:
+    """The 1-d string entry ``key`` as a list (None when absent); ``ValueError`` naming it otherwise."""
+    if key not in arrays:
+        return None
+    a = arrays[key]
+    if a.dtype.kind != "U" or a.ndim != 1:
+        raise ValueError(f"{path}: '{key}' must be a 1-d array of strings, got {a.dtype} of shape {a.shape}")
+    return [str(v) for v in a]
 
 
-def load_explorer(path: str | Path) -> Explorer:
-    """The :class:`Explorer` saved by :meth:`Explorer.save_npz` (schema there); ``ValueError`` for other files."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    if "format" not in arrays or str(arrays["format"]) != FORMAT:
-        found = str(arrays["format"]) if "format" in arrays else "no 'format' entry"
+def _field_array(a: np.ndarray, key: str, path: Path, kinds: str, shape: tuple[int | None, ...], what: str) -> None:
+    """``ValueError`` naming ``key`` unless ``a`` has a dtype of ``kinds`` and ``shape`` (None: any length)."""
+    fits = a.ndim == len(shape) and all(want is None or n == want for n, want in zip(a.shape, shape, strict=True))
+    if a.dtype.kind not in kinds or not fits:
+        raise ValueError(f"{path}: '{key}' must be {what}, got {a.dtype} of shape {a.shape}")
+
+
+# The optional entries of the page's first view and its per-step images (schema in Explorer.save_npz).
+VIEW_ENTRIES = ("step_images", "step_images_label", "start_layer", "start_step")
+
+
+def _view_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
+    """The :data:`VIEW_ENTRIES` an explorer file holds, checked, as :class:`Explorer` keyword arguments."""
+    fields: dict[str, Any] = {}
+    if "step_images" in arrays:
+        _field_array(arrays["step_images"], "step_images", path, "u", (None, None, None, 3), "(S, h, w, 3) uint8")
+        fields["step_images"] = arrays["step_images"]
+    for key in ("step_images_label", "start_layer"):
+        if key in arrays:
+            fields[key] = _field_str(arrays, key, path)
+    if "start_step" in arrays:
+        _field_array(arrays["start_step"], "start_step", path, "iu", (), "a 0-d integer")
+        fields["start_step"] = int(arrays["start_step"])
+    return fields
+
+
+def load_explorer(path: str | Path, *, max_bytes: int = 4 * MAX_PAGE_BYTES) -> Explorer:
+    """The :class:`Explorer` saved by :meth:`Explorer.save_npz` (schema there).
+
+    The file is read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when its
+    arrays would take more than ``max_bytes`` (default 256 MiB, four times what a page may hold), and
+    never unpickled. ``ValueError`` naming the file and the entry for anything that is not that schema:
+    a missing or unknown entry, a wrong dtype or shape (a grid of floats, a 0-d list of layers).
+    """
+    path = Path(path)
+    arrays = load_npz(path, max_bytes=max_bytes)
+    found = _field_str(arrays, "format", path, default="no 'format' entry")
+    if found != FORMAT:
         raise ValueError(f"{path} is not an explorer file of format {FORMAT!r} ({found})")
-    names = [str(n) for n in arrays["layers"]]
+    if "layers" not in arrays:
+        raise ValueError(f"{path}: lacks 'layers' (the layer names)")
+    names = _field_strings(arrays, "layers", path)
     known = {"format", "title", "notes", "start_query", "image", "tokens", "steps", "layers", *VIEW_ENTRIES}
     layers = []
     for i, name in enumerate(names):
@@ -504,31 +570,48 @@ def load_explorer(path: str | Path) -> Explorer:
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise ValueError(f"{path}: layer {i} ({name!r}) lacks {missing}")
+        kind_key, grid_key, weights_key, mean_key = keys
+        kind = _field_str(arrays, kind_key, path)
+        _field_array(arrays[grid_key], grid_key, path, "iu", (2,), "(2,) integers (H, W)")
+        _field_array(arrays[weights_key], weights_key, path, "f", (None,) * 4, "(steps, heads, queries, keys) floats")
+        _field_array(arrays[mean_key], mean_key, path, "b", (), "a 0-d bool")
         rows = arrays.get(f"layer{i}.query_pixels")
-        layers.append(
-            ExplorerLayer(
+        if rows is not None:
+            _field_array(rows, f"layer{i}.query_pixels", path, "iu", (None, 2), "(Q, 2) integers (row, col)")
+        try:
+            layer = ExplorerLayer(
                 name=name,
-                kind=str(arrays[keys[0]]),
-                grid=tuple(int(v) for v in arrays[keys[1]]),
-                weights=arrays[keys[2]],
-                head_mean=bool(arrays[keys[3]]),
+                kind=kind,
+                grid=tuple(int(v) for v in arrays[grid_key]),
+                weights=arrays[weights_key],
+                head_mean=bool(arrays[mean_key]),
                 query_pixels=rows,
             )
-        )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: layer {i}: {err}") from None
+        layers.append(layer)
         known.update([*keys, f"layer{i}.query_pixels"])
     unknown = sorted(set(arrays) - known)
     if unknown:
         raise ValueError(f"{path}: unknown entries {unknown} (schema {FORMAT!r}: see Explorer.save_npz)")
-    return Explorer(
-        layers=tuple(layers),
-        image=arrays.get("image"),
-        tokens=None if "tokens" not in arrays else [str(t) for t in arrays["tokens"]],
-        steps=None if "steps" not in arrays else [str(s) for s in arrays["steps"]],
-        title=str(arrays.get("title", "Attention explorer")),
-        notes=str(arrays.get("notes", "")),
-        start_query=tuple(float(v) for v in arrays.get("start_query", (0.5, 0.5))),
-        **_view_fields(arrays),
-    )
+    image = arrays.get("image")
+    if image is not None:
+        _field_array(image, "image", path, "u", (None, None, 3), "(h, w, 3) uint8")
+    start = arrays.get("start_query", np.array([0.5, 0.5]))
+    _field_array(start, "start_query", path, "f", (2,), "(2,) floats (y, x)")
+    try:
+        return Explorer(
+            layers=tuple(layers),
+            image=image,
+            tokens=_field_strings(arrays, "tokens", path),
+            steps=_field_strings(arrays, "steps", path),
+            title=_field_str(arrays, "title", path, default="Attention explorer"),
+            notes=_field_str(arrays, "notes", path, default=""),
+            start_query=(float(start[0]), float(start[1])),
+            **_view_fields(arrays, path),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 # ----- explore(): from the library's caches and arrays ------------------------------------------

@@ -24,10 +24,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz
 from ..scenes import SIZE, VOCAB
 from .data import EMPTY_PROMPT, encode_prompts, from_model
 from .model import DiffusionModel, load_pretrained
@@ -245,17 +246,40 @@ class SampleResult:
         return arrays
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_arrays` to ``path`` (``.npz``, compressed); :func:`load_trace` reads it back."""
+        """Write :meth:`to_arrays` to ``path`` (``.npz``, compressed, the suffix added when missing);
+        :func:`load_trace` reads it back. Returns the path written.
+
+        Written through a temporary file renamed over ``path`` (:func:`attention_ref._files.atomic_write`):
+        a failure leaves an existing file as it was.
+        """
         path = Path(path)
-        np.savez_compressed(path, **self.to_arrays())
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")  # as numpy.savez names it
+        arrays = self.to_arrays()
+        with atomic_write(path) as f:
+            np.savez_compressed(f, **arrays)
         return path
 
 
-def load_trace(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays :meth:`SampleResult.save` wrote, with ``"meta"`` parsed back into a dict."""
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays["meta"] = json.loads(str(arrays["meta"]))
+def load_trace(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """The arrays :meth:`SampleResult.save` wrote, with ``"meta"`` parsed back into a dict.
+
+    Read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when the arrays
+    would take more than ``max_bytes`` (default 1 GiB), never unpickled. ``ValueError`` naming the file
+    and the entry when ``"meta"`` is missing or is not a JSON object.
+    """
+    arrays: dict[str, Any] = load_npz(path, max_bytes=max_bytes)
+    meta = arrays.get("meta")
+    if meta is None:
+        raise ValueError(f"{path}: lacks 'meta' (not a trace written by SampleResult.save)")
+    if meta.dtype.kind != "U" or meta.ndim != 0:
+        raise ValueError(f"{path}: 'meta' must be a JSON string, got {meta.dtype} of shape {meta.shape}")
+    try:
+        arrays["meta"] = json.loads(str(meta))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: 'meta' is not JSON ({err})") from None
+    if not isinstance(arrays["meta"], dict):
+        raise ValueError(f"{path}: 'meta' must be a JSON object, got {type(arrays['meta']).__name__}")
     return arrays
 
 
