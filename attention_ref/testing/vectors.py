@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_text
 from .cases import Case, select_cases
 from .dtypes import dtype_name, eps
 from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
@@ -91,7 +92,8 @@ def write_vectors(
             arrays[f"allowed_{o}"] = per_entry
             allowed[o] = float(np.max(per_entry)) if per_entry.size else 0.0
         name = _file_name(i, case.name)
-        np.savez(out / name, **arrays)
+        with atomic_write(out / name) as f:  # renamed into place once written whole
+            np.savez(f, **arrays)
         entries.append(
             {
                 "name": case.name,
@@ -142,31 +144,66 @@ def write_vectors(
         "cases": entries,
     }
     path = out / "index.json"
-    path.write_text(json.dumps(index, indent=1) + "\n")
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=1) + "\n")
     return path
 
 
-def load_vectors(in_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load_vectors(
+    in_dir: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Read a directory written by :func:`write_vectors`.
 
     Returns ``(index, cases)``: the parsed ``index.json`` and, per case, a dict with the index
     entry's keys plus ``"arrays"`` (name → NumPy array, inputs narrowed back to bfloat16 where
     the dtype is bfloat16) and ``"scale"`` (``None`` for the default).
+
+    The files are read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when
+    the index and the arrays of every case would take more than ``max_bytes`` together (default 1 GiB),
+    never unpickled. ``ValueError`` naming the file and the field for anything else that is not what
+    :func:`write_vectors` writes: an index that is not that JSON, a case file outside the directory
+    (``"../x.npz"``), a case without ``q``, ``k``, ``v``, ``dout`` or ``scale``.
     """
     base = Path(in_dir)
-    index = json.loads((base / "index.json").read_text())
+    index_path = base / "index.json"
+    try:
+        index = json.loads(read_text(index_path, max_bytes=max_bytes))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_path}: not JSON ({err})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: must be a JSON object, got {type(index).__name__}")
     if index.get("format") != FORMAT_VERSION:
         raise ValueError(f"{base}: unsupported vector format {index.get('format')!r}")
-    from .dtypes import numpy_dtype
+    from .dtypes import DTYPES, numpy_dtype
 
+    if index.get("dtype") not in DTYPES:
+        raise ValueError(f"{index_path}: 'dtype' must be one of {', '.join(DTYPES)}, got {index.get('dtype')!r}")
     dtype = numpy_dtype(index["dtype"])
+    entries = index.get("cases")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{index_path}: 'cases' must be a list of objects")
+    budget = max_bytes - index_path.stat().st_size
     cases = []
-    for entry in index["cases"]:
-        with np.load(base / entry["file"]) as data:
-            arrays = {n: data[n] for n in data.files}
+    for i, entry in enumerate(entries):
+        file_name = entry.get("file")
+        if not isinstance(file_name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+\.npz", file_name) or ".." in file_name:
+            raise ValueError(f"{index_path}: cases[{i}] 'file' must name an .npz file in {base}, got {file_name!r}")
+        path = base / file_name
+        arrays = load_npz(path, max_bytes=max(budget, 0))
+        budget -= sum(a.nbytes for a in arrays.values())
+        missing = [n for n in ("q", "k", "v", "dout", "scale") if n not in arrays]
+        if missing:
+            raise ValueError(f"{path}: lacks {missing}")
         for n in ("q", "k", "v", "dout", "bias"):
             if n in arrays:
+                if arrays[n].dtype.kind != "f":
+                    raise ValueError(f"{path}: '{n}' must be a floating array, got {arrays[n].dtype}")
                 arrays[n] = arrays[n].astype(dtype)
-        scale = float(arrays.pop("scale"))
+        if "mask" in arrays and arrays["mask"].dtype != np.bool_:
+            raise ValueError(f"{path}: 'mask' must be a boolean array, got {arrays['mask'].dtype}")
+        scale = arrays.pop("scale")
+        if scale.ndim != 0 or scale.dtype.kind != "f":
+            raise ValueError(f"{path}: 'scale' must be a 0-d float, got {scale.dtype} of shape {scale.shape}")
+        scale = float(scale)
         cases.append({**entry, "arrays": arrays, "scale": None if math.isnan(scale) else scale})
     return index, cases
