@@ -47,6 +47,7 @@ from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
 __all__ = ["FORMAT_VERSION", "load_vectors", "write_vectors"]
 
 FORMAT_VERSION = 2  # 2: allowed errors per entry, the output's own last rounding deducted, the policy named
+READABLE_FORMATS = (1, FORMAT_VERSION)  # format 1: one allowed error per output, nothing deducted (its pass_rule)
 
 
 def _file_name(i: int, name: str) -> str:
@@ -154,8 +155,9 @@ def load_vectors(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Read a directory written by :func:`write_vectors`.
 
-    Returns ``(index, cases)``: the parsed ``index.json`` and, per case, a dict with the index
-    entry's keys plus ``"arrays"`` (name → NumPy array, inputs narrowed back to bfloat16 where
+    Returns ``(index, cases)``: the parsed ``index.json`` (its ``"format"`` and ``"pass_rule"`` say how its allowed
+    errors are meant: format 1 directories, one number per output, are read too) and, per case, a dict with the
+    index entry's keys plus ``"arrays"`` (name → NumPy array, inputs narrowed back to bfloat16 where
     the dtype is bfloat16) and ``"scale"`` (``None`` for the default).
 
     The files are read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when
@@ -172,7 +174,7 @@ def load_vectors(
         raise ValueError(f"{index_path}: not JSON ({err})") from None
     if not isinstance(index, dict):
         raise ValueError(f"{index_path}: must be a JSON object, got {type(index).__name__}")
-    if index.get("format") != FORMAT_VERSION:
+    if index.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{base}: unsupported vector format {index.get('format')!r}")
     from .dtypes import DTYPES, numpy_dtype
 
