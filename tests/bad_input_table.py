@@ -57,7 +57,7 @@ class Spec:
     params: a maker of a block's parameter dict (float64), passed as ``params``.
     refuses_inf: array arguments in which an infinite entry must be refused (attention and the blocks).
     any_dtype: the function only moves entries (split/merge heads): integer inputs are fine.
-    integer_ok: arrays that may be integer as well as floating (rope_angles' positions).
+    extra_dtypes: array → the dtypes it may have besides float16/32/64 (rope_angles' integer positions).
     mixed_ok: arrays that may have another floating dtype than the others (rope's cos and sin tables, which
         are cast to the compute dtype).
     dtype_option: the option that sets the result's dtype (rope_angles' ``dtype``); by default the result has
@@ -81,7 +81,7 @@ class Spec:
     any_dtype: bool = False
     large: tuple[str, ...] = ()  # arrays scaled by 300 in the float16 "large values" case
     required_param: str = "out.weight"  # a parameter the block cannot do without
-    integer_ok: tuple[str, ...] = ()
+    extra_dtypes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     mixed_ok: tuple[str, ...] = ()
     dtype_option: str | None = None
 
@@ -442,7 +442,7 @@ def _positions(rng: np.random.Generator) -> Array:
 _ORDER_BAD = ("text", None, 1)
 _JOINT = {"x": _randn(1, 4, 8), "context": _randn(1, 3, 6)}  # N = 4 image, M = 3 text tokens: L = 7
 _JOINT_BAD = {"heads": INTS_3, "eps": EPS_BAD, "scale": SCALE_BAD, "order": _ORDER_BAD, "qk_norm": ("l2", 1, None)}
-_PATCH_BAD = (0, -1, 2.0, True, None, "2", 3, (2,), (2, 0), (2, 2.0), (2, 2, 2), np.array([2, 2]))
+_PATCH_BAD = (0, -1, 2.0, True, None, "2", 3, (2,), (2, 0), (2, 2.0), (2, 2, 2))
 _CHANNEL_ORDER_BAD = ("chw", None, 1)
 _PAIRS_BAD = ("rotate_half", None, 1)
 
@@ -470,7 +470,7 @@ SPECS += [
             "dtype": ("bfloat16", "int64", None, "float"),
         },
         returns_pair=False,
-        integer_ok=("positions",),
+        extra_dtypes={"positions": ("int64", "int32")},
         dtype_option="dtype",
     ),
     Spec(
@@ -589,7 +589,8 @@ SPECS += [
             "dtype": ("bfloat16", "int64", None),
         },
         returns_pair=False,
-        integer_ok=("txt_ids", "img_ids"),
+        # integer ids, and bfloat16 ones (a bfloat16 Flux pipeline's): exact in float32, as FluxPosEmbed reads them
+        extra_dtypes=dict.fromkeys(("txt_ids", "img_ids"), ("int64", "int32", "bfloat16")),
         mixed_ok=("txt_ids", "img_ids"),
         dtype_option="dtype",
     ),
@@ -689,13 +690,13 @@ def cases(spec: Spec, seed: int = 0) -> Iterator[Case]:
         bad_dtypes = [np.int64, np.int32, np.bool_, np.complex128] + ([bf16] if bf16 is not None else [])
         for dt in bad_dtypes:
             arrays = {**base.arrays, name: a.astype(dt) if dt is not np.bool_ else a > 0}
-            integer = dt in (np.int64, np.int32) and name in spec.integer_ok
+            accepted = np.dtype(dt).name in spec.extra_dtypes.get(name, ())
             yield replace(
                 base,
                 what=f"{name} dtype {np.dtype(dt).name}",
                 arg=name,
                 arrays=arrays,
-                must_fail=not (spec.any_dtype or integer),
+                must_fail=not (spec.any_dtype or accepted),
             )
         if len(base.arrays) > 1 or base.params is not None:
             yield replace(
@@ -929,6 +930,11 @@ def _call(case: Case, arrays: dict[str, Any], params: Any) -> Any:
     return spec.forward(*args, **kwargs)
 
 
+def call(case: Case) -> Any:
+    """Run the forward of ``case`` on its own inputs: ``(out, cache)``, or the output alone."""
+    return _call(case, case.arrays, case.params)
+
+
 def _float64(case: Case) -> tuple[dict[str, Any], Any]:
     """The case's inputs with every numeric array in float64 (what the result is compared with)."""
 
@@ -1068,13 +1074,13 @@ def run_case(case: Case) -> Verdict:
             ref_out, ref_cache = ref if spec.returns_pair else (ref, None)
             ref_grads = None
             if grads is not None:
-                d = _each(lambda a: np.asarray(a, dtype=np.float64), _douts(case, out))
+                d = each(lambda a: np.asarray(a, dtype=np.float64), _douts(case, out))
                 ref_grads = spec.backward(d, ref_cache)
     except Exception as err:
         return Verdict("silent wrong", f"returned, but the float64 call fails: {type(err).__name__}: {err}")
     dtype = _result_dtype(case)
     finite = _finite(case) and (case.dout is None or "NaN" not in case.what)
-    problem = _compare(out, _each(np.asarray, ref_out), dtype, finite)
+    problem = _compare(out, each(np.asarray, ref_out), dtype, finite)
     if problem is None and grads is not None:
         for name in sorted(ref_grads):
             if name not in grads:
@@ -1089,7 +1095,7 @@ def run_case(case: Case) -> Verdict:
     return Verdict("correct", "")
 
 
-def _each(f: Callable[[Any], Any], out: Any) -> Any:
+def each(f: Callable[[Any], Any], out: Any) -> Any:
     """``f`` of each output of a forward that returns a tuple (``None`` kept), or of its one output."""
     if isinstance(out, tuple):
         return tuple(None if o is None else f(o) for o in out)
@@ -1102,8 +1108,8 @@ def _douts(case: Case, out: Any) -> Any:
     """The dout(s) to pass: the case's change of each output, or a seeded random array of its shape and dtype."""
     rng = np.random.default_rng(1)
     if case.dout:
-        return _each(lambda o: case.dout(np.asarray(o)), out)
-    return _each(lambda o: rng.standard_normal(np.shape(o)).astype(np.asarray(o).dtype), out)
+        return each(lambda o: case.dout(np.asarray(o)), out)
+    return each(lambda o: rng.standard_normal(np.shape(o)).astype(np.asarray(o).dtype), out)
 
 
 def _magnitude(case: Case) -> float:

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from bad_input_table import SPECS, base_case, run_case
+from bad_input_table import SPECS, base_case, call, each, run_case
 
 import attention_ref as ar
 from attention_ref._checks import broadcast_shape
@@ -34,23 +34,21 @@ def test_an_integer_dout_in_softmax_backward_is_refused_not_turned_into_integer_
 @pytest.mark.parametrize("spec", BACKWARD_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("dtype", ["int64", "bool", "float32", "complex128"])
 def test_every_backward_refuses_a_dout_of_another_dtype(spec, dtype):
-    case = base_case(spec)
-    args = [case.arrays[n] for n in spec.positional] + ([case.params] if spec.params else [])
-    out, cache = spec.forward(*args, **case.masks, **case.options)
-    dout = np.ones(np.shape(out), dtype=dtype)
+    out, cache = call(base_case(spec))
+    dout = each(lambda o: np.ones(np.shape(o), dtype=dtype), out)  # one dout per output (joint attention: two)
     with pytest.raises(TypeError, match=rf"(dout|dy|dh_out) has dtype {dtype}, but the forward ran in float64"):
         spec.backward(dout, cache)
 
 
 @pytest.mark.parametrize("spec", BACKWARD_SPECS, ids=lambda s: s.name)
 def test_every_backward_names_a_missing_dout_or_a_wrong_cache(spec):
-    case = base_case(spec)
-    args = [case.arrays[n] for n in spec.positional] + ([case.params] if spec.params else [])
-    out, cache = spec.forward(*args, **case.masks, **case.options)
+    out, cache = call(base_case(spec))
+    # no dout at all; for a forward of two outputs, a list where the first output's gradient belongs
+    missing = each(lambda o: o.tolist(), out) if isinstance(out, tuple) else None
     with pytest.raises(TypeError, match=r"(dout|dy|dh_out) must be an array"):
-        spec.backward(None, cache)
+        spec.backward(missing, cache)
     with pytest.raises(TypeError, match=r"_backward needs the .*(Cache|cache)"):
-        spec.backward(np.asarray(out), None)
+        spec.backward(each(np.asarray, out), None)
 
 
 # ---------------------------------------------------------------- float16 attention

@@ -432,7 +432,7 @@ def test_joint_attention_refuses_bad_input(rng):
     with pytest.raises(ValueError, match=r"context must be \(B, M, D\) = \(2, M, D\)"):
         run(x, context[:1], params)
     cos, sin = rope_angles(np.arange(8), (4,))
-    with pytest.raises(ValueError, match=r"should be \(L, head_dim\) = \(8, 4\).*5 image \+ 3 text"):
+    with pytest.raises(ValueError, match=r"should be \(L, head_dim\) = \(8, 4\).*5 tokens of x \+ 3 of context"):
         run(x, context, params, rope=(cos[:7], sin[:7]))
     with pytest.raises(TypeError, match="rope must be a"):
         run(x, context, params, rope=cos)

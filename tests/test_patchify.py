@@ -123,7 +123,7 @@ def test_patchify_refuses_bad_input(rng):
         unpatchify_forward(rng.standard_normal((1, 12, 8)), (3, 3), 2)
     with pytest.raises(ValueError, match="not 2·2·C"):
         unpatchify_forward(rng.standard_normal((1, 12, 6)), (3, 4), 2)
-    with pytest.raises(ValueError, match="grid must be"):
+    with pytest.raises(TypeError, match="grid must be a pair of ints, got int 12"):
         unpatchify_forward(rng.standard_normal((1, 12, 8)), 12, 2)
     tokens, cache = patchify_forward(rng.standard_normal((1, 6, 8, 3)), 2)
     with pytest.raises(ValueError, match=r"dout of shape \(1, 12, 6\)"):
