@@ -285,7 +285,10 @@ def _check_stream_shapes(params: Mapping[str, Array], stream: str, width: int, h
         for kind in ("weight", "bias"):
             p = params.get(f"{norm}.{kind}")
             if p is not None and tuple(p.shape) != (d,):
-                _fail(f"{norm}.{kind} of shape {tuple(p.shape)} should be (head_dim,) = ({d},)")
+                _fail(
+                    f"{norm}.{kind} of shape {tuple(p.shape)} should be (head_dim,) = ({d},), the {inner} attention "
+                    f"channels split into heads = {heads}"
+                )
     return inner
 
 
