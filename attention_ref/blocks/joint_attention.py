@@ -489,7 +489,10 @@ def joint_attention_forward(
             (:func:`attention_ref.ops.rope_forward`).
         rope_dtype: the dtype the rotation runs in (default x's working dtype); ``"float32"`` reproduces
             diffusers' Flux, which rotates in float32 whatever the model's dtype.
-        mask: boolean, broadcastable to ``(B, heads, L, L)`` in the joined order, True = may attend.
+        mask: boolean ``(L, L)`` or ``(B or 1, heads or 1, L, L)`` (any axis of either may be 1), in the joined
+            order, True = may attend. A 1-D or 3-D mask is refused: broadcasting would read diffusers' per-sample
+            ``(B, L, L)`` as per-head when ``B = heads`` (pass ``mask[:, None]``), and a per-sample key mask
+            ``(B, L)`` is ``mask[:, None, None, :]``.
         scale: multiplies ``QKᵀ``; default ``1/sqrt(d)``.
 
     Returns:
