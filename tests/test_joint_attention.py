@@ -534,6 +534,12 @@ def test_rope_tables_are_checked_and_named(rng):
         run(x, context, params, rope=(bad, sin))
     with pytest.raises(ValueError, match=r"joint attention: rope_dtype must be one of .*got 'bfloat16'"):
         run(x, context, params, rope=(cos, sin), rope_dtype="bfloat16")
+    # per-sample tables (B, L, d) with B = heads would broadcast as per-head ones: refused, as a 3-D mask is
+    with pytest.raises(ValueError, match=r"rope's cos of shape \(2, 8, 4\) should be .*per-sample \(B, L, head_dim\) "
+                       r"tables being cos\[:, None\]"):
+        run(x, context, params, rope=(np.stack([cos, cos]), np.stack([sin, sin])))
+    (y, _), _ = run(x, context, params, rope=(np.stack([cos, cos])[:, None], np.stack([sin, sin])[:, None]))
+    np.testing.assert_allclose(y, run(x, context, params, rope=(cos, sin))[0][0], rtol=1e-14, atol=1e-15)
     # tables from axes_dims that do not sum to head_dim = 4 do not fit
     cos6, sin6 = rope_angles(np.zeros((8, 2)), (4, 2))
     with pytest.raises(ValueError, match=r"rope's cos of shape \(8, 6\) should be \(L, head_dim\) = \(8, 4\)"):

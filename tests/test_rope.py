@@ -257,6 +257,7 @@ def test_rope_refuses_bad_input(rng):
         (None, TypeError, r"rope_angles: axes_dims must be a sequence of ints \(channels per axis\), got None"),
         (4, TypeError, r"axes_dims must be a sequence of ints .*got 4"),
         ("42", TypeError, r"axes_dims must be a sequence of ints .*got '42'"),
+        (np.array(4), TypeError, r"axes_dims must be a sequence of ints .*got array\(4\)"),
         ((4.0, 2), TypeError, r"rope_angles: axes_dims\[0\] must be an int, got float 4.0"),
         ((True, 2), TypeError, r"rope_angles: axes_dims\[0\] must be an int, got bool True"),
         ((4, -2), ValueError, r"rope_angles: axes_dims\[1\] must be at least 1, got -2"),
@@ -268,6 +269,10 @@ def test_rope_refuses_bad_input(rng):
 def test_rope_angles_names_bad_axes_dims(axes_dims, error, message):
     with pytest.raises(error, match=message):
         rope_angles(np.zeros((3, 2)), axes_dims)
+    # any sequence of ints is a valid axes_dims: a list, a NumPy array, NumPy integers
+    want = rope_angles(np.ones((3, 2)), (4, 2))[0]
+    for valid in ([4, 2], np.array([4, 2]), (np.int64(4), 2)):
+        np.testing.assert_array_equal(rope_angles(np.ones((3, 2)), valid)[0], want)
 
 
 @pytest.mark.parametrize(

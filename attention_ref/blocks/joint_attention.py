@@ -365,10 +365,12 @@ def _check_inputs(
             require_array(f"{_WHERE}: rope's {name}", table)
             array_namespace(x=x, **{f"rope's {name}": table})
             require_floating(xp, f"{_WHERE}: rope's {name}", table)
-            if table.ndim < 2 or tuple(table.shape[-2:]) != (L, d):
+            if table.ndim not in (2, 4) or tuple(table.shape[-2:]) != (L, d):
+                # as for the mask: a 3-D table could be per sample (B, L, d) or per head (heads, L, d)
                 _fail(
                     f"rope's {name} of shape {tuple(table.shape)} should be (L, head_dim) = {(L, d)}: one row per "
-                    f"token of the joined sequence ({tokens})"
+                    f"token of the joined sequence ({tokens}); or (B or 1, heads or 1, L, head_dim), per-sample "
+                    f"(B, L, head_dim) tables being {name}[:, None]"
                 )
             # a table entry of ±inf turns a query or key into ±inf: refused as an infinite input
             require_finite(xp, f"rope's {name}", table, _WHERE)
@@ -483,8 +485,9 @@ def joint_attention_forward(
         order: ``"image_first"`` (SD3) or ``"text_first"`` (Flux): the joined sequence's order.
         qk_norm: ``None``, ``"rms_norm"`` or ``"layer_norm"``, on every stream's queries and keys, per head.
         eps: the q/k norms' epsilon (1e-6 in SD3 and Flux).
-        rope: ``(cos, sin)``, each ``(L, d)`` (or broadcastable ``(..., L, d)``), ``L = N + M``, rows in the
-            joined order, applied to the joined queries and keys after the norms; ``None`` for no RoPE.
+        rope: ``(cos, sin)``, each ``(L, d)`` (or ``(B or 1, heads or 1, L, d)``; a 3-D table is refused, as a
+            3-D mask is), ``L = N + M``, rows in the joined order, applied to the joined queries and keys after
+            the norms; ``None`` for no RoPE.
         rope_pairs: ``"interleaved"`` (Flux) or ``"halves"``, the tables' pair layout
             (:func:`attention_ref.ops.rope_forward`).
         rope_dtype: the dtype the rotation runs in (default x's working dtype); ``"float32"`` reproduces

@@ -96,9 +96,12 @@ def check_axes_dims(axes_dims: Any, where: str, name: str = "axes_dims") -> tupl
     ``ValueError`` for no axes, an axis of 0 or fewer channels, or an odd number of them (each axis rotates
     pairs of channels). ``flux_rope_tables`` checks its ``axes_dims_rope`` here too.
     """
-    if isinstance(axes_dims, (str, bytes)) or not hasattr(axes_dims, "__iter__"):
-        raise TypeError(f"{where}: {name} must be a sequence of ints (channels per axis), got {axes_dims!r}")
-    dims = tuple(axes_dims)
+    try:
+        if isinstance(axes_dims, (str, bytes)):
+            raise TypeError
+        dims = tuple(axes_dims)
+    except TypeError:  # None, an int, a 0-d array: not a sequence
+        raise TypeError(f"{where}: {name} must be a sequence of ints (channels per axis), got {axes_dims!r}") from None
     if not dims:
         raise ValueError(f"{where}: {name} must name at least one axis, got {dims}")
     for a, D in enumerate(dims):
