@@ -15,6 +15,8 @@ Then the files: hostile and malformed ``.npz`` files on every load path, and a s
 
     PYTHONPATH=. python scripts/probe_bad_input.py            # counts, and every non-correct case
     PYTHONPATH=. python scripts/probe_bad_input.py --bomb-mib 1536   # the issue's 1.5 GiB bomb (slow before the fix)
+    PYTHONPATH=. python scripts/probe_bad_input.py --only dit --no-files   # the diffusion transformers' pieces
+    PYTHONPATH=. python scripts/probe_bad_input.py --only rope patchify     # some rows of the table, by name
 """
 
 from __future__ import annotations
@@ -32,15 +34,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bad_input_table import all_specs, cases, run_case  # noqa: E402
+from bad_input_table import DIT_SPECS, all_specs, cases, run_case  # noqa: E402
 
 BAD = ("silent wrong", "internal error")
 
 
-def probe_functions(verbose: bool) -> collections.Counter:
+def probe_functions(verbose: bool, only: list[str] | None = None) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     per_kind: dict[str, list[str]] = collections.defaultdict(list)
-    for spec in all_specs():
+    specs = all_specs()
+    if only:
+        names = {name for word in only for name in (DIT_SPECS if word == "dit" else [word])}
+        unknown = names - {spec.name for spec in specs}
+        if unknown:
+            raise SystemExit(f"probe_bad_input: no row named {sorted(unknown)} in the table")
+        specs = [spec for spec in specs if spec.name in names]
+    for spec in specs:
         for case in cases(spec):
             verdict = run_case(case)
             counts[verdict.kind] += 1
@@ -149,9 +158,12 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true", help="only the counts")
     parser.add_argument("--bomb-mib", type=int, default=256, help="the hostile member's size (default 256 MiB)")
     parser.add_argument("--no-files", action="store_true")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="only these rows of the table ('dit': the diffusion transformers')"
+    )
     args = parser.parse_args()
     t = time.perf_counter()
-    counts = probe_functions(verbose=not args.quiet)
+    counts = probe_functions(verbose=not args.quiet, only=args.only)
     total = sum(counts.values())
     print(f"\n== {total} calls in {time.perf_counter() - t:.1f} s")
     for kind in ("correct", "clear error", "vague error", "silent wrong", "internal error"):

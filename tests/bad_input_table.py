@@ -26,6 +26,18 @@ from typing import Any
 import numpy as np
 
 import attention_ref as ar
+from attention_ref.interop import flux_rope_tables
+from attention_ref.ops import (
+    patchify_backward,
+    patchify_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+    rope_angles,
+    rope_backward,
+    rope_forward,
+    unpatchify_backward,
+    unpatchify_forward,
+)
 
 #: the exception types the documentation promises (docs/numerics.md, "Errors")
 DOCUMENTED = (ValueError, TypeError, MemoryError)
@@ -45,6 +57,14 @@ class Spec:
     params: a maker of a block's parameter dict (float64), passed as ``params``.
     refuses_inf: array arguments in which an infinite entry must be refused (attention and the blocks).
     any_dtype: the function only moves entries (split/merge heads): integer inputs are fine.
+    extra_dtypes: array → the dtypes it may have besides float16/32/64 (rope_angles' integer positions).
+    mixed_ok: arrays that may have another floating dtype than the others (rope's cos and sin tables, which
+        are cast to the compute dtype).
+    dtype_option: the option that sets the result's dtype (rope_angles' ``dtype``); by default the result has
+        the first floating array's dtype.
+
+    A forward may return a tuple of arrays (rope_angles' ``(cos, sin)``, joint attention's ``(y, y_context)``,
+    ``None`` for an absent one); its backward then takes a tuple of douts, one per output.
     """
 
     name: str
@@ -61,6 +81,9 @@ class Spec:
     any_dtype: bool = False
     large: tuple[str, ...] = ()  # arrays scaled by 300 in the float16 "large values" case
     required_param: str = "out.weight"  # a parameter the block cannot do without
+    extra_dtypes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    mixed_ok: tuple[str, ...] = ()
+    dtype_option: str | None = None
 
 
 def _randn(*shape: int) -> Callable[[np.random.Generator], Array]:
@@ -397,6 +420,196 @@ SPECS += [
     ),
 ]
 
+
+# ---------------------------------------------------------------- the diffusion transformers' pieces
+
+
+
+def _joint_rope(x: Array, context: Array, params: Any, *, cos: Any, sin: Any, **options: Any) -> Any:
+    """Joint attention with RoPE, its tables passed as two arrays (so that the table changes each one)."""
+    return ar.blocks.joint_attention_forward(x, context, params, rope=(cos, sin), **options)
+
+
+def _joint_single(x: Array, params: Any, **options: Any) -> Any:
+    """Joint attention with one stream (Flux's single-stream blocks): no context."""
+    return ar.blocks.joint_attention_forward(x, None, params, **options)
+
+
+def _positions(rng: np.random.Generator) -> Array:
+    return rng.uniform(0, 5, (3, 2))  # 3 tokens at real positions on 2 axes
+
+
+_ORDER_BAD = ("text", None, 1)
+_JOINT = {"x": _randn(1, 4, 8), "context": _randn(1, 3, 6)}  # N = 4 image, M = 3 text tokens: L = 7
+_JOINT_BAD = {"heads": INTS_3, "eps": EPS_BAD, "scale": SCALE_BAD, "order": _ORDER_BAD, "qk_norm": ("l2", 1, None)}
+_PATCH_BAD = (0, -1, 2.0, True, None, "2", 3, (2,), (2, 0), (2, 2.0), (2, 2, 2))
+_CHANNEL_ORDER_BAD = ("chw", None, 1)
+_PAIRS_BAD = ("rotate_half", None, 1)
+
+SPECS += [
+    Spec(
+        "rms_norm",
+        rms_norm_forward,
+        {"x": _randn(2, 3, 4), "weight": _randn(4)},
+        ("x", "weight"),
+        options={"eps": 1e-6},
+        bad={"eps": EPS_BAD},
+        backward=rms_norm_backward,
+        large=("x",),
+    ),
+    Spec(
+        "rope_angles",
+        rope_angles,
+        {"positions": _positions},
+        ("positions",),
+        options={"axes_dims": (4, 2), "theta": 10000.0, "pairs": "interleaved", "dtype": "float64"},
+        bad={
+            "axes_dims": ((3, 1), (4, -2), (4, 0), (), (4,), (4.0, 2), (True, 2), None, 4, "42"),
+            "theta": (0, 0.0, -1.0, math.nan, math.inf, None, "1e4", True),
+            "pairs": _PAIRS_BAD,
+            "dtype": ("bfloat16", "int64", None, "float"),
+        },
+        returns_pair=False,
+        extra_dtypes={"positions": ("int64", "int32")},
+        dtype_option="dtype",
+    ),
+    Spec(
+        "rope",
+        rope_forward,
+        {"x": _randn(1, 2, 3, 4), "cos": _randn(3, 4), "sin": _randn(3, 4)},
+        ("x", "cos", "sin"),
+        options={"pairs": "interleaved", "compute_dtype": None},
+        bad={"pairs": _PAIRS_BAD, "compute_dtype": ("bfloat16", "int32", "float", 1)},
+        backward=rope_backward,
+        mixed_ok=("x", "cos", "sin"),
+    ),
+    Spec(
+        "rope_halves",
+        rope_forward,
+        {"x": _randn(2, 3, 6), "cos": _randn(2, 3, 6), "sin": _randn(2, 3, 6)},
+        ("x", "cos", "sin"),
+        options={"pairs": "halves", "compute_dtype": "float64"},
+        backward=rope_backward,
+        mixed_ok=("x", "cos", "sin"),
+    ),
+    Spec(
+        "patchify",
+        patchify_forward,
+        {"x": _randn(1, 4, 6, 2)},
+        ("x",),
+        options={"patch": 2, "channel_order": "pqc"},
+        bad={"patch": _PATCH_BAD, "channel_order": _CHANNEL_ORDER_BAD},
+        backward=patchify_backward,
+    ),
+    Spec(
+        "unpatchify",
+        unpatchify_forward,
+        {"tokens": _randn(1, 6, 8)},
+        ("tokens",),
+        options={"grid": (2, 3), "patch": 2, "channel_order": "cpq"},
+        bad={
+            "grid": ((2, 2), (0, 6), (2.0, 3), (True, 3), None, 6, (2, 3, 1), "23"),
+            "patch": _PATCH_BAD,
+            "channel_order": _CHANNEL_ORDER_BAD,
+        },
+        backward=unpatchify_backward,
+    ),
+    Spec(
+        "joint_attention",
+        ar.blocks.joint_attention_forward,
+        dict(_JOINT),
+        ("x", "context"),
+        masks={"mask": _bools(7, 7)},
+        options={"heads": 2, "order": "image_first", "qk_norm": "rms_norm", "eps": 1e-6, "scale": None},
+        bad=_JOINT_BAD,
+        params=lambda: _jittered(ar.blocks.init_joint_attention(8, 6, heads=2, qk_norm="rms_norm", rng=0)),
+        backward=ar.blocks.joint_attention_backward,
+        required_param="q.weight",
+        refuses_inf=("x", "context"),
+    ),
+    Spec(
+        "joint_attention_rope",
+        _joint_rope,
+        {**_JOINT, "cos": _randn(7, 4), "sin": _randn(7, 4)},
+        ("x", "context"),
+        options={
+            "heads": 2,
+            "order": "text_first",
+            "qk_norm": "rms_norm",
+            "rope_pairs": "interleaved",
+            "rope_dtype": None,
+        },
+        bad={**_JOINT_BAD, "rope_pairs": _PAIRS_BAD, "rope_dtype": ("bfloat16", "float", 1)},
+        params=lambda: _jittered(ar.blocks.init_joint_attention(8, 6, heads=2, qk_norm="rms_norm", rng=1)),
+        backward=ar.blocks.joint_attention_backward,
+        required_param="add_q.weight",
+        refuses_inf=("x", "context"),
+        mixed_ok=("cos", "sin"),
+    ),
+    Spec(
+        "joint_attention_single",
+        _joint_single,
+        {"x": _randn(2, 5, 8)},
+        ("x",),
+        options={"heads": 2, "qk_norm": "layer_norm", "eps": 1e-6},
+        bad=_JOINT_BAD,
+        params=lambda: _jittered(
+            ar.blocks.init_joint_attention(8, heads=2, qk_norm="layer_norm", pre_only=True, rng=2)
+        ),
+        backward=ar.blocks.joint_attention_backward,
+        required_param="q.weight",
+        refuses_inf=("x",),
+    ),
+    Spec(
+        "init_joint_attention",
+        ar.blocks.init_joint_attention,
+        {},
+        options={"dim": 8, "context_dim": 6, "heads": 2, "qk_norm": "rms_norm", "rng": 0},
+        bad={
+            "dim": _SIZES_BAD,
+            "context_dim": (0, -1, 2.0, True, "2"),
+            "heads": INTS_3,
+            "head_dim": (0, -1, 2.0, True, "2"),
+            "qk_norm": ("l2", 1),
+            "out_dim": (0, -1, 2.0, True),
+            "context_out_dim": (0, -1, 2.0, True),
+            "dtype": ("int64", "complex128"),
+        },
+        returns_pair=False,
+    ),
+    Spec(
+        "flux_rope_tables",
+        flux_rope_tables,
+        {"txt_ids": lambda rng: np.zeros((2, 3)), "img_ids": lambda rng: rng.integers(0, 4, (4, 3)).astype(float)},
+        ("txt_ids", "img_ids"),
+        options={"axes_dims_rope": (2, 2, 4), "theta": 10000.0, "dtype": "float64"},
+        bad={
+            "axes_dims_rope": ((2, 2), (2, 2, 3), (2, -2, 4), None, 8, (2.0, 2, 4)),
+            "theta": (0, -1.0, math.nan, math.inf, None, "1e4", True),
+            "dtype": ("bfloat16", "int64", None),
+        },
+        returns_pair=False,
+        # integer ids, and bfloat16 ones (a bfloat16 Flux pipeline's): exact in float32, as FluxPosEmbed reads them
+        extra_dtypes=dict.fromkeys(("txt_ids", "img_ids"), ("int64", "int32", "bfloat16")),
+        mixed_ok=("txt_ids", "img_ids"),
+        dtype_option="dtype",
+    ),
+]
+
+DIT_SPECS = [
+    "rms_norm",
+    "rope_angles",
+    "rope",
+    "rope_halves",
+    "patchify",
+    "unpatchify",
+    "joint_attention",
+    "joint_attention_rope",
+    "joint_attention_single",
+    "init_joint_attention",
+    "flux_rope_tables",
+]
+
 #: rows another module adds (a new op's own Spec); :func:`all_specs` appends them
 EXTRA_SPECS: list[Spec] = []
 
@@ -477,8 +690,13 @@ def cases(spec: Spec, seed: int = 0) -> Iterator[Case]:
         bad_dtypes = [np.int64, np.int32, np.bool_, np.complex128] + ([bf16] if bf16 is not None else [])
         for dt in bad_dtypes:
             arrays = {**base.arrays, name: a.astype(dt) if dt is not np.bool_ else a > 0}
+            accepted = np.dtype(dt).name in spec.extra_dtypes.get(name, ())
             yield replace(
-                base, what=f"{name} dtype {np.dtype(dt).name}", arg=name, arrays=arrays, must_fail=not spec.any_dtype
+                base,
+                what=f"{name} dtype {np.dtype(dt).name}",
+                arg=name,
+                arrays=arrays,
+                must_fail=not (spec.any_dtype or accepted),
             )
         if len(base.arrays) > 1 or base.params is not None:
             yield replace(
@@ -486,7 +704,7 @@ def cases(spec: Spec, seed: int = 0) -> Iterator[Case]:
                 what=f"{name} alone float32",
                 arg=name,
                 arrays={**base.arrays, name: a.astype(np.float32)},
-                must_fail=True,
+                must_fail=name not in spec.mixed_ok,
             )
         # shapes: an empty axis, one too long, an extra axis, a 0-d array
         for axis in range(a.ndim):
@@ -663,6 +881,13 @@ FREE_GROW: dict[str, Any] = {
     "geglu_ff": {("x", 0), ("x", 1)},
     "transformer_block": {("h", 1), ("context", 1)},
     "spatial_transformer": {("x", 1), ("x", 2), ("context", 1)},
+    "rms_norm": {("x", 0), ("x", 1)},
+    "rope_angles": {("positions", 0)},
+    "rope": {("x", 0), ("x", 1)},
+    "patchify": {("x", 0), ("x", 3)},
+    "unpatchify": {("tokens", 0)},
+    "joint_attention_single": {("x", 0), ("x", 1)},
+    "flux_rope_tables": {("txt_ids", 0), ("img_ids", 0)},
 }
 #: arrays that may take one more leading axis
 FREE_EXTRA: dict[str, Any] = {
@@ -670,6 +895,7 @@ FREE_EXTRA: dict[str, Any] = {
     **dict.fromkeys(("merge_heads", "merge_heads_plain", "split_heads", "split_heads_plain"), ALL),
     **dict.fromkeys(("linear", "layer_norm", "group_norm", "geglu_ff"), frozenset({("x", 0)})),
     **dict.fromkeys(("attention", "chunked_attention"), frozenset({("bias", 0)})),
+    **dict.fromkeys(("rms_norm", "rope", "rope_halves"), frozenset({("x", 0)})),
 }
 #: arrays that may be 0-d
 FREE_0D: dict[str, Any] = {
@@ -702,6 +928,11 @@ def _call(case: Case, arrays: dict[str, Any], params: Any) -> Any:
         # positional parameters come before params for the blocks
         args.append(params)
     return spec.forward(*args, **kwargs)
+
+
+def call(case: Case) -> Any:
+    """Run the forward of ``case`` on its own inputs: ``(out, cache)``, or the output alone."""
+    return _call(case, case.arrays, case.params)
 
 
 def _float64(case: Case) -> tuple[dict[str, Any], Any]:
@@ -752,6 +983,16 @@ def _tolerance(dtype: Any) -> float:
 
 def _compare(got: Any, want: Any, dtype: Any, finite_inputs: bool, magnitude: float = 1.0) -> str | None:
     """None when ``got`` equals ``want`` (float64) to the dtype's tolerance, else what differs."""
+    if isinstance(want, tuple):  # several outputs: each (None where the forward gives none)
+        if not isinstance(got, tuple) or len(got) != len(want):
+            return f"returned a {type(got).__name__}, not {len(want)} outputs"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            if (g is None) != (w is None):
+                return f"output {i}: {g!r:.40} where float64 gives {w!r:.40}"
+            problem = None if w is None else _compare(g, w, dtype, finite_inputs, magnitude)
+            if problem:
+                return f"output {i}: {problem}"
+        return None
     if isinstance(want, dict):  # a parameter dict: every entry
         if not isinstance(got, dict) or set(got) != set(want):
             return "a different set of keys"
@@ -815,9 +1056,7 @@ def run_case(case: Case) -> Verdict:
         out, cache = result if spec.returns_pair else (result, None)
         grads = None
         if spec.backward is not None:
-            rng = np.random.default_rng(1)
-            out_np = np.asarray(out)
-            dout = case.dout(out_np) if case.dout else rng.standard_normal(out_np.shape).astype(out_np.dtype)
+            dout = _douts(case, out)
             try:
                 grads = spec.backward(dout, case.cache(cache) if case.cache else cache)
             except Exception as err:
@@ -835,29 +1074,42 @@ def run_case(case: Case) -> Verdict:
             ref_out, ref_cache = ref if spec.returns_pair else (ref, None)
             ref_grads = None
             if grads is not None:
-                d = (
-                    case.dout(np.asarray(out))
-                    if case.dout
-                    else np.random.default_rng(1).standard_normal(np.shape(out)).astype(np.asarray(out).dtype)
-                )
-                ref_grads = spec.backward(np.asarray(d, dtype=np.float64), ref_cache)
+                d = each(lambda a: np.asarray(a, dtype=np.float64), _douts(case, out))
+                ref_grads = spec.backward(d, ref_cache)
     except Exception as err:
         return Verdict("silent wrong", f"returned, but the float64 call fails: {type(err).__name__}: {err}")
     dtype = _result_dtype(case)
     finite = _finite(case) and (case.dout is None or "NaN" not in case.what)
-    problem = _compare(out, ref_out if isinstance(ref_out, dict) else np.asarray(ref_out), dtype, finite)
+    problem = _compare(out, each(np.asarray, ref_out), dtype, finite)
     if problem is None and grads is not None:
         for name in sorted(ref_grads):
             if name not in grads:
                 problem = f"gradient {name!r} missing"
                 break
-            problem = _compare(grads[name], np.asarray(ref_grads[name]), dtype, finite, _magnitude(case))
+            problem = _compare(grads[name], np.asarray(ref_grads[name]), _grad_dtype(case), finite, _magnitude(case))
             if problem:
                 problem = f"gradient {name}: {problem}"
                 break
     if problem:
         return Verdict("silent wrong", problem)
     return Verdict("correct", "")
+
+
+def each(f: Callable[[Any], Any], out: Any) -> Any:
+    """``f`` of each output of a forward that returns a tuple (``None`` kept), or of its one output."""
+    if isinstance(out, tuple):
+        return tuple(None if o is None else f(o) for o in out)
+    if isinstance(out, dict):
+        return out
+    return f(out)
+
+
+def _douts(case: Case, out: Any) -> Any:
+    """The dout(s) to pass: the case's change of each output, or a seeded random array of its shape and dtype."""
+    rng = np.random.default_rng(1)
+    if case.dout:
+        return each(lambda o: case.dout(np.asarray(o)), out)
+    return each(lambda o: rng.standard_normal(np.shape(o)).astype(np.asarray(o).dtype), out)
 
 
 def _magnitude(case: Case) -> float:
@@ -871,6 +1123,13 @@ def _magnitude(case: Case) -> float:
 
 
 def _result_dtype(case: Case) -> Any:
+    if case.spec.dtype_option is not None:
+        return np.dtype(case.options[case.spec.dtype_option])
+    return _grad_dtype(case)
+
+
+def _grad_dtype(case: Case) -> Any:
+    """The dtype of the gradients: that of the first floating array (the forward's input)."""
     floats = [a.dtype for a in case.arrays.values() if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
     if case.spec.any_dtype:
         return None

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from bad_input_table import SPECS, base_case, run_case
+from bad_input_table import SPECS, base_case, call, each, run_case
 
 import attention_ref as ar
 from attention_ref._checks import broadcast_shape
@@ -34,23 +34,21 @@ def test_an_integer_dout_in_softmax_backward_is_refused_not_turned_into_integer_
 @pytest.mark.parametrize("spec", BACKWARD_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("dtype", ["int64", "bool", "float32", "complex128"])
 def test_every_backward_refuses_a_dout_of_another_dtype(spec, dtype):
-    case = base_case(spec)
-    args = [case.arrays[n] for n in spec.positional] + ([case.params] if spec.params else [])
-    out, cache = spec.forward(*args, **case.masks, **case.options)
-    dout = np.ones(np.shape(out), dtype=dtype)
+    out, cache = call(base_case(spec))
+    dout = each(lambda o: np.ones(np.shape(o), dtype=dtype), out)  # one dout per output (joint attention: two)
     with pytest.raises(TypeError, match=rf"(dout|dy|dh_out) has dtype {dtype}, but the forward ran in float64"):
         spec.backward(dout, cache)
 
 
 @pytest.mark.parametrize("spec", BACKWARD_SPECS, ids=lambda s: s.name)
 def test_every_backward_names_a_missing_dout_or_a_wrong_cache(spec):
-    case = base_case(spec)
-    args = [case.arrays[n] for n in spec.positional] + ([case.params] if spec.params else [])
-    out, cache = spec.forward(*args, **case.masks, **case.options)
+    out, cache = call(base_case(spec))
+    # no dout at all; for a forward of two outputs, a list where the first output's gradient belongs
+    missing = each(lambda o: o.tolist(), out) if isinstance(out, tuple) else None
     with pytest.raises(TypeError, match=r"(dout|dy|dh_out) must be an array"):
-        spec.backward(None, cache)
+        spec.backward(missing, cache)
     with pytest.raises(TypeError, match=r"_backward needs the .*(Cache|cache)"):
-        spec.backward(np.asarray(out), None)
+        spec.backward(each(np.asarray, out), None)
 
 
 # ---------------------------------------------------------------- float16 attention
@@ -253,3 +251,43 @@ def test_a_size_one_axis_broadcasts_to_an_empty_one_as_in_numpy():
 def test_each_functions_valid_call_is_correct(spec):
     """The table's valid calls are right (so that its bad ones test what they claim)."""
     assert run_case(base_case(spec)).kind == "correct"
+
+
+# ---------------------------------------------------------------- the diffusion transformers' RoPE tables
+
+
+def _flux_ids() -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.meshgrid(np.arange(2), np.arange(3), indexing="ij")
+    return np.zeros((2, 3)), np.stack([np.zeros(6), rows.ravel(), cols.ravel()], axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("axes", "error", "message"),
+    [
+        (None, TypeError, r"flux_rope_tables: axes_dims_rope must be a sequence of ints"),
+        (8, TypeError, r"flux_rope_tables: axes_dims_rope must be a sequence of ints .*got 8"),
+        ((2.0, 2, 4), TypeError, r"flux_rope_tables: axes_dims_rope\[0\] must be an int, got float 2.0"),
+        ((2, -2, 4), ValueError, r"flux_rope_tables: axes_dims_rope\[1\] must be at least 1, got -2"),
+        ((2, 2, 3), ValueError, r"flux_rope_tables: axes_dims_rope\[2\] = 3 is odd"),
+        ((2, 4), ValueError, r"flux_rope_tables: axes_dims_rope \(2, 4\) has 2 axes but the ids have 3 columns"),
+    ],
+)
+def test_flux_rope_tables_name_bad_axes_dims_rope(axes, error, message):
+    with pytest.raises(error, match=message):
+        ar.interop.flux_rope_tables(*_flux_ids(), axes)
+
+
+def test_flux_rope_tables_take_arrays_of_integer_or_real_ids():
+    txt, img = _flux_ids()
+    want = ar.interop.flux_rope_tables(txt, img, (2, 2, 4))
+    for dtype in (np.int64, np.float32):
+        got = ar.interop.flux_rope_tables(txt.astype(dtype), img.astype(dtype), (2, 2, 4))
+        np.testing.assert_array_equal(got[0], want[0])
+    with pytest.raises(TypeError, match=r"flux_rope_tables: img_ids must be a NumPy array or a torch tensor, got list"):
+        ar.interop.flux_rope_tables(txt, img.tolist(), (2, 2, 4))
+    with pytest.raises(TypeError, match=r"flux_rope_tables: txt_ids must hold integer or real position ids, got bool"):
+        ar.interop.flux_rope_tables(txt > 0, img, (2, 2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not NumPy's ComplexWarning from the cast: our error
+        with pytest.raises(TypeError, match=r"img_ids must hold integer or real position ids, got complex128"):
+            ar.interop.flux_rope_tables(txt, img.astype(complex), (2, 2, 4))

@@ -74,6 +74,18 @@ def test_loader_keeps_the_modules_dtype_when_asked():
     assert all(p.dtype == np.float32 for p in params.values())
 
 
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex128", "bfloat16", "x", 3])
+def test_loader_refuses_a_dtype_that_is_not_a_float(dtype):
+    # an integer dtype used to truncate every weight without a word
+    module = build_module(DiffusersCase("sd3", heads=2, head_dim=4), np.random.default_rng(0))
+    with pytest.raises(
+        TypeError, match=r"from_diffusers_joint: dtype must be None or one of \('float16', 'float32', 'float64'\)"
+    ):
+        from_diffusers_joint(module, dtype=dtype)
+    params, _ = from_diffusers_joint(module, dtype=np.float32)
+    assert all(p.dtype == np.float32 for p in params.values())
+
+
 # ---------------------------------------------------------------- RoPE tables
 
 

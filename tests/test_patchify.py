@@ -123,7 +123,7 @@ def test_patchify_refuses_bad_input(rng):
         unpatchify_forward(rng.standard_normal((1, 12, 8)), (3, 3), 2)
     with pytest.raises(ValueError, match="not 2·2·C"):
         unpatchify_forward(rng.standard_normal((1, 12, 6)), (3, 4), 2)
-    with pytest.raises(ValueError, match="grid must be"):
+    with pytest.raises(TypeError, match="grid must be a pair of ints, got int 12"):
         unpatchify_forward(rng.standard_normal((1, 12, 8)), 12, 2)
     tokens, cache = patchify_forward(rng.standard_normal((1, 6, 8, 3)), 2)
     with pytest.raises(ValueError, match=r"dout of shape \(1, 12, 6\)"):
@@ -132,3 +132,55 @@ def test_patchify_refuses_bad_input(rng):
         patchify_backward(np.ones((1, 12, 12), dtype=np.float32), cache)
     with pytest.raises(TypeError, match="UnpatchifyCache"):
         unpatchify_backward(np.ones((1, 6, 8, 3)), cache)
+
+
+@pytest.mark.parametrize(
+    ("patch", "error", "message"),
+    [
+        (2.0, TypeError, r"patchify_forward: patch must be an int, got float 2.0"),
+        (True, TypeError, r"patchify_forward: patch must be an int, got bool True"),
+        (None, TypeError, r"patch must be an int, got NoneType None"),
+        ("2", TypeError, r"patch must be an int, got str '2'"),
+        ((2, 2.0), TypeError, r"patchify_forward: patch\[1\] must be an int, got float 2.0"),
+        ((2,), ValueError, r"patchify_forward: patch must be a pair of ints, got 1 of them: \(2,\)"),
+        ((2, 2, 2), ValueError, r"patch must be a pair of ints, got 3 of them"),
+        ((2, 0), ValueError, r"patchify_forward: patch\[1\] must be at least 1, got 0"),
+        (-1, ValueError, r"patch must be at least 1, got -1"),
+    ],
+)
+def test_a_patch_that_is_not_one_or_two_positive_ints_is_named(rng, patch, error, message):
+    with pytest.raises(error, match=message):
+        patchify_forward(rng.standard_normal((1, 4, 6, 2)), patch)
+    with pytest.raises(error, match=message.replace("patchify_forward", "unpatchify_forward")):
+        unpatchify_forward(rng.standard_normal((1, 6, 8)), (2, 3), patch)
+
+
+@pytest.mark.parametrize(
+    ("grid", "error", "message"),
+    [
+        ((2.0, 3), TypeError, r"unpatchify_forward: grid\[0\] must be an int, got float 2.0"),
+        ((True, 3), TypeError, r"grid\[0\] must be an int, got bool True"),
+        ((0, 6), ValueError, r"grid\[0\] must be at least 1, got 0"),
+        (None, TypeError, r"unpatchify_forward: grid must be a pair of ints, got NoneType None"),
+        ("23", TypeError, r"grid must be a pair of ints, got str '23'"),
+        ((2, 3, 1), ValueError, r"grid must be a pair of ints, got 3 of them"),
+    ],
+)
+def test_a_grid_that_is_not_two_positive_ints_is_named(rng, grid, error, message):
+    with pytest.raises(error, match=message):
+        unpatchify_forward(rng.standard_normal((1, 6, 8)), grid, 2)
+
+
+def test_patchify_names_the_array_that_does_not_fit(rng):
+    with pytest.raises(TypeError, match=r"^patchify_forward: x must be an array .*got NoneType"):
+        patchify_forward(None, 2)
+    with pytest.raises(TypeError, match=r"^unpatchify_forward: tokens must be an array .*got list"):
+        unpatchify_forward([[[0.0] * 8] * 6], (2, 3), 2)
+    with pytest.raises(ValueError, match=r"x of shape \(1, 5, 6, 2\): a 5×6 map is not divisible into 2×2 patches"):
+        patchify_forward(rng.standard_normal((1, 5, 6, 2)), 2)
+    with pytest.raises(ValueError, match=r"tokens of shape \(1, 6, 9\): a token of 9 channels is not 2·2·C"):
+        unpatchify_forward(rng.standard_normal((1, 6, 9)), (2, 3), 2)
+    _, cache = unpatchify_forward(rng.standard_normal((1, 6, 8)), (2, 3), 2)
+    with pytest.raises(TypeError, match=r"patchify_backward needs the PatchifyCache its forward returned, got a "
+                       r"UnpatchifyCache"):
+        patchify_backward(np.ones((1, 6, 8)), cache)

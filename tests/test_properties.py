@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 from bad_input_table import DOCUMENTED, all_specs, cases, classify_error, run_case
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -249,12 +249,161 @@ def test_block_options_are_used_or_refused_naming_them(heads, groups, eps, resca
         try:
             y, _ = ar.self_attention_forward(x, params, heads=heads, groups=groups, eps=eps, rescale=rescale)
         except DOCUMENTED as err:
+            event("refused")
             assert invalid, f"refused valid options: {err}"
             assert classify_error(err, "").kind == "clear error", err
             assert any(name in str(err) for name in invalid), (invalid, err)
             return
+    event("computed")
     assert not invalid, f"accepted {invalid}"
     canonical = {"heads": int(heads), "groups": int(groups), "eps": float(eps), "rescale": float(rescale)}
     want, _ = ar.self_attention_forward(x, params, **canonical)
     assert np.all(np.isfinite(y))
     np.testing.assert_array_equal(y, want)
+
+
+# ---------------------------------------------------------------- the diffusion transformers' pieces
+
+
+def _reference_angles(positions: np.ndarray, axes_dims: tuple[int, ...], theta: float) -> np.ndarray:
+    """``(N, d/2)`` angles ``p_{n,a} / θ^(2i/D_a)``, axis by axis, in float64 (the interleaved layout's pairs)."""
+    columns = []
+    for a, D in enumerate(axes_dims):
+        for i in range(D // 2):
+            columns.append(positions[:, a].astype(np.float64) / float(theta) ** (2 * i / D))
+    return np.stack(columns, axis=-1) if columns else np.zeros((len(positions), 0))
+
+
+_dims = st.one_of(st.integers(-2, 8), st.sampled_from([2.0, True, None, "4", np.int64(4)]))
+
+
+# valid draws as often as invalid ones (each invalid value alone must be refused)
+_even = st.lists(st.sampled_from([2, 4, 6, 8, np.int64(4)]), min_size=1, max_size=3).map(tuple)
+
+
+@SETTINGS
+@given(
+    axes_dims=st.one_of(_even, _even, st.lists(_dims, max_size=3).map(tuple), st.sampled_from([None, 4, "44"])),
+    theta=st.one_of(
+        st.floats(0.5, 1e5),
+        st.floats(0.5, 1e5),
+        st.floats(-10, 1e5),
+        st.sampled_from([0.0, np.nan, np.inf, True, None, "1e4", np.float32(500)]),
+    ),
+    n=st.integers(0, 4),
+    dtype=st.sampled_from([np.int64, np.int32, np.float32, np.float64, np.bool_, np.complex128]),
+    data=st.data(),
+)
+def test_rope_angles_are_right_or_refuse_naming_the_argument(axes_dims, theta, n, dtype, data):
+    A = len(axes_dims) if isinstance(axes_dims, tuple) else 2
+    columns = data.draw(st.sampled_from([A, A, A, A + 1]), label="columns")
+    positions = np.random.default_rng(n).integers(0, 9, (n, columns)).astype(dtype)
+    bad = []
+    if not isinstance(axes_dims, tuple) or not axes_dims or not all(
+        _positive_int(D) and D % 2 == 0 for D in axes_dims
+    ):
+        bad.append("axes_dims")
+    if not (_real(theta) and theta > 0):
+        bad.append("theta")
+    if dtype in (np.bool_, np.complex128) or columns != A:
+        bad.append("positions")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            cos, sin = ar.ops.rope_angles(positions, axes_dims, theta)
+        except DOCUMENTED as err:
+            event("refused")
+            assert bad, f"refused a valid call: {err}"
+            assert classify_error(err, "").kind == "clear error", err
+            assert any(name in str(err) for name in bad), (bad, err)
+            return
+    event("computed")
+    assert not bad, f"accepted {bad}"
+    angles = _reference_angles(positions, tuple(int(D) for D in axes_dims), float(theta))
+    np.testing.assert_allclose(cos, np.repeat(np.cos(angles), 2, axis=-1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sin, np.repeat(np.sin(angles), 2, axis=-1), rtol=1e-12, atol=1e-12)
+
+
+_patch = st.one_of(
+    st.integers(1, 2),
+    st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    st.integers(-1, 4),
+    st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    st.sampled_from([2.0, True, None, "2", (2,), (2, 2.0), np.int64(2)]),
+)
+
+
+@SETTINGS
+@given(
+    shape=st.tuples(st.integers(0, 2), st.integers(0, 6), st.integers(0, 6), st.integers(0, 3)),
+    patch=_patch,
+    order=st.sampled_from(["pqc", "cpq"]),
+)
+def test_patchify_moves_every_pixel_or_refuses_naming_the_argument(shape, patch, order):
+    x = np.random.default_rng(0).standard_normal(shape)
+    sizes = (patch, patch) if not isinstance(patch, tuple) else patch
+    valid_patch = len(sizes) == 2 and all(_positive_int(p) for p in sizes)
+    B, H, W, C = shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            tokens, cache = ar.ops.patchify_forward(x, patch, channel_order=order)
+        except DOCUMENTED as err:
+            event("refused")
+            assert classify_error(err, "").kind == "clear error", err
+            assert not valid_patch or H % sizes[0] or W % sizes[1], f"refused a valid call: {err}"
+            assert "patch" in str(err), err
+            return
+    event("computed")
+    assert valid_patch and H % sizes[0] == 0 and W % sizes[1] == 0
+    p_h, p_w = (int(p) for p in sizes)
+    h, w = H // p_h, W // p_w
+    assert tokens.shape == (B, h * w, p_h * p_w * C)
+    # every pixel where the module's formula puts it, entry by entry
+    for b, row, col, c in np.ndindex(*shape):
+        i, u, j, v = row // p_h, row % p_h, col // p_w, col % p_w
+        channel = (u * p_w + v) * C + c if order == "pqc" else (c * p_h + u) * p_w + v
+        assert tokens[b, i * w + j, channel] == x[b, row, col, c]
+    back, _ = ar.ops.unpatchify_forward(tokens, (h, w), patch, channel_order=order) if h and w else (x, None)
+    np.testing.assert_array_equal(back, x)
+    np.testing.assert_array_equal(ar.ops.patchify_backward(tokens, cache)["x"], x)
+
+
+@SETTINGS
+@given(
+    heads=st.one_of(st.just(2), st.just(np.int64(2)), _ints),
+    eps=st.one_of(st.floats(0, 1), _reals),
+    order=st.sampled_from(["image_first", "text_first"] * 2 + ["image", None, 1]),
+)
+def test_joint_attention_options_are_used_or_refused_naming_them(heads, eps, order):
+    rng = np.random.default_rng(0)
+    x, context = rng.standard_normal((1, 3, 8)), rng.standard_normal((1, 2, 6))
+    params = ar.blocks.init_joint_attention(8, 6, heads=2, head_dim=2, qk_norm="rms_norm", rng=0)
+    invalid = [
+        name
+        for name, ok in (
+            ("heads", _positive_int(heads) and heads == 2),  # the q/k norms' scales are (head_dim,) = (2,)
+            ("eps", _real(eps) and eps >= 0),
+            ("order", order in ("image_first", "text_first")),
+        )
+        if not ok
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            (y, y_context), _ = ar.blocks.joint_attention_forward(
+                x, context, params, heads=heads, eps=eps, order=order, qk_norm="rms_norm"
+            )
+        except DOCUMENTED as err:
+            event("refused")
+            assert invalid, f"refused valid options: {err}"
+            assert classify_error(err, "").kind == "clear error", err
+            assert any(name in str(err) for name in invalid), (invalid, err)
+            return
+    event("computed")
+    assert not invalid, f"accepted {invalid}"
+    canonical = {"heads": int(heads), "eps": float(eps), "order": order}
+    (want, want_context), _ = ar.blocks.joint_attention_forward(x, context, params, qk_norm="rms_norm", **canonical)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(y_context))
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(y_context, want_context)

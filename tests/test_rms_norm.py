@@ -138,3 +138,40 @@ def test_rms_norm_refuses_bad_input(rng):
         rms_norm_backward(np.ones((3, 4), dtype=np.float32), cache)
     with pytest.raises(TypeError, match="RMSNormCache"):
         rms_norm_backward(np.ones((3, 4)), layer_norm_forward(x)[1])
+
+
+@pytest.mark.parametrize(
+    ("eps", "error", "message"),
+    [
+        (-1.0, ValueError, r"rms norm: eps must be at least 0.0, got -1.0"),
+        (float("nan"), ValueError, r"rms norm: eps must be finite, got nan"),
+        (float("inf"), ValueError, r"rms norm: eps must be finite, got inf"),
+        (True, TypeError, r"rms norm: eps must be a real number, got bool True"),
+        (None, TypeError, r"rms norm: eps must be a real number, got NoneType None"),
+    ],
+)
+def test_rms_norm_checks_eps_as_the_other_norms_do(rng, eps, error, message):
+    with pytest.raises(error, match=message):
+        rms_norm_forward(rng.standard_normal((3, 4)), eps=eps)
+    # any real scalar is an eps, with the result of the same Python float
+    x = rng.standard_normal((3, 4))
+    np.testing.assert_array_equal(rms_norm_forward(x, eps=np.float32(0.5))[0], rms_norm_forward(x, eps=0.5)[0])
+
+
+def test_rms_norm_names_an_argument_that_is_not_an_array(rng):
+    with pytest.raises(TypeError, match=r"^x must be an array \(NumPy, CuPy, torch or array_api_strict\), got None"):
+        rms_norm_forward(None)
+    with pytest.raises(TypeError, match=r"^weight must be an array .*got list"):
+        rms_norm_forward(rng.standard_normal((3, 4)), [1.0] * 4)
+    _, cache = rms_norm_forward(rng.standard_normal((3, 4)))
+    with pytest.raises(TypeError, match=r"rms_norm_backward: dout must be an array .*got list"):
+        rms_norm_backward([[1.0] * 4] * 3, cache)
+
+
+def test_rms_norm_backward_given_another_cache_says_whose_it_is(rng):
+    _, cache = layer_norm_forward(rng.standard_normal((3, 4)))
+    with pytest.raises(
+        TypeError, match=r"rms_norm_backward needs the RMSNormCache its forward returned, got a LayerNormCache; "
+        r"it belongs to layer_norm_backward"
+    ):
+        rms_norm_backward(np.ones((3, 4)), cache)

@@ -241,7 +241,7 @@ def test_rope_refuses_bad_input(rng):
         rope_backward(np.ones((2, 5, 4)), cache)
     with pytest.raises(TypeError, match=r"float32.*float64"):
         rope_backward(np.ones((2, 5, 6), dtype=np.float32), cache)
-    with pytest.raises(ValueError, match="positive even"):
+    with pytest.raises(ValueError, match=r"axes_dims\[1\] = 3 is odd"):
         rope_angles(np.zeros((3, 2)), (4, 3))
     with pytest.raises(ValueError, match="one column per axis"):
         rope_angles(np.zeros((3, 2)), (4, 4, 4))
@@ -249,3 +249,86 @@ def test_rope_refuses_bad_input(rng):
         rope_angles(np.zeros((3, 1)), (4,), 0.0)
     with pytest.raises(TypeError, match="integer or real"):
         rope_angles(np.zeros((3, 1), dtype=bool), (4,))
+
+
+@pytest.mark.parametrize(
+    ("axes_dims", "error", "message"),
+    [
+        (None, TypeError, r"rope_angles: axes_dims must be a sequence of ints \(channels per axis\), got None"),
+        (4, TypeError, r"axes_dims must be a sequence of ints .*got 4"),
+        ("42", TypeError, r"axes_dims must be a sequence of ints .*got '42'"),
+        (np.array(4), TypeError, r"axes_dims must be a sequence of ints .*got array\(4\)"),
+        ((4.0, 2), TypeError, r"rope_angles: axes_dims\[0\] must be an int, got float 4.0"),
+        ((True, 2), TypeError, r"rope_angles: axes_dims\[0\] must be an int, got bool True"),
+        ((4, -2), ValueError, r"rope_angles: axes_dims\[1\] must be at least 1, got -2"),
+        ((4, 0), ValueError, r"axes_dims\[1\] must be at least 1, got 0"),
+        ((3, 1), ValueError, r"axes_dims\[0\] = 3 is odd; each axis rotates pairs of channels"),
+        ((), ValueError, r"axes_dims must name at least one axis"),
+    ],
+)
+def test_rope_angles_names_bad_axes_dims(axes_dims, error, message):
+    with pytest.raises(error, match=message):
+        rope_angles(np.zeros((3, 2)), axes_dims)
+    # any sequence of ints is a valid axes_dims: a list, a NumPy array, NumPy integers
+    want = rope_angles(np.ones((3, 2)), (4, 2))[0]
+    for valid in ([4, 2], np.array([4, 2]), (np.int64(4), 2)):
+        np.testing.assert_array_equal(rope_angles(np.ones((3, 2)), valid)[0], want)
+
+
+@pytest.mark.parametrize(
+    ("theta", "error", "message"),
+    [
+        (0.0, ValueError, r"rope_angles: theta must be positive \(the frequencies are powers of 1/theta\), got 0.0"),
+        (-1, ValueError, r"theta must be positive .*got -1.0"),
+        (float("nan"), ValueError, r"rope_angles: theta must be finite, got nan"),
+        (float("inf"), ValueError, r"theta must be finite, got inf"),
+        ("1e4", TypeError, r"rope_angles: theta must be a real number, got str '1e4'"),
+        (True, TypeError, r"theta must be a real number, got bool True"),
+    ],
+)
+def test_rope_angles_names_a_bad_theta(theta, error, message):
+    with pytest.raises(error, match=message):
+        rope_angles(np.zeros((3, 2)), (4, 2), theta)
+
+
+def test_rope_angles_take_integer_or_real_positions_only():
+    positions = np.array([[0, 1], [2, 3], [4, 5]])
+    want = rope_angles(positions.astype(float), (4, 2))
+    for dtype in (np.int64, np.int32, np.uint8, np.float16, np.float32):
+        for table, expected in zip(rope_angles(positions.astype(dtype), (4, 2)), want, strict=True):
+            np.testing.assert_array_equal(table, expected)
+    for bad, name in ((None, "NoneType"), (positions.tolist(), "list"), (2.0, "float")):
+        with pytest.raises(TypeError, match=rf"rope_angles: positions must be an array .*got {name}"):
+            rope_angles(bad, (4, 2))
+    with pytest.raises(ValueError, match=r"dtype must be one of .*got 'bfloat16'"):
+        rope_angles(positions, (4, 2), dtype="bfloat16")
+    for bad in (positions > 0, positions.astype(complex)):
+        with pytest.raises(TypeError, match=r"positions must be integer or real floating .*got (bool|complex128)"):
+            rope_angles(bad, (4, 2))
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with pytest.raises(TypeError, match=r"rope_angles: positions must be integer or real floating .*got bfloat16"):
+        rope_angles(positions.astype(ml_dtypes.bfloat16), (4, 2))
+
+
+def test_rope_names_a_table_or_input_that_is_not_an_array(rng):
+    x = rng.standard_normal((2, 5, 6))
+    cos, sin = rope_angles(np.arange(5), (6,))
+    for args, name in (((None, cos, sin), "x"), ((x, None, sin), "cos"), ((x, cos, sin.tolist()), "sin")):
+        with pytest.raises(TypeError, match=rf"^rope_forward: {name} must be an array"):
+            rope_forward(*args)
+    with pytest.raises(TypeError, match=r"^rope_forward: cos must be an array .*got float"):
+        rope_forward(x, 1.0, sin)
+    _, cache = rope_forward(x, cos, sin)
+    with pytest.raises(TypeError, match=r"rope_backward needs the RopeCache its forward returned, got a NoneType"):
+        rope_backward(np.ones_like(x), None)
+
+
+@pytest.mark.parametrize("pairs", ["interleaved", "halves"])
+def test_rope_of_no_tokens_or_an_empty_batch_is_empty(pairs):
+    cos, sin = rope_angles(np.arange(3), (4,), pairs=pairs)
+    for shape in ((0, 3, 4), (2, 0, 3, 4)):
+        y, cache = rope_forward(np.zeros(shape), cos, sin, pairs=pairs)
+        assert y.shape == shape
+        assert rope_backward(np.zeros(shape), cache)["x"].shape == shape
+    y, cache = rope_forward(np.zeros((0, 4)), cos[:0], sin[:0], pairs=pairs)  # N = 0 tokens
+    assert y.shape == (0, 4) and rope_backward(np.zeros((0, 4)), cache)["x"].shape == (0, 4)

@@ -48,22 +48,32 @@ Backward, step by step in reverse (each step the backward of its op):
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import numpy as np
 
-from .._checks import require_bool, require_broadcastable_to, require_floating
+from .._checks import (
+    array_namespace,
+    check_cache,
+    check_eps,
+    check_positive_int,
+    require_array,
+    require_bool,
+    require_broadcastable_to,
+    require_dout,
+    require_finite,
+    require_floating,
+)
 from ..attention import AttentionCache, attention_backward, attention_forward
 from ..backend import Array, device_of, namespace
 from ..ops.heads import merge_heads, split_heads
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from ..ops.rms_norm import RMSNormCache, rms_norm_backward, rms_norm_forward
-from ..ops.rope import PAIR_LAYOUTS, RopeCache, rope_backward, rope_forward
-from .params import check_keys, check_param_dtypes, init_linear
+from ..ops.rope import PAIR_LAYOUTS, RopeCache, float_dtype_named, rope_backward, rope_forward
+from .params import check_keys, check_param_dtypes, check_params, check_sizes, init_linear
 
 __all__ = [
     "JointAttentionCache",
@@ -183,16 +193,25 @@ def init_joint_attention(
         "norm_q.weight" (d,), "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight" (and ``.bias``
         for layer norm)}``, as asked; linear weights uniform in ``±1/√fan_in`` (PyTorch's default).
     """
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    optional = ("context_dim", "head_dim", "out_dim", "context_out_dim")
+    check_sizes(
+        "init_joint_attention",
+        optional,
+        dim=dim,
+        context_dim=context_dim,
+        heads=heads,
+        head_dim=head_dim,
+        out_dim=out_dim,
+        context_out_dim=context_out_dim,
+    )
     if head_dim is None:
         if dim % heads != 0:
-            raise ValueError(f"{dim} channels are not divisible into {heads} heads; give head_dim")
+            raise ValueError(f"init_joint_attention: dim {dim} is not divisible into {heads} heads; give head_dim")
         head_dim = dim // heads
     if qk_norm is not None and qk_norm not in QK_NORMS:
-        raise ValueError(f"qk_norm must be one of {QK_NORMS} or None, got {qk_norm!r}")
+        raise ValueError(f"init_joint_attention: qk_norm must be one of {QK_NORMS} or None, got {qk_norm!r}")
     if context_dim is None and context_pre_only:
-        raise ValueError("context_pre_only needs a text stream (context_dim)")
+        raise ValueError("init_joint_attention: context_pre_only needs a text stream (context_dim)")
     rng = np.random.default_rng(rng)
     inner = heads * head_dim
     params: dict[str, np.ndarray] = {}
@@ -203,7 +222,8 @@ def init_joint_attention(
             init_linear(params, name, width, inner, bias=bias, rng=rng, dtype=dtype)
         no_out = pre_only if stream == "image" else context_pre_only
         if not no_out:
-            n_out = (out_dim if stream == "image" else context_out_dim) or dim
+            n_out = out_dim if stream == "image" else context_out_dim
+            n_out = dim if n_out is None else n_out
             init_linear(params, out, inner, n_out, bias=out_bias, rng=rng, dtype=dtype)
         if qk_norm is not None:
             for norm in _NORMS[stream]:
@@ -216,8 +236,11 @@ def init_joint_attention(
 # ---------------------------------------------------------------- checks
 
 
+_WHERE = "joint attention"
+
+
 def _fail(message: str) -> NoReturn:
-    raise ValueError(f"joint attention: {message}")
+    raise ValueError(f"{_WHERE}: {message}")
 
 
 def _stream_keys(stream: str, qk_norm: str | None) -> tuple[list[str], list[str]]:
@@ -239,7 +262,7 @@ def _check_stream_shapes(params: Mapping[str, Array], stream: str, width: int, h
     for name in (q, k, v):
         shape = tuple(params[f"{name}.weight"].shape)
         if shape != (width, inner):
-            what = "image tokens" if stream == "image" else "text tokens"
+            what = "x (the image tokens)" if stream == "image" else "context (the text tokens)"
             _fail(
                 f"{name}.weight of shape {shape} should be (in, inner) = {(width, inner)} for {what} of width {width}"
             )
@@ -262,7 +285,10 @@ def _check_stream_shapes(params: Mapping[str, Array], stream: str, width: int, h
         for kind in ("weight", "bias"):
             p = params.get(f"{norm}.{kind}")
             if p is not None and tuple(p.shape) != (d,):
-                _fail(f"{norm}.{kind} of shape {tuple(p.shape)} should be (head_dim,) = ({d},)")
+                _fail(
+                    f"{norm}.{kind} of shape {tuple(p.shape)} should be (head_dim,) = ({d},), the {inner} attention "
+                    f"channels split into heads = {heads}"
+                )
     return inner
 
 
@@ -270,16 +296,21 @@ def _check_inputs(
     x: Array,
     context: Array | None,
     params: Mapping[str, Array],
-    heads: int,
-    order: str,
-    qk_norm: str | None,
-    eps: float,
+    heads: Any,
+    order: Any,
+    qk_norm: Any,
+    eps: Any,
     rope: Any,
-    rope_pairs: str,
+    rope_pairs: Any,
+    rope_dtype: Any,
     mask: Array | None,
-) -> None:
-    """Every check of :func:`joint_attention_forward`'s inputs (``ValueError`` / ``TypeError`` naming them)."""
-    xp = namespace(x, context, mask, *params.values())
+) -> tuple[int, float]:
+    """Every check of :func:`joint_attention_forward`'s inputs (``ValueError`` / ``TypeError`` naming them);
+    returns ``(heads, eps)`` as an int and a float."""
+    check_params(params, _WHERE)
+    require_array(f"{_WHERE}: x", x)
+    xp = array_namespace(x=x, context=context, mask=mask)
+    namespace(x, *params.values())  # the parameters from x's library too
     require_floating(xp, "x", x)
     if x.ndim != 3:
         _fail(f"x must be (B, N, C) image tokens, got shape {tuple(x.shape)}")
@@ -297,12 +328,12 @@ def _check_inputs(
     if B == 0 or N == 0 or (context is not None and M == 0):
         given = f"x of shape {(B, N, C)}" + ("" if context is None else f", context of shape {tuple(context.shape)}")
         _fail(f"needs at least one sample and one token per stream (B, N, M ≥ 1), got {given}")
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
-        _fail(f"heads must be a positive int, got {heads!r}")
+    heads = check_positive_int("heads", heads, _WHERE)
     if order not in STREAM_ORDERS:
         _fail(f"order must be one of {STREAM_ORDERS}, got {order!r}")
     if qk_norm is not None and qk_norm not in QK_NORMS:
         _fail(f"qk_norm must be one of {QK_NORMS} or None, got {qk_norm!r}")
+    eps = check_eps("eps", eps, _WHERE)
     required, optional = _stream_keys("image", qk_norm)
     if context is not None:
         text_required, text_optional = _stream_keys("text", qk_norm)
@@ -312,35 +343,58 @@ def _check_inputs(
         _fail(f"{unknown} are given but qk_norm is None; pass qk_norm='rms_norm' or 'layer_norm'")
     if unknown and context is None and any(key.startswith("add_") for key in unknown):
         _fail(f"{unknown} belong to a text stream, but context is None")
-    check_keys(params, required=required, optional=optional, where="joint attention")
-    check_param_dtypes(x, params, "joint attention")
+    check_keys(params, required=required, optional=optional, where=_WHERE)
+    check_param_dtypes(x, params, _WHERE, name="x")
     inner = _check_stream_shapes(params, "image", C, heads)
     if context is not None and _check_stream_shapes(params, "text", context.shape[2], heads) != inner:
         _fail("the text stream's projections must have the image stream's width inner")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        _fail(f"eps must be a real number ≥ 0, got {eps!r}")
+    # an infinite token has no output (its q/k norm is inf − inf, its logits ±inf): refused, as in every block
+    require_finite(xp, "x", x, _WHERE)
+    if context is not None:
+        require_finite(xp, "context", context, _WHERE)
     L, d = N + M, inner // heads
+    tokens = f"{N} tokens of x" + ("" if context is None else f" + {M} of context, in the order {order!r}")
     if rope is not None:
         if not isinstance(rope, (tuple, list)) or len(rope) != 2:
             raise TypeError(f"joint attention: rope must be a (cos, sin) pair of arrays, got {type(rope).__name__}")
         if rope_pairs not in PAIR_LAYOUTS:
             _fail(f"rope_pairs must be one of {PAIR_LAYOUTS}, got {rope_pairs!r}")
+        if rope_dtype is not None:
+            float_dtype_named(xp, rope_dtype, "rope_dtype", _WHERE)
         for name, table in zip(("cos", "sin"), rope, strict=True):
-            namespace(x, table)
-            if table.ndim < 2 or tuple(table.shape[-2:]) != (L, d):
+            require_array(f"{_WHERE}: rope's {name}", table)
+            array_namespace(x=x, **{f"rope's {name}": table})
+            require_floating(xp, f"{_WHERE}: rope's {name}", table)
+            if table.ndim not in (2, 4) or tuple(table.shape[-2:]) != (L, d):
+                # as for the mask: a 3-D table could be per sample (B, L, d) or per head (heads, L, d)
                 _fail(
                     f"rope's {name} of shape {tuple(table.shape)} should be (L, head_dim) = {(L, d)}: one row per "
-                    f"token of the joined sequence ({N} image + {M} text, in the order {order!r})"
+                    f"token of the joined sequence ({tokens}); or (B or 1, heads or 1, L, head_dim), per-sample "
+                    f"(B, L, head_dim) tables being {name}[:, None]"
                 )
+            # a table entry of ±inf turns a query or key into ±inf: refused as an infinite input
+            require_finite(xp, f"rope's {name}", table, _WHERE)
     if mask is not None:
         require_bool(xp, "mask", mask)
+        target = (B, heads, L, L)
+        if mask.ndim not in (2, 4):
+            # a 3-D mask could be diffusers' per-sample (B, L, L) or a per-head (heads, L, L), a 1-D one a key mask
+            # or a batch's: broadcasting would pick one silently, so neither is guessed
+            _fail(
+                f"mask of shape {tuple(mask.shape)} must be (L, L) or (B or 1, heads or 1, L, L) = {target} in the "
+                f"joined order ({tokens}); a per-sample (B, L, L) mask is mask[:, None], a per-head (heads, L, L) "
+                "one mask[None], a per-sample key mask (B, L) is mask[:, None, None, :]"
+            )
         try:
-            require_broadcastable_to("mask", tuple(mask.shape), (B, heads, L, L))
+            require_broadcastable_to("mask", tuple(mask.shape), target)
         except ValueError:
             _fail(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to (B, heads, L, L) = {(B, heads, L, L)} "
-                "(the joined order)"
+                f"mask of shape {tuple(mask.shape)} does not broadcast to (B, heads, L, L) = {target}: L = N + M "
+                f"for x of shape {tuple(x.shape)}"
+                + ("" if context is None else f" and context of shape {tuple(context.shape)}")
+                + f" ({tokens})"
             )
+    return heads, eps
 
 
 # ---------------------------------------------------------------- forward
@@ -431,13 +485,17 @@ def joint_attention_forward(
         order: ``"image_first"`` (SD3) or ``"text_first"`` (Flux): the joined sequence's order.
         qk_norm: ``None``, ``"rms_norm"`` or ``"layer_norm"``, on every stream's queries and keys, per head.
         eps: the q/k norms' epsilon (1e-6 in SD3 and Flux).
-        rope: ``(cos, sin)``, each ``(L, d)`` (or broadcastable ``(..., L, d)``), ``L = N + M``, rows in the
-            joined order, applied to the joined queries and keys after the norms; ``None`` for no RoPE.
+        rope: ``(cos, sin)``, each ``(L, d)`` (or ``(B or 1, heads or 1, L, d)``; a 3-D table is refused, as a
+            3-D mask is), ``L = N + M``, rows in the joined order, applied to the joined queries and keys after
+            the norms; ``None`` for no RoPE.
         rope_pairs: ``"interleaved"`` (Flux) or ``"halves"``, the tables' pair layout
             (:func:`attention_ref.ops.rope_forward`).
         rope_dtype: the dtype the rotation runs in (default x's working dtype); ``"float32"`` reproduces
             diffusers' Flux, which rotates in float32 whatever the model's dtype.
-        mask: boolean, broadcastable to ``(B, heads, L, L)`` in the joined order, True = may attend.
+        mask: boolean ``(L, L)`` or ``(B or 1, heads or 1, L, L)`` (any axis of either may be 1), in the joined
+            order, True = may attend. A 1-D or 3-D mask is refused: broadcasting would read diffusers' per-sample
+            ``(B, L, L)`` as per-head when ``B = heads`` (pass ``mask[:, None]``), and a per-sample key mask
+            ``(B, L)`` is ``mask[:, None, None, :]``.
         scale: multiplies ``QKᵀ``; default ``1/sqrt(d)``.
 
     Returns:
@@ -446,7 +504,7 @@ def joint_attention_forward(
         cache: :class:`JointAttentionCache`, with ``cache.weights`` ``(B, heads, L, L)`` in the joined
         order and ``cache.image_tokens`` / ``cache.text_tokens`` the streams' places in it.
     """
-    _check_inputs(x, context, params, heads, order, qk_norm, eps, rope, rope_pairs, mask)
+    heads, eps = _check_inputs(x, context, params, heads, order, qk_norm, eps, rope, rope_pairs, rope_dtype, mask)
     xp = namespace(x)
     N, M = x.shape[1], (0 if context is None else context.shape[1])
     # each stream's queries, keys and values, Q and K normed   (B, heads, N or M, d)
@@ -513,15 +571,8 @@ def _check_douts(douts: Any, cache: JointAttentionCache) -> tuple[Array | None, 
             continue
         if stream is None:
             raise ValueError("joint_attention_backward: dy_context is given but the forward had no text stream")
-        namespace(d, cache.image.q.x)
-        width = _output_width(stream)
-        if tuple(d.shape) != (B, n, width):
-            raise ValueError(
-                f"joint_attention_backward: {name} of shape {tuple(d.shape)} does not match the output shape "
-                f"{(B, n, width)}"
-            )
-        if d.dtype != dtype:
-            raise TypeError(f"joint_attention_backward: {name} has dtype {d.dtype} but the forward ran in {dtype}")
+        require_dout(d, (B, n, _output_width(stream)), dtype, where="joint_attention_backward", name=name)
+        namespace(d, cache.image.q.x)  # the forward's library
     if dy is None and dy_context is None:
         raise ValueError("joint_attention_backward: give dy or dy_context (None stands for a zero gradient)")
     return dy, dy_context
@@ -592,10 +643,7 @@ def joint_attention_backward(douts: tuple[Array | None, Array | None], cache: Jo
         ``{"x": (B, N, C)}``, ``"context"`` ``(B, M, D)`` with a text stream, and one entry per key of
         ``params``, each in that parameter's shape.
     """
-    if not isinstance(cache, JointAttentionCache):
-        raise TypeError(
-            f"joint_attention_backward needs the JointAttentionCache of its forward, got a {type(cache).__name__}"
-        )
+    check_cache(cache, JointAttentionCache, "joint_attention_backward")
     dy, dy_context = _check_douts(douts, cache)
     xp = namespace(cache.image.q.x)
     grads: dict[str, Array] = {}

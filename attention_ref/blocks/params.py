@@ -109,11 +109,12 @@ def _is_floating(a: Array) -> bool:
     return dtype_name(a.dtype) in ("float16", "float32", "float64")
 
 
-def check_param_dtypes(x: Array, params: Mapping[str, Array], where: str) -> None:
-    """``TypeError`` unless every parameter has ``x``'s dtype (nothing is promoted silently)."""
-    for name, p in params.items():
+def check_param_dtypes(x: Array, params: Mapping[str, Array], where: str, *, name: str = "the input") -> None:
+    """``TypeError`` unless every parameter has ``x``'s dtype (nothing is promoted silently); ``name`` is how
+    the message calls ``x``."""
+    for key, p in params.items():
         if p.dtype != x.dtype:
-            raise TypeError(f"{where}: {name} has dtype {p.dtype} but the input has dtype {x.dtype}")
+            raise TypeError(f"{where}: {key} has dtype {p.dtype} but {name} has dtype {x.dtype}")
 
 
 def sub_params(params: Mapping[str, Array], prefix: str) -> dict[str, Array]:

@@ -28,9 +28,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
-from ..ops.rope import rope_angles
+from .._checks import FLOAT_DTYPES
+from ..ops.rope import check_axes_dims, rope_angles
 from ._arrays import as_numpy, weight_in_out
 
 __all__ = ["flux_rope_tables", "from_diffusers_joint"]
@@ -205,6 +207,20 @@ def _from_flux_attention(attn: Any, dtype: Any) -> tuple[dict[str, np.ndarray], 
     return params, options
 
 
+def _check_dtype(dtype: Any) -> np.dtype | None:
+    """The returned arrays' dtype: ``None`` (the module's) or a real floating one — an integer, bool or complex
+    dtype would truncate the weights without a word (``TypeError``, as for a name NumPy does not know)."""
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.name not in FLOAT_DTYPES:
+        raise TypeError(f"from_diffusers_joint: dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
+    return dt
+
+
 def from_diffusers_joint(attn: Any, *, dtype: Any | None = "float64") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Reference parameters and options from SD3's, SD3.5's or Flux's attention module.
 
@@ -237,11 +253,12 @@ def from_diffusers_joint(attn: Any, *, dtype: Any | None = "float64") -> tuple[d
         norm, residual connection, rescaled output, grouped-query heads, cross-attention, added-KV
         cross-attention without ``add_q_proj``, q/k norms across heads or of another kind (FP32LayerNorm, l2),
         q/k norms on some projections only, a non-default scale, dropout in training. TypeError for a module
-        that is neither.
+        that is neither, and for a ``dtype`` that is not ``None`` or float16, float32, float64.
     """
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
+    dtype = _check_dtype(dtype)
     if isinstance(attn, FluxAttention):
         return _from_flux_attention(attn, dtype)
     if isinstance(attn, Attention):
@@ -270,20 +287,30 @@ def flux_rope_tables(
         first), interleaved pairs — the ``rope`` of :func:`attention_ref.blocks.joint_attention_forward`. As
         ``FluxPosEmbed`` does, the ids are rounded to float32 first (exact for integer ids below 2²⁴).
     """
+    where = "flux_rope_tables"
     pos_embed = getattr(axes_dims_rope, "pos_embed", axes_dims_rope)
     if hasattr(pos_embed, "axes_dim"):
-        axes, theta = tuple(int(n) for n in pos_embed.axes_dim), float(pos_embed.theta)
+        axes, theta = check_axes_dims(pos_embed.axes_dim, where, "axes_dim"), float(pos_embed.theta)
     else:
-        axes = tuple(axes_dims_rope)
+        axes = check_axes_dims(axes_dims_rope, where, "axes_dims_rope")
     ids = []
     for name, a in (("txt_ids", txt_ids), ("img_ids", img_ids)):
-        a = as_numpy(a, None)
+        if not (isinstance(a, np.ndarray) or array_api_compat.is_torch_array(a)):
+            raise TypeError(f"{where}: {name} must be a NumPy array or a torch tensor, got {type(a).__name__}")
+        a = as_numpy(a, None)  # torch's bfloat16 ids (a bfloat16 pipeline's) through float32, exactly
+        if a.dtype.kind not in "iuf" and a.dtype.name != "bfloat16":
+            raise TypeError(f"{where}: {name} must hold integer or real position ids, got {a.dtype}")
         if a.ndim != 2:
             hint = f"; diffusers takes {name}[0] of a batched (1, n, A) array: pass that" if a.ndim == 3 else ""
-            raise ValueError(f"flux_rope_tables: {name} must be (n, A) ids, got shape {a.shape}{hint}")
+            raise ValueError(f"{where}: {name} must be (n, A) ids, got shape {a.shape}{hint}")
         ids.append(a)
     if ids[0].shape[1] != ids[1].shape[1]:
-        raise ValueError(f"flux_rope_tables: txt_ids {ids[0].shape} and img_ids {ids[1].shape} have different axes")
+        raise ValueError(f"{where}: txt_ids {ids[0].shape} and img_ids {ids[1].shape} have different axes")
+    if ids[0].shape[1] != len(axes):
+        raise ValueError(
+            f"{where}: axes_dims_rope {axes} has {len(axes)} axes but the ids have {ids[0].shape[1]} columns "
+            f"(txt_ids {ids[0].shape}, img_ids {ids[1].shape}): one channel count per id axis"
+        )
     # FluxPosEmbed reads its ids as float32: do the same, so that the angles are its angles
     positions = np.concatenate(ids).astype(np.float32)  # (M + N, A), text first
     return rope_angles(positions, axes, theta, pairs="interleaved", dtype=dtype)

@@ -22,11 +22,10 @@ embedding, a ``p × p`` convolution of stride ``p``, is this patchify followed b
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import require_dout, require_floating
+from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
 from ..backend import Array, namespace
 
 __all__ = [
@@ -75,17 +74,23 @@ class UnpatchifyCache(PatchGeometry):
     """The cache of :func:`unpatchify_forward`."""
 
 
+def _check_pair(name: str, value: Any, where: str, *, square: bool) -> tuple[int, int]:
+    """``value`` as two positive ints: a pair ``(a, b)`` (a tuple or a list), or, when ``square``, one int for
+    both. ``TypeError`` for anything else (``2.0``, ``True``, ``None``, a string, ``(2, 2.0)``), ``ValueError``
+    for a pair of another length or a size below 1."""
+    if not isinstance(value, (tuple, list)):
+        if square:
+            n = check_positive_int(name, value, where)
+            return n, n
+        raise TypeError(f"{where}: {name} must be a pair of ints, got {type(value).__name__} {value!r}")
+    if len(value) != 2:
+        raise ValueError(f"{where}: {name} must be a pair of ints, got {len(value)} of them: {tuple(value)!r}")
+    return check_positive_int(f"{name}[0]", value[0], where), check_positive_int(f"{name}[1]", value[1], where)
+
+
 def _check_patch(patch: Any, where: str) -> tuple[int, int]:
     """``patch`` as ``(p_h, p_w)``: one positive int for square patches, or a pair."""
-    sizes = (patch, patch) if isinstance(patch, numbers.Integral) and not isinstance(patch, bool) else patch
-    try:
-        p_h, p_w = sizes
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: patch must be a positive int or a pair (p_h, p_w), got {patch!r}") from None
-    for p in (p_h, p_w):
-        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
-            raise ValueError(f"{where}: patch must be a positive int or a pair (p_h, p_w), got {patch!r}")
-    return int(p_h), int(p_w)
+    return _check_pair("patch", patch, where, square=True)
 
 
 def _check_order(channel_order: Any, where: str) -> str:
@@ -136,7 +141,8 @@ def patchify_forward(
             grid row ``i``, column ``j``; cache: :class:`PatchifyCache` (``cache.grid`` is ``(h, w)``).
     """
     where = "patchify_forward"
-    xp = namespace(x)
+    require_array(f"{where}: x", x)
+    xp = array_namespace(x=x)
     require_floating(xp, "x", x)
     p_h, p_w = _check_patch(patch, where)
     _check_order(channel_order, where)
@@ -145,7 +151,7 @@ def patchify_forward(
     B, H, W, C = x.shape
     if H % p_h or W % p_w:
         raise ValueError(
-            f"{where}: a {H}×{W} map is not divisible into {p_h}×{p_w} patches "
+            f"{where}: x of shape {tuple(x.shape)}: a {H}×{W} map is not divisible into {p_h}×{p_w} patches "
             f"(H % {p_h} = {H % p_h}, W % {p_w} = {W % p_w}); crop or pad it to a multiple of the patch size"
         )
     cache = PatchifyCache(
@@ -156,8 +162,7 @@ def patchify_forward(
 
 def patchify_backward(dout: Array, cache: PatchifyCache) -> dict[str, Array]:
     """``{"x": unpatchify(dout)}`` ``(B, H, W, C)``: patchify only moves entries, so its backward moves them back."""
-    if type(cache) is not PatchifyCache:
-        raise TypeError(f"patchify_backward needs the PatchifyCache of patchify_forward, got a {type(cache).__name__}")
+    check_cache(cache, PatchifyCache, "patchify_backward")
     require_dout(dout, cache.tokens_shape, cache.dtype, where="patchify_backward")
     return {"x": _to_map(dout, cache)}
 
@@ -177,27 +182,25 @@ def unpatchify_forward(
         x: ``(B, h·p_h, w·p_w, C)``; cache: :class:`UnpatchifyCache`.
     """
     where = "unpatchify_forward"
-    xp = namespace(tokens)
+    require_array(f"{where}: tokens", tokens)
+    xp = array_namespace(tokens=tokens)
     require_floating(xp, "tokens", tokens)
     p_h, p_w = _check_patch(patch, where)
     _check_order(channel_order, where)
-    try:
-        h, w = grid
-        ok = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in (h, w))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{where}: grid must be (h, w), two positive ints, got {grid!r}")
+    h, w = _check_pair("grid", grid, where, square=False)
     if tokens.ndim != 3:
         raise ValueError(f"{where}: tokens must be (B, h·w, p_h·p_w·C), got shape {tuple(tokens.shape)}")
     B, N, D = tokens.shape
     if N != h * w:
         raise ValueError(f"{where}: grid {(h, w)} has {h * w} patches but there are {N} tokens")
     if D % (p_h * p_w):
-        raise ValueError(f"{where}: a token of {D} channels is not {p_h}·{p_w}·C channels of a {p_h}×{p_w} patch")
+        raise ValueError(
+            f"{where}: tokens of shape {tuple(tokens.shape)}: a token of {D} channels is not {p_h}·{p_w}·C "
+            f"channels of a {p_h}×{p_w} patch"
+        )
     cache = UnpatchifyCache(
         batch=B,
-        grid=(int(h), int(w)),
+        grid=(h, w),
         patch=(p_h, p_w),
         channels=D // (p_h * p_w),
         channel_order=channel_order,
@@ -208,9 +211,6 @@ def unpatchify_forward(
 
 def unpatchify_backward(dout: Array, cache: UnpatchifyCache) -> dict[str, Array]:
     """``{"tokens": patchify(dout)}`` ``(B, h·w, p_h·p_w·C)``: the entries moved back."""
-    if type(cache) is not UnpatchifyCache:
-        raise TypeError(
-            f"unpatchify_backward needs the UnpatchifyCache of unpatchify_forward, got a {type(cache).__name__}"
-        )
+    check_cache(cache, UnpatchifyCache, "unpatchify_backward")
     require_dout(dout, cache.map_shape, cache.dtype, where="unpatchify_backward")
     return {"tokens": _to_tokens(dout, cache)}

@@ -35,12 +35,20 @@ Flux's q/k norm, computes in the input's dtype).
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
-from .._checks import as_dtype, in_working_dtype, require_dout, require_floating, require_same_dtype
-from ..backend import Array, namespace
+from .._checks import (
+    array_namespace,
+    as_dtype,
+    check_cache,
+    check_eps,
+    in_working_dtype,
+    require_array,
+    require_dout,
+    require_floating,
+    require_same_dtype,
+)
+from ..backend import Array
 
 __all__ = ["RMSNormCache", "rms_norm_backward", "rms_norm_forward"]
 
@@ -55,15 +63,6 @@ class RMSNormCache:
     dtype: object  # the forward's input dtype (dout must have it)
 
 
-def _check_eps(eps: object) -> float:
-    """``eps`` as a float: a finite real number ≥ 0 (``TypeError`` / ``ValueError`` otherwise)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"rms norm: eps must be a real number, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"rms norm: eps must be finite and ≥ 0, got {eps}")
-    return float(eps)
-
-
 def rms_norm_forward(x: Array, weight: Array | None = None, *, eps: float = 1e-6) -> tuple[Array, RMSNormCache]:
     """RMS norm over the last axis: ``y = γ ⊙ x / sqrt(mean(x²) + eps)``.
 
@@ -75,9 +74,10 @@ def rms_norm_forward(x: Array, weight: Array | None = None, *, eps: float = 1e-6
     Returns:
         y: ``(..., C)``, x's dtype; cache: :class:`RMSNormCache`.
     """
-    xp = namespace(x, weight)
+    require_array("x", x)
+    xp = array_namespace(x=x, weight=weight)
     require_floating(xp, "x", x)
-    eps = _check_eps(eps)
+    eps = check_eps("eps", eps, "rms norm")
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"rms norm: x must be (..., C) with C ≥ 1, got shape {tuple(x.shape)}")
     C = x.shape[-1]
@@ -111,10 +111,8 @@ def rms_norm_backward(dout: Array, cache: RMSNormCache) -> dict[str, Array]:
     Returns:
         ``{"x": (..., C)}``, and ``"weight": (C,)`` when the forward had a scale; in dout's dtype.
     """
-    if not isinstance(cache, RMSNormCache):
-        raise TypeError(f"rms_norm_backward needs the RMSNormCache of rms_norm_forward, got a {type(cache).__name__}")
-    require_dout(dout, cache.xhat.shape, cache.dtype, where="rms_norm_backward")
-    xp = namespace(dout)
+    check_cache(cache, RMSNormCache, "rms_norm_backward")
+    xp = require_dout(dout, cache.xhat.shape, cache.dtype, where="rms_norm_backward")
     C = dout.shape[-1]
     dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
     xhat, rstd = cache.xhat, cache.rstd

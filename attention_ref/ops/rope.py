@@ -46,8 +46,6 @@ is the chain rule through the casts, and what torch's autograd computes there).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -55,19 +53,26 @@ from typing import Any
 
 from .._checks import (
     FLOAT_DTYPES,
+    array_namespace,
     as_dtype,
+    check_cache,
+    check_positive_int,
+    check_real,
     dtype_name,
+    require_array,
     require_broadcastable_to,
     require_dout,
     require_floating,
     working_dtype,
 )
-from ..backend import Array, device_of, namespace
+from ..backend import Array, device_of
 
 __all__ = ["PAIR_LAYOUTS", "RopeCache", "rope_angles", "rope_backward", "rope_forward"]
 
 #: The two ways diffusers' models pair a head's channels for rotation (see the module's docstring).
 PAIR_LAYOUTS = ("interleaved", "halves")
+#: The dtypes positions may have besides the floating ones: their values are exact in float64 (below 2⁵³).
+_INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
 def _check_pairs(pairs: Any, where: str) -> str:
@@ -76,11 +81,37 @@ def _check_pairs(pairs: Any, where: str) -> str:
     return pairs
 
 
-def _float_dtype(xp: ModuleType, name: Any, what: str, where: str) -> Any:
-    """The namespace's dtype called ``name`` (``"float16"``, ``"float32"``, ``"float64"``)."""
-    if name not in FLOAT_DTYPES or not hasattr(xp, name):
+def float_dtype_named(xp: ModuleType, name: Any, what: str, where: str) -> Any:
+    """The namespace's dtype called ``name`` (``"float16"``, ``"float32"``, ``"float64"``); ``ValueError``
+    naming the option ``what`` for anything else (joint attention's ``rope_dtype`` is checked here too)."""
+    if not isinstance(name, str) or name not in FLOAT_DTYPES or not hasattr(xp, name):
         raise ValueError(f"{where}: {what} must be one of {FLOAT_DTYPES} (as a string), got {name!r}")
     return getattr(xp, name)
+
+
+def check_axes_dims(axes_dims: Any, where: str, name: str = "axes_dims") -> tuple[int, ...]:
+    """``axes_dims`` as a tuple of positive even ints, one per position axis.
+
+    ``TypeError`` for anything but a sequence of ints (``None``, ``4``, a string, ``4.0`` or ``True`` in it),
+    ``ValueError`` for no axes, an axis of 0 or fewer channels, or an odd number of them (each axis rotates
+    pairs of channels). ``flux_rope_tables`` checks its ``axes_dims_rope`` here too.
+    """
+    try:
+        if isinstance(axes_dims, (str, bytes)):
+            raise TypeError
+        dims = tuple(axes_dims)
+    except TypeError:  # None, an int, a 0-d array: not a sequence
+        raise TypeError(f"{where}: {name} must be a sequence of ints (channels per axis), got {axes_dims!r}") from None
+    if not dims:
+        raise ValueError(f"{where}: {name} must name at least one axis, got {dims}")
+    for a, D in enumerate(dims):
+        D = check_positive_int(f"{name}[{a}]", D, where)
+        if D % 2:
+            raise ValueError(
+                f"{where}: {name}[{a}] = {D} is odd; each axis rotates pairs of channels, so each D_a must be even "
+                f"(got {name} = {dims})"
+            )
+    return tuple(int(D) for D in dims)
 
 
 # ---------------------------------------------------------------- the angles
@@ -111,14 +142,19 @@ def rope_angles(
         ``get_1d_rotary_pos_embed(..., use_real=True)`` output (which computes in float64 and rounds).
     """
     where = "rope_angles"
-    xp = namespace(positions)
+    require_array(f"{where}: positions", positions)
+    xp = array_namespace(positions=positions)
+    if dtype_name(positions.dtype) not in _INTEGER_DTYPES + FLOAT_DTYPES:
+        raise TypeError(
+            f"{where}: positions must be integer or real floating (float16, float32 or float64), "
+            f"got {dtype_name(positions.dtype)}"
+        )
     _check_pairs(pairs, where)
-    out_dtype = _float_dtype(xp, dtype, "dtype", where)
-    dims = tuple(axes_dims)
-    if not dims or any(isinstance(D, bool) or not isinstance(D, numbers.Integral) or D < 2 or D % 2 for D in dims):
-        raise ValueError(f"{where}: axes_dims must be positive even integers (one per axis), got {tuple(axes_dims)}")
-    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta <= 0:
-        raise ValueError(f"{where}: theta must be a finite positive number, got {theta!r}")
+    out_dtype = float_dtype_named(xp, dtype, "dtype", where)
+    dims = check_axes_dims(axes_dims, where)
+    theta = check_real("theta", theta, where)
+    if theta <= 0:
+        raise ValueError(f"{where}: theta must be positive (the frequencies are powers of 1/theta), got {theta}")
     if positions.ndim == 1 and len(dims) == 1:
         positions = xp.reshape(positions, (-1, 1))  # (N, 1)
     if positions.ndim != 2 or positions.shape[1] != len(dims):
@@ -126,15 +162,13 @@ def rope_angles(
             f"{where}: positions must be (N, A) with one column per axis, A = len(axes_dims) = {len(dims)}; "
             f"got shape {tuple(positions.shape)}"
         )
-    if xp.isdtype(positions.dtype, "bool") or xp.isdtype(positions.dtype, "complex floating"):
-        raise TypeError(f"{where}: positions must be integer or real, got {dtype_name(positions.dtype)}")
     # integer and float32 positions are exact in float64
     pos = xp.astype(positions, xp.float64)  # (N, A)
     per_axis = []
     for a, D in enumerate(dims):
         # ω_i = 1 / θ^(2i/D_a), i = 0 … D_a/2 − 1   (D_a/2,)
         exponents = xp.arange(0, D, 2, dtype=xp.float64, device=device_of(positions)) / D
-        omega = 1.0 / (float(theta) ** exponents)
+        omega = 1.0 / (theta**exponents)
         # φ_{n,i} = p_{n,a} ω_i, an outer product   (N, D_a/2)
         per_axis.append(pos[:, a : a + 1] * omega)
     angles = xp.concat(per_axis, axis=-1)  # (N, d/2), axis 0's angles first
@@ -159,7 +193,7 @@ def _spread(xp: ModuleType, half: Array, pairs: str) -> Array:
 def _rotate(xp: ModuleType, x: Array, pairs: str) -> Array:
     """``R x``: every pair ``(a, b)`` of the last axis becomes ``(−b, a)``, a quarter turn.   (..., d)"""
     if pairs == "interleaved":
-        pair = xp.reshape(x, (*x.shape[:-1], -1, 2))  # (..., d/2, 2)
+        pair = xp.reshape(x, (*x.shape[:-1], x.shape[-1] // 2, 2))  # (..., d/2, 2)
         a, b = pair[..., 0], pair[..., 1]  # (..., d/2) each
         return xp.reshape(xp.stack([-b, a], axis=-1), tuple(x.shape))  # (..., d/2, 2) → (..., d)
     half = x.shape[-1] // 2
@@ -170,7 +204,7 @@ def _rotate(xp: ModuleType, x: Array, pairs: str) -> Array:
 def _rotate_transpose(xp: ModuleType, u: Array, pairs: str) -> Array:
     """``Rᵀ u``: every pair ``(a, b)`` becomes ``(b, −a)``, the quarter turn back.   (..., d)"""
     if pairs == "interleaved":
-        pair = xp.reshape(u, (*u.shape[:-1], -1, 2))  # (..., d/2, 2)
+        pair = xp.reshape(u, (*u.shape[:-1], u.shape[-1] // 2, 2))  # (..., d/2, 2)
         a, b = pair[..., 0], pair[..., 1]
         return xp.reshape(xp.stack([b, -a], axis=-1), tuple(u.shape))  # (..., d)
     half = u.shape[-1] // 2
@@ -191,7 +225,9 @@ class RopeCache:
 
 
 def _check_rope_inputs(x: Array, cos: Array, sin: Array, pairs: str, where: str) -> ModuleType:
-    xp = namespace(x, cos, sin)
+    for name, a in (("x", x), ("cos", cos), ("sin", sin)):
+        require_array(f"{where}: {name}", a)
+    xp = array_namespace(x=x, cos=cos, sin=sin)
     _check_pairs(pairs, where)
     require_floating(xp, "x", x)
     require_floating(xp, "cos", cos)
@@ -233,7 +269,9 @@ def rope_forward(
     where = "rope_forward"
     xp = _check_rope_inputs(x, cos, sin, pairs, where)
     work = (
-        working_dtype(xp, x.dtype) if compute_dtype is None else _float_dtype(xp, compute_dtype, "compute_dtype", where)
+        working_dtype(xp, x.dtype)
+        if compute_dtype is None
+        else float_dtype_named(xp, compute_dtype, "compute_dtype", where)
     )
     x_w, cos_w, sin_w = as_dtype(xp, x, work), as_dtype(xp, cos, work), as_dtype(xp, sin, work)
     # y = x ⊙ cos + R(x) ⊙ sin: each pair (a, b) ↦ (a cos φ − b sin φ, a sin φ + b cos φ)   (..., N, d)
@@ -253,10 +291,8 @@ def rope_backward(dout: Array, cache: RopeCache) -> dict[str, Array]:
         ``{"x": (..., N, d)}`` in x's dtype. Each of the two terms is rounded to x's dtype before the sum
         (a no-op when the rotation ran in x's dtype).
     """
-    if not isinstance(cache, RopeCache):
-        raise TypeError(f"rope_backward needs the RopeCache of rope_forward, got a {type(cache).__name__}")
-    require_dout(dout, cache.shape, cache.dtype, where="rope_backward")
-    xp = namespace(dout)
+    check_cache(cache, RopeCache, "rope_backward")
+    xp = require_dout(dout, cache.shape, cache.dtype, where="rope_backward")
     g = as_dtype(xp, dout, cache.compute_dtype)
     # through x ⊙ cos: dy ⊙ cos   (..., N, d)
     direct = as_dtype(xp, g * cache.cos, cache.dtype)
