@@ -129,3 +129,19 @@ def sum_to_shape(xp: ModuleType, g: Array, shape: Shape) -> Array:
 def common_float_dtype(xp: ModuleType, *arrays: Array) -> Any:
     """The promoted floating dtype of ``arrays`` (all must be floating)."""
     return xp.result_type(*[a.dtype for a in arrays])
+
+
+def require_dout(where: str, dout: Array, shape: Sequence[int], dtype: Any) -> None:
+    """``ValueError`` unless ``dout`` has the forward output's ``shape``; ``TypeError`` unless its ``dtype``.
+
+    A float64 ``dout`` for a float32 forward would otherwise give float64 gradients without a word, and a
+    ``dout`` that broadcasts would give gradients of the wrong size.
+    """
+    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
+        raise TypeError(f"{where}: dout must be an array, got {type(dout).__name__}")
+    require_dout_shape(where, dout, shape)
+    if dout.dtype != dtype:
+        raise TypeError(
+            f"{where}: dout has dtype {dtype_name(dout.dtype)}, but the forward ran in {dtype_name(dtype)}: "
+            "cast dout to it"
+        )

@@ -1,5 +1,6 @@
-"""The building blocks below attention: softmax, linear, norms, head split/merge, erf, GELU/GEGLU, SiLU,
-2-D convolution, nearest up-sampling and average pooling, the sinusoidal timestep embedding.
+"""The building blocks below attention: softmax, linear, norms (group, layer, RMS), head split/merge, erf,
+GELU/GEGLU, SiLU, 2-D convolution, nearest up-sampling and average pooling, the sinusoidal timestep embedding,
+and the diffusion transformers' own: rotary position embedding and patchify/unpatchify.
 
 Each operation is a pair ``out, cache = thing_forward(...)`` /
 ``grads = thing_backward(dout, cache)``.
@@ -19,7 +20,10 @@ from .heads import (
 )
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import linear_backward, linear_forward
+from .patchify import patchify_backward, patchify_forward, unpatchify_backward, unpatchify_forward
 from .resample import avg_pool_backward, avg_pool_forward, upsample_nearest_backward, upsample_nearest_forward
+from .rms_norm import rms_norm_backward, rms_norm_forward
+from .rope import rope_angles, rope_backward, rope_forward
 from .silu import silu_backward, silu_forward
 from .softmax import logsumexp, softmax_backward, softmax_forward
 from .timestep_embedding import timestep_embedding_backward, timestep_embedding_forward
@@ -45,6 +49,13 @@ __all__ = [
     "merge_heads",
     "merge_heads_backward",
     "merge_heads_forward",
+    "patchify_backward",
+    "patchify_forward",
+    "rms_norm_backward",
+    "rms_norm_forward",
+    "rope_angles",
+    "rope_backward",
+    "rope_forward",
     "silu_backward",
     "silu_forward",
     "softmax_backward",
@@ -54,6 +65,8 @@ __all__ = [
     "split_heads_forward",
     "timestep_embedding_backward",
     "timestep_embedding_forward",
+    "unpatchify_backward",
+    "unpatchify_forward",
     "upsample_nearest_backward",
     "upsample_nearest_forward",
 ]
