@@ -83,7 +83,8 @@ def toy_model(family: str, *, seed: int = 0) -> Any:
         from diffusers import DiTTransformer2DModel
 
         model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
-                                      num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)  # fmt: skip
+                                      out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                      num_embeds_ada_norm=10)  # learned variance, as DiT's  # fmt: skip
     elif family == "sana":
         from diffusers import SanaTransformer2DModel
 
