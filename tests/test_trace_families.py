@@ -122,7 +122,8 @@ def test_outputs_bitwise_unchanged_and_hooks_removed(family):
 def test_dit_default_trace_says_why_it_recorded_nothing():
     model = toy_model("dit")
     args, kwargs = toy_inputs("dit", model)
-    with pytest.warns(TraceWarning, match=r"recorded no layer: 2 attention layers were called \(2 self\);.*self_queries"):
+    why = r"recorded no layer: 2 attention layers were called \(2 self\);.*self_queries"
+    with pytest.warns(TraceWarning, match=why):
         with torch.no_grad(), trace(model) as tr:
             model(*args, **kwargs)
     assert tr.layers == [] and "self_queries" in tr.summary()
@@ -163,8 +164,9 @@ def test_layers_by_name_glob_kind_and_predicate():
 def test_select_reads_globs_and_kinds():
     tr, _ = probed("svd", "float32")
     assert [r.label for r in tr.select("temporal")] == [r.label for r in tr.layers if r.kind == "temporal"]
-    assert tr.select("mid_block.*.attn2") == [tr.layer("mid_block.attentions.0.transformer_blocks.0.attn2"),
-                                              tr.layer("mid_block.attentions.0.temporal_transformer_blocks.0.attn2")]  # fmt: skip
+    mid = "mid_block.attentions.0"
+    expected = [tr.layer(f"{mid}.transformer_blocks.0.attn2"), tr.layer(f"{mid}.temporal_transformer_blocks.0.attn2")]
+    assert tr.select("mid_block.*.attn2") == expected
     with pytest.raises(KeyError, match="no traced layer"):
         tr.select("nowhere.*")
 
@@ -175,8 +177,8 @@ def test_a_pipeline_with_a_transformer_is_traced():
 
     transformer = toy_model("dit")
     torch.manual_seed(1)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4).eval()  # fmt: skip
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2}
+    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, **blocks).eval()
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     with trace(pipe, self_queries=[(0.5, 0.5)], keep="all") as tr:
@@ -187,7 +189,7 @@ def test_a_pipeline_with_a_transformer_is_traced():
         def __init__(self):
             self.unet, self.transformer = toy_unet(sample_size=8), transformer
 
-    with pytest.raises(TypeError, match="both .unet and .transformer"):
+    with pytest.raises(TypeError, match=r"both \.unet and \.transformer"):
         trace(Both())
 
 
