@@ -1,6 +1,7 @@
 """Attention layers and blocks: the attention layer on ``(B, N, C)`` token sequences (diffusers'
 ``Attention``), and built on it, self-attention, cross-attention and Stable Diffusion's spatial
-transformer on channels-last ``(B, H, W, C)`` maps — each a forward/backward pair.
+transformer on channels-last ``(B, H, W, C)`` maps; the diffusion transformers' joint attention (SD3, Flux)
+— each a forward/backward pair.
 """
 
 from .attend import ATTENTION_VARIANTS, AttentionVariant, VariantCache
@@ -13,6 +14,12 @@ from .attention_layer import (
 )
 from .cross_attention import cross_attention_backward, cross_attention_forward, init_cross_attention
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
+from .joint_attention import (
+    JointAttentionCache,
+    init_joint_attention,
+    joint_attention_backward,
+    joint_attention_forward,
+)
 from .self_attention import init_self_attention, self_attention_backward, self_attention_forward
 from .spatial_transformer import (
     SpatialTransformerCache,
@@ -28,6 +35,7 @@ __all__ = [
     "AttentionLayerCache",
     "AttentionVariant",
     "GegluFeedForwardCache",
+    "JointAttentionCache",
     "SpatialTransformerCache",
     "TransformerBlockCache",
     "VariantCache",
@@ -37,8 +45,11 @@ __all__ = [
     "cross_attention_forward",
     "geglu_ff_backward",
     "geglu_ff_forward",
+    "joint_attention_backward",
+    "joint_attention_forward",
     "init_attention_layer",
     "init_cross_attention",
+    "init_joint_attention",
     "init_self_attention",
     "init_spatial_transformer",
     "self_attention_backward",
