@@ -4,6 +4,7 @@ layers=, a trace that records nothing says why, pipelines with .transformer, IP-
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -23,6 +24,7 @@ from attention_ref.testing.sdpa_probe import compare_with_trace, sdpa_probe  # n
 
 QUERIES = [(0.1, 0.9), (0.5, 0.5), (0.99, 0.0)]
 SOFTMAX_FAMILIES = ["pixart", "dit", "sana", "svd", "animatediff"]
+JOINT_FAMILIES = ["sd3", "sd35", "flux", "wan"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,13 +36,39 @@ def all_hooks(model):
     }
 
 
-def probed(family, precision, **trace_options):
+@contextlib.contextmanager
+def diffusers_in_the_models_dtype():
+    """diffusers' RMSNorm takes its mean square in float32, and Flux's apply_rotary_emb rotates in float32, even in
+    a float64 model (a float64 model's q and k are float32-rounded there): both patched to compute in the input's
+    dtype, so that a float64 model computes in float64 throughout."""
+    from diffusers.models import normalization
+    from diffusers.models.transformers import transformer_flux
+
+    def rms_forward(self, h):
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h if self.weight is None else h * self.weight + (0 if self.bias is None else self.bias)
+
+    def rotate(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        cos, sin = (t[None, :, None, :] if sequence_dim == 1 else t[None, None] for t in freqs_cis)
+        real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return x * cos.to(x.dtype) + torch.stack([-imag, real], dim=-1).flatten(3) * sin.to(x.dtype)
+
+    saved = normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb
+    normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb = rms_forward, rotate
+    try:
+        yield
+    finally:
+        normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb = saved
+
+
+def probed(family, precision, *, in_float64=False, **trace_options):
     """The family's toy model run once under the probe and a trace (every head, every call)."""
     model = toy_model(family)
     model = model.double() if precision == "float64" else model
     args, kwargs = toy_inputs(family, model)
     options = {"self_queries": QUERIES, "heads": "all", "keep": "all", "dtype": precision, **trace_options}
-    with torch.no_grad(), sdpa_probe(model) as probe, trace(model, **options) as tr:
+    patched = diffusers_in_the_models_dtype() if in_float64 else contextlib.nullcontext()
+    with patched, torch.no_grad(), sdpa_probe(model) as probe, trace(model, **options) as tr:
         model(*args, **kwargs)
     return tr, probe
 
@@ -60,6 +88,73 @@ def test_maps_equal_the_models_own_weights(family, precision, tol):
         if r.kind in ("cross", "temporal") or family != "sana":
             total = r.maps.sum(axis=-1) if r.kind != "self" else r.maps.sum(axis=(-2, -1))
             np.testing.assert_allclose(total, 1.0, atol=1e-5)  # a softmax's rows
+
+
+@pytest.mark.parametrize("family", JOINT_FAMILIES)
+def test_joint_and_rope_families_equal_the_models_own_weights(family):
+    """float64 within 1e-12 once diffusers computes in float64 throughout; as diffusers ships, SD3.5's RMSNorm
+    and Flux's RoPE round q and k to float32 even in a float64 model, and the maps agree to that rounding."""
+    tr, probe = probed(family, "float64", in_float64=True)
+    exact = compare_with_trace(tr, probe, text_first=family == "flux")
+    assert max(exact.values()) <= 1e-12, exact
+    tr32, probe32 = probed(family, "float32")
+    single = compare_with_trace(tr32, probe32, text_first=family == "flux")
+    assert max(single.values()) <= 1e-5, single
+    tr_shipped, probe_shipped = probed(family, "float64")
+    shipped = compare_with_trace(tr_shipped, probe_shipped, text_first=family == "flux")
+    assert max(shipped.values()) <= (1e-5 if family in ("sd35", "flux") else 1e-12), shipped
+    if family in ("sd3", "flux"):  # every joint layer: the text part and the self rows
+        assert {r.kind for r in tr.layers} == {"joint", "self"}
+        assert all(r.part == "self" for r in tr.layers if r.kind == "self")
+    if family == "sd35":  # the first block's attn2: self-attention of the image tokens, rows summing to 1
+        attn2 = tr.layer("transformer_blocks.0.attn2")
+        assert attn2.kind == "self" and attn2.part is None
+        np.testing.assert_allclose(attn2.maps.sum(axis=(-2, -1)), 1, atol=1e-12)
+    for r in tr.layers:
+        assert r.grid == (4, 6)
+        if r.kind == "joint":  # the share read from the text: between 0 and 1, and the self rows read the rest
+            share = r.maps.sum(axis=-1)
+            assert np.all((share > 0) & (share < 1))
+    if family == "flux":
+        assert {r.name for r in tr.layers} == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
+
+
+def test_joint_weights_are_the_reference_blocks():
+    """The trace's chain for a joint layer is joint_attention_forward's: its cache.weights, text columns."""
+    from attention_ref.blocks import joint_attention_forward
+    from attention_ref.interop.dit import from_diffusers_joint
+
+    model = toy_model("sd35").double()
+    args, kwargs = toy_inputs("sd35", model)
+    inputs = {}
+    attn = model.transformer_blocks[0].attn
+
+    def keep(module, a, k):
+        inputs.update(k)
+
+    handle = attn.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad(), trace(model, self_queries="all", heads="all", dtype="float64", layers="*.0.attn") as tr:
+        model(*args, **kwargs)
+    handle.remove()
+    params, options = from_diffusers_joint(attn)
+    x, c = (inputs[k].numpy() for k in ("hidden_states", "encoder_hidden_states"))
+    _, cache = joint_attention_forward(x, c, params, **options)
+    N = x.shape[1]
+    joint, rows = tr.layer("transformer_blocks.0.attn"), tr.layer("transformer_blocks.0.attn[self]")
+    np.testing.assert_allclose(joint.maps.reshape(2, 2, N, -1), cache.weights[:, :, :N, N:], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(rows.maps.reshape(2, 2, N, N), cache.weights[:, :, :N, :N], rtol=0, atol=1e-15)
+
+
+def test_joint_layers_in_token_maps_and_the_explorer():
+    pytest.importorskip("matplotlib")
+    tr, _ = probed("sd3", "float32", heads="mean", keep="sum")
+    maps = tr.token_maps(normalize="sum")
+    joint = [r for r in tr.layers if r.kind == "joint"]
+    assert maps.shape == (2, 7, 4, 6) and len(joint) == 2
+    np.testing.assert_allclose(maps, sum(np.moveaxis(r.maps, -1, 1) for r in joint), atol=1e-6)
+    page = tr.explorer(batch=1)
+    assert [layer.kind for layer in page.layers] == ["cross", "self", "cross", "self"]
+    assert page.layers[0].name == "transformer_blocks.0.attn (joint: text part)"
 
 
 def test_patch_grids_and_video_layers_are_spatial_maps():

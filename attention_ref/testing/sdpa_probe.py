@@ -149,6 +149,13 @@ def _expected(record: Any, weights: np.ndarray, text_first: bool) -> np.ndarray:
         per_pixel = weights.reshape(B, N, *weights.shape[1:])[:, _rows(record)]  # (B, Q, heads, F, K)
         return per_pixel.transpose(0, 2, 1, 3, 4)
     B, heads, L, S = weights.shape
+    if record.batch != B:  # a video transformer's frames in the batch (Wan): sample b, frame f at b·F + f
+        F = record.batch // B
+        if record.kind == "cross":
+            return weights.reshape(B, heads, F, H, W, S).transpose(0, 2, 1, 3, 4, 5).reshape(B * F, heads, H, W, S)
+        rows = _rows(record)
+        per_frame = [weights[:, :, f * N + rows, f * N : (f + 1) * N] for f in range(F)]  # (B, heads, Q, N) each
+        return np.stack(per_frame, axis=1).reshape(B * F, heads, len(rows), H, W)
     if record.kind == "joint":  # one softmax over [image; text] (SD3) or [text; image] (Flux)
         M = record.keys
         image = slice(M, M + N) if text_first else slice(0, N)

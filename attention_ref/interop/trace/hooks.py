@@ -131,7 +131,8 @@ class Trace(TraceReading):
         self.layers: list[LayerRecord] = []
         self.timesteps: list[Any] = []
         self.skipped: dict[str, str] = {}
-        self.model_inputs: dict[str, Any] = {}  # the traced model's current call's keyword inputs (Flux: img_ids)
+        self.model_inputs: dict[str, Any] = {}  # the traced model's current call's inputs by name (Flux: img_ids)
+        self.family_state: dict[str, Any] = {}  # what a family keeps between calls (Flux: the grid of img_ids)
         self._records: dict[str, LayerRecord] = {}
         self._handles: list[Any] = []
         self._stack: list[tuple[str, tuple[int, ...] | None, tuple[Any, ...]]] = []
@@ -179,9 +180,9 @@ class Trace(TraceReading):
                              "pixels' positions, or 'all')")  # fmt: skip
         chosen = []
         for name, module, family in attentions:
-            kind = family.static_kind(module, name in self._temporal)
-            if not self.filter.everything and not self.filter.predicate and not self.filter(name, kind):
-                self.skipped[name] = f"not chosen by {self.filter!r} (a {kind} layer)"
+            kinds = family.static_kinds(module, name in self._temporal)
+            if self.filter.predicate is None and not any(self.filter(name, kind) for kind in kinds):
+                self.skipped[name] = f"not chosen by {self.filter!r} (a {' and '.join(kinds)} layer)"
                 continue
             try:  # refuse what the reference cannot express before attaching anything
                 self.params(name, module, family)
@@ -251,7 +252,10 @@ class Trace(TraceReading):
         if t is None and len(args) > 1 and self._timestep_second:
             t = args[1]
         self.timesteps.append(_timestep_value(t))
-        self.model_inputs = dict(kwargs)
+        try:
+            self.model_inputs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+        except TypeError:
+            self.model_inputs = dict(kwargs)
         for family in {id(f): f for f in self._families.values()}.values():
             family.on_model_call(self, args, kwargs)
 

@@ -15,10 +15,19 @@ from ..._checks import dtype_name
 from ...backend import Array, namespace
 from ...ops.group_norm import group_norm_forward
 from ...ops.heads import split_heads
+from ...ops.layer_norm import layer_norm_forward
 from ...ops.linear import linear_forward
+from ...ops.rms_norm import rms_norm_forward
 from ...ops.softmax import softmax_forward
 
-__all__ = ["CHUNK_BYTES", "attention_weights", "linear_rows", "mask_and_bias", "softmax_rows"]
+__all__ = [
+    "CHUNK_BYTES",
+    "attention_weights",
+    "linear_rows",
+    "mask_and_bias",
+    "softmax_rows",
+    "stream_keys_queries",
+]
 
 CHUNK_BYTES = 32 * 2**20  # the logits of one chunk of rows: at most this many bytes (one row at least)
 
@@ -204,3 +213,50 @@ def linear_rows(
         a = (rows @ kt) / (rows @ z + eps)
         pieces.append(a if reduce is None else reduce(a))
     return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
+
+
+def stream_keys_queries(
+    tokens: Array,
+    params: dict[str, Array],
+    options: dict[str, Any],
+    *,
+    text: bool = False,
+    rows: Array | None = None,
+    queries: bool = True,
+) -> tuple[Array | None, Array]:
+    r"""One stream's per-head queries and keys, as a joint (MMDiT) module computes them, before any RoPE.
+
+    .. math::
+        Q = \operatorname{norm}_q(\operatorname{split}(x W_q + b_q)), \quad
+        K = \operatorname{norm}_k(\operatorname{split}(x W_k + b_k))
+
+    with the q/k norms per head (``options["qk_norm"]``: ``"rms_norm"`` or ``"layer_norm"``, ``options["eps"]``;
+    none without it) — the chain of :func:`attention_ref.blocks.joint_attention_forward` up to the join.
+
+    Inputs:
+        tokens: ``(B, L, C)``; params, options: from :func:`attention_ref.interop.from_diffusers_joint`.
+        text: the text stream (``add_q``, ``add_k``, ``norm_added_q``, ``norm_added_k``), else the image's.
+        rows: ``(Q,)`` the query tokens to compute (default all); queries: ``False`` to compute the keys only.
+
+    Returns:
+        ``(Q or None, K)``: ``(B, heads, Q, d)`` and ``(B, heads, L, d)``.
+    """
+    xp = namespace(tokens)
+    q_name, k_name = ("add_q", "add_k") if text else ("q", "k")
+    norms = ("norm_added_q", "norm_added_k") if text else ("norm_q", "norm_k")
+    heads = options["heads"]
+
+    def project(x: Array, name: str, norm: str) -> Array:
+        y, _ = linear_forward(x, params[f"{name}.weight"], params.get(f"{name}.bias"))
+        yh = split_heads(y, heads)  # (B, heads, L, d)
+        if options.get("qk_norm") == "rms_norm":
+            yh, _ = rms_norm_forward(yh, params.get(f"{norm}.weight"), eps=options["eps"])
+        elif options.get("qk_norm") == "layer_norm":
+            yh, _ = layer_norm_forward(yh, params.get(f"{norm}.weight"), params.get(f"{norm}.bias"), eps=options["eps"])
+        return yh
+
+    k = project(tokens, k_name, norms[1])
+    if not queries:
+        return None, k
+    q = project(tokens if rows is None else xp.take(tokens, rows, axis=1), q_name, norms[0])
+    return q, k

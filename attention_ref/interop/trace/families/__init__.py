@@ -11,12 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Family, argument
+from .flux import FluxAttention
 from .sana import SanaLinearAttention
+from .sd3 import SD3Attention
 from .standard import StandardAttention
+from .wan import WanAttention
 
 __all__ = ["FAMILIES", "Family", "argument", "family_of"]
 
-FAMILIES: tuple[Family, ...] = (SanaLinearAttention(), StandardAttention())
+FAMILIES: tuple[Family, ...] = (SanaLinearAttention(), SD3Attention(), StandardAttention(), FluxAttention(),
+                                WanAttention())  # fmt: skip
 
 
 def family_of(module: Any) -> Family | None:

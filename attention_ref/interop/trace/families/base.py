@@ -38,8 +38,8 @@ class Family:
         """Whether this family reads ``module``."""
         raise NotImplementedError
 
-    def static_kind(self, module: Any, temporal: bool) -> str:
-        """The kind of the module's maps as far as its configuration tells (for ``layers=`` at entry)."""
+    def static_kinds(self, module: Any, temporal: bool) -> tuple[str, ...]:
+        """The kinds of the module's maps as far as its configuration tells (for ``layers=`` at entry)."""
         raise NotImplementedError
 
     def load(self, module: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -36,8 +36,8 @@ class SanaLinearAttention(Family):
 
         return isinstance(module, Attention) and type(module.processor).__name__ == "SanaLinearAttnProcessor2_0"
 
-    def static_kind(self, module: Any, temporal: bool) -> str:
-        return "self"
+    def static_kinds(self, module: Any, temporal: bool) -> tuple[str, ...]:
+        return ("self",)
 
     def load(self, module: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         return from_diffusers(module, dtype=dtype)

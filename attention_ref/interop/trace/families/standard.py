@@ -53,10 +53,10 @@ class StandardAttention(Family):
 
         return isinstance(module, Attention)
 
-    def static_kind(self, module: Any, temporal: bool) -> str:
+    def static_kinds(self, module: Any, temporal: bool) -> tuple[str, ...]:
         if temporal:
-            return "temporal"
-        return "cross" if getattr(module, "is_cross_attention", False) else "self"
+            return ("temporal",)
+        return ("cross",) if getattr(module, "is_cross_attention", False) else ("self",)
 
     def load(self, module: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         return from_diffusers(module, dtype=dtype)
