@@ -56,5 +56,16 @@ class Family:
     def verify(
         self, tracer: Any, name: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        """``verify=True``: judge the call's real output against the reference's; ``tracer.mark`` the verdict."""
-        tracer.note(name, f"not verified: verify=True does not know {type(module).__name__} calls yet")
+        """``verify=True``: judge the call's real output against the reference's (``check_model``'s judge of this
+        family, in the dtype the model ran in) and ``tracer.mark`` the verdict: edited when it fails."""
+        from ....testing.model_layers import judge_call
+
+        hidden = argument(args, kwargs, 0, "hidden_states")
+        try:
+            check = judge_call(type(self).__name__, module, args, kwargs, output, dtype=dtype_name(hidden), name=name)
+        except NotImplementedError as err:
+            tracer.note(name, f"not verified: {err}")
+            return
+        edited = check.supported and not check.ok
+        why = f"edited: its output is not the standard formula's (error {check.ratio:.3g}× the allowed)"
+        tracer.mark(name, check.ratio, edited, why)

@@ -53,9 +53,6 @@ class FluxAttention(Family):
     def load(self, module: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from ...dit import from_diffusers_joint
 
-        if type(module.processor).__name__ != "FluxAttnProcessor":
-            what = f"processor {type(module.processor).__name__} (the trace knows FluxAttnProcessor's formula)"
-            raise NotImplementedError(f"attention_ref cannot express this FluxAttention: {what}")
         return from_diffusers_joint(module, dtype=dtype)
 
     def on_model_call(self, tracer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

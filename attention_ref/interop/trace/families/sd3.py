@@ -23,9 +23,15 @@ class SD3Attention(Family):
     module = "Attention"
 
     def claims(self, module: Any) -> bool:
+        """A joint processor, or the structure of SD3's layers whatever processor runs them: the text stream's
+        projections of a joint block (``context_pre_only`` set), or per-head q/k norms on a self-attention."""
         from diffusers.models.attention_processor import Attention
 
-        return isinstance(module, Attention) and "Joint" in type(module.processor).__name__
+        if not isinstance(module, Attention):
+            return False
+        joint = module.added_kv_proj_dim is not None and getattr(module, "context_pre_only", None) is not None
+        normed_self = module.norm_q is not None and module.added_kv_proj_dim is None and not module.is_cross_attention
+        return joint or normed_self or "Joint" in type(module.processor).__name__
 
     def static_kinds(self, module: Any, temporal: bool) -> tuple[str, ...]:
         return ("joint", "self") if getattr(module, "added_kv_proj_dim", None) is not None else ("self",)

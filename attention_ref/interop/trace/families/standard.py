@@ -24,7 +24,7 @@ from typing import Any
 
 from ...diffusers import from_diffusers
 from ..weights import attention_weights, mask_and_bias
-from .base import Family, argument, dtype_name, tokens_of
+from .base import Family, argument, tokens_of
 from .ip_adapter import ip_key_params, ip_scale, split_context
 
 __all__ = ["StandardAttention"]
@@ -144,21 +144,9 @@ class StandardAttention(Family):
 
     def verify(self, tracer: Any, name: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                output: Any) -> None:  # fmt: skip
-        from ....testing.blocks import check_attention_call
-
-        hidden = argument(args, kwargs, 0, "hidden_states")
         context = argument(args, kwargs, 1, "encoder_hidden_states")
-        attention_mask = argument(args, kwargs, 2, "attention_mask")
-        text, images, _ = split_context(module, context, kwargs)
+        _, images, _ = split_context(module, context, kwargs)
         if images or isinstance(context, (tuple, list)):
             tracer.note(name, "not verified: the check knows the standard formula, not IP-Adapter's sum of parts")
             return
-        try:
-            check = check_attention_call(module, hidden, text, attention_mask, output=output,
-                                         dtype=dtype_name(hidden), name=name)  # fmt: skip
-        except NotImplementedError as err:
-            tracer.note(name, f"not verified: {err}")
-            return
-        edited = check.supported and not check.ok
-        why = f"edited: its output is not the standard formula's (error {check.ratio:.3g}× the allowed)"
-        tracer.mark(name, check.ratio, edited, why)
+        super().verify(tracer, name, module, args, kwargs, output)

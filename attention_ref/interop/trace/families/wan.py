@@ -53,8 +53,6 @@ def from_wan_attention(attn: Any, dtype: Any = "float64") -> tuple[dict[str, np.
 
     if getattr(attn, "fused_projections", False):
         raise _unsupported("fused projections (fuse_projections())")
-    if type(attn.processor).__name__ != "WanAttnProcessor":
-        raise _unsupported(f"processor {type(attn.processor).__name__} (the trace knows WanAttnProcessor's formula)")
     if attn.kv_inner_dim != attn.inner_dim:
         raise _unsupported("keys of another width than the queries (cross_attention_dim_head)")
     params: dict[str, np.ndarray] = {}
