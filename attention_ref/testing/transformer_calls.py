@@ -274,7 +274,7 @@ def _judge(
         magnitude = max(float(np.max(plain[f"|{key}|"])), float(np.max(np.abs(exact[key]))))
         checks.append(compare_output(name, label, value, exact[key], yard[key], magnitude, dtype, policy=policy,
                                      kind="out"))  # fmt: skip
-    worst = max(checks, key=lambda c: (math.inf if math.isnan(c.ratio) else c.ratio))
+    worst = max(checks, key=lambda c: math.inf if math.isnan(c.ratio) else c.ratio)
     if len(checks) > 1:
         other = next(c for c in checks if c is not worst)
         note = f"{other.output}: ratio {other.ratio:.3g}"

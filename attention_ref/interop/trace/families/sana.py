@@ -27,14 +27,17 @@ SANA_EPS = 1e-15  # SanaLinearAttnProcessor2_0's term in the denominator
 
 
 class SanaLinearAttention(Family):
-    """diffusers ``Attention`` running ``SanaLinearAttnProcessor2_0`` (ReLU linear attention)."""
+    """diffusers ``Attention`` running ``SanaLinearAttnProcessor2_0`` (ReLU linear attention). Which module runs
+    linear attention is known only from its processor's class: a processor whose class name does not contain
+    ``"SanaLinear"`` is taken for softmax attention."""
 
     module = "Attention"
 
     def claims(self, module: Any) -> bool:
         from diffusers.models.attention_processor import Attention
 
-        return isinstance(module, Attention) and type(module.processor).__name__ == "SanaLinearAttnProcessor2_0"
+        # SanaLinearAttnProcessor2_0, its PAG variants, and processors named after it (a kernel's own)
+        return isinstance(module, Attention) and "SanaLinear" in type(module.processor).__name__
 
     def static_kinds(self, module: Any, temporal: bool) -> tuple[str, ...]:
         return ("self",)
