@@ -20,7 +20,11 @@ from attention_ref.interop.toy_models import toy_unet  # noqa: E402
 from attention_ref.interop.toy_transformers import toy_inputs, toy_model  # noqa: E402
 from attention_ref.interop.trace import TraceWarning  # noqa: E402
 from attention_ref.interop.trace.weights import softmax_rows  # noqa: E402
-from attention_ref.testing.sdpa_probe import compare_with_trace, sdpa_probe  # noqa: E402
+from attention_ref.testing.sdpa_probe import (  # noqa: E402
+    compare_with_trace,
+    diffusers_in_the_models_dtype,
+    sdpa_probe,
+)
 
 QUERIES = [(0.1, 0.9), (0.5, 0.5), (0.99, 0.0)]
 SOFTMAX_FAMILIES = ["pixart", "dit", "sana", "svd", "animatediff"]
@@ -34,31 +38,6 @@ def all_hooks(model):
         name: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._forward_hooks_always_called))
         for name, m in model.named_modules()
     }
-
-
-@contextlib.contextmanager
-def diffusers_in_the_models_dtype():
-    """diffusers' RMSNorm takes its mean square in float32, and Flux's apply_rotary_emb rotates in float32, even in
-    a float64 model (a float64 model's q and k are float32-rounded there): both patched to compute in the input's
-    dtype, so that a float64 model computes in float64 throughout."""
-    from diffusers.models import normalization
-    from diffusers.models.transformers import transformer_flux
-
-    def rms_forward(self, h):
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return h if self.weight is None else h * self.weight + (0 if self.bias is None else self.bias)
-
-    def rotate(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
-        cos, sin = (t[None, :, None, :] if sequence_dim == 1 else t[None, None] for t in freqs_cis)
-        real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-        return x * cos.to(x.dtype) + torch.stack([-imag, real], dim=-1).flatten(3) * sin.to(x.dtype)
-
-    saved = normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb
-    normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb = rms_forward, rotate
-    try:
-        yield
-    finally:
-        normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb = saved
 
 
 def probed(family, precision, *, in_float64=False, **trace_options):

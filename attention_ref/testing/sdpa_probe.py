@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Probe", "compare_with_trace", "sdpa_probe"]
+__all__ = ["Probe", "compare_with_trace", "diffusers_in_the_models_dtype", "sdpa_probe"]
 
 
 class Probe:
@@ -129,6 +129,35 @@ def sdpa_probe(model: Any) -> Iterator[Probe]:
         F.scaled_dot_product_attention, F.relu = original_sdpa, original_relu
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def diffusers_in_the_models_dtype() -> Iterator[None]:
+    """diffusers' RMSNorm takes its mean square in float32, and Flux's apply_rotary_emb rotates in float32, even in
+    a float64 model (a float64 model's q and k are float32-rounded there): both patched, while the block runs, to
+    compute in the input's dtype, so that a float64 model computes in float64 throughout. For measuring the trace
+    against a float64 model (the patched functions compute the same formulas); restored on exit."""
+    import torch
+    from diffusers.models import normalization
+    from diffusers.models.transformers import transformer_flux
+
+    def rms_forward(self: Any, h: Any) -> Any:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h if self.weight is None else h * self.weight + (0 if self.bias is None else self.bias)
+
+    def rotate(
+        x: Any, freqs_cis: Any, use_real: bool = True, use_real_unbind_dim: int = -1, sequence_dim: int = 2
+    ) -> Any:
+        cos, sin = (t[None, :, None, :] if sequence_dim == 1 else t[None, None] for t in freqs_cis)
+        real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return x * cos.to(x.dtype) + torch.stack([-imag, real], dim=-1).flatten(3) * sin.to(x.dtype)
+
+    saved = normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb
+    normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb = rms_forward, rotate
+    try:
+        yield
+    finally:
+        normalization.RMSNorm.forward, transformer_flux.apply_rotary_emb = saved
 
 
 def _rows(record: Any) -> np.ndarray:
