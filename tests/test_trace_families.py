@@ -177,7 +177,7 @@ def test_chunked_softmax_equals_one_piece():
     big = torch.from_numpy(40 * q).float(), torch.from_numpy(40 * k).float()
     exact = torch.softmax(0.3 * big[0].double() @ big[1].double().transpose(-1, -2), dim=-1)
     peaked = softmax_rows(*big, 0.3)
-    assert float((exact.min())) < 1e-60 and float((peaked.double() - exact).abs().max()) < 1e-6
+    assert float(exact.min()) < 1e-60 and float((peaked.double() - exact).abs().max()) < 1e-6
     assert float(peaked.min()) >= 0 and float((peaked.double() - exact).abs()[exact < 1e-40].max()) < 2e-35
 
 
