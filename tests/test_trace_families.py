@@ -148,6 +148,21 @@ def test_patch_grids_and_video_layers_are_spatial_maps():
     assert {r.keys for r in temporal} == {3, 1}  # frames, and the image context of SVD's temporal attn2
 
 
+@pytest.mark.parametrize(("patch", "grid"), [(1, (8, 8)), (4, (2, 2))])
+def test_any_patch_size_gives_the_patch_grid(patch, grid):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    config = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8}
+    model = DiTTransformer2DModel(**config, num_layers=1, sample_size=8, patch_size=patch, num_embeds_ada_norm=10)
+    args, kwargs = toy_inputs("dit", model.eval())
+    options = {"self_queries": QUERIES, "heads": "all", "keep": "all"}
+    with torch.no_grad(), sdpa_probe(model) as probe, trace(model, **options) as tr:
+        model(*args, **kwargs)
+    assert [r.grid for r in tr.layers] == [grid]
+    assert max(compare_with_trace(tr, probe).values()) <= 1e-5
+
+
 def test_temporal_attention_is_never_a_spatial_map_when_frames_equal_pixels():
     """4 frames at a 2×2 map: (B·H·W, F, C) has the shape of (B·F, H·W, C); the block it sits in decides."""
     model = toy_model("svd")
@@ -182,7 +197,7 @@ def test_chunked_softmax_equals_one_piece():
 
 
 # ----- outputs unchanged, hooks removed --------------------------------------------------------------------------
-@pytest.mark.parametrize("family", SOFTMAX_FAMILIES)
+@pytest.mark.parametrize("family", SOFTMAX_FAMILIES + JOINT_FAMILIES)
 def test_outputs_bitwise_unchanged_and_hooks_removed(family):
     model = toy_model(family)
     args, kwargs = toy_inputs(family, model, seed=3)
