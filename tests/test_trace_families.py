@@ -188,7 +188,7 @@ def test_chunked_softmax_equals_one_piece():
     kept = softmax_rows(q, k, 0.3, bias=bias, mask=mask, columns=slice(4, 9), chunk_bytes=5 * 2 * 3 * 11 * 8,
                         reduce=lambda p: p.mean(axis=1))  # fmt: skip
     np.testing.assert_allclose(kept, whole[..., 4:9].mean(axis=1), rtol=0, atol=1e-15)
-    # peaked rows: logits far below their row's largest are raised to it − 80 (float32), changing nothing visible
+    # peaked rows: weights far below the dtype's tiniest normal number are as torch's own softmax gives them
     big = torch.from_numpy(40 * q).float(), torch.from_numpy(40 * k).float()
     exact = torch.softmax(0.3 * big[0].double() @ big[1].double().transpose(-1, -2), dim=-1)
     peaked = softmax_rows(*big, 0.3)

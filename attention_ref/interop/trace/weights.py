@@ -30,8 +30,6 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 32 * 2**20  # the logits of one chunk of rows: at most this many bytes (one row at least)
-# how far below its row's largest logit a logit is raised (float32, float64): exp(−80) = 1.8e-35, exp(−700) = 1e-304
-FLOOR = {"float32": 80.0, "float64": 700.0}
 
 
 def _rows_of(a: Array | None, start: int, stop: int) -> Array | None:
@@ -67,11 +65,6 @@ def softmax_rows(
             its result must keep the rows on axis −2.
         chunk_bytes: the most bytes one chunk's logits take (at least one row is computed at a time).
 
-    A logit more than 80 (float32; 700 in float64) below the largest allowed logit of its row is raised to that
-    distance, so its weight is at most ``e⁻⁸⁰ = 1.8·10⁻³⁵`` (``10⁻³⁰⁴``) instead of a smaller number or 0 — far
-    below the dtype's resolution of the row's weights, and it keeps torch's CPU ``exp`` on its fast path (it runs
-    ~10× slower on arrays with entries past its range, as peaked rows have).
-
     Returns:
         ``(B, heads, Q, K')`` (or what ``reduce`` makes of it), the rows in order.
     """
@@ -89,15 +82,8 @@ def softmax_rows(
         b = _rows_of(bias, start, stop)
         if b is not None:
             logits = logits + b
-        m = _rows_of(mask, start, stop)
-        floor = FLOOR.get(dtype_name(logits.dtype))
-        if floor is not None:
-            # S ← max(S, max_allowed S − floor) per row (a row with no allowed key keeps −inf, unchanged)
-            allowed = logits if m is None else xp.where(m, logits, xp.asarray(-xp.inf, dtype=logits.dtype))
-            low = xp.max(allowed, axis=-1, keepdims=True) - floor
-            logits = xp.where(logits < low, low, logits)
         # P = softmax(S) over the allowed keys of each row
-        p, _ = softmax_forward(logits, axis=-1, mask=m)
+        p, _ = softmax_forward(logits, axis=-1, mask=_rows_of(mask, start, stop))
         if columns is not None:
             p = p[..., columns]
         pieces.append(p if reduce is None else reduce(p))
