@@ -14,6 +14,7 @@ from .attention import (
     WindowAttentionCache,
     attention_backward,
     attention_forward,
+    causal_mask,
     chunked_attention_backward,
     chunked_attention_forward,
     linear_attention_backward,
@@ -126,6 +127,7 @@ __all__ = [
     "AttentionCache",
     "attention_forward",
     "attention_backward",
+    "causal_mask",
     # attention, the variants
     "ChunkedAttentionCache",
     "chunked_attention_forward",

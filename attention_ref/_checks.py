@@ -6,11 +6,16 @@ is broadcast silently.
 
 from __future__ import annotations
 
+import math
+import numbers
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .backend import Array
+import array_api_compat
+
+from .backend import Array, namespace
 
 Shape = tuple[int, ...]
 
@@ -37,10 +42,138 @@ def require_floating(xp: ModuleType, name: str, x: Array) -> None:
         )
 
 
+def array_namespace(**arrays: Any) -> ModuleType:
+    """The namespace of the named ``arrays`` (``None`` entries skipped), as :func:`attention_ref.backend.namespace`.
+
+    ``TypeError`` naming the argument for anything that is not an array (a list, a float, ``None`` where
+    an array is required is the caller's check), and for arrays of different libraries.
+    """
+    for name, a in arrays.items():
+        if a is not None and not array_api_compat.is_array_api_obj(a):
+            raise TypeError(f"{name} must be an array (NumPy, CuPy, torch or array_api_strict), got {type(a).__name__}")
+    return namespace(*arrays.values())
+
+
+def require_array(name: str, x: Any) -> None:
+    """``TypeError`` naming ``name`` unless ``x`` is an array (``None`` included: the argument is required)."""
+    if x is None or not array_api_compat.is_array_api_obj(x):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, torch or array_api_strict), got {type(x).__name__}")
+
+
+def require_dout(dout: Any, shape: Sequence[int], dtype: Any, *, where: str = "", name: str = "dout") -> ModuleType:
+    """Check a backward's upstream gradient as the forwards check their inputs; return its namespace.
+
+    ``dout`` must be an array (``TypeError``) of exactly the forward output's ``shape`` (``ValueError``,
+    no broadcasting) and ``dtype`` (``TypeError``: an integer ``dout`` would give integer gradients, a
+    float64 one float64 gradients for a float32 forward, without a word). ``dtype=None`` (a cache made
+    without one) asks only for a real floating dtype. ``where`` prefixes the messages ("softmax: ...").
+    """
+    prefix = f"{where}: " if where else ""
+    require_array(f"{prefix}{name}", dout)
+    xp = namespace(dout)
+    if tuple(dout.shape) != tuple(shape):
+        raise ValueError(f"{prefix}{name} of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
+    if dtype is None:
+        require_floating(xp, f"{prefix}{name}", dout)
+    elif dout.dtype != dtype:
+        raise TypeError(
+            f"{prefix}{name} has dtype {dtype_name(dout.dtype)}, but the forward ran in {dtype_name(dtype)}: "
+            f"cast {name} to it"
+        )
+    return xp
+
+
 def require_dout_shape(where: str, dout: Array, shape: Sequence[int]) -> None:
-    """``ValueError`` unless ``dout`` has exactly the forward output's ``shape`` (no broadcasting)."""
+    """``ValueError`` unless ``dout`` has exactly the forward output's ``shape`` (no broadcasting).
+
+    The shape alone: a backward checks its ``dout`` with :func:`require_dout`, which checks the dtype too.
+    """
     if tuple(dout.shape) != tuple(shape):
         raise ValueError(f"{where}: dout of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
+
+
+def check_cache(cache: Any, expected: type, backward: str) -> None:
+    """``TypeError`` unless ``cache`` is an ``expected``; the message names the backward that takes it.
+
+    The backward is found among attention_ref's public ``*_backward`` functions by the annotation of
+    their ``cache`` parameter, so the blocks' caches are named as well as the ops' and attention's.
+    """
+    if isinstance(cache, expected):
+        return
+    got = type(cache).__name__
+    matching = _backwards_taking(got)
+    hint = f"; it belongs to {' or '.join(matching)}" if matching else ""
+    raise TypeError(f"{backward} needs the {expected.__name__} its forward returned, got a {got}{hint}")
+
+
+def _backwards_taking(cache_class: str) -> list[str]:
+    """Public ``*_backward`` functions of attention_ref whose ``cache`` parameter is annotated ``cache_class``."""
+    package = sys.modules.get("attention_ref")
+    names = []
+    for name in sorted(getattr(package, "__all__", ())):
+        fn = getattr(package, name, None)
+        annotation = getattr(fn, "__annotations__", {}).get("cache") if name.endswith("_backward") else None
+        if annotation == cache_class or getattr(annotation, "__name__", None) == cache_class:
+            names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------- options: axes, sizes, epsilons
+
+
+def check_axis(axis: Any, x: Array, name: str = "axis") -> int:
+    """``axis`` as an int in ``[-x.ndim, x.ndim)``: ``TypeError`` for anything but an int (a bool, a float,
+    ``None``, a tuple), ``ValueError`` naming the shape when it is out of range (every axis of a 0-d ``x``)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int (one axis), got {type(axis).__name__} {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{name} {axis} is out of range for x of shape {tuple(x.shape)} ({x.ndim} dimensions)")
+    return int(axis)
+
+
+def check_positive_int(name: str, value: Any, where: str = "") -> int:
+    """``value`` as an int ≥ 1: ``TypeError`` for a bool, a float (``2.0``), ``None`` or a string,
+    ``ValueError`` for 0 or less. NumPy integers count."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{prefix}{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{prefix}{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def check_real(
+    name: str, value: Any, where: str = "", *, minimum: float | None = None, nonzero: bool = False
+) -> float:
+    """``value`` as a finite float: ``TypeError`` for anything but a real number (a bool, a string,
+    ``None``, an array), ``ValueError`` for ``inf`` or NaN, below ``minimum``, or 0 when ``nonzero``.
+    Any real scalar counts: ``1e-5``, ``1``, ``numpy.float32(0.5)``."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{prefix}{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{prefix}{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{prefix}{name} must be at least {minimum}, got {value}")
+    if nonzero and value == 0.0:
+        raise ValueError(f"{prefix}{name} must not be 0 (the output is divided by it)")
+    return value
+
+
+def check_eps(name: str, value: Any, where: str = "") -> float:
+    """A norm's epsilon: a finite real ≥ 0 (``-1`` or NaN would make every output NaN)."""
+    return check_real(name, value, where, minimum=0.0)
+
+
+def require_finite(xp: ModuleType, name: str, x: Array, where: str = "") -> None:
+    """``ValueError`` when ``x`` has an infinite entry (NaN is allowed: it propagates)."""
+    if bool(xp.any(xp.isinf(x))):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(
+            f"{prefix}{name} has an infinite entry; it must be finite (NaN is allowed: it propagates). "
+            "An infinite input has no attention output: its norm or its logits are inf - inf"
+        )
 
 
 def require_same_dtype(where: str, **arrays: Array | None) -> None:
@@ -86,14 +219,21 @@ def require_ndim(name: str, x: Array, ndim: int | Sequence[int]) -> None:
 
 
 def broadcast_shape(a: Shape, b: Shape) -> Shape:
-    """The NumPy broadcast of two shapes, or ``ValueError`` naming both."""
+    """The NumPy broadcast of two shapes, or ``ValueError`` naming both.
+
+    NumPy's rule, axis by axis from the right: equal sizes stay; a size of 1 takes the other's size,
+    0 included (``(1, 4)`` and ``(0, 4)`` give ``(0, 4)``); any other pair is an error.
+    """
     out = []
     for i in range(1, max(len(a), len(b)) + 1):
         da = a[-i] if i <= len(a) else 1
         db = b[-i] if i <= len(b) else 1
-        if da != db and 1 not in (da, db):
+        if da == 1:
+            out.append(db)
+        elif db == 1 or da == db:
+            out.append(da)
+        else:
             raise ValueError(f"shapes {a} and {b} cannot be broadcast together")
-        out.append(max(da, db) if 1 in (da, db) else da)
     return tuple(reversed(out))
 
 
@@ -129,19 +269,3 @@ def sum_to_shape(xp: ModuleType, g: Array, shape: Shape) -> Array:
 def common_float_dtype(xp: ModuleType, *arrays: Array) -> Any:
     """The promoted floating dtype of ``arrays`` (all must be floating)."""
     return xp.result_type(*[a.dtype for a in arrays])
-
-
-def require_dout(where: str, dout: Array, shape: Sequence[int], dtype: Any) -> None:
-    """``ValueError`` unless ``dout`` has the forward output's ``shape``; ``TypeError`` unless its ``dtype``.
-
-    A float64 ``dout`` for a float32 forward would otherwise give float64 gradients without a word, and a
-    ``dout`` that broadcasts would give gradients of the wrong size.
-    """
-    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
-        raise TypeError(f"{where}: dout must be an array, got {type(dout).__name__}")
-    require_dout_shape(where, dout, shape)
-    if dout.dtype != dtype:
-        raise TypeError(
-            f"{where}: dout has dtype {dtype_name(dout.dtype)}, but the forward ran in {dtype_name(dtype)}: "
-            "cast dout to it"
-        )

@@ -6,6 +6,8 @@ Each buggy function differs from a correct one in one place, marked ``# BUG``.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 BLOCK = 16  # tile width of the blocked (FlashAttention-style) implementations
@@ -213,6 +215,121 @@ def last_query_tile_size_everywhere(q, k, v, *, mask=None, bias=None, scale=None
     return query_tiled(q, k, v, mask=mask, bias=bias, scale=scale, last_size_everywhere=True)  # BUG: see `query_tiled`
 
 
+# ---------------------------------------------------------------- forward bugs of low-precision kernels and wrappers
+# Each is found by a kernel engineer's own tests only where it is large: the battery must show it in the dtypes the
+# kernels ship (float16, bfloat16), under the "fused" policy (logits, max, ℓ, lse and every sum in float32).
+
+
+def _causal_pattern(mask, N, M, alignment):
+    """True when ``mask`` is exactly the causal mask (N, M) of that alignment (as a wrapper recognises one)."""
+    from attention_ref import causal_mask
+
+    return mask is not None and mask.shape[-2:] == (N, M) and bool(np.all(mask == causal_mask(N, M, alignment)))
+
+
+def causal_bottom_right_for_top_left(q, k, v, *, mask=None, bias=None, scale=None):
+    """A wrapper that recognises PyTorch's (top-left) causal mask and calls a kernel's ``causal=True``, which aligns
+    bottom-right (FlashAttention ≥ 2.1): the same mask when N == M."""
+    from attention_ref import causal_mask
+
+    N, M = q.shape[-2], k.shape[-2]
+    if _causal_pattern(mask, N, M, "top_left"):
+        mask = causal_mask(N, M, "bottom_right")  # BUG: the kernel's causal flag is aligned bottom-right
+    return working_precision_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+
+
+def causal_top_left_for_bottom_right(q, k, v, *, mask=None, bias=None, scale=None):
+    """The reverse: a bottom-right causal mask (FlashAttention's) handed to ``is_causal=True`` (PyTorch's, top-left)."""
+    from attention_ref import causal_mask
+
+    N, M = q.shape[-2], k.shape[-2]
+    if _causal_pattern(mask, N, M, "bottom_right"):
+        mask = causal_mask(N, M, "top_left")  # BUG: is_causal is aligned top-left
+    return working_precision_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+
+
+def scale_or_default(q, k, v, *, mask=None, bias=None, scale=None):
+    scale = scale or 1.0 / np.sqrt(q.shape[-1])  # BUG: a scale of 0 is taken as "use the default"
+    return working_precision_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+
+
+def grad_scale_or_default(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    scale = scale or 1.0 / np.sqrt(q.shape[-1])  # BUG: as in scale_or_default
+    return working_precision_grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+
+
+def working_precision_forward(q, k, v, *, mask=None, bias=None, scale=None):
+    """The plain correct forward in the working dtype (float32, or float64 for float64)."""
+    return ordered_attention("blas")[0](q, k, v, mask=mask, bias=bias, scale=scale)
+
+
+def working_precision_grad(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    """The plain correct backward in the working dtype (float32, or float64 for float64)."""
+    return ordered_attention("blas")[1](q, k, v, dout, mask=mask, bias=bias, scale=scale)
+
+
+def online_sum_in_float16(q, k, v, *, mask=None, bias=None, scale=None):
+    """:func:`blocked` (online softmax over tiles of BLOCK keys) whose running sum ℓ is kept in float16."""
+    s_all = logits(q, k, bias, scale)
+    if mask is not None:
+        s_all = np.where(mask, s_all, -np.inf)
+    v32 = v.astype(np.float32)
+    m = np.full((*s_all.shape[:-1], 1), -np.inf, dtype=np.float32)
+    total = np.zeros(m.shape, np.float16)  # BUG: the running Σ exp(s - m) in float16, not float32
+    acc = np.zeros((*s_all.shape[:-1], v.shape[-1]), dtype=np.float32)
+    for start in range(0, k.shape[-2], BLOCK):
+        s = s_all[..., start : start + BLOCK]
+        m_new = np.maximum(m, np.max(s, axis=-1, keepdims=True))
+        shift = np.where(np.isneginf(m_new), 0.0, m_new)
+        e = np.exp(s - shift)
+        correction = np.exp(np.where(np.isneginf(m), -np.inf, m - shift))
+        total = (correction * total + np.sum(e, axis=-1, keepdims=True)).astype(np.float16)
+        acc = correction * acc + e @ v32[..., start : start + BLOCK, :]
+        m = m_new
+    total = total.astype(np.float32)
+    return finish(acc / np.where(total == 0, 1.0, total), q)
+
+
+def softmax_sum_in_float16(q, k, v, *, mask=None, bias=None, scale=None):
+    """Otherwise correct: ℓ = Σ_k exp(s_k − m) accumulated key by key in a float16 register."""
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isneginf(m), 0.0, m))
+    total = np.zeros(m.shape, np.float16)
+    for j in range(e.shape[-1]):  # BUG: the softmax's sum in float16
+        total = (total + e[..., j : j + 1]).astype(np.float16)
+    total = total.astype(np.float32)
+    return finish((e @ v.astype(np.float32)) / np.where(total == 0, 1.0, total), q)
+
+
+def max_in_float16_numerator(q, k, v, *, mask=None, bias=None, scale=None):
+    """The row max kept in float16 where the numerator exp(s − m) is formed, in float32 for the denominator ℓ."""
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m32 = np.max(s, axis=-1, keepdims=True)
+    m32 = np.where(np.isneginf(m32), 0.0, m32)
+    m16 = m32.astype(np.float16).astype(np.float32)  # BUG: the numerator's shift rounded to float16
+    total = np.sum(np.exp(s - m32), axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        numerator = np.exp(s - m16) @ v.astype(np.float32)
+    return finish(numerator / np.where(total == 0, 1.0, total), q)
+
+
+def mask_by_multiplying_exp(q, k, v, *, mask=None, bias=None, scale=None):
+    """Masks by multiplying exp(s − m) by the mask, with m the max over *every* key, masked ones too: where a masked
+    key's logit is far above the allowed ones, their exp underflows and the row comes out 0."""
+    s = logits(q, k, bias, scale)
+    m = np.max(s, axis=-1, keepdims=True)  # BUG: the max over the masked keys too
+    e = np.exp(s - m)
+    if mask is not None:
+        e = e * mask
+    total = np.sum(e, axis=-1, keepdims=True)
+    return finish((e / np.where(total == 0, 1.0, total)) @ v.astype(np.float32), q)
+
+
 # ---------------------------------------------------------------- backward (correct and buggy)
 
 
@@ -230,9 +347,12 @@ def grad_missing_softmax_term(q, k, v, dout, *, mask=None, bias=None, scale=None
 
 
 def grad_dq_missing_scale(q, k, v, dout, *, mask=None, bias=None, scale=None):
-    dq, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
-    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    return finish(dq.astype(np.float32) / np.float32(scale_), q), dk, dv  # BUG: dQ = dS K, no scale
+    _, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+    p = softmax(logits(q, k, bias, scale), mask)
+    do32, v32 = dout.astype(np.float32), v.astype(np.float32)
+    dp = do32 @ t(v32)
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    return finish(ds @ k.astype(np.float32), q), dk, dv  # BUG: dQ = dS K, no scale
 
 
 def grad_dk_not_transposed(q, k, v, dout, *, mask=None, bias=None, scale=None):
@@ -258,6 +378,44 @@ def grad_dv_accumulated_in_dtype(q, k, v, dout, *, mask=None, bias=None, scale=N
     dv = np.zeros(v.shape, q.dtype)
     for i in range(q.shape[-2]):  # BUG: dV = Σ_i P_ij dO_i accumulated query by query in the input dtype
         dv = (dv.astype(np.float32) + p[..., i, :, None] * do32[..., i, None, :]).astype(q.dtype)
+    return dq, dk, dv
+
+
+def grad_lse_from_sum_in_float16(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    """FlashAttention's backward (P = exp(S − lse), D = dO·O), with the lse formed from an ℓ summed in float16."""
+    scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = logits(q, k, bias, scale)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)
+    e = np.exp(s - m)
+    total = np.zeros(m.shape, np.float16)
+    for j in range(e.shape[-1]):  # BUG: ℓ summed key by key in float16
+        total = (total + e[..., j : j + 1]).astype(np.float16)
+    total = total.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        lse = np.where(total == 0, np.inf, m + np.log(np.where(total == 0, 1.0, total)))
+    p = np.exp(s - lse)  # (..., N, M); a row with no key: exp(-inf - inf) = 0
+    q32, k32, v32, do32 = (a.astype(np.float32) for a in (q, k, v, dout))
+    o = (softmax(s, None) @ v32).astype(q.dtype).astype(np.float32)  # the forward's (correct) output
+    dp = do32 @ t(v32)
+    ds = p * (dp - np.sum(do32 * o, axis=-1, keepdims=True))
+    dq, dk, dv = np.float32(scale_) * (ds @ k32), np.float32(scale_) * (t(ds) @ q32), t(p) @ do32
+    return tuple(finish(g, q) for g in (dq, dk, dv))
+
+
+def grad_dk_zero_for_long_sequences(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    dq, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+    if k.shape[-2] >= 512:
+        dk = np.zeros_like(dk)  # BUG: a launch configuration for M ≥ 512 that never writes dK
+    return dq, dk, dv
+
+
+def grad_zero_for_large_queries(q, k, v, dout, *, mask=None, bias=None, scale=None):
+    dq, dk, dv = grad(q, k, v, dout, mask=mask, bias=bias, scale=scale)
+    if np.max(np.abs(q.astype(np.float32))) > 20:
+        dq, dk = np.zeros_like(dq), np.zeros_like(dk)  # BUG: a guard against large inputs that zeroes the gradients
     return dq, dk, dv
 
 
@@ -471,3 +629,128 @@ def eager_attention(detach_max=False):
         return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
 
     return fn, grad_fn
+
+
+# ---------------------------------------------------------------- logsumexp formulations
+# Kernels that keep a row's logsumexp lse = m + log ℓ (in the working dtype: float32, or float64 for float64) and
+# form the weights as P = exp(S − lse): FlashAttention's backward, two-pass forwards, split-K decoding. An lse near
+# 500 is rounded as a whole, which moves every weight of its row by the same factor: legitimate, and modelled.
+
+
+def _lse(s, w):
+    """``lse = m + log Σ_k exp(s_k − m)`` over the last axis, in ``w``; ``-inf`` on a row with no key.  (..., N, 1)"""
+    m = np.max(s, axis=-1, keepdims=True)
+    shift = np.where(np.isneginf(m), 0.0, m).astype(w)
+    total = np.sum(np.exp(s - shift), axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return np.where(total == 0, -np.inf, shift + np.log(np.where(total == 0, 1.0, total))).astype(w)
+
+
+def _p_from_lse(s, lse):
+    """``P = exp(S − lse)``, 0 on rows with no key."""
+    finite = np.isfinite(lse)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite, np.exp(s - np.where(finite, lse, 0.0)), 0.0).astype(s.dtype)
+
+
+def _scaled_logits(q, k, mask, bias, scale, w):
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = w.type(scale) * (q.astype(w) @ t(k.astype(w)))
+    if bias is not None:
+        s = s + bias.astype(w)
+    return s if mask is None else np.where(mask, s, -np.inf)
+
+
+def lse_attention(forward="two-pass", splits=4, d_from="dO·O"):
+    """``(fn, grad_fn)`` of attention through the logsumexp, in the working dtype.
+
+    forward: ``"two-pass"`` — a first pass forms each row's lse, a second ``P = exp(S − lse)`` (stored in the input
+        dtype) and ``O = P V``; ``"split-k"`` — the keys in ``splits`` chunks, each giving its own normalised output
+        and lse, merged as ``lse = log Σ_s exp(lse_s)``, ``O = Σ_s exp(lse_s − lse) O_s`` (FlashDecoding).
+    The backward recomputes ``P = exp(S − lse)`` from the forward's lse, with ``D_i = dO_i·O_i`` from the output
+    as returned (``d_from="dO·O"``, FlashAttention-2) or ``D_i = Σ_k P_ik dP_ik`` (``"ΣP∘dP"``).
+    """
+
+    def two_pass(s, v_, like):
+        lse = _lse(s, s.dtype)
+        p = _p_from_lse(s, lse).astype(like).astype(s.dtype)
+        return p @ v_, lse
+
+    def split_k(s, v_, like):
+        M, w = s.shape[-1], s.dtype
+        bounds = np.linspace(0, M, splits + 1).astype(int)
+        outs, lses = [], []
+        for a, b in itertools.pairwise(bounds):
+            if a == b:
+                continue
+            o_s, lse_s = two_pass(s[..., a:b], v_[..., a:b, :], like)
+            outs.append(o_s)
+            lses.append(lse_s)
+        lse_all = np.concatenate(lses, axis=-1)  # (..., N, splits)
+        lse = _lse(lse_all, w)
+        weight = _p_from_lse(lse_all, lse)  # exp(lse_s − lse)
+        out = sum(weight[..., i : i + 1] * o for i, o in enumerate(outs))
+        return out.astype(w), lse
+
+    run = {"two-pass": two_pass, "split-k": split_k}[forward]
+
+    def forward_(q, k, v, mask, bias, scale):
+        w = _work(q.dtype)
+        return run(_scaled_logits(q, k, mask, bias, scale, w), v.astype(w), q.dtype)
+
+    def fn(q, k, v, *, mask=None, bias=None, scale=None):
+        return forward_(q, k, v, mask, bias, scale)[0].astype(q.dtype)
+
+    def grad_fn(q, k, v, dout, *, mask=None, bias=None, scale=None):
+        w = _work(q.dtype)
+        out, lse = forward_(q, k, v, mask, bias, scale)
+        scale_ = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        q_, k_, v_, do = (a.astype(w) for a in (q, k, v, dout))
+        p = _p_from_lse(_scaled_logits(q, k, mask, bias, scale, w), lse)
+        dp = do @ t(v_)
+        if d_from == "dO·O":
+            d = np.sum(do * out.astype(q.dtype).astype(w), axis=-1, keepdims=True)
+        else:
+            d = np.sum(p * dp, axis=-1, keepdims=True)
+        ds = p * (dp - d)
+        dq, dk, dv = w.type(scale_) * (ds @ k_), w.type(scale_) * (t(ds) @ q_), t(p) @ do
+        return tuple(g.astype(q.dtype) for g in (dq, dk, dv))
+
+    return fn, grad_fn
+
+
+# ---------------------------------------------------------------- the sweep's kernels
+# Every correct formulation the tolerance must accept on re-seeds of the battery's most data-dependent recipes
+# (tests/test_oracle_sweep.py runs a few seeds on every `make test`; scripts/oracle_sweep.py runs all 40).
+
+
+def sweep_kernels():
+    """``{name: ((fn, grad_fn), policy)}``: five summation orders, eager code through the max shift (judged as eager
+    code: in float32 and float64 that is the fused policy's arithmetic too), three logsumexp formulations."""
+    return {
+        "sequential over keys": (ordered_attention("sequential"), "fused"),
+        "pairwise": (ordered_attention("pairwise"), "fused"),
+        "BLAS": (ordered_attention("blas"), "fused"),
+        "tiled over 32 keys": (tiled_attention(32), "fused"),
+        "QKᵀ reversed over d": (ordered_attention("blas", qk_order="reverse"), "fused"),
+        "eager, autograd through the max shift": (eager_attention(), "eager"),
+        "two-pass forward": (lse_attention("two-pass"), "fused"),
+        "split-K merged by lse": (lse_attention("split-k", splits=4), "fused"),
+        "backward from lse, D = ΣP∘dP": (lse_attention("two-pass", d_from="ΣP∘dP"), "fused"),
+    }
+
+
+def sweep_ratios(kernel, ref, dtype):
+    """Per output, the check's ratio for one kernel on one reference (the harness's own comparison)."""
+    from attention_ref.testing.harness import compare_output
+
+    fn, grad_fn = kernel
+    x = ref.inputs
+    kw = {"mask": x["mask"], "bias": x["bias"], "scale": x["scale"]}
+    got = {"out": fn(x["q"], x["k"], x["v"], **kw)}
+    got.update(zip(("dq", "dk", "dv"), grad_fn(x["q"], x["k"], x["v"], x["dout"], **kw), strict=True))
+    return {
+        o: compare_output("sweep", o, got[o], ref.exact[o], ref.kernel_error[o], ref.magnitude[o], dtype,
+                          policy=ref.policy, groups=ref.groups[o], last_rounding=True).ratio
+        for o in ("out", "dq", "dk", "dv")
+    }  # fmt: skip

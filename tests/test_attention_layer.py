@@ -476,7 +476,7 @@ def test_backward_refuses_another_cache_and_a_dy_of_another_shape_or_dtype(rng):
         ar.attention_layer_backward(y, block_cache)
     with pytest.raises(ValueError, match=r"dy of shape \(2, 6, 4\) does not match the output shape \(2, 6, 8\)"):
         ar.attention_layer_backward(y[..., :4], cache)
-    with pytest.raises(TypeError, match="dy has dtype float32 but the forward ran in float64"):
+    with pytest.raises(TypeError, match="dy has dtype float32, but the forward ran in float64"):
         ar.attention_layer_backward(y.astype(np.float32), cache)
 
 

@@ -363,7 +363,7 @@ def test_backward_rejects_the_wrong_cache_or_dy(rng):
         ar.cross_attention_backward(y, cache)
     with pytest.raises(ValueError, match=r"dy of shape \(1, 2, 2, 3\) does not match the output shape \(1, 2, 2, 4\)"):
         ar.self_attention_backward(y[..., :3], cache)
-    with pytest.raises(TypeError, match="dy has dtype float32 but the forward ran in float64"):
+    with pytest.raises(TypeError, match="dy has dtype float32, but the forward ran in float64"):
         ar.self_attention_backward(y.astype(np.float32), cache)
 
 

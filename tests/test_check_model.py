@@ -115,7 +115,8 @@ def test_report_rows_shapes_and_text(unet):
     assert (row.kind, row.call, row.verdict) == ("cross", 0, "ok")
     assert row.hidden_shape == (2, 16, 64) and row.context_shape == (2, 9, 32) and row.output_shape == (2, 16, 64)
     assert row.shapes == "(2, 16, 64), ctx (2, 9, 32) → (2, 16, 64)"
-    assert report.summary().startswith("toy: 32 attention calls in 32 layers, checked in float64 — PASSED")
+    head = "toy: 32 attention calls in 32 layers, checked in float64 (fused policy) — PASSED"
+    assert report.summary().startswith(head)
     assert 0 < report.worst_ratio() <= 1
 
 
@@ -159,6 +160,6 @@ def test_a_call_without_hidden_states_is_a_failed_row_not_an_escaped_error():
 
 
 def test_a_policy_must_be_a_policy():
-    with pytest.raises(TypeError, match="policy must be a Policy"):
+    with pytest.raises(TypeError, match=r"policy must be .fused., .eager. or a Policy"):
         args, kwargs = inputs()
         check_model(toy_unet(), *args, policy={"c": 3}, **kwargs)

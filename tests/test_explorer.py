@@ -120,6 +120,45 @@ def test_page_checks_its_layers_tokens_and_steps():
         Explorer((self_layer,), start_query=(0.5, 1.5))
 
 
+def test_first_view_is_a_cross_layer_at_the_last_step_on_the_first_word():
+    self_layer = ExplorerLayer("s", "self", (H, W), uniform(3, 1, H * W, H * W))
+    cross_a = ExplorerLayer("c1", "cross", (H, W), uniform(3, 2, H * W, len(TOKENS)))
+    cross_b = ExplorerLayer("c2", "cross", (2, 3), uniform(3, 1, 6, len(TOKENS)))
+    page = Explorer((self_layer, cross_a, cross_b), tokens=TOKENS)
+    # "a", the first token that is not <sot>; step 2, the last; the scale that keeps a flat map flat
+    assert page.start_view() == {"layer": 1, "step": 2, "word": 1, "scale": "shared"}
+    assert page_json(page)["start"] == page.start_view()
+    assert next(iter(explorer_module.SCALES)) == "shared"
+    chosen = Explorer((self_layer, cross_a, cross_b), tokens=TOKENS, start_layer="c2", start_step=0)
+    assert chosen.start_view() == {"layer": 2, "step": 0, "word": 1, "scale": "shared"}
+    # without a cross layer: the first layer; with special tokens only: the first token
+    assert Explorer((self_layer,)).start_view()["layer"] == 0
+    only_special = ExplorerLayer("c", "cross", (1, 1), np.full((1, 1, 1, 2), 0.5))
+    assert Explorer((only_special,), tokens=["<sot>", "<eot>"]).start_view()["word"] == 0
+    with pytest.raises(ValueError, match=r"start_layer 'c3' is not one of the layers \['s', 'c1', 'c2'\]"):
+        Explorer((self_layer, cross_a, cross_b), tokens=TOKENS, start_layer="c3")
+    with pytest.raises(ValueError, match="start_step 3 is outside the 3 steps"):
+        Explorer((self_layer,), start_step=3)
+    with pytest.raises(TypeError):
+        Explorer((self_layer,), start_step=1.5)
+
+
+def test_step_images_are_one_rgb_image_per_step():
+    layer = ExplorerLayer("s", "self", (2, 2), uniform(3, 1, 4, 4))
+    grey = np.linspace(0, 1, 3 * 5 * 6).reshape(3, 5, 6)
+    page = Explorer((layer,), step_images=grey, step_images_label="x̂₀")
+    assert page.step_images.shape == (3, 5, 6, 3) and page.step_images.dtype == np.uint8
+    np.testing.assert_array_equal(page.step_images[2, :, :, 1], np.round(grey[2] * 255))
+    data = page_json(page)["stepImages"]
+    assert (data["steps"], data["height"], data["width"], data["label"]) == (3, 5, 6, "x̂₀")
+    np.testing.assert_array_equal(decoded(data["rgb"], "u1").reshape(3, 5, 6, 3), page.step_images)
+    assert page_json(Explorer((layer,)))["stepImages"] is None
+    with pytest.raises(ValueError, match="with S = 3 steps"):
+        Explorer((layer,), step_images=grey[:2])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        Explorer((layer,), step_images=grey * 2)
+
+
 def test_page_refuses_weights_a_browser_cannot_hold(monkeypatch):
     monkeypatch.setattr(explorer_module, "MAX_PAGE_BYTES", 1000)
     with pytest.raises(ValueError, match="more than a page can carry"):
@@ -215,6 +254,37 @@ def test_explore_recomputes_rows_of_attention_that_stores_none(rng):
         explore(linear)
 
 
+def test_explore_checks_the_page_size_before_recomputing_rows(rng, monkeypatch):
+    # a 96×96 map's dense rows are 1.39 GiB in float64 and take seconds: refused before any is computed
+    x = rng.standard_normal((1, H, W, C))
+    _, chunked = self_attention_forward(
+        x, init_self_attention(C, heads=2, groups=4, rng=0), heads=2, groups=4, attention="chunked"
+    )
+    calls = []
+    original = type(chunked.layer).weight_rows
+
+    def counted(cache, start, stop):
+        calls.append((start, stop))
+        return original(cache, start, stop)
+
+    monkeypatch.setattr(type(chunked.layer), "weight_rows", counted)
+    monkeypatch.setattr(explorer_module, "MAX_PAGE_BYTES", 4 * 2 * (H * W) ** 2 - 1)  # one byte short of the layer
+    with pytest.raises(ValueError, match="more than a page can carry"):
+        explore(chunked)
+    assert calls == []
+    # the page's other layers count too
+    monkeypatch.setattr(explorer_module, "MAX_PAGE_BYTES", 4 * 2 * (H * W) ** 2 + 50)
+    small = ExplorerLayer("rows", "self", (H, W), uniform(1, 1, 1, H * W), query_pixels=np.array([[0, 0]]))
+    with pytest.raises(ValueError, match="more than a page can carry"):
+        explore({"rows": small, "chunked": chunked})
+    assert calls == []
+    # within the limit, the rows come a band at a time and equal the exact weights
+    monkeypatch.setattr(explorer_module, "ROWS_AT_ONCE", 5)
+    _, exact = self_attention_forward(x, init_self_attention(C, heads=2, groups=4, rng=0), heads=2, groups=4)
+    np.testing.assert_allclose(explore(chunked).layers[0].weights[0], exact.weights[0], rtol=1e-6, atol=1e-9)
+    assert calls == [(s, min(s + 5, H * W)) for s in range(0, H * W, 5)]
+
+
 def test_explore_keeps_only_the_asked_query_rows(self_cache):
     positions = [(0.1, 0.1), (0.9, 0.5)]
     layer = explore(self_cache, query_positions=positions).layers[0]
@@ -269,6 +339,10 @@ def test_npz_round_trip_keeps_everything(tmp_path):
         title="τ <round> & trip",
         notes="notes",
         start_query=(0.25, 0.75),
+        step_images=rng.uniform(size=(2, 3, 4, 3)),
+        step_images_label="x̂₀ per step",
+        start_layer="self rows",
+        start_step=0,
     )
     path = page.save_npz(tmp_path / "page")  # no suffix: written exactly there, not at page.npz
     assert path == tmp_path / "page" and path.is_file()
@@ -286,13 +360,17 @@ def test_npz_round_trip_keeps_everything(tmp_path):
         page.notes,
         page.start_query,
     )
+    np.testing.assert_array_equal(back.step_images, page.step_images)
+    assert (back.step_images_label, back.start_layer, back.start_step) == ("x̂₀ per step", "self rows", 0)
+    assert back.start_view() == page.start_view() == {"layer": 0, "step": 0, "word": 1, "scale": "shared"}
     assert back.html() == page.html()
 
 
 def test_npz_without_image_tokens_or_steps(tmp_path):
     page = Explorer((ExplorerLayer("s", "self", (2, 2), uniform(1, 1, 4, 4)),))
     back = load_explorer(page.save_npz(tmp_path / "p.npz"))
-    assert (back.image, back.tokens, back.steps) == (None, None, None)
+    assert (back.image, back.tokens, back.steps, back.step_images) == (None, None, None, None)
+    assert (back.start_layer, back.start_step) == (None, None)
 
 
 def test_npz_refuses_other_files(tmp_path):
@@ -353,6 +431,13 @@ def test_page_text_cannot_break_out_of_its_elements(cross_cache):
     assert text.count("</script>") == 2  # the data's and the script's own
     assert "<b>bold</b>" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
     assert page_json(page)["tokens"][0] == tokens[0]  # and the script reads the token back as it was
+    # the per-step images' label and the first layer's name travel in the data too
+    evil = "</script><img src=x onerror=alert(1)>"
+    layer = ExplorerLayer(evil, "self", (1, 1), np.ones((2, 1, 1, 1)))
+    page = Explorer((layer,), step_images=np.zeros((2, 2, 2)), step_images_label=evil, start_layer=evil)
+    text = page.html()
+    assert text.count("</script>") == 2 and "<img" not in text
+    assert page_json(page)["stepImages"]["label"] == evil and page_json(page)["layers"][0]["name"] == evil
 
 
 def test_colour_table_is_the_figures_colour_map():
@@ -411,7 +496,7 @@ def test_explore_command_diffusion_shows_every_layer_at_every_step(tmp_path, cap
         ("cross", (16, 16)),
     ]
     assert page.tokens == ("<sot>", "red", "circle", "and", "blue", "triangle", "<eot>")
-    assert len(page.steps) == 25 and page.steps[0] == "t=999" and page.steps[-1] == "t=0"
+    assert len(page.steps) == 25 and page.steps[0] == "t = 999" and page.steps[-1] == "t = 0"
     for L in page.layers:
         np.testing.assert_allclose(L.weights.sum(axis=-1), 1.0, rtol=1e-5)  # the padding had no weight
     assert "IoU" in page.notes
@@ -428,7 +513,15 @@ def test_diffusion_trace_page_holds_the_trace():
         ["green square", "red circle and blue triangle"], seed=1, steps=3, queries=[(2, 2), (3, 3), (9, 12)]
     )
     page = result.explorer(1)
-    assert page.steps == tuple(f"t={t}" for t in result.timesteps)
+    # the left panel's image at each step: the clean image x̂₀ that step predicts, from [−1, 1] to bytes
+    np.testing.assert_array_equal(page.step_images, np.round(np.clip((result.x0_pred[1] + 1) / 2, 0, 1) * 255))
+    assert page.step_images.shape == (3, 16, 16, 3) and "x̂₀" in page.step_images_label
+    # it opens on the mid block's cross-attention, at the last step, on "red"
+    view = page.start_view()
+    assert page.layers[view["layer"]].name == "mid.attn.blocks.0.attn2" and page.layers[view["layer"]].kind == "cross"
+    assert (view["step"], page.tokens[view["word"]], view["scale"]) == (2, "red", "shared")
+    assert result.explorer(1, start_layer="up.0.attn.blocks.0.attn2").start_view()["layer"] == 7
+    assert page.steps == tuple(f"t = {t}" for t in result.timesteps)
     assert page.tokens == tuple(result.tokens[1]) and np.array_equal(page.image, np.round(result.images[1] * 255))
     for layer, shown in zip(result.layers, page.layers, strict=True):
         assert (shown.name, shown.kind, shown.grid) == (layer.name, layer.kind, layer.grid)

@@ -1,6 +1,7 @@
 """The explorer's page in a real browser: Debian's headless Chromium, driven by selenium through chromedriver.
 
-Each test loads a page, acts on it as a person would (a click on a pixel, on a word, a menu, the
+Each test loads a page, waits for the page's own signal that it has drawn (``window.explorerReady``,
+set after the first drawing), acts on it as a person would (a click on a pixel, on a word, a menu, the
 step slider), reads back what the page shows — the values it keeps in the map canvas's
 ``data-values`` and the canvas's pixels — and compares them with the library's weights.
 The console must stay free of errors.
@@ -63,6 +64,7 @@ pytestmark = pytest.mark.skipif(WHY_NO_BROWSER is not None, reason=str(WHY_NO_BR
 H, W, C = 4, 6, 8
 TOKENS = ["<sot>", "a", "red", "cat", "<eot>"]
 TABLE = colour_table().astype(int)
+READY_SECONDS = 60  # a loaded machine can take a while to decode and draw a page of several MB
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +92,15 @@ class Page:
     """One explorer page open in the browser, with what a test does to it and reads from it."""
 
     def __init__(self, driver, explorer: Explorer | None = None, path=None):
-        """Open ``explorer``'s page, saved at ``path``; without them, the page the browser shows now."""
+        """Open ``explorer``'s page, saved at ``path`` (without them: the page the browser shows now), and wait
+        until it has drawn: the page sets ``window.explorerReady`` (and ``data-ready`` on ``<html>``) then."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
         self.driver = driver
         if explorer is not None:
             driver.get(explorer.save(path).as_uri())
+        WebDriverWait(driver, READY_SECONDS).until(lambda d: d.execute_script("return window.explorerReady === true"))
+        assert driver.find_element("tag name", "html").get_attribute("data-ready") == "true"
 
     def element(self, id_: str):
         return self.driver.find_element("id", id_)
@@ -111,6 +118,9 @@ class Page:
             "grid": tuple(json.loads(data("data-grid"))),
             "pixel": tuple(json.loads(data("data-pixel"))),
             "word": data("data-word"),
+            "layer": int(data("data-layer")),
+            "step": int(data("data-step")),
+            "scale": data("data-scale"),
         }
 
     def point(
@@ -149,18 +159,20 @@ class Page:
             str(value),
         )
 
-    def cell_colours(self) -> np.ndarray:
-        """``(H, W, 3)``: the map canvas's colour at the centre of every cell of the map."""
+    def cell_colours(self, canvas: str = "map", grid: tuple[int, int] | None = None) -> np.ndarray:
+        """``(H, W, 3)``: a canvas's colour at the centre of every cell of an ``H×W`` grid (default: the map's)."""
+        grid = self.shown()["grid"] if grid is None else grid
         colours = self.driver.execute_script(
-            """const c = document.getElementById("map"), ctx = c.getContext("2d");
-            const [H, W] = JSON.parse(c.dataset.grid), out = [];
+            """const c = document.getElementById(arguments[0]), ctx = c.getContext("2d");
+            const [H, W] = arguments[1], out = [];
             for (let r = 0; r < H; r++) for (let k = 0; k < W; k++) {
               const x = Math.floor((k + 0.5) * c.width / W), y = Math.floor((r + 0.5) * c.height / H);
               out.push(Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3)));
             }
-            return out;"""
+            return out;""",
+            canvas,
+            list(grid),
         )
-        grid = self.shown()["grid"]
         return np.array(colours).reshape(*grid, 3)
 
 
@@ -209,6 +221,9 @@ def test_page_loads_without_errors_and_fetches_nothing(driver, self_cache, cross
     assert driver.title == "Attention explorer"
     assert len(driver.find_elements("css selector", "#layer option")) == 2
     assert [b.text.split("\n")[0] for b in driver.find_elements("css selector", ".word")] == TOKENS
+    # the first view: the cross-attention layer, on "a", the first word that is not a special token
+    assert page.element("readout").text.startswith("Cross-attention of the word “a” (token 1)")
+    page.choose("layer", "0")
     assert page.element("readout").text.startswith("Self-attention of query pixel (2, 3)")  # the centre
 
 
@@ -260,6 +275,7 @@ def test_a_clicked_word_shows_its_column_of_the_library_weights(driver, self_cac
     explorer = explore({"self": self_cache, "cross": cross_cache}, image=IMAGE, tokens=TOKENS)
     page = Page(driver, explorer, tmp_path / "p.html")
     weights = np.asarray(cross_cache.weights)[0].mean(axis=0)  # (N, M), the mean of the heads
+    page.choose("layer", "0")  # the self-attention layer
     page.point("image", (3, 1), (H, W), click=True)
     words = driver.find_elements("css selector", ".word")
     words[2].click()  # "red": from the self-attention layer to the cross-attention layer at the same grid
@@ -318,10 +334,17 @@ def test_steps_heads_and_layers_at_different_grids(driver, tmp_path):
         start_query=(0.9, 0.1),
     )
     page = Page(driver, explorer, tmp_path / "p.html")
+    # it opens on the cross-attention layer at the last step, on "dog"
+    shown = page.shown()
+    assert (shown["layer"], shown["step"], shown["word"], shown["pixel"]) == (1, 2, "1", (1, 0))
+    assert page.element("step-label").text == "step 3/3 (t=100)"
+    page.choose("layer", "0")
+    page.slide("step", 0)
+    assert page.element("step-label").text == "step 1/3 (t=900)"
     assert page.shown()["pixel"] == (3, 0)
     np.testing.assert_allclose(page.shown()["values"], self_w[0, :, 12].mean(axis=0), rtol=1e-6)
     page.slide("step", 2)
-    assert page.element("step-label").text == "t=100"
+    assert page.element("step-label").text == "step 3/3 (t=100)"
     np.testing.assert_allclose(page.shown()["values"], self_w[2, :, 12].mean(axis=0), rtol=1e-6)
     page.choose("head", "0")
     np.testing.assert_allclose(page.shown()["values"], self_w[2, 0, 12], rtol=1e-6)
@@ -334,21 +357,120 @@ def test_steps_heads_and_layers_at_different_grids(driver, tmp_path):
     assert page.errors() == []
 
 
+def _flat_and_sharp(rng) -> Explorer:
+    """A self layer, then a near-uniform cross layer (as at initialisation), then a sharp one; 2 steps, 2 heads."""
+    M = len(TOKENS)
+    flat = np.full((2, 2, H * W, M), 1.0 / M) + rng.uniform(-0.02, 0.02, (2, 2, H * W, M))
+    flat /= flat.sum(-1, keepdims=True)  # every weight within about 0.03 of 1/5
+    sharp = rng.dirichlet(np.full(M, 0.2), size=(2, 2, H * W))  # most of a pixel's weight on one token
+    sharp[:, :, :3] = [0.01, 0.96, 0.01, 0.01, 0.01]  # three pixels that read "a" (token 1) in every head
+    return Explorer(
+        (
+            ExplorerLayer("self", "self", (H, W), rng.dirichlet(np.ones(H * W), size=(2, 1, H * W))),
+            ExplorerLayer("at initialisation", "cross", (H, W), flat),
+            ExplorerLayer("trained", "cross", (H, W), sharp),
+        ),
+        image=IMAGE,
+        tokens=TOKENS,
+        steps=["t = 999", "t = 0"],
+    )
+
+
+def test_the_first_view_is_a_cross_attention_map_on_a_scale_that_keeps_a_flat_map_flat(driver, tmp_path):
+    explorer = _flat_and_sharp(np.random.default_rng(11))
+    flat, sharp = (L.weights.astype(np.float64) for L in explorer.layers[1:])
+    page = Page(driver, explorer, tmp_path / "p.html")
+    shown = page.shown()
+    # the first cross-attention layer, the last step, "a" (the first word that is not <sot>), the shared scale
+    assert (shown["layer"], shown["step"], shown["word"], shown["scale"]) == (1, 1, "1", "shared")
+    assert page.element("scale").get_attribute("value") == "shared"
+    np.testing.assert_allclose(shown["values"], flat[1, :, :, 1].mean(axis=0), rtol=1e-6)
+    # the top of the scale: the word's largest weight at any step in any cross layer (mean of the heads)
+    top = max(w[:, :, :, 1].mean(axis=1).max() for w in (flat, sharp))
+    assert shown["range"] == pytest.approx([0.0, top], rel=1e-6)
+    assert_colours(page, flat[1, :, :, 1].mean(axis=0).reshape(H, W), 0.0, top)
+
+    # the flat map looks flat and dark: its cells span a few entries of the colour table, all in its lower part
+    def entries() -> np.ndarray:
+        return np.array([np.flatnonzero((TABLE == c).all(axis=1))[0] for c in page.cell_colours().reshape(-1, 3)])
+
+    flat_entries = entries()
+    assert flat_entries.max() < 0.3 * 256 and np.ptp(flat_entries) < 0.1 * 256, flat_entries
+    # uniform attention, 1/M, is marked on the colour bar where it lies on the scale
+    label = page.element("scale-label")
+    assert float(label.get_attribute("data-uniform")) == pytest.approx(1 / len(TOKENS))
+    assert "uniform attention, 1/5 = 0.200" in label.text and "any of the 2 cross-attention layers" in label.text
+    mark = page.element("uniform-mark")
+    assert mark.is_displayed()
+    assert float(mark.value_of_css_property("left").removesuffix("px")) == pytest.approx(256 * 0.2 / top, abs=1)
+    # what the old default, "0 to this map's max", did: the same flat map glows in the top of the colour table
+    page.choose("scale", "max")
+    assert page.shown()["range"] == pytest.approx([0.0, flat[1, :, :, 1].mean(axis=0).max()], rel=1e-6)
+    assert entries().min() > 0.8 * 256
+    # one head: the scale is that head's, over the layers that have it
+    page.choose("scale", "shared")
+    page.choose("head", "1")
+    top_head = max(w[:, 1, :, 1].max() for w in (flat, sharp))
+    assert page.shown()["range"] == pytest.approx([0.0, top_head], rel=1e-6)
+    # self-attention: the query pixel's rows at every step
+    page.choose("head", "-1")
+    page.choose("layer", "0")
+    rows = explorer.layers[0].weights.astype(np.float64)[:, 0, 2 * W + 3]  # (steps, N): the centre's rows
+    assert page.shown()["range"] == pytest.approx([0.0, rows.max()], rel=1e-6)
+    assert page.errors() == []
+
+
+def test_how_to_read_this_page_opens_on_the_first_visit_only(driver, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = Page(driver, _flat_and_sharp(np.random.default_rng(3)), tmp_path / "p.html")
+    driver.execute_script("window.localStorage.clear()")
+    for visit, opened in ((1, True), (2, False), (3, False)):
+        driver.refresh()
+        WebDriverWait(driver, READY_SECONDS).until(lambda d: d.execute_script("return window.explorerReady === true"))
+        assert (page.element("help").get_attribute("open") is not None) is opened, f"visit {visit}"
+    assert page.errors() == []
+
+
 def test_screenshots_of_the_toys_pages(driver, screenshots):
     from attention_ref.cli.explore import diffusion_explorer, grounding_explorer, long_range_explorer
 
     long_range = Page(driver, long_range_explorer(steps=60, progress_bar=False), screenshots / "long-range.html")
     assert long_range.errors() == []
+    assert long_range.shown()["layer"] == 0  # self-attention only: the first layer, "trained"
     driver.save_screenshot(str(screenshots / "long-range.png"))
-    grounding = Page(driver, grounding_explorer(steps=60, progress_bar=False), screenshots / "grounding.html")
-    driver.find_elements("css selector", ".word")[1].click()
+
+    explorer = grounding_explorer(steps=60, progress_bar=False)
+    grounding = Page(driver, explorer, screenshots / "grounding.html")
+    shown = grounding.shown()
+    assert (shown["layer"], shown["word"], shown["scale"]) == (0, "1", "shared")  # "trained", the first word
+    trained, initial = (L.weights[0].astype(np.float64).mean(axis=0)[:, 1] for L in explorer.layers)
+    assert shown["range"] == pytest.approx([0.0, max(trained.max(), initial.max())], rel=1e-6)
     driver.save_screenshot(str(screenshots / "grounding.png"))
+    grounding.choose("layer", "1")  # at initialisation: on the scale of the trained layer too
+    assert grounding.shown()["range"] == pytest.approx(shown["range"], rel=1e-6)
+    driver.save_screenshot(str(screenshots / "grounding-initial.png"))
     assert grounding.errors() == []
-    diffusion = Page(driver, diffusion_explorer(), screenshots / "diffusion.html")
-    driver.find_elements("css selector", ".word")[2].click()  # "circle"
+
+    explorer = diffusion_explorer()
+    diffusion = Page(driver, explorer, screenshots / "diffusion.html")
+    shown = diffusion.shown()
+    layer = explorer.layers[shown["layer"]]
+    assert layer.kind == "cross" and layer.name == "mid.attn.blocks.0.attn2"
+    assert (shown["step"], explorer.tokens[int(shown["word"])], shown["scale"]) == (24, "red", "shared")
+    assert diffusion.element("step-label").text == "step 25/25 (t = 0)"
+    tops = [L.weights[:, :, :, 1].astype(np.float64).mean(axis=1).max() for L in explorer.layers if L.kind == "cross"]
+    assert shown["range"] == pytest.approx([0.0, max(tops)], rel=1e-6)
     driver.save_screenshot(str(screenshots / "diffusion.png"))
+    # the left panel: the x̂₀ of the step on show, at its 16×16 pixels
+    for step in (24, 0):
+        diffusion.slide("step", step)
+        np.testing.assert_array_equal(diffusion.cell_colours("image", (16, 16)), explorer.step_images[step])
+    driver.save_screenshot(str(screenshots / "diffusion-step-1.png"))
+    driver.find_elements("css selector", ".word")[2].click()  # "circle"
+    assert diffusion.shown()["word"] == "2"
     assert diffusion.errors() == []
-    for name in ("long-range.png", "grounding.png", "diffusion.png"):
+    for name in ("long-range.png", "grounding.png", "grounding-initial.png", "diffusion.png", "diffusion-step-1.png"):
         png = (screenshots / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 20_000
 

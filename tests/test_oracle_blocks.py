@@ -297,9 +297,9 @@ def test_one_recorded_call_checks_its_arguments():
     assert upcast.failed and "dtype float32, expected bfloat16" in upcast.note
     with pytest.raises(ValueError, match=r"output must be \(B, C, H, W\) or \(B, N, C\)"):
         check_attention_call(self_attn, x, output=out[0, 0], dtype="bfloat16")
-    with pytest.raises(TypeError, match="policy must be a Policy"):
+    with pytest.raises(TypeError, match=r"policy must be .fused., .eager. or a Policy"):
         check_attention_call(self_attn, x, output=out, dtype="bfloat16", policy={"c": 3})
-    with pytest.raises(TypeError, match="policy must be a Policy"):
+    with pytest.raises(TypeError, match=r"policy must be .fused., .eager. or a Policy"):
         check_diffusers_attention(self_attn, dtype="bfloat16", policy={"c": 3})
 
 
@@ -319,3 +319,101 @@ def test_one_recorded_call_leaves_out_single_fully_masked_query_rows(dtype):
     wrong = out.clone()
     wrong[1, 3] += 0.05 * wrong.abs().max()
     assert not check_attention_call(self_attn, tokens, None, allowed, output=wrong, dtype=dtype).ok
+
+
+# ---------------------------------------------------------------- the policy that matches the module's arithmetic
+
+
+def test_the_block_check_chooses_the_policy_of_the_module_s_arithmetic():
+    # AttnProcessor2_0 calls scaled_dot_product_attention (logits and softmax in float32 on every backend): fused;
+    # AttnProcessor and SlicedAttnProcessor run baddbmm and softmax in the dtype: eager
+    want = {"AttnProcessor": "eager", "AttnProcessor2_0": "fused", "SlicedAttnProcessor": "eager"}
+    for name, policy in want.items():
+        attn = make_attention(PROCESSORS[name](), cross=True)
+        assert blocks.module_policy(attn).arithmetic == policy
+        report = check_diffusers_attention(attn, dtype="float16", cases=[block_case("map 5×4")])
+        assert report.ok and report.policy == policy and f"{policy} policy" in report.summary()
+        assert {c.policy for c in report.checks} == {policy}
+    assert blocks.module_policy((None, None)).arithmetic == "eager"  # weights alone say nothing: the wider rule
+    # a policy given by name overrides the choice
+    forced = check_diffusers_attention(make_attention(AttnProcessor(), cross=True), dtype="float16", policy="fused",
+                                       cases=[block_case("map 5×4")])  # fmt: skip
+    assert forced.policy == "fused"
+
+
+@pytest.mark.parametrize("processor", ["AttnProcessor", "AttnProcessor2_0"])
+def test_large_logits_in_float16_are_judged_by_the_module_s_own_policy(processor):
+    # logits near 200 in float16: AttnProcessor rounds them (eager) and passes as eager code; AttnProcessor2_0 keeps
+    # them in float32 and passes the tighter fused rule
+    attn = Attention(32, cross_attention_dim=24, heads=4, dim_head=8, bias=True, processor=PROCESSORS[processor]())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    report = check_diffusers_attention(attn.eval(), dtype="float16", cases=[block_case("large values")])
+    assert report.ok and report.policy == ("fused" if processor == "AttnProcessor2_0" else "eager")
+
+
+# ---------------------------------------------------------------- check_model: every call becomes a row
+
+
+def ip_adapter_unet():
+    """The toy U-Net with an IP-Adapter: an image projection, and IPAdapterAttnProcessor2_0 on every attn2, which
+    receives the context as a (text, [image tokens]) tuple."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    from attention_ref.interop.toy_models import toy_unet
+
+    unet = toy_unet()
+    cross = unet.config.cross_attention_dim
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(image_embed_dim=16, cross_attention_dim=cross, num_image_text_embeds=4)]
+    )
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    processors = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        ip = name.endswith("attn2.processor")
+        processors[name] = IPAdapterAttnProcessor2_0(module.to_q.in_features, cross) if ip else AttnProcessor2_0()
+    unet.set_attn_processor(processors)
+    return unet
+
+
+def test_an_ip_adapter_context_is_a_row_not_a_crash():
+    # before: AttributeError: 'tuple' object has no attribute 'shape' (testing/check_model.py, building the row)
+    from attention_ref.testing import check_model
+
+    g = torch.Generator().manual_seed(0)
+    x, context, image = (torch.randn(*s, generator=g) for s in ((2, 4, 8, 8), (2, 9, 32), (2, 1, 16)))
+    report = check_model(ip_adapter_unet(), x, 10, encoder_hidden_states=context,
+                         added_cond_kwargs={"image_embeds": [image]})  # fmt: skip
+    cross = [r for r in report.rows if r.name.endswith("attn2")]
+    assert len(report.rows) == 32 and len(cross) == 16 and report.ok
+    assert all(r.verdict == "not supported" and "IP-Adapter" in r.check.note for r in cross)
+    assert all(r.context_shape == (2, 9, 32) for r in cross)  # the text part's shape
+    assert all(r.ok for r in report.rows if r.name.endswith("attn1"))
+
+
+def test_any_exception_while_building_a_row_is_a_failed_row(monkeypatch):
+    import importlib
+
+    check_model_module = importlib.import_module("attention_ref.testing.check_model")  # the module, not the function
+
+    def broken(value):
+        raise RuntimeError("no shape today")
+
+    monkeypatch.setattr(check_model_module, "_shape", broken)
+    attn = make_attention(AttnProcessor2_0(), cross=False)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x)
+
+    report = check_model_module.check_model(Wrapper(), torch.randn(1, 16, 3, 4))
+    row = report.rows[0]
+    assert len(report.rows) == 1 and row.failed and "RuntimeError: no shape today" in row.check.note

@@ -209,6 +209,42 @@ def test_cross_attention_plots_take_every_backend_and_are_not_blank(be, cross_we
     )
 
 
+def test_weights_and_influence_are_on_log_scales_that_show_small_values(self_weights):
+    from matplotlib.colors import LogNorm
+
+    _, w = self_weights
+    field = viz.conv_stack_receptive_field(1, (H, W), (2, 2), channels=2, draws=1) + 1e-9
+    fig = viz.plot_weights_vs_influence(viz.query_map(w, (2, 2), (H, W)), field, (2, 2))
+    left, right = (ax for ax in fig.axes if ax.images)
+    for ax, values in ((left, viz.query_map(w, (2, 2), (H, W))), (right, field)):
+        norm = ax.images[-1].norm
+        assert isinstance(norm, LogNorm)
+        assert norm.vmax == pytest.approx(values.max()) and norm.vmin == pytest.approx(values.max() * 1e-4)
+    assert "$P_{qj}$" in left.get_title() and r"\partial y_q" in right.get_title()  # mathtext, not raw P_qj
+    assert "P_qj" not in left.get_title().replace("$P_{qj}$", "")
+    linear = viz.plot_weights_vs_influence(field, field, (2, 2), log=False)
+    assert not isinstance(next(ax for ax in linear.axes if ax.images).images[-1].norm, LogNorm)
+
+
+def test_token_maps_can_show_the_scene_itself_first(cross_weights, rng):
+    _, w = cross_weights
+    scene = rng.uniform(size=(H, W, 3))
+    fig = viz.plot_token_maps(w, TOKENS, (H, W), image=scene, scene=True)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert panels[0].get_xlabel() == "scene (RGB)" and panels[0].images[0].get_array().shape == (H, W, 3)
+    assert [ax.get_xlabel() for ax in panels[1:]] == TOKENS
+    with pytest.raises(ValueError, match="scene=True needs image"):
+        viz.plot_token_maps(w, TOKENS, (H, W), scene=True)
+
+
+def test_word_maps_say_what_their_colours_are():
+    image = np.zeros((4, 4, 3))
+    maps = np.random.default_rng(0).uniform(size=(2, 2, 2))
+    fig = viz.plot_word_maps(image, maps, ["a", "b"], label="each map stretched to [0, 1]")
+    assert fig.axes[-1].get_ylabel() == "each map stretched to [0, 1]"
+    assert viz.plot_word_maps(image, maps, ["a", "b"]).axes[-1].get_ylabel() == "attention weight"
+
+
 def test_receptive_field_and_influence_plots_are_not_blank(be, self_weights):
     x, w = self_weights
     field = viz.conv_stack_receptive_field(1, (H, W), (2, 2), channels=2, draws=1)
@@ -300,13 +336,60 @@ def test_token_normalisations_label_their_rows_and_leave_out_a_row_equal_to_anot
     fig = viz.plot_token_normalizations(w, TOKENS, (H, W))
     rows = sorted({round(ax.get_position().y0, 3) for ax in fig.axes if ax.images})
     assert len(rows) == 3  # raw, ÷ max, no special: min–max left out
-    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    maps = [ax for ax in fig.axes if ax.images or ax.texts]
+    labels = [ax.get_ylabel() for ax in maps if ax.get_ylabel()]
     assert labels == [viz.tokens.ROW_LABELS[n] for n in ("raw", "token_max", "no_special")]
     assert "each token's min–max is not drawn" in fig._supxlabel.get_text()
     everything = viz.plot_token_normalizations(w, TOKENS, (H, W), same_within=0.0)
     assert len({round(ax.get_position().y0, 3) for ax in everything.axes if ax.images or ax.texts}) == 4
-    # the colour bars carry no label of their own that could run into their tick labels
-    assert all(not ax.get_ylabel() or ax.get_ylabel() in labels for ax in fig.axes)
+    # every row's colour bar says what its numbers are, without running into its tick labels
+    bars = [ax for ax in fig.axes if ax not in maps]
+    assert [ax.get_ylabel() for ax in bars] == [viz.tokens.BAR_LABELS[n] for n in ("raw", "token_max", "no_special")]
+    _assert_no_overlap(fig, [[ax.yaxis.label, *ax.get_yticklabels()] for ax in bars])
+
+
+def _assert_no_overlap(fig: Figure, groups: list[list[Any]]) -> None:
+    """Within each group, no two drawn texts overlap on the rendered figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for texts in groups:
+        boxes = [t.get_window_extent(renderer) for t in texts if t.get_text() and t.get_visible()]
+        for a, b in itertools.combinations(boxes, 2):
+            assert not a.overlaps(b), f"{a} overlaps {b}"
+
+
+TRICKY_TOKENS = ["$x^$", "costs $5 and $6", "<eot>", "$"]
+
+
+def test_tokens_with_dollar_signs_are_drawn_as_text_not_math(rng):
+    """A ``$`` in a token reached matplotlib as mathtext: ``$x^$`` raised a ValueError when the figure was
+    saved, and "costs $5 and $6" was set as math."""
+    from matplotlib import cbook
+    from matplotlib.text import Text
+
+    w = rng.dirichlet(np.ones(4), size=(1, 1, H * W))  # (1, 1, 30, 4)
+    image = rng.uniform(size=(H, W, 3))
+    figures = [
+        viz.plot_token_maps(w, TRICKY_TOKENS, (H, W), image=image, scene=True),
+        viz.plot_token_normalizations(w, TRICKY_TOKENS, (H, W)),
+        viz.plot_token_segmentation(w, TRICKY_TOKENS, (H, W), [0, 1]),
+        viz.plot_word_maps(image, w[0, 0].T.reshape(4, H, W), TRICKY_TOKENS),
+        viz.plot_denoising_steps(np.stack([image] * 2), np.stack([w[0, 0].reshape(H, W, 4)] * 2), TRICKY_TOKENS),
+        viz.attention_viewer(w, (H, W), tokens=TRICKY_TOKENS, static=True),
+        viz.plot_maps_by_layer_and_head({"$x^$": np.ones((1, 1, 2, 2))}, [0]),
+    ]
+    for fig in figures:
+        pixels(fig)  # saving draws every text: a mathtext parse error would raise here
+        texts = [t.get_text() for t in fig.findobj(Text) if "$" in t.get_text()]
+        assert texts, "no token with a $ was drawn"
+        assert not any(cbook.is_math_text(t) for t in texts), texts  # drawn as it is, not as math
+        shown = {t.replace(r"\$", "$") for t in texts}  # what matplotlib draws for a text that is not math
+        assert any(t.split("\n")[0] in {"$x^$", "costs $5 and $6", "where '$x^$' is read from"} for t in shown), shown
+    assert not cbook.is_math_text(viz._common.plain_text("costs $5 and $6"))
+    assert viz._common.plain_text("a $b$ c") == r"a \$b\$ c"
 
 
 def test_weight_within_accumulates_each_querys_weights_by_distance(be, self_weights):
@@ -346,16 +429,22 @@ def test_attention_distance_plot_shows_targets_fields_and_mean_distances(self_we
         fields={"conv": (field, (2, 2))},
     )
     assert_not_blank(fig)
-    entries = [t.get_text() for t in fig.legends[0].get_texts()]
+    weights_ax, fields_ax = fig.axes
+    entries = [t.get_text() for t in weights_ax.get_legend().get_texts()]
     chosen = np.abs(x[..., 0]).reshape(2, -1) > 0.5
     assert entries[:4] == [
         f"{name}, head {h}: mean distance {viz.attention_distance(ws, (H, W))[:, h][chosen].mean():.1f} px"
         for name, ws in (("a", w), ("b", w[:, ::-1]))
         for h in range(2)
     ]
-    assert "all on the target: mean distance 3.0 px" in entries and any(
-        e.startswith("conv: mean distance") for e in entries
-    )
+    assert "all on the target: mean distance 3.0 px" in entries
+    # an influence map is not a share of the weight: it has an axis of its own, labelled as a gradient
+    assert fields_ax.get_legend().get_texts()[0].get_text().startswith("conv: mean distance")
+    assert "attention weight" in weights_ax.get_ylabel() and "∂y" in fields_ax.get_ylabel()
+    assert "weight" not in fields_ax.get_ylabel()
+    # the legends sit inside their axes: no empty canvas around them
+    assert not fig.legends
+    assert len(viz.plot_attention_distance(w, (H, W)).axes) == 1
     with pytest.raises(ValueError, match="queries must be"):
         viz.plot_attention_distance(w, (H, W), queries=np.ones((3, H * W), dtype=bool))
 
@@ -377,6 +466,12 @@ def test_attention_grid_on_a_log_scale_keeps_near_uniform_weights_visible(self_w
     lin_norm = next(ax for ax in linear.axes if ax.get_ylabel() == "uniform").images[-1].norm
     assert lin_norm(1.0 / (H * W)) < 0.05 < 0.3 < norm(1.0 / (H * W))
     assert "log scale" in log.axes[-1].get_ylabel()
+    # the query's × and the uniform line on the colour bar are told apart by colour; titles say row and col
+    bar = log.axes[-1]
+    assert {line.get_color() for line in bar.lines} <= {"white", "black"}
+    crosses = [c for ax in log.axes[:-1] for c in ax.collections]
+    assert crosses and all(tuple(c.get_facecolor()[0][:3]) == (0.0, 1.0, 1.0) for c in crosses)
+    assert [ax.get_title() for ax in log.axes[:1]] == ["query: row 1, col 1"]
     with pytest.raises(ValueError, match="1 row labels for 2 heads"):
         viz.plot_attention_grid(both, [(1, 1)], (H, W), row_labels=["one"])
 
@@ -455,9 +550,72 @@ def test_diagrams_draw_the_heads_the_resblock_shapes_and_the_number_under_the_ro
     assert any(t.startswith("head 1:") for t in texts) and not any("more" in t for t in texts)
     assert viz.diagrams.resblock_shapes(4, 6, 16, 8) == {
         "conv1": (1, 4, 6, 16),
+        "time_embedding": (1, 64),  # 4·C, as in Stable Diffusion
+        "time": (1, 16),
+        "plus_time": (1, 4, 6, 16),
         "conv2": (1, 4, 6, 16),
         "sum": (1, 4, 6, 16),
     }
+
+
+def test_the_stage_diagram_names_every_tensor_and_adds_the_timestep_embedding():
+    texts = [t.get_text() for t in viz.draw_self_attention_block(16, 16, 64, heads=4, groups=32).axes[0].texts]
+    first = {name: next(i for i, t in enumerate(texts) if t.startswith(name)) for name in ("x,", "r =", "h =", "y =")}
+    assert first["x,"] < first["r ="] < first["h ="] < first["y ="]  # each defined before it is used
+    assert texts[first["r ="]].startswith("r = x + …") and texts[first["h ="]].startswith("h = GroupNorm(r)")
+    assert texts[first["y ="]].startswith("y = r + …")  # the block adds its own input, not the stage's x
+    assert not any(t.startswith("y = x") for t in texts)
+    assert any("timestep embedding (1, 256) → (1, 64)" in t and "every pixel" in t for t in texts)
+    assert any(t.startswith("flatten h:") for t in texts)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_diagrams_draw_the_projection_biases_the_block_has(bias):
+    self_texts = [t.get_text() for t in viz.draw_self_attention_block(bias=bias).axes[0].texts]
+    cross_texts = [t.get_text() for t in viz.draw_cross_attention(bias=bias).axes[0].texts]
+    for texts, (q, k, v) in ((self_texts, "hhh"), (cross_texts, "hcc")):
+        for name, source in zip("QKV", (q, k, v), strict=True):
+            box = next(t for t in texts if t.startswith(f"{name} = {source} W_{name.lower()}"))
+            assert (f"+ b_{name.lower()}" in box) is bias, box
+        assert any("diffusers' Attention has none" in t for t in texts) is bias
+    assert any(t.startswith("h = GroupNorm(32)(x)") for t in cross_texts)  # h is defined here too
+    shapes = viz.self_attention_shapes(4, 4, 8, heads=2, groups=4, bias=bias)
+    assert shapes["qkv"] == (1, 16, 8)
+
+
+def test_denoising_maps_are_drawn_alone_with_outlines_and_the_uniform_weight_on_the_colour_bar(rng):
+    from matplotlib.collections import LineCollection
+
+    S, M = 4, 3
+    images = rng.uniform(size=(S, H, W, 3))
+    maps = rng.dirichlet(np.ones(M), size=(S, H, W))  # (S, H, W, M)
+    circle = np.zeros((H, W), dtype=bool)
+    circle[1:3, 2:5] = True
+    fig = viz.plot_denoising_steps(images, maps, ["<sot>", "red", "<eot>"], outlines={"red circle": circle})
+    map_axes = [ax for ax in fig.axes if ax.images and ax.get_images()[0].get_array().ndim == 2]
+    assert len(map_axes) == S * M  # no mean column: every column is one step, its image above it
+    for ax in map_axes:
+        assert len(ax.images) == 1  # the map alone: no grey image blended under it
+        (lines,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+        assert len(lines.get_segments()) == 2 * (2 + 3)  # the 2×3 rectangle's perimeter, one segment a pixel edge
+    bar = fig.axes[-1]
+    assert "1/3: uniform" in [t.get_text() for t in bar.get_yticklabels()]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["red circle"]
+    with_mean = viz.plot_denoising_steps(images, maps, ["<sot>", "red", "<eot>"], mean_column=True)
+    assert any("mean of the maps" in ax.get_title() and not ax.axison for ax in with_mean.axes)
+    with pytest.raises(ValueError, match="outline 'x' has shape"):
+        viz.plot_denoising_steps(images, maps, ["a", "b", "c"], outlines={"x": np.zeros((2, 2), dtype=bool)})
+
+
+def test_draw_outline_follows_the_pixel_edges_of_a_mask():
+    from matplotlib.figure import Figure as MplFigure
+
+    ax = MplFigure().add_subplot()
+    mask = np.array([[True, False], [True, True]])
+    segments = {tuple(map(tuple, s)) for s in viz.denoising.draw_outline(ax, mask).get_segments()}
+    assert len(segments) == 8  # an L of three pixels has a perimeter of 8 pixel edges
+    assert ((0.5, -0.5), (0.5, 0.5)) in segments  # between pixel (0, 0) and (0, 1)
+    assert ((0.5, 0.5), (1.5, 0.5)) in segments  # between pixel (0, 1) and (1, 1)
 
 
 def _report_v2(sides=(16, 32, 48, 64), disturbed=()):
@@ -529,6 +687,17 @@ def test_complexity_plot_title_names_each_power_once_and_its_ticks_do_not_collid
         assert [t.get_text() for t in labels] == ["16²", "32²", "64²"]
         boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
         assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes))
+
+
+def test_complexity_memory_panel_names_the_theory_and_how_far_the_measurement_is_above_it():
+    report = _report_v2(sides=(16, 32, 48, 64))
+    for row in report["results"]:
+        row["theory_bytes"] = row["peak_bytes"] // 2  # measured peaks at 2× the theory, as the backward does
+    fig = viz.plot_complexity(report)
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend[:2] == ["exact (slope 2.0, 2.0× theory)", "linear (slope 1.0, 2.0× theory)"]
+    assert any(e.startswith("dashed: theory") for e in legend)
+    assert "2.0–2.0× that" in fig._supxlabel.get_text() and "dP = dO Vᵀ" in fig._supxlabel.get_text()
 
 
 def test_complexity_time_panel_draws_operation_counts_through_the_measured_times():

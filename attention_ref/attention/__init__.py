@@ -4,7 +4,7 @@
 from .chunked import DEFAULT_BLOCK_SIZE, ChunkedAttentionCache, chunked_attention_backward, chunked_attention_forward
 from .exact import AttentionCache, attention_backward, attention_forward
 from .linear_attention import LinearAttentionCache, linear_attention_backward, linear_attention_forward
-from .masks import neighborhood_mask, window_mask
+from .masks import causal_mask, neighborhood_mask, window_mask
 from .neighborhood import NeighborhoodAttentionCache, neighborhood_attention_backward, neighborhood_attention_forward
 from .window import WindowAttentionCache, window_attention_backward, window_attention_forward
 
@@ -27,4 +27,5 @@ __all__ = [
     "neighborhood_attention_forward",
     "neighborhood_attention_backward",
     "neighborhood_mask",
+    "causal_mask",
 ]

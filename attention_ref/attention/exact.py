@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from .._checks import Shape, sum_to_shape
+from .._checks import Shape, as_dtype, in_working_dtype, sum_to_shape
 from ..backend import Array
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from . import exact_fast
@@ -77,8 +77,12 @@ def attention_forward(
     """
     xp, scale = check_attention_inputs(q, k, v, mask, bias, scale)
     attend = exact_fast.attend if FAST else _attend  # the same numbers; the fast one in place, threaded
+    # float16 is computed in float32 (logits over 65,504 are common: q·k = 360,000 at q = k = 300, d = 4),
+    # as torch's CPU attention and the tiled path do; out and the weights are rounded to float16
+    q_w, k_w, v_w, bias_w = in_working_dtype(xp, q, k, v, bias)
     with hint_chunked_when_out_of_memory(q, k):
-        out, weights = attend(xp, q, k, v, mask, bias, scale)
+        out, weights = attend(xp, q_w, k_w, v_w, mask, bias_w, scale)
+    out, weights = as_dtype(xp, out, q.dtype), as_dtype(xp, weights, q.dtype)
     bias_shape = None if bias is None else tuple(bias.shape)
     return out, AttentionCache(q=q, k=k, v=v, weights=weights, scale=scale, bias_shape=bias_shape, mask=mask)
 
@@ -111,11 +115,13 @@ def attention_backward(dout: Array, cache: AttentionCache) -> dict[str, Array]:
         ``"bias"`` in the bias's own shape when a bias was given.
     """
     check_cache(cache, AttentionCache, "attention_backward")
-    q, k, v, P = cache.q, cache.k, cache.v, cache.weights
-    xp = check_dout(dout, like=q, shape=(*q.shape[:-1], v.shape[-1]))
+    xp = check_dout(dout, like=cache.q, shape=(*cache.q.shape[:-1], cache.v.shape[-1]))
+    # float16 in float32, as the forward (P is the forward's float16 weights, widened)
+    q, k, v, P, dout_w = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.weights, dout)
     gradients = exact_fast.gradients if FAST else _gradients  # the same numbers; the fast one in place, threaded
     with hint_chunked_when_out_of_memory(q, k):
-        return gradients(xp, dout, q, k, v, P, cache.scale, cache.bias_shape)
+        grads = gradients(xp, dout_w, q, k, v, P, cache.scale, cache.bias_shape)
+    return {name: as_dtype(xp, g, dout.dtype) for name, g in grads.items()}
 
 
 def _gradients(

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
-import numbers
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from .._checks import dtype_name, require_bool, require_broadcastable_to, require_floating
+from .._checks import (
+    array_namespace,
+    check_cache,
+    check_real,
+    dtype_name,
+    require_array,
+    require_bool,
+    require_broadcastable_to,
+    require_dout,
+    require_floating,
+)
 from ..backend import Array, is_out_of_memory, namespace
 
 __all__ = [
@@ -40,11 +48,7 @@ def check_scale(scale: Any, d: int) -> float:
     """
     if scale is None:
         return default_scale(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
+    return check_real("scale", scale)
 
 
 def check_qkv(q: Array, k: Array, v: Array) -> ModuleType:
@@ -56,7 +60,9 @@ def check_qkv(q: Array, k: Array, v: Array) -> ModuleType:
     ``ValueError`` for an infinite entry: ``q·k`` would be ``±inf`` or ``0·inf``
     (NaN). NaN entries are allowed; they propagate.
     """
-    xp = namespace(q, k, v)
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        require_array(name, a)
+    xp = array_namespace(q=q, k=k, v=v)
     for name, a in (("q", q), ("k", k), ("v", v)):
         require_floating(xp, name, a)
     if not (q.dtype == k.dtype == v.dtype):
@@ -90,11 +96,11 @@ def check_attention_inputs(
     xp = check_qkv(q, k, v)
     logits_shape = (*q.shape[:-1], k.shape[-2])  # (..., N, M)
     if mask is not None:
-        namespace(q, mask)
+        array_namespace(q=q, mask=mask)
         require_bool(xp, "mask", mask)
         require_broadcastable_to("mask", tuple(mask.shape), logits_shape)
     if bias is not None:
-        namespace(q, bias)
+        array_namespace(q=q, bias=bias)
         require_floating(xp, "bias", bias)
         if bias.dtype != q.dtype:
             raise TypeError(f"bias must have q's dtype {q.dtype}, got {bias.dtype}")
@@ -105,47 +111,15 @@ def check_attention_inputs(
 # ---------------------------------------------------------------- the backward's inputs
 
 
-def check_cache(cache: Any, expected: type, backward: str) -> None:
-    """``TypeError`` unless ``cache`` is an ``expected``; the message names the backward that takes it.
-
-    The backward is found among attention_ref's public ``*_backward`` functions by the annotation of
-    their ``cache`` parameter, so the blocks' caches are named as well as this layer's.
-    """
-    if isinstance(cache, expected):
-        return
-    got = type(cache).__name__
-    matching = _backwards_taking(got)
-    hint = f"; it belongs to {' or '.join(matching)}" if matching else ""
-    raise TypeError(f"{backward} needs the {expected.__name__} its forward returned, got a {got}{hint}")
-
-
-def _backwards_taking(cache_class: str) -> list[str]:
-    """Public ``*_backward`` functions of attention_ref whose ``cache`` parameter is annotated ``cache_class``."""
-    package = sys.modules.get("attention_ref")
-    names = []
-    for name in sorted(getattr(package, "__all__", ())):
-        fn = getattr(package, name, None)
-        annotation = getattr(fn, "__annotations__", {}).get("cache") if name.endswith("_backward") else None
-        if annotation == cache_class or getattr(annotation, "__name__", None) == cache_class:
-            names.append(name)
-    return names
-
-
 def check_dout(dout: Array, like: Array, shape: tuple[int, ...]) -> ModuleType:
     """Check the upstream gradient against the forward: same library, same ``shape`` and ``like``'s dtype.
 
-    ``ValueError`` naming both shapes; ``TypeError`` for another library or another dtype (a float64
-    ``dout`` for a float32 forward would otherwise give float64 gradients without a word).
-    Returns the namespace.
+    ``ValueError`` naming both shapes; ``TypeError`` for a non-array, another library or another dtype (a
+    float64 ``dout`` for a float32 forward would otherwise give float64 gradients without a word): the
+    shared check :func:`attention_ref._checks.require_dout`. Returns the namespace.
     """
-    xp = namespace(dout, like)
-    if tuple(dout.shape) != tuple(shape):
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
-    if dout.dtype != like.dtype:
-        raise TypeError(
-            f"dout has dtype {dtype_name(dout.dtype)}, but the forward ran in {dtype_name(like.dtype)}: cast dout to it"
-        )
-    return xp
+    require_dout(dout, shape, like.dtype)
+    return namespace(dout, like)
 
 
 @contextmanager

@@ -51,7 +51,7 @@ import numbers
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from .._checks import require_bool, require_broadcastable_to
+from .._checks import as_dtype, in_working_dtype, require_bool, require_broadcastable_to
 from ..backend import Array, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .inputs import check_cache, check_dout, check_qkv
@@ -69,17 +69,18 @@ class LinearAttentionCache:
     :meth:`implied_weights` builds the matrix it is equivalent to, for small inputs and plots.
     """
 
-    q: Array  # (..., N, d)
+    q: Array  # (..., N, d), as given
     k: Array  # (..., M, d)
     v: Array  # (..., M, dv)
     kind: str  # "elu" or "efficient"
     eps: float
+    # the intermediates below are in the working dtype: float32 for float16 input
     q_features: Array  # φ(Q) or ρ_q(Q), (..., N, d)
     k_features: Array  # φ(K) or ρ_k(K), (..., M, d)
     kv: Array  # S = φ(K)ᵀ V or G = ρ_k(K)ᵀ V, (..., d, dv)
     k_sum: Array | None  # z = Σ_j φ(k_j), (..., d); None for "efficient"
     denominator: Array | None  # δ_i = φ(q_i)·z + ε, (..., N, 1); None for "efficient"
-    out: Array  # (..., N, dv)
+    out: Array  # (..., N, dv), unrounded
     weights: None = field(default=None, init=False)  # never formed; see implied_weights
     key_mask: Array | None = None  # as given, broadcastable to (..., M); None = every key counts
 
@@ -88,7 +89,7 @@ class LinearAttentionCache:
         xp = namespace(self.q_features)
         # A = φ(Q) φ(K)ᵀ / δ   or   A = ρ_q(Q) ρ_k(K)ᵀ
         a = self.q_features @ xp.matrix_transpose(self.k_features)
-        return a if self.denominator is None else a / self.denominator
+        return as_dtype(xp, a if self.denominator is None else a / self.denominator, self.q.dtype)
 
 
 def _elu_plus_one(xp: ModuleType, x: Array) -> tuple[Array, Array]:
@@ -127,6 +128,7 @@ def linear_attention_forward(
         cache: :class:`LinearAttentionCache` (``cache.weights`` is ``None``; see ``implied_weights()``).
     """
     xp = check_qkv(q, k, v)
+    q_in, k_in, v_in = q, k, v  # as given, for the cache
     if kind not in LINEAR_KINDS:
         raise ValueError(f"kind must be one of {LINEAR_KINDS}, got {kind!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
@@ -134,6 +136,10 @@ def linear_attention_forward(
     if not 0 <= eps < math.inf:
         raise ValueError(f"eps must be finite and ≥ 0, got {eps}")
     keys_on = None if key_mask is None else _check_key_mask(xp, key_mask, k)  # (..., M, 1)
+    # float16 is computed in float32 (φ(q)·z sums d·M products: 4 keys of 300 overflow float16), as exact
+    # attention does; the output is rounded back, the cache keeps the float32 intermediates
+    dtype = q.dtype
+    q, k, v = in_working_dtype(xp, q, k, v)
     if kind == "elu":
         q_features, _ = _elu_plus_one(xp, q)  # φ(Q)   (..., N, d)
         k_features, _ = _elu_plus_one(xp, k)  # φ(K)   (..., M, d)
@@ -160,9 +166,9 @@ def linear_attention_forward(
         # O = ρ_q(Q) G   (..., N, dv)
         out = q_features @ kv
     cache = LinearAttentionCache(
-        q=q,
-        k=k,
-        v=v,
+        q=q_in,
+        k=k_in,
+        v=v_in,
         kind=kind,
         eps=float(eps),
         q_features=q_features,
@@ -173,7 +179,7 @@ def linear_attention_forward(
         out=out,
         key_mask=key_mask,
     )
-    return out, cache
+    return as_dtype(xp, out, dtype), cache
 
 
 def linear_attention_backward(dout: Array, cache: LinearAttentionCache) -> dict[str, Array]:
@@ -188,7 +194,26 @@ def linear_attention_backward(dout: Array, cache: LinearAttentionCache) -> dict[
     """
     check_cache(cache, LinearAttentionCache, "linear_attention_backward")
     xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
-    phi_q, phi_k, kv, v = cache.q_features, cache.k_features, cache.kv, cache.v
+    dtype = dout.dtype
+    # float16 in float32, as the forward (whose intermediates in the cache are float32 already)
+    dout, v, q_w, k_w = in_working_dtype(xp, dout, cache.v, cache.q, cache.k)
+    phi_q, phi_k, kv = cache.q_features, cache.k_features, cache.kv
+    grads = _gradients(xp, dout, cache, phi_q, phi_k, kv, v, q_w, k_w)
+    return {name: as_dtype(xp, g, dtype) for name, g in grads.items()}
+
+
+def _gradients(
+    xp: ModuleType,
+    dout: Array,
+    cache: LinearAttentionCache,
+    phi_q: Array,
+    phi_k: Array,
+    kv: Array,
+    v: Array,
+    q: Array,
+    k: Array,
+) -> dict[str, Array]:
+    """The backward's arithmetic, in the working dtype (see :func:`linear_attention_backward`)."""
     if cache.kind == "efficient":
         # dρ_q = dO Gᵀ   (..., N, d)
         d_phi_q = dout @ xp.matrix_transpose(kv)
@@ -215,8 +240,8 @@ def linear_attention_backward(dout: Array, cache: LinearAttentionCache) -> dict[
     d_k_sum = xp.matrix_transpose(xp.matrix_transpose(phi_q) @ d_den)
     # dφ(k_j) = dS v_j + dz   (..., M, d)
     d_phi_k = v @ xp.matrix_transpose(d_kv) + d_k_sum
-    _, dphi_dq = _elu_plus_one(xp, cache.q)
-    _, dphi_dk = _elu_plus_one(xp, cache.k)
+    _, dphi_dq = _elu_plus_one(xp, q)
+    _, dphi_dk = _elu_plus_one(xp, k)
     if cache.key_mask is not None:
         # φ(k_j) of a masked key was replaced by the constant 0: its derivative is 0
         dphi_dk = xp.where(xp.expand_dims(cache.key_mask, axis=-1), dphi_dk, 0.0)

@@ -1,4 +1,14 @@
-r"""Who may attend to whom on an H × W map: the dense masks that window and neighborhood attention equal.
+r"""Who may attend to whom: the causal mask of a sequence, and on an H × W map the dense masks that window and
+neighborhood attention equal.
+
+* :func:`causal_mask` (``N`` queries, ``M`` keys): query ``i`` sees keys up to a diagonal. When ``N ≠ M`` the
+  diagonal must be placed, and libraries differ: ``alignment="top_left"`` (PyTorch's ``is_causal``, the
+  default) lets query ``i`` see keys ``j ≤ i``; ``alignment="bottom_right"`` (FlashAttention ≥ 2.1, and a
+  decoder that appends ``N`` new queries to ``M − N`` cached keys) lets it see ``j ≤ i + M − N``. They agree
+  when ``N == M``. Bottom-right with ``N > M`` leaves the first ``N − M`` queries without a key (their output
+  is 0, as for every fully masked row).
+
+The map masks:
 
 Pixels are tokens in row-major order, token ``t = row·W + col`` (as everywhere in attention_ref). Each
 function returns a boolean ``(H·W, H·W)`` mask, True = query ``t`` may attend to key ``t'``, to be given
@@ -27,7 +37,16 @@ import array_api_compat.numpy as default_xp
 
 from ..backend import Array, device_of, namespace
 
-__all__ = ["neighborhood_mask", "neighborhood_starts", "window_bands", "window_mask"]
+__all__ = [
+    "CAUSAL_ALIGNMENTS",
+    "causal_mask",
+    "neighborhood_mask",
+    "neighborhood_starts",
+    "window_bands",
+    "window_mask",
+]
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def as_pair(name: str, value: Any) -> tuple[int, int]:
@@ -140,3 +159,30 @@ def neighborhood_mask(height: int, width: int, kernel: int | tuple[int, int], *,
         return (keys >= start) & (keys < start + k)
 
     return _separable(xp, axis_ok(height, kh), axis_ok(width, kw))
+
+
+def causal_mask(queries: int, keys: int, alignment: str = "top_left", *, like: Array | None = None) -> Array:
+    """The causal mask ``(N, M)`` of ``N = queries`` queries over ``M = keys`` keys, True = may attend.
+
+    Inputs:
+        queries, keys: ``N`` and ``M``, non-negative integers.
+        alignment: where the diagonal sits when ``N ≠ M`` (the same mask when ``N == M``):
+            ``"top_left"`` — query ``i`` sees keys ``j ≤ i``: PyTorch's ``scaled_dot_product_attention(...,
+            is_causal=True)`` and ``torch.tril(torch.ones(N, M))``;
+            ``"bottom_right"`` — query ``i`` sees keys ``j ≤ i + M − N``: FlashAttention ≥ 2.1's ``causal=True``
+            (before 2.1 it was top-left), the last query sees every key, as when ``N`` new tokens attend to a
+            cache of ``M − N`` earlier ones and to themselves.
+        like: an array whose backend and device the mask should have; NumPy when ``None``.
+
+    With ``"bottom_right"`` and ``N > M`` the first ``N − M`` rows hold no True (fully masked rows: output 0).
+    """
+    if alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {', '.join(CAUSAL_ALIGNMENTS)}; got {alignment!r}")
+    if not (_is_integer(queries) and _is_integer(keys)) or queries < 0 or keys < 0:
+        raise TypeError(f"queries and keys must be non-negative ints, got {queries!r} and {keys!r}")
+    xp, device = _namespace(like)
+    offset = 0 if alignment == "top_left" else keys - queries
+    i = xp.expand_dims(xp.arange(queries, device=device), axis=1)  # (N, 1)
+    j = xp.expand_dims(xp.arange(keys, device=device), axis=0)  # (1, M)
+    # j ≤ i + offset
+    return j <= i + offset

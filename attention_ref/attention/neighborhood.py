@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .._checks import as_dtype, in_working_dtype
 from ..backend import Array, device_of, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .dense_rows import check_row_range, spread_rows
@@ -141,23 +142,27 @@ def neighborhood_attention_forward(
     xp, height, width = check_map_qkv(q, k, v)
     kernel = check_kernel(height, width, kernel)
     scale = check_scale(scale, q.shape[-1])
+    # float16 is computed in float32 (q·k overflows float16 at 65,504), as exact attention does; out and the
+    # weights are rounded back
+    q_w, k_w, v_w = in_working_dtype(xp, q, k, v)
     rows = _gather_offsets(xp, height, kernel[0], device_of(q))
     cols = _gather_offsets(xp, width, kernel[1], device_of(q))
     logits = []
     for a in range(kernel[0]):
-        k_a = xp.take(k, rows[a], axis=-3)  # (..., H, W, d): row i holds key row start_h(i) + a
+        k_a = xp.take(k_w, rows[a], axis=-3)  # (..., H, W, d): row i holds key row start_h(i) + a
         for b in range(kernel[1]):
             k_ab = xp.take(k_a, cols[b], axis=-2)  # (..., H, W, d): K[start_h(i) + a, start_w(j) + b]
             # S_ab = scale · q · K_ab   (..., H, W)
-            logits.append(scale * xp.sum(q * k_ab, axis=-1))
+            logits.append(scale * xp.sum(q_w * k_ab, axis=-1))
     # P = softmax over the k_h·k_w neighbours   (..., H, W, k_h·k_w)
     weights, _ = softmax_forward(xp.stack(logits, axis=-1), axis=-1)
     out = 0.0
     for a in range(kernel[0]):
-        v_a = xp.take(v, rows[a], axis=-3)
+        v_a = xp.take(v_w, rows[a], axis=-3)
         for b in range(kernel[1]):
             # O += P_ab V_ab   (..., H, W, dv)
             out = out + weights[..., a * kernel[1] + b : a * kernel[1] + b + 1] * xp.take(v_a, cols[b], axis=-2)
+    out, weights = as_dtype(xp, out, q.dtype), as_dtype(xp, weights, q.dtype)
     return out, NeighborhoodAttentionCache(q=q, k=k, v=v, weights=weights, kernel=kernel, scale=scale)
 
 
@@ -172,9 +177,11 @@ def neighborhood_attention_backward(dout: Array, cache: NeighborhoodAttentionCac
         ``{"q": (..., H, W, d), "k": (..., H, W, d), "v": (..., H, W, dv)}``.
     """
     check_cache(cache, NeighborhoodAttentionCache, "neighborhood_attention_backward")
-    q, k, v, weights, scale = cache.q, cache.k, cache.v, cache.weights, cache.scale
     kh, kw = cache.kernel
-    xp = check_dout(dout, like=q, shape=(*q.shape[:-1], v.shape[-1]))
+    xp = check_dout(dout, like=cache.q, shape=(*cache.q.shape[:-1], cache.v.shape[-1]))
+    dtype, scale = dout.dtype, cache.scale
+    # float16 in float32, as the forward (the weights are the forward's float16 ones, widened)
+    q, k, v, weights, dout = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.weights, dout)
     height, width = q.shape[-3], q.shape[-2]
     rows = _gather_offsets(xp, height, kh, device_of(q))
     cols = _gather_offsets(xp, width, kw, device_of(q))
@@ -203,4 +210,4 @@ def neighborhood_attention_backward(dout: Array, cache: NeighborhoodAttentionCac
         # … and along H to the rows they came from
         dk = dk + _gather_adjoint(xp, dk_a, -3, kh, a)
         dv = dv + _gather_adjoint(xp, dv_a, -3, kh, a)
-    return {"q": scale * dq, "k": scale * dk, "v": dv}
+    return {"q": as_dtype(xp, scale * dq, dtype), "k": as_dtype(xp, scale * dk, dtype), "v": as_dtype(xp, dv, dtype)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import require_floating
+from .._checks import array_namespace, require_array, require_finite, require_floating
 from ..backend import Array, namespace
 from .attention_layer import AttentionLayerCache, attention_layer_backward, check_dout
 
@@ -64,7 +64,8 @@ def check_map(where: str, x: Array, context: Array | None = None) -> tuple[int, 
     A 3-D ``x`` is refused rather than guessed at: it may be one ``(H, W, C)`` map or a batch of
     ``(B, N, C)`` token sequences. ``context``, when given, must be ``(B, M, D)``.
     """
-    xp = namespace(x, context)
+    require_array(f"{where}: x", x)
+    xp = array_namespace(x=x, context=context)
     require_floating(xp, "x", x)
     if x.ndim != 4:
         call = "attention_layer_forward(x, params, heads=..." + (", context=context)" if context is not None else ")")
@@ -79,15 +80,19 @@ def check_map(where: str, x: Array, context: Array | None = None) -> tuple[int, 
             f"got shape {tuple(context.shape)}"
             + ("; for one (M, D) sequence pass context[None]" if context.ndim == 2 else "")
         )
+    # an infinite pixel has no output (its group norm is inf − inf): refused, as infinite q, k, v are
+    require_finite(xp, "x", x, where)
+    if context is not None:
+        require_finite(xp, "context", context, where)
     return tuple(x.shape)
 
 
 def map_block_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, Array]:
     """The attention layer's backward on the map: ``dy`` ``(B, H, W, C_out)`` → ``{"x": (B, H, W, C), ...}``."""
-    xp = namespace(dy)
     B, H, W, _ = cache.x_shape
     C_out = cache.layer.out.W.shape[1]
     check_dout(dy, (B, H, W, C_out), cache.layer.q.x.dtype)
+    xp = namespace(dy)
     grads = attention_layer_backward(xp.reshape(dy, (B, H * W, C_out)), cache.layer)  # tokens (B, N, C_out)
     grads["x"] = xp.reshape(grads.pop("h"), cache.x_shape)  # back on the map (B, H, W, C)
     return grads

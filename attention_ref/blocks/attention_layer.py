@@ -45,7 +45,18 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .._checks import require_bool, require_broadcastable_to, require_floating
+from .._checks import (
+    array_namespace,
+    check_eps,
+    check_positive_int,
+    check_real,
+    require_array,
+    require_bool,
+    require_broadcastable_to,
+    require_dout,
+    require_finite,
+    require_floating,
+)
 from ..attention import AttentionCache, attention_backward, attention_forward
 from ..attention.dense_rows import check_row_range
 from ..backend import Array, namespace
@@ -55,7 +66,7 @@ from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_for
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from .attend import VariantCache, check_attention_choice, variant_backward, variant_forward
 from .caches import require_cache
-from .params import check_keys, check_param_dtypes, init_linear, init_norm
+from .params import check_keys, check_param_dtypes, check_params, check_sizes, init_linear, init_norm
 
 __all__ = ["AttentionLayerCache", "attention_layer_backward", "attention_layer_forward", "init_attention_layer"]
 
@@ -155,8 +166,15 @@ def init_attention_layer(
         ``{"q.weight" (C, inner), "k.weight", "v.weight" (C or D, inner), "out.weight" (inner, C)}``, the
         biases asked for, norm weights 1 and biases 0; weights uniform in ``±1/√fan_in`` (PyTorch's default).
     """
-    if heads < 1:
-        raise ValueError(f"heads must be at least 1, got {heads}")
+    check_sizes(
+        "init_attention_layer",
+        ("context_dim", "head_dim", "groups"),
+        channels=channels,
+        context_dim=context_dim,
+        heads=heads,
+        head_dim=head_dim,
+        groups=groups,
+    )
     if head_dim is None:
         if channels % heads != 0:
             raise ValueError(f"{channels} channels are not divisible into {heads} heads; give head_dim")
@@ -242,8 +260,13 @@ def check_layer_inputs(
     ``ValueError`` naming the shapes (and the entry point that takes them) for anything that does
     not fit, ``TypeError`` for dtypes and non-arrays.
     """
-    xp = namespace(h, context, context_mask, mask, *params.values())
+    check_params(params, where)
+    require_array(f"{where}: h", h)
+    xp = array_namespace(h=h, context=context, context_mask=context_mask, mask=mask)
+    namespace(h, *params.values())  # the parameters' library is h's
     require_floating(xp, "h", h)
+    heads = check_positive_int("heads", heads, where)
+    check_positive_int("groups", groups, where)
     if h.ndim != 3:
         way_out = ""
         if h.ndim == 4:
@@ -270,6 +293,9 @@ def check_layer_inputs(
         source_width = context.shape[-1]
     elif context_mask is not None:
         _fail(where, "context_mask is only for cross-attention (it marks padded context tokens)")
+    require_finite(xp, "h", h, where)
+    if is_cross:
+        require_finite(xp, "context", context, where)
     M = context.shape[1] if is_cross else N
     if B == 0 or N == 0 or M == 0:
         what = f"input of shape {tuple(h.shape)}" + (
@@ -288,8 +314,10 @@ def check_layer_inputs(
             _fail(where, f"cross_norm={cross_norm!r} normalises the context, but self-attention has none")
         if cross_norm not in CROSS_NORMS:
             _fail(where, f"cross_norm must be one of {CROSS_NORMS} or None, got {cross_norm!r}")
-        if cross_norm == "group_norm" and (cross_norm_groups < 1 or source_width % cross_norm_groups != 0):
-            _fail(where, f"the context's {source_width} channels are not divisible into {cross_norm_groups} groups")
+        if cross_norm == "group_norm":
+            n_groups = check_positive_int("cross_norm_groups", cross_norm_groups, where)
+            if source_width % n_groups != 0:
+                _fail(where, f"the context's {source_width} channels are not divisible into {n_groups} groups")
     elif "norm_cross.weight" in params:
         _fail(where, "norm_cross.weight is given but cross_norm is None; pass cross_norm='layer_norm' or 'group_norm'")
     if context_mask is not None:
@@ -415,6 +443,9 @@ def attention_layer_forward(
     give the boolean ``mask`` instead — and dropout in training. Parameters of those features are
     unknown keys (``ValueError``).
     """
+    eps = check_eps("eps", eps, where)
+    cross_norm_eps = check_eps("cross_norm_eps", cross_norm_eps, where)
+    rescale = check_real("rescale", rescale, where, nonzero=True)
     options = check_layer_inputs(
         h,
         params,
@@ -506,12 +537,9 @@ def _norm_grads(grads: dict[str, Array], name: str, g: Mapping[str, Array]) -> A
 
 
 def check_dout(dout: Array, expected: tuple[int, ...], dtype: Any, name: str = "dy") -> None:
-    """``ValueError`` / ``TypeError`` unless ``dout`` is an array of the output's shape and dtype."""
-    namespace(dout)
-    if tuple(dout.shape) != tuple(expected):
-        raise ValueError(f"{name} of shape {tuple(dout.shape)} does not match the output shape {tuple(expected)}")
-    if dout.dtype != dtype:
-        raise TypeError(f"{name} has dtype {dout.dtype} but the forward ran in {dtype}")
+    """``ValueError`` / ``TypeError`` unless ``dout`` is an array of the output's shape and dtype
+    (:func:`attention_ref._checks.require_dout`)."""
+    require_dout(dout, expected, dtype, name=name)
 
 
 def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str, Array]:

@@ -25,7 +25,7 @@ from ..backend import Array, namespace
 from .attention_block import AttentionBlockCache, check_map, map_block_backward
 from .attention_layer import attention_layer_forward
 from .caches import require_cache
-from .params import init_linear, init_norm
+from .params import check_sizes, init_linear, init_norm
 
 __all__ = ["cross_attention_backward", "cross_attention_forward", "init_cross_attention"]
 
@@ -52,7 +52,10 @@ def init_cross_attention(
         like :func:`attention_ref.init_self_attention`, except ``"k.weight"`` and ``"v.weight"``
         are ``(D, C)``.
     """
-    if heads < 1 or channels % heads != 0:
+    check_sizes(
+        "init_cross_attention", ("groups",), channels=channels, context_dim=context_dim, heads=heads, groups=groups
+    )
+    if channels % heads != 0:
         raise ValueError(f"{channels} channels are not divisible into {heads} heads")
     if groups is not None and (groups < 1 or channels % groups != 0):
         raise ValueError(f"{channels} channels are not divisible into {groups} groups")

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._checks import require_floating
+from .._checks import require_array, require_finite, require_floating
 from ..backend import Array, namespace
 from ..ops.gelu import GegluCache, geglu_backward, geglu_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from .caches import require_cache
-from .params import check_keys, check_param_dtypes
+from .params import check_keys, check_param_dtypes, check_params
 
 __all__ = ["GegluFeedForwardCache", "geglu_ff_backward", "geglu_ff_forward"]
 
@@ -41,10 +41,13 @@ def geglu_ff_forward(x: Array, params: Mapping[str, Array]) -> tuple[Array, Gegl
     Returns:
         y: ``(..., C_out)``; cache: :class:`GegluFeedForwardCache`.
     """
+    check_params(params, "feed-forward")
+    require_array("feed-forward: x", x)
     xp = namespace(x, *params.values())
     require_floating(xp, "x", x)
     check_keys(params, required=("proj.weight", "out.weight"), optional=("proj.bias", "out.bias"), where="feed-forward")
     check_param_dtypes(x, params, "feed-forward")
+    require_finite(xp, "x", x, "feed-forward")  # as every block: an infinite input is refused, NaN propagates
     Wp, Wo = params["proj.weight"], params["out.weight"]
     if Wp.ndim != 2 or Wo.ndim != 2 or Wp.shape[1] != 2 * Wo.shape[0]:
         raise ValueError(

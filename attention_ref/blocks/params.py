@@ -13,11 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Array
+from .._checks import check_positive_int, dtype_name, require_array
+from ..backend import Array, namespace
 
 __all__ = [
     "check_keys",
     "check_param_dtypes",
+    "check_params",
+    "check_sizes",
     "init_linear",
     "init_norm",
     "prefixed",
@@ -73,6 +76,37 @@ def check_keys(params: Mapping[str, Array], *, required: Iterable[str], optional
         if unknown:
             parts.append(f"unknown {unknown}")
         raise ValueError(f"{where} params: {'; '.join(parts)} (expected {required}, optionally {optional})")
+
+
+def check_sizes(where: str, optional: tuple[str, ...] = (), **sizes: Any) -> None:
+    """``TypeError`` / ``ValueError`` naming the first size that is not an int ≥ 1 (those in ``optional`` may be
+    ``None``: not given)."""
+    for name, value in sizes.items():
+        if value is not None or name not in optional:
+            check_positive_int(name, value, where)
+
+
+def check_params(params: Any, where: str) -> None:
+    """``TypeError`` unless ``params`` is a mapping from names to arrays; ``ValueError`` for an infinite entry.
+
+    Called first by every block, so that ``params=None``, a list or a ``None`` entry is named rather than
+    failing inside. An infinite parameter is refused as an infinite input is (NaN propagates).
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{where}: params must be a mapping of names to arrays, got {type(params).__name__}")
+    for name, p in params.items():
+        require_array(f"{where}: params[{name!r}]", p)
+    for name, p in params.items():
+        xp = namespace(p)
+        if _is_floating(p) and bool(xp.any(xp.isinf(p))):
+            raise ValueError(
+                f"{where}: params[{name!r}] has an infinite entry; parameters must be finite (NaN is allowed: "
+                "it propagates)"
+            )
+
+
+def _is_floating(a: Array) -> bool:
+    return dtype_name(a.dtype) in ("float16", "float32", "float64")
 
 
 def check_param_dtypes(x: Array, params: Mapping[str, Array], where: str) -> None:

@@ -27,7 +27,7 @@ from ..backend import Array, namespace
 from .attention_block import AttentionBlockCache, check_map, map_block_backward
 from .attention_layer import attention_layer_forward
 from .caches import require_cache
-from .params import init_linear, init_norm
+from .params import check_sizes, init_linear, init_norm
 
 __all__ = ["init_self_attention", "self_attention_backward", "self_attention_forward"]
 
@@ -58,7 +58,8 @@ def init_self_attention(
         weights and biases uniform in ``±1/√C`` (PyTorch's default). Convert them to
         another backend with its ``asarray``.
     """
-    if heads < 1 or channels % heads != 0:
+    check_sizes("init_self_attention", ("groups",), channels=channels, heads=heads, groups=groups)
+    if channels % heads != 0:
         raise ValueError(f"{channels} channels are not divisible into {heads} heads")
     if groups is not None and (groups < 1 or channels % groups != 0):
         raise ValueError(f"{channels} channels are not divisible into {groups} groups")

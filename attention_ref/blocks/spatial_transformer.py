@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_eps, check_positive_int
 from ..backend import Array, namespace
 from ..ops.group_norm import GroupNormCache, group_norm_backward, group_norm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from .attention_block import check_map
 from .attention_layer import check_dout
 from .caches import require_cache
-from .params import check_param_dtypes, init_linear, init_norm, prefixed, sub_params
+from .params import check_param_dtypes, check_params, check_sizes, init_linear, init_norm, prefixed, sub_params
 from .transformer_block import TransformerBlockCache, transformer_block_backward, transformer_block_forward
 
 __all__ = [
@@ -97,8 +98,17 @@ def init_spatial_transformer(
         ``"blocks.i.ff.out.weight"`` ``(F, inner)``, ``"blocks.i.ff.out.bias"``;
         ``"proj_out.weight"`` ``(inner, C)``, ``"proj_out.bias"`` ``(C,)``.
     """
-    if heads < 1:
-        raise ValueError(f"heads must be at least 1, got {heads}")
+    check_sizes(
+        "init_spatial_transformer",
+        ("head_dim",),
+        channels=channels,
+        context_dim=context_dim,
+        heads=heads,
+        head_dim=head_dim,
+        depth=depth,
+        groups=groups,
+        ff_mult=ff_mult,
+    )
     if head_dim is None:
         if channels % heads != 0:
             raise ValueError(f"{channels} channels do not split into {heads} heads; give head_dim")
@@ -152,10 +162,12 @@ def _check_transformer_inputs(x: Array, context: Array, params: Mapping[str, Arr
     """The number of transformer blocks; ``ValueError`` / ``TypeError`` for inputs that do not fit."""
     if context is None:
         raise ValueError("spatial transformer: a context is required")
+    check_params(params, "spatial transformer")
     B, H, W, C = check_map("spatial transformer", x, context)
     depth = _depth(params)
     check_param_dtypes(x, params, "spatial transformer")
-    if groups < 1 or C % groups != 0:
+    groups = check_positive_int("groups", groups, "spatial transformer")
+    if C % groups != 0:
         raise ValueError(f"spatial transformer: {C} channels are not divisible into {groups} groups")
     if B == 0 or H * W == 0 or context.shape[1] == 0:
         raise ValueError(
@@ -204,6 +216,8 @@ def spatial_transformer_forward(
         cache: :class:`SpatialTransformerCache`.
     """
     depth = _check_transformer_inputs(x, context, params, groups)
+    eps = check_eps("eps", eps, "spatial transformer")
+    norm_eps = check_eps("norm_eps", norm_eps, "spatial transformer")
     xp = namespace(x)
     B, H, W, C = x.shape
     # h = GroupNorm(x)   (B, H, W, C)

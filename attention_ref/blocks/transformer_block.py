@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._checks import array_namespace, check_eps, require_array, require_finite, require_floating
 from ..backend import Array
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
 from .attention_layer import AttentionLayerCache, attention_layer_backward, attention_layer_forward, check_dout
 from .caches import require_cache
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
-from .params import prefixed, sub_params
+from .params import check_params, prefixed, sub_params
 
 __all__ = ["TransformerBlockCache", "transformer_block_backward", "transformer_block_forward"]
 
@@ -48,7 +49,12 @@ def _layer_norm(h: Array, params: Mapping[str, Array], name: str, eps: float, wh
 
 
 def _check_block_inputs(h: Array, context: Array | None, params: Mapping[str, Array], where: str) -> None:
-    """``ValueError`` for tokens or a context of the wrong rank, or keys that belong to none of the block's layers."""
+    """``ValueError`` for tokens or a context of the wrong rank or with an infinite entry, or keys that belong to
+    none of the block's layers; ``TypeError`` for params that are not a mapping of arrays, or non-arrays."""
+    check_params(params, where)
+    require_array(f"{where}: h", h)
+    if context is not None:
+        require_array(f"{where}: context", context)
     norm_keys = {f"{n}.{p}" for n in _NORMS for p in ("weight", "bias")}
     unknown = sorted(k for k in params if k not in norm_keys and not k.startswith(("attn1.", "attn2.", "ff.")))
     if unknown:
@@ -65,6 +71,10 @@ def _check_block_inputs(h: Array, context: Array | None, params: Mapping[str, Ar
         shapes = f"h {tuple(h.shape)}, context {None if context is None else tuple(context.shape)}"
         way_out = "; a (B, H, W, C) map is h.reshape(B, H·W, C) with grid=(H, W)" if h.ndim == 4 else ""
         raise ValueError(f"{where}: needs tokens h of shape (B, N, C) and context (B, M, D); got {shapes}{way_out}")
+    xp = array_namespace(h=h, context=context)
+    require_floating(xp, "h", h)
+    require_finite(xp, "h", h, where)
+    require_finite(xp, "context", context, where)
 
 
 def transformer_block_forward(
@@ -104,6 +114,7 @@ def transformer_block_forward(
         h': ``(B, N, C)``; cache: :class:`TransformerBlockCache`.
     """
     _check_block_inputs(h, context, params, where)
+    norm_eps = check_eps("norm_eps", norm_eps, where)
     caches: dict[str, Any] = {}
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)

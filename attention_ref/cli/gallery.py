@@ -38,6 +38,7 @@ from ..viz import (
     query_map,
     save_figure,
     scaling_exponents,
+    token_maps,
     token_segmentation,
     weight_within,
 )
@@ -110,11 +111,20 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         )
     )
 
+    from ..blocks import self_attention_backward
+
+    query = queries[0]
+    z = result.eval_input[b : b + 1]
+    attention_field = input_gradient(result.block_forward, self_attention_backward, z, query)
+    centre = (size // 2, size // 2)
     fields = {
-        f"3×3 conv ×{layers}, receptive field": (conv_stack_receptive_field(layers, shape, centre), centre)
+        f"3×3 conv ×{layers}, at the centre (row {centre[0]}, col {centre[1]})": (
+            conv_stack_receptive_field(layers, shape, centre),
+            centre,
+        )
         for layers in (2, 4)
-        for centre in [(size // 2, size // 2)]
     }
+    fields[f"self-attention block, trained, at (row {query[0]}, col {query[1]})"] = (attention_field, query)
     inside = result.eval_data.copy_id >= 0  # (B, S, S): the pattern pixels
     twin = _twin_distances(result.eval_data.copy_id)
     near = float(twin[inside].min())
@@ -130,22 +140,20 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         target_label="all weight on the twin",
         fields=fields,
         title=f"Trained, {far['trained']:.0%} of a pattern pixel's weight lies {near:.0f} px or more away, where "
-        f"the twins are ({far['init']:.0%} at initialisation); stacked 3×3 convs reach only a few pixels",
+        f"the twins are ({far['init']:.0%} at initialisation);\nstacked 3×3 convs move an output pixel only from "
+        "a few pixels around it, the attention block from its twin too",
     )
     figures.append(
         (
             save_figure(fig, out / "attention_distance.png", dpi=dpi),
-            "The share of a pattern pixel's attention weight within distance r, averaged over the pattern "
+            "Left: the share of a pattern pixel's attention weight within distance r, averaged over the pattern "
             "pixels of the held-out maps, before and after training the long-range toy (one head), against "
-            "all weight on the twin and the receptive fields of stacked 3×3 convolutions at the map's centre.",
+            "all weight on the twin and uniform weights. Right: the share of the influence |∂y/∂x| within r, "
+            "for stacked 3×3 convolutions at the map's centre and for the trained attention block at one "
+            "pattern pixel.",
         )
     )
 
-    from ..blocks import self_attention_backward
-
-    query = queries[0]
-    z = result.eval_input[b : b + 1]
-    attention_field = input_gradient(result.block_forward, self_attention_backward, z, query)
     twin = np.argwhere(result.eval_data.copy_id[b] == 1)[0]
     far = float(np.hypot(*(np.array(query) - twin)))
     fields = {
@@ -170,21 +178,35 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         )
     )
 
+    weights = query_map(result.weights, query, shape, batch=b)
+    others = np.ones(shape, dtype=bool)
+    others[tuple(query)] = others[tuple(twin)] = False
+    floor = float(np.median(attention_field) / attention_field.max())
     fig = plot_weights_vs_influence(
-        query_map(result.weights, query, shape, batch=b),
+        weights,
         attention_field,
         query,
         image=image,
         backdrop_note=LONG_RANGE_BACKDROP,
-        title="The weights point at the twin; the gradient adds the pixel itself (residual) and the keys",
+        title=f"The weights sit on the twin ({weights[tuple(twin)]:.2f}) and the pixel itself "
+        f"({weights[tuple(query)]:.2f}), under {weights[others].max():.0e} elsewhere;\nthe gradient adds the "
+        f"residual at the pixel and, through the group norm's mean and variance, about 1/{round(1 / floor, -1):.0f} "
+        "of its largest from every pixel",
     )
     figures.append(
         (
             save_figure(fig, out / "weights_vs_influence.png", dpi=dpi),
-            "One query's attention weights next to its true influence map |∂y_q/∂x| from the backward pass.",
+            "One query's attention weights next to its true influence map |∂y_q/∂x| from the backward pass, each "
+            "on a logarithmic scale of four decades below its maximum: the other keys' weights are far below it, "
+            "and the faint floor of the influence is the group norm's statistics, which every pixel moves.",
         )
     )
     return figures
+
+
+def _pixels(n: int) -> str:
+    """ "1 bright pixel keeps", "2 bright pixels keep" """
+    return f"{n} bright pixel keeps" if n == 1 else f"{n} bright pixels keep"
 
 
 def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str]]:
@@ -204,18 +226,29 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         image=image,
         batch=b,
         context_mask=mask,
+        scene=True,
         backdrop_note=SCENE_BACKDROP,
         title=f"Each word is read by its own object's pixels (held-out IoU: {ious})",
     )
     figures.append(
         (
             save_figure(fig, out / "token_maps.png", dpi=dpi),
-            "Cross-attention weights of every prompt token over the pixels of a held-out scene, after "
-            "training the grounding toy, two rows of five; `<sot>` and `and` collect the background.",
+            "The held-out scene in colour, then the cross-attention weights of every prompt token over its "
+            "pixels after training the grounding toy, on one scale; `<sot>` and `and` collect the background.",
         )
     )
 
     show = [0, 1, 2, 3, int(scenes.lengths[b]) - 1]  # <sot>, a colour, a shape, "and", <eot>
+    raw = token_maps(result.weights, shape, batch=b)[show]  # (5, H, W)
+    top = token_maps(result.weights, shape, batch=b, normalization="token_max")[show]
+    faint = [i for i in range(len(show)) if raw[i].max() <= 0.5 * raw.max()]  # dim on the shared raw scale
+    lifted = max(faint, key=lambda i: top[i].mean()) if faint else None
+    darkest = min(range(len(show)), key=lambda i: top[i].mean())  # ÷ max leaves it dark: one pixel holds its max
+    lift = (
+        f"÷ each token's max lifts “{tokens[show[lifted]]}”, faint on the raw scale, to full strength, "
+        if lifted is not None and lifted != darkest
+        else "÷ each token's max gives every map its own scale, "
+    )
     fig = plot_token_normalizations(
         result.weights,
         tokens,
@@ -224,14 +257,16 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         batch=b,
         show=show,
         backdrop_note=SCENE_BACKDROP,
-        title="÷ max lifts words few pixels read to full strength; without the special tokens the background "
-        "goes to “and”",
+        title=f"{lift}but {_pixels(int((top[darkest] > 0.5).sum()))} the rest of “{tokens[show[darkest]]}” dark;\n"
+        "renormalised without the special tokens, the background goes to “and”",
     )
     figures.append(
         (
             save_figure(fig, out / "token_normalizations.png", dpi=dpi),
-            "Five of the token maps under the usual normalisations, one row each; a normalisation that looks "
-            "the same as an earlier row is left out, and the note under the figure says so and why.",
+            "Five of the token maps under the usual normalisations, one row each, each row with its own "
+            "labelled colour bar: ÷ max rescues a token read weakly everywhere, not one read strongly in a few "
+            "pixels; a normalisation that looks the same as an earlier row is left out, and the note under the "
+            "figure says so and why.",
         )
     )
 
@@ -267,7 +302,7 @@ def _diffusion_figures(
     Loads the shipped weights (``retrain``: trains them again first and overwrites them, hours).
     """
     from ..toys.diffusion import EXAMPLE_PROMPT, load_pretrained, sample, score_samples
-    from ..toys.diffusion.evaluate import EVAL_SEEDS
+    from ..toys.diffusion.evaluate import EVAL_SEEDS, classify_shape, segment_objects
     from ..toys.diffusion.model import pretrained_path
     from ..toys.diffusion.train import retrain_shipped
     from ..viz import plot_denoising_steps
@@ -282,23 +317,27 @@ def _diffusion_figures(
     score = score_samples(result.images, result.prompts, result.word_maps())
     n = len(result.tokens[0])
     held = model.log.get("evaluation", {}).get("held_out", {})
+    objects = segment_objects(result.images[0])  # the final image's objects: [(colour, mask)], largest first
+    outlines = {f"{colour} {classify_shape(mask)}": mask for colour, mask in objects}
     title = (
-        f"“{EXAMPLE_PROMPT}” (never seen in training) denoised in {steps} DDIM steps;\n"
-        f"under the image, where each word is read (IoU of the summed maps: colour words "
-        f"{score['iou_colour']:.2f}, shape words {score['iou_shape']:.2f})"
+        f"“{EXAMPLE_PROMPT}” (never seen in training) denoised in {steps} DDIM steps: each word's map at six steps\n"
+        f"(IoU of the maps summed over all steps and layers: colour words {score['iou_colour']:.2f}, "
+        f"shape words {score['iou_shape']:.2f})"
     )
     fig = plot_denoising_steps(
         (result.x0_pred[0] + 1.0) / 2.0,
         result.step_word_maps(0)[..., :n],
         result.tokens[0],
         timesteps=result.timesteps,
+        outlines=outlines,
         image_label="predicted x̂₀",
+        map_label=f"cross-attention weight\n(mean of the {len(result.cross_layers())} layers and their heads)",
         title=title,
     )
     caption = (
-        "The NumPy diffusion U-Net draws a held-out prompt: the clean image each DDIM step predicts, and under "
-        f"it each token's cross-attention (mean over the {len(result.cross_layers())} cross-attention layers and "
-        "their heads)."
+        "The NumPy diffusion U-Net draws a held-out prompt: the clean image x̂₀ six of its 25 DDIM steps predict, and "
+        f"under it each token's cross-attention at that step (mean over the {len(result.cross_layers())} "
+        "cross-attention layers and their heads), drawn on one linear scale with the final image's objects outlined."
     )
     figures = [(save_figure(fig, out / "diffusion_denoising.png", dpi=dpi), caption)]
     numbers = {
@@ -370,19 +409,22 @@ def make_figures(
             save_figure(plot_complexity(complexity), out / "complexity.png", dpi=dpi),
             "Forward + backward cost of exact, tiled, linear, window and neighborhood attention against the "
             "number of pixels, log-log: the operation counts (lines) with the measured CPU time of one thread "
-            "(dots, best of several runs), and the measured peak memory with the theory dashed.",
+            "(dots, best of several runs), and the measured peak memory with the theory dashed (the arrays a pass "
+            "must hold; the measured peaks sit about 2–3× above it, the backward's temporaries).",
         )
     )
     figures.append(
         (
             save_figure(draw_self_attention_block(), out / "self_attention_block.png", dpi=dpi),
-            "The self-attention block inside a U-Net stage, one column per head, every shape read off a forward pass.",
+            "A U-Net stage: a ResBlock that adds the timestep embedding, then the self-attention block, one "
+            "column per head, every tensor named and every shape read off a forward pass.",
         )
     )
     figures.append(
         (
             save_figure(draw_cross_attention(), out / "cross_attention.png", dpi=dpi),
-            "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head.",
+            "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head; "
+            "the projections' biases drawn as the library's blocks have them (diffusers' have none).",
         )
     )
     diffusion_figures, diffusion_numbers = _diffusion_figures(out, dpi, quick=quick, retrain=retrain, say=say)

@@ -2,13 +2,17 @@
 
 ::
 
-    python -m attention_ref check package.module:function [--dtype float16] [--torch] [--grad module:function]
-                                  [--cases "a,b"] [--masked-rows zero|nan-ok|finite-ok] [--unsupported "d != dv"] [-v]
-    python -m attention_ref vectors --out DIR [--dtype float16] [--cases "a,b"]
+    python -m attention_ref check package.module:function [--dtype float16] [--policy fused|eager] [--torch]
+                                  [--device cuda] [--grad module:function] [--cases "a,b"] [--layout bhnd|bnhd]
+                                  [--masked-rows zero|nan-ok|finite-ok] [--unsupported "d != dv"]
+                                  [--missing-ok "masks"] [-v]
+    python -m attention_ref vectors --out DIR [--dtype float16] [--policy fused|eager] [--cases "a,b"]
 
 Exit status: 0 when every check passed, 1 when a check failed, 2 for a usage error (an unknown case,
-feature or function, an empty case list, a torch function without ``--torch``): one line on stderr
-that names what is valid, no traceback.
+feature or function, an empty case list, a function whose signature the harness cannot call — e.g.
+``attn_mask=`` instead of ``mask=`` —, a torch function without ``--torch`` or a NumPy function with it,
+``--device`` without ``--torch`` or naming a device torch does not have): one line on stderr that names
+what is valid, no traceback.
 """
 
 from __future__ import annotations
@@ -41,8 +45,21 @@ def add_oracle_commands(sub: Any) -> None:
     )
     check.add_argument("target", metavar="package.module:function")
     check.add_argument("--dtype", default="float32", choices=_DTYPES)
+    check.add_argument(
+        "--policy",
+        default="fused",
+        choices=("fused", "eager"),
+        help="fused (default): logits and softmax kept in float32, as FlashAttention and PyTorch's SDPA; eager: "
+        "logits and softmax rounded to the dtype op by op, as eager half-precision code",
+    )
     check.add_argument("--torch", action="store_true", help="FUNCTION takes torch tensors; also check autograd grads")
     check.add_argument("--device", default=None, help="torch device for --torch (default: cpu)")
+    check.add_argument(
+        "--layout",
+        choices=("bhnd", "bnhd"),
+        default=None,
+        help="pass every case 4-D: (B, H, N, d) or FlashAttention's (B, N, H, d) (default: each case's own shape)",
+    )
     check.add_argument("--grad", metavar="package.module:function", help="NumPy grad_fn -> (dq, dk, dv)")
     check.add_argument("--cases", help="comma-separated case names (default: the whole battery)")
     check.add_argument(
@@ -57,6 +74,11 @@ def add_oracle_commands(sub: Any) -> None:
         help="comma-separated case features FUNCTION does not take, e.g. 'd != dv,custom scale' (default: its "
         "own `unsupported` attribute); those cases are reported as not supported",
     )
+    check.add_argument(
+        "--missing-ok",
+        metavar="GROUPS",
+        help="comma-separated core groups (long sequence, large logits, masks) FUNCTION may leave unrun and still pass",
+    )
     check.add_argument("-v", "--verbose", action="store_true", help="print every row, not only the failing ones")
     vectors = sub.add_parser(
         "vectors",
@@ -64,6 +86,7 @@ def add_oracle_commands(sub: Any) -> None:
     )
     vectors.add_argument("--out", required=True, metavar="DIR")
     vectors.add_argument("--dtype", default="float32", choices=_DTYPES)
+    vectors.add_argument("--policy", default="fused", choices=("fused", "eager"), help="the allowance's policy")
     vectors.add_argument("--cases", help="comma-separated case names (default: the whole battery)")
 
 
@@ -96,27 +119,47 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _torch_device(device: str) -> None:
+    """``UsageError`` unless torch can put a tensor on ``device``."""
+    try:
+        import torch
+    except ImportError as err:
+        raise UsageError(f"--device {device} needs torch, which is not installed") from err
+    try:
+        torch.empty(0, device=device)
+    except Exception as err:  # no CUDA build, no such device, a malformed name
+        cuda = " (torch sees no CUDA device)" if device.startswith("cuda") and not torch.cuda.is_available() else ""
+        raise UsageError(f"--device {device}: torch {torch.__version__} cannot use it{cuda}: {err}") from err
+
+
 def _check(args: argparse.Namespace) -> int:
     from .. import testing
 
+    if args.device is not None and not args.torch:
+        raise UsageError("--device says where a torch function runs: it needs --torch")
     try:
         fn = load_target(args.target)
         grad_fn = load_target(args.grad) if args.grad else None
     except ValueError as err:
         raise UsageError(err) from err
-    if args.torch:
-        fn, torch_grad_fn = testing.from_torch(fn, device=args.device)
-        grad_fn = grad_fn or torch_grad_fn
+    if args.device is not None:
+        _torch_device(args.device)
     try:
+        if args.torch:
+            fn, torch_grad_fn = testing.from_torch(fn, device=args.device)
+            grad_fn = grad_fn or torch_grad_fn
         report = testing.check_attention(
             fn,
             grad_fn,
             dtype=args.dtype,
             cases=_names(args.cases),
             masked_rows=args.masked_rows,
+            policy=args.policy,
             unsupported=_names(args.unsupported),
+            layout=args.layout,
+            missing_ok=_names(args.missing_ok) or (),
         )
-    except (ValueError, TypeError) as err:  # bad names, an empty list, a torch function given NumPy arrays
+    except (ValueError, TypeError) as err:  # bad names, an empty list, a signature or kind of function it cannot call
         raise UsageError(err) from err
     print(report.format(verbose=args.verbose))
     return 0 if report.ok else 1
@@ -130,11 +173,11 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         if args.command == "check":
             return _check(args)
         try:
-            path = testing.write_vectors(args.out, args.dtype, cases=_names(args.cases))
+            path = testing.write_vectors(args.out, args.dtype, cases=_names(args.cases), policy=args.policy)
         except ValueError as err:
             raise UsageError(err) from err
         count = len(_names(args.cases) or testing.CASE_NAMES)
-        print(f"wrote {count} cases in {args.dtype} to {path.parent} (index: {path.name})")
+        print(f"wrote {count} cases in {args.dtype} ({args.policy} policy) to {path.parent} (index: {path.name})")
         return 0
     except UsageError as err:
         message = " ".join(str(err).split())  # one line

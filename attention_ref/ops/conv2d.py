@@ -38,11 +38,12 @@ Backward, given ``dy = ∂L/∂y``:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from types import ModuleType
 
-from .._checks import require_floating
-from ..backend import Array, device_of, namespace
+from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating, require_same_dtype
+from ..backend import Array, device_of
 
 __all__ = ["Conv2dCache", "conv2d_backward", "conv2d_forward"]
 
@@ -60,16 +61,21 @@ class Conv2dCache:
 
 def _resolve_padding(padding: Padding, kh: int, kw: int) -> tuple[int, int]:
     """``(p_h, p_w)`` from an int, a pair, or ``"same"`` (odd kernels: ``p = (k − 1)/2``)."""
+    def is_int(p: object) -> bool:
+        return isinstance(p, numbers.Integral) and not isinstance(p, bool)
+
+    if not (isinstance(padding, (str, tuple, list)) or is_int(padding)):
+        raise TypeError(f"conv2d: padding must be an int, a pair of ints or 'same', got {type(padding).__name__}")
     if isinstance(padding, str):
         if padding != "same":
             raise ValueError(f"conv2d: padding must be an int, a pair of ints or 'same', got {padding!r}")
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"conv2d: padding='same' needs an odd kernel, got {kh}×{kw}")
         return (kh - 1) // 2, (kw - 1) // 2
-    pair = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    if len(pair) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) for p in pair):
+    pair = (padding, padding) if is_int(padding) else tuple(padding)
+    if len(pair) != 2 or not all(is_int(p) for p in pair):
         raise ValueError(f"conv2d: padding must be an int, a pair of ints or 'same', got {padding!r}")
-    ph, pw = pair
+    ph, pw = int(pair[0]), int(pair[1])
     if not (0 <= ph <= kh - 1 and 0 <= pw <= kw - 1):
         raise ValueError(f"conv2d: padding {(ph, pw)} must lie between 0 and kernel−1 for a {kh}×{kw} kernel")
     return ph, pw
@@ -111,10 +117,13 @@ def conv2d_forward(
         y: ``(B, H + 2p_h − kh + 1, W + 2p_w − kw + 1, C_out)``.
         cache: :class:`Conv2dCache`.
     """
-    xp = namespace(x, weight, bias)
+    require_array("x", x)
+    require_array("weight", weight)
+    xp = array_namespace(x=x, weight=weight, bias=bias)
     for name, a in (("x", x), ("weight", weight), ("bias", bias)):
         if a is not None:
             require_floating(xp, name, a)
+    require_same_dtype("conv2d", x=x, weight=weight, bias=bias)
     if x.ndim != 4 or weight.ndim != 4 or x.shape[-1] != weight.shape[2]:
         raise ValueError(
             f"conv2d: x of shape {tuple(x.shape)} (want (B, H, W, C_in)) does not match "
@@ -146,12 +155,11 @@ def conv2d_backward(dout: Array, cache: Conv2dCache) -> dict[str, Array]:
     of ``dy`` (zero-padded by ``k − 1 − p``) with the flipped, channel-swapped
     kernel, as derived in the module docstring.
     """
-    xp = namespace(dout)
+    check_cache(cache, Conv2dCache, "conv2d_backward")
     kh, kw, c_in, c_out = cache.weight.shape
     ph, pw = cache.padding
     B, Ho, Wo, _ = cache.cols.shape
-    if tuple(dout.shape) != (B, Ho, Wo, c_out):
-        raise ValueError(f"conv2d: dout of shape {tuple(dout.shape)} does not match the output {(B, Ho, Wo, c_out)}")
+    xp = require_dout(dout, (B, Ho, Wo, c_out), cache.cols.dtype, where="conv2d")
     cols2 = xp.reshape(cache.cols, (B * Ho * Wo, kh * kw * c_in))  # (n, kh·kw·C_in)
     dy2 = xp.reshape(dout, (B * Ho * Wo, c_out))  # (n, C_out)
     # dW = colsᵀ dy   (kh, kw, C_in, C_out)

@@ -42,8 +42,8 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from .._checks import require_floating
-from ..backend import Array, namespace
+from .._checks import array_namespace, require_array, require_floating
+from ..backend import Array
 
 __all__ = ["erf", "erfc"]
 
@@ -105,7 +105,8 @@ def erf(x: Array) -> Array:
     Returns:
         same shape and dtype as ``x``; NaN stays NaN, ``±inf`` gives ``±1``.
     """
-    xp = namespace(x)
+    require_array("x", x)
+    xp = array_namespace(x=x)
     require_floating(xp, "x", x)
     erf_abs, _, negative = _erf_and_erfc_of_abs(xp, x)
     # erf(−s) = −erf(s)
@@ -121,7 +122,8 @@ def erfc(x: Array) -> Array:
     Returns:
         same shape and dtype as ``x``; in ``[0, 2]``.
     """
-    xp = namespace(x)
+    require_array("x", x)
+    xp = array_namespace(x=x)
     require_floating(xp, "x", x)
     _, erfc_abs, negative = _erf_and_erfc_of_abs(xp, x)
     # erfc(−s) = 2 − erfc(s)

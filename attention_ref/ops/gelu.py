@@ -29,8 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._checks import require_floating
-from ..backend import Array, namespace
+from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
+from ..backend import Array
 from .erf import erfc
 
 __all__ = ["GegluCache", "GeluCache", "geglu_backward", "geglu_forward", "gelu_backward", "gelu_forward"]
@@ -55,8 +55,8 @@ def gelu_forward(x: Array) -> tuple[Array, GeluCache]:
         out: same shape as ``x``.
         cache: :class:`GeluCache`.
     """
-    xp = namespace(x)
-    require_floating(xp, "x", x)
+    require_array("x", x)
+    require_floating(array_namespace(x=x), "x", x)
     # Φ(x) = erfc(−x/√2) / 2
     cdf = 0.5 * erfc(-x * _INV_SQRT2)
     # gelu(x) = x Φ(x)
@@ -65,7 +65,8 @@ def gelu_forward(x: Array) -> tuple[Array, GeluCache]:
 
 def gelu_backward(dout: Array, cache: GeluCache) -> dict[str, Array]:
     """``{"x": dout · gelu'(x)}`` with ``gelu'(x) = Φ(x) + x φ(x)``."""
-    xp = namespace(dout)
+    check_cache(cache, GeluCache, "gelu_backward")
+    xp = require_dout(dout, cache.x.shape, cache.x.dtype, where="gelu")
     x = cache.x
     # φ(x) = exp(−x²/2) / √(2π)
     pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
@@ -91,8 +92,8 @@ def geglu_forward(x: Array) -> tuple[Array, GegluCache]:
         out: ``(..., F)``.
         cache: :class:`GegluCache`.
     """
-    xp = namespace(x)
-    require_floating(xp, "x", x)
+    require_array("x", x)
+    require_floating(array_namespace(x=x), "x", x)
     if x.ndim < 1 or x.shape[-1] % 2 != 0:
         raise ValueError(f"geglu needs an even number of channels to split into value and gate, got {tuple(x.shape)}")
     F = x.shape[-1] // 2
@@ -105,10 +106,8 @@ def geglu_forward(x: Array) -> tuple[Array, GegluCache]:
 
 def geglu_backward(dout: Array, cache: GegluCache) -> dict[str, Array]:
     """``{"x": [da, dg]}``, ``(..., 2F)``: ``da = dout · gelu(g)``, ``dg = dout · a · gelu'(g)``."""
-    xp = namespace(dout)
-    if tuple(dout.shape) != tuple(cache.value.shape):
-        want = tuple(cache.value.shape)
-        raise ValueError(f"dout of shape {tuple(dout.shape)} does not match the output shape {want}")
+    check_cache(cache, GegluCache, "geglu_backward")
+    xp = require_dout(dout, cache.value.shape, cache.value.dtype, where="geglu")
     # da = dout · gelu(g)
     d_value = dout * cache.gelu_gate
     # dg = dout · a · gelu'(g)

@@ -19,9 +19,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from .._checks import as_dtype, in_working_dtype, require_dout_shape, require_floating
-from ..backend import Array, namespace
+from .._checks import (
+    array_namespace,
+    as_dtype,
+    check_cache,
+    check_eps,
+    check_positive_int,
+    in_working_dtype,
+    require_array,
+    require_dout,
+    require_floating,
+    require_same_dtype,
+)
+from ..backend import Array
 from .normalize import normalize, normalize_backward
 
 __all__ = ["GroupNormCache", "group_norm_backward", "group_norm_forward"]
@@ -37,6 +49,7 @@ class GroupNormCache:
     weight: Array | None  # (C,)
     has_bias: bool
     shape: tuple[int, ...]  # the input's shape (B, ..., C)
+    dtype: Any = None  # the input's dtype (xhat is float32 for float16 input); None: xhat's
 
 
 def group_norm_forward(
@@ -55,8 +68,14 @@ def group_norm_forward(
         y: same shape as ``x``.
         cache: :class:`GroupNormCache`.
     """
-    xp = namespace(x, weight, bias)
-    require_floating(xp, "x", x)
+    require_array("x", x)
+    xp = array_namespace(x=x, weight=weight, bias=bias)
+    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+        if a is not None:
+            require_floating(xp, name, a)
+    require_same_dtype("group norm", x=x, weight=weight, bias=bias)
+    groups = check_positive_int("groups", groups, "group norm")
+    eps = check_eps("eps", eps, "group norm")
     if x.ndim < 2:
         raise ValueError(f"group norm needs x of shape (B, ..., C), got {tuple(x.shape)}")
     shape = tuple(x.shape)
@@ -80,14 +99,14 @@ def group_norm_forward(
     if bias_w is not None:
         # y = γ x̂ + β
         y = y + bias_w
-    cache = GroupNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, shape=shape)
+    cache = GroupNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, shape=shape, dtype=x.dtype)
     return as_dtype(xp, y, x.dtype), cache
 
 
 def group_norm_backward(dout: Array, cache: GroupNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (B, ..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
-    xp = namespace(dout)
-    require_dout_shape("group_norm", dout, cache.shape)
+    check_cache(cache, GroupNormCache, "group_norm_backward")
+    xp = require_dout(dout, cache.shape, cache.xhat.dtype if cache.dtype is None else cache.dtype, where="group_norm")
     C = cache.shape[-1]
     dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
     rows = math.prod(cache.shape[:-1])

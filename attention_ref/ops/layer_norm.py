@@ -10,9 +10,20 @@ all rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .._checks import as_dtype, in_working_dtype, require_dout_shape, require_floating
-from ..backend import Array, namespace
+from .._checks import (
+    array_namespace,
+    as_dtype,
+    check_cache,
+    check_eps,
+    in_working_dtype,
+    require_array,
+    require_dout,
+    require_floating,
+    require_same_dtype,
+)
+from ..backend import Array
 from .normalize import normalize, normalize_backward
 
 __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
@@ -24,6 +35,7 @@ class LayerNormCache:
     rstd: Array  # (..., 1)
     weight: Array | None  # (C,)
     has_bias: bool
+    dtype: Any = None  # the input's dtype (xhat is float32 for float16 input); None: xhat's
 
 
 def layer_norm_forward(
@@ -39,8 +51,15 @@ def layer_norm_forward(
     Returns:
         y: ``(..., C)``; cache: :class:`LayerNormCache`.
     """
-    xp = namespace(x, weight, bias)
-    require_floating(xp, "x", x)
+    require_array("x", x)
+    xp = array_namespace(x=x, weight=weight, bias=bias)
+    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
+        if a is not None:
+            require_floating(xp, name, a)
+    require_same_dtype("layer norm", x=x, weight=weight, bias=bias)
+    if x.ndim < 1:
+        raise ValueError(f"layer norm needs x of shape (..., C), got {tuple(x.shape)}")
+    eps = check_eps("eps", eps, "layer norm")
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (C,):
@@ -55,13 +74,15 @@ def layer_norm_forward(
     if bias_w is not None:
         # y = γ x̂ + β
         y = y + bias_w
-    return as_dtype(xp, y, x.dtype), LayerNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None)
+    cache = LayerNormCache(xhat=xhat, rstd=rstd, weight=weight, has_bias=bias is not None, dtype=x.dtype)
+    return as_dtype(xp, y, x.dtype), cache
 
 
 def layer_norm_backward(dout: Array, cache: LayerNormCache) -> dict[str, Array]:
     """Gradients ``{"x": (..., C), "weight": (C,), "bias": (C,)}`` (affine keys only when given)."""
-    xp = namespace(dout)
-    require_dout_shape("layer_norm", dout, cache.xhat.shape)
+    check_cache(cache, LayerNormCache, "layer_norm_backward")
+    dtype = cache.xhat.dtype if cache.dtype is None else cache.dtype
+    xp = require_dout(dout, cache.xhat.shape, dtype, where="layer_norm")
     C = dout.shape[-1]
     dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward
     grads: dict[str, Array] = {}

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import require_dout_shape, require_floating, require_same_dtype
-from ..backend import Array, blas_threads_for, namespace
+from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating, require_same_dtype
+from ..backend import Array, blas_threads_for
 
 __all__ = ["LinearCache", "linear_backward", "linear_forward"]
 
@@ -46,7 +46,9 @@ def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, L
         y: ``(..., out)``.
         cache: :class:`LinearCache`.
     """
-    xp = namespace(x, W, b)
+    require_array("x", x)
+    require_array("W", W)
+    xp = array_namespace(x=x, W=W, b=b)
     for name, a in (("x", x), ("W", W), ("b", b)):
         if a is not None:
             require_floating(xp, name, a)
@@ -68,10 +70,10 @@ def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, L
 
 def linear_backward(dout: Array, cache: LinearCache) -> dict[str, Array]:
     """Gradients ``{"x": (..., in), "W": (in, out), "b": (out,)}`` (no ``"b"`` without a bias)."""
-    xp = namespace(dout)
+    check_cache(cache, LinearCache, "linear_backward")
     x, W = cache.x, cache.W
     n_in, n_out = W.shape
-    require_dout_shape("linear", dout, (*x.shape[:-1], n_out))
+    xp = require_dout(dout, (*x.shape[:-1], n_out), x.dtype, where="linear")
     x2 = xp.reshape(x, (-1, n_in))  # (n, in)
     d2 = xp.reshape(dout, (-1, n_out))  # (n, out)
     with blas_threads_for(x, _size(x, W)):

@@ -158,7 +158,7 @@ def patchify_backward(dout: Array, cache: PatchifyCache) -> dict[str, Array]:
     """``{"x": unpatchify(dout)}`` ``(B, H, W, C)``: patchify only moves entries, so its backward moves them back."""
     if type(cache) is not PatchifyCache:
         raise TypeError(f"patchify_backward needs the PatchifyCache of patchify_forward, got a {type(cache).__name__}")
-    require_dout("patchify_backward", dout, cache.tokens_shape, cache.dtype)
+    require_dout(dout, cache.tokens_shape, cache.dtype, where="patchify_backward")
     return {"x": _to_map(dout, cache)}
 
 
@@ -212,5 +212,5 @@ def unpatchify_backward(dout: Array, cache: UnpatchifyCache) -> dict[str, Array]
         raise TypeError(
             f"unpatchify_backward needs the UnpatchifyCache of unpatchify_forward, got a {type(cache).__name__}"
         )
-    require_dout("unpatchify_backward", dout, cache.map_shape, cache.dtype)
+    require_dout(dout, cache.map_shape, cache.dtype, where="unpatchify_backward")
     return {"tokens": _to_tokens(dout, cache)}

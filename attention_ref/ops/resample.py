@@ -31,10 +31,10 @@ with one reshape that exposes the blocks, ``(B, H, f, W, f, C)``.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+from typing import Any
 
-from .._checks import require_floating
+from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
 from ..backend import Array, namespace
 
 __all__ = [
@@ -50,17 +50,16 @@ __all__ = [
 class ResampleCache:
     factor: int  # f
     x_shape: tuple[int, int, int, int]  # (B, H, W, C) of the input
+    dtype: Any = None  # the input's dtype (None: any floating dtype)
 
 
-def _check(x: Array, factor: int, where: str) -> None:
-    xp = namespace(x)
-    require_floating(xp, "x", x)
+def _check(x: Array, factor: int, where: str) -> int:
+    """``factor`` as an int, after checking ``x`` and ``factor``."""
+    require_array("x", x)
+    require_floating(array_namespace(x=x), "x", x)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be a channels-last map (B, H, W, C), got shape {tuple(x.shape)}")
-    if not isinstance(factor, numbers.Integral) or isinstance(factor, bool):
-        raise TypeError(f"{where}: factor must be an int, got {type(factor).__name__}")
-    if factor < 1:
-        raise ValueError(f"{where}: factor must be positive, got {factor}")
+    return check_positive_int("factor", factor, where)
 
 
 def _blocks_sum(dy: Array, f: int) -> Array:
@@ -90,17 +89,17 @@ def upsample_nearest_forward(x: Array, factor: int = 2) -> tuple[Array, Resample
         y: ``(B, f·H, f·W, C)`` with ``y[b, i, j] = x[b, i // f, j // f]``.
         cache: :class:`ResampleCache`.
     """
-    _check(x, factor, "upsample_nearest")
+    factor = _check(x, factor, "upsample_nearest")
     # y[b, i, j, c] = x[b, ⌊i/f⌋, ⌊j/f⌋, c]   (B, fH, fW, C)
-    return _blocks_copy(x, factor), ResampleCache(factor=factor, x_shape=tuple(x.shape))
+    return _blocks_copy(x, factor), ResampleCache(factor=factor, x_shape=tuple(x.shape), dtype=x.dtype)
 
 
 def upsample_nearest_backward(dout: Array, cache: ResampleCache) -> dict[str, Array]:
     """``{"x": (B, H, W, C)}``: each input pixel's gradient is the sum over its ``f×f`` block of ``dout``."""
+    check_cache(cache, ResampleCache, "upsample_nearest_backward")
     B, H, W, C = cache.x_shape
     f = cache.factor
-    if tuple(dout.shape) != (B, f * H, f * W, C):
-        raise ValueError(f"upsample_nearest: dout of shape {tuple(dout.shape)} does not match {(B, f * H, f * W, C)}")
+    require_dout(dout, (B, f * H, f * W, C), cache.dtype, where="upsample_nearest")
     # dx[b, u, v] = Σ_{a, e < f} dy[b, f·u + a, f·v + e]
     return {"x": _blocks_sum(dout, f)}
 
@@ -116,20 +115,20 @@ def avg_pool_forward(x: Array, factor: int = 2) -> tuple[Array, ResampleCache]:
         y: ``(B, H/f, W/f, C)``, the mean of each block.
         cache: :class:`ResampleCache`.
     """
-    _check(x, factor, "avg_pool")
+    factor = _check(x, factor, "avg_pool")
     _, H, W, _ = x.shape
     if H % factor or W % factor:
         raise ValueError(f"avg_pool: a {H}×{W} map does not split into {factor}×{factor} blocks")
     # y[b, u, v] = (1/f²) Σ_{a, e < f} x[b, f·u + a, f·v + e]   (B, H/f, W/f, C)
     y = _blocks_sum(x, factor) / (factor * factor)
-    return y, ResampleCache(factor=factor, x_shape=tuple(x.shape))
+    return y, ResampleCache(factor=factor, x_shape=tuple(x.shape), dtype=x.dtype)
 
 
 def avg_pool_backward(dout: Array, cache: ResampleCache) -> dict[str, Array]:
     """``{"x": (B, H, W, C)}``: ``dout / f²`` copied to every pixel of its block."""
+    check_cache(cache, ResampleCache, "avg_pool_backward")
     B, H, W, C = cache.x_shape
     f = cache.factor
-    if tuple(dout.shape) != (B, H // f, W // f, C):
-        raise ValueError(f"avg_pool: dout of shape {tuple(dout.shape)} does not match {(B, H // f, W // f, C)}")
+    require_dout(dout, (B, H // f, W // f, C), cache.dtype, where="avg_pool")
     # dx[b, i, j] = dy[b, ⌊i/f⌋, ⌊j/f⌋] / f²
     return {"x": _blocks_copy(dout, f) / (f * f)}

@@ -113,7 +113,7 @@ def rms_norm_backward(dout: Array, cache: RMSNormCache) -> dict[str, Array]:
     """
     if not isinstance(cache, RMSNormCache):
         raise TypeError(f"rms_norm_backward needs the RMSNormCache of rms_norm_forward, got a {type(cache).__name__}")
-    require_dout("rms_norm_backward", dout, cache.xhat.shape, cache.dtype)
+    require_dout(dout, cache.xhat.shape, cache.dtype, where="rms_norm_backward")
     xp = namespace(dout)
     C = dout.shape[-1]
     dy, weight = in_working_dtype(xp, dout, cache.weight)  # float16 in float32, as the forward

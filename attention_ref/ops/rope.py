@@ -255,7 +255,7 @@ def rope_backward(dout: Array, cache: RopeCache) -> dict[str, Array]:
     """
     if not isinstance(cache, RopeCache):
         raise TypeError(f"rope_backward needs the RopeCache of rope_forward, got a {type(cache).__name__}")
-    require_dout("rope_backward", dout, cache.shape, cache.dtype)
+    require_dout(dout, cache.shape, cache.dtype, where="rope_backward")
     xp = namespace(dout)
     g = as_dtype(xp, dout, cache.compute_dtype)
     # through x ⊙ cos: dy ⊙ cos   (..., N, d)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import require_floating
-from ..backend import Array, namespace
+from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
+from ..backend import Array
 
 __all__ = ["SiluCache", "silu_backward", "silu_forward"]
 
@@ -41,7 +41,8 @@ def silu_forward(x: Array) -> tuple[Array, SiluCache]:
         out: same shape as ``x``.
         cache: :class:`SiluCache`.
     """
-    xp = namespace(x)
+    require_array("x", x)
+    xp = array_namespace(x=x)
     require_floating(xp, "x", x)
     # e = exp(−|x|) ∈ (0, 1]: never overflows
     e = xp.exp(-xp.abs(x))
@@ -53,8 +54,8 @@ def silu_forward(x: Array) -> tuple[Array, SiluCache]:
 
 def silu_backward(dout: Array, cache: SiluCache) -> dict[str, Array]:
     """``{"x": dout · σ(x)(1 + x(1 − σ(x)))}``, the shape of ``x``."""
-    if tuple(dout.shape) != tuple(cache.x.shape):
-        raise ValueError(f"silu: dout of shape {tuple(dout.shape)} does not match x of shape {tuple(cache.x.shape)}")
+    check_cache(cache, SiluCache, "silu_backward")
+    require_dout(dout, cache.x.shape, cache.x.dtype, where="silu")
     s = cache.sigmoid
     # dx = dout σ (1 + x (1 − σ))
     return {"x": dout * s * (1.0 + cache.x * (1.0 - s))}

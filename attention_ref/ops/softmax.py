@@ -36,14 +36,18 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from .._checks import (
+    array_namespace,
     as_dtype,
+    check_axis,
+    check_cache,
+    require_array,
     require_bool,
     require_broadcastable_to,
-    require_dout_shape,
+    require_dout,
     require_floating,
     working_dtype,
 )
-from ..backend import Array, device_of, namespace
+from ..backend import Array, device_of
 
 __all__ = ["SoftmaxCache", "logsumexp", "safe_shift", "softmax_backward", "softmax_forward", "stable_shift"]
 
@@ -89,21 +93,33 @@ def _masked(xp: ModuleType, x: Array, mask: Array | None) -> Array:
     return xp.where(mask, x, -xp.inf)
 
 
+def _check_x(x: Array, mask: Array | None) -> ModuleType:
+    """The namespace of ``x`` (and ``mask``); ``TypeError`` unless ``x`` is a floating array."""
+    require_array("x", x)
+    xp = array_namespace(x=x, mask=mask)
+    require_floating(xp, "x", x)
+    return xp
+
+
 def softmax_forward(x: Array, *, axis: int = -1, mask: Array | None = None) -> tuple[Array, SoftmaxCache]:
     """Softmax of ``x`` along ``axis``, with optional boolean ``mask`` (True = keep).
 
     Inputs:
-        x: any shape, float16, float32 or float64.
-        axis: the axis to normalise over.
+        x: any shape with at least one axis, float16, float32 or float64.
+        axis: the axis to normalise over, an int in ``[-x.ndim, x.ndim)``.
         mask: boolean, broadcastable to ``x.shape``; masked entries get weight 0.
 
     Returns:
         p: same shape and dtype as ``x``; each slice along ``axis`` sums to 1, or to 0 when
            the whole slice is masked.
         cache: :class:`SoftmaxCache` (``cache.weights`` is ``p``).
+
+    Raises:
+        TypeError for a non-array, another dtype or a non-boolean mask, an ``axis`` that is not an int;
+        ValueError for an ``axis`` out of range (every axis of a 0-d ``x``) or a mask that does not broadcast.
     """
-    xp = namespace(x)
-    require_floating(xp, "x", x)
+    xp = _check_x(x, mask)
+    axis = check_axis(axis, x)
     dtype = x.dtype
     x = _masked(xp, as_dtype(xp, x, working_dtype(xp, dtype)), mask)
     # m = max_j x_j over the allowed entries, kept as a size-1 axis   (0 for a row with none)
@@ -122,8 +138,8 @@ def softmax_backward(dout: Array, cache: SoftmaxCache) -> dict[str, Array]:
 
     dx_j = p_j (dp_j − Σ_i p_i dp_i)
     """
-    xp = namespace(dout)
-    require_dout_shape("softmax", dout, cache.weights.shape)
+    check_cache(cache, SoftmaxCache, "softmax_backward")
+    xp = require_dout(dout, cache.weights.shape, cache.weights.dtype, where="softmax")
     work = working_dtype(xp, dout.dtype)
     p, dp = as_dtype(xp, cache.weights, work), as_dtype(xp, dout, work)
     # Σ_i p_i dp_i, one dot product per row, kept as a size-1 axis
@@ -138,9 +154,12 @@ def logsumexp(x: Array, *, axis: int = -1, mask: Array | None = None, keepdims: 
     A row with no allowed entry gives ``-inf`` (the log of an empty sum), a row with a NaN gives NaN,
     a row with ``+inf`` (and no NaN) gives ``+inf``; none raises a warning. float16 is computed in
     float32 and rounded back. Shape: ``x.shape`` without ``axis`` (or with it as 1 when ``keepdims``).
+    Errors as :func:`softmax_forward`'s.
     """
-    xp = namespace(x)
-    require_floating(xp, "x", x)
+    xp = _check_x(x, mask)
+    axis = check_axis(axis, x)
+    if not isinstance(keepdims, bool):
+        raise TypeError(f"keepdims must be a bool, got {type(keepdims).__name__}")
     dtype = x.dtype
     x = _masked(xp, as_dtype(xp, x, working_dtype(xp, dtype)), mask)
     # m = max_j x_j   (0 for a row with no allowed entry, NaN for a row with +inf)

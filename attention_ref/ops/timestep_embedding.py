@@ -26,8 +26,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._checks import require_floating
-from ..backend import Array, device_of, namespace
+from .._checks import (
+    array_namespace,
+    check_cache,
+    check_positive_int,
+    check_real,
+    require_array,
+    require_dout,
+    require_floating,
+)
+from ..backend import Array, device_of
 
 __all__ = ["TimestepEmbeddingCache", "timestep_embedding_backward", "timestep_embedding_forward"]
 
@@ -52,12 +60,17 @@ def timestep_embedding_forward(
         emb: ``(B, dim)``, ``[cos(t ω), sin(t ω)]``.
         cache: :class:`TimestepEmbeddingCache`.
     """
-    xp = namespace(t)
+    require_array("t", t)
+    xp = array_namespace(t=t)
     require_floating(xp, "t", t)
     if t.ndim != 1:
         raise ValueError(f"timestep embedding: t must be (B,), got shape {tuple(t.shape)}")
-    if not isinstance(dim, int) or dim < 2 or dim % 2:
+    dim = check_positive_int("dim", dim, "timestep embedding")
+    if dim % 2:
         raise ValueError(f"timestep embedding: dim must be an even int ≥ 2, got {dim!r}")
+    max_period = check_real("max_period", max_period, "timestep embedding")
+    if max_period <= 0:
+        raise ValueError(f"timestep embedding: max_period must be positive, got {max_period}")
     half = dim // 2
     k = xp.arange(half, dtype=t.dtype, device=device_of(t))
     # ω_k = P^(−k/h) = exp(−ln P · k/h)   (h,)
@@ -71,10 +84,9 @@ def timestep_embedding_forward(
 
 def timestep_embedding_backward(dout: Array, cache: TimestepEmbeddingCache) -> dict[str, Array]:
     """``{"t": (B,)}``: ``Σ_k ω_k (−sin(t ω_k) dc_k + cos(t ω_k) ds_k)``."""
-    xp = namespace(dout)
+    check_cache(cache, TimestepEmbeddingCache, "timestep_embedding_backward")
     B, half = cache.args.shape
-    if tuple(dout.shape) != (B, 2 * half):
-        raise ValueError(f"timestep embedding: dout of shape {tuple(dout.shape)} does not match {(B, 2 * half)}")
+    xp = require_dout(dout, (B, 2 * half), cache.args.dtype, where="timestep embedding")
     dc, ds = dout[:, :half], dout[:, half:]  # (B, h) each
     # ∂L/∂t = Σ_k ω_k (−sin(t ω_k) dc_k + cos(t ω_k) ds_k)
     dt = xp.sum(cache.freqs * (-xp.sin(cache.args) * dc + xp.cos(cache.args) * ds), axis=-1)

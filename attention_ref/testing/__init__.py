@@ -9,8 +9,12 @@
     assert report.ok
 
     report = check_attention(*from_torch(my_torch_attention), dtype="bfloat16")
+    report = check_attention(my_eager_attention, dtype="float16", policy="eager")  # logits rounded to the dtype
 
-Modules: :mod:`.cases` (the battery), :mod:`.tolerance` (the tolerance policy and its
+Every verdict is judged under a named policy — ``"fused"`` (the default: logits and softmax
+statistics in float32, as FlashAttention and PyTorch's SDPA) or ``"eager"`` — and says which.
+
+Modules: :mod:`.cases` (the battery), :mod:`.tolerance` (the policies, the tolerance rule and its
 reasoning), :mod:`.rounding` (the rounding model it rests on), :mod:`.harness`
 (``check_attention``), :mod:`.report`, :mod:`.torch_wrap` (``from_torch``), :mod:`.vectors`
 (test vectors for other languages), :mod:`.examples`, :mod:`.blocks`
@@ -22,12 +26,12 @@ report: ``docs/oracle.md``.
 """
 
 from .blocks import BLOCK_CASES, BlockCase, check_attention_call, check_diffusers_attention
-from .cases import CASE_NAMES, FEATURES, Case, battery, reseeded
+from .cases import CASE_NAMES, CORE_CASES, FEATURES, Case, battery, reseeded
 from .check_model import LayerCall, ModelReport, check_model
 from .dtypes import DTYPES
-from .harness import MASKED_ROWS, NotSupported, assert_attention_close, check_attention
+from .harness import LAYOUTS, MASKED_ROWS, NotSupported, UsageError, assert_attention_close, check_attention
 from .report import OutputCheck, Report
-from .tolerance import DEFAULT_POLICY, Policy
+from .tolerance import DEFAULT_POLICY, EAGER, FUSED, POLICIES, Policy
 from .torch_wrap import from_torch
 from .vectors import load_vectors, write_vectors
 
@@ -35,8 +39,11 @@ __all__ = [
     "check_attention",
     "assert_attention_close",
     "NotSupported",
+    "UsageError",
     "MASKED_ROWS",
+    "LAYOUTS",
     "FEATURES",
+    "CORE_CASES",
     "reseeded",
     "check_attention_call",
     "check_model",
@@ -51,6 +58,9 @@ __all__ = [
     "DTYPES",
     "Policy",
     "DEFAULT_POLICY",
+    "FUSED",
+    "EAGER",
+    "POLICIES",
     "write_vectors",
     "load_vectors",
     "check_diffusers_attention",

@@ -30,14 +30,20 @@ The tolerance has the shape of :mod:`.tolerance`'s, ``c·(the simulated kernels'
   far above any error.
 
 ``c`` and ``f`` are the kernel check's: ``Policy.c["out"]`` for ``y``, ``Policy.c["dq"]`` for
-every gradient. Logits stored in the dtype (diffusers' ``AttnProcessor`` in float16) are
-legitimate here exactly as in the kernel check: see ``docs/oracle.md``.
+every gradient; as there, each output's own last rounding to the dtype (half a spacing at the value
+returned) is deducted from its error entry by entry. The policy is the one that matches the module's
+arithmetic (:func:`module_policy`): ``fused`` when its processor calls PyTorch's
+``scaled_dot_product_attention`` (``AttnProcessor2_0``: every SDPA backend keeps the logits and the
+softmax in float32), ``eager`` otherwise (``AttnProcessor``, ``SlicedAttnProcessor``: ``baddbmm`` and
+``softmax`` in the dtype); a ``policy`` argument overrides it, and every report names the policy it used.
+See ``docs/oracle.md``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -55,7 +61,7 @@ from .dtypes import DTYPES, numpy_dtype, round_to
 from .harness import compare_output, exception_check
 from .report import OutputCheck, Report
 from .rounding import RoundingModel
-from .tolerance import DEFAULT_POLICY, Policy, check_policy, simulate_attention_core
+from .tolerance import EAGER, FUSED, Policy, check_policy, simulate_attention_core
 from .torch_wrap import numpy_to_torch, torch_to_numpy
 
 __all__ = [
@@ -64,8 +70,26 @@ __all__ = [
     "block_magnitudes",
     "check_attention_call",
     "check_diffusers_attention",
+    "module_policy",
     "simulated_block",
 ]
+
+
+def module_policy(attn: Any) -> Policy:
+    """The policy that matches a diffusers ``Attention``'s arithmetic: ``fused`` when its processor's ``__call__``
+    calls PyTorch's ``scaled_dot_product_attention`` (every SDPA backend keeps the logits and the softmax in float32
+    or wider), ``eager`` otherwise (``AttnProcessor``'s ``baddbmm`` and ``softmax`` return the dtype op by op; a
+    processor whose source cannot be read, or ``(params, options)``, is judged eager too: the wider rule)."""
+    processor = getattr(attn, "processor", None)
+    try:
+        source = inspect.getsource(type(processor).__call__)
+    except (OSError, TypeError):
+        return EAGER
+    return FUSED if "scaled_dot_product_attention(" in source else EAGER
+
+
+def _choose(policy: Policy | str | None, attn: Any) -> Policy:
+    return module_policy(attn) if policy is None else check_policy(policy)
 
 
 @dataclass(frozen=True)
@@ -150,7 +174,14 @@ def _group_norm_back(
 
 
 def _attention_slices(
-    r: RoundingModel, qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, do: np.ndarray | None, mask: Any, scale: Any
+    r: RoundingModel,
+    qh: np.ndarray,
+    kh: np.ndarray,
+    vh: np.ndarray,
+    do: np.ndarray | None,
+    mask: Any,
+    scale: Any,
+    arithmetic: str,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """:func:`simulate_attention_core` one (sample, head) at a time, so that no ``(B, heads, N, M)`` array is held."""
     B, heads, N, _ = qh.shape
@@ -162,7 +193,15 @@ def _attention_slices(
         for h in range(heads):
             one = None if do is None else do[b, h]
             out[b, h], g = simulate_attention_core(
-                r, qh[b, h], kh[b, h], vh[b, h], one, None, None if masks is None else masks[b, h], scale
+                r,
+                qh[b, h],
+                kh[b, h],
+                vh[b, h],
+                one,
+                None,
+                None if masks is None else masks[b, h],
+                scale,
+                arithmetic=arithmetic,
             )
             for n, a in g.items():
                 grads[n][b, h] = a
@@ -185,6 +224,7 @@ def simulated_block(
     scale: float | None = None,
     context_mask: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    arithmetic: str = "eager",
 ) -> dict[str, np.ndarray]:
     """One simulated block in ``dtype``: the reference block in float64 with every error of :mod:`.rounding` drawn once.
 
@@ -194,7 +234,8 @@ def simulated_block(
         params, options (heads … scale): as for :func:`attention_ref.self_attention_forward` /
             ``cross_attention_forward``; context_mask: ``(B, M)`` (cross-attention) and mask: broadcastable to
             ``(B, heads, H·W, H·W)`` (self-attention), True = may attend.
-        dtype: the dtype under test; rng: where the errors come from.
+        dtype: the dtype under test; rng: where the errors come from; arithmetic: the attention's, ``"fused"``
+            or ``"eager"`` (:class:`~attention_ref.testing.Policy`).
 
     Returns:
         ``{"y"}`` and, with ``dy``, ``"x"``, ``"context"`` (cross-attention) and every params key: float64.
@@ -218,7 +259,7 @@ def simulated_block(
         dsum = np.asarray(dy, dtype=np.float64)
         dsum = r.rel(dsum / rescale, r.u, r.w) if rescale != 1.0 else dsum
         do = split_heads(r.rel(r.matmul(dsum.reshape(B, H * W, -1), p["out.weight"].T), r.w), heads)
-    oh, g = _attention_slices(r, qh, kh, vh, do, attn_mask, scale)
+    oh, g = _attention_slices(r, qh, kh, vh, do, attn_mask, scale, arithmetic)
     o = merge_heads(oh)  # (B, N, inner)
     proj = _linear(r, o, p, "out").reshape(B, H, W, -1)
     y = r.rel(x + proj, r.u, r.w) if residual else proj
@@ -385,13 +426,14 @@ def _block_yardstick(
     seed: Any,
     context_mask: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    arithmetic: str = "eager",
 ) -> dict[str, float]:
     """Per output, the root-mean-square over ``samples`` simulated blocks of ``max|X_sim − X₆₄|``."""
     rng = np.random.default_rng(seed)
     squares = dict.fromkeys(exact, 0.0)
     for _ in range(samples):
         sim = simulated_block(x, context, params, dy, dtype=dtype, rng=rng, context_mask=context_mask, mask=mask,
-                              **options)  # fmt: skip
+                              arithmetic=arithmetic, **options)  # fmt: skip
         for n in exact:
             squares[n] += float(np.max(np.abs(sim[n] - exact[n]))) ** 2 if exact[n].size else 0.0
     return {n: math.sqrt(sq / samples) for n, sq in squares.items()}
@@ -407,7 +449,7 @@ def check_diffusers_attention(
     dtype: str = "float32",
     cases: Sequence[BlockCase] | None = None,
     seed: int = 0,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
 ) -> Report:
     """Check a diffusers ``Attention`` module, forward and backward, in ``dtype``.
 
@@ -420,10 +462,14 @@ def check_diffusers_attention(
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
         cases: :class:`BlockCase` inputs; default :data:`BLOCK_CASES` (the padded one only for cross-attention).
         seed: for the inputs and the upstream gradient.
-        policy: ``c["out"]``, ``floor["out"]`` apply to ``y``; ``c["dq"]``, ``floor["dq"]`` to every gradient.
+        policy: ``None`` (default): the one matching the module's arithmetic (:func:`module_policy`: ``fused``
+            for a processor calling ``scaled_dot_product_attention``, else ``eager``); or ``"fused"``, ``"eager"``,
+            a :class:`~attention_ref.testing.Policy`. ``c["out"]``, ``floor["out"]`` apply to ``y``; ``c["dq"]``,
+            ``floor["dq"]`` to every gradient.
 
     Returns:
-        :class:`Report` with one row per case and output: ``y``, ``dx``, ``dcontext`` (cross-attention),
+        :class:`Report` (its ``policy`` names the policy used) with one row per case and output: ``y``, ``dx``,
+        ``dcontext`` (cross-attention),
         and ``d<param>`` for every weight, e.g. ``dq.weight`` (compared in the reference's ``(in, out)`` layout).
         An exception raised by the module (forward or backward) is a failed row for each of that case's
         outputs, not re-raised.
@@ -431,7 +477,7 @@ def check_diffusers_attention(
     import torch
 
     np_dtype = numpy_dtype(dtype)
-    check_policy(policy)
+    policy = _choose(policy, attn)
     module = copy.deepcopy(attn).to(getattr(torch, dtype))
     device = next(module.parameters()).device  # run where the module lives (CPU, CUDA, ...)
     params64, options = from_diffusers(module, dtype="float64")  # the module's own (rounded) weights, exactly
@@ -463,7 +509,7 @@ def check_diffusers_attention(
         exact = _reference(as64["x"], as64["c"], params64, as64["dy"], options, mask)
         yard = _block_yardstick(
             exact, as64["x"], as64["c"], params64, as64["dy"], options, dtype=dtype, samples=policy.samples,
-            seed=[seed, i, DTYPES.index(dtype)], context_mask=mask,
+            seed=[seed, i, DTYPES.index(dtype)], context_mask=mask, arithmetic=policy.arithmetic,
         )  # fmt: skip
         magnitudes = block_magnitudes(as64["x"], as64["c"], params64, as64["dy"], context_mask=mask, **options)
         for key in keys:
@@ -478,10 +524,11 @@ def check_diffusers_attention(
                     dtype,
                     policy=policy,
                     kind="out" if key == "y" else "dq",
+                    last_rounding=True,
                 )
             )
     title = f"diffusers Attention ({type(attn.processor).__name__}, {'cross' if is_cross else 'self'})"
-    return Report(dtype=dtype, checks=tuple(checks), title=title, masked_rows="n/a (blocks)")
+    return Report(dtype=dtype, checks=tuple(checks), title=title, masked_rows="n/a (blocks)", policy=policy.name)
 
 
 def _run_module(module: Any, x: np.ndarray, context: np.ndarray | None, dy: np.ndarray, mask: np.ndarray | None,
@@ -564,7 +611,7 @@ def check_attention_call(
     *,
     output: Any,
     dtype: str,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
     name: str = "call",
     seed: int = 0,
 ) -> OutputCheck:
@@ -582,7 +629,8 @@ def check_attention_call(
         attention_mask: as diffusers takes it — additive (0 keep, −10000 or −inf drop) or boolean (True keep),
             ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``; ``None`` for none.
         output: what the module returned, shaped like ``hidden_states`` (``C_out`` channels), in ``dtype``.
-        dtype: the dtype the model ran in; policy: the tolerance constants; name: the row's case name;
+        dtype: the dtype the model ran in; policy: ``None`` (default) for the one matching the module's
+            arithmetic (:func:`module_policy`), or a policy or its name; name: the row's case name;
         seed: for the simulated blocks.
 
     Returns:
@@ -592,7 +640,7 @@ def check_attention_call(
         ``note`` and is marked not supported when no sample is left.
     """
     np_dtype = numpy_dtype(dtype)
-    check_policy(policy)
+    policy = _choose(policy, attn)
     inputs = {"hidden_states": _as_numpy(hidden_states)}
     if encoder_hidden_states is not None:
         inputs["encoder_hidden_states"] = _as_numpy(encoder_hidden_states)
@@ -640,8 +688,9 @@ def check_attention_call(
             note = f"{note}; {rows}" if note else rows
     seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
     yard = _block_yardstick(exact, x, context, params, None, options, dtype=dtype, samples=policy.samples,
-                            seed=seed_, context_mask=context_mask, mask=mask)  # fmt: skip
+                            seed=seed_, context_mask=context_mask, mask=mask,
+                            arithmetic=policy.arithmetic)  # fmt: skip
     magnitude = block_magnitudes(x, context, params, None, context_mask=context_mask, mask=mask, **options)["y"]
     check = compare_output(name, "y", got, exact["y"], yard["y"], max(magnitude, float(np.max(np.abs(exact["y"])))),
-                           dtype, policy=policy, kind="out")  # fmt: skip
+                           dtype, policy=policy, kind="out", last_rounding=True)  # fmt: skip
     return check if not note else dataclasses.replace(check, note=note if check.ok else f"{check.note} {note}".strip())

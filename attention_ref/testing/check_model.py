@@ -32,7 +32,7 @@ from .dtypes import DTYPES
 from .harness import exception_check
 from .model_layers import attention_modules, call_inputs, call_kind, judge_call
 from .report import OutputCheck
-from .tolerance import DEFAULT_POLICY, Policy, check_policy
+from .tolerance import Policy, check_policy
 
 __all__ = ["LayerCall", "ModelReport", "check_model"]
 
@@ -133,9 +133,11 @@ class ModelReport:
         else:
             verdict = f"FAILED ({len(self.failures)} of {len(self.ran)} calls, in {len(self.failed_layers)} layers)"
         extra = f", {skipped} not supported" if skipped else ""
+        policies = sorted({r.check.policy for r in self.ran if r.check.policy})
+        under = f" ({' and '.join(policies)} policy)" if policies else ""
         return (
             f"{self.title}: {len(self.rows)} attention calls in {len(self.layers)} layers, checked in {self.dtype}"
-            f"{extra} — {verdict}; worst ratio {_ratio(self.worst_ratio())}"
+            f"{under}{extra} — {verdict}; worst ratio {_ratio(self.worst_ratio())}"
         )
 
     def format(self, verbose: bool = True) -> str:
@@ -168,11 +170,15 @@ def _ratio(r: float) -> str:
     return "inf" if math.isinf(r) else ("nan" if math.isnan(r) else f"{r:.3g}")
 
 
-def _shape(output: Any) -> tuple[int, ...]:
-    """An output's shape; a joint layer's pair ``(y, y_context)`` as the image stream's."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    return tuple(getattr(output, "shape", ()))
+def _shape(value: Any) -> tuple[int, ...]:
+    """A tensor's shape as a tuple of ints (a joint layer's pair ``(y, y_context)``: ``y``'s); ``()`` for anything
+    without one."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    try:
+        return tuple(int(n) for n in value.shape)
+    except (AttributeError, TypeError):
+        return ()
 
 
 def _cast(value: Any, dtype: Any, device: Any) -> Any:
@@ -192,7 +198,7 @@ def check_model(
     model: Any,
     *args: Any,
     dtype: str = "float32",
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
     seed: int = 0,
     title: str | None = None,
     layers: Any = None,
@@ -209,7 +215,10 @@ def check_model(
         args, kwargs: the model's inputs; floating tensors among them (also in lists, tuples, dicts) are cast
             to ``dtype`` and moved to the model's device.
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
-        policy: the tolerance constants (:class:`~attention_ref.testing.Policy`); seed: of the simulated blocks.
+        policy: ``None`` (default): per call, the policy matching the module's arithmetic
+            (:func:`~attention_ref.testing.blocks.module_policy`: ``fused`` for a processor that calls
+            ``scaled_dot_product_attention``, ``eager`` otherwise); or ``"fused"``, ``"eager"``, a
+            :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
         title: the report's title (default the model's class name).
         layers: which modules to check, as the trace's ``layers=``: a module path, a glob on the paths, a kind
             (``"self"``, ``"cross"``, ``"joint"``, ``"temporal"``), a list of these, or a predicate
@@ -218,7 +227,8 @@ def check_model(
     Returns:
         :class:`ModelReport`, one :class:`LayerCall` per call of an ``Attention`` module, in call order. A module
         the reference does not express (``from_diffusers`` raises ``NotImplementedError``) gives a "not
-        supported" row naming the feature; an exception while judging a call is a failed row.
+        supported" row naming the feature (also an IP-Adapter ``(text, image)`` context); any exception while
+        judging a call or building its row is a failed row.
     """
     import torch
 
@@ -226,7 +236,8 @@ def check_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    check_policy(policy)
+    if policy is not None:
+        policy = check_policy(policy)
     chosen = LayerFilter(layers)
     if not isinstance(model, torch.nn.Module):
         held = [a for a in ("unet", "transformer") if hasattr(model, a)]
@@ -268,18 +279,23 @@ def check_model(
                                     ratio=math.nan, note=f"not supported: {err}", supported=False)  # fmt: skip
             except Exception as err:  # a call the check could not judge is a failure, reported, not raised
                 check = exception_check(label, "y", err)
-            rows.append(
-                LayerCall(
+            try:  # whatever the call held, it becomes a row
+                text = context[0] if isinstance(context, (tuple, list)) and context else context
+                row = LayerCall(
                     name=name,
                     call=i,
                     kind=kind,
                     processor=type(module.processor).__name__,
-                    hidden_shape=tuple(getattr(hidden, "shape", ())),
-                    context_shape=None if context is None else tuple(getattr(context, "shape", ())),
+                    hidden_shape=_shape(hidden),
+                    context_shape=None if context is None else _shape(text),
                     output_shape=_shape(output),
                     check=check,
                 )
-            )
+            except Exception as err:
+                processor = type(getattr(module, "processor", None)).__name__
+                row = LayerCall(name=name, call=i, kind="?", processor=processor, hidden_shape=(), context_shape=None,
+                                output_shape=(), check=exception_check(label, "y", err))  # fmt: skip
+            rows.append(row)
 
         return hook
 

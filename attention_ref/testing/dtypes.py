@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DTYPES", "eps", "numpy_dtype", "round_to"]
+__all__ = ["DTYPES", "dtype_name", "eps", "half_spacing", "numpy_dtype", "round_to"]
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -29,6 +29,26 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def dtype_name(dtype: Any) -> str:
+    """The name (one of :data:`DTYPES`) of ``dtype``: a name, a NumPy dtype or scalar type (``np.float16``,
+    ``np.dtype("float32")``, ml_dtypes' ``bfloat16``) or a torch dtype (``torch.bfloat16``).
+
+    ``ValueError`` naming the valid dtypes for anything else.
+    """
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+    elif type(dtype).__module__.startswith("torch"):  # torch.float16 is a torch.dtype; str() gives "torch.float16"
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a name, a NumPy or a torch dtype); got {dtype!r}")
+    return name
+
+
 def eps(name: str) -> float:
     """Machine epsilon of ``name``: the spacing of the dtype's numbers just above 1.
 
@@ -38,6 +58,24 @@ def eps(name: str) -> float:
     bits = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
     numpy_dtype(name)  # validates the name
     return 2.0 ** -bits[name]
+
+
+def half_spacing(x: Any, name: str) -> np.ndarray:
+    """Half the spacing of dtype ``name``'s numbers just above ``|x|``, per entry (float64): the most by which
+    rounding to nearest can have moved a value that came out as ``x``.
+
+    A value ``y`` rounded to the nearest number ``x`` of the dtype lies within half a spacing of ``x``; where ``x``
+    is a power of two, ``y`` may also lie below it, where the spacing is half as large, so the spacing *above*
+    ``|x|`` bounds both sides. Below the smallest normal number the spacing is that of the subnormals.
+    """
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    smallest_normal = 2.0 ** (2 - 2 ** (_EXPONENT_BITS[name] - 1))  # float16 2⁻¹⁴, bfloat16 and float32 2⁻¹²⁶
+    _, exponent = np.frexp(x)  # x = f·2^e, 1/2 ≤ f < 1: the binade of x starts at 2^(e−1)
+    binade = np.where(x >= smallest_normal, np.ldexp(1.0, exponent - 1), smallest_normal)
+    return binade * eps(name) / 2
+
+
+_EXPONENT_BITS = {"float16": 5, "bfloat16": 8, "float32": 8, "float64": 11}
 
 
 def round_to(x: Any, name: str, what: str = "an array") -> np.ndarray | None:

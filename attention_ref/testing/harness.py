@@ -14,26 +14,35 @@ An implementation that cannot take some cases says so, either up front — an
 ``unsupported`` collection of :data:`~attention_ref.testing.cases.FEATURES`
 (``"d != dv"``, ``"custom scale"``, ...), given to :func:`check_attention` or set as
 ``fn.unsupported`` — or by raising :class:`NotSupported` from ``fn``. Those cases are
-reported as "not supported", not failed.
+reported as "not supported", not failed; a core group of cases
+(:data:`~attention_ref.testing.cases.CORE_CASES`) that never ran makes the report not ok
+unless the caller accepts it by name. A 4-D-only kernel asks for ``layout="bhnd"`` or
+``"bnhd"``. Every verdict is judged under a named policy (``"fused"`` by default,
+``"eager"``: :mod:`.tolerance`) and says which.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..backend import to_numpy
-from .cases import FEATURES, Case, select_cases
-from .dtypes import numpy_dtype
+from .cases import CORE_CASES, FEATURES, Case, select_cases
+from .dtypes import dtype_name, half_spacing, numpy_dtype
 from .report import OutputCheck, Report
-from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
+from .tolerance import DEFAULT_POLICY, OUTPUTS, Group, Policy, check_policy, reference
 
 __all__ = [
+    "LAYOUTS",
     "MASKED_ROWS",
     "NotSupported",
+    "UsageError",
     "assert_attention_close",
     "check_attention",
     "compare_output",
@@ -60,30 +69,39 @@ def compare_output(
     magnitude: float,
     dtype: str,
     *,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str = DEFAULT_POLICY,
     kind: str | None = None,
     excused_rows: np.ndarray | None = None,
     excuse: str = "nan",
+    groups: Sequence[Group] | None = None,
+    last_rounding: bool = False,
 ) -> OutputCheck:
     """Compare one output with its float64 reference ``x64`` (see :mod:`.tolerance` for the rule).
 
     ``kernel_error`` is the yardstick for this output and ``magnitude`` the magnitude of its terms
-    (:class:`~attention_ref.testing.tolerance.Reference`).
+    (:class:`~attention_ref.testing.tolerance.Reference`); ``groups`` (:class:`~.tolerance.Group`) replaces them
+    by several groups of entries, each judged by its own (the ratio is the largest).
 
     ``kind``: which of the policy's outputs (``"out"``, ``"dq"``, ...) sets the constants; default ``output``.
     ``excused_rows``: boolean ``(..., rows)`` — rows on which ``excuse`` is accepted: ``"nan"`` (NaN there is
     not an error: ``masked_rows="nan-ok"``) or ``"finite"`` (any finite value: ``masked_rows="finite-ok"``).
+    ``last_rounding``: deduct from each entry's error the output's own last rounding to the dtype — half the
+    dtype's spacing at the value returned, the most rounding to nearest can have moved it (the yardstick then
+    leaves that rounding out too).
     """
-    allowed, floor = policy.allowed(kind or output, magnitude, kernel_error, dtype)
-    numbers = {"allowed": allowed, "kernel_error": kernel_error, "floor": floor}
+    policy = check_policy(policy)
+    if groups is None:
+        groups = (Group(None, kernel_error, magnitude),)
 
     def fail(note: str, where: tuple[int, ...] | None = None, got_value: float = np.nan) -> OutputCheck:
         expected = float(x64[where]) if where is not None else np.nan
+        allowed, floor = policy.allowed(kind or output, groups[0].magnitude, groups[0].kernel_error, dtype)
         return OutputCheck(case=case, output=output, error=np.inf, where=where, ratio=np.inf, got=got_value,
-                           expected=expected, note=note, **numbers)  # fmt: skip
+                           expected=expected, note=note, allowed=allowed, kernel_error=groups[0].kernel_error,
+                           floor=floor, policy=policy.name)  # fmt: skip
 
-    try:  # NumPy is expected; a CuPy array or a (float32/16/64) torch tensor is brought over too
-        arr = got if isinstance(got, np.ndarray) else to_numpy(got)
+    try:  # NumPy is expected; a CuPy array or a (float32/16/64, bfloat16) torch tensor is brought over too
+        arr = got if isinstance(got, np.ndarray) else _as_numpy(got)
     except Exception as err:  # an object NumPy cannot read
         return fail(f"returned {type(got).__name__}, not an array ({err})")
     if arr.shape != x64.shape:
@@ -99,17 +117,38 @@ def compare_output(
     if np.any(bad):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         return fail(f"{g[where]} where the reference is finite", where, float(g[where]))
-    diff = np.where(excused, 0.0, np.abs(np.where(excused, 0.0, g) - x64))
-    if diff.size == 0:
-        return OutputCheck(case=case, output=output, error=0.0, where=None, ratio=0.0, **numbers)
-    where = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
-    error = float(diff[where])
-    if allowed > 0:
-        ratio = error / allowed
-    else:
-        ratio = 0.0 if error == 0 else np.inf
-    return OutputCheck(case=case, output=output, error=error, where=where, ratio=ratio, got=float(g[where]),
-                       expected=float(x64[where]), **numbers)  # fmt: skip
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(np.where(excused, 0.0, g) - x64)
+        if last_rounding:  # the output's own rounding to the dtype, at most half a spacing at the value returned
+            diff = np.maximum(diff - half_spacing(np.where(excused, 0.0, g), dtype), 0.0)
+    diff = np.where(excused, 0.0, diff)
+    worst: OutputCheck | None = None
+    for group in groups:
+        allowed, floor = policy.allowed(kind or output, group.magnitude, group.kernel_error, dtype)
+        numbers = {"allowed": allowed, "kernel_error": group.kernel_error, "floor": floor, "policy": policy.name}
+        part = diff if group.where is None else np.where(group.where, diff, -1.0)
+        if part.size == 0 or not np.any(part >= 0):
+            check = OutputCheck(case=case, output=output, error=0.0, where=None, ratio=0.0, **numbers)
+        else:
+            where = tuple(int(i) for i in np.unravel_index(int(np.argmax(part)), part.shape))
+            error = float(part[where])
+            ratio = error / allowed if allowed > 0 else (0.0 if error == 0 else np.inf)
+            note = f"on the {group.label}" if group.label and ratio > 0 else ""
+            check = OutputCheck(case=case, output=output, error=error, where=where, ratio=ratio, got=float(g[where]),
+                                expected=float(x64[where]), note=note, **numbers)  # fmt: skip
+        if worst is None or check.ratio > worst.ratio:
+            worst = check
+    assert worst is not None
+    return worst
+
+
+def _as_numpy(got: Any) -> np.ndarray:
+    """A NumPy array of ``got``: a torch tensor of any dtype (bfloat16 through ml_dtypes), a CuPy array, ..."""
+    if type(got).__module__.startswith("torch"):
+        from .torch_wrap import torch_to_numpy
+
+        return torch_to_numpy(got)
+    return to_numpy(got)
 
 
 def exception_check(case: str, output: str, err: BaseException) -> OutputCheck:
@@ -142,7 +181,13 @@ def _declared(fn: Any, grad_fn: Any, unsupported: Collection[str] | None) -> fro
     return declared
 
 
+class UsageError(TypeError):
+    """A mistake in how the implementation is handed to the harness (a signature it cannot call, a torch function
+    given NumPy arrays or the reverse, a ``grad_fn`` returning a dict): raised once, never a failed row."""
+
+
 _NDARRAY_LACKS = re.compile(r"'numpy\.ndarray' object has no attribute '(\w+)'")
+_TENSOR_LACKS = re.compile(r"'Tensor' object has no attribute '(\w+)'")
 
 
 def _torch_hint(err: BaseException) -> str | None:
@@ -153,6 +198,8 @@ def _torch_hint(err: BaseException) -> str | None:
     that torch tensors have (``masked_fill``, ``transpose(-1, -2)``'s cousins).
     """
     message = str(err)
+    if numpy_function_hint(err) is not None:
+        return None
     lacks = _NDARRAY_LACKS.search(message)
     if lacks is not None:
         try:
@@ -171,15 +218,141 @@ def _torch_hint(err: BaseException) -> str | None:
     )
 
 
+def numpy_function_hint(err: BaseException) -> str | None:
+    """A hint when ``err`` is a NumPy function complaining about the torch tensors ``from_torch`` gave it: a tensor
+    lacking an ndarray method (``astype``), or NumPy refusing a tensor that requires grad."""
+    message = str(err)
+    lacks = _TENSOR_LACKS.search(message)
+    numpy_only = lacks is not None and hasattr(np.ndarray, lacks.group(1))
+    if not (numpy_only or "numpy() on Tensor that requires grad" in message):
+        return None
+    one_line = " ".join(message.split())[:200]
+    return (
+        f"the function takes NumPy arrays, not the torch tensors it was given ({type(err).__name__}: {one_line}); "
+        "check it directly, without from_torch (on the command line: drop --torch)"
+    )
+
+
+_KEYWORDS = ("mask", "bias", "scale")
+
+
+def check_signature(fn: Callable[..., Any], role: str, positional: int) -> None:
+    """``UsageError`` unless ``fn`` takes ``positional`` arrays and the keywords ``mask``, ``bias``, ``scale``.
+
+    ``role``: ``"fn"`` or ``"grad_fn"``, for the message. A callable whose signature cannot be read passes.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        takes = set(_KEYWORDS)
+    else:
+        takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} & set(_KEYWORDS)
+    slots = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if takes == set(_KEYWORDS) and (varargs or slots >= positional):
+        return
+    arrays = "q, k, v" if positional == 3 else "q, k, v, dout"
+    returns = "out" if role == "fn" else "(dq, dk, dv)"
+    missing = ", ".join(f"{n}=" for n in _KEYWORDS if n not in takes) or f"{positional} positional arrays"
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    raise UsageError(
+        f"{role} must be {role}({arrays}, *, mask=None, bias=None, scale=None) -> {returns}; {name}{sig} lacks "
+        f"{missing}: wrap it, e.g. lambda {arrays}, *, mask=None, bias=None, scale=None: "
+        f"{name}({arrays}, ...)"
+    )
+
+
+def _grads_tuple(grads: Any) -> tuple[Any, Any, Any]:
+    """``grad_fn``'s result as ``(dq, dk, dv)``; ``UsageError`` for a dict, ``ValueError`` for another count."""
+    if isinstance(grads, Mapping):
+        keys = ", ".join(repr(k) for k in grads)
+        raise UsageError(
+            f"grad_fn returned a dict (keys {keys}); it must return a tuple (dq, dk, dv), in that order — e.g. "
+            "return g['q'], g['k'], g['v']"
+        )
+    grads = tuple(grads)
+    if len(grads) != 3:
+        raise ValueError(f"grad_fn must return (dq, dk, dv), got {len(grads)} values")
+    return grads
+
+
+LAYOUTS = ("bhnd", "bnhd")
+
+
+def _lead4(lead: tuple[int, ...]) -> tuple[int, int]:
+    """The case's leading dims as ``(B, H)``: none → (1, 1), (B,) → (B, 1), (B, H), more folded into B."""
+    if len(lead) <= 2:
+        return (*lead, 1, 1)[:2] if lead else (1, 1)
+    return math.prod(lead[:-1]), lead[-1]
+
+
+def _to_layout(a: Any, lead: tuple[int, ...], layout: str | None, logits: bool = False) -> Any:
+    """A case's array in ``layout``: ``(B, H, rows, cols)`` ("bhnd") or ``(B, rows, H, cols)`` ("bnhd"); a mask or
+    bias (``logits``) keeps the logits' ``(B, H, N, M)`` order in both, size-1 axes kept for broadcasting."""
+    if layout is None or a is None:
+        return a
+    if logits:
+        a = a.reshape((1,) * (len(lead) + 2 - a.ndim) + a.shape)  # one axis per leading dim of the case
+        if len(lead) > 2:  # fold the leading dims like the arrays': every axis at its full size
+            a = np.broadcast_to(a, (*lead, *a.shape[-2:])).reshape(*_lead4(lead), *a.shape[-2:])
+        elif len(lead) < 2:  # (B|1,) → (B|1, 1); none → (1, 1)
+            a = a.reshape(*a.shape[: len(lead)], *(1,) * (2 - len(lead)), *a.shape[-2:])
+        return np.ascontiguousarray(a)  # (B|1, H|1, N|1, M|1)
+    a4 = a.reshape(*_lead4(lead), *a.shape[-2:])  # (B, H, rows, cols)
+    return np.ascontiguousarray(a4 if layout == "bhnd" else np.swapaxes(a4, 1, 2))
+
+
+def _from_layout(got: Any, lead: tuple[int, ...], rows: int, cols: int, layout: str | None) -> Any:
+    """An output returned in ``layout`` back in the case's own shape ``(*lead, rows, cols)``; anything of another
+    shape is left as it is (the comparison then reports the shape)."""
+    if layout is None or isinstance(got, BaseException):
+        return got
+    B, H = _lead4(lead)
+    want = (B, H, rows, cols) if layout == "bhnd" else (B, rows, H, cols)
+    if tuple(getattr(got, "shape", ())) != want:
+        return got
+    arr = got if isinstance(got, np.ndarray) else _as_numpy(got)
+    if layout == "bnhd":
+        arr = np.swapaxes(arr, 1, 2)
+    return arr.reshape(*lead, rows, cols)
+
+
+def _core_report(chosen: Sequence[Case], ran: set[str], missing_ok: frozenset[str]) -> tuple[tuple[str, ...], str]:
+    """The core groups (:data:`~.cases.CORE_CASES`) that were selected but never ran, and a headline about them."""
+    never = []
+    for group, names in CORE_CASES.items():
+        selected = [c.name for c in chosen if c.name in names]
+        if selected and not any(n in ran for n in selected):
+            never.append(group)
+    missing = tuple(g for g in never if g not in missing_ok)
+    accepted = tuple(g for g in never if g in missing_ok)
+    lines = []
+    if missing:
+        named = "; ".join(f"{g} ({', '.join(n for n in CORE_CASES[g] if n in {c.name for c in chosen})})"
+                          for g in missing)  # fmt: skip
+        lines.append(
+            f"CORE CASES NEVER RAN: {named} — not ok: these are where kernels break; support them, or accept their "
+            f"absence by name with missing_ok={missing!r}"
+        )
+    if accepted:
+        lines.append(f"core cases not run (accepted by missing_ok): {', '.join(accepted)}")
+    return missing, "\n".join(lines)
+
+
 def check_attention(
     fn: Callable[..., Any] | None,
     grad_fn: Callable[..., Any] | None = None,
     *,
-    dtype: str = "float32",
+    dtype: Any = "float32",
     cases: Sequence[Case | str] | Case | str | None = None,
     masked_rows: str = "zero",
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str = DEFAULT_POLICY,
     unsupported: Collection[str] | None = None,
+    layout: str | None = None,
+    missing_ok: Collection[str] = (),
 ) -> Report:
     """Check an attention implementation (and optionally its gradients) on the battery.
 
@@ -188,7 +361,8 @@ def check_attention(
             ``grad_fn``.
         grad_fn: ``grad_fn(q, k, v, dout, *, mask, bias, scale) -> (dq, dk, dv)``, or ``None``. Positional, so
             that ``check_attention(*from_torch(torch_fn))`` works.
-        dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+        dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``, or the NumPy or torch dtype itself
+            (``np.float16``, ``np.dtype("float32")``, ``torch.bfloat16``).
         cases: ``None`` for the whole battery, or a non-empty list of names from it and/or your own :class:`Case`
             objects.
         masked_rows: what a query row with no allowed key must give in ``out`` and ``dq``:
@@ -197,81 +371,170 @@ def check_attention(
             ``"finite-ok"``: any finite value (e.g. the mean of ``v``, from masking with a large negative number
             instead of ``-inf``); ``grad_fn`` then gets ``dout`` with those rows set to 0, so that ``dk`` and
             ``dv`` (which get nothing from such a row in the reference) stay comparable.
-        policy: the tolerance constants (:class:`~attention_ref.testing.tolerance.Policy`).
+        policy: what the implementation may do and the tolerance constants: ``"fused"`` (the default: logits,
+            softmax statistics and every sum in float32 — FlashAttention, PyTorch's fused SDPA backends),
+            ``"eager"`` (logits and softmax stored in the dtype op by op — eager half-precision code), or a
+            :class:`~attention_ref.testing.tolerance.Policy`. A kernel that fails ``"fused"`` in float16 or
+            bfloat16 but would pass ``"eager"`` is told so in one line of the report.
         unsupported: features of :data:`~attention_ref.testing.cases.FEATURES` the implementation does not take
             (e.g. ``{"d != dv", "custom scale"}``); cases that have one are reported as not supported. Default:
             ``fn.unsupported`` (and ``grad_fn.unsupported``) when set. ``fn`` may also raise :class:`NotSupported`.
+        layout: ``None`` (default): the arrays keep each case's own shape ``(..., N, d)``, from ``(N, d)`` to
+            ``(B, H, N, d)``; ``"bhnd"``: always 4-D ``(B, H, N, d)`` (PyTorch's SDPA); ``"bnhd"``: always 4-D
+            ``(B, N, H, d)`` (FlashAttention's ``flash_attn_func``). The case's leading dims become ``(B, H)``
+            (``H = 1``, ``B = 1`` where it has none); ``mask`` and ``bias`` are 4-D in the logits' order
+            ``(B, H, N, M)`` in both layouts, with size-1 axes to broadcast; outputs come back in the layout.
+        missing_ok: core groups of :data:`~attention_ref.testing.cases.CORE_CASES` (``"long sequence"``,
+            ``"large logits"``, ``"masks"``) the caller accepts as never run. A selected core group none of whose
+            cases ran (declared unsupported) makes the report not ok, with a headline naming it.
 
     Returns:
         :class:`Report`, one :class:`OutputCheck` per case and output; ``report.ok``; ``print(report)``.
         An exception raised by ``fn`` or ``grad_fn`` is recorded as a failure of that case, not re-raised.
 
     Raises:
-        ValueError for bad arguments (an empty ``cases``, an unknown case name, dtype, ``masked_rows`` or
-        feature); TypeError when ``fn`` is a torch function given NumPy arrays (the message says to wrap it
-        with :func:`~attention_ref.testing.from_torch`).
+        ValueError for bad arguments (an empty ``cases``, an unknown case name, dtype, ``masked_rows``, layout,
+        feature or core group); :class:`UsageError` (a ``TypeError``) when the implementation cannot be called
+        as the harness calls it: a signature without ``mask``/``bias``/``scale``, a torch function given NumPy
+        arrays (the message says to wrap it with :func:`~attention_ref.testing.from_torch`) or a NumPy function
+        given tensors by it, a ``grad_fn`` returning a dict.
     """
     if fn is None and grad_fn is None:
         raise ValueError("check_attention needs fn, grad_fn, or both")
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"masked_rows must be one of {', '.join(MASKED_ROWS)}; got {masked_rows!r}")
-    numpy_dtype(dtype)  # validates the name early
-    check_policy(policy)
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be None, 'bhnd' or 'bnhd'; got {layout!r}")
+    missing_ok = frozenset([missing_ok] if isinstance(missing_ok, str) else missing_ok)
+    if missing_ok - set(CORE_CASES):
+        raise ValueError(
+            f"unknown core groups {sorted(missing_ok - set(CORE_CASES))} in missing_ok; the groups: "
+            f"{', '.join(CORE_CASES)}"
+        )
+    dtype = dtype_name(dtype)
+    policy = check_policy(policy)
     declared = _declared(fn, grad_fn, unsupported)
+    for f, role, n in ((fn, "fn", 3), (grad_fn, "grad_fn", 4)):
+        if f is not None:
+            check_signature(f, role, n)
     chosen = select_cases(cases)
     wanted = [o for o in OUTPUTS if (o == "out" and fn is not None) or (o != "out" and grad_fn is not None)]
     checks: list[OutputCheck] = []
+    kept: dict[str, tuple[Case, dict[str, Any]]] = {}  # each case's results, for the other policy's verdict
     for case in chosen:
         missing = sorted(case.features & declared)
         if missing:
             checks.extend(_unsupported_check(case.name, o, ", ".join(missing)) for o in wanted)
             continue
         ref = reference(case, dtype, policy)
-        dead = case.dead_rows if masked_rows != "zero" else None
-        results: dict[str, Any] = {}
-        kw = ("mask", "bias", "scale")
-        if fn is not None:
-            x = _fresh(ref.inputs)
-            try:
-                results["out"] = fn(x["q"], x["k"], x["v"], **{n: x[n] for n in kw})
-            except Exception as err:
-                results["out"] = err
-        if grad_fn is not None:
-            x = _fresh(ref.inputs)
-            if masked_rows == "finite-ok" and case.dead_rows.any():
-                x["dout"] = np.where(case.dead_rows[..., None], 0, x["dout"]).astype(x["dout"].dtype)
-            try:
-                grads = grad_fn(x["q"], x["k"], x["v"], x["dout"], **{n: x[n] for n in kw})
-                if len(grads) != 3:
-                    raise ValueError(f"grad_fn must return (dq, dk, dv), got {len(grads)} values")
-                results.update(zip(("dq", "dk", "dv"), grads, strict=True))
-            except Exception as err:
-                results.update(dq=err, dk=err, dv=err)
-        for output in wanted:
-            result = results[output]
-            if isinstance(result, NotSupported):
-                checks.append(_unsupported_check(case.name, output, str(result) or type(result).__name__))
-            elif isinstance(result, Exception):
-                if hint := _torch_hint(result):  # a torch function given NumPy arrays: a usage error, said once
-                    raise TypeError(hint) from result
-                checks.append(exception_check(case.name, output, result))
-            else:
-                query_rows = output in _QUERY_ROW_OUTPUTS
-                checks.append(
-                    compare_output(
-                        case.name,
-                        output,
-                        result,
-                        ref.exact[output],
-                        ref.kernel_error[output],
-                        ref.magnitude[output],
-                        dtype,
-                        policy=policy,
-                        excused_rows=dead if query_rows else None,
-                        excuse="finite" if masked_rows == "finite-ok" else "nan",
-                    )
+        results = _run(fn, grad_fn, case, ref, masked_rows, layout)
+        kept[case.name] = (case, results)
+        checks.extend(_judge(case, ref, results, wanted, dtype, policy, masked_rows))
+    ran = {c.case for c in checks if c.supported}
+    missing_core, headline = _core_report(chosen, ran, missing_ok)
+    notes = [headline] if headline else []
+    if any(c.failed for c in checks) and policy.arithmetic == "fused" and dtype in ("float16", "bfloat16"):
+        notes.extend(_eager_verdict(checks, kept, wanted, dtype, policy, masked_rows))
+    return Report(dtype=dtype, checks=tuple(checks), masked_rows=masked_rows, policy=policy.name,
+                  notes=tuple(notes), missing_core=missing_core)  # fmt: skip
+
+
+def _run(fn: Any, grad_fn: Any, case: Case, ref: Any, masked_rows: str, layout: str | None) -> dict[str, Any]:
+    """Call ``fn`` and ``grad_fn`` on one case; per output, the array returned (in the case's own shape) or the
+    exception raised. Usage errors are raised."""
+    lead, N, M = case.q.shape[:-2], case.q.shape[-2], case.k.shape[-2]
+    d, dv = case.q.shape[-1], case.v.shape[-1]
+    results: dict[str, Any] = {}
+
+    def inputs() -> dict[str, Any]:
+        x = _fresh(ref.inputs)
+        if masked_rows == "finite-ok" and case.dead_rows.any():
+            x["dout"] = np.where(case.dead_rows[..., None], 0, x["dout"]).astype(x["dout"].dtype)
+        for n in ("q", "k", "v", "dout"):
+            x[n] = _to_layout(x[n], lead, layout)
+        for n in ("mask", "bias"):
+            x[n] = _to_layout(x[n], lead, layout, logits=True)
+        return x
+
+    kw = ("mask", "bias", "scale")
+    if fn is not None:
+        x = inputs()
+        try:
+            results["out"] = _from_layout(fn(x["q"], x["k"], x["v"], **{n: x[n] for n in kw}), lead, N, dv, layout)
+        except UsageError:
+            raise
+        except Exception as err:
+            results["out"] = err
+    if grad_fn is not None:
+        x = inputs()
+        try:
+            grads = _grads_tuple(grad_fn(x["q"], x["k"], x["v"], x["dout"], **{n: x[n] for n in kw}))
+            shapes = ((N, d), (M, d), (M, dv))
+            for o, g, (rows, cols) in zip(("dq", "dk", "dv"), grads, shapes, strict=True):
+                results[o] = _from_layout(g, lead, rows, cols, layout)
+        except UsageError:
+            raise
+        except Exception as err:
+            results.update(dq=err, dk=err, dv=err)
+    for result in results.values():
+        if isinstance(result, Exception) and not isinstance(result, NotSupported):
+            if hint := _torch_hint(result):  # a torch function given NumPy arrays: a usage error, said once
+                raise UsageError(hint) from result
+            if hint := numpy_function_hint(result):  # a NumPy function given tensors (by from_torch)
+                raise UsageError(hint) from result
+    return results
+
+
+def _judge(case: Case, ref: Any, results: dict[str, Any], wanted: list[str], dtype: str, policy: Policy,
+           masked_rows: str) -> list[OutputCheck]:  # fmt: skip
+    """One row per output: the comparison, an exception's failed row, or a not-supported row."""
+    dead = case.dead_rows if masked_rows != "zero" else None
+    rows = []
+    for output in wanted:
+        result = results[output]
+        if isinstance(result, NotSupported):
+            rows.append(_unsupported_check(case.name, output, str(result) or type(result).__name__))
+        elif isinstance(result, Exception):
+            rows.append(exception_check(case.name, output, result))
+        else:
+            rows.append(
+                compare_output(
+                    case.name,
+                    output,
+                    result,
+                    ref.exact[output],
+                    ref.kernel_error[output],
+                    ref.magnitude[output],
+                    dtype,
+                    policy=policy,
+                    excused_rows=dead if output in _QUERY_ROW_OUTPUTS else None,
+                    excuse="finite" if masked_rows == "finite-ok" else "nan",
+                    groups=ref.groups[output],
+                    last_rounding=True,
                 )
-    return Report(dtype=dtype, checks=tuple(checks), masked_rows=masked_rows)
+            )
+    return rows
+
+
+def _eager_verdict(checks: list[OutputCheck], kept: dict[str, tuple[Case, dict[str, Any]]], wanted: list[str],
+                   dtype: str, policy: Policy, masked_rows: str) -> list[str]:  # fmt: skip
+    """One line when every failure under ``fused`` is a number that ``eager`` would accept."""
+    failed = [c for c in checks if c.failed]
+    if any(not np.isfinite(c.error) for c in failed):  # NaN, an exception, a wrong shape: no policy excuses it
+        return []
+    eager = dataclasses.replace(policy, arithmetic="eager")
+    worst = 0.0
+    for name in dict.fromkeys(c.case for c in failed):
+        case, results = kept[name]
+        again = _judge(case, reference(case, dtype, eager), results, wanted, dtype, eager, masked_rows)
+        if any(c.failed for c in again):
+            return []
+        worst = max([worst, *(c.ratio for c in again)])
+    return [
+        f"fails the fused policy but passes eager (worst ratio {worst:.3g} there): it rounds the logits or the "
+        f"softmax to {dtype}, as eager code does, where FlashAttention-class kernels keep them in float32 — "
+        "if that is what it is meant to do, check it with policy='eager'"
+    ]
 
 
 def assert_attention_close(

@@ -77,5 +77,16 @@ def judge_call(
         return check_joint_call(module, hidden, context, mask, rope, output=output, **judge)
     if family == "WanAttention":
         return check_wan_call(module, hidden, context, _arg(args, kwargs, 3, "rotary_emb"), output=output, **judge)
+    from ..interop.trace.families.ip_adapter import is_ip_processor
+
+    if isinstance(context, (tuple, list)) or is_ip_processor(getattr(module, "processor", None)):
+        # IP-Adapter: a (text, image embeddings) pair, or the image tokens appended to the text
+        if isinstance(context, (tuple, list)):
+            what = f"a {type(context).__name__} context"
+        else:
+            what = "a context with the image tokens appended to the text"
+        raise NotImplementedError(
+            f"{what} (IP-Adapter's text and image embeddings): the reference block has no image-prompt branch"
+        )
     mask = _arg(args, kwargs, 2, "attention_mask")
     return check_attention_call(module, hidden, context, mask, output=output, **judge)

@@ -26,6 +26,8 @@ class OutputCheck:
             was not run, or a remark on a passing row.
         supported: False when the implementation declared the case unsupported: the row was not run and
             counts neither for nor against it.
+        policy: the name of the policy the row was judged under (``"fused"``, ``"eager"``); ``""`` when none
+            applied (an exception, a row not run).
     """
 
     case: str
@@ -40,6 +42,7 @@ class OutputCheck:
     expected: float = math.nan
     note: str = ""
     supported: bool = True
+    policy: str = ""
 
     @property
     def ok(self) -> bool:
@@ -68,6 +71,9 @@ class Report:
     title: str = "attention"
     masked_rows: str = "zero"
     notes: tuple[str, ...] = field(default=())
+    policy: str = "fused"
+    missing_core: tuple[str, ...] = field(default=())
+    last_rounding: bool = True
 
     @property
     def ran(self) -> list[OutputCheck]:
@@ -76,7 +82,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return bool(self.ran) and all(c.ok for c in self.ran)
+        """At least one check ran, every check that ran passed, and no core group went unrun (:attr:`missing_core`)."""
+        return bool(self.ran) and all(c.ok for c in self.ran) and not self.missing_core
 
     @property
     def failures(self) -> list[OutputCheck]:
@@ -107,15 +114,20 @@ class Report:
         ran = len(cases) - len(skipped)
         if not self.ran:
             verdict = "NOTHING CHECKED (every case unsupported)"
-        elif self.ok:
-            verdict = "PASSED"
-        else:
+        elif self.failures:
             n = len(self.failed_cases)
             verdict = f"FAILED ({len(self.failures)} of {len(self.ran)} checks, in {n} case{'s' if n != 1 else ''})"
+        elif self.missing_core:
+            verdict = f"NOT OK: core cases never ran ({', '.join(self.missing_core)})"
+        else:
+            verdict = "PASSED"
         counted = _count(len(cases), "case")
         if skipped:
             counted = f"{ran} of {len(cases)} cases ran ({len(skipped)} not supported)"
-        head = f"{self.title} check in {self.dtype}: {counted}, {_count(len(self.ran), 'check')} — {verdict}"
+        head = (
+            f"{self.title} check in {self.dtype}, {self.policy} policy: {counted}, {_count(len(self.ran), 'check')}"
+            f" — {verdict}"
+        )
         outputs = list(dict.fromkeys(c.output for c in self.ran))
         worst = ", ".join(f"{o} {_ratio(self.worst_ratio(o))}" for o in outputs) or "-"
         return f"{head}\nworst ratio: {worst}"
@@ -123,7 +135,9 @@ class Report:
     def format(self, verbose: bool = True) -> str:
         """The report as text: every row when ``verbose``, otherwise the summary and the failing rows only."""
         head, worst = self.summary().split("\n")
-        lines = [head, f"fully masked rows: {self.masked_rows}; ratio = error / allowed, pass when ≤ 1", *self.notes]
+        error = "error (beyond the output's own last rounding)" if self.last_rounding else "error"
+        rule = f"ratio = {error} / allowed, pass when ≤ 1"
+        lines = [head, *self.notes, f"fully masked rows: {self.masked_rows}; {rule}"]
         rows = list(self.checks) if verbose else self.failures
         if rows:
             width = max([len(c.case) for c in rows] + [4])

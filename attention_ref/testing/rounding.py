@@ -22,7 +22,9 @@ The errors, drawn independently per entry and per operation:
 * one rounding (a product, a function, a result stored in the dtype):
   ``δ·|x|·size`` with ``size = u`` (or ``w``) and ``δ`` uniform on ``[−1, 1]`` —
   everywhere a real rounding can land, since round-to-nearest never moves ``x`` by
-  more than ``u·|x|``; :meth:`RoundingModel.rel`;
+  more than ``u·|x|``; below the smallest normal number of the dtype (or the
+  accumulator) by up to half the subnormals' spacing instead (float16: 2⁻²⁵ ≈ 3e-8, the
+  size of a weight ``P ≈ 2e-4`` times a logit gradient on 4096 keys); :meth:`RoundingModel.rel`;
 * a sum of ``n`` terms, in any order: normal, with standard deviation
   ``√n · u · Σ|terms|``; :meth:`RoundingModel.matmul` / :meth:`RoundingModel.sum`.
 
@@ -56,7 +58,7 @@ import math
 
 import numpy as np
 
-from .dtypes import eps
+from .dtypes import eps, half_spacing
 
 __all__ = ["RoundingModel", "accumulator_roundoff", "unit_roundoff"]
 
@@ -66,9 +68,13 @@ def unit_roundoff(dtype: str) -> float:
     return eps(dtype) / 2
 
 
+def _accumulator(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
+
+
 def accumulator_roundoff(dtype: str) -> float:
     """``u``: the unit roundoff of the accumulator a kernel in ``dtype`` sums in (float32, or float64 for float64)."""
-    return unit_roundoff("float64" if dtype == "float64" else "float32")
+    return unit_roundoff(_accumulator(dtype))
 
 
 class RoundingModel:
@@ -76,6 +82,7 @@ class RoundingModel:
 
     Attributes:
         u: the accumulator's unit roundoff; w: the dtype's.
+        tiny_w, tiny_u: half the spacing of the dtype's and the accumulator's subnormal numbers.
         rng: the generator the errors come from (a seeded ``numpy.random.Generator``).
     """
 
@@ -83,6 +90,9 @@ class RoundingModel:
         self.u = accumulator_roundoff(dtype)
         self.w = unit_roundoff(dtype)
         self.rng = rng
+        # below the smallest normal number a rounding moves x by up to half the subnormals' spacing, not w·|x|
+        self.tiny_w = float(half_spacing(0.0, dtype))
+        self.tiny_u = float(half_spacing(0.0, _accumulator(dtype)))
 
     def z(self, shape: tuple[int, ...]) -> np.ndarray:
         """Independent standard normal draws (the error of a sum, a sum of many roundings)."""
@@ -90,13 +100,20 @@ class RoundingModel:
 
     def rel(self, x: np.ndarray, *sizes: float) -> np.ndarray:
         """``x · (1 + Σ_s size_s · δ_s)``, ``δ_s`` uniform on ``[−1, 1]``: one independent rounding of relative size
-        at most ``size_s`` per entry for each ``s``; infinite entries (masked logits) are kept."""
+        at most ``size_s`` per entry for each ``s``; infinite entries (masked logits) are kept. A rounding to the
+        dtype (``size = w``) or to the accumulator (``u``) moves a number below the smallest normal one by up to
+        half the subnormals' spacing instead (float16: 2⁻²⁵ ≈ 3e-8), which is more than ``w·|x|`` there."""
         x = np.asarray(x, dtype=np.float64)
-        factor = np.ones(x.shape)
+        finite = np.isfinite(x)
+        xf = np.where(finite, x, 0.0)
+        error = np.zeros(x.shape)
         for size in sizes:
-            factor += size * self.rng.uniform(-1.0, 1.0, x.shape)
-        with np.errstate(invalid="ignore"):
-            return np.where(np.isfinite(x), x * factor, x)
+            step = size * xf
+            tiny = self.tiny_w if size == self.w else self.tiny_u if size == self.u else 0.0
+            if tiny:  # a rounding to the dtype or the accumulator: at least half a subnormal spacing (0 stays 0)
+                step = np.where(xf != 0, np.sign(xf) * np.maximum(np.abs(step), tiny), 0.0)
+            error += step * self.rng.uniform(-1.0, 1.0, x.shape)
+        return np.where(finite, xf + error, x)
 
     def sum_error(self, total_abs: np.ndarray, n: int, factor: float = 1.0) -> np.ndarray:
         """The error of a sum of ``n`` terms in any order: ``factor · √n · u · Σ|terms|`` times a draw."""

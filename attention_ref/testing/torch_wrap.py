@@ -55,7 +55,18 @@ def from_torch(
         ``grad_fn(q, k, v, dout, *, mask, bias, scale) -> (dq, dk, dv)`` on NumPy arrays, dtypes kept
         both ways (bfloat16 through ml_dtypes). Gradients come from ``torch.autograd.grad`` of ``out``
         with upstream ``dout``; an input ``out`` does not depend on gets a zero gradient.
+
+    Raises:
+        :class:`~attention_ref.testing.harness.UsageError` (a ``TypeError``) when ``torch_fn`` does not take
+        ``mask``, ``bias`` and ``scale`` keywords (a function with ``attn_mask=`` must be wrapped first).
+
+    A ``torch.compile``-d function recompiles for every new shape, and past ``torch._dynamo.config.recompile_limit``
+    (8 by default) PyTorch silently runs it eagerly: the battery has more shapes than that, so raise the limit
+    (``torch._dynamo.config.recompile_limit = 64``) or compile with ``dynamic=True`` to check the compiled code.
     """
+    from .harness import check_signature
+
+    check_signature(torch_fn, "fn", 3)
 
     def fn(
         q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask: Any = None, bias: Any = None, scale: Any = None

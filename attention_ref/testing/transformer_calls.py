@@ -24,6 +24,7 @@ A call with two outputs (a joint layer's image and text streams) is judged on bo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import zlib
 from collections.abc import Mapping
@@ -36,10 +37,10 @@ from .dtypes import DTYPES, numpy_dtype
 from .harness import compare_output
 from .report import OutputCheck
 from .rounding import RoundingModel
-from .tolerance import DEFAULT_POLICY, Policy, check_policy, simulate_attention_core
+from .tolerance import EAGER, FUSED, Policy, check_policy, simulate_attention_core
 from .torch_wrap import torch_to_numpy
 
-__all__ = ["attention_chain", "check_joint_call", "check_linear_call", "check_wan_call"]
+__all__ = ["attention_chain", "check_joint_call", "check_linear_call", "check_wan_call", "module_policy"]
 
 U32 = 2.0**-24  # float32's unit roundoff: the steps diffusers computes in float32 whatever the dtype
 
@@ -91,15 +92,30 @@ def _rotate(r: RoundingModel, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, u
     return r.rel(y, u_rot, r.w)
 
 
-def _attend(r: RoundingModel, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any, scale: float) -> np.ndarray:
+def _attend(
+    r: RoundingModel, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any, scale: float, arithmetic: str
+) -> np.ndarray:
     """:func:`simulate_attention_core` one (sample, head) at a time (no ``(B, heads, L, L)`` of errors at once)."""
     out = np.empty((*q.shape[:-1], v.shape[-1]))
     masks = None if mask is None else np.broadcast_to(mask, (*q.shape[:-1], k.shape[-2]))
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             m = None if masks is None else masks[b, h]
-            out[b, h], _ = simulate_attention_core(r, q[b, h], k[b, h], v[b, h], None, None, m, scale)
+            out[b, h], _ = simulate_attention_core(r, q[b, h], k[b, h], v[b, h], None, None, m, scale,
+                                                   arithmetic=arithmetic)  # fmt: skip
     return out
+
+
+def module_policy(attn: Any) -> Policy:
+    """The policy matching a module's arithmetic: ``fused`` when its processor calls ``scaled_dot_product_attention``
+    or diffusers' ``dispatch_attention_fn`` (whose default backend is that function), ``eager`` otherwise (and for a
+    processor whose source cannot be read: the wider rule)."""
+    try:
+        source = inspect.getsource(type(getattr(attn, "processor", None)).__call__)
+    except (OSError, TypeError):
+        return EAGER
+    fused = "scaled_dot_product_attention(" in source or "dispatch_attention_fn(" in source
+    return FUSED if fused else EAGER
 
 
 def _weights(q: np.ndarray, k: np.ndarray, mask: Any, scale: float) -> np.ndarray:
@@ -185,7 +201,7 @@ def attention_chain(
         for tokens, kn, vn, nn in parts:
             k = split_heads(norm(_linear(r, tokens, params, kn), nn), heads)
             v = split_heads(_linear(r, tokens, params, vn), heads)
-            o = o + _attend(r, q, k, v, None, options["scale"])
+            o = o + _attend(r, q, k, v, None, options["scale"], options.get("arithmetic", "eager"))
             if magnitudes:
                 P = _weights(q, k, None, options["scale"])
                 o2 = o2 + (P * P) @ (v * v)
@@ -206,7 +222,7 @@ def attention_chain(
     if rope is not None:
         cos, sin = rope
         q, k = _rotate(r, q, cos, sin, u_rot), _rotate(r, k, cos, sin, u_rot)
-    o = _attend(r, q, k, v, mask, options["scale"])  # (B, heads, L, d)
+    o = _attend(r, q, k, v, mask, options["scale"], options.get("arithmetic", "eager"))  # (B, heads, L, d)
     image, text = (slice(M, M + N), slice(0, M)) if text_first else (slice(0, N), slice(N, N + M))
     out: dict[str, np.ndarray] = {}
     o2 = None
@@ -261,6 +277,7 @@ def _judge(
     def chain(r: RoundingModel, magnitudes: bool = False) -> dict[str, np.ndarray]:
         return attention_chain(r, x, context, params, options, rope=rope, mask=mask, magnitudes=magnitudes)
 
+    options = {**options, "arithmetic": policy.arithmetic}
     plain = chain(_zero(), magnitudes=True)
     exact = {k: v for k, v in plain.items() if not k.startswith("|")} if exact is None else dict(exact)
     seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
@@ -273,7 +290,7 @@ def _judge(
         label = "y" if key == "y" else "y_ctx"
         magnitude = max(float(np.max(plain[f"|{key}|"])), float(np.max(np.abs(exact[key]))))
         checks.append(compare_output(name, label, value, exact[key], yard[key], magnitude, dtype, policy=policy,
-                                     kind="out"))  # fmt: skip
+                                     kind="out", last_rounding=True))  # fmt: skip
     worst = max(checks, key=lambda c: math.inf if math.isnan(c.ratio) else c.ratio)
     if len(checks) > 1:
         other = next(c for c in checks if c is not worst)
@@ -306,7 +323,7 @@ def check_joint_call(
     *,
     output: Any,
     dtype: str,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
     name: str = "call",
     seed: int = 0,
 ) -> OutputCheck:
@@ -317,12 +334,13 @@ def check_joint_call(
             blocks: the joined ``(B, M + N, C)``); encoder_hidden_states: ``(B, M, D)`` or ``None``;
             attention_mask: boolean, True = may attend, or ``None``; image_rotary_emb: Flux's ``(cos, sin)``.
         output: what the module returned: ``(y, y_context)`` for a two-stream call, else ``y``.
-        dtype, policy, name, seed: as :func:`~attention_ref.testing.check_attention_call`'s.
+        dtype, policy, name, seed: as :func:`~attention_ref.testing.check_attention_call`'s (``policy=None``: the
+            one matching the processor's arithmetic, :func:`module_policy`).
     """
     from ..blocks import joint_attention_forward
     from ..interop.dit import from_diffusers_joint
 
-    check_policy(policy)
+    policy = module_policy(attn) if policy is None else check_policy(policy)
     params, options = from_diffusers_joint(attn, dtype="float64")
     a = _arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     x, context = a["hidden_states"].astype(np.float64), a["encoder_hidden_states"]
@@ -359,14 +377,14 @@ def check_wan_call(
     *,
     output: Any,
     dtype: str,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
     name: str = "call",
     seed: int = 0,
 ) -> OutputCheck:
     """Judge one call of a ``WanAttention`` (self-attention with its RoPE tables, or cross-attention)."""
     from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
 
-    check_policy(policy)
+    policy = module_policy(attn) if policy is None else check_policy(policy)
     params, options = from_wan_attention(attn, "float64")
     for n, layer in (("v", attn.to_v), ("out", attn.to_out[0])) + ((("add_v", attn.add_v_proj),) if attn.add_v_proj
                                                                      is not None else ()):  # fmt: skip
@@ -389,14 +407,14 @@ def check_linear_call(
     *,
     output: Any,
     dtype: str,
-    policy: Policy = DEFAULT_POLICY,
+    policy: Policy | str | None = None,
     name: str = "call",
     seed: int = 0,
 ) -> OutputCheck:
     """Judge one call of Sana's linear attention (``SanaLinearAttnProcessor2_0``: ReLU features, no softmax)."""
     from ..interop import from_diffusers
 
-    check_policy(policy)
+    policy = module_policy(attn) if policy is None else check_policy(policy)
     params, options = from_diffusers(attn, dtype="float64")
     a = _arrays(dtype, hidden_states=hidden_states)
     x = a["hidden_states"].astype(np.float64)

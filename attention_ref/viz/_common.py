@@ -18,6 +18,7 @@ __all__ = [
     "new_figure",
     "note",
     "pixel_of",
+    "plain_text",
     "save_figure",
     "show_map",
     "token_of",
@@ -34,6 +35,16 @@ def as_numpy(x: Any, name: str = "array") -> np.ndarray:
         return np.asarray(to_numpy(x), dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from err
+
+
+def plain_text(text: Any) -> str:
+    """``text`` as matplotlib draws it literally: every ``$`` escaped, so that a token such as ``"$x^$"`` is not
+    parsed as mathtext (a ValueError when the figure is saved) and ``"costs $5 and $6"`` is not set as math.
+
+    Every string that comes from data — a token, a word, a layer's name — goes through it before it
+    reaches a title, a label or a legend; text the caller writes as a caption may use mathtext.
+    """
+    return str(text).replace("$", r"\$")
 
 
 def grey(image: Any | None, shape: tuple[int, int]) -> np.ndarray | None:

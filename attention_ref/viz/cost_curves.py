@@ -170,7 +170,11 @@ def plot_complexity(data: str | Path | Mapping[str, Any], *, title: str | None =
     lines are the operation counts (``flops_forward + flops_backward``, theory) scaled to the dots of
     the largest sizes, so the slope of a line is exact whatever the machine did, and the dots show how
     closely the measurement follows it; the legend gives both slopes (:func:`scaling_exponents`).
-    Memory: measured peaks joined by lines, the theoretical memory dashed.
+    Memory: measured peaks joined by lines, the theoretical memory dashed (its legend entry says what
+    it counts). The theory counts the arrays a pass must hold (the weights or features, the output and
+    the gradients); the measured peak also holds the backward's temporaries, about as large as the
+    largest of those arrays (exact attention's dP = dO Vᵀ next to P), so it sits about 2× above: each
+    variant's legend entry gives measured ÷ theory at its largest map.
     """
     data = load_complexity(data)
     time_exp = scaling_exponents(data, "time")
@@ -193,9 +197,18 @@ def plot_complexity(data: str | Path | Mapping[str, Any], *, title: str | None =
         parts = [f"work ∝ N{'²' if round(work_exp[variant]) == 2 else ''}"] if variant in work_exp else []
         parts += [f"measured slope {time_exp[variant]:.1f}"] if variant in time_exp else []
         ax_time.plot([], [], "o-", color=colour, markersize=5, linewidth=1.2, label=f"{variant}: {', '.join(parts)}")
+    theory = {
+        v: dict(zip(n.tolist(), m.tolist(), strict=True)) for v, (n, m, _) in _series(data, "theory_bytes").items()
+    }
+    ratios = []
     for variant, (n, m, _) in _series(data, "peak_bytes").items():
         colour = COLOURS.get(variant)
         all_tokens.update(int(k) for k in n)
+        parts = [f"slope {mem_exp[variant]:.1f}"] if variant in mem_exp else []
+        largest = theory.get(variant, {}).get(int(n[-1]))
+        if largest:
+            ratios.append(m[-1] / largest)
+            parts.append(f"{ratios[-1]:.1f}× theory")
         ax_mem.loglog(
             n,
             m / 2**20,
@@ -203,10 +216,13 @@ def plot_complexity(data: str | Path | Mapping[str, Any], *, title: str | None =
             color=colour,
             markersize=5,
             linewidth=1.2,
-            label=f"{variant} (slope {mem_exp[variant]:.1f})" if variant in mem_exp else variant,
+            label=f"{variant} ({', '.join(parts)})" if parts else variant,
         )
     for variant, (n, m, _) in _series(data, "theory_bytes").items():
-        ax_mem.loglog(n, m / 2**20, "--", color=COLOURS.get(variant), linewidth=0.9, alpha=0.7)
+        if variant in mem_exp:  # the variants that were run
+            ax_mem.loglog(n, m / 2**20, "--", color=COLOURS.get(variant), linewidth=0.9, alpha=0.7)
+    if theory:
+        ax_mem.plot([], [], "--", color="#555555", linewidth=0.9, label="dashed: theory, the arrays held*")
     tokens = np.array(sorted(all_tokens))
     for ax in (ax_time, ax_mem):
         if tokens.size:
@@ -222,11 +238,20 @@ def plot_complexity(data: str | Path | Mapping[str, Any], *, title: str | None =
         "lines: operation counts, scaled to the dots of the largest maps",
         fontsize=9,
     )
-    ax_mem.set_title("peak memory (dashed: theory)", fontsize=9)
+    ax_mem.set_title("peak memory of forward + backward: measured (dots), theory (dashed)", fontsize=9)
     ax_time.set_ylabel("seconds")
     ax_mem.set_ylabel("MiB")
+    for ax in (ax_time, ax_mem):
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 12)  # room above the curves for the legend
     machine = data.get("machine", {})
     where = f"measured on {machine['cpu']}, float64, d = {config.get('dim')}" if machine.get("cpu") else ""
+    if ratios:
+        where += (
+            f"{chr(10) if where else ''}* theory: the weights (or features), the output and the gradients a pass must "
+            f"hold. The measured peaks are {min(ratios):.1f}–{max(ratios):.1f}× that at the largest maps:\nthe "
+            "backward's temporaries come on top (exact attention holds dP = dO Vᵀ beside P, both N×N: 2× its theory)"
+        )
     if any_disturbed:
         where += (
             "\nhollow: timed while other processes held the core (this one had under 80% of it): "

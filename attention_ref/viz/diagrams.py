@@ -1,15 +1,20 @@
 """Block diagrams drawn from code: every shape printed on a box comes from running the block.
 
-* :func:`draw_self_attention_block` — a U-Net stage: a residual conv block, then
-  the self-attention block (GroupNorm → Q, K, V → split into heads → softmax(QKᵀ/√d) V
-  per head → merge → out → + x), one column per head.
+* :func:`draw_self_attention_block` — a U-Net stage: a residual conv block (which adds
+  the timestep embedding between its two convolutions), then the self-attention block
+  (GroupNorm → Q, K, V → split into heads → softmax(QKᵀ/√d) V per head → merge → out →
+  + its input), one column per head.
 * :func:`draw_cross_attention` — cross-attention: Q from the pixels, K and V from
   the text tokens, weights ``(B, heads, H·W, M)``.
 
 The functions run :func:`attention_ref.self_attention_forward` /
 :func:`attention_ref.cross_attention_forward` on zeros of the requested size and
-read the shapes off the caches (the ResBlock's from the library's group norm and
-convolution), so the picture cannot drift from the code.
+read the shapes off the caches (the ResBlock's from the library's group norm, SiLU,
+linear and convolution), so the picture cannot drift from the code. The Q, K, V boxes
+say ``+ b`` exactly when the block's parameters hold that bias (``bias=`` of
+:func:`attention_ref.init_self_attention` / :func:`attention_ref.init_cross_attention`:
+True by default, as in OpenAI's and CompVis's convolutions; diffusers' ``Attention`` has
+none).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ..blocks import cross_attention_forward, init_cross_attention, init_self_attention, self_attention_forward
-from ..ops import conv2d_forward, group_norm_forward
+from ..ops import conv2d_forward, group_norm_forward, linear_forward, silu_forward
 from ._common import new_figure
 
 __all__ = [
@@ -46,9 +51,11 @@ def _shape(t: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(n) for n in t) + ")"
 
 
-def self_attention_shapes(H: int, W: int, C: int, heads: int, groups: int) -> dict[str, tuple[int, ...]]:
+def self_attention_shapes(
+    H: int, W: int, C: int, heads: int, groups: int, *, bias: bool = True
+) -> dict[str, tuple[int, ...]]:
     """Run the self-attention block on a zero ``(1, H, W, C)`` map; return the shape of each stage."""
-    params = init_self_attention(C, heads=heads, groups=groups, rng=0)
+    params = init_self_attention(C, heads=heads, groups=groups, bias=bias, rng=0)
     x = np.zeros((1, H, W, C))
     y, cache = self_attention_forward(x, params, heads=heads, groups=groups)
     q_tokens = cache.layer.q.x.shape  # (B, N, C): the normalised map as tokens
@@ -64,10 +71,10 @@ def self_attention_shapes(H: int, W: int, C: int, heads: int, groups: int) -> di
 
 
 def cross_attention_shapes(
-    H: int, W: int, C: int, M: int, D: int, heads: int, groups: int
+    H: int, W: int, C: int, M: int, D: int, heads: int, groups: int, *, bias: bool = True
 ) -> dict[str, tuple[int, ...]]:
     """Run the cross-attention block on zeros; return the shape of each stage."""
-    params = init_cross_attention(C, D, heads=heads, groups=groups, rng=0)
+    params = init_cross_attention(C, D, heads=heads, groups=groups, bias=bias, rng=0)
     x, context = np.zeros((1, H, W, C)), np.zeros((1, M, D))
     y, cache = cross_attention_forward(x, context, params, heads=heads, groups=groups)
     inner = cache.layer.q.W.shape[1]
@@ -81,20 +88,29 @@ def cross_attention_shapes(
     }
 
 
-def resblock_shapes(H: int, W: int, C: int, groups: int) -> dict[str, tuple[int, ...]]:
-    """The shapes of a ResBlock's two GroupNorm → SiLU → 3×3 conv steps, run on a zero ``(1, H, W, C)`` map.
+def resblock_shapes(H: int, W: int, C: int, groups: int, time_dim: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The shapes of a diffusion ResBlock (diffusers' ``ResnetBlock2D``), run on a zero ``(1, H, W, C)`` map.
 
-    (The library has no ResBlock; its group norm and convolution give the shapes. The time
-    embedding a diffusion ResBlock adds between the two steps changes no shape.)
+    GroupNorm → SiLU → 3×3 conv ("conv1"); plus a linear map of SiLU(the timestep embedding
+    ``(1, time_dim)``, default ``4·C`` as in Stable Diffusion) to ``C`` channels, added at every pixel
+    ("time" the ``(1, C)`` vector, "plus_time" the map); GroupNorm → SiLU → 3×3 conv ("conv2"); plus
+    the block's input ("sum"). The library's group norm, SiLU, linear map and convolution give the shapes.
     """
+    time_dim = 4 * C if time_dim is None else time_dim
     x = np.zeros((1, H, W, C))
     kernel = np.zeros((3, 3, C, C))
     shapes = {}
-    h = x
-    for step in ("conv1", "conv2"):
-        h, _ = group_norm_forward(h, groups=groups)  # SiLU, elementwise, keeps this shape
-        h, _ = conv2d_forward(h, kernel, padding="same")
-        shapes[step] = tuple(h.shape)
+    h, _ = silu_forward(group_norm_forward(x, groups=groups)[0])
+    h, _ = conv2d_forward(h, kernel, padding="same")
+    shapes["conv1"] = tuple(h.shape)
+    emb, _ = linear_forward(silu_forward(np.zeros((1, time_dim)))[0], np.zeros((time_dim, C)), np.zeros(C))
+    shapes["time_embedding"] = (1, time_dim)
+    shapes["time"] = tuple(emb.shape)
+    h = h + emb[:, None, None, :]  # (1, C) → every pixel
+    shapes["plus_time"] = tuple(h.shape)
+    h, _ = silu_forward(group_norm_forward(h, groups=groups)[0])
+    h, _ = conv2d_forward(h, kernel, padding="same")
+    shapes["conv2"] = tuple(h.shape)
     shapes["sum"] = tuple((x + h).shape)
     return shapes
 
@@ -187,35 +203,60 @@ def _head_columns(
     return [cx for h, cx in zip(shown, xs, strict=True) if h is not None], y
 
 
+def _bias(params_bias: bool, name: str) -> str:
+    """`` + b_q`` when the projection has a bias, else nothing."""
+    return f" + b_{name}" if params_bias else ""
+
+
 def draw_self_attention_block(
-    H: int = 16, W: int = 16, C: int = 64, *, heads: int = 4, groups: int = 32, title: str | None = None
+    H: int = 16,
+    W: int = 16,
+    C: int = 64,
+    *,
+    heads: int = 4,
+    groups: int = 32,
+    bias: bool = True,
+    title: str | None = None,
 ) -> Figure:
     """A U-Net stage: residual conv block, then the self-attention block, shapes from a real forward pass.
 
-    Every head is a column of its own (up to three drawn; more are summarised by an ellipsis), so
-    that the split of the channels into heads and their merge are visible.
+    The stage's input is ``x``; the ResBlock adds the timestep embedding between its two convolutions
+    and returns ``r``; the attention block normalises ``r`` into ``h``, projects ``h`` to Q, K, V (with
+    biases when ``bias``, as :func:`attention_ref.init_self_attention` makes them), and returns
+    ``y = r + …``. Every head is a column of its own (up to three drawn; more are summarised by an
+    ellipsis), so that the split of the channels into heads and their merge are visible.
     """
-    s = self_attention_shapes(H, W, C, heads, groups)
+    s = self_attention_shapes(H, W, C, heads, groups, bias=bias)
     r = resblock_shapes(H, W, C, groups)
     N, d = s["tokens"][1], s["heads"][-1]
     B = s["x"][0]
-    wide, gap = 11.0, 1.05
-    fig = new_figure(8.6, 11.4)
+    wide = 11.0
+    fig = new_figure(8.6, 12.6)
     ax = fig.add_subplot()
     steps = [
-        (f"x  {_shape(s['x'])}", "input"),
-        (f"GroupNorm({groups}) → SiLU → conv 3×3   {_shape(r['conv1'])}", "conv"),
-        (f"GroupNorm({groups}) → SiLU → conv 3×3   {_shape(r['conv2'])}", "conv"),
-        (f"+ the skip   {_shape(r['sum'])}", "add"),
-        (f"GroupNorm: {groups} groups of {C // groups} channels   {_shape(s['x'])}", "norm"),
-        (f"flatten: pixel (row, col) → token row·{W} + col   {_shape(s['tokens'])}", "input"),
+        (f"x, the stage's input  {_shape(s['x'])}", "input", 0.7),
+        (f"GroupNorm({groups}) → SiLU → conv 3×3   {_shape(r['conv1'])}", "conv", 0.7),
+        (
+            f"+ SiLU(t_emb) W_t + b_t: the timestep embedding {_shape(r['time_embedding'])} → {_shape(r['time'])},\n"
+            f"added at every pixel   {_shape(r['plus_time'])}",
+            "conv",
+            0.95,
+        ),
+        (f"GroupNorm({groups}) → SiLU → conv 3×3   {_shape(r['conv2'])}", "conv", 0.7),
+        (f"r = x + …, the ResBlock's output   {_shape(r['sum'])}", "add", 0.7),
+        (f"h = GroupNorm(r): {groups} groups of {C // groups} channels   {_shape(s['x'])}", "norm", 0.7),
+        (f"flatten h: pixel (row, col) → token row·{W} + col   {_shape(s['tokens'])}", "input", 0.7),
     ]
-    ys = [-i * gap for i in range(len(steps))]
-    for i, (text, kind) in enumerate(steps):
-        _box(ax, 0.0, ys[i], text, kind, width=wide)
+    ys, y = [], 0.0
+    for i, (_, _, height) in enumerate(steps):
         if i:
-            _arrow(ax, (0.0, ys[i - 1] - 0.35), (0.0, ys[i] + 0.35))
-    # Q, K, V: three projections of the same tokens
+            y -= steps[i - 1][2] / 2 + 0.35 + height / 2
+        ys.append(y)
+    for i, (text, kind, height) in enumerate(steps):
+        _box(ax, 0.0, ys[i], text, kind, width=wide, height=height)
+        if i:
+            _arrow(ax, (0.0, ys[i - 1] - steps[i - 1][2] / 2), (0.0, ys[i] + height / 2))
+    # Q, K, V: three projections of the same tokens h
     y_qkv = ys[-1] - 1.3
     y_split = y_qkv - 1.05
     third = (wide - 0.6) / 3
@@ -226,7 +267,7 @@ def draw_self_attention_block(
             ax,
             cx,
             y_qkv,
-            f"{name} = h W_{name.lower()} + b_{name.lower()}\n{_shape(s['qkv'])}",
+            f"{name} = h W_{name.lower()}{_bias(bias, name.lower())}\n{_shape(s['qkv'])}",
             "linear",
             width=third,
             height=0.95,
@@ -258,10 +299,11 @@ def draw_self_attention_block(
     )
     for cx in xs:
         _arrow(ax, (cx, y_split - 0.3 + 0.25), (cx, y_split - 1.0 + 0.475))
+    gap = 1.05
     tail = [
         (f"merge heads: O = [O₀ … O{_sub(heads - 1)}]   {_shape(s['qkv'])}", "attention"),
         (f"O W_o + b_o, back to the map   {_shape(s['y'])}", "linear"),
-        (f"y = x + …   {_shape(s['y'])}", "add"),
+        (f"y = r + …, the stage's output   {_shape(s['y'])}", "add"),
     ]
     y_tail = [y_last - 1.35 - i * gap for i in range(len(tail))]
     for i, (text, kind) in enumerate(tail):
@@ -271,12 +313,12 @@ def draw_self_attention_block(
     for cx in xs:
         _arrow(ax, (cx, y_last - 0.475), (cx, y_tail[0] + 0.35))
     edge = wide / 2 + 0.9
-    _skip(ax, edge, ys[0], ys[3], "skip")
-    _skip(ax, edge, ys[3] - 0.2, y_tail[-1], "skip")
-    ax.text(-edge, (ys[1] + ys[2]) / 2, "ResBlock", rotation=90, va="center", ha="center", fontsize=11, color="#2b7a2b")
+    _skip(ax, edge, ys[0], ys[4], "skip: + x")
+    _skip(ax, edge, ys[4] - 0.2, y_tail[-1], "skip: + r")
+    ax.text(-edge, (ys[1] + ys[3]) / 2, "ResBlock", rotation=90, va="center", ha="center", fontsize=11, color="#2b7a2b")
     ax.text(
         -edge,
-        (ys[4] + y_tail[-1]) / 2,
+        (ys[5] + y_tail[-1]) / 2,
         "AttentionBlock",
         rotation=90,
         va="center",
@@ -292,8 +334,17 @@ def draw_self_attention_block(
         fontsize=FONT,
         color="#a0305a",
     )
+    if bias:
+        ax.text(
+            0.0,
+            y_tail[-1] - 1.35,
+            "b_q, b_k, b_v: the library's default (bias=True, as in OpenAI's U-Net); diffusers' Attention has none",
+            ha="center",
+            fontsize=8,
+            color="#555555",
+        )
     ax.set_xlim(-edge - 0.5, edge + 0.6)
-    ax.set_ylim(y_tail[-1] - 1.2, 0.6)
+    ax.set_ylim(y_tail[-1] - 1.7, 0.6)
     ax.set_axis_off()
     ax.set_title(title or f"every pixel of a {H}×{W} map attends to every other one", fontsize=12)
     return fig
@@ -308,13 +359,15 @@ def draw_cross_attention(
     *,
     heads: int = 8,
     groups: int = 32,
+    bias: bool = True,
     title: str | None = None,
 ) -> Figure:
     """Cross-attention: queries from the pixels, keys and values from the tokens; shapes from a forward pass.
 
-    As in :func:`draw_self_attention_block`, every head is a column (up to three drawn).
+    As in :func:`draw_self_attention_block`, every head is a column (up to three drawn), and the
+    projections carry ``+ b`` when ``bias`` (as :func:`attention_ref.init_cross_attention` makes them).
     """
-    s = cross_attention_shapes(H, W, C, M, D, heads, groups)
+    s = cross_attention_shapes(H, W, C, M, D, heads, groups, bias=bias)
     B, N, inner = s["q"]
     d = inner // heads
     gap = 1.05
@@ -323,15 +376,22 @@ def draw_cross_attention(
     left, right = -2.9, 3.0  # the pixel path and the token path
     half = 2.6  # half a column box's width
     _box(ax, left, 0.0, f"pixels x  {_shape(s['x'])}", "input", width=2 * half)
-    _box(ax, left, -gap, f"GroupNorm({groups}), flatten\n{_shape((B, N, C))}", "norm", width=2 * half, height=0.95)
+    norm_text = f"h = GroupNorm({groups})(x), flattened\n{_shape((B, N, C))}"
+    _box(ax, left, -gap, norm_text, "norm", width=2 * half, height=0.95)
     _arrow(ax, (left, -0.35), (left, -gap + 0.475))
     _box(ax, right, 0.0, f"text tokens c  {_shape(s['context'])}", "input", width=2 * half)
     y_proj = -2.4
-    _box(ax, left, y_proj, f"Q = h W_q\n{_shape(s['q'])}", "linear", width=2 * half, height=0.95)
+    _box(ax, left, y_proj, f"Q = h W_q{_bias(bias, 'q')}\n{_shape(s['q'])}", "linear", width=2 * half, height=0.95)
     _arrow(ax, (left, -gap - 0.475), (left, y_proj + 0.475))
     for dx, name in ((-1.35, "K"), (1.35, "V")):
         _box(
-            ax, right + dx, y_proj, f"{name} = c W_{name.lower()}\n{_shape(s['kv'])}", "linear", width=2.5, height=0.95
+            ax,
+            right + dx,
+            y_proj,
+            f"{name} = c W_{name.lower()}{_bias(bias, name.lower())}\n{_shape(s['kv'])}",
+            "linear",
+            width=2.5,
+            height=0.95,
         )
         _arrow(ax, (right + dx / 3, -0.35), (right + dx, y_proj + 0.475))
     y_split = y_proj - 1.1
@@ -384,8 +444,17 @@ def draw_cross_attention(
         fontsize=FONT,
         color="#a0305a",
     )
+    if bias:
+        ax.text(
+            0.0,
+            y_tail[-1] - 1.35,
+            "b_q, b_k, b_v: the library's default (bias=True); diffusers' Attention has none (bias=False)",
+            ha="center",
+            fontsize=8,
+            color="#555555",
+        )
     ax.set_xlim(edge - 0.6, right + half + 0.3)
-    ax.set_ylim(y_tail[-1] - 1.2, 0.6)
+    ax.set_ylim(y_tail[-1] - 1.7, 0.6)
     ax.set_axis_off()
     ax.set_title(title or "cross-attention: pixels ask (Q), tokens answer (K, V)", fontsize=12)
     return fig

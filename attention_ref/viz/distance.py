@@ -135,9 +135,12 @@ def plot_attention_distance(
 ) -> Figure:
     """How far attention reaches: the share of a query's weight within distance ``r``, against ``r``.
 
-    One curve per weights array and head (the mean of :func:`weight_within` over the chosen query
-    pixels), a grey dashed curve for uniform weights, thin black for ``target`` and dotted for
-    ``fields``. Each legend entry gives the mean distance of its curve (:func:`attention_distance`,
+    Left panel, the attention weights: one curve per weights array and head (the mean of
+    :func:`weight_within` over the chosen query pixels), a grey dashed curve for uniform weights and a
+    thin black one for ``target``. Right panel (only with ``fields``), influence maps such as receptive
+    fields ``|∂y_q/∂x|``: the share of each map's total within ``r`` of its pixel. The two are different
+    quantities — a weight sums to 1 by construction, an influence map is a gradient — so each has its
+    own axis. Each legend entry gives the mean distance of its curve (:func:`attention_distance`,
     :func:`field_distance`), the usual one-number summary per head.
 
     Inputs:
@@ -149,8 +152,8 @@ def plot_attention_distance(
             to a far-away twin); its curve is what weights entirely at that distance would give.
         target_label: the target curve's legend entry.
         fields: name → ``(map (H, W), pixel)``: influence maps (e.g. a conv stack's receptive field,
-            :func:`attention_ref.viz.conv_stack_receptive_field`) on the same scale: the share of the
-            map's total within ``r`` of ``pixel``.
+            :func:`attention_ref.viz.conv_stack_receptive_field`, or a block's :func:`input_gradient`),
+            in the right panel: the share of the map's total within ``r`` of ``pixel``.
     """
     named = {name: as_weights(w) for name, w in (weights.items() if isinstance(weights, Mapping) else [("", weights)])}
     H, W = shape
@@ -158,8 +161,9 @@ def plot_attention_distance(
     B = next(iter(named.values())).shape[0]
     keep = np.ones((B, N), dtype=bool) if queries is None else _per_query(queries, B, N, "queries").astype(bool)
     radii, uniform = weight_within(np.full((1, 1, N, N), 1.0 / N), shape)
-    fig = new_figure(8.8, 3.9, layout="constrained")
-    ax = fig.add_subplot()
+    fig = new_figure(10.6 if fields else 6.2, 5.0, layout="constrained")
+    axes = fig.subplots(1, 2 if fields else 1, squeeze=False, sharex=True)[0]
+    ax = axes[0]
     several_heads = any(w.shape[1] > 1 for w in named.values())
     k = 0
     for name, w in named.items():
@@ -198,28 +202,34 @@ def plot_attention_distance(
         linewidth=1.2,
         label=f"uniform weights: mean distance {uniform_distance(shape):.1f} px",
     )
+    ax.set_title("attention weights", fontsize=10)
+    ax.set_ylabel("share of the query's attention weight within r")
     distances = _pixel_distances(shape)
-    for k, (name, (field, pixel)) in enumerate((fields or {}).items()):
-        R = as_numpy(field, name)
-        if R.shape != tuple(shape):
-            raise ValueError(f"field {name!r} has shape {R.shape}, the map is {tuple(shape)}")
-        mean = field_distance(R, pixel)  # also checks R
-        # Σ_{j : ‖p_q − p_j‖ ≤ r} R_j / Σ_j R_j
-        share = (distances[token_of(pixel, shape)][None, :] <= radii[:, None] + 1e-9) @ R.ravel() / R.sum()
-        ax.step(
-            radii,
-            share,
-            where="post",
-            linestyle=":",
-            linewidth=1.8,
-            color=["#1b1b1b", "#666666", "#a6761d"][k % 3],
-            label=f"{name}: mean distance {mean:.1f} px",
-        )
-    ax.set_xlabel("distance r from the query pixel (pixels)")
-    ax.set_ylabel("share of the weight within r")
-    ax.set_xlim(0.0, float(radii[-1]))
-    ax.set_ylim(0.0, 1.02)
-    ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside right center", fontsize=9, frameon=False)
+    if fields:
+        right = axes[1]
+        for k, (name, (field, pixel)) in enumerate(fields.items()):
+            R = as_numpy(field, name)
+            if R.shape != tuple(shape):
+                raise ValueError(f"field {name!r} has shape {R.shape}, the map is {tuple(shape)}")
+            mean = field_distance(R, pixel)  # also checks R
+            # Σ_{j : ‖p_q − p_j‖ ≤ r} R_j / Σ_j R_j
+            share = (distances[token_of(pixel, shape)][None, :] <= radii[:, None] + 1e-9) @ R.ravel() / R.sum()
+            right.step(
+                radii,
+                share,
+                where="post",
+                linestyle=[":", "-.", "-", "--"][k % 4],
+                linewidth=1.8,
+                color=["#1b1b1b", "#666666", "#d95f02", "#a6761d"][k % 4],
+                label=f"{name}: mean distance {mean:.1f} px",
+            )
+        right.set_title("influence |∂y_q/∂x| (receptive fields, from the backward pass)", fontsize=10)
+        right.set_ylabel("share of Σ|∂y_q/∂x| within r")
+    for a in axes:  # each legend under its own panel: it hides no curve and leaves no empty canvas beside it
+        a.set_xlabel("distance r from the query pixel (pixels)")
+        a.set_xlim(0.0, float(radii[-1]))
+        a.set_ylim(0.0, 1.02)
+        a.grid(True, alpha=0.3)
+        a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8.5, frameon=False)
     fig.suptitle(title or "how far each head looks", fontsize=11)
     return fig

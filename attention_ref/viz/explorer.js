@@ -23,28 +23,33 @@
     return L.w;
   }
   const tokens = data.tokens;
-  const firstWord = Math.max(0, data.special.indexOf(false));
+  const stepCount = Math.max(1, data.steps.length);
 
+  // the first view (Explorer.start_view): a layer, a step, a word and a colour scale
   const state = {
-    layer: 0,
+    layer: data.start.layer,
     head: -1, // -1: the mean over the heads
-    step: 0,
-    scale: "max",
+    step: data.start.step,
+    scale: data.start.scale,
     query: data.startQuery.slice(), // fractional (y, x): the same place at every grid
     pinned: false,
-    word: firstWord,
-    opacity: data.image ? 0.75 : 1,
+    word: data.start.word,
+    opacity: 1, // the map alone, so that its colours are the colour bar's; lower it to see the image under it
     pointer: null, // fractional (y, x) of the pointer over the map, for the value under it
   };
 
-  // w[step, head, q, k], or its mean over the heads when state.head is -1
-  function weight(L, q, k) {
+  // w[step, head, q, k], or its mean over the heads when head is -1
+  function weightAt(L, step, head, q, k) {
     const w = weightsOf(L);
-    const at = (h) => w[((state.step * L.heads + h) * L.queries + q) * L.keys + k];
-    if (state.head >= 0) return at(state.head);
+    const at = (h) => w[((step * L.heads + h) * L.queries + q) * L.keys + k];
+    if (head >= 0) return at(head);
     let sum = 0;
     for (let h = 0; h < L.heads; h++) sum += at(h);
     return sum / L.heads;
+  }
+  // the weight on show: the chosen step and head
+  function weight(L, q, k) {
+    return weightAt(L, state.step, state.head, q, k);
   }
 
   function pixelAt(L, pos) {
@@ -83,6 +88,32 @@
     return { L, values, pixel: pixelAt(L, state.query) };
   }
 
+  // The head a layer shows for the shared scale: the mean when the mean is on show, else head
+  // state.head in the layers that have it (null: a layer without it, left out of the scale).
+  function sharedHead(K) {
+    if (state.head < 0) return -1;
+    return !K.headMean && state.head < K.heads ? state.head : null;
+  }
+
+  // The largest weight of the word (cross) or of the query pixel's rows (self) at every step, in every
+  // layer of the kind on show: the top of the "shared" scale, so that maps compare across steps and layers.
+  function sharedTop(m) {
+    let hi = 0;
+    let count = 0;
+    layers.forEach((K) => {
+      const head = K === m.L ? state.head : sharedHead(K);
+      if (K.kind !== m.L.kind || head === null) return;
+      count += 1;
+      const N = K.grid[0] * K.grid[1];
+      const row = K.kind === "self" ? queryRow(K).row : 0;
+      for (let s = 0; s < stepCount; s++) {
+        if (K.kind === "self") for (let k = 0; k < N; k++) hi = Math.max(hi, weightAt(K, s, head, row, k));
+        else for (let n = 0; n < N; n++) hi = Math.max(hi, weightAt(K, s, head, n, state.word));
+      }
+    });
+    return { hi, count };
+  }
+
   // The ends [lo, hi] of the colour scale (data.scales says what each choice means).
   function scaleRange(m) {
     let lo = Infinity;
@@ -90,6 +121,7 @@
     for (const v of m.values) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)];
     if (state.scale === "unit") return [0, 1];
     if (state.scale === "minmax") return [lo, hi];
+    if (state.scale === "shared") return [0, sharedTop(m).hi];
     if (state.scale === "words") {
       for (let t = 0; t < m.L.keys; t++)
         for (let n = 0; n < m.values.length; n++) hi = Math.max(hi, weight(m.L, n, t));
@@ -109,27 +141,35 @@
   }
 
   // ----- drawing -------------------------------------------------------------------------------
-  const image = data.image ? imageCanvas(data.image, false) : null;
-  const grey = data.image ? imageCanvas(data.image, true) : null;
   const cells = document.createElement("canvas"); // the map at its own resolution, one cell a pixel
 
-  function imageCanvas(img, inGrey) {
-    const rgb = bytesOf(img.rgb);
+  // image i of an array of h×w RGB images, in colour or grey, on a canvas of its own
+  function imageCanvas(img, inGrey, i = 0) {
+    const rgb = bytesOf(img.rgb).subarray(3 * img.width * img.height * i);
     const c = document.createElement("canvas");
     [c.width, c.height] = [img.width, img.height];
     const out = new ImageData(img.width, img.height);
-    for (let i = 0; i < img.width * img.height; i++) {
-      const [r, g, b] = [rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]];
+    for (let p = 0; p < img.width * img.height; p++) {
+      const [r, g, b] = [rgb[3 * p], rgb[3 * p + 1], rgb[3 * p + 2]];
       const y = 0.299 * r + 0.587 * g + 0.114 * b; // luminance
-      out.data.set(inGrey ? [y, y, y, 255] : [r, g, b, 255], 4 * i);
+      out.data.set(inGrey ? [y, y, y, 255] : [r, g, b, 255], 4 * p);
     }
     c.getContext("2d").putImageData(out, 0, 0);
     return c;
   }
+  // The left panel's image and the grey one under the map: the step's image when the page has one per step.
+  const picture = data.stepImages || data.image;
+  const pictures = [];
+  function imagesAt(step) {
+    if (!picture) return { image: null, grey: null };
+    const i = data.stepImages ? step : 0;
+    if (!pictures[i]) pictures[i] = { image: imageCanvas(picture, false, i), grey: imageCanvas(picture, true, i) };
+    return pictures[i];
+  }
 
   // Both panels' size: the image's shape, or the map's when there is no image.
   function panelSize(L) {
-    const [h, w] = data.image ? [data.image.height, data.image.width] : L.grid;
+    const [h, w] = picture ? [picture.height, picture.width] : L.grid;
     return w >= h ? [PANEL, Math.round((PANEL * h) / w)] : [Math.round((PANEL * w) / h), PANEL];
   }
 
@@ -159,7 +199,7 @@
     });
     cells.getContext("2d").putImageData(rgba, 0, 0);
     const ctx = resize($("map"), size);
-    drawBackdrop(ctx, grey, size);
+    drawBackdrop(ctx, imagesAt(state.step).grey, size);
     ctx.globalAlpha = state.opacity;
     ctx.imageSmoothingEnabled = false; // each cell a sharp rectangle: the map at its true resolution
     ctx.drawImage(cells, 0, 0, size[0], size[1]);
@@ -206,6 +246,21 @@
     cross(mapMarks, m.pixel, [H, W], size, colour);
   }
 
+  // What the scale's ends are, in words, for the sentence under the colour bar.
+  function scaleWords(m) {
+    if (state.scale !== "shared") return data.scales[state.scale];
+    const { count } = sharedTop(m);
+    const head = state.head >= 0 ? ` (head ${state.head})` : "";
+    const where = [
+      stepCount > 1 ? `at any of the ${stepCount} steps` : "",
+      count > 1 ? `in any of the ${count} ${m.L.kind}-attention layers${head}` : "",
+    ].filter(Boolean);
+    const whose = m.L.kind === "cross" ? `any pixel gives “${tokens[state.word]}”` : "of this query pixel";
+    if (!where.length) return `0 to the largest weight ${whose} (the only map of its kind on this page)`;
+    return `0 to the largest weight ${whose} ${where.join(", ")}, so that maps compare across steps and ` +
+      "layers and a map near uniform stays dark";
+  }
+
   function drawColourBar(m, lo, hi) {
     const bar = $("bar").getContext("2d");
     const strip = new ImageData(256, 1);
@@ -219,8 +274,20 @@
         return span;
       })
     );
+    // uniform attention, 1/M over the M keys: the weight of a map with no structure at all
+    const M = m.L.keys;
+    const uniform = 1 / M;
+    const at = hi > lo ? (uniform - lo) / (hi - lo) : NaN;
+    const mark = $("uniform-mark");
+    mark.hidden = !(at >= 0 && at <= 1);
+    mark.style.left = `${100 * (at >= 0 && at <= 1 ? at : 0)}%`;
+    mark.title = `uniform: 1/${M} = ${fmt(uniform)}`;
+    const where = mark.hidden ? `, off this scale` : "";
     const what = m.L.kind === "self" ? "the query's weight on each pixel" : "each pixel's weight on the word";
-    $("scale-label").textContent = `Colour: ${what}; the scale runs from ${data.scales[state.scale]} (${fmt(lo)} to ${fmt(hi)}).`;
+    $("scale-label").textContent =
+      `Colour: ${what}; the scale runs from ${scaleWords(m)} (${fmt(lo)} to ${fmt(hi)}). ` +
+      `▼ over the bar: uniform attention, 1/${M} = ${fmt(uniform)}${where}.`;
+    $("scale-label").dataset.uniform = String(uniform);
   }
 
   // ----- words and text ------------------------------------------------------------------------
@@ -246,7 +313,7 @@
     let head = state.head >= 0 ? `head ${state.head}` : `mean of ${L.heads} heads`;
     if (L.headMean) head = "mean of the heads (as stored)";
     else if (L.heads === 1) head = "1 head";
-    const step = data.steps.length ? `, step ${data.steps[state.step]}` : "";
+    const step = data.steps.length ? `, ${stepText(state.step)}` : "";
     const where = `layer ${L.name} (${H}×${W}), ${head}${step}`;
     const pin = state.pinned ? " (pinned)" : "";
     if (L.kind === "self") {
@@ -274,7 +341,7 @@
     const m = currentMap();
     const [lo, hi] = scaleRange(m);
     const size = panelSize(m.L);
-    drawBackdrop(resize($("image"), size), image, size);
+    drawBackdrop(resize($("image"), size), imagesAt(state.step).image, size);
     drawMap(m, lo, hi, size);
     drawMarks(m, size);
     drawColourBar(m, lo, hi);
@@ -288,6 +355,14 @@
     map.dataset.grid = JSON.stringify(m.L.grid);
     map.dataset.pixel = JSON.stringify(m.pixel);
     map.dataset.word = m.L.kind === "cross" ? String(state.word) : "";
+    map.dataset.layer = String(state.layer);
+    map.dataset.step = String(state.step);
+    map.dataset.scale = state.scale;
+  }
+
+  // "step 25/25 (t = 0)": the step's place on the slider and its label
+  function stepText(s) {
+    return `step ${s + 1}/${stepCount} (${data.steps[s]})`;
   }
 
   // ----- controls ------------------------------------------------------------------------------
@@ -320,9 +395,11 @@
   for (const [key, text] of Object.entries(data.scales)) option($("scale"), key, text);
   if (data.steps.length > 1) {
     $("step").max = String(data.steps.length - 1);
-    $("step-label").textContent = data.steps[0];
+    $("step").value = String(state.step);
+    $("step-label").textContent = stepText(state.step);
   } else $("step-box").hidden = true;
-  if (!data.image) $("opacity-box").hidden = true;
+  if (!picture) $("opacity-box").hidden = true;
+  if (data.stepImages) $("image-label").textContent = `${data.stepImages.label}. `;
   if (!tokens.length) $("prompt-box").hidden = true;
   tokens.forEach((text, t) => {
     const b = document.createElement("button");
@@ -350,7 +427,7 @@
   $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value); render(); });
   $("step").addEventListener("input", (e) => {
     state.step = Number(e.target.value);
-    $("step-label").textContent = data.steps[state.step];
+    $("step-label").textContent = stepText(state.step);
     render();
   });
 
@@ -380,7 +457,23 @@
   mapStack.addEventListener("mousemove", (e) => { state.pointer = position(e, $("map")); render(); });
   mapStack.addEventListener("mouseleave", () => { state.pointer = null; render(); });
 
-  setLayer(0);
+  // "How to read this page" opens on the first visit. Where the page cannot keep a note (storage
+  // refused, e.g. in a sandboxed frame) it opens every time: better once too often than never.
+  const SEEN = "attention_ref.explorer.help-seen";
+  try {
+    if (!window.localStorage.getItem(SEEN)) {
+      $("help").open = true;
+      window.localStorage.setItem(SEEN, "1");
+    }
+  } catch (err) {
+    $("help").open = true;
+  }
+
+  setLayer(state.layer);
+  $("scale").value = state.scale;
   $("opacity").value = String(state.opacity);
   render();
+  // drawn: the signal tests (and anyone scripting the page) wait for
+  document.documentElement.dataset.ready = "true";
+  window.explorerReady = true;
 })();

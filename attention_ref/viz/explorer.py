@@ -33,6 +33,7 @@ import base64
 import html
 import json
 import math
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import atomic_write, load_npz
 from ..backend import Array, to_numpy
 from ..blocks import AttentionBlockCache, AttentionLayerCache, SpatialTransformerCache, TransformerBlockCache
 from ._common import MAP_CMAP
@@ -63,9 +65,12 @@ FORMAT = "attention_ref.explorer/1"  # the .npz schema's name and version
 COLOUR_MAP = MAP_CMAP  # the matplotlib colour map the page uses, as the figures do
 KINDS = ("self", "cross")
 # How the page maps a map's values to colours: the values shown are always the weights;
-# only the ends of the colour scale change.
+# only the ends of the colour scale change. The first is the default: a map near uniform (every
+# weight close to 1/M) stays dark beside the sharp maps of the same word or query, where
+# "0 to this map's max" would stretch its small differences over the whole colour bar.
 SCALES = {
-    "max": "0 to this map's max",
+    "shared": "0 to the word's (or query's) max over all steps and layers",
+    "max": "0 to this map's max (stretches a flat map)",
     "unit": "0 to 1",
     "minmax": "this map's min to max",
     "words": "0 to the max over all words",
@@ -214,6 +219,26 @@ def _rgb_image(image: Any) -> np.ndarray:
     return np.round(a * 255).astype(np.uint8)
 
 
+def _rgb_images(images: Any, steps: int) -> np.ndarray:
+    """``(S, h, w, 3)`` uint8 from ``S`` grey ``(h, w)`` or RGB ``(h, w, 3)`` images, float in [0, 1] or uint8."""
+    a = to_numpy(images)
+    if a.ndim not in (3, 4) or a.shape[0] != steps:
+        raise ValueError(
+            f"step_images must be (S, h, w) grey or (S, h, w, 3) RGB with S = {steps} steps; got shape {a.shape}"
+        )
+    return np.stack([_rgb_image(one) for one in a])
+
+
+def _check_page_bytes(total: int) -> None:
+    """ValueError when a page would carry more than :data:`MAX_PAGE_BYTES` of weights."""
+    if total > MAX_PAGE_BYTES:
+        raise ValueError(
+            f"the layers hold {total / 2**20:.0f} MiB of weights, more than a page can carry "
+            f"({MAX_PAGE_BYTES / 2**20:.0f} MiB): keep only some query rows of self-attention "
+            "(query_positions=), the mean of the heads, or fewer steps"
+        )
+
+
 def _text_tuple(values: Any, what: str) -> tuple[str, ...] | None:
     if values is None:
         return None
@@ -232,9 +257,18 @@ class Explorer:
         or uint8), any size: each map is stretched over it; None for a plain backdrop.
     tokens: the prompt's ``M`` tokens, one per key of every cross layer (required when there is
         one; ``explore`` numbers them when none are given).
-    steps: one label per step (e.g. the diffusion timestep); None when the layers have one step.
+    steps: one label per step (e.g. ``"t = 999"``, the diffusion timestep); None when the layers have one step.
     title, notes: the page's heading and a paragraph under it.
     start_query: the fractional position ``(y, x)`` of the query pixel shown first (default the centre).
+    step_images: ``(S, h, w, 3)`` uint8 (given as ``(S, h, w)`` grey or ``(S, h, w, 3)`` RGB, float in
+        [0, 1] or uint8): an image per step (e.g. the clean image ``x̂₀`` each denoising step predicts),
+        shown on the left, and in grey under the map, at the step on show; None to show ``image`` at every step.
+    step_images_label: what the step images are, shown under them.
+    start_layer: the name of the layer shown first (default: the first cross-attention layer, else the first).
+    start_step: the index of the step shown first (default: the last, e.g. the finished image).
+
+    The first view (:meth:`start_view`) is ``start_layer`` at ``start_step``, with the first word of
+    the prompt that is not a special token, on the ``"shared"`` colour scale (:data:`SCALES`).
     """
 
     layers: tuple[ExplorerLayer, ...]
@@ -244,6 +278,10 @@ class Explorer:
     title: str = "Attention explorer"
     notes: str = ""
     start_query: tuple[float, float] = (0.5, 0.5)
+    step_images: np.ndarray | None = None
+    step_images_label: str = "the image at this step"
+    start_layer: str | None = None
+    start_step: int | None = None
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
@@ -269,20 +307,41 @@ class Explorer:
         y, x = (float(v) for v in self.start_query)
         if not (0 <= y <= 1 and 0 <= x <= 1):
             raise ValueError(f"start_query is a fractional (y, x) in [0, 1]², got {(y, x)}")
-        total = sum(L.weights.nbytes for L in layers)
-        if total > MAX_PAGE_BYTES:
-            raise ValueError(
-                f"the layers hold {total / 2**20:.0f} MiB of weights, more than a page can carry "
-                f"({MAX_PAGE_BYTES / 2**20:.0f} MiB): keep only some query rows of self-attention "
-                "(query_positions=), the mean of the heads, or fewer steps"
-            )
+        _check_page_bytes(sum(L.weights.nbytes for L in layers))
+        step_images = None if self.step_images is None else _rgb_images(self.step_images, S)
+        if self.start_layer is not None and self.start_layer not in names:
+            raise ValueError(f"start_layer {self.start_layer!r} is not one of the layers {names}")
+        start_step = None if self.start_step is None else operator.index(self.start_step)
+        if start_step is not None and not 0 <= start_step < S:
+            raise ValueError(f"start_step {start_step} is outside the {S} steps (0 to {S - 1})")
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "step_images", step_images)
+        object.__setattr__(self, "step_images_label", str(self.step_images_label))
+        object.__setattr__(self, "start_step", start_step)
         object.__setattr__(self, "image", None if self.image is None else _rgb_image(self.image))
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "start_query", (y, x))
 
     # ----- the page -----------------------------------------------------------------------------
+    def start_view(self) -> dict[str, Any]:
+        """What the page shows first: ``{"layer": index, "step": index, "word": index, "scale": key of SCALES}``.
+
+        The layer is ``start_layer`` (default: the first cross-attention layer, whose maps answer
+        "where is this word read?", else the first layer); the step ``start_step`` (default the last:
+        the finished image); the word the first token that is not a special token (``<sot>``, …);
+        the scale ``"shared"``, on which a near-uniform map stays dark.
+        """
+        names = [L.name for L in self.layers]
+        if self.start_layer is not None:
+            layer = names.index(self.start_layer)
+        else:
+            layer = next((i for i, L in enumerate(self.layers) if L.kind == "cross"), 0)
+        special = [t in SPECIAL_TOKENS for t in self.tokens] if self.tokens else []
+        word = special.index(False) if False in special else 0
+        step = self.layers[0].steps - 1 if self.start_step is None else self.start_step
+        return {"layer": layer, "step": step, "word": word, "scale": next(iter(SCALES))}
+
     def page_data(self) -> dict[str, Any]:
         """The JSON object the page's script reads: arrays as base64 of little-endian bytes."""
 
@@ -298,14 +357,20 @@ class Explorer:
             "steps": list(self.steps) if self.steps else [],
             "startQuery": list(self.start_query),
             "scales": SCALES,
+            "start": self.start_view(),
             "colours": b64(colour_table()),
             "colourMap": COLOUR_MAP,
             "image": None,
+            "stepImages": None,
             "layers": [],
         }
         if self.image is not None:
             h, w, _ = self.image.shape
             data["image"] = {"height": h, "width": w, "rgb": b64(self.image)}
+        if self.step_images is not None:
+            S, h, w, _ = self.step_images.shape
+            data["stepImages"] = {"steps": S, "height": h, "width": w, "rgb": b64(self.step_images),
+                                  "label": self.step_images_label}  # fmt: skip
         for L in self.layers:
             S, heads, Q, K = L.weights.shape
             data["layers"].append(
@@ -340,11 +405,36 @@ class Explorer:
         return re.sub(r"__(TITLE|NOTES|SCRIPT|DATA)__", lambda m: parts[m.group(1)], template)
 
     def save(self, path: str | Path) -> Path:
-        """Write the page (:meth:`html`) to ``path``; returns the path."""
+        """Write the page (:meth:`html`) to ``path``; returns the path.
+
+        The page is encoded first and written through a temporary file renamed over ``path``
+        (:func:`attention_ref._files.atomic_write`), so a failure leaves an existing file as it was.
+        ``ValueError`` naming the field, before anything is written, for text that is not valid Unicode
+        (a lone surrogate such as ``"\\ud800"`` in a token, which UTF-8 cannot encode).
+        """
         path = Path(path)
+        self._require_encodable(path)
+        data = self.html().encode("utf-8")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html(), encoding="utf-8")
+        with atomic_write(path) as f:
+            f.write(data)
         return path
+
+    def _require_encodable(self, path: Path) -> None:
+        """``ValueError`` naming the first text field that UTF-8 cannot encode (a lone surrogate)."""
+        fields = [("title", [self.title]), ("notes", [self.notes]), ("tokens", self.tokens or ())]
+        fields += [("steps", self.steps or ()), ("layer names", [L.name for L in self.layers])]
+        for field_name, texts in fields:
+            for i, text in enumerate(texts):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    where = field_name if field_name in ("title", "notes") else f"{field_name}[{i}] {text!r}"
+                    bad = text[err.start : err.end]
+                    raise ValueError(
+                        f"{path}: {where} holds {bad!a}, a lone surrogate that is not text (UTF-8 cannot encode it): "
+                        "nothing written; decode the token's bytes with errors='replace'"
+                    ) from None
 
     def __repr__(self) -> str:
         steps = f", {len(self.steps)} steps" if self.steps else ""
@@ -369,6 +459,8 @@ class Explorer:
         * ``start_query``: ``(2,)`` float, fractional ``(y, x)``;
         * ``image`` (optional): ``(h, w, 3)`` uint8;
         * ``tokens`` (optional): ``(M,)`` strings; ``steps`` (optional): ``(S,)`` strings;
+        * ``step_images`` (optional): ``(S, h, w, 3)`` uint8, with ``step_images_label``, a string;
+        * ``start_layer`` (optional): a layer's name; ``start_step`` (optional): 0-d int;
         * ``layers``: ``(L,)`` strings, the layer names in menu order; for layer ``i``:
           ``layer{i}.kind`` (``"self"``/``"cross"``), ``layer{i}.grid`` ``(2,)`` int,
           ``layer{i}.weights`` ``(S, heads, Q, K)`` float32, ``layer{i}.head_mean`` bool,
@@ -387,6 +479,13 @@ class Explorer:
             arrays["tokens"] = np.array(self.tokens, dtype=str)
         if self.steps is not None:
             arrays["steps"] = np.array(self.steps, dtype=str)
+        if self.step_images is not None:
+            arrays["step_images"] = self.step_images
+            arrays["step_images_label"] = np.array(self.step_images_label)
+        if self.start_layer is not None:
+            arrays["start_layer"] = np.array(self.start_layer)
+        if self.start_step is not None:
+            arrays["start_step"] = np.array(self.start_step, dtype=np.int64)
         for i, L in enumerate(self.layers):
             arrays[f"layer{i}.kind"] = np.array(L.kind)
             arrays[f"layer{i}.grid"] = np.array(L.grid, dtype=np.int64)
@@ -396,50 +495,123 @@ class Explorer:
                 arrays[f"layer{i}.query_pixels"] = L.query_pixels
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:  # a file object: numpy would add ".npz" to a name without it
+        # a file object (numpy would add ".npz" to a name without it), renamed over path once written whole
+        with atomic_write(path) as f:
             np.savez_compressed(f, **arrays)
         return path
 
 
-def load_explorer(path: str | Path) -> Explorer:
-    """The :class:`Explorer` saved by :meth:`Explorer.save_npz` (schema there); ``ValueError`` for other files."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    if "format" not in arrays or str(arrays["format"]) != FORMAT:
-        found = str(arrays["format"]) if "format" in arrays else "no 'format' entry"
+def _field_str(arrays: Mapping[str, np.ndarray], key: str, path: Path, default: str | None = None) -> str | None:
+    """The 0-d string entry ``key`` (``default`` when absent); ``ValueError`` naming it otherwise."""
+    if key not in arrays:
+        return default
+    a = arrays[key]
+    if a.dtype.kind != "U" or a.ndim != 0:
+        raise ValueError(f"{path}: '{key}' must be a string (a 0-d unicode array), got {a.dtype} of shape {a.shape}")
+    return str(a)
+
+
+def _field_strings(arrays: Mapping[str, np.ndarray], key: str, path: Path) -> list[str] | None:
+    """The 1-d string entry ``key`` as a list (None when absent); ``ValueError`` naming it otherwise."""
+    if key not in arrays:
+        return None
+    a = arrays[key]
+    if a.dtype.kind != "U" or a.ndim != 1:
+        raise ValueError(f"{path}: '{key}' must be a 1-d array of strings, got {a.dtype} of shape {a.shape}")
+    return [str(v) for v in a]
+
+
+def _field_array(a: np.ndarray, key: str, path: Path, kinds: str, shape: tuple[int | None, ...], what: str) -> None:
+    """``ValueError`` naming ``key`` unless ``a`` has a dtype of ``kinds`` and ``shape`` (None: any length)."""
+    fits = a.ndim == len(shape) and all(want is None or n == want for n, want in zip(a.shape, shape, strict=True))
+    if a.dtype.kind not in kinds or not fits:
+        raise ValueError(f"{path}: '{key}' must be {what}, got {a.dtype} of shape {a.shape}")
+
+
+# The optional entries of the page's first view and its per-step images (schema in Explorer.save_npz).
+VIEW_ENTRIES = ("step_images", "step_images_label", "start_layer", "start_step")
+
+
+def _view_fields(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
+    """The :data:`VIEW_ENTRIES` an explorer file holds, checked, as :class:`Explorer` keyword arguments."""
+    fields: dict[str, Any] = {}
+    if "step_images" in arrays:
+        _field_array(arrays["step_images"], "step_images", path, "u", (None, None, None, 3), "(S, h, w, 3) uint8")
+        fields["step_images"] = arrays["step_images"]
+    for key in ("step_images_label", "start_layer"):
+        if key in arrays:
+            fields[key] = _field_str(arrays, key, path)
+    if "start_step" in arrays:
+        _field_array(arrays["start_step"], "start_step", path, "iu", (), "a 0-d integer")
+        fields["start_step"] = int(arrays["start_step"])
+    return fields
+
+
+def load_explorer(path: str | Path, *, max_bytes: int = 4 * MAX_PAGE_BYTES) -> Explorer:
+    """The :class:`Explorer` saved by :meth:`Explorer.save_npz` (schema there).
+
+    The file is read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when its
+    arrays would take more than ``max_bytes`` (default 256 MiB, four times what a page may hold), and
+    never unpickled. ``ValueError`` naming the file and the entry for anything that is not that schema:
+    a missing or unknown entry, a wrong dtype or shape (a grid of floats, a 0-d list of layers).
+    """
+    path = Path(path)
+    arrays = load_npz(path, max_bytes=max_bytes)
+    found = _field_str(arrays, "format", path, default="no 'format' entry")
+    if found != FORMAT:
         raise ValueError(f"{path} is not an explorer file of format {FORMAT!r} ({found})")
-    names = [str(n) for n in arrays["layers"]]
-    known = {"format", "title", "notes", "start_query", "image", "tokens", "steps", "layers"}
+    if "layers" not in arrays:
+        raise ValueError(f"{path}: lacks 'layers' (the layer names)")
+    names = _field_strings(arrays, "layers", path)
+    known = {"format", "title", "notes", "start_query", "image", "tokens", "steps", "layers", *VIEW_ENTRIES}
     layers = []
     for i, name in enumerate(names):
         keys = [f"layer{i}.{k}" for k in ("kind", "grid", "weights", "head_mean")]
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise ValueError(f"{path}: layer {i} ({name!r}) lacks {missing}")
+        kind_key, grid_key, weights_key, mean_key = keys
+        kind = _field_str(arrays, kind_key, path)
+        _field_array(arrays[grid_key], grid_key, path, "iu", (2,), "(2,) integers (H, W)")
+        _field_array(arrays[weights_key], weights_key, path, "f", (None,) * 4, "(steps, heads, queries, keys) floats")
+        _field_array(arrays[mean_key], mean_key, path, "b", (), "a 0-d bool")
         rows = arrays.get(f"layer{i}.query_pixels")
-        layers.append(
-            ExplorerLayer(
+        if rows is not None:
+            _field_array(rows, f"layer{i}.query_pixels", path, "iu", (None, 2), "(Q, 2) integers (row, col)")
+        try:
+            layer = ExplorerLayer(
                 name=name,
-                kind=str(arrays[keys[0]]),
-                grid=tuple(int(v) for v in arrays[keys[1]]),
-                weights=arrays[keys[2]],
-                head_mean=bool(arrays[keys[3]]),
+                kind=kind,
+                grid=tuple(int(v) for v in arrays[grid_key]),
+                weights=arrays[weights_key],
+                head_mean=bool(arrays[mean_key]),
                 query_pixels=rows,
             )
-        )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: layer {i}: {err}") from None
+        layers.append(layer)
         known.update([*keys, f"layer{i}.query_pixels"])
     unknown = sorted(set(arrays) - known)
     if unknown:
         raise ValueError(f"{path}: unknown entries {unknown} (schema {FORMAT!r}: see Explorer.save_npz)")
-    return Explorer(
-        layers=tuple(layers),
-        image=arrays.get("image"),
-        tokens=None if "tokens" not in arrays else [str(t) for t in arrays["tokens"]],
-        steps=None if "steps" not in arrays else [str(s) for s in arrays["steps"]],
-        title=str(arrays.get("title", "Attention explorer")),
-        notes=str(arrays.get("notes", "")),
-        start_query=tuple(float(v) for v in arrays.get("start_query", (0.5, 0.5))),
-    )
+    image = arrays.get("image")
+    if image is not None:
+        _field_array(image, "image", path, "u", (None, None, 3), "(h, w, 3) uint8")
+    start = arrays.get("start_query", np.array([0.5, 0.5]))
+    _field_array(start, "start_query", path, "f", (2,), "(2,) floats (y, x)")
+    try:
+        return Explorer(
+            layers=tuple(layers),
+            image=image,
+            tokens=_field_strings(arrays, "tokens", path),
+            steps=_field_strings(arrays, "steps", path),
+            title=_field_str(arrays, "title", path, default="Attention explorer"),
+            notes=_field_str(arrays, "notes", path, default=""),
+            start_query=(float(start[0]), float(start[1])),
+            **_view_fields(arrays, path),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 # ----- explore(): from the library's caches and arrays ------------------------------------------
@@ -459,21 +631,44 @@ def _square_grid(N: int, where: str) -> tuple[int, int]:
     return side, side
 
 
+ROWS_AT_ONCE = 256  # dense rows recomputed per call for attention that stores no weights
+
+
 def _cache_layer(
-    name: str, cache: AttentionLayerCache, grid: tuple[int, int], batch: int, positions: np.ndarray | None
+    name: str,
+    cache: AttentionLayerCache,
+    grid: tuple[int, int],
+    batch: int,
+    positions: np.ndarray | None,
+    used: int = 0,
 ) -> ExplorerLayer:
-    """One attention layer's cache on a ``grid`` of pixels: its stored weights, or dense rows recomputed."""
-    N = cache.h_shape[1]
+    """One attention layer's cache on a ``grid`` of pixels: its stored weights, or dense rows recomputed.
+
+    ``used``: the bytes of weights the page's other layers hold. The size this layer would add
+    (float32, one sample) is checked against :data:`MAX_PAGE_BYTES` before any row is computed,
+    and rows are recomputed a band at a time, keeping only sample ``batch``.
+    """
+    B, N = cache.h_shape[:2]
     if grid[0] * grid[1] != N:
         raise ValueError(f"{name}: grid {grid} has {grid[0] * grid[1]} pixels but the layer has {N} query tokens")
+    if not -B <= batch < B:
+        raise ValueError(f"{name}: batch {batch} is outside the {B} samples")
     kind = "self" if cache.context_shape is None else "cross"
-    if positions is not None and kind == "self":
-        pixels = pixels_of_positions(positions, grid)
-        rows = [cache.weight_rows(int(r * grid[1] + c), int(r * grid[1] + c) + 1) for r, c in pixels]
-        w = np.concatenate([to_numpy(r) for r in rows], axis=2)  # (B, heads, Q, N)
-        return ExplorerLayer(name, kind, grid, _select(w, batch, name), query_pixels=pixels)
-    w = cache.weights if cache.weights is not None else cache.weight_rows(0, N)
-    return ExplorerLayer(name, kind, grid, _select(np.asarray(to_numpy(w)), batch, name))
+    keys = N if kind == "self" else cache.context_shape[1]
+    pixels = pixels_of_positions(positions, grid) if positions is not None and kind == "self" else None
+    rows = N if pixels is None else len(pixels)
+    _check_page_bytes(used + 4 * cache.heads * rows * keys)  # float32 (1, heads, rows, keys)
+    if pixels is not None:
+        tokens = [int(r * grid[1] + c) for r, c in pixels]
+        w = np.concatenate([to_numpy(cache.weight_rows(t, t + 1))[batch] for t in tokens], axis=1)  # (heads, Q, N)
+        return ExplorerLayer(name, kind, grid, w[None], query_pixels=pixels)
+    if cache.weights is not None:
+        return ExplorerLayer(name, kind, grid, _select(np.asarray(to_numpy(cache.weights)), batch, name))
+    bands = [
+        np.asarray(to_numpy(cache.weight_rows(start, min(start + ROWS_AT_ONCE, N)))[batch], dtype=np.float32)
+        for start in range(0, N, ROWS_AT_ONCE)
+    ]  # (heads, rows, keys) each
+    return ExplorerLayer(name, kind, grid, np.concatenate(bands, axis=1)[None])
 
 
 def _array_layer(
@@ -584,12 +779,13 @@ def explore(
         positions = None if query_positions is None else np.asarray(query_positions, dtype=np.float64)
         if positions is not None:
             pixels_of_positions(positions, (1, 1))  # checks the shape and range
-        layers = []
+        layers: list[ExplorerLayer] = []
         for name, s, g in _named_sources(source, grid):
             if isinstance(s, ExplorerLayer):
                 layers.append(s)
             elif isinstance(s, AttentionLayerCache):
-                layers.append(_cache_layer(name, s, g or _square_grid(s.h_shape[1], name), batch, positions))
+                used = sum(L.weights.nbytes for L in layers)
+                layers.append(_cache_layer(name, s, g or _square_grid(s.h_shape[1], name), batch, positions, used))
             else:
                 layers.append(_array_layer(name, s, g, kind, tokens, batch, positions))
         if tokens is None:

@@ -79,7 +79,8 @@ def plot_query_attention(
     im = show_map(ax, values, backdrop=grey(image, shape), vmin=0.0, vmax=float(values.max()))
     mark_query(ax, pixel_of(query, shape))
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
-    ax.set_title(title or f"where pixel {pixel_of(query, shape)} looks", fontsize=10)
+    r, c = pixel_of(query, shape)
+    ax.set_title(title or f"where the pixel at row {r}, col {c} looks", fontsize=10)
     return ax.figure
 
 
@@ -105,8 +106,9 @@ def plot_attention_grid(
     along the head axis: before and after training); ``transpose`` puts the
     queries in rows and the heads in columns; ``label`` names the colour bar.
     ``log``: a shared logarithmic scale from ``1/(10·M)`` to the largest weight, with the weight
-    of uniform attention, ``1/M`` for ``M`` keys, marked on the colour bar in cyan; it keeps weights near
-    uniform visible beside weights near 1, where a linear scale shows them black.
+    of uniform attention, ``1/M`` for ``M`` keys, marked on the colour bar by a white line (the query
+    pixels are marked × in cyan); it keeps weights near uniform visible beside weights near 1, where a
+    linear scale shows them black.
     ``backdrop_note``: the line under the figure saying what the grey backdrop is (drawn only
     with an ``image``; None for none).
     """
@@ -129,15 +131,17 @@ def plot_attention_grid(
             ax = axes[j, i] if transpose else axes[i, j]
             im = show_map(ax, maps[i][j], backdrop=backdrop, vmin=vmin, vmax=vmax, log=log)
             mark_query(ax, pixel_of(q, shape), size=50)
-            head_name, query_name = names[i], f"query {pixel_of(q, shape)}"
+            r, c = pixel_of(q, shape)
+            head_name, query_name = names[i], f"query: row {r}, col {c}"
             top, side = (head_name, query_name) if transpose else (query_name, head_name)
             if ax in axes[0]:
                 ax.set_title(top, fontsize=10)
             if ax is (axes[j, 0] if transpose else axes[i, 0]):
                 ax.set_ylabel(side, fontsize=10)
     if log:
-        bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"{label} (log scale; cyan: uniform, 1/{keys})")
-        bar.ax.axhline(1.0 / keys, color="cyan", linewidth=2)
+        bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"{label} (log scale; white line: uniform, 1/{keys})")
+        bar.ax.axhline(1.0 / keys, color="black", linewidth=4)
+        bar.ax.axhline(1.0 / keys, color="white", linewidth=2)
     else:
         fig.colorbar(im, ax=axes, shrink=0.8, label=label)
     if image is not None:

@@ -137,6 +137,8 @@ def plot_weights_vs_influence(
     pixel: tuple[int, int],
     *,
     image: Any | None = None,
+    log: bool = True,
+    decades: float = 4.0,
     backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
@@ -146,23 +148,28 @@ def plot_weights_vs_influence(
         weights_map: ``(H, W)``, e.g. :func:`attention_ref.viz.query_map`.
         influence: ``(H, W)``, e.g. :func:`input_gradient` of the block.
         pixel: the query; image: a backdrop or None.
+        log: each panel on a logarithmic colour scale spanning ``decades`` powers of ten below its
+            maximum (smaller values get its lowest colour), so that small weights and small influences
+            stay visible beside the largest; ``log=False``: linear scales from 0.
         backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
     w, g = as_numpy(weights_map, "weights_map"), as_numpy(influence, "influence")
     if w.shape != g.shape:
         raise ValueError(f"weights_map {w.shape} and influence {g.shape} must have one shape")
     backdrop = grey(image, w.shape)
-    fig = new_figure(6.4, 2.9, layout="constrained")
+    fig = new_figure(7.6, 3.6, layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, values, label in (
-        (axes[0], w, "attention weight P_qj"),
-        (axes[1], g, "influence Σ|∂y_q/∂x_j|"),
+    scale = f"log scale, {decades:g} decades" if log else "linear scale"
+    for ax, values, name in (
+        (axes[0], w, "what it attends to:\nweights $P_{qj}$"),
+        (axes[1], g, "what moves it (backward pass):\n" + r"$\sum_c\,|\partial y_q / \partial x_{j,c}|$"),
     ):
-        im = show_map(ax, values, backdrop=backdrop, vmin=0.0, vmax=float(values.max()))
+        top = max(float(values.max()), 1e-300)
+        low = top * 10.0**-decades if log else 0.0
+        im = show_map(ax, np.maximum(values, low), backdrop=backdrop, vmin=low, vmax=top, log=log)
         mark_query(ax, pixel_of(pixel, w.shape), size=50)
-        fig.colorbar(im, ax=ax, shrink=0.85).set_label(label, fontsize=9)
-    axes[0].set_title("what it attends to", fontsize=10)
-    axes[1].set_title("what actually moves it (backward pass)", fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.85).set_label(scale, fontsize=9)
+        ax.set_title(name, fontsize=10)
     if image is not None:
         note(fig, backdrop_note)
     fig.suptitle(title or "attention weights are not the whole influence", fontsize=11)

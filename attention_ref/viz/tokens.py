@@ -22,7 +22,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ._common import BACKDROP_NOTE, grey, new_figure, note, show_map
+from ..backend import to_numpy
+from ._common import BACKDROP_NOTE, grey, new_figure, note, plain_text, show_map
 from .maps import as_weights
 
 __all__ = [
@@ -137,6 +138,7 @@ def plot_token_maps(
     show: Sequence[int] | None = None,
     context_mask: Any | None = None,
     max_columns: int = 6,
+    scene: bool = False,
     backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
@@ -146,6 +148,8 @@ def plot_token_maps(
         weights: ``(B, heads, H·W, M)`` (or without B / heads), any backend.
         tokens: the ``M`` token strings, one per token (ValueError otherwise).
         image: backdrop ``(H, W[, C])`` or None.
+        scene: also draw ``image`` itself (an ``(H, W, 3)`` RGB image in [0, 1]) as the first panel,
+            labelled "scene", to check each word's map against the objects.
         normalization: see :func:`token_maps`.
         show: token indices to draw (default: all, or those ``context_mask`` marks real).
         max_columns: panels per row at most; more tokens wrap onto further rows (:func:`_grid_shape`).
@@ -156,18 +160,30 @@ def plot_token_maps(
     maps = token_maps(w, shape, batch=batch, head=head, normalization=normalization, special=_is_special(tokens))
     idx = _shown(tokens, show, context_mask)
     backdrop = grey(image, shape)
+    rgb = None
+    if scene:
+        rgb = None if image is None else np.asarray(to_numpy(image), dtype=np.float64)
+        if rgb is None or rgb.shape != (*shape, 3):
+            raise ValueError(f"scene=True needs image=(H, W, 3) RGB of the map's {shape}; got {np.shape(rgb)}")
     vmax = max(float(maps[idx].max()), 1e-12) if idx else 1.0
-    rows, cols = _grid_shape(max(len(idx), 1), max_columns)
+    first = int(scene)  # the scene's panel comes first
+    rows, cols = _grid_shape(max(len(idx) + first, 1), max_columns)
     fig = new_figure(1.75 * cols + 1.0, 2.0 * rows + 0.5, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for k, ax in enumerate(axes.flat):
-        if k >= len(idx):
+        if scene and k == 0:
+            ax.imshow(np.clip(rgb, 0.0, 1.0), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("scene (RGB)", fontsize=11, style="italic")
+            continue
+        if k - first >= len(idx):
             ax.set_axis_off()
             continue
-        t = idx[k]
+        t = idx[k - first]
         im = show_map(ax, maps[t], backdrop=backdrop, vmin=0.0, vmax=vmax)
-        ax.set_xlabel(tokens[t], fontsize=11)
+        ax.set_xlabel(plain_text(tokens[t]), fontsize=11)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=min(0.85, 0.4 + 0.25 * rows), label=NORMALIZATIONS[normalization])
     if image is not None:
@@ -176,6 +192,12 @@ def plot_token_maps(
     return fig
 
 
+BAR_LABELS = {
+    "raw": "weight",
+    "token_max": "÷ the token's max",
+    "minmax": "(w − min) ÷ (max − min)",
+    "no_special": "weight among the words",
+}
 ROW_LABELS = {
     "raw": "raw weights\n(one scale for all)",
     "token_max": "÷ each token's\nmax",
@@ -252,11 +274,12 @@ def plot_token_normalizations(
             else:
                 im = show_map(ax, maps[t], backdrop=backdrop, vmin=0.0, vmax=vmax)
             if i == 0:
-                ax.set_title(tokens[t], fontsize=11)
+                ax.set_title(plain_text(tokens[t]), fontsize=11)
             if j == 0:
                 ax.set_ylabel(ROW_LABELS[norm], fontsize=10)
         if im is not None:
-            fig.colorbar(im, ax=axes[i], shrink=0.9, ticks=np.linspace(0.0, vmax, 3), format="%.2g")
+            bar = fig.colorbar(im, ax=axes[i], shrink=0.9, ticks=np.linspace(0.0, vmax, 3), format="%.2g")
+            bar.set_label(BAR_LABELS[norm], fontsize=8)
     if image is not None and backdrop_note:
         notes.append(backdrop_note)
     note(fig, "\n".join(notes))
@@ -329,7 +352,7 @@ def plot_token_segmentation(
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Patch(color=palette[i], label="none" if t < 0 else tokens[t]) for i, t in enumerate(order)]
+    handles = [Patch(color=palette[i], label="none" if t < 0 else plain_text(tokens[t])) for i, t in enumerate(order)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(title or "each pixel labelled by the token it attends to most", fontsize=11)
     return fig

@@ -19,6 +19,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ._common import plain_text
 from .maps import as_weights, plot_attention_grid, plot_query_attention
 from .tokens import NORMALIZATIONS, plot_token_maps
 
@@ -109,7 +110,7 @@ def attention_viewer(
                 normalization=norm.value,
                 head=None if head.value < 0 else head.value,
                 show=[token.value],
-                title=f"where {tokens[token.value]!r} is read from",
+                title=f"where {plain_text(repr(tokens[token.value]))} is read from",
             )
 
     def redraw(_: Any = None) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..backend import Array
-from ._common import MAP_CMAP, OVERLAY_ALPHA, as_numpy, new_figure
+from ._common import MAP_CMAP, OVERLAY_ALPHA, as_numpy, new_figure, plain_text
 
 __all__ = ["plot_word_maps"]
 
@@ -42,6 +42,7 @@ def plot_word_maps(
     title: str | None = None,
     vmax: float | None = None,
     alpha: float = OVERLAY_ALPHA,
+    label: str = "attention weight",
 ) -> Figure:
     """The image, then each word's map over a grey copy of it; the word under its map; one shared colour bar.
 
@@ -52,6 +53,8 @@ def plot_word_maps(
         title: the figure's title (say what it shows); default "where each word is read from".
         vmax: the top of the colour scale (default the largest value over all maps, so that words compare).
         alpha: the maps' opacity over the grey image.
+        label: what the colours are, under the colour bar: say so when the maps are not weights (e.g.
+            ``word_maps(..., normalize="minmax")`` stretches each map to [0, 1]).
     """
     rgb = _rgb01(image)
     m = as_numpy(maps, "maps")
@@ -72,11 +75,11 @@ def plot_word_maps(
         ax.imshow(backdrop, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         im = ax.imshow(values, cmap=MAP_CMAP, vmin=0.0, vmax=max(top, 1e-12), alpha=alpha, extent=extent,
                        interpolation="nearest")  # fmt: skip
-        ax.set_xlabel(word, fontsize=10)
+        ax.set_xlabel(plain_text(word), fontsize=10)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     if im is not None:
-        fig.colorbar(im, ax=list(axes[1:]), shrink=0.85, label="attention weight")
+        fig.colorbar(im, ax=list(axes[1:]), shrink=0.85, label=label)
     fig.suptitle(title or "where each word is read from", fontsize=11)
     return fig

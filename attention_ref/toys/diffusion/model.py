@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_text
 from .schedule import Schedule, cosine_schedule
 from .unet import UNetCache, UNetConfig, init_unet, unet_forward
 
@@ -61,23 +62,92 @@ class DiffusionModel:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the parameters and config to ``path`` (``.npz``) and the log to the same stem ``.json``."""
+        """Write the parameters and config to ``path`` (``.npz``, added when missing) and the log to the same
+        stem ``.json``; returns the ``.npz`` path.
+
+        Each file is written through a temporary file renamed over it
+        (:func:`attention_ref._files.atomic_write`): a failure leaves existing files as they were.
+        """
         path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")  # as numpy.savez names it
+        log = json.dumps(self.log, indent=1) + "\n"  # serialised first: a log that cannot be written stops here
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, __config__=np.array(json.dumps(self.config.to_dict())), **self.params)
-        path.with_suffix(".json").write_text(json.dumps(self.log, indent=1) + "\n")
+        with atomic_write(path) as f:
+            np.savez_compressed(f, __config__=np.array(json.dumps(self.config.to_dict())), **self.params)
+        with atomic_write(path.with_suffix(".json"), "w", encoding="utf-8") as f:
+            f.write(log)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> DiffusionModel:
-        """The model :meth:`save` wrote (the log too, when its ``.json`` is there)."""
+    def load(cls, path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> DiffusionModel:
+        """The model :meth:`save` wrote (the log too, when its ``.json`` is there).
+
+        Read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when the arrays
+        would take more than ``max_bytes`` (default 1 GiB), never unpickled. ``ValueError`` naming the file
+        and the entry for anything else that is not a saved model: no ``__config__``, a config that is not
+        a :class:`~attention_ref.toys.diffusion.unet.UNetConfig`, parameters that are not floating arrays
+        of one dtype, a log that is not JSON.
+        """
         path = Path(path)
-        with np.load(path) as f:
-            config = UNetConfig.from_dict(json.loads(str(f["__config__"])))
-            params = {k: f[k] for k in f.files if k != "__config__"}
+        arrays = load_npz(path, max_bytes=max_bytes)
+        config = _config_of(arrays.pop("__config__", None), path)
+        if not arrays:
+            raise ValueError(f"{path}: holds no parameters")
+        dtypes = {a.dtype for a in arrays.values()}
+        not_float = sorted(k for k, a in arrays.items() if a.dtype.kind != "f")
+        if not_float or len(dtypes) > 1:
+            first = not_float[0] if not_float else sorted(arrays)[0]
+            raise ValueError(
+                f"{path}: parameters must be floating arrays of one dtype; '{first}' is {arrays[first].dtype}"
+                + (f" (dtypes found: {sorted(str(d) for d in dtypes)})" if len(dtypes) > 1 else "")
+            )
         log_path = path.with_suffix(".json")
-        log = json.loads(log_path.read_text()) if log_path.exists() else {}
-        return cls(params, config, log=log)
+        log = {}
+        if log_path.exists():
+            try:
+                log = json.loads(read_text(log_path, max_bytes=max_bytes))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{log_path}: not JSON ({err})") from None
+            if not isinstance(log, dict):
+                raise ValueError(f"{log_path}: the training log must be a JSON object, got {type(log).__name__}")
+        return cls(arrays, config, log=log)
+
+
+def _config_value_fits(name: str, value: Any) -> bool:
+    """Whether a config field read from JSON has its type: lists of ints or bools, or an int."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if name == "channels":
+        return isinstance(value, list) and all(is_int(v) for v in value)
+    if name.endswith("_attention"):
+        return isinstance(value, list) and all(isinstance(v, bool) for v in value)
+    return is_int(value)
+
+
+def _config_of(entry: np.ndarray | None, path: Path) -> UNetConfig:
+    """The :class:`UNetConfig` stored as a JSON string in ``__config__``; ``ValueError`` naming it otherwise."""
+    if entry is None:
+        raise ValueError(f"{path}: lacks '__config__' (not a model written by DiffusionModel.save)")
+    if entry.dtype.kind != "U" or entry.ndim != 0:
+        raise ValueError(f"{path}: '__config__' must be a JSON string, got {entry.dtype} of shape {entry.shape}")
+    try:
+        fields = json.loads(str(entry))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: '__config__' is not JSON ({err})") from None
+    known = set(UNetConfig.__dataclass_fields__)
+    if not isinstance(fields, dict) or set(fields) - known:
+        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else type(fields).__name__
+        raise ValueError(f"{path}: '__config__' must be an object with UNetConfig's fields; unknown: {unknown}")
+    for name, value in fields.items():
+        if not _config_value_fits(name, value):
+            raise ValueError(f"{path}: '__config__' field {name!r} has the wrong type: {value!r}")
+    try:
+        return UNetConfig.from_dict(fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: '__config__': {err}") from None
 
 
 def _data_file(suffix: str) -> Any:

@@ -24,10 +24,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz
 from ..scenes import SIZE, VOCAB
 from .data import EMPTY_PROMPT, encode_prompts, from_model
 from .model import DiffusionModel, load_pretrained
@@ -47,6 +48,11 @@ __all__ = [
 ]
 
 DEFAULT_GUIDANCE = 3.0
+# The layer an explorer page opens on: the mid block's cross-attention, where this U-Net reads the colour
+# words from their objects (the prompt's first word is a colour). Over the first 8 held-out prompts (seed
+# 1000, 25 steps) each layer's summed maps alone score IoU 0.61 (colour words) / 0.13 (shape words) here,
+# against 0.24 / 0.63 for down.1 (which reads the shape words), 0.47 / 0.14 for up.1, 0.17 / 0.05 for up.0.
+EXPLORER_START_LAYER = "mid.attn.blocks.0.attn2"
 # a 4×4 grid of query pixels, one in each 4×4 block of the image (distinct cells on the 8×8 layers)
 DEFAULT_QUERIES = tuple((r, c) for r in (2, 6, 10, 14) for c in (2, 6, 10, 14))
 
@@ -151,13 +157,20 @@ class SampleResult:
             for layer in self.cross_layers()
         }
 
-    def explorer(self, b: int = 0, *, title: str | None = None, notes: str = "") -> Explorer:
+    def explorer(
+        self, b: int = 0, *, title: str | None = None, notes: str = "", start_layer: str | None = None
+    ) -> Explorer:
         """Image ``b``'s trace as an explorer page (:class:`attention_ref.viz.Explorer`): every layer, every step.
 
         Each cross-attention layer keeps the prompt's real tokens (the padding has weight 0), each
         self-attention layer the rows of its query pixels; the step slider is labelled with the
-        timesteps, and the maps are drawn over the generated image. A self-attention layer without
-        query pixels (``sample(..., queries=())``) is left out. Imports :mod:`attention_ref.viz` (matplotlib).
+        timesteps (``"t = 999"``), and the left panel shows the clean image ``x̂₀`` that each step
+        predicts (:attr:`x0_pred`, 16×16 RGB: about 20 KB for 25 steps). A self-attention layer without
+        query pixels (``sample(..., queries=())``) is left out. The page opens at the last step on
+        ``start_layer`` (default :data:`EXPLORER_START_LAYER`, the mid block's cross-attention, where the
+        colour words are read from their objects; the first cross-attention layer when there is none of
+        that name) with the prompt's first word.
+        Imports :mod:`attention_ref.viz` (matplotlib).
         """
         from ...viz import Explorer, ExplorerLayer
 
@@ -182,14 +195,19 @@ class SampleResult:
         if not layers:
             raise ValueError("the trace holds no attention maps (sample(..., trace=False)?)")
         query = self.queries[len(self.queries) // 2] if len(self.queries) else np.array([SIZE // 2, SIZE // 2])
+        if start_layer is None and any(L.name == EXPLORER_START_LAYER for L in layers):
+            start_layer = EXPLORER_START_LAYER
         return Explorer(
             layers=tuple(layers),
             image=self.images[b],
             tokens=tuple(self.tokens[b]),
-            steps=tuple(f"t={int(t)}" for t in self.timesteps),
+            steps=tuple(f"t = {int(t)}" for t in self.timesteps),
             title=title or f"“{self.prompts[b]}”, denoised in {len(self.timesteps)} DDIM steps",
             notes=notes,
             start_query=((query[0] + 0.5) / SIZE, (query[1] + 0.5) / SIZE),
+            step_images=np.clip((self.x0_pred[b] + 1.0) / 2.0, 0.0, 1.0),  # (S, 16, 16, 3) from [−1, 1]
+            step_images_label="x̂₀, the clean image this step predicts",
+            start_layer=start_layer,
         )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -228,17 +246,40 @@ class SampleResult:
         return arrays
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_arrays` to ``path`` (``.npz``, compressed); :func:`load_trace` reads it back."""
+        """Write :meth:`to_arrays` to ``path`` (``.npz``, compressed, the suffix added when missing);
+        :func:`load_trace` reads it back. Returns the path written.
+
+        Written through a temporary file renamed over ``path`` (:func:`attention_ref._files.atomic_write`):
+        a failure leaves an existing file as it was.
+        """
         path = Path(path)
-        np.savez_compressed(path, **self.to_arrays())
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")  # as numpy.savez names it
+        arrays = self.to_arrays()
+        with atomic_write(path) as f:
+            np.savez_compressed(f, **arrays)
         return path
 
 
-def load_trace(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays :meth:`SampleResult.save` wrote, with ``"meta"`` parsed back into a dict."""
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays["meta"] = json.loads(str(arrays["meta"]))
+def load_trace(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """The arrays :meth:`SampleResult.save` wrote, with ``"meta"`` parsed back into a dict.
+
+    Read by :func:`attention_ref._files.load_npz`: refused before anything is unpacked when the arrays
+    would take more than ``max_bytes`` (default 1 GiB), never unpickled. ``ValueError`` naming the file
+    and the entry when ``"meta"`` is missing or is not a JSON object.
+    """
+    arrays: dict[str, Any] = load_npz(path, max_bytes=max_bytes)
+    meta = arrays.get("meta")
+    if meta is None:
+        raise ValueError(f"{path}: lacks 'meta' (not a trace written by SampleResult.save)")
+    if meta.dtype.kind != "U" or meta.ndim != 0:
+        raise ValueError(f"{path}: 'meta' must be a JSON string, got {meta.dtype} of shape {meta.shape}")
+    try:
+        arrays["meta"] = json.loads(str(meta))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: 'meta' is not JSON ({err})") from None
+    if not isinstance(arrays["meta"], dict):
+        raise ValueError(f"{path}: 'meta' must be a JSON object, got {type(arrays['meta']).__name__}")
     return arrays
 
 

@@ -1,0 +1,255 @@
+"""Bad input to the ops, attention and the blocks: a clear error naming the argument, or the right answer."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+
+import numpy as np
+import pytest
+from bad_input_table import SPECS, base_case, run_case
+
+import attention_ref as ar
+from attention_ref._checks import broadcast_shape
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BACKWARD_SPECS = [s for s in SPECS if s.backward is not None]
+
+
+# ---------------------------------------------------------------- backward: dout checked as the forwards check x
+
+
+def test_an_integer_dout_in_softmax_backward_is_refused_not_turned_into_integer_zeros():
+    _, cache = ar.softmax_forward(np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    with pytest.raises(TypeError, match=r"softmax: dout has dtype int64, but the forward ran in float64: cast dout"):
+        ar.softmax_backward(np.array([[1, 2, 3], [4, 5, 6]]), cache)
+    dout = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    p = cache.weights
+    dx = ar.softmax_backward(dout, cache)["x"]
+    np.testing.assert_allclose(dx, p * (dout - np.sum(p * dout, axis=-1, keepdims=True)), rtol=1e-14)
+    assert dx.dtype == np.float64 and np.all(dx != 0)
+
+
+@pytest.mark.parametrize("spec", BACKWARD_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", ["int64", "bool", "float32", "complex128"])
+def test_every_backward_refuses_a_dout_of_another_dtype(spec, dtype):
+    case = base_case(spec)
+    args = [case.arrays[n] for n in spec.positional] + ([case.params] if spec.params else [])
+    out, cache = spec.forward(*args, **case.masks, **case.options)
+    dout = np.ones(np.shape(out), dtype=dtype)
+    with pytest.raises(TypeError, match=rf"(dout|dy|dh_out) has dtype {dtype}, but the forward ran in float64"):
+        spec.backward(dout, cache)
+
+
+@pytest.mark.parametrize("spec", BACKWARD_SPECS, ids=lambda s: s.name)
+def test_every_backward_names_a_missing_dout_or_a_wrong_cache(spec):
+    case = base_case(spec)
+    args = [case.arrays[n] for n in spec.positional] + ([case.params] if spec.params else [])
+    out, cache = spec.forward(*args, **case.masks, **case.options)
+    with pytest.raises(TypeError, match=r"(dout|dy|dh_out) must be an array"):
+        spec.backward(None, cache)
+    with pytest.raises(TypeError, match=r"_backward needs the .*(Cache|cache)"):
+        spec.backward(np.asarray(out), None)
+
+
+# ---------------------------------------------------------------- float16 attention
+
+
+def _large_half() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = np.full((1, 3, 4), 300, dtype=np.float16)  # q·k = 360,000 > 65,504
+    v = np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float16)
+    return q, q.copy(), v
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_float16_attention_with_logits_beyond_65504_is_finite_and_agrees_with_the_tiled_path(fast, monkeypatch):
+    monkeypatch.setattr(ar.attention.exact, "FAST", fast)
+    q, k, v = _large_half()
+    out, cache = ar.attention_forward(q, k, v)
+    tiled, tiled_cache = ar.chunked_attention_forward(q, k, v)
+    # every logit is equal: the weights are uniform and each output row is the mean of v
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out, tiled)
+    np.testing.assert_allclose(out[0], np.broadcast_to(v[0].astype(np.float64).mean(axis=0), (3, 4)), atol=2e-3)
+    dout = np.ones_like(out)
+    grads, tiled_grads = ar.attention_backward(dout, cache), ar.chunked_attention_backward(dout, tiled_cache)
+    for name in ("q", "k", "v"):
+        assert grads[name].dtype == np.float16 and np.all(np.isfinite(grads[name])), name
+        np.testing.assert_allclose(grads[name], tiled_grads[name], atol=0.05 * 300)
+
+
+def test_float16_window_neighborhood_and_linear_attention_do_not_overflow_either():
+    q = np.full((1, 4, 4, 4), 300, dtype=np.float16)
+    v = np.random.default_rng(0).standard_normal((1, 4, 4, 2)).astype(np.float16)
+    tokens, values = q.reshape(1, 16, 4), v.reshape(1, 16, 2)
+    for forward, backward in (
+        (lambda: ar.window_attention_forward(q, q, v, window=2), ar.window_attention_backward),
+        (lambda: ar.neighborhood_attention_forward(q, q, v, kernel=3), ar.neighborhood_attention_backward),
+        (lambda: ar.linear_attention_forward(tokens, tokens, values), ar.linear_attention_backward),
+        (lambda: ar.linear_attention_forward(tokens, tokens, values, kind="efficient"), ar.linear_attention_backward),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow on the way
+            out, cache = forward()
+            grads = backward(np.ones_like(out), cache)
+        assert out.dtype == np.float16 and np.all(np.isfinite(out))
+        assert all(g.dtype == np.float16 and np.all(np.isfinite(g)) for g in grads.values())
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_float16_attention_equals_torchs_cpu_attention():
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(1)
+    q, k = ((rng.standard_normal((2, 5, 4)) * 300).astype(np.float16) for _ in range(2))
+    v = rng.standard_normal((2, 5, 3)).astype(np.float16)
+    want = F.scaled_dot_product_attention(*(torch.tensor(a) for a in (q, k, v))).numpy()
+    np.testing.assert_array_equal(ar.attention_forward(q, k, v)[0], want)
+
+
+# ---------------------------------------------------------------- block parameters
+
+
+def _self_attention(**options):
+    x = np.random.default_rng(0).standard_normal((1, 2, 2, 8))
+    params = ar.init_self_attention(8, heads=2, groups=4, rng=0)
+    return ar.self_attention_forward(x, params, **{"heads": 2, "groups": 4, **options})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"eps": -1.0}, ValueError, r"self-attention: eps must be at least 0.0, got -1.0"),
+        ({"eps": math.nan}, ValueError, r"self-attention: eps must be finite, got nan"),
+        ({"rescale": 0}, ValueError, r"self-attention: rescale must not be 0"),
+        ({"rescale": math.inf}, ValueError, r"self-attention: rescale must be finite"),
+        ({"heads": 2.0}, TypeError, r"self-attention: heads must be an int, got float 2.0"),
+        ({"heads": True}, TypeError, r"self-attention: heads must be an int, got bool True"),
+        ({"groups": 4.0}, TypeError, r"self-attention: groups must be an int, got float 4.0"),
+        ({"scale": True}, TypeError, r"scale must be a real number, got bool"),
+    ],
+)
+def test_block_options_are_checked_and_named(options, error, message):
+    with pytest.raises(error, match=message):
+        _self_attention(**options)
+
+
+@pytest.mark.parametrize("params", [None, [], {"q.weight": None}], ids=["None", "list", "None entry"])
+def test_params_that_are_not_a_mapping_of_arrays_are_named(params):
+    x = np.ones((1, 2, 2, 8))
+    with pytest.raises(TypeError, match=r"self-attention: params"):
+        ar.self_attention_forward(x, params, heads=2, groups=4)
+    with pytest.raises(TypeError, match=r"spatial transformer: params"):
+        ar.spatial_transformer_forward(x, np.ones((1, 3, 6)), params, heads=2, groups=4)
+    with pytest.raises(TypeError, match=r"transformer block: params"):
+        ar.transformer_block_forward(np.ones((1, 4, 8)), np.ones((1, 3, 6)), params, heads=2)
+    with pytest.raises(TypeError, match=r"feed-forward: params"):
+        ar.geglu_ff_forward(np.ones((1, 4, 8)), params)
+
+
+@pytest.mark.parametrize("name", ["heads", "groups", "head_dim", "depth", "ff_mult"])
+def test_init_sizes_are_ints(name):
+    with pytest.raises(TypeError, match=rf"init_spatial_transformer: {name} must be an int, got float 2.0"):
+        ar.init_spatial_transformer(8, 6, **{"heads": 2, "groups": 4, name: 2.0})
+
+
+def test_the_ops_check_their_options():
+    x = np.ones((2, 3, 4))
+    with pytest.raises(ValueError, match=r"layer norm: eps must be at least 0.0, got -1.0"):
+        ar.layer_norm_forward(x, eps=-1.0)
+    with pytest.raises(TypeError, match=r"group norm: groups must be an int, got float 2.0"):
+        ar.group_norm_forward(x, groups=2.0)
+    with pytest.raises(TypeError, match=r"split_heads: heads must be an int, got bool True"):
+        ar.split_heads(x, True)
+    with pytest.raises(ValueError, match=r"timestep embedding: max_period must be finite, got nan"):
+        ar.timestep_embedding_forward(np.ones(3), 8, max_period=math.nan)
+    with pytest.raises(TypeError, match=r"conv2d: padding must be an int, a pair of ints or 'same', got float"):
+        ar.conv2d_forward(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 2)), padding=1.0)
+    with pytest.raises(TypeError, match=r"group norm: the inputs must share one dtype, got x float64, weight float32"):
+        ar.group_norm_forward(x, np.ones(4, np.float32), groups=2)
+
+
+# ---------------------------------------------------------------- infinite maps
+
+
+def test_an_infinite_pixel_is_refused_as_an_infinite_query_is():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 2, 8))
+    x[0, 1, 0, 3] = np.inf
+    context = rng.standard_normal((1, 3, 6))
+    params = ar.init_self_attention(8, heads=2, groups=4, rng=0)
+    message = r"self-attention: x has an infinite entry; it must be finite \(NaN is allowed"
+    with pytest.raises(ValueError, match=message):
+        ar.self_attention_forward(x, params, heads=2, groups=4)
+    cross = ar.init_cross_attention(8, 6, heads=2, groups=4, rng=0)
+    with pytest.raises(ValueError, match=r"cross-attention: x has an infinite entry"):
+        ar.cross_attention_forward(x, context, cross, heads=2, groups=4)
+    with pytest.raises(ValueError, match=r"cross-attention: context has an infinite entry"):
+        ar.cross_attention_forward(np.zeros_like(x), np.full((1, 3, 6), -np.inf), cross, heads=2, groups=4)
+    spatial = ar.init_spatial_transformer(8, 6, heads=2, groups=4, rng=0)
+    with pytest.raises(ValueError, match=r"spatial transformer: x has an infinite entry"):
+        ar.spatial_transformer_forward(x, context, spatial, heads=2, groups=4)
+    with pytest.raises(ValueError, match=r"attention layer: h has an infinite entry"):
+        ar.attention_layer_forward(x.reshape(1, 4, 8), ar.init_attention_layer(8, heads=2, rng=0), heads=2)
+    # NaN still propagates, as in q, k and v
+    x[0, 1, 0, 3] = np.nan
+    y, _ = ar.self_attention_forward(x, params, heads=2, groups=4)
+    assert np.isnan(y).any()
+
+
+# ---------------------------------------------------------------- axes and broadcasting
+
+
+@pytest.mark.parametrize("function", [ar.softmax_forward, ar.logsumexp], ids=["softmax", "logsumexp"])
+@pytest.mark.parametrize(
+    ("x", "axis", "error", "message"),
+    [
+        (np.ones((2, 3)), 2, ValueError, r"axis 2 is out of range for x of shape \(2, 3\) \(2 dimensions\)"),
+        (np.ones((2, 3)), -3, ValueError, r"axis -3 is out of range"),
+        (np.array(1.0), -1, ValueError, r"axis -1 is out of range for x of shape \(\) \(0 dimensions\)"),
+        (np.ones((2, 3)), None, TypeError, r"axis must be an int \(one axis\), got NoneType"),
+        (np.ones((2, 3)), 1.0, TypeError, r"axis must be an int \(one axis\), got float"),
+        (np.ones((2, 3)), (0, 1), TypeError, r"axis must be an int \(one axis\), got tuple"),
+        (np.ones((2, 3)), True, TypeError, r"axis must be an int \(one axis\), got bool"),
+    ],
+)
+def test_a_bad_axis_is_named(function, x, axis, error, message):
+    with pytest.raises(error, match=message):
+        function(x, axis=axis)
+
+
+def test_a_numpy_integer_is_an_axis():
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    np.testing.assert_array_equal(ar.softmax_forward(x, axis=np.int64(0))[0], ar.softmax_forward(x, axis=0)[0])
+
+
+def test_a_size_one_axis_broadcasts_to_an_empty_one_as_in_numpy():
+    assert broadcast_shape((1, 4), (0, 4)) == (0, 4) == np.broadcast_shapes((1, 4), (0, 4))
+    assert broadcast_shape((0,), (1,)) == (0,)
+    with pytest.raises(ValueError, match=r"cannot be broadcast"):
+        broadcast_shape((2, 4), (0, 4))
+    rng = np.random.default_rng(0)
+    q, k, v = np.zeros((0, 4)), rng.standard_normal((4, 4)), rng.standard_normal((4, 3))
+    bias, mask = rng.standard_normal((1, 4)), np.ones((1, 4), bool)
+    for forward, backward in (
+        (ar.attention_forward, ar.attention_backward),
+        (ar.chunked_attention_forward, ar.chunked_attention_backward),
+    ):
+        out, cache = forward(q, k, v, bias=bias, mask=mask)
+        assert out.shape == (0, 3)
+        grads = backward(np.zeros((0, 3)), cache)
+        np.testing.assert_array_equal(grads["bias"], np.zeros((1, 4)))
+        assert grads["q"].shape == (0, 4) and not grads["k"].any() and not grads["v"].any()
+    p, _ = ar.softmax_forward(np.zeros((0, 4)), mask=np.ones((1, 4), bool))
+    assert p.shape == (0, 4)
+
+
+# ---------------------------------------------------------------- the whole table
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_each_functions_valid_call_is_correct(spec):
+    """The table's valid calls are right (so that its bad ones test what they claim)."""
+    assert run_case(base_case(spec)).kind == "correct"
