@@ -381,3 +381,28 @@ def test_verify_marks_a_layer_whose_processor_edits_the_weights():
     with pytest.warns(TraceWarning, match="marked edited"):
         tr.token_maps()
     tr.token_maps(layers=[r for r in tr.layers if not r.edited])  # no warning without it
+
+
+def test_wan_image_to_video_context_is_its_own_part_and_checked():
+    """Wan's image-to-video attn2: the first M − 512 context tokens are the image's, attended with their own softmax."""
+    from diffusers import WanTransformer3DModel
+
+    from attention_ref.interop.toy_transformers import _randomise
+    from attention_ref.testing import check_model
+
+    torch.manual_seed(0)
+    config = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4}
+    model = WanTransformer3DModel(**config, out_channels=4, text_dim=24, freq_dim=16, ffn_dim=64, num_layers=1,
+                                  rope_max_seq_len=64, image_dim=20, added_kv_proj_dim=32)  # fmt: skip
+    model = _randomise(model, 0).double()
+    g = torch.Generator().manual_seed(0)
+    x, text, image = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, 4, 2, 8, 12), (1, 512, 24),
+                                                                                 (1, 5, 20)))  # fmt: skip
+    options = {"self_queries": [(0.5, 0.5)], "heads": "all", "keep": "all", "dtype": "float64"}
+    with torch.no_grad(), sdpa_probe(model) as probe, trace(model, **options) as tr:
+        model(x, torch.tensor([500]), text, encoder_hidden_states_image=image)
+    assert [(r.label, r.keys) for r in tr.layers if r.kind == "cross"] == [("blocks.0.attn2", 512),
+                                                                          ("blocks.0.attn2[image]", 5)]  # fmt: skip
+    assert max(compare_with_trace(tr, probe).values()) <= 1e-12
+    report = check_model(model, x, torch.tensor([500]), text, encoder_hidden_states_image=image, dtype="float16")
+    assert report.ok and len(report.rows) == 2, report.format(verbose=False)

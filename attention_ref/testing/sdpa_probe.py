@@ -203,7 +203,8 @@ def compare_with_trace(trace: Any, probe: Probe, *, text_first: bool = False) ->
 
     The trace must have been made with ``heads="all"`` and ``keep="all"``. A record of a module is matched with
     the probe's products of that module: the first product of each call for the main map (and a joint layer's
-    self rows), the ``1 + i``-th for IP-Adapter's image part ``ip{i}``. ``text_first``: the joined sequence of
+    self rows), the ``1 + i``-th for IP-Adapter's image part ``ip{i}``; Wan's image context (part ``"image"``)
+    comes first, its text second. ``text_first``: the joined sequence of
     the joint layers puts the text first (Flux).
     """
     out: dict[str, float] = {}
@@ -213,6 +214,8 @@ def compare_with_trace(trace: Any, probe: Probe, *, text_first: bool = False) ->
         products = probe.calls.get(record.name, [])
         per_call = len(products) // max(record.calls, 1)
         index = int(record.part[2:]) + 1 if record.part and record.part.startswith("ip") else 0
+        if any(r.name == record.name and r.part == "image" for r in trace.layers):
+            index = 0 if record.part == "image" else 1  # Wan attends to its image context first, then to the text
         worst = 0.0
         for call in range(record.calls):
             weights = products[call * per_call + index]
