@@ -3,6 +3,7 @@
     python scripts/bench_trace.py                               # toy widths (32, 64, 128, 128), 32×32 latent
     python scripts/bench_trace.py --widths 320 640 1280 1280 --side 32 --steps 3   # SD 1.5's widths
     python scripts/bench_trace.py --device cuda                 # on a GPU (synchronised timings)
+    python scripts/bench_trace.py --family sd3 --side 32         # a diffusion transformer (toy_transformers)
 
 A U-Net with Stable Diffusion 1.5's block layout (attention_ref.interop.toy_models.toy_unet, random weights)
 runs ``--steps`` denoising steps on a batch of 2 (classifier-free guidance) with a 77-token context, untraced
@@ -10,6 +11,12 @@ and traced, the two alternating ``--repeats`` times; the ratio of the medians is
 setting. On the CPU the time is process time (all threads), which another job on a shared machine disturbs
 less than the wall clock; ``--threads`` sets torch's threads (default 1). This is a benchmark, not a test:
 nothing is asserted.
+
+With ``--family`` (``sd3``, ``sd35``, ``flux``, ``pixart``, ``dit``, ``sana``, ``wan``, ``svd``, ``animatediff``)
+the model is :func:`attention_ref.interop.toy_transformers.toy_model` of that family with ``--heads`` heads of
+``--head-dim`` channels and ``--layers`` blocks (the video U-Nets keep their toy sizes), on a ``--side``×``--side``
+latent with a 77-token prompt; DiT and the video models have no prompt to trace by default, so their default
+setting is the self-attention rows.
 """
 
 from __future__ import annotations
@@ -38,7 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--family", default=None, help="a toy_transformers family instead of the U-Net")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.family:
+        return family_bench(args)
 
     torch.set_num_threads(args.threads)
     context_dim = args.context_dim or (768 if tuple(args.widths) == (320, 640, 1280, 1280) else 32)
@@ -85,6 +98,62 @@ def main(argv: list[str] | None = None) -> dict:
         t = statistics.median(times)
         figures["traced"][name] = {"s_per_step": t / args.steps, "ratio": t / base}
         print(f"  {name:<32} {t / args.steps * 1e3:8.1f} ms per step   ×{t / base:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
+    return figures
+
+
+def family_bench(args: argparse.Namespace) -> dict:
+    """The traced/untraced time ratio of one family's toy model, the settings alternating."""
+    import torch
+
+    from attention_ref.backend import cpu_model
+    from attention_ref.interop import trace
+    from attention_ref.interop.toy_transformers import toy_inputs, toy_model
+
+    torch.set_num_threads(args.threads)
+    model = toy_model(args.family, heads=args.heads, head_dim=args.head_dim, layers=args.layers)
+    torch.nn.Module.to(model, torch.device(args.device), getattr(torch, args.dtype))
+    inputs, kwargs = toy_inputs(args.family, model, tokens=77, size=(args.side, args.side), padded=False)
+    device = torch.device(args.device)
+
+    def run() -> float:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter() if cuda else time.process_time()
+        with torch.no_grad():
+            for _ in range(args.steps):
+                model(*inputs, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() if cuda else time.process_time()) - start
+
+    rows = {"self_queries": [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)]}
+    settings = {
+        "default (cross/joint, head mean)": {} if args.family not in ("dit",) else rows,
+        "+ 4 self-attention rows": rows,
+        "every head, keep='all'": {"heads": "all", "keep": "all", **rows},
+        "in float64": {"dtype": "float64", **rows},
+    }
+    run()  # warm-up
+    plain, traced = [], {name: [] for name in settings}
+    for _ in range(args.repeats):
+        plain.append(run())
+        for name, options in settings.items():
+            with trace(model, **options) as tr:
+                traced[name].append(run())
+    base = statistics.median(plain)
+    where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"{args.family}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{args.side}×{args.side} latent, batch 2, 77 tokens, {args.dtype}, {len(tr.layers)} records; "
+          f"{args.steps} calls × {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
+    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per call")
+    figures = {"family": args.family, "untraced_s_per_call": base / args.steps, "traced": {}}
+    for name, times in traced.items():
+        t = statistics.median(times)
+        figures["traced"][name] = {"s_per_call": t / args.steps, "ratio": t / base}
+        print(f"  {name:<34} {t / args.steps * 1e3:8.1f} ms per call   ×{t / base:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
     return figures

@@ -123,9 +123,9 @@ def test_report_rows_shapes_and_text(unet):
 def test_unsupported_module_is_a_row_and_bad_arguments(unet):
     from diffusers.models.attention_processor import Attention
 
-    model = torch.nn.Sequential(Attention(query_dim=8, heads=2, dim_head=4, qk_norm="layer_norm"))
+    model = torch.nn.Sequential(Attention(query_dim=8, heads=2, dim_head=4, qk_norm="l2"))
     report = check_model(model, torch.randn(1, 5, 8))
-    assert report.rows[0].verdict == "not supported" and "qk_norm" in report.rows[0].check.note
+    assert report.rows[0].verdict == "not supported" and "q/k norms" in report.rows[0].check.note
     assert not report.ok and report.summary().endswith("NOTHING CHECKED; worst ratio 0")
     with pytest.raises(ValueError, match="dtype must be"):
         check_model(unet, dtype="float8")

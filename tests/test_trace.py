@@ -365,9 +365,9 @@ def test_hooks_removed_after_exit_and_after_exceptions(unet32):
 
 
 def test_unsupported_modules_and_bad_arguments_refused_before_any_hook():
-    model = torch.nn.Sequential(Attention(query_dim=8, heads=2, dim_head=4, qk_norm="layer_norm"))
+    model = torch.nn.Sequential(Attention(query_dim=8, heads=2, dim_head=4, qk_norm="l2"))
     before = all_hooks(model)
-    with pytest.raises(NotImplementedError, match=r"^0: .*qk_norm"):
+    with pytest.raises(NotImplementedError, match=r"^0: .*q/k norms must be a per-head"):
         with trace(model):
             pass
     assert all_hooks(model) == before

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .blocks import check_attention_call
 from .dtypes import DTYPES
 from .harness import exception_check
+from .model_layers import attention_modules, call_inputs, call_kind, judge_call
 from .report import OutputCheck
 from .tolerance import Policy, check_policy
 
@@ -43,7 +43,8 @@ class LayerCall:
 
     Attributes:
         name: the module's path in the model; call: which call of that module (0 = its first).
-        kind: ``"self"`` or ``"cross"``; processor: the processor's class name.
+        kind: ``"self"``, ``"cross"``, ``"joint"`` (a joint layer: two streams, one softmax) or ``"temporal"``
+            (attention along a video's frames); processor: the processor's class name.
         hidden_shape, context_shape, output_shape: the call's tensors' shapes (``context_shape`` ``None``
             for self-attention).
         check: the :class:`~attention_ref.testing.OutputCheck` of its output ``y``.
@@ -146,12 +147,13 @@ class ModelReport:
         if rows:
             labels = [f"{r.name}#{r.call}" if r.call else r.name for r in rows]
             width = max(len(s) for s in labels)
-            head = f"{'verdict':<13}  {'ratio':>8}  {'layer':<{width}}  {'kind':<5}  {'processor':<20}  shapes"
+            kw = max(5, *(len(r.kind) for r in rows))
+            head = f"{'verdict':<13}  {'ratio':>8}  {'layer':<{width}}  {'kind':<{kw}}  {'processor':<20}  shapes"
             lines += [head, "-" * len(head)]
             for r, label in zip(rows, labels, strict=True):
                 note = f"  ({r.check.note})" if r.check.note else ""
                 lines.append(
-                    f"{r.verdict:<13}  {_ratio(r.ratio):>8}  {label:<{width}}  {r.kind:<5}  {r.processor:<20}  "
+                    f"{r.verdict:<13}  {_ratio(r.ratio):>8}  {label:<{width}}  {r.kind:<{kw}}  {r.processor:<20}  "
                     f"{r.shapes}{note}"
                 )
         return "\n".join(lines)
@@ -169,7 +171,10 @@ def _ratio(r: float) -> str:
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    """A tensor's shape as a tuple of ints; ``()`` for anything without one."""
+    """A tensor's shape as a tuple of ints (a joint layer's pair ``(y, y_context)``: ``y``'s); ``()`` for anything
+    without one."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
     try:
         return tuple(int(n) for n in value.shape)
     except (AttributeError, TypeError):
@@ -196,6 +201,7 @@ def check_model(
     policy: Policy | str | None = None,
     seed: int = 0,
     title: str | None = None,
+    layers: Any = None,
     **kwargs: Any,
 ) -> ModelReport:
     """Run ``model(*args, **kwargs)`` once in ``dtype`` and check every ``Attention`` call against the reference.
@@ -214,6 +220,9 @@ def check_model(
             ``scaled_dot_product_attention``, ``eager`` otherwise); or ``"fused"``, ``"eager"``, a
             :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
         title: the report's title (default the model's class name).
+        layers: which modules to check, as the trace's ``layers=``: a module path, a glob on the paths, a kind
+            (``"self"``, ``"cross"``, ``"joint"``, ``"temporal"``), a list of these, or a predicate
+            ``(name, kind) -> bool``; default every attention module.
 
     Returns:
         :class:`ModelReport`, one :class:`LayerCall` per call of an ``Attention`` module, in call order. A module
@@ -222,14 +231,17 @@ def check_model(
         judging a call or building its row is a failed row.
     """
     import torch
-    from diffusers.models.attention_processor import Attention
+
+    from ..interop.trace.records import KINDS, LayerFilter
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if policy is not None:
         policy = check_policy(policy)
+    chosen = LayerFilter(layers)
     if not isinstance(model, torch.nn.Module):
-        hint = " (for a pipeline, check pipe.unet with its inputs)" if hasattr(model, "unet") else ""
+        held = [a for a in ("unet", "transformer") if hasattr(model, a)]
+        hint = f" (for a pipeline, check pipe.{held[0]} with its inputs)" if held else ""
         raise TypeError(f"check_model needs a torch.nn.Module, got {type(model).__name__}{hint}")
     torch_dtype = getattr(torch, dtype)
     parameters = list(model.parameters())
@@ -238,29 +250,30 @@ def check_model(
     same = all(p.dtype == torch_dtype for p in parameters if p.is_floating_point())
     runner = model if same else torch.nn.Module.to(copy.deepcopy(model), torch_dtype)  # every parameter in dtype
     device = parameters[0].device
-    attentions = [(n, m) for n, m in runner.named_modules() if isinstance(m, Attention)]
+    attentions = attention_modules(runner)
     if not attentions:
-        raise ValueError(f"{type(model).__name__} holds no diffusers Attention module")
+        known = "diffusers Attention module (nor FluxAttention, WanAttention)"
+        raise ValueError(f"{type(model).__name__} holds no {known}")
+    unmatched = chosen.unmatched_globs(n for n, _, _, _ in attentions)
+    if unmatched:
+        raise ValueError(f"layers={layers!r}: {unmatched} match no attention module (kinds are {list(KINDS)})")
     rows: list[LayerCall] = []
     calls: dict[str, int] = {}
 
-    def make_hook(name: str) -> Any:
+    def make_hook(name: str, family: str, temporal: bool) -> Any:
         def hook(module: Any, hook_args: tuple[Any, ...], hook_kwargs: dict[str, Any], output: Any) -> None:
             i = calls.get(name, 0)
             calls[name] = i + 1
             label = f"{name}#{i}"
             hidden = context = None
+            kind = "?"
             try:
-                hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
-                context = hook_args[1] if len(hook_args) > 1 else hook_kwargs.get("encoder_hidden_states")
-                mask = hook_args[2] if len(hook_args) > 2 else hook_kwargs.get("attention_mask")
-                if isinstance(context, (tuple, list)):  # IP-Adapter: (text, image embeddings)
-                    raise NotImplementedError(
-                        f"a {type(context).__name__} context (IP-Adapter's text and image embeddings): the reference "
-                        "block has no image-prompt branch"
-                    )
-                check = check_attention_call(module, hidden, context, mask, output=output, dtype=dtype,
-                                             policy=policy, name=label, seed=seed)  # fmt: skip
+                hidden, context = call_inputs(hook_args, hook_kwargs)
+                kind = call_kind(family, temporal, hook_args, hook_kwargs)
+                if not chosen(name, kind):
+                    return
+                check = judge_call(family, module, hook_args, hook_kwargs, output, dtype=dtype, policy=policy,
+                                   name=label, seed=seed)  # fmt: skip
             except NotImplementedError as err:
                 check = OutputCheck(case=label, output="y", error=math.nan, where=None, allowed=math.nan,
                                     ratio=math.nan, note=f"not supported: {err}", supported=False)  # fmt: skip
@@ -271,7 +284,7 @@ def check_model(
                 row = LayerCall(
                     name=name,
                     call=i,
-                    kind="self" if context is None else "cross",
+                    kind=kind,
                     processor=type(module.processor).__name__,
                     hidden_shape=_shape(hidden),
                     context_shape=None if context is None else _shape(text),
@@ -288,8 +301,12 @@ def check_model(
 
     handles = []
     try:
-        for name, module in attentions:
-            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
+        for name, module, family, temporal in attentions:
+            # a module that no glob names and no kind or predicate could take is not hooked
+            maybe = chosen.everything or chosen.predicate is not None or chosen.kinds or chosen.name_matches(name)
+            if not maybe:
+                continue
+            handles.append(module.register_forward_hook(make_hook(name, family, temporal), with_kwargs=True))
         with torch.no_grad():
             runner(*_cast(args, torch_dtype, device), **_cast(kwargs, torch_dtype, device))
     finally:

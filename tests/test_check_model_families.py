@@ -1,0 +1,192 @@
+"""check_model on the diffusion transformers and video U-Nets: the default processors pass in float32, float16 and
+bfloat16; a bug planted in one layer (a processor of the kind a kernel engineer writes) fails at exactly that layer."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import torch.nn.functional as F  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor, JointAttnProcessor2_0  # noqa: E402
+
+from attention_ref.interop.toy_transformers import FAMILIES, toy_inputs, toy_model  # noqa: E402
+from attention_ref.testing import check_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+EXPECTED_KINDS = {
+    "sd3": {"joint"},
+    "sd35": {"joint", "self"},
+    "flux": {"joint"},
+    "pixart": {"self", "cross"},
+    "dit": {"self"},
+    "sana": {"self", "cross"},
+    "wan": {"self", "cross"},
+    "svd": {"self", "cross", "temporal"},
+    "animatediff": {"self", "cross", "temporal"},
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: toy_model(family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_processors_pass(models, family, dtype):
+    model = models[family]
+    args, kwargs = toy_inputs(family, model)
+    report = check_model(model, *args, dtype=dtype, **kwargs)
+    assert report.ok, report.format(verbose=False)
+    assert {r.kind for r in report.rows} == EXPECTED_KINDS[family]
+    assert all(r.verdict == "ok" for r in report.rows) and next(model.parameters()).dtype == torch.float32
+
+
+# ----- planted bugs ----------------------------------------------------------------------------------------------
+def _heads(t, heads):
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+
+
+class SquaredScale(AttnProcessor):
+    """diffusers' AttnProcessor with the scale squared."""
+
+    def __call__(self, attn, *args, **kwargs):
+        scale = attn.scale
+        attn.scale = scale**2
+        try:
+            return super().__call__(attn, *args, **kwargs)
+        finally:
+            attn.scale = scale
+
+
+class KeysTextFirst(JointAttnProcessor2_0):
+    """SD3's joint attention with the keys joined text first while queries and values are image first."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        heads = attn.heads
+        q, k, v = (_heads(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        cq, ck, cv = (_heads(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj,
+                                                                         attn.add_v_proj))  # fmt: skip
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        o = F.scaled_dot_product_attention(torch.cat([q, cq], 2), torch.cat([ck, k], 2), torch.cat([v, cv], 2))
+        o = o.transpose(1, 2).flatten(2)
+        N = hidden_states.shape[1]
+        y, y_ctx = attn.to_out[0](o[:, :N]), o[:, N:]
+        return y, (y_ctx if attn.context_pre_only else attn.to_add_out(y_ctx))
+
+
+class NoKeyNorm(JointAttnProcessor2_0):
+    """SD3.5's second attention (one stream) with the key's q/k norm left out."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        q, k, v = (_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        o = F.scaled_dot_product_attention(attn.norm_q(q), k, v).transpose(1, 2).flatten(2)
+        return attn.to_out[0](o)
+
+
+def flux_without_key_rope():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, apply_rotary_emb
+
+    class NoKeyRope(FluxAttnProcessor):
+        """Flux's attention with RoPE applied to the queries only."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            def split(t):
+                return t.unflatten(-1, (attn.heads, -1))  # (B, L, heads, d)
+
+            q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            if encoder_hidden_states is not None:
+                cq, ck, cv = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
+                                                                         attn.add_v_proj))  # fmt: skip
+                q = torch.cat([attn.norm_added_q(cq), q], 1)
+                k = torch.cat([attn.norm_added_k(ck), k], 1)
+                v = torch.cat([cv, v], 1)
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)  # k is not rotated: the bug
+            o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).flatten(2)
+            if encoder_hidden_states is None:
+                return o
+            M = encoder_hidden_states.shape[1]
+            return attn.to_out[0](o[:, M:]), attn.to_add_out(o[:, :M])
+
+    return NoKeyRope()
+
+
+def wan_without_key_norm():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class NoKeyNormWan(WanAttnProcessor):
+        """Wan's cross-attention with norm_k left out."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+            k = attn.to_k(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).flatten(2)
+            return attn.to_out[0](o)
+
+    return NoKeyNormWan()
+
+
+def sana_key_without_relu():
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    class SanaLinearKeyWithoutRelu(SanaLinearAttnProcessor2_0):
+        """Sana's linear attention with the key's features not passed through the ReLU."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+            q, k, v = (f(hidden_states) for f in (attn.to_q, attn.to_k, attn.to_v))
+            q = F.relu(q.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()  # (B, heads, d, N)
+            k = k.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3).float()  # (B, heads, N, d)
+            v = F.pad(v.transpose(1, 2).unflatten(1, (attn.heads, -1)).float(), (0, 0, 0, 1), value=1.0)
+            o = (v @ k) @ q
+            o = (o[:, :, :-1] / (o[:, :, -1:] + 1e-15)).flatten(1, 2).transpose(1, 2).to(hidden_states.dtype)
+            return attn.to_out[0](o)
+
+    return SanaLinearKeyWithoutRelu()  # linear attention is told by the processor's name: "SanaLinear…"
+
+
+PLANTED = {
+    "sd3": ("transformer_blocks.1.attn", KeysTextFirst),
+    "sd35": ("transformer_blocks.0.attn2", NoKeyNorm),
+    "flux": ("single_transformer_blocks.0.attn", flux_without_key_rope),
+    "pixart": ("transformer_blocks.1.attn2", SquaredScale),
+    "dit": ("transformer_blocks.0.attn1", SquaredScale),
+    "sana": ("transformer_blocks.1.attn1", sana_key_without_relu),
+    "wan": ("blocks.0.attn2", wan_without_key_norm),
+    "svd": ("down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1", SquaredScale),
+    "animatediff": ("up_blocks.1.motion_modules.1.transformer_blocks.0.attn2", SquaredScale),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_planted_bug_fails_at_exactly_its_layer(family):
+    model = toy_model(family, seed=1)
+    where, make = PLANTED[family]
+    module = model.get_submodule(where)
+    module.set_processor(make())
+    args, kwargs = toy_inputs(family, model, seed=2)
+    report = check_model(model, *args, dtype="float32", **kwargs)
+    assert report.failed_layers == [where], report.format(verbose=False)
+    assert all(r.ratio > 10 for r in report.failures), report.format(verbose=False)
+    assert report.format().splitlines()[4].startswith("FAIL")  # listed first
+    only = check_model(model, *args, dtype="float32", layers=where, **kwargs)
+    assert [r.name for r in only.rows] == [where] and not only.ok
+
+
+def test_layers_and_kinds_in_check_model(models):
+    model = models["svd"]
+    args, kwargs = toy_inputs("svd", model)
+    temporal = check_model(model, *args, layers="temporal", **kwargs)
+    assert temporal.rows and {r.kind for r in temporal.rows} == {"temporal"} and temporal.ok
+    mid = check_model(model, *args, layers=["mid_block.*", "cross"], **kwargs)
+    assert {r.name for r in mid.rows} >= {r.name for r in mid.rows if r.name.startswith("mid_block")}
+    assert all(r.name.startswith("mid_block") or r.kind == "cross" for r in mid.rows)
+    with pytest.raises(ValueError, match="match no attention module"):
+        check_model(model, *args, layers="nowhere.*", **kwargs)
