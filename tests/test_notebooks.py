@@ -255,3 +255,56 @@ def test_the_formula_check_accepts_valid_tex(formula):
 def test_formulas_are_found_outside_code_and_lone_dollars_are_reported():
     text = "a `$x$` b\n```\n$y$\n```\n$$z^2$$ and $w$ cost \\$5; then $ alone"
     assert markdown_math(text) == ["z^2", "w", "$"]
+
+
+# ---------------------------------------------------------------- saved outputs
+
+BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")  # tqdm's "43%|████▎     | 257/600 ["
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_saved_output_is_a_stderr_block(notebook):
+    """Progress bars and logs are saved as plain output: a red stderr block reads as an error."""
+    found = [
+        (i, "".join(o["text"])[:80])
+        for i, outputs in code_outputs(notebook)
+        for o in outputs
+        if o["output_type"] == "stream" and o["name"] == "stderr"
+    ]
+    assert found == [], f"{notebook.name}: stderr saved in cells {found}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_saved_widget_has_a_picture_beside_it(notebook):
+    """A widget needs a live kernel: saved, it shows only ``VBox(children=…``. The next code cell draws it."""
+    cells = code_outputs(notebook)
+    for n, (i, outputs) in enumerate(cells):
+        if any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs):
+            following = cells[n + 1][1] if n + 1 < len(cells) else []
+            assert any("image/png" in o.get("data", {}) for o in following), (
+                f"{notebook.name}: the widget of cell {i} has no static picture in the next code cell"
+            )
+
+
+def test_a_progress_bar_in_a_kernel_is_one_plain_output_redrawn_in_place(tmp_path):
+    """Run in a real kernel, a toy's bar is one display output (its last state), no stderr stream."""
+    nbformat = pytest.importorskip("nbformat")  # nbmake's dependencies: in the test extra
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "import time\n"
+            "from attention_ref.toys._progress import progress\n"
+            "for _ in progress(range(4), total=4, desc='toy', enabled=None):\n"
+            "    time.sleep(0.3)\n"
+            "print('done')"
+        )
+    )
+    # run from the checkout, so that the kernel imports this attention_ref
+    resources = {"metadata": {"path": str(ROOT)}}
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources=resources).execute()
+    outputs = nb.cells[0].outputs
+    assert [o.output_type for o in outputs] == ["display_data", "stream"], outputs
+    assert BAR.search(outputs[0].data["text/plain"]) and "100%" in outputs[0].data["text/plain"]
+    assert outputs[0].data["text/plain"].startswith("toy: ")
+    assert outputs[1].name == "stdout" and outputs[1].text == "done\n"
