@@ -308,3 +308,58 @@ def test_a_progress_bar_in_a_kernel_is_one_plain_output_redrawn_in_place(tmp_pat
     assert BAR.search(outputs[0].data["text/plain"]) and "100%" in outputs[0].data["text/plain"]
     assert outputs[0].data["text/plain"].startswith("toy: ")
     assert outputs[1].name == "stdout" and outputs[1].text == "done\n"
+
+
+# ---------------------------------------------------------------- notebooks/conftest.py: peers
+
+
+def _notebooks_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebooks_conftest", ROOT / "notebooks" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _notebook(tmp_path: Path, name: str, *sources: str) -> Path:
+    cells = [{"cell_type": "code", "source": s, "metadata": {}, "outputs": []} for s in sources]
+    path = tmp_path / name
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def test_the_notebooks_that_need_the_peers_are_found_from_their_imports(tmp_path):
+    conftest = _notebooks_conftest()
+    needing = {p.name for p in NOTEBOOKS if conftest.peers_needed(p)}
+    assert needing == {"07_diffusers_trace.ipynb"}
+    assert conftest.peers_needed(_notebook(tmp_path, "a.ipynb", "%matplotlib inline\nimport torch.nn as nn")) == {
+        "torch",
+        "diffusers",
+        "transformers",
+    }
+    optional = "try:\n    import torch\nexcept ImportError:\n    torch = None"
+    assert conftest.peers_needed(_notebook(tmp_path, "b.ipynb", optional, "import numpy")) == set()
+
+
+def test_a_notebook_whose_peers_are_missing_is_skipped_saying_which(tmp_path, monkeypatch):
+    conftest = _notebooks_conftest()
+    real_find_spec = conftest.importlib.util.find_spec
+    monkeypatch.setattr(
+        conftest.importlib.util, "find_spec", lambda name: None if name == "diffusers" else real_find_spec(name)
+    )
+
+    class Item:
+        def __init__(self, path: Path) -> None:
+            self.path, self.markers = path, []
+
+        def add_marker(self, marker) -> None:
+            self.markers.append(marker)
+
+    needs = Item(_notebook(tmp_path, "needs.ipynb", "from diffusers import UNet2DModel"))
+    plain = Item(_notebook(tmp_path, "plain.ipynb", "import numpy"))
+    conftest.pytest_collection_modifyitems(None, [needs, plain])
+    assert plain.markers == []
+    (skip,) = needs.markers
+    assert skip.name == "skip" and "needs.ipynb needs diffusers" in skip.kwargs["reason"]
+    assert "make peers" in skip.kwargs["reason"]
