@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,7 +291,7 @@ def test_every_saved_widget_has_a_picture_beside_it(notebook):
 def test_a_progress_bar_in_a_kernel_is_one_plain_output_redrawn_in_place(tmp_path):
     """Run in a real kernel, a toy's bar is one display output (its last state), no stderr stream."""
     nbformat = pytest.importorskip("nbformat")  # nbmake's dependencies: in the test extra
-    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("nbclient")
     nb = nbformat.v4.new_notebook()
     nb.cells.append(
         nbformat.v4.new_code_cell(
@@ -300,9 +302,19 @@ def test_a_progress_bar_in_a_kernel_is_one_plain_output_redrawn_in_place(tmp_pat
             "print('done')"
         )
     )
-    # run from the checkout, so that the kernel imports this attention_ref
-    resources = {"metadata": {"path": str(ROOT)}}
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources=resources).execute()
+    path = tmp_path / "bar.ipynb"
+    nbformat.write(nb, path)
+    # in a process of its own (starting a kernel imports ipykernel, which would make this process look like
+    # one), from the checkout, so that the kernel imports this attention_ref
+    run = (
+        "import sys, nbformat, nbclient\n"
+        "nb = nbformat.read(sys.argv[1], as_version=4)\n"
+        "nbclient.NotebookClient(nb, timeout=120, kernel_name='python3', resources={'metadata': {'path': sys.argv[2]}})"
+        ".execute()\n"
+        "nbformat.write(nb, sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", run, str(path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    nb = nbformat.read(path, as_version=4)
     outputs = nb.cells[0].outputs
     assert [o.output_type for o in outputs] == ["display_data", "stream"], outputs
     assert BAR.search(outputs[0].data["text/plain"]) and "100%" in outputs[0].data["text/plain"]
