@@ -47,5 +47,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         missing = sorted(p for p in peers_needed(path) if importlib.util.find_spec(p) is None)
         if missing:
-            reason = f"{path.name} needs {', '.join(missing)}, not installed here (`make peers` installs the peers)"
+            reason = f"needs {', '.join(missing)}: not installed here (`make peers` installs the optional peers)"
             item.add_marker(pytest.mark.skip(reason=reason))
