@@ -315,3 +315,21 @@ def test_a_complexity_report_that_cannot_be_read_is_refused_before_training(caps
     status, _, err = run_main(capsys, "figures", "--complexity", str(bad), "--out", str(tmp_path / "figs"))
     assert status == EXIT_INPUT and f"cannot read {bad}" in one_error_line(err, "figures")
     assert time.perf_counter() - start < 60 and not (tmp_path / "figs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vectors", "--out", "/nonexistent/dir/vectors"],
+        ["figures", "--out", "/nonexistent/dir/figures"],
+        ["complexity", "--quick", "--out", "/nonexistent/dir/c.json"],
+        ["bench", "--quick", "--json", ""],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_every_command_refuses_an_output_it_cannot_write_before_working(capsys, argv):
+    start = time.perf_counter()
+    status, stdout, err = run_main(capsys, *argv)
+    assert status == EXIT_OUTPUT and "cannot write" in one_error_line(err, argv[0]) and stdout == ""
+    assert time.perf_counter() - start < 30  # refused at once, not after the work
+    assert not Path("/nonexistent").exists()

@@ -129,7 +129,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse, before any work, an output that cannot be written (status 4, nothing created)."""
     if args.command in ("explore", "complexity"):
         check_output_file("--out", args.out)
-    elif args.command == "bench" and args.json:
+    elif args.command == "bench" and args.json is not None:
         check_output_file("--json", args.json)
     elif args.command in ("figures", "vectors"):
         check_output_dir("--out", args.out)
