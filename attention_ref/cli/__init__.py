@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     ``TypeError`` about the values given, an ``OSError`` or ``MemoryError``, Ctrl-C — are one line on
     stderr and the exit status that ``--help`` lists; ``ATTENTION_REF_TRACEBACK=1`` lets them through.
     """
-    args = _parser().parse_args(argv)
-    where = f"{PROG} {args.command}"
+    where = PROG
     try:
+        args = _parser().parse_args(argv)
+        where = f"{PROG} {args.command}"
         return _run(args)
     except KeyboardInterrupt:
         if _traceback_wanted():
