@@ -24,11 +24,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Needs nothing but Python and make. The optional peers (torch, diffusers, transformers: `make peers`) are not
+# installed by it: their tests and the notebook that needs them are skipped, and pytest's summary says so.
 test: $(STAMP) lint
 	$(PY) -m pytest
 	$(MAKE) notebooks
 
-# Every notebook, run top to bottom in a fresh kernel (nbmake); the committed copies keep their outputs.
+# Every notebook, run top to bottom in a fresh kernel (nbmake; notebooks/conftest.py skips one whose peers are
+# missing, saying which); the committed copies keep their outputs.
 notebooks: $(STAMP)
 	$(PY) -m pytest --nbmake notebooks
 
@@ -47,9 +50,11 @@ lab: $(LAB_STAMP)
 notebooks-outputs: $(LAB_STAMP)
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
-# The optional cross-check peers: CPU torch (pinned to the build on the machine's disk) and diffusers.
+# The optional cross-check peers, the `oracle` extra: torch, diffusers, transformers. torch is pinned here (and
+# only here) to the CPU build that lies on the development and CI machines' disk: a bare "torch" from PyPI
+# brings several GB of CUDA libraries.
 peers: $(STAMP)
-	$(PY) -m pip install -q 'torch==2.13.0' 'diffusers>=0.30' 'transformers>=4.40'
+	$(PY) -m pip install -q 'torch==2.13.0' -e '.[oracle]'
 
 # Time and peak memory of the attention paths and the small blocks against the machine's limit (peak GEMM
 # rate + exp rate, measured in the same run on the same threads), torch SDPA and the bare GEMMs (several

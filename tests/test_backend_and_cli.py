@@ -72,3 +72,17 @@ def test_the_thread_count_comes_from_the_variable_or_the_cpus(monkeypatch):
     assert backend.thread_count() >= 1
     monkeypatch.delenv("ATTENTION_REF_NUM_THREADS")
     assert backend.thread_count() >= 1
+
+
+def test_a_channels_first_map_gets_a_hint_that_maps_are_channels_last():
+    import attention_ref as ar
+
+    params = ar.init_self_attention(8, heads=2, groups=4, rng=0)
+    x = np.zeros((1, 8, 4, 4))  # (B, C, H, W), PyTorch's layout
+    with pytest.raises(ValueError, match=r"expects 8 input channels but the input has 4; maps are \(B, H, W, C\)"):
+        ar.self_attention_forward(x, params, heads=2, groups=4)
+    with pytest.raises(ValueError, match=r"x.transpose\(0, 2, 3, 1\)"):
+        ar.self_attention_forward(np.zeros((1, 8, 5, 6)), params, heads=2, groups=4)
+    # a map whose channels are simply wrong gets no hint about the layout
+    with pytest.raises(ValueError, match=r"the input has 6$"):
+        ar.self_attention_forward(np.zeros((1, 5, 4, 6)), params, heads=2, groups=3)

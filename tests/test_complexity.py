@@ -78,7 +78,7 @@ def test_theory_grows_quadratically_only_for_exact_and_chunked():
 def test_bad_arguments_are_rejected(tmp_path):
     cmd = [sys.executable, "-m", "attention_ref", "complexity", "--out", str(tmp_path / "x.json"), "--dim", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode != 0 and "must be positive" in result.stderr
+    assert result.returncode == 2 and "--dim: must be a positive integer" in result.stderr
 
 
 def test_shift_defaults_to_half_the_window_and_is_checked(tmp_path):

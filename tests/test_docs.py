@@ -53,3 +53,48 @@ def test_readme_learner_example_runs_as_written():
     assert scope["y"].shape == (2, 16, 24, 64) and scope["cache"].weights.shape == (2, 4, 384, 384)
     np.testing.assert_allclose(scope["cache"].weights.sum(axis=-1), 1.0, rtol=1e-12)
     assert set(scope["grads"]) == {"x", *scope["params"]}
+
+
+def _peers_missing() -> list[str]:
+    import importlib.util
+
+    return [name for name in ("torch", "diffusers", "transformers") if importlib.util.find_spec(name) is None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_peers_missing()), reason=f"the README's researcher example needs {_peers_missing()}")
+def test_readme_researcher_example_runs_as_written(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## For researchers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "toy_pipeline" in code and "pipe = " in code and "prompt = " in code  # defines what it uses
+    monkeypatch.chdir(tmp_path)  # it writes trace.html where it runs
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    maps, image = scope["maps"], scope["image"]
+    assert maps.shape == (2, 2, image.size[1], image.size[0])  # (B, words, h, w): CFG's two halves, two words
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+    assert (tmp_path / "trace.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_the_extras_the_readme_names_are_the_package_extras():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg", encoding="utf-8")
+    extras = set(config["options.extras_require"])
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"'\.\[([a-z0-9-]+)\]'", text))
+    assert named == extras, f"README names {sorted(named)}, setup.cfg has {sorted(extras)}"
+    # the oracle extra asks for a range of torch: the pin is `make peers`' alone
+    assert re.search(r"torch>=\d", config["options.extras_require"]["oracle"])
+    assert "torch==" not in config["options.extras_require"]["oracle"]
+    assert "torch==" in (ROOT / "Makefile").read_text(encoding="utf-8")
+
+
+def test_docs_cli_lists_every_exit_status():
+    from attention_ref.cli.common import EXIT_STATUSES
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    for status, meaning in EXIT_STATUSES.items():
+        assert f"| {status} | {meaning} |" in text, status

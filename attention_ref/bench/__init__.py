@@ -35,9 +35,9 @@ QUICK_REPEATS = 3
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help=f"numbers of tokens N (default {DEFAULT_SIZES})")
     parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_SIZES}, {QUICK_REPEATS} runs each")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to time (default: all)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="default: both")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--dim", type=int, default=64, help="features per head d")
     parser.add_argument("--repeats", type=int, help="timed runs per implementation (default 5; halved above 4,096)")
     parser.add_argument(

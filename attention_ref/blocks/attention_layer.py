@@ -202,16 +202,44 @@ def _fail(where: str, message: str) -> NoReturn:
     raise ValueError(f"{where}: {message}")
 
 
+def _channels_hint(shape: tuple[int, ...], grid: tuple[int, int] | None, expected: int) -> str:
+    """A hint when the channels seem to sit on another axis: a (B, C, H, W) map or (B, C, N) tokens."""
+    if grid is not None and grid[0] == expected:
+        return (
+            f"; maps are (B, H, W, C), channels last, and this map's axis 1 has {expected} entries: move the channels "
+            "of a (B, C, H, W) map last (x.transpose(0, 2, 3, 1) in NumPy, x.permute(0, 2, 3, 1) in torch)"
+        )
+    if grid is None and len(shape) == 3 and shape[1] == expected:
+        return f"; tokens are (B, N, C), channels last, and axis 1 has {expected} entries: is it (B, C, N)?"
+    return ""
+
+
 def _check_shapes(
-    params: Mapping[str, Array], C: int, source_width: int, heads: int, residual: bool, where: str, is_cross: bool
+    params: Mapping[str, Array],
+    C: int,
+    source_width: int,
+    heads: int,
+    residual: bool,
+    where: str,
+    is_cross: bool,
+    input_shape: tuple[int, ...] = (),
+    grid: tuple[int, int] | None = None,
 ) -> None:
-    """``ValueError`` unless every parameter's shape fits ``C`` channels and a source of ``source_width``."""
+    """``ValueError`` unless every parameter's shape fits ``C`` channels and a source of ``source_width``.
+
+    ``input_shape`` and ``grid`` (the map's (H, W) when the tokens came from one) let the message say
+    when the channels seem to sit on another axis.
+    """
     for name in _WEIGHTS:
         if params[name].ndim != 2:
             _fail(where, f"{name} must be a matrix (in, out), got shape {tuple(params[name].shape)}")
     q_in, inner = params["q.weight"].shape
     if q_in != C:
-        _fail(where, f"q.weight of shape {(q_in, inner)} expects {q_in} input channels but the input has {C}")
+        _fail(
+            where,
+            f"q.weight of shape {(q_in, inner)} expects {q_in} input channels but the input has {C}"
+            + _channels_hint(input_shape, grid, q_in),
+        )
     source = "context width" if is_cross else "input's channels"
     for name in ("k.weight", "v.weight"):
         shape = tuple(params[name].shape)
@@ -306,7 +334,7 @@ def check_layer_inputs(
             f"{what}: needs at least one sample, one query token and one key token (B, N, M ≥ 1); "
             "attention over no keys has no softmax (pad the context and mask the padding with context_mask instead)",
         )
-    _check_shapes(params, C, source_width, heads, residual, where, is_cross)
+    _check_shapes(params, C, source_width, heads, residual, where, is_cross, tuple(h.shape), grid)
     if "norm.weight" in params and (groups < 1 or C % groups != 0):
         _fail(where, f"{C} channels are not divisible into {groups} groups")
     if cross_norm is not None:

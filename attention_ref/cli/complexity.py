@@ -82,6 +82,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -290,28 +291,80 @@ def measure(variant: str, side: int, config: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+DESCRIPTION = """\
+Time and peak memory of exact, tiled (chunked), linear, window and
+neighborhood attention, forward and backward, on square maps of S × S pixels
+(one image, one head, float64), with the operation counts and memory the
+formulas give next to them; written to a JSON file that the gallery's
+complexity figure is drawn from. Timed on one thread as CPU time, the best of
+several runs, so that other programs on the machine disturb it little; a size
+that got less than 80 % of a core is marked "disturbed"."""
+
+EPILOG = """\
+examples:
+  python -m attention_ref complexity --out complexity.json
+      sides 16, 32, 64 and 128 (a minute or two)
+  python -m attention_ref complexity --quick --out smoke.json
+  python -m attention_ref complexity --sizes 32 64 --variants exact --out c.json"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options, for ``python -m attention_ref complexity``."""
-    parser.add_argument("--out", required=True, help="where to write the JSON results")
-    parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIZES}, one repeat: a smoke test")
-    parser.add_argument("--sizes", type=int, nargs="+", help=f"map sides S (S × S pixels); default {FULL_SIZES}")
-    parser.add_argument("--dim", type=int, default=64, help="channels per head, d = dv (default 64)")
+    from .common import positive_int
+
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.add_argument("--out", required=True, metavar="FILE.json", help="where to write the results (JSON)")
+    parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIZES}, one run each: a smoke test")
     parser.add_argument(
-        "--repeats", type=int, help="timed runs per pass at least, the best is kept (default 3; quick: 1)"
+        "--sizes", type=positive_int, nargs="+", metavar="S", help=f"map sides S (S × S pixels); default {FULL_SIZES}"
+    )
+    parser.add_argument(
+        "--dim", type=positive_int, default=64, metavar="D", help="channels per head, d = dv (default 64)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        metavar="N",
+        help="timed runs per pass at least, the best is kept (default 3; quick: 1)",
     )
     parser.add_argument(
         "--min-time",
         type=float,
+        metavar="SECONDS",
         help="run each pass again until its runs took this many seconds (at most 50 runs; default 0.5; quick: 0)",
     )
-    parser.add_argument("--window", type=int, default=8, help="window attention: window side (default 8)")
-    parser.add_argument("--shift", type=int, help="window attention: shift (default window // 2, Swin's)")
-    parser.add_argument("--kernel", type=int, default=7, help="neighborhood attention: kernel side (default 7)")
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="chunked attention tile side")
     parser.add_argument(
-        "--exact-max-tokens", type=int, default=4096, help="run exact attention only up to this many pixels"
+        "--window", type=positive_int, default=8, metavar="W", help="window attention: window side (default 8)"
     )
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="which to run")
+    parser.add_argument(
+        "--shift", type=int, metavar="N", help="window attention: shift (default window // 2, as Swin's)"
+    )
+    parser.add_argument(
+        "--kernel", type=positive_int, default=7, metavar="K", help="neighborhood attention: kernel side (default 7)"
+    )
+    parser.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="N",
+        help=f"chunked attention: tile side (default {DEFAULT_BLOCK_SIZE})",
+    )
+    parser.add_argument(
+        "--exact-max-tokens",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="run exact attention only up to this many pixels (default 4096: its N × N weights)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        metavar="NAME",
+        help=f"which to run, of {', '.join(VARIANTS)} (default: all)",
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -389,6 +442,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(line, file=sys.stderr, flush=True)
     machine["load_after"] = load_average()
     report = {"schema": SCHEMA, "config": config, "machine": machine, "results": results}
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    from .common import write_all
+
+    write_all([("--out", Path(args.out), lambda path: path.write_text(json.dumps(report, indent=1), encoding="utf-8"))])
     return report

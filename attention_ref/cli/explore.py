@@ -22,7 +22,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -150,52 +149,98 @@ SOURCES: dict[str, tuple[str, Callable[..., Explorer]]] = {
 }
 
 
+DESCRIPTION = """\
+Write the attention explorer: one self-contained web page (no server, no
+network) on which you click a pixel to see where it attends, or a word to see
+which pixels read it, layer by layer and head by head.
+
+What the page shows comes from --source:
+  long-range  a self-attention block trained on the spot (seconds) to read a
+              pattern's twin half a map away
+  grounding   a cross-attention block trained on the spot (half a minute) to
+              tie the words of a prompt to their objects
+  diffusion   the NumPy diffusion U-Net (shipped weights) drawing a prompt:
+              8 attention layers at each of 25 denoising steps
+  FILE.npz    a page's data written before (--npz, or Explorer.save_npz)
+
+The page and the .npz are written only when both succeed, and only into a
+folder that exists."""
+
+EPILOG = """\
+examples:
+  python -m attention_ref explore
+      the long-range toy, written to explorer.html
+  python -m attention_ref explore --source diffusion --out unet.html
+  python -m attention_ref explore --source grounding --steps 300 --seed 1 \\
+      --npz grounding.npz
+  python -m attention_ref explore --source grounding.npz --out again.html"""
+
+
 def _source(value: str) -> str:
-    if value in SOURCES:
+    """argparse type: a source name or a file name ending in .npz (read when the command runs)."""
+    if value in SOURCES or value.endswith(".npz"):
         return value
-    if not value.endswith(".npz"):
-        raise argparse.ArgumentTypeError(f"{value!r} is neither one of {list(SOURCES)} nor a .npz file")
-    if not Path(value).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {value}")
-    return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither one of {', '.join(SOURCES)} nor a .npz file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options, for ``python -m attention_ref explore``."""
-    parser.add_argument("--out", default="explorer.html", help="the page to write (default: explorer.html)")
-    choices = "; ".join(f"{k}: {v[0]}" for k, v in SOURCES.items())
+    from .common import non_negative_int, positive_int
+
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "--out", default="explorer.html", metavar="FILE.html", help="the page to write (default: %(default)s)"
+    )
     parser.add_argument(
         "--source",
         type=_source,
         default="long-range",
-        help=f"what to show: {choices}; or FILE.npz written by Explorer.save_npz (default: long-range)",
+        metavar="SOURCE",
+        help=f"{', '.join(SOURCES)} or FILE.npz: what the page shows (default: %(default)s)",
     )
-    parser.add_argument("--steps", type=int, help="training steps of a toy (default: the toy's own)")
     parser.add_argument(
-        "--seed", type=int, help="the toy's seed (default 0), or the diffusion toy's starting noise (default 1000)"
+        "--steps",
+        type=positive_int,
+        metavar="N",
+        help="training steps of a toy trained on the spot (default: the toy's own, 600 or 1,200)",
     )
-    parser.add_argument("--npz", help="also write the page's data to this .npz file")
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        metavar="N",
+        help="the toy's seed (default 0), or the diffusion U-Net's starting noise (default 1000)",
+    )
+    parser.add_argument(
+        "--npz", metavar="FILE.npz", help="also write the page's data to this file, to open it again later"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    """Build the page of ``args.source``, write it to ``args.out``, and say what it holds."""
+    """Build the page of ``args.source``, write it to ``args.out`` (and ``args.npz``), and say what it holds."""
+    from .common import EXIT_USAGE, CommandError, check_output_file, printable, reading, write_all
+
     start = time.perf_counter()
-    if args.source == "diffusion" and args.steps is not None:
-        print("--steps applies to the toys trained on the spot; the diffusion toy loads its weights", file=sys.stderr)
-        return 2
+    if args.steps is not None and args.source not in ("long-range", "grounding"):
+        what = "the diffusion toy loads its weights" if args.source == "diffusion" else "not to a .npz file"
+        raise CommandError(f"--steps applies to the toys trained on the spot; {what}", EXIT_USAGE)
+    outputs = [("--out", check_output_file("--out", args.out), lambda path: page.save(path))]
+    if args.npz is not None:
+        outputs.append(("--npz", check_output_file("--npz", args.npz), lambda path: page.save_npz(path)))
+    if len({target.resolve() for _, target, _ in outputs}) < len(outputs):
+        raise CommandError("--out and --npz name the same file", EXIT_USAGE)
     if args.source in SOURCES:
         page = SOURCES[args.source][1](steps=args.steps, seed=args.seed)
     else:
         from ..viz import load_explorer
 
-        if args.steps is not None:
-            print("--steps applies to the toys, not to a .npz file", file=sys.stderr)
-            return 2
-        page = load_explorer(args.source)
-    out = page.save(args.out)
-    if args.npz:
-        page.save_npz(args.npz)
-    layers = ", ".join(f"{L.name} ({L.kind}, {L.grid[0]}×{L.grid[1]})" for L in page.layers)
-    print(f"{out}: {Path(out).stat().st_size / 1024:.0f} KiB, layers {layers}; open it in any browser")
+        with reading(args.source):
+            page = load_explorer(args.source)
+    write_all(outputs)
+    out = outputs[0][1]
+    layers = ", ".join(f"{printable(L.name)} ({L.kind}, {L.grid[0]}×{L.grid[1]})" for L in page.layers)
+    print(f"{out}: {out.stat().st_size / 1024:.0f} KiB, layers {layers}; open it in any browser")
+    if args.npz is not None:
+        print(f"{outputs[1][1]}: the page's data, for --source {outputs[1][1]}")
     print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0

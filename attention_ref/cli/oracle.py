@@ -43,8 +43,8 @@ def add_oracle_commands(sub: Any) -> None:
             "tensors with --torch (gradients then come from autograd). Exit status 0 passed, 1 failed, 2 usage error."
         ),
     )
-    check.add_argument("target", metavar="package.module:function")
-    check.add_argument("--dtype", default="float32", choices=_DTYPES)
+    check.add_argument("target", metavar="package.module:function", help="the attention function to check")
+    check.add_argument("--dtype", default="float32", choices=_DTYPES, help="the dtype of its inputs (default float32)")
     check.add_argument(
         "--policy",
         default="fused",
@@ -83,9 +83,14 @@ def add_oracle_commands(sub: Any) -> None:
     vectors = sub.add_parser(
         "vectors",
         help="write every case with its float64 reference and allowed error as .npz files + index.json",
+        description=(
+            "Write the battery's cases as test vectors for implementations in other languages: one .npz per case "
+            "(the inputs in --dtype, the float64 reference output and gradients, the allowed errors) and an "
+            "index.json that lists them. Exit status 0 written, 2 usage error."
+        ),
     )
-    vectors.add_argument("--out", required=True, metavar="DIR")
-    vectors.add_argument("--dtype", default="float32", choices=_DTYPES)
+    vectors.add_argument("--out", required=True, metavar="DIR", help="the directory to write into")
+    vectors.add_argument("--dtype", default="float32", choices=_DTYPES, help="the inputs' dtype (default float32)")
     vectors.add_argument("--policy", default="fused", choices=("fused", "eager"), help="the allowance's policy")
     vectors.add_argument("--cases", help="comma-separated case names (default: the whole battery)")
 

@@ -1,5 +1,5 @@
-"""How a toy trains: a tqdm progress bar when someone is watching (a terminal or a Jupyter kernel),
-silence otherwise; and on how many threads."""
+"""How a toy trains: a tqdm progress bar when someone is watching (a terminal, or a Jupyter kernel where the bar
+is one output redrawn in place), silence otherwise; and on how many threads."""
 
 from __future__ import annotations
 
@@ -9,26 +9,67 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 
+def in_kernel() -> bool:
+    """True inside a Jupyter/IPython kernel, where output goes to a notebook rather than a terminal."""
+    if "ipykernel" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
 def interactive() -> bool:
-    """True in a terminal (stderr is a TTY) or inside a Jupyter/IPython kernel."""
-    if "ipykernel" in sys.modules:
+    """True in a terminal (stderr is a TTY) or inside a Jupyter kernel."""
+    if in_kernel():
         return True
     isatty = getattr(sys.stderr, "isatty", None)
     return bool(isatty and isatty())
 
 
+class NotebookLine:
+    """A file for tqdm inside a Jupyter kernel: the bar is one output, redrawn in place.
+
+    A text bar on stderr is saved in the notebook as one red stderr block per redraw; this one is a single
+    ``text/plain`` display that each redraw replaces (IPython's ``display_id``), so the notebook shows the
+    bar moving while the cell runs and keeps its last state (``100%|██████████| 600/600 [00:13<00:00, …]``)
+    as plain output.
+    """
+
+    encoding = "utf-8"  # tqdm draws its Unicode blocks only for a file that says it takes them
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip("\n")  # tqdm writes "\r" + the bar, and "\n" when it closes
+        if not line.strip():
+            return
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display({"text/plain": line}, raw=True, display_id=True)
+        else:
+            self._handle.update({"text/plain": line}, raw=True)
+
+    def flush(self) -> None:
+        """Nothing to flush: every write is sent at once."""
+
+
 def progress(iterable: Iterable[Any], *, total: int, desc: str, enabled: bool | None) -> Iterator[Any]:
-    """``iterable`` wrapped in a text tqdm bar when ``enabled`` (``None``: when :func:`interactive`)."""
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (``None``: when :func:`interactive`).
+
+    In a terminal the bar is text on stderr; in a Jupyter kernel it is one output redrawn in place
+    (:class:`NotebookLine`), so a saved notebook keeps the finished bar as plain output.
+    """
     if enabled is None:
         enabled = interactive()
     if not enabled:
         yield from iterable
         return
-    from tqdm import tqdm  # text bar on stderr: reads the same in a terminal and in a saved notebook
+    from tqdm import tqdm
 
-    # a notebook keeps every redraw in its saved output: redraw seldom there
-    every = 5.0 if "ipykernel" in sys.modules else 0.5
-    yield from tqdm(iterable, total=total, desc=desc, mininterval=every, file=sys.stderr, leave=True)
+    out: Any = NotebookLine() if in_kernel() else sys.stderr
+    yield from tqdm(iterable, total=total, desc=desc, mininterval=0.5, file=out, leave=True)
 
 
 def toy_threads(threads: int | None = None) -> int:
