@@ -116,7 +116,7 @@ def _run_loader(name: str, target: Path, python: str) -> dict:
         arg = target
     if name == "explore --source":
         argv = ["explore", "--source", str(arg), "--out", str(arg) + ".html"]
-        body = f"from attention_ref.cli import main\nmain({argv!r})\n"
+        body = f"from attention_ref.cli import main\nraise SystemExit(main({argv!r}))\n"
     else:
         body = f"{_LOADERS[name]}\nload({str(arg)!r})\n"
     code = "\n".join(
