@@ -344,7 +344,7 @@ def _notebook(tmp_path: Path, name: str, *sources: str) -> Path:
 def test_the_notebooks_that_need_the_peers_are_found_from_their_imports(tmp_path):
     conftest = _notebooks_conftest()
     needing = {p.name for p in NOTEBOOKS if conftest.peers_needed(p)}
-    assert needing == {"07_diffusers_trace.ipynb"}
+    assert needing == {"07_diffusers_trace.ipynb", "09_joint_attention.ipynb"}
     assert conftest.peers_needed(_notebook(tmp_path, "a.ipynb", "%matplotlib inline\nimport torch.nn as nn")) == {
         "torch",
         "diffusers",
