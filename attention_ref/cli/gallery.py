@@ -1,7 +1,7 @@
 """The README's gallery: every figure of ``python -m attention_ref figures``, drawn from trained toys.
 
 Trains the two toys (:mod:`attention_ref.toys`), measures the attention
-variants' costs (:mod:`attention_ref.cli.complexity`, unless ``--complexity FILE``
+variants' costs (:mod:`attention_ref.bench.complexity`, unless ``--complexity FILE``
 gives a report already made), and draws every figure with
 :mod:`attention_ref.viz`. Prints one line per figure saying what it shows, then
 the numbers behind them. ``--quick`` trains briefly and measures small maps:
@@ -382,7 +382,7 @@ def make_figures(
     out.mkdir(parents=True, exist_ok=True)
     steps = {"steps": 40} if quick else {}
     # the toys train on toy_threads() (ATTENTION_REF_NUM_THREADS, else 1, BLAS included: see attention_ref.backend);
-    # the complexity measurement runs on one thread (attention_ref.cli.complexity.one_thread)
+    # the complexity measurement runs on one thread (attention_ref.bench.measure.one_thread)
     say(f"training the long-range toy (self-attention) on {toy_threads()} thread(s), then the grounding toy")
     long_range = train_long_range(0, progress_bar=progress_bar, **steps)
     say(f"long-range toy trained in {long_range.seconds:.0f} s: partner attention {long_range.partner_attention:.2f}")
