@@ -23,7 +23,9 @@ Time, in two clocks: :func:`clock_pair` times one forward + backward in wall sec
 the time other processes held the core). The benchmark (:mod:`.run`) keeps the wall times of each
 run (:func:`time_pair`); the complexity sweep (:mod:`.complexity`) runs the pair again and again
 (:func:`time_passes`), keeps the best of each clock and flags the runs that did not get a core to
-themselves (:func:`summarise`), all on one thread (:func:`one_thread`).
+themselves (:func:`summarise`), all on one thread (:func:`one_thread`). :func:`best_seconds` is the
+best of several runs of one call (the machine's limits, :mod:`.limits`; the tiled path's parts,
+:mod:`.breakdown`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,26 @@ def time_pair(fwd: Callable[[], Any], bwd: Callable[[Any], Any], sync: Callable[
     """Seconds taken by ``state = fwd()`` and then ``bwd(state)``, each ended by ``sync()`` (wall time)."""
     run = clock_pair(fwd, bwd, sync)
     return run["forward_wall"], run["backward_wall"]
+
+
+def best_seconds(
+    run: Callable[[], Any],
+    repeats: int,
+    *,
+    sync: Callable[[], None] = _no_sync,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """The least time of ``repeats`` runs of ``run()``, each ended by ``sync()``, after one run to warm up (page
+    in, start the BLAS threads): wall seconds, or this process's CPU seconds with ``clock=time.process_time``."""
+    run()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        run()
+        sync()
+        best = min(best, clock() - t0)
+    return best
 
 
 def time_passes(
