@@ -22,7 +22,7 @@ from attention_ref import (
     spatial_transformer_forward,
 )
 from attention_ref.cli import main as cli_main
-from attention_ref.viz import Explorer, ExplorerLayer, explore, load_explorer, pixels_of_positions
+from attention_ref.viz import Explorer, ExplorerLayer, explore, load_explorer, pixels_of_positions, sample_explorer
 from attention_ref.viz import explorer as explorer_module
 
 H, W, C = 4, 6, 8
@@ -512,7 +512,7 @@ def test_diffusion_trace_page_holds_the_trace():
     result = sample(
         ["green square", "red circle and blue triangle"], seed=1, steps=3, queries=[(2, 2), (3, 3), (9, 12)]
     )
-    page = result.explorer(1)
+    page = sample_explorer(result, 1)
     # the left panel's image at each step: the clean image x̂₀ that step predicts, from [−1, 1] to bytes
     np.testing.assert_array_equal(page.step_images, np.round(np.clip((result.x0_pred[1] + 1) / 2, 0, 1) * 255))
     assert page.step_images.shape == (3, 16, 16, 3) and "x̂₀" in page.step_images_label
@@ -520,7 +520,7 @@ def test_diffusion_trace_page_holds_the_trace():
     view = page.start_view()
     assert page.layers[view["layer"]].name == "mid.attn.blocks.0.attn2" and page.layers[view["layer"]].kind == "cross"
     assert (view["step"], page.tokens[view["word"]], view["scale"]) == (2, "red", "shared")
-    assert result.explorer(1, start_layer="up.0.attn.blocks.0.attn2").start_view()["layer"] == 7
+    assert sample_explorer(result, 1, start_layer="up.0.attn.blocks.0.attn2").start_view()["layer"] == 7
     assert page.steps == tuple(f"t = {t}" for t in result.timesteps)
     assert page.tokens == tuple(result.tokens[1]) and np.array_equal(page.image, np.round(result.images[1] * 255))
     for layer, shown in zip(result.layers, page.layers, strict=True):
@@ -534,7 +534,7 @@ def test_diffusion_trace_page_holds_the_trace():
             expected = layer.maps[1].reshape(3, layer.heads, -1, h * w)[:, :, cells]
         np.testing.assert_allclose(shown.weights, expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="outside the 2 prompts"):
-        result.explorer(2)
+        sample_explorer(result, 2)
 
 
 def test_explore_command_refuses_unknown_sources(tmp_path, capsys):

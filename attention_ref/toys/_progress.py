@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ..backend import thread_count
+
 
 def in_kernel() -> bool:
     """True inside a Jupyter/IPython kernel, where output goes to a notebook rather than a terminal."""
@@ -83,7 +85,5 @@ def toy_threads(threads: int | None = None) -> int:
     if threads is not None:
         return threads
     if os.environ.get("ATTENTION_REF_NUM_THREADS", "").strip():
-        from ..backend import thread_count  # validates the variable
-
-        return thread_count()
+        return thread_count()  # validates the variable
     return 1
