@@ -31,7 +31,7 @@ import numpy as np
 from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz
 from ..scenes import SIZE, VOCAB
 from .data import EMPTY_PROMPT, encode_prompts, from_model
-from .model import DiffusionModel, load_pretrained
+from .model import DiffusionModel, json_entry, load_pretrained
 from .schedule import ddim_step, ddim_timesteps, guided_eps
 
 __all__ = [
@@ -214,15 +214,7 @@ def load_trace(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[
     and the entry when ``"meta"`` is missing or is not a JSON object.
     """
     arrays: dict[str, Any] = load_npz(path, max_bytes=max_bytes)
-    meta = arrays.get("meta")
-    if meta is None:
-        raise ValueError(f"{path}: lacks 'meta' (not a trace written by SampleResult.save)")
-    if meta.dtype.kind != "U" or meta.ndim != 0:
-        raise ValueError(f"{path}: 'meta' must be a JSON string, got {meta.dtype} of shape {meta.shape}")
-    try:
-        arrays["meta"] = json.loads(str(meta))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: 'meta' is not JSON ({err})") from None
+    arrays["meta"] = json_entry(arrays.get("meta"), path, "meta", "a trace written by SampleResult.save")
     if not isinstance(arrays["meta"], dict):
         raise ValueError(f"{path}: 'meta' must be a JSON object, got {type(arrays['meta']).__name__}")
     return arrays
