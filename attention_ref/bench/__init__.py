@@ -2,8 +2,9 @@
 
 * :mod:`.measure` — the one timing stack: a forward + backward timed in wall and CPU seconds
   (:func:`~.measure.clock_pair`), best-of-runs on one thread (:func:`~.measure.time_passes`,
-  :func:`~.measure.summarise`, :func:`~.measure.one_thread`), peak memory by what can see the
-  allocations (:func:`~.measure.peak_memory_bytes`), the machine's load;
+  :func:`~.measure.summarise`, :func:`~.measure.one_thread`), the best of several runs of one call
+  (:func:`~.measure.best_seconds`), peak memory by what can see the allocations
+  (:func:`~.measure.peak_memory_bytes`), the machine's load;
 * :mod:`.run` — :func:`run_bench`: our attention paths and the small blocks against the machine's
   limit (:mod:`.limits`), torch (:mod:`.peers`) and the bare matrix products (:mod:`.cases`), reported
   by :mod:`.report`; :mod:`.breakdown` times the tiled path part by part;
