@@ -1,4 +1,6 @@
-"""``python -m attention_ref complexity``: runs in quick mode on tiny maps and writes the documented JSON."""
+"""``python -m attention_ref complexity``: runs in quick mode on tiny maps and writes the documented JSON
+(:mod:`attention_ref.cli.complexity` reads the command line, :mod:`attention_ref.bench.complexity` measures,
+with :mod:`attention_ref.bench.measure`'s timing)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import sys
 
 import pytest
 
+from attention_ref.bench import complexity as sweep
+from attention_ref.bench import measure
 from attention_ref.cli import complexity
 
 ROW_KEYS = {
@@ -36,22 +40,22 @@ def test_quick_run_writes_the_documented_schema(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
 
-    assert report["schema"] == complexity.SCHEMA == "attention_ref.complexity/2"
+    assert report["schema"] == sweep.SCHEMA == "attention_ref.complexity/2"
     assert set(report) == {"schema", "config", "machine", "results"}
     assert report["config"]["quick"] is True and report["config"]["sizes"] == [4, 8, 16]
     assert report["config"]["dim"] == 8 and report["config"]["repeats"] == 1 and report["config"]["min_time"] == 0
     assert report["config"]["threads"] == 1 and report["config"]["blas_limited"] is True  # threadpoolctl is here
     assert report["machine"]["cpu"] and "load_before" in report["machine"]
     rows = {(r["variant"], r["side"]): r for r in report["results"]}
-    assert set(rows) == {(v, s) for v in complexity.VARIANTS for s in (4, 8, 16)}
+    assert set(rows) == {(v, s) for v in sweep.VARIANTS for s in (4, 8, 16)}
     for (variant, side), row in rows.items():
         assert set(row) == ROW_KEYS
         assert row["tokens"] == side * side
-        assert row == {**row, **complexity.theory(variant, side * side, 8, report["config"])}
+        assert row == {**row, **sweep.theory(variant, side * side, 8, report["config"])}
         if row["skipped"] is None:
             assert row["forward_s"] > 0 and row["backward_s"] > 0 and row["peak_bytes"] > 0
             assert row["forward_cpu_s"] >= 0 and row["backward_cpu_s"] >= 0 and row["runs"] == 1
-            assert row["cpu_share"] > 0 and row["disturbed"] == (row["cpu_share"] < complexity.DISTURBED_SHARE)
+            assert row["cpu_share"] > 0 and row["disturbed"] == (row["cpu_share"] < measure.DISTURBED_SHARE)
         else:
             assert row["forward_s"] is None and row["peak_bytes"] is None and row["disturbed"] is None
 
@@ -67,12 +71,12 @@ def test_quick_run_writes_the_documented_schema(tmp_path):
 
 def test_theory_grows_quadratically_only_for_exact_and_chunked():
     config = {"window": 8, "shift": 4, "kernel": 7, "block_size": 512}
-    for variant in complexity.VARIANTS:
-        small = complexity.theory(variant, 64**2, 64, config)["flops_forward"]
-        large = complexity.theory(variant, 128**2, 64, config)["flops_forward"]
+    for variant in sweep.VARIANTS:
+        small = sweep.theory(variant, 64**2, 64, config)["flops_forward"]
+        large = sweep.theory(variant, 128**2, 64, config)["flops_forward"]
         assert large / small == (16 if variant in ("exact", "chunked") else 4), variant
     with pytest.raises(ValueError, match="unknown variant"):
-        complexity.theory("sparse", 16, 4, config)
+        sweep.theory("sparse", 16, 4, config)
 
 
 def test_bad_arguments_are_rejected(tmp_path):
@@ -105,14 +109,14 @@ def test_time_passes_keeps_the_best_run_and_runs_until_min_time():
     def backward(dout, cache):
         calls.append("b")
 
-    timings = complexity.time_passes(forward, backward, (1,), 1, repeats=2, min_time=0.0)
+    timings = measure.time_passes(forward, backward, (1,), 1, repeats=2, min_time=0.0)
     assert calls == ["f", "b", "f", "b"] and len(timings["forward_cpu"]) == 2
     # every run fast: repeats until min_time, at most max_runs
-    timings = complexity.time_passes(forward, backward, (1,), 1, repeats=1, min_time=10.0, max_runs=7)
+    timings = measure.time_passes(forward, backward, (1,), 1, repeats=1, min_time=10.0, max_runs=7)
     assert len(timings["forward_wall"]) == 7
     # runs made later add to the same record
-    complexity.time_passes(forward, backward, (1,), 1, repeats=2, min_time=0.0, timings=timings)
-    row = complexity.summarise(timings)
+    measure.time_passes(forward, backward, (1,), 1, repeats=2, min_time=0.0, timings=timings)
+    row = measure.summarise(timings)
     assert row["runs"] == 9
     assert row["forward_s"] == min(timings["forward_wall"]) and row["backward_cpu_s"] == min(timings["backward_cpu"])
 
@@ -124,7 +128,7 @@ def test_a_run_that_waits_off_the_cpu_is_flagged_disturbed():
         time.sleep(0.02)  # wall time passes, this process's CPU time does not: as when others hold the core
         return a, None
 
-    row = complexity.summarise(complexity.time_passes(forward, lambda d, c: None, (1,), 1, repeats=3, min_time=0))
+    row = measure.summarise(measure.time_passes(forward, lambda d, c: None, (1,), 1, repeats=3, min_time=0))
     assert row["cpu_share"] < 0.5 and row["disturbed"] is True
     assert row["forward_cpu_s"] < row["forward_s"] / 5  # CPU time leaves out the wait, wall time does not
 
@@ -134,22 +138,22 @@ def test_a_run_that_waits_off_the_cpu_is_flagged_disturbed():
             pass
         return a, None
 
-    timings = complexity.time_passes(busy, lambda d, c: None, (1,), 1, repeats=3, min_time=0)
-    assert complexity.summarise(timings)["forward_cpu_s"] >= 0.02
+    timings = measure.time_passes(busy, lambda d, c: None, (1,), 1, repeats=3, min_time=0)
+    assert measure.summarise(timings)["forward_cpu_s"] >= 0.02
 
 
 def test_one_thread_sets_and_restores_the_thread_count(monkeypatch):
     monkeypatch.setenv("ATTENTION_REF_NUM_THREADS", "7")
     from attention_ref.backend import thread_count
 
-    with complexity.one_thread() as limited:
+    with measure.one_thread() as limited:
         assert thread_count() == 1 and limited is True
         from threadpoolctl import threadpool_info
 
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     assert thread_count() == 7
     monkeypatch.delenv("ATTENTION_REF_NUM_THREADS")
-    with complexity.one_thread():
+    with measure.one_thread():
         pass
     import os
 

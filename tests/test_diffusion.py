@@ -38,6 +38,7 @@ from attention_ref.toys.diffusion.train import SHIPPED
 from attention_ref.toys.diffusion.train import main as train_main
 from attention_ref.toys.diffusion.unet import UNetConfig
 from attention_ref.toys.scenes import COLOURS, SHAPES, VOCAB, make_scenes, shape_mask, word_embeddings
+from attention_ref.viz import sample_explorer
 
 TINY = UNetConfig(channels=(8, 8), head_dim=4, groups=2, time_dim=8, context_dim=32, ff_mult=1)
 
@@ -293,10 +294,10 @@ def test_sampling_is_seeded_and_guidance_one_is_the_conditional_model(jittered):
     with pytest.raises(ValueError, match="trace=False"):
         a.step_word_maps(0)
     with pytest.raises(ValueError, match="trace=False"):
-        a.explorer(0)
+        sample_explorer(a, 0)
     # without query pixels the page keeps the cross-attention layers
     no_rows = sample(["blue circle"], seed=1, steps=2, model=jittered, queries=())
-    assert [L.kind for L in no_rows.explorer(0).layers] == ["cross"] * len(no_rows.cross_layers())
+    assert [L.kind for L in sample_explorer(no_rows, 0).layers] == ["cross"] * len(no_rows.cross_layers())
 
 
 def test_upsample_map_repeats_cells():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -22,6 +25,20 @@ from attention_ref.toys import (
 from attention_ref.toys.scenes import COLOURS, SHAPES, VOCAB
 
 # ---------------------------------------------------------------- pieces
+
+
+def test_the_toys_never_import_viz():
+    """viz sits above the toys: it imports them to draw what they compute (viz.sample_explorer), never the other
+    way, not even lazily inside a function, so that the toys load without matplotlib."""
+    folder = Path(grounding.__file__).parent
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if any("viz" in name.split(".") for name in names):
+                found.append(f"{path.relative_to(folder)}:{node.lineno}")
+    assert found == [], f"the toys import viz at {found}"
 
 
 def test_adam_step_follows_the_formula_and_minimises_a_quadratic():

@@ -22,24 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from ..attention.chunked import DEFAULT_BLOCK_SIZE, chunked_attention_backward, chunked_attention_forward
 from ..backend import limited_threads
 from .limits import GEMM_SIDE
-
-
-def _cpu_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """The least CPU time of ``repeats`` runs (after one to warm up)."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        run()
-        best = min(best, time.process_time() - t0)
-    return best
+from .measure import best_seconds
 
 
 def breakdown(n: int = 4096, d: int = 64, dtype: str = "float64", block: int | None = None, repeats: int = 3) -> dict:
@@ -53,13 +42,13 @@ def breakdown(n: int = 4096, d: int = 64, dtype: str = "float64", block: int | N
     tiles = (n // block) ** 2
     with limited_threads(1):
         a = rng.standard_normal((GEMM_SIDE, GEMM_SIDE)).astype(dtype)  # the peak GEMM rate, as bench/limits.py
-        peak = 2.0 * GEMM_SIDE**3 / _cpu_seconds(lambda: a @ a, repeats)
+        peak = 2.0 * GEMM_SIDE**3 / best_seconds(lambda: a @ a, repeats, clock=time.process_time)
 
         def path() -> None:
             _, cache = chunked_attention_forward(q, k, v, block_size=block)
             chunked_attention_backward(dout, cache)
 
-        path_s = _cpu_seconds(path, repeats)
+        path_s = best_seconds(path, repeats, clock=time.process_time)
 
         # one tile's operands, as the path builds them: [scale·Q_i | -m], [K_j | 1], [V_j | 1], [dO_i | -D_i]
         ones = np.ones((block, 1))
@@ -85,7 +74,7 @@ def breakdown(n: int = 4096, d: int = 64, dtype: str = "float64", block: int | N
         }
         parts: dict[str, dict[str, float]] = {}
         for name, (run, per, flops) in per_tile.items():
-            seconds = tiles * per * _cpu_seconds(run, max(repeats, 5))
+            seconds = tiles * per * best_seconds(run, max(repeats, 5), clock=time.process_time)
             parts[name] = {"s": seconds}
             if flops is not None:
                 parts[name]["limit_s"] = tiles * per * flops / peak

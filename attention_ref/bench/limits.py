@@ -22,15 +22,13 @@ waiting for each other, products of shapes the BLAS runs below its peak).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from ..backend import limited_threads, parallel_map
-from .measure import Device
+from .measure import Device, best_seconds
 
 GEMM_SIDE = 2048
 EXP_SHAPE = (256, 512)  # 1 MiB in float64 with its output: stays in a core's L2 cache
@@ -61,18 +59,6 @@ class MachineLimit:
         return record
 
 
-def _best_seconds(run: Callable[[], Any], sync: Callable[[], None], repeats: int) -> float:
-    run()  # warm up: page in, start the BLAS threads
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure_limit(dtype: str, threads: int, device: Device, *, repeats: int = 5) -> MachineLimit:
     """The peak GEMM and ``exp`` rates of this machine for ``dtype`` on ``threads`` threads (see the module)."""
     xp, sync = device.xp, device.sync
@@ -85,14 +71,14 @@ def measure_limit(dtype: str, threads: int, device: Device, *, repeats: int = 5)
     b = [device.asarray(rng.standard_normal((n, n)).astype(dtype)) for _ in range(workers)]
     like = a[0]
     with limited_threads(threads):
-        one_call = flops / _best_seconds(lambda: xp.matmul(a[0], b[0]), sync, repeats)
+        one_call = flops / best_seconds(lambda: xp.matmul(a[0], b[0]), repeats, sync=sync)
         side_by_side = one_call
         if workers > 1:
 
             def products() -> Any:
                 return parallel_map(lambda i: xp.matmul(a[i], b[i]), list(range(workers)), like=like)
 
-            side_by_side = workers * flops / _best_seconds(products, sync, repeats)
+            side_by_side = workers * flops / best_seconds(products, repeats, sync=sync)
 
         shape = GPU_EXP_SHAPE if on_gpu else EXP_SHAPE
         src = [device.asarray((-10.0 * rng.random(shape)).astype(dtype)) for _ in range(workers)]
@@ -102,7 +88,7 @@ def measure_limit(dtype: str, threads: int, device: Device, *, repeats: int = 5)
             for _ in range(EXP_CALLS):
                 xp.exp(src[i], out=dst[i])
 
-        seconds = _best_seconds(lambda: parallel_map(exps, list(range(workers)), like=like), sync, repeats)
+        seconds = best_seconds(lambda: parallel_map(exps, list(range(workers)), like=like), repeats, sync=sync)
     exp_per_s = workers * EXP_CALLS * src[0].size / seconds
     return MachineLimit(
         dtype=dtype,

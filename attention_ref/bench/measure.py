@@ -17,23 +17,38 @@ Peak memory, by what can see the allocations:
 * ``"cuda"`` — torch on a GPU: ``torch.cuda.max_memory_allocated`` above the start.
 * ``"cupy-pool"`` — CuPy: growth of its default memory pool, emptied before the
   run (an upper bound on the peak: the pool only grows when a block is missing).
+
+Time, in two clocks: :func:`clock_pair` times one forward + backward in wall seconds
+(``time.perf_counter``) and in this process's CPU seconds (``time.process_time``, which leaves out
+the time other processes held the core). The benchmark (:mod:`.run`) keeps the wall times of each
+run (:func:`time_pair`); the complexity sweep (:mod:`.complexity`) runs the pair again and again
+(:func:`time_passes`), keeps the best of each clock and flags the runs that did not get a core to
+themselves (:func:`summarise`), all on one thread (:func:`one_thread`). :func:`best_seconds` is the
+best of several runs of one call (the machine's limits, :mod:`.limits`; the tiled path's parts,
+:mod:`.breakdown`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import importlib.util
 import os
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from ..backend import limited_threads
+
 MiB = 2.0**20
+MAX_RUNS = 50  # time_passes' runs of one pass at most
+DISTURBED_SHARE = 0.8  # a process with less than this share of a core while timed was disturbed
 
 
 @dataclass
@@ -72,18 +87,123 @@ class Device:
         return "tracemalloc" if self.name == "numpy" else "cupy-pool"
 
 
-def time_pair(fwd: Callable[[], Any], bwd: Callable[[Any], Any], sync: Callable[[], None]) -> tuple[float, float]:
-    """Seconds taken by ``state = fwd()`` and then ``bwd(state)``, each ended by ``sync()``."""
+Timings = dict[str, list[float]]  # "forward_wall", "backward_wall", "forward_cpu", "backward_cpu": one entry a run
+
+
+def _no_sync() -> None:
+    """NumPy's work is done when its call returns: nothing to wait for."""
+
+
+def clock_pair(
+    fwd: Callable[[], Any], bwd: Callable[[Any], Any], sync: Callable[[], None] = _no_sync
+) -> dict[str, float]:
+    """One run of ``state = fwd()`` and then ``bwd(state)``, each ended by ``sync()``: the wall seconds
+    (``"forward_wall"``, ``"backward_wall"``) and this process's CPU seconds (``"forward_cpu"``, ``"backward_cpu"``)."""
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = fwd()
     sync()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     grads = bwd(state)
     sync()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     del state, grads
-    return t1 - t0, t2 - t1
+    return {"forward_wall": t1 - t0, "backward_wall": t2 - t1, "forward_cpu": c1 - c0, "backward_cpu": c2 - c1}
+
+
+def time_pair(fwd: Callable[[], Any], bwd: Callable[[Any], Any], sync: Callable[[], None]) -> tuple[float, float]:
+    """Seconds taken by ``state = fwd()`` and then ``bwd(state)``, each ended by ``sync()`` (wall time)."""
+    run = clock_pair(fwd, bwd, sync)
+    return run["forward_wall"], run["backward_wall"]
+
+
+def best_seconds(
+    run: Callable[[], Any],
+    repeats: int,
+    *,
+    sync: Callable[[], None] = _no_sync,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """The least time of ``repeats`` runs of ``run()``, each ended by ``sync()``, after one run to warm up (page
+    in, start the BLAS threads): wall seconds, or this process's CPU seconds with ``clock=time.process_time``."""
+    run()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        run()
+        sync()
+        best = min(best, clock() - t0)
+    return best
+
+
+def time_passes(
+    forward: Callable[..., Any],
+    backward: Callable[..., Any],
+    inputs: tuple[Any, ...],
+    dout: Any,
+    repeats: int,
+    min_time: float,
+    timings: Timings | None = None,
+    *,
+    max_runs: int = MAX_RUNS,
+) -> Timings:
+    """Time ``forward(*inputs) -> (out, cache)`` and ``backward(dout, cache)`` in CPU and wall seconds, run after run.
+
+    Runs the pair at least ``repeats`` times, and again while these runs took less than ``min_time``
+    seconds in all (at most ``max_runs``). Appends to ``timings`` when given (so that runs made
+    at different moments add up) and returns it; :func:`summarise` turns it into the report's fields.
+    """
+    timings = timings if timings is not None else {}
+    for key in ("forward_wall", "backward_wall", "forward_cpu", "backward_cpu"):
+        timings.setdefault(key, [])
+
+    def fwd() -> Any:
+        return forward(*inputs)
+
+    def bwd(state: Any) -> Any:
+        _, cache = state
+        return backward(dout, cache)
+
+    runs, spent = 0, 0.0
+    while runs < repeats or (spent < min_time and runs < max_runs):
+        run = clock_pair(fwd, bwd)
+        for key, seconds in run.items():
+            timings[key].append(seconds)
+        runs, spent = runs + 1, spent + run["forward_wall"] + run["backward_wall"]
+    return timings
+
+
+def summarise(timings: Timings) -> dict[str, Any]:
+    """The report's time fields from :func:`time_passes`' runs: the best of each, and how disturbed they were.
+
+    The minimum is the run least disturbed by everything else on the machine; CPU time
+    (``time.process_time``) leaves out the time other processes held the core.
+    ``cpu_share`` = total CPU time ÷ total wall time of the runs; ``disturbed`` when it is under
+    :data:`DISTURBED_SHARE`.
+    """
+    wall = sum(timings["forward_wall"]) + sum(timings["backward_wall"])
+    cpu = sum(timings["forward_cpu"]) + sum(timings["backward_cpu"])
+    share = cpu / wall if wall > 0 else 1.0
+    return {
+        "forward_s": min(timings["forward_wall"]),
+        "backward_s": min(timings["backward_wall"]),
+        "forward_cpu_s": min(timings["forward_cpu"]),
+        "backward_cpu_s": min(timings["backward_cpu"]),
+        "runs": len(timings["forward_wall"]),
+        "cpu_share": share,
+        "disturbed": share < DISTURBED_SHARE,
+    }
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[bool]:
+    """Everything on one thread inside: the library's and BLAS's (:func:`attention_ref.backend.limited_threads`).
+
+    Yields whether BLAS could be limited (it can where ``threadpoolctl`` is installed).
+    """
+    with limited_threads(1):
+        yield importlib.util.find_spec("threadpoolctl") is not None
 
 
 def _proc_status_kib(field: str) -> int:
@@ -132,8 +252,9 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def peak_memory_mib(run: Callable[[], Any], method: str) -> float | None:
-    """Peak memory in MiB allocated while ``run()`` executes (its results included), by ``method``."""
+def peak_memory_bytes(run: Callable[[], Any], method: str) -> int | None:
+    """Peak memory in bytes allocated while ``run()`` executes (its results included), by ``method``
+    (None where ``"rss"`` cannot be measured)."""
     gc.collect()
     if method == "tracemalloc":
         tracemalloc.start()
@@ -173,7 +294,13 @@ def peak_memory_mib(run: Callable[[], Any], method: str) -> float | None:
     else:
         raise ValueError(f"unknown memory method {method!r}")
     del result
-    return max(peak, 0) / MiB
+    return max(peak, 0)
+
+
+def peak_memory_mib(run: Callable[[], Any], method: str) -> float | None:
+    """:func:`peak_memory_bytes` in MiB."""
+    peak = peak_memory_bytes(run, method)
+    return None if peak is None else peak / MiB
 
 
 def load_average() -> float | None:

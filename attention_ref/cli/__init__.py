@@ -2,7 +2,8 @@
 its failures into one line on stderr and an exit status (:mod:`attention_ref.cli.common`).
 
 Each command lives in its own module with an ``add_arguments(parser)`` and a ``main(args)``; the oracle's
-two commands (``check``, ``vectors``) in :mod:`attention_ref.cli.oracle`.
+two commands (``check``, ``vectors``) in :mod:`attention_ref.cli.oracle`. A command's module reads its
+options and calls the library (the measuring of ``bench`` and ``complexity`` is :mod:`attention_ref.bench`'s).
 """
 
 from __future__ import annotations
@@ -69,25 +70,6 @@ shape it produces, one query pixel's weights laid out on the map, then the
 backward pass checked against finite differences. Needs only NumPy; takes a
 second."""
 
-BENCH = """\
-Time and peak memory of the library's attention (the plain path, the tiled
-path, the self-attention block, small self- and cross-attention blocks),
-forward and backward, for N tokens of 4 heads of 64, against the machine's own
-limit (its peak matrix-product rate plus its exp rate, measured in the same
-run), torch's scaled_dot_product_attention with autograd, and the bare matrix
-products. Prints a table and writes every run to --json. Several minutes on 2
-cores; the torch column needs torch (or give --no-torch)."""
-
-BENCH_EXAMPLES = """\
-examples:
-  python -m attention_ref bench --quick
-      N = 1,024 and 4,096, 3 runs each
-  python -m attention_ref bench --sizes 4096 --parts plain --dtypes float32
-  python -m attention_ref bench --breakdown --sizes 4096
-      where the tiled path's time goes, part by part
-  python -m attention_ref bench --threads 1
-      on a busy machine"""
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
@@ -112,16 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     complexity_arguments(
         sub.add_parser("complexity", help="time and memory of exact, tiled, linear, window and neighborhood attention")
     )
-    from ..bench import add_arguments as bench_arguments
+    from .bench import add_arguments as bench_arguments
 
-    bench_arguments(
-        sub.add_parser(
-            "bench",
-            help="speed and memory of attention against the machine's limit and torch",
-            description=BENCH,
-            epilog=BENCH_EXAMPLES,
-        )
-    )
+    bench_arguments(sub.add_parser("bench", help="speed and memory of attention against the machine's limit and torch"))
     return parser
 
 
@@ -152,9 +127,9 @@ def _run(args: argparse.Namespace) -> int:
         complexity(args)
         return 0
     if args.command == "bench":
-        from ..bench import main as bench_main
+        from .bench import main as bench
 
-        return bench_main(args)
+        return bench(args)
     if args.command == "figures":
         from .figures import main as figures
 

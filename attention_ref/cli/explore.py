@@ -114,6 +114,7 @@ def diffusion_explorer(steps: int | None = None, seed: int | None = None, prompt
     """
     from ..toys.diffusion import EXAMPLE_PROMPT, held_out_prompts, load_pretrained, sample, score_samples
     from ..toys.diffusion.evaluate import EVAL_SEEDS
+    from ..viz import sample_explorer
 
     if steps is not None:
         raise ValueError("the diffusion toy loads its shipped weights: --steps (training steps) does not apply")
@@ -138,7 +139,7 @@ def diffusion_explorer(steps: int | None = None, seed: int | None = None, prompt
         f"maps summed over steps and layers cover their objects with IoU {score['iou_colour']:.2f} (colour "
         f"words) and {score['iou_shape']:.2f} (shape words), 1 being exact.{overall}"
     )
-    return result.explorer(0, notes=notes)
+    return sample_explorer(result, 0, notes=notes)
 
 
 # name → (help, builder): builder(steps=None or the --steps given, seed=...) -> Explorer

@@ -1,7 +1,7 @@
 """The README's gallery: every figure of ``python -m attention_ref figures``, drawn from trained toys.
 
 Trains the two toys (:mod:`attention_ref.toys`), measures the attention
-variants' costs (:mod:`attention_ref.cli.complexity`, unless ``--complexity FILE``
+variants' costs (:mod:`attention_ref.bench.complexity`, unless ``--complexity FILE``
 gives a report already made), and draws every figure with
 :mod:`attention_ref.viz`. Prints one line per figure saying what it shows, then
 the numbers behind them. ``--quick`` trains briefly and measures small maps:
@@ -56,6 +56,70 @@ SCENE_BACKDROP = "grey underneath the colours: the scene's luminance"
 COMPLEXITY_SIZES = ("16", "32", "48", "64", "96", "128")
 
 
+# every figure of the gallery, in the order drawn, with the line printed under it (its {fields} filled in by
+# the numbers of the run: _saved)
+CAPTIONS = {
+    "long_range_attention.png": (
+        "Self-attention of one pixel in each of four patterns, before and after training the "
+        "long-range toy, on one logarithmic scale: at initialisation every weight is near uniform "
+        "(1/{pixels}); trained, each pixel's weight sits on its identical twin."
+    ),
+    "attention_distance.png": (
+        "Left: the share of a pattern pixel's attention weight within distance r, averaged over the pattern "
+        "pixels of the held-out maps, before and after training the long-range toy (one head), against "
+        "all weight on the twin and uniform weights. Right: the share of the influence |∂y/∂x| within r, "
+        "for stacked 3×3 convolutions at the map's centre and for the trained attention block at one "
+        "pattern pixel."
+    ),
+    "receptive_fields.png": (
+        "Effective receptive field |∂y_q/∂x| of the marked pixel, from the library's backward "
+        "passes: stacks of random 3×3 convolutions against the trained self-attention block, each "
+        "map divided by its maximum, over the input map in grey."
+    ),
+    "weights_vs_influence.png": (
+        "One query's attention weights next to its true influence map |∂y_q/∂x| from the backward pass, each "
+        "on a logarithmic scale of four decades below its maximum: the other keys' weights are far below it, "
+        "and the faint floor of the influence is the group norm's statistics, which every pixel moves."
+    ),
+    "token_maps.png": (
+        "The held-out scene in colour, then the cross-attention weights of every prompt token over its "
+        "pixels after training the grounding toy, on one scale; `<sot>` and `and` collect the background."
+    ),
+    "token_normalizations.png": (
+        "Five of the token maps under the usual normalisations, one row each, each row with its own "
+        "labelled colour bar: ÷ max rescues a token read weakly everywhere, not one read strongly in a few "
+        "pixels; a normalisation that looks the same as an earlier row is left out, and the note under the "
+        "figure says so and why."
+    ),
+    "token_segmentation.png": "Argmax-token segmentation over the shape words next to the true objects.",
+    "complexity.png": (
+        "Forward + backward cost of exact, tiled, linear, window and neighborhood attention against the "
+        "number of pixels, log-log: the operation counts (lines) with the measured CPU time of one thread "
+        "(dots, best of several runs), and the measured peak memory with the theory dashed (the arrays a pass "
+        "must hold; the measured peaks sit about 2–3× above it, the backward's temporaries)."
+    ),
+    "self_attention_block.png": (
+        "A U-Net stage: a ResBlock that adds the timestep embedding, then the self-attention block, one "
+        "column per head, every tensor named and every shape read off a forward pass."
+    ),
+    "cross_attention.png": (
+        "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head; "
+        "the projections' biases drawn as the library's blocks have them (diffusers' have none)."
+    ),
+    "diffusion_denoising.png": (
+        "The NumPy diffusion U-Net draws a held-out prompt: the clean image x̂₀ six of its 25 DDIM steps predict, and "
+        "under it each token's cross-attention at that step (mean over the {layers} "
+        "cross-attention layers and their heads), drawn on one linear scale with the final image's objects outlined."
+    ),
+}
+
+
+def _saved(fig: Any, out: Path, name: str, dpi: int, **numbers: Any) -> tuple[Path, str]:
+    """The matplotlib figure ``fig`` saved as ``out/name``, and its caption (:data:`CAPTIONS`, its fields filled
+    from ``numbers``)."""
+    return save_figure(fig, out / name, dpi=dpi), CAPTIONS[name].format(**numbers)
+
+
 def _pattern_queries(result: LongRangeResult, b: int) -> list[tuple[int, int]]:
     """The top-left pixel of every pattern copy in evaluation map ``b``, copy 0, 1, 2, …"""
     ids = result.eval_data.copy_id[b]
@@ -102,14 +166,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         title=f"Trained, a pattern pixel looks at its twin half a map away "
         f"(mean weight on the twin {result.partner_attention_init:.2f} → {result.partner_attention:.2f})",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "long_range_attention.png", dpi=dpi),
-            "Self-attention of one pixel in each of four patterns, before and after training the "
-            "long-range toy, on one logarithmic scale: at initialisation every weight is near uniform "
-            f"(1/{size * size}); trained, each pixel's weight sits on its identical twin.",
-        )
-    )
+    figures.append(_saved(fig, out, "long_range_attention.png", dpi, pixels=size * size))
 
     from ..blocks import self_attention_backward
 
@@ -143,16 +200,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         f"the twins are ({far['init']:.0%} at initialisation);\nstacked 3×3 convs move an output pixel only from "
         "a few pixels around it, the attention block from its twin too",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "attention_distance.png", dpi=dpi),
-            "Left: the share of a pattern pixel's attention weight within distance r, averaged over the pattern "
-            "pixels of the held-out maps, before and after training the long-range toy (one head), against "
-            "all weight on the twin and uniform weights. Right: the share of the influence |∂y/∂x| within r, "
-            "for stacked 3×3 convolutions at the map's centre and for the trained attention block at one "
-            "pattern pixel.",
-        )
-    )
+    figures.append(_saved(fig, out, "attention_distance.png", dpi))
 
     twin = np.argwhere(result.eval_data.copy_id[b] == 1)[0]
     far = float(np.hypot(*(np.array(query) - twin)))
@@ -169,14 +217,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         title=f"Convs reach as many pixels as they have layers; one attention block reaches the twin {far:.0f} "
         "pixels away",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "receptive_fields.png", dpi=dpi),
-            "Effective receptive field |∂y_q/∂x| of the marked pixel, from the library's backward "
-            "passes: stacks of random 3×3 convolutions against the trained self-attention block, each "
-            "map divided by its maximum, over the input map in grey.",
-        )
-    )
+    figures.append(_saved(fig, out, "receptive_fields.png", dpi))
 
     weights = query_map(result.weights, query, shape, batch=b)
     others = np.ones(shape, dtype=bool)
@@ -193,14 +234,7 @@ def _long_range_figures(result: LongRangeResult, out: Path, dpi: int) -> list[tu
         f"residual at the pixel and, through the group norm's mean and variance, about 1/{round(1 / floor, -1):.0f} "
         "of its largest from every pixel",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "weights_vs_influence.png", dpi=dpi),
-            "One query's attention weights next to its true influence map |∂y_q/∂x| from the backward pass, each "
-            "on a logarithmic scale of four decades below its maximum: the other keys' weights are far below it, "
-            "and the faint floor of the influence is the group norm's statistics, which every pixel moves.",
-        )
-    )
+    figures.append(_saved(fig, out, "weights_vs_influence.png", dpi))
     return figures
 
 
@@ -230,13 +264,7 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         backdrop_note=SCENE_BACKDROP,
         title=f"Each word is read by its own object's pixels (held-out IoU: {ious})",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "token_maps.png", dpi=dpi),
-            "The held-out scene in colour, then the cross-attention weights of every prompt token over its "
-            "pixels after training the grounding toy, on one scale; `<sot>` and `and` collect the background.",
-        )
-    )
+    figures.append(_saved(fig, out, "token_maps.png", dpi))
 
     show = [0, 1, 2, 3, int(scenes.lengths[b]) - 1]  # <sot>, a colour, a shape, "and", <eot>
     raw = token_maps(result.weights, shape, batch=b)[show]  # (5, H, W)
@@ -260,15 +288,7 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         title=f"{lift}but {_pixels(int((top[darkest] > 0.5).sum()))} the rest of “{tokens[show[darkest]]}” dark;\n"
         "renormalised without the special tokens, the background goes to “and”",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "token_normalizations.png", dpi=dpi),
-            "Five of the token maps under the usual normalisations, one row each, each row with its own "
-            "labelled colour bar: ÷ max rescues a token read weakly everywhere, not one read strongly in a few "
-            "pixels; a normalisation that looks the same as an earlier row is left out, and the note under the "
-            "figure says so and why.",
-        )
-    )
+    figures.append(_saved(fig, out, "token_normalizations.png", dpi))
 
     shape_words = [t for t in range(len(tokens)) if VOCAB[scenes.words[b, t]] in ("square", "circle", "triangle")]
     truth = np.full(shape, -1)
@@ -285,12 +305,7 @@ def _grounding_figures(result: Any, out: Path, dpi: int) -> list[tuple[Path, str
         batch=b,
         title=f"Labelling each pixel by the shape word it attends to most: {100 * agree:.0f}% of pixels right",
     )
-    figures.append(
-        (
-            save_figure(fig, out / "token_segmentation.png", dpi=dpi),
-            "Argmax-token segmentation over the shape words next to the true objects.",
-        )
-    )
+    figures.append(_saved(fig, out, "token_segmentation.png", dpi))
     return figures
 
 
@@ -334,12 +349,7 @@ def _diffusion_figures(
         map_label=f"cross-attention weight\n(mean of the {len(result.cross_layers())} layers and their heads)",
         title=title,
     )
-    caption = (
-        "The NumPy diffusion U-Net draws a held-out prompt: the clean image x̂₀ six of its 25 DDIM steps predict, and "
-        f"under it each token's cross-attention at that step (mean over the {len(result.cross_layers())} "
-        "cross-attention layers and their heads), drawn on one linear scale with the final image's objects outlined."
-    )
-    figures = [(save_figure(fig, out / "diffusion_denoising.png", dpi=dpi), caption)]
+    figures = [_saved(fig, out, "diffusion_denoising.png", dpi, layers=len(result.cross_layers()))]
     numbers = {
         "diffusion_figure_iou": {"colour": score["iou_colour"], "shape": score["iou_shape"]},
         "diffusion_held_out": {k: held[k] for k in ("colour_accuracy", "shape_accuracy", "iou_colour", "iou_shape")}
@@ -382,7 +392,7 @@ def make_figures(
     out.mkdir(parents=True, exist_ok=True)
     steps = {"steps": 40} if quick else {}
     # the toys train on toy_threads() (ATTENTION_REF_NUM_THREADS, else 1, BLAS included: see attention_ref.backend);
-    # the complexity measurement runs on one thread (attention_ref.cli.complexity.one_thread)
+    # the complexity measurement runs on one thread (attention_ref.bench.measure.one_thread)
     say(f"training the long-range toy (self-attention) on {toy_threads()} thread(s), then the grounding toy")
     long_range = train_long_range(0, progress_bar=progress_bar, **steps)
     say(f"long-range toy trained in {long_range.seconds:.0f} s: partner attention {long_range.partner_attention:.2f}")
@@ -404,29 +414,9 @@ def make_figures(
     say("drawing the grounding figures")
     figures += _grounding_figures(grounding, out, dpi)
     say("drawing the cost curves and the diagrams")
-    figures.append(
-        (
-            save_figure(plot_complexity(complexity), out / "complexity.png", dpi=dpi),
-            "Forward + backward cost of exact, tiled, linear, window and neighborhood attention against the "
-            "number of pixels, log-log: the operation counts (lines) with the measured CPU time of one thread "
-            "(dots, best of several runs), and the measured peak memory with the theory dashed (the arrays a pass "
-            "must hold; the measured peaks sit about 2–3× above it, the backward's temporaries).",
-        )
-    )
-    figures.append(
-        (
-            save_figure(draw_self_attention_block(), out / "self_attention_block.png", dpi=dpi),
-            "A U-Net stage: a ResBlock that adds the timestep embedding, then the self-attention block, one "
-            "column per head, every tensor named and every shape read off a forward pass.",
-        )
-    )
-    figures.append(
-        (
-            save_figure(draw_cross_attention(), out / "cross_attention.png", dpi=dpi),
-            "Cross-attention: queries from the pixels, keys and values from the text tokens, one column per head; "
-            "the projections' biases drawn as the library's blocks have them (diffusers' have none).",
-        )
-    )
+    figures.append(_saved(plot_complexity(complexity), out, "complexity.png", dpi))
+    figures.append(_saved(draw_self_attention_block(), out, "self_attention_block.png", dpi))
+    figures.append(_saved(draw_cross_attention(), out, "cross_attention.png", dpi))
     diffusion_figures, diffusion_numbers = _diffusion_figures(out, dpi, quick=quick, retrain=retrain, say=say)
     figures += diffusion_figures
     say(f"{len(figures)} figures written to {out}")

@@ -12,6 +12,11 @@
 Data are generated in code; training uses :class:`Adam` in NumPy. The first two
 toys run in well under a minute on two cores; the diffusion U-Net trains for hours,
 so its weights are shipped.
+
+The toys import the core (backend, ops, attention, blocks) and nothing above it. Their pictures are
+drawn by :mod:`attention_ref.viz`, which imports the toys, never the other way round (e.g.
+:func:`attention_ref.viz.sample_explorer`, a diffusion sample's explorer page): the toys load without
+matplotlib.
 """
 
 from .adam import Adam

@@ -1,12 +1,16 @@
-"""How a toy trains: a tqdm progress bar when someone is watching (a terminal, or a Jupyter kernel where the bar
-is one output redrawn in place), silence otherwise; and on how many threads."""
+"""How a toy trains: step after step (:func:`train_steps`), under a tqdm progress bar when someone is watching (a
+terminal, or a Jupyter kernel where the bar is one output redrawn in place), silence otherwise; and on how many
+threads (:func:`toy_threads`)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+from ..backend import thread_count
 
 
 def in_kernel() -> bool:
@@ -83,7 +87,19 @@ def toy_threads(threads: int | None = None) -> int:
     if threads is not None:
         return threads
     if os.environ.get("ATTENTION_REF_NUM_THREADS", "").strip():
-        from ..backend import thread_count  # validates the variable
-
-        return thread_count()
+        return thread_count()  # validates the variable
     return 1
+
+
+def train_steps(
+    step: Callable[[int], float], steps: int, *, desc: str, progress_bar: bool | None
+) -> tuple[list[float], float]:
+    """Run ``step(i)`` for ``i`` in ``range(steps)`` under a progress bar (:func:`progress`, labelled ``desc``).
+
+    Returns the losses ``step`` returned, one per step, and the seconds the steps took.
+    """
+    losses = []
+    start = time.perf_counter()
+    for i in progress(range(steps), total=steps, desc=desc, enabled=progress_bar):
+        losses.append(step(i))
+    return losses, time.perf_counter() - start

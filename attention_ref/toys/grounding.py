@@ -37,7 +37,6 @@ scenes.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +46,7 @@ from ..backend import limited_threads
 from ..blocks import cross_attention_backward, cross_attention_forward, init_cross_attention
 from ..blocks.params import prefixed, sub_params
 from ..ops import conv2d_backward, conv2d_forward, linear_backward, linear_forward
-from ._progress import progress, toy_threads
+from ._progress import toy_threads, train_steps
 from .adam import Adam
 from .scenes import COLOURS, SHAPES, SIZE, VOCAB, Scenes, make_scenes, word_embeddings
 
@@ -244,9 +243,7 @@ def train_token_grounding(
         steps, batch, lr: Adam steps, scenes per step, peak learning rate (cosine decay to a tenth).
         train_scenes: size of the pool of training scenes (payloads are fresh at every step).
         eval_scenes: held-out scenes for the measurements.
-        progress_bar: a tqdm bar; ``None`` shows it only in a terminal or a notebook.
-        threads: the threads it trains on, attention_ref's and BLAS's; ``None``: ``ATTENTION_REF_NUM_THREADS``
-            when set, else 1 (the toy's matrices are small: see :func:`toy_threads`).
+        progress_bar, threads: as for :func:`~attention_ref.toys.train_long_range`.
 
     Returns:
         :class:`GroundingResult`.
@@ -261,20 +258,21 @@ def train_token_grounding(
         iou_init, loss_init, weights_init = _evaluate(params, held_out, eval_context, eval_target)
 
         optimiser = Adam(params, lr=lr)
-        losses = []
-        start = time.perf_counter()
-        for step in progress(range(steps), total=steps, desc="grounding toy", enabled=progress_bar):
+
+        def step(i: int) -> float:
             scenes = pool.subset(data_rng.integers(0, train_scenes, size=batch))
             payload = data_rng.standard_normal(scenes.words.shape)
             target = make_target(scenes, payload)
             pred, caches = model_forward(params, scenes, make_context(scenes, payload))
             err = pred - target
             # L = mean (pred − target)² ;  ∂L/∂pred = 2 (pred − target) / size
-            losses.append(float(np.mean(err * err)))
-            # learning rate: lr · (0.1 + 0.9 · ½ (1 + cos(π · step / steps)))
-            lr_now = lr * (0.1 + 0.45 * (1.0 + np.cos(np.pi * step / steps)))
+            loss = float(np.mean(err * err))
+            # learning rate: lr · (0.1 + 0.9 · ½ (1 + cos(π · i / steps)))
+            lr_now = lr * (0.1 + 0.45 * (1.0 + np.cos(np.pi * i / steps)))
             optimiser.step(model_backward(2.0 * err / err.size, caches), lr=lr_now)
-        seconds = time.perf_counter() - start
+            return loss
+
+        losses, seconds = train_steps(step, steps, desc="grounding toy", progress_bar=progress_bar)
 
         iou, loss, weights = _evaluate(params, held_out, eval_context, eval_target)
         return GroundingResult(

@@ -21,7 +21,6 @@ the total weight it puts on the pixels of its partner copy.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..backend import limited_threads
 from ..blocks import init_self_attention, self_attention_backward, self_attention_forward
 from ..blocks.params import prefixed, sub_params
 from ..ops import linear_backward, linear_forward
-from ._progress import progress, toy_threads
+from ._progress import toy_threads, train_steps
 from .adam import Adam
 from .pairs import PairMaps, make_pair_maps, positional_channels
 
@@ -186,15 +185,15 @@ def train_long_range(
         pa_init, acc_init, weights_init = _evaluate(params, eval_data)
 
         optimiser = Adam(params, lr=lr)
-        losses = []
-        start = time.perf_counter()
-        for _ in progress(range(steps), total=steps, desc="long-range toy", enabled=progress_bar):
+
+        def step(_: int) -> float:
             data = make_pair_maps(train_rng, batch, size=SIZE, code_channels=CODE_CHANNELS)
             pred, caches = model_forward(params, data)
             loss, dpred = _loss(pred, data)
             optimiser.step(model_backward(dpred, caches))
-            losses.append(loss)
-        seconds = time.perf_counter() - start
+            return loss
+
+        losses, seconds = train_steps(step, steps, desc="long-range toy", progress_bar=progress_bar)
 
         pa, acc, weights = _evaluate(params, eval_data)
         return LongRangeResult(

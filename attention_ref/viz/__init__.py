@@ -10,6 +10,10 @@ accumulates in pyplot's global state. :func:`explore` returns an
 ``.save(path)`` as one HTML file (docs/explorer.md).
 
 matplotlib is imported here and nowhere else in attention_ref.
+
+Where viz stands: above the core (backend, ops, attention, blocks) and above the toys, which it may
+import to draw what they compute (:func:`sample_explorer` reads a diffusion toy's sample). Nothing
+below imports viz: the toys leave their pictures to it, so that they load without matplotlib.
 """
 
 from ._common import save_figure
@@ -34,6 +38,7 @@ from .receptive_field import (
     plot_receptive_fields,
     plot_weights_vs_influence,
 )
+from .sample_explorer import sample_explorer
 from .tokens import (
     NORMALIZATIONS,
     plot_token_maps,
@@ -95,4 +100,5 @@ __all__ = [
     "ExplorerLayer",
     "load_explorer",
     "pixels_of_positions",
+    "sample_explorer",
 ]

@@ -1,7 +1,7 @@
 """The cost of the attention variants against map size, log-log, from ``python -m attention_ref complexity``.
 
 Reads the JSON that command writes (schemas ``attention_ref.complexity/2`` and the older ``/1``, see
-:mod:`attention_ref.cli.complexity`): for each variant and map side, the forward and backward
+:mod:`attention_ref.bench.complexity`): for each variant and map side, the forward and backward
 times and the peak memory, next to the theoretical memory.
 
 Time is the *CPU time* of one thread, the best of several runs (schema 2; schema 1 reports only wall

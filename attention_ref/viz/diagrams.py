@@ -203,6 +203,39 @@ def _head_columns(
     return [cx for h, cx in zip(shown, xs, strict=True) if h is not None], y
 
 
+def _split_note(ax: Any, y: float, split: str, d: int) -> None:
+    """The line, centred at height ``y``, that says how the projected channels split into heads: ``split``,
+    then the rule (head-major: channel c = head·d + j)."""
+    ax.text(0.0, y, f"{split}: channel c = head·{d} + j", ha="center", va="center", fontsize=FONT, color="#7a3b00")
+
+
+def _tail(
+    ax: Any, rows: list[tuple[str, str]], xs: list[float], y_last: float, width: float, gap: float
+) -> list[float]:
+    """The boxes under the head columns, ``(text, kind)`` each, centred one below the other, with an arrow
+    from the foot of every column (``xs``, last row at ``y_last``) into the first. Returns their y centres."""
+    y_tail = [y_last - 1.35 - i * gap for i in range(len(rows))]
+    for i, (text, kind) in enumerate(rows):
+        _box(ax, 0.0, y_tail[i], text, kind, width=width)
+        if i:
+            _arrow(ax, (0.0, y_tail[i - 1] - 0.35), (0.0, y_tail[i] + 0.35))
+    for cx in xs:
+        _arrow(ax, (cx, y_last - 0.475), (cx, y_tail[0] + 0.35))
+    return y_tail
+
+
+def _finish(ax: Any, bottom: float, finding: str, bias_note: str | None, xlim: tuple[float, float], title: str) -> None:
+    """Under the last box (at ``bottom``): what the weights are, and where the biases come from when the
+    projections have them; then the axes' extent and the title."""
+    ax.text(0.0, bottom - 0.85, finding, ha="center", fontsize=FONT, color="#a0305a")
+    if bias_note is not None:
+        ax.text(0.0, bottom - 1.35, bias_note, ha="center", fontsize=8, color="#555555")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(bottom - 1.7, 0.6)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=12)
+
+
 def _bias(params_bias: bool, name: str) -> str:
     """`` + b_q`` when the projection has a bias, else nothing."""
     return f" + b_{name}" if params_bias else ""
@@ -274,16 +307,8 @@ def draw_self_attention_block(
         )
         _arrow(ax, (0.0, ys[-1] - 0.35), (cx, y_qkv + 0.475))
     # the split into heads: channel c = head·d + j
-    ax.text(
-        0.0,
-        y_split,
-        f"split the {s['qkv'][-1]} channels into {heads} heads of d = {s['qkv'][-1]} / {heads} = {d}:"
-        f" channel c = head·{d} + j",
-        ha="center",
-        va="center",
-        fontsize=FONT,
-        color="#7a3b00",
-    )
+    inner = s["qkv"][-1]
+    _split_note(ax, y_split, f"split the {inner} channels into {heads} heads of d = {inner} / {heads} = {d}", d)
     xs, y_last = _head_columns(
         ax,
         y_split - 1.0,
@@ -305,13 +330,7 @@ def draw_self_attention_block(
         (f"O W_o + b_o, back to the map   {_shape(s['y'])}", "linear"),
         (f"y = r + …, the stage's output   {_shape(s['y'])}", "add"),
     ]
-    y_tail = [y_last - 1.35 - i * gap for i in range(len(tail))]
-    for i, (text, kind) in enumerate(tail):
-        _box(ax, 0.0, y_tail[i], text, kind, width=wide)
-        if i:
-            _arrow(ax, (0.0, y_tail[i - 1] - 0.35), (0.0, y_tail[i] + 0.35))
-    for cx in xs:
-        _arrow(ax, (cx, y_last - 0.475), (cx, y_tail[0] + 0.35))
+    y_tail = _tail(ax, tail, xs, y_last, wide, gap)
     edge = wide / 2 + 0.9
     _skip(ax, edge, ys[0], ys[4], "skip: + x")
     _skip(ax, edge, ys[4] - 0.2, y_tail[-1], "skip: + r")
@@ -326,27 +345,16 @@ def draw_self_attention_block(
         fontsize=11,
         color="#a0305a",
     )
-    ax.text(
-        0.0,
-        y_tail[-1] - 0.85,
+    _finish(
+        ax,
+        y_tail[-1],
         f"each head's weights Pₕ are N×N = {N}×{N}: memory and time grow as (H·W)²",
-        ha="center",
-        fontsize=FONT,
-        color="#a0305a",
+        "b_q, b_k, b_v: the library's default (bias=True, as in OpenAI's U-Net); diffusers' Attention has none"
+        if bias
+        else None,
+        (-edge - 0.5, edge + 0.6),
+        title or f"every pixel of a {H}×{W} map attends to every other one",
     )
-    if bias:
-        ax.text(
-            0.0,
-            y_tail[-1] - 1.35,
-            "b_q, b_k, b_v: the library's default (bias=True, as in OpenAI's U-Net); diffusers' Attention has none",
-            ha="center",
-            fontsize=8,
-            color="#555555",
-        )
-    ax.set_xlim(-edge - 0.5, edge + 0.6)
-    ax.set_ylim(y_tail[-1] - 1.7, 0.6)
-    ax.set_axis_off()
-    ax.set_title(title or f"every pixel of a {H}×{W} map attends to every other one", fontsize=12)
     return fig
 
 
@@ -395,15 +403,7 @@ def draw_cross_attention(
         )
         _arrow(ax, (right + dx / 3, -0.35), (right + dx, y_proj + 0.475))
     y_split = y_proj - 1.1
-    ax.text(
-        0.0,
-        y_split,
-        f"split {inner} channels into {heads} heads of d = {inner} / {heads} = {d}: channel c = head·{d} + j",
-        ha="center",
-        va="center",
-        fontsize=FONT,
-        color="#7a3b00",
-    )
+    _split_note(ax, y_split, f"split {inner} channels into {heads} heads of d = {inner} / {heads} = {d}", d)
     for x in (left, right - 1.35, right + 1.35):
         ax.plot([x, x], [y_proj - 0.475, y_split + 0.25], color="#444444", linewidth=1.0)
     xs, y_last = _head_columns(
@@ -425,36 +425,19 @@ def draw_cross_attention(
         (f"merge heads, O W_o + b_o, back to the map   {_shape(s['y'])}", "linear"),
         (f"y = x + …   {_shape(s['y'])}", "add"),
     ]
-    y_tail = [y_last - 1.35 - i * gap for i in range(len(tail))]
-    for i, (text, kind) in enumerate(tail):
-        _box(ax, 0.0, y_tail[i], text, kind, width=right - left + 2 * half)
-        if i:
-            _arrow(ax, (0.0, y_tail[i - 1] - 0.35), (0.0, y_tail[i] + 0.35))
-    for cx in xs:
-        _arrow(ax, (cx, y_last - 0.475), (cx, y_tail[0] + 0.35))
+    y_tail = _tail(ax, tail, xs, y_last, right - left + 2 * half, gap)
     edge = left - half - 0.5
     ax.plot([left - half, edge, edge], [0.0, 0.0, y_tail[-1]], color="#888888", linewidth=1.0)
     _arrow(ax, (edge, y_tail[-1]), (left - half, y_tail[-1]))
     ax.text(edge - 0.15, y_tail[-1] / 2, "skip", fontsize=9, color="#666666", rotation=90, va="center", ha="right")
-    ax.text(
-        0.0,
-        y_tail[-1] - 0.85,
+    _finish(
+        ax,
+        y_tail[-1],
         f"row i of Pₕ: how pixel i splits its attention over the {M} tokens",
-        ha="center",
-        fontsize=FONT,
-        color="#a0305a",
+        "b_q, b_k, b_v: the library's default (bias=True); diffusers' Attention has none (bias=False)"
+        if bias
+        else None,
+        (edge - 0.6, right + half + 0.3),
+        title or "cross-attention: pixels ask (Q), tokens answer (K, V)",
     )
-    if bias:
-        ax.text(
-            0.0,
-            y_tail[-1] - 1.35,
-            "b_q, b_k, b_v: the library's default (bias=True); diffusers' Attention has none (bias=False)",
-            ha="center",
-            fontsize=8,
-            color="#555555",
-        )
-    ax.set_xlim(edge - 0.6, right + half + 0.3)
-    ax.set_ylim(y_tail[-1] - 1.7, 0.6)
-    ax.set_axis_off()
-    ax.set_title(title or "cross-attention: pixels ask (Q), tokens answer (K, V)", fontsize=12)
     return fig

@@ -4,8 +4,9 @@ Hover or click a pixel of the image to see that query pixel's self-attention
 over the image; click a word of the prompt to see its cross-attention map;
 pick the layer, the head (or their mean) and the denoising step. The page
 holds its data and its script inline and fetches nothing; it is drawn with
-plain JavaScript on HTML canvases (``explorer.js`` and ``explorer.html`` beside
-this module).
+plain JavaScript on HTML canvases (``explorer.html`` beside this module, and its
+script in two parts: ``explorer_maps.js``, the numbers on show, and ``explorer.js``,
+the drawing and the controls).
 
 The data model, which every producer of attention maps writes:
 
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 FORMAT = "attention_ref.explorer/1"  # the .npz schema's name and version
+SCRIPTS = ("explorer_maps.js", "explorer.js")  # the page's script, in this order (explorer.js calls explorerMaps)
 COLOUR_MAP = MAP_CMAP  # the matplotlib colour map the page uses, as the figures do
 KINDS = ("self", "cross")
 # How the page maps a map's values to colours: the values shown are always the weights;
@@ -398,7 +400,7 @@ class Explorer:
         parts = {
             "TITLE": html.escape(self.title),
             "NOTES": html.escape(self.notes),
-            "SCRIPT": (folder / "explorer.js").read_text(encoding="utf-8"),
+            "SCRIPT": "\n".join((folder / name).read_text(encoding="utf-8") for name in SCRIPTS),
             "DATA": json.dumps(self.page_data(), ensure_ascii=False).replace("<", "\\u003c"),
         }
         # one pass, so that no inserted text (a token, the title) is searched for markers again

@@ -127,16 +127,25 @@ def _config_value_fits(name: str, value: Any) -> bool:
     return is_int(value)
 
 
+def json_entry(entry: np.ndarray | None, path: str | Path, name: str, written_by: str) -> Any:
+    """The JSON held by the entry ``name`` of a ``.npz`` file (a 0-d string array), parsed.
+
+    ``ValueError`` naming the file and the entry when it is missing (the file is then not ``written_by``, e.g.
+    "a model written by DiffusionModel.save"), not a string, or not JSON.
+    """
+    if entry is None:
+        raise ValueError(f"{path}: lacks {name!r} (not {written_by})")
+    if entry.dtype.kind != "U" or entry.ndim != 0:
+        raise ValueError(f"{path}: {name!r} must be a JSON string, got {entry.dtype} of shape {entry.shape}")
+    try:
+        return json.loads(str(entry))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: {name!r} is not JSON ({err})") from None
+
+
 def _config_of(entry: np.ndarray | None, path: Path) -> UNetConfig:
     """The :class:`UNetConfig` stored as a JSON string in ``__config__``; ``ValueError`` naming it otherwise."""
-    if entry is None:
-        raise ValueError(f"{path}: lacks '__config__' (not a model written by DiffusionModel.save)")
-    if entry.dtype.kind != "U" or entry.ndim != 0:
-        raise ValueError(f"{path}: '__config__' must be a JSON string, got {entry.dtype} of shape {entry.shape}")
-    try:
-        fields = json.loads(str(entry))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: '__config__' is not JSON ({err})") from None
+    fields = json_entry(entry, path, "__config__", "a model written by DiffusionModel.save")
     known = set(UNetConfig.__dataclass_fields__)
     if not isinstance(fields, dict) or set(fields) - known:
         unknown = sorted(set(fields) - known) if isinstance(fields, dict) else type(fields).__name__

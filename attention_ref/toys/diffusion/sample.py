@@ -24,18 +24,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz
 from ..scenes import SIZE, VOCAB
 from .data import EMPTY_PROMPT, encode_prompts, from_model
-from .model import DiffusionModel, load_pretrained
+from .model import DiffusionModel, json_entry, load_pretrained
 from .schedule import ddim_step, ddim_timesteps, guided_eps
-
-if TYPE_CHECKING:  # the viz package loads matplotlib: imported when a page is made
-    from ...viz import Explorer
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -48,10 +45,11 @@ __all__ = [
 ]
 
 DEFAULT_GUIDANCE = 3.0
-# The layer an explorer page opens on: the mid block's cross-attention, where this U-Net reads the colour
-# words from their objects (the prompt's first word is a colour). Over the first 8 held-out prompts (seed
-# 1000, 25 steps) each layer's summed maps alone score IoU 0.61 (colour words) / 0.13 (shape words) here,
-# against 0.24 / 0.63 for down.1 (which reads the shape words), 0.47 / 0.14 for up.1, 0.17 / 0.05 for up.0.
+# The layer a sample's explorer page opens on (attention_ref.viz.sample_explorer): the mid block's
+# cross-attention, where this U-Net reads the colour words from their objects (the prompt's first word is a
+# colour). Over the first 8 held-out prompts (seed 1000, 25 steps) each layer's summed maps alone score IoU
+# 0.61 (colour words) / 0.13 (shape words) here, against 0.24 / 0.63 for down.1 (which reads the shape words),
+# 0.47 / 0.14 for up.1, 0.17 / 0.05 for up.0.
 EXPLORER_START_LAYER = "mid.attn.blocks.0.attn2"
 # a 4×4 grid of query pixels, one in each 4×4 block of the image (distinct cells on the 8×8 layers)
 DEFAULT_QUERIES = tuple((r, c) for r in (2, 6, 10, 14) for c in (2, 6, 10, 14))
@@ -157,59 +155,6 @@ class SampleResult:
             for layer in self.cross_layers()
         }
 
-    def explorer(
-        self, b: int = 0, *, title: str | None = None, notes: str = "", start_layer: str | None = None
-    ) -> Explorer:
-        """Image ``b``'s trace as an explorer page (:class:`attention_ref.viz.Explorer`): every layer, every step.
-
-        Each cross-attention layer keeps the prompt's real tokens (the padding has weight 0), each
-        self-attention layer the rows of its query pixels; the step slider is labelled with the
-        timesteps (``"t = 999"``), and the left panel shows the clean image ``x̂₀`` that each step
-        predicts (:attr:`x0_pred`, 16×16 RGB: about 20 KB for 25 steps). A self-attention layer without
-        query pixels (``sample(..., queries=())``) is left out. The page opens at the last step on
-        ``start_layer`` (default :data:`EXPLORER_START_LAYER`, the mid block's cross-attention, where the
-        colour words are read from their objects; the first cross-attention layer when there is none of
-        that name) with the prompt's first word.
-        Imports :mod:`attention_ref.viz` (matplotlib).
-        """
-        from ...viz import Explorer, ExplorerLayer
-
-        if not -len(self.prompts) <= b < len(self.prompts):
-            raise ValueError(f"image {b} is outside the {len(self.prompts)} prompts")
-        real = np.flatnonzero(self.context_mask[b])  # the prompt's tokens, padding left out
-        layers = []
-        for layer in self.layers:
-            h, w = layer.grid
-            maps = layer.maps[b]
-            if layer.kind == "cross":
-                S, heads = maps.shape[:2]
-                weights = maps.reshape(S, heads, h * w, -1)[..., real]  # (S, heads, h·w, real tokens)
-                layers.append(ExplorerLayer(layer.name, "cross", (h, w), weights))
-            elif len(layer.queries):
-                # image pixels in one cell of a coarse layer share its row: keep each cell once
-                _, first = np.unique(layer.queries, axis=0, return_index=True)
-                order = np.sort(first)
-                S, heads, Q = maps.shape[:3]
-                weights = maps.reshape(S, heads, Q, h * w)[:, :, order]  # (S, heads, distinct cells, h·w)
-                layers.append(ExplorerLayer(layer.name, "self", (h, w), weights, query_pixels=layer.queries[order]))
-        if not layers:
-            raise ValueError("the trace holds no attention maps (sample(..., trace=False)?)")
-        query = self.queries[len(self.queries) // 2] if len(self.queries) else np.array([SIZE // 2, SIZE // 2])
-        if start_layer is None and any(L.name == EXPLORER_START_LAYER for L in layers):
-            start_layer = EXPLORER_START_LAYER
-        return Explorer(
-            layers=tuple(layers),
-            image=self.images[b],
-            tokens=tuple(self.tokens[b]),
-            steps=tuple(f"t = {int(t)}" for t in self.timesteps),
-            title=title or f"“{self.prompts[b]}”, denoised in {len(self.timesteps)} DDIM steps",
-            notes=notes,
-            start_query=((query[0] + 0.5) / SIZE, (query[1] + 0.5) / SIZE),
-            step_images=np.clip((self.x0_pred[b] + 1.0) / 2.0, 0.0, 1.0),  # (S, 16, 16, 3) from [−1, 1]
-            step_images_label="x̂₀, the clean image this step predicts",
-            start_layer=start_layer,
-        )
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The whole trace as a flat dict of arrays (for ``np.savez``); ``"meta"`` is a JSON string.
 
@@ -269,15 +214,7 @@ def load_trace(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[
     and the entry when ``"meta"`` is missing or is not a JSON object.
     """
     arrays: dict[str, Any] = load_npz(path, max_bytes=max_bytes)
-    meta = arrays.get("meta")
-    if meta is None:
-        raise ValueError(f"{path}: lacks 'meta' (not a trace written by SampleResult.save)")
-    if meta.dtype.kind != "U" or meta.ndim != 0:
-        raise ValueError(f"{path}: 'meta' must be a JSON string, got {meta.dtype} of shape {meta.shape}")
-    try:
-        arrays["meta"] = json.loads(str(meta))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: 'meta' is not JSON ({err})") from None
+    arrays["meta"] = json_entry(arrays.get("meta"), path, "meta", "a trace written by SampleResult.save")
     if not isinstance(arrays["meta"], dict):
         raise ValueError(f"{path}: 'meta' must be a JSON object, got {type(arrays['meta']).__name__}")
     return arrays

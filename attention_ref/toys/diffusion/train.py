@@ -37,6 +37,7 @@ from .._progress import progress as progress_bar
 from .._progress import toy_threads
 from ..adam import Adam
 from .data import EMPTY_PROMPT, encode_prompts, make_diffusion_scenes, to_model
+from .evaluate import evaluate_model
 from .model import DiffusionModel
 from .schedule import T, cosine_schedule, noise_images
 from .unet import UNetConfig, init_unet, unet_backward, unet_forward
@@ -227,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
         )
         if not args.no_eval:
-            from .evaluate import evaluate_model
-
             # sampled in float64, as sample() does with the shipped weights
             model.log["evaluation"] = evaluate_model(model.astype("float64"))
     model.save(args.out)
