@@ -317,7 +317,7 @@ def test_spatial_transformer_with_linear_self_attention_takes_a_scale_for_its_cr
 def test_spatial_transformer_init_checks_heads(rng):
     with pytest.raises(ValueError, match="heads must be at least 1"):
         ar.init_spatial_transformer(8, 4, heads=0, groups=4)
-    with pytest.raises(ValueError, match="12 channels do not split into 5 heads"):
+    with pytest.raises(ValueError, match="12 channels are not divisible into 5 heads; give head_dim"):
         ar.init_spatial_transformer(12, 4, heads=5, groups=4)
     assert ar.init_spatial_transformer(12, 4, heads=5, head_dim=2, groups=4)["proj_in.weight"].shape == (12, 10)
 

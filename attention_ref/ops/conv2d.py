@@ -41,6 +41,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
 from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating, require_same_dtype
 from ..backend import Array, device_of
@@ -52,6 +53,8 @@ Padding = int | tuple[int, int] | str
 
 @dataclass(frozen=True)
 class Conv2dCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("conv2d_backward",)  # the backward that takes it
+
     cols: Array  # (B, H_out, W_out, kh·kw·C_in), the im2col matrix of the padded input
     weight: Array  # (kh, kw, C_in, C_out)
     padding: tuple[int, int]  # (p_h, p_w)

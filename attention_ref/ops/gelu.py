@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
 from ..backend import Array
@@ -41,6 +42,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 @dataclass(frozen=True)
 class GeluCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("gelu_backward",)  # the backward that takes it
+
     x: Array  # the input
     cdf: Array  # Φ(x), same shape
 
@@ -76,6 +79,8 @@ def gelu_backward(dout: Array, cache: GeluCache) -> dict[str, Array]:
 
 @dataclass(frozen=True)
 class GegluCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("geglu_backward",)  # the backward that takes it
+
     value: Array  # a, (..., F)
     gelu_gate: Array  # gelu(g), (..., F)
     gate: GeluCache  # the GELU of the gate g

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import (
     array_namespace,
@@ -44,6 +44,8 @@ _GROUP_AXES = (1, 3)
 
 @dataclass(frozen=True)
 class GroupNormCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("group_norm_backward",)  # the backward that takes it
+
     xhat: Array  # (B, S, G, C/G), normalised input (float32 for float16 input)
     rstd: Array  # (B, 1, G, 1)
     weight: Array | None  # (C,)

@@ -14,7 +14,7 @@ is the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
 from ..backend import Array
@@ -63,6 +63,8 @@ def merge_heads(x: Array) -> Array:
 
 @dataclass(frozen=True)
 class HeadsCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("merge_heads_backward", "split_heads_backward")  # both take it
+
     heads: int
     out_shape: tuple[int, ...] | None = None  # the forward's output shape (None: not checked)
     dtype: Any = None  # the forward's dtype (None: any floating dtype)

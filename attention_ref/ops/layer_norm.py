@@ -10,7 +10,7 @@ all rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import (
     array_namespace,
@@ -31,6 +31,8 @@ __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
 
 @dataclass(frozen=True)
 class LayerNormCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("layer_norm_backward",)  # the backward that takes it
+
     xhat: Array  # (..., C) (float32 for float16 input)
     rstd: Array  # (..., 1)
     weight: Array | None  # (C,)

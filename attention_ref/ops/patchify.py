@@ -23,7 +23,7 @@ embedding, a ``p × p`` convolution of stride ``p``, is this patchify followed b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
 from ..backend import Array, namespace
@@ -69,10 +69,12 @@ class PatchGeometry:
 class PatchifyCache(PatchGeometry):
     """The cache of :func:`patchify_forward`."""
 
+    backward_names: ClassVar[tuple[str, ...]] = ("patchify_backward",)  # the backward that takes it
 
 class UnpatchifyCache(PatchGeometry):
     """The cache of :func:`unpatchify_forward`."""
 
+    backward_names: ClassVar[tuple[str, ...]] = ("unpatchify_backward",)  # the backward that takes it
 
 def _check_pair(name: str, value: Any, where: str, *, square: bool) -> tuple[int, int]:
     """``value`` as two positive ints: a pair ``(a, b)`` (a tuple or a list), or, when ``square``, one int for

@@ -32,7 +32,7 @@ with one reshape that exposes the blocks, ``(B, H, f, W, f, C)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
 from ..backend import Array, namespace
@@ -48,6 +48,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ResampleCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("avg_pool_backward", "upsample_nearest_backward")  # both take it
+
     factor: int  # f
     x_shape: tuple[int, int, int, int]  # (B, H, W, C) of the input
     dtype: Any = None  # the input's dtype (None: any floating dtype)

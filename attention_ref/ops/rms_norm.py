@@ -36,6 +36,7 @@ Flux's q/k norm, computes in the input's dtype).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._checks import (
     array_namespace,
@@ -56,6 +57,8 @@ __all__ = ["RMSNormCache", "rms_norm_backward", "rms_norm_forward"]
 @dataclass(frozen=True)
 class RMSNormCache:
     """What :func:`rms_norm_backward` needs."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("rms_norm_backward",)  # the backward that takes it
 
     xhat: Array  # x̂ = x r, (..., C) (float32 for float16 input)
     rstd: Array  # r, (..., 1)

@@ -18,6 +18,7 @@ and ``dx = dout · silu'(x)``. PyTorch's ``F.silu`` and diffusers' ``nn.SiLU`` c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
 from ..backend import Array
@@ -27,6 +28,8 @@ __all__ = ["SiluCache", "silu_backward", "silu_forward"]
 
 @dataclass(frozen=True)
 class SiluCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("silu_backward",)  # the backward that takes it
+
     x: Array  # the input
     sigmoid: Array  # σ(x), same shape
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._checks import (
     array_namespace,
@@ -42,6 +43,8 @@ __all__ = ["TimestepEmbeddingCache", "timestep_embedding_backward", "timestep_em
 
 @dataclass(frozen=True)
 class TimestepEmbeddingCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("timestep_embedding_backward",)  # the backward that takes it
+
     args: Array  # t ω, (B, h)
     freqs: Array  # ω, (h,)
 
