@@ -470,8 +470,8 @@ def test_backward_refuses_another_cache_and_a_dy_of_another_shape_or_dtype(rng):
     )
     with pytest.raises(
         TypeError,
-        match="attention_layer_backward needs the AttentionLayerCache its forward returned, got a "
-        "AttentionBlockCache; it belongs to self_attention_backward$",
+        match=r"attention_layer_backward needs the AttentionLayerCache its forward returned, got a "
+        r"AttentionBlockCache; it belongs to self_attention_backward$",
     ):
         ar.attention_layer_backward(y, block_cache)
     with pytest.raises(ValueError, match=r"dy of shape \(2, 6, 4\) does not match the output shape \(2, 6, 8\)"):

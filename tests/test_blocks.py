@@ -357,8 +357,8 @@ def test_backward_rejects_the_wrong_cache_or_dy(rng):
     y, cache = ar.self_attention_forward(x, ar.init_self_attention(4, groups=2, rng=0), heads=1, groups=2)
     with pytest.raises(
         TypeError,
-        match="cross_attention_backward needs the AttentionBlockCache its forward returned, got a AttentionBlockCache; "
-        "it belongs to self_attention_backward$",
+        match=r"cross_attention_backward needs the AttentionBlockCache its forward returned, "
+        r"got a AttentionBlockCache; it belongs to self_attention_backward$",
     ):
         ar.cross_attention_backward(y, cache)
     with pytest.raises(ValueError, match=r"dy of shape \(1, 2, 2, 3\) does not match the output shape \(1, 2, 2, 4\)"):
@@ -386,7 +386,8 @@ def test_every_block_backward_names_the_backward_that_matches_a_foreign_cache(rn
     ]
     for backward, dy, cache, right in cases:
         with pytest.raises(
-            TypeError, match=rf"{backward.__name__} needs the \w+ its forward returned, got a \w+; it belongs to {right}$"
+            TypeError,
+            match=rf"{backward.__name__} needs the \w+ its forward returned, got a \w+; it belongs to {right}$",
         ):
             backward(dy, cache)
     with pytest.raises(TypeError, match=r"got a dict$"):
