@@ -376,6 +376,19 @@ SPECS: list[Spec] = [
         required_param="proj_out.weight",
         refuses_inf=("x", "context"),
     ),
+    Spec(
+        "res_block",
+        ar.blocks.res_block_forward,
+        {"x": _randn(1, 3, 4, 4), "temb": _randn(1, 5)},
+        ("x", "temb"),
+        options={"groups": 2, "eps": 1e-6},
+        bad={"groups": INTS_3, "eps": EPS_BAD},
+        params=lambda: _jittered(ar.blocks.init_res_block(4, 6, 5, rng=0)),
+        backward=ar.blocks.res_block_backward,
+        required_param="conv2.weight",
+        refuses_inf=("x", "temb"),
+        large=("x",),
+    ),
 ]
 
 _SIZES_BAD = (0, -1, 2.0, True, None, "2")
@@ -416,6 +429,14 @@ SPECS += [
             "ff_mult": _SIZES_BAD,
             "head_dim": (0, 2.0, True),
         },
+        returns_pair=False,
+    ),
+    Spec(
+        "init_res_block",
+        ar.blocks.init_res_block,
+        {},
+        options={"c_in": 4, "c_out": 6, "time_dim": 5, "rng": 0},
+        bad={"c_in": _SIZES_BAD, "c_out": _SIZES_BAD, "time_dim": _SIZES_BAD, "dtype": ("int64", "complex128")},
         returns_pair=False,
     ),
 ]
@@ -881,6 +902,7 @@ FREE_GROW: dict[str, Any] = {
     "geglu_ff": {("x", 0), ("x", 1)},
     "transformer_block": {("h", 1), ("context", 1)},
     "spatial_transformer": {("x", 1), ("x", 2), ("context", 1)},
+    "res_block": {("x", 1), ("x", 2)},
     "rms_norm": {("x", 0), ("x", 1)},
     "rope_angles": {("positions", 0)},
     "rope": {("x", 0), ("x", 1)},

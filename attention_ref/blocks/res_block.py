@@ -30,6 +30,7 @@ from .._checks import (
     check_eps,
     check_positive_int,
     require_array,
+    require_divisible,
     require_dout,
     require_finite,
     require_floating,
@@ -96,6 +97,9 @@ def _check_inputs(x: Array, temb: Array, params: Mapping[str, Array], groups: An
         shape = tuple(params["time.weight"].shape)
         raise ValueError(f"{_WHERE}: time.weight of shape {shape} does not fit temb's {temb.shape[1]} channels")
     C_out = params["conv2.weight"].shape[-1]
+    require_divisible(C_in, groups, "channels", "groups", where=_WHERE)
+    C_mid = params["conv1.weight"].shape[-1]  # GN₂ normalises conv₁'s output
+    require_divisible(C_mid, groups, "output channels", "groups", where=_WHERE, whose="conv1's ")
     if "skip.weight" not in params and C_out != C_in:
         raise ValueError(
             f"{_WHERE}: conv2.weight returns {C_out} channels but x has {C_in}: without skip.weight (a 1×1 "
