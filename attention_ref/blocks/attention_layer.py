@@ -230,8 +230,7 @@ def attention_layer_forward(
         oh, attention_cache = attention_forward(qh, kh, vh, mask=mask, scale=scale)
     else:
         oh, attention_cache = variant_forward(
-            qh, kh, vh, attention=attention, options=options, grid=grid, self_attention=context is None, mask=mask,
-            scale=scale
+            qh, kh, vh, attention=attention, options=options, grid=grid, mask=mask, scale=scale
         )
     o = merge_heads(oh)  # (B, N, inner)
     # P = O W_o + b_o   (B, N, C_out)
