@@ -28,6 +28,14 @@ __all__ = [
 ]
 
 
+def _head_dim(channels: int, heads: int, head_dim: int | None, where: str = "") -> int:
+    """``head_dim`` as given, or ``channels / heads`` (``ValueError`` unless ``heads`` divides ``channels``)."""
+    if head_dim is not None:
+        return head_dim
+    require_divisible(channels, heads, "channels", "heads", where=where, hint="; give head_dim")
+    return channels // heads
+
+
 def init_attention_layer(
     channels: int,
     context_dim: int | None = None,
@@ -65,9 +73,7 @@ def init_attention_layer(
         head_dim=head_dim,
         groups=groups,
     )
-    if head_dim is None:
-        require_divisible(channels, heads, "channels", "heads", hint="; give head_dim")
-        head_dim = channels // heads
+    head_dim = _head_dim(channels, heads, head_dim)
     if groups is not None:
         require_divisible(channels, groups, "channels", "groups")
     if cross_norm is not None and (context_dim is None or cross_norm not in CROSS_NORMS):
@@ -192,10 +198,7 @@ def init_spatial_transformer(
         groups=groups,
         ff_mult=ff_mult,
     )
-    if head_dim is None:
-        require_divisible(channels, heads, "channels", "heads", hint="; give head_dim")
-        head_dim = channels // heads
-    inner = heads * head_dim
+    inner = heads * _head_dim(channels, heads, head_dim)
     require_divisible(channels, groups, "channels", "groups")
     rng = np.random.default_rng(rng)
     F = ff_mult * inner
@@ -264,9 +267,7 @@ def init_joint_attention(
         out_dim=out_dim,
         context_out_dim=context_out_dim,
     )
-    if head_dim is None:
-        require_divisible(dim, heads, "channels", "heads", where="init_joint_attention", hint="; give head_dim")
-        head_dim = dim // heads
+    head_dim = _head_dim(dim, heads, head_dim, "init_joint_attention")
     if qk_norm is not None and qk_norm not in QK_NORMS:
         raise ValueError(f"init_joint_attention: qk_norm must be one of {QK_NORMS} or None, got {qk_norm!r}")
     if context_dim is None and context_pre_only:

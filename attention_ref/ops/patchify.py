@@ -101,6 +101,16 @@ def _check_order(channel_order: Any, where: str) -> str:
     return channel_order
 
 
+def _check_input(where: str, name: str, a: Array, patch: Any, channel_order: Any) -> tuple[int, int]:
+    """``(p_h, p_w)``, after checking what both directions check first: the floating array ``name`` (``TypeError``),
+    the patch size and the channel order (``ValueError``)."""
+    require_array(f"{where}: {name}", a)
+    require_floating(array_namespace(**{name: a}), name, a)
+    p_h, p_w = _check_patch(patch, where)
+    _check_order(channel_order, where)
+    return p_h, p_w
+
+
 def _to_tokens(x: Array, cache: PatchGeometry) -> Array:
     """The move itself: ``(B, H, W, C)`` → ``(B, h·w, p_h·p_w·C)``."""
     xp = namespace(x)
@@ -143,11 +153,7 @@ def patchify_forward(
             grid row ``i``, column ``j``; cache: :class:`PatchifyCache` (``cache.grid`` is ``(h, w)``).
     """
     where = "patchify_forward"
-    require_array(f"{where}: x", x)
-    xp = array_namespace(x=x)
-    require_floating(xp, "x", x)
-    p_h, p_w = _check_patch(patch, where)
-    _check_order(channel_order, where)
+    p_h, p_w = _check_input(where, "x", x, patch, channel_order)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be a (B, H, W, C) map, got shape {tuple(x.shape)}")
     B, H, W, C = x.shape
@@ -184,11 +190,7 @@ def unpatchify_forward(
         x: ``(B, h·p_h, w·p_w, C)``; cache: :class:`UnpatchifyCache`.
     """
     where = "unpatchify_forward"
-    require_array(f"{where}: tokens", tokens)
-    xp = array_namespace(tokens=tokens)
-    require_floating(xp, "tokens", tokens)
-    p_h, p_w = _check_patch(patch, where)
-    _check_order(channel_order, where)
+    p_h, p_w = _check_input(where, "tokens", tokens, patch, channel_order)
     h, w = _check_pair("grid", grid, where, square=False)
     if tokens.ndim != 3:
         raise ValueError(f"{where}: tokens must be (B, h·w, p_h·p_w·C), got shape {tuple(tokens.shape)}")
@@ -200,13 +202,9 @@ def unpatchify_forward(
             f"{where}: tokens of shape {tuple(tokens.shape)}: a token of {D} channels is not {p_h}·{p_w}·C "
             f"channels of a {p_h}×{p_w} patch"
         )
+    C = D // (p_h * p_w)
     cache = UnpatchifyCache(
-        batch=B,
-        grid=(h, w),
-        patch=(p_h, p_w),
-        channels=D // (p_h * p_w),
-        channel_order=channel_order,
-        dtype=tokens.dtype,
+        batch=B, grid=(h, w), patch=(p_h, p_w), channels=C, channel_order=channel_order, dtype=tokens.dtype
     )
     return _to_map(tokens, cache), cache
 
