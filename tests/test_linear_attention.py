@@ -4,11 +4,11 @@ differences, backends, identities, bad input."""
 from __future__ import annotations
 
 import tracemalloc
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import pytest
+from attention_cases import Case, draw_qkv
 from conftest import HAS_TORCH, np_
 
 from attention_ref import linear_attention_backward, linear_attention_forward
@@ -19,31 +19,16 @@ TORCH_TOL = 1e-12
 FD_TOL = 1e-7
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """q (*lead, N, d), k (*lead, M, d), v (*lead, M, dv)."""
-
-    lead: tuple[int, ...]
-    N: int
-    M: int
-    d: int
-    dv: int
-
-
 SHAPES = {
-    "square": Shapes((2,), 6, 6, 4, 4),
-    "N!=M d!=dv": Shapes((2, 3), 5, 9, 3, 6),
-    "no leading dims": Shapes((), 7, 4, 2, 3),
-    "N=1 M=1": Shapes((1,), 1, 1, 1, 1),
+    "square": Case((2,), 6, 6, 4, 4),
+    "N!=M d!=dv": Case((2, 3), 5, 9, 3, 6),
+    "no leading dims": Case((), 7, 4, 2, 3),
+    "N=1 M=1": Case((1,), 1, 1, 1, 1),
 }
 
 
 def make(name, rng, spread=1.5):
-    s = SHAPES[name]
-    q = spread * rng.standard_normal((*s.lead, s.N, s.d))
-    k = spread * rng.standard_normal((*s.lead, s.M, s.d))
-    v = rng.standard_normal((*s.lead, s.M, s.dv))
-    return q, k, v
+    return draw_qkv(SHAPES[name], rng, spread)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
