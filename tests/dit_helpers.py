@@ -4,10 +4,12 @@ them onto the reference's, and the comparison of two sets of gradients."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from conftest import np_
 
+from attention_ref.blocks import init_joint_attention
 from attention_ref.gradcheck import rel_error
 
 # reference name → diffusers name of each projection (the norms have the same names on both sides)
@@ -167,3 +169,24 @@ def our_gradients(module) -> dict[str, np.ndarray]:
         g = p.grad.numpy()
         grads[f"{inverse.get(layer, layer)}.{kind}"] = g.T if g.ndim == 2 else g
     return grads
+
+
+def two_streams(rng, *, qk_norm="rms_norm", N=5, M=3, C=6, D=4, heads=2, d=4, seed=0):
+    """Image tokens ``(2, N, C)``, text tokens ``(2, M, D)`` and joint-attention parameters moved off their init."""
+    params = init_joint_attention(C, D, heads=heads, head_dim=d, qk_norm=qk_norm, rng=seed)
+    params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
+    return rng.standard_normal((2, N, C)), rng.standard_normal((2, M, D)), params
+
+
+def weighted_loss(rng: np.random.Generator, y: Any, y_context: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
+    """``(loss, dy, dy_context)``: ``loss = Σ y·dy (+ Σ y_context·dy_context)`` on torch tensors, with random ``dy``
+    and ``dy_context`` (``None`` without a text output), so that the loss's gradient of each output is that array."""
+    import torch
+
+    dy = rng.standard_normal(tuple(y.shape))
+    loss = (y * torch.from_numpy(dy)).sum()
+    dy_context = None
+    if y_context is not None:
+        dy_context = rng.standard_normal(tuple(y_context.shape))
+        loss = loss + (y_context * torch.from_numpy(dy_context)).sum()
+    return loss, dy, dy_context
