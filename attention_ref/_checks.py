@@ -59,6 +59,21 @@ def require_array(name: str, x: Any) -> None:
         raise TypeError(f"{name} must be an array (NumPy, CuPy, torch or array_api_strict), got {type(x).__name__}")
 
 
+def require_floating_arrays(where: str, *, optional: Sequence[str] = (), **arrays: Any) -> ModuleType:
+    """The namespace of ``arrays``, after the checks an op's forward starts with: each is an array (``TypeError``
+    naming it; one named in ``optional`` may be ``None``), all of one library, each of a real floating dtype,
+    all of one dtype (``where`` names the op in that message)."""
+    for name, a in arrays.items():
+        if name not in optional:
+            require_array(name, a)
+    xp = array_namespace(**arrays)
+    for name, a in arrays.items():
+        if a is not None:
+            require_floating(xp, name, a)
+    require_same_dtype(where, **arrays)
+    return xp
+
+
 def require_dout(
     dout: Any,
     shape: Sequence[int],

@@ -43,7 +43,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
-from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating, require_same_dtype
+from .._checks import (
+    check_cache,
+    require_dout,
+    require_floating_arrays,
+)
 from ..backend import Array, device_of
 
 __all__ = ["Conv2dCache", "conv2d_backward", "conv2d_forward"]
@@ -120,13 +124,7 @@ def conv2d_forward(
         y: ``(B, H + 2p_h − kh + 1, W + 2p_w − kw + 1, C_out)``.
         cache: :class:`Conv2dCache`.
     """
-    require_array("x", x)
-    require_array("weight", weight)
-    xp = array_namespace(x=x, weight=weight, bias=bias)
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is not None:
-            require_floating(xp, name, a)
-    require_same_dtype("conv2d", x=x, weight=weight, bias=bias)
+    xp = require_floating_arrays("conv2d", optional=("bias",), x=x, weight=weight, bias=bias)
     if x.ndim != 4 or weight.ndim != 4 or x.shape[-1] != weight.shape[2]:
         raise ValueError(
             f"conv2d: x of shape {tuple(x.shape)} (want (B, H, W, C_in)) does not match "

@@ -30,7 +30,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
+from .._checks import (
+    check_cache,
+    require_dout,
+    require_floating_arrays,
+)
 from ..backend import Array
 from .erf import erfc
 
@@ -58,8 +62,7 @@ def gelu_forward(x: Array) -> tuple[Array, GeluCache]:
         out: same shape as ``x``.
         cache: :class:`GeluCache`.
     """
-    require_array("x", x)
-    require_floating(array_namespace(x=x), "x", x)
+    require_floating_arrays("gelu", x=x)
     # Φ(x) = erfc(−x/√2) / 2
     cdf = 0.5 * erfc(-x * _INV_SQRT2)
     # gelu(x) = x Φ(x)
@@ -97,8 +100,7 @@ def geglu_forward(x: Array) -> tuple[Array, GegluCache]:
         out: ``(..., F)``.
         cache: :class:`GegluCache`.
     """
-    require_array("x", x)
-    require_floating(array_namespace(x=x), "x", x)
+    require_floating_arrays("geglu", x=x)
     if x.ndim < 1 or x.shape[-1] % 2 != 0:
         raise ValueError(f"geglu needs an even number of channels to split into value and gate, got {tuple(x.shape)}")
     F = x.shape[-1] // 2

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._checks import (
-    array_namespace,
     as_dtype,
     check_cache,
     check_eps,
     in_working_dtype,
-    require_array,
     require_dout,
-    require_floating,
-    require_same_dtype,
+    require_floating_arrays,
 )
 from ..backend import Array
 from .normalize import normalize, normalize_backward
@@ -53,12 +50,7 @@ def layer_norm_forward(
     Returns:
         y: ``(..., C)``; cache: :class:`LayerNormCache`.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x, weight=weight, bias=bias)
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is not None:
-            require_floating(xp, name, a)
-    require_same_dtype("layer norm", x=x, weight=weight, bias=bias)
+    xp = require_floating_arrays("layer norm", optional=("weight", "bias"), x=x, weight=weight, bias=bias)
     if x.ndim < 1:
         raise ValueError(f"layer norm needs x of shape (..., C), got {tuple(x.shape)}")
     eps = check_eps("eps", eps, "layer norm")

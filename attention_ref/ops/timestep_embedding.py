@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .._checks import (
-    array_namespace,
     check_cache,
     check_positive_int,
     check_real,
-    require_array,
     require_dout,
-    require_floating,
+    require_floating_arrays,
 )
 from ..backend import Array, device_of
 
@@ -63,9 +61,7 @@ def timestep_embedding_forward(
         emb: ``(B, dim)``, ``[cos(t ω), sin(t ω)]``.
         cache: :class:`TimestepEmbeddingCache`.
     """
-    require_array("t", t)
-    xp = array_namespace(t=t)
-    require_floating(xp, "t", t)
+    xp = require_floating_arrays("timestep embedding", t=t)
     if t.ndim != 1:
         raise ValueError(f"timestep embedding: t must be (B,), got shape {tuple(t.shape)}")
     dim = check_positive_int("dim", dim, "timestep embedding")
