@@ -240,17 +240,8 @@ def attention_layer_forward(
     if rescale != 1:
         y = y / rescale
     cache = AttentionLayerCache(
-        norm=norm_cache,
-        cross_norm=cross_cache,
-        q=q_cache,
-        k=k_cache,
-        v=v_cache,
-        attention=attention_cache,
-        out=out_cache,
-        heads=heads,
-        residual=residual,
-        rescale=float(rescale),
-        h_shape=tuple(h.shape),
+        norm=norm_cache, cross_norm=cross_cache, q=q_cache, k=k_cache, v=v_cache, attention=attention_cache,
+        out=out_cache, heads=heads, residual=residual, rescale=rescale, h_shape=tuple(h.shape),
         context_shape=None if context is None else tuple(context.shape),
     )
     return y, cache

@@ -260,17 +260,8 @@ def joint_attention_forward(
         y_context, add_out_cache = _output(merge_heads(o_c), params, "add_out")
         text = replace(text, out=add_out_cache)
     cache = JointAttentionCache(
-        image=image,
-        text=text,
-        rope_q=rope_q,
-        rope_k=rope_k,
-        attention=attention_cache,
-        heads=heads,
-        order=order,
-        N=N,
-        M=M,
-        x_shape=tuple(x.shape),
-        context_shape=None if context is None else tuple(context.shape),
+        image=image, text=text, rope_q=rope_q, rope_k=rope_k, attention=attention_cache, heads=heads, order=order,
+        N=N, M=M, x_shape=tuple(x.shape), context_shape=None if context is None else tuple(context.shape),
     )
     return (y, y_context), cache
 

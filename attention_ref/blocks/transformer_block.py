@@ -128,25 +128,14 @@ def transformer_block_forward(
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)
     a1, caches["attn1"] = attention_layer_forward(
-        n1,
-        sub_params(params, "attn1."),
-        heads=heads,
-        scale=None if self_attention == "linear" else scale,  # linear attention has no logits to scale
-        attention=self_attention,
-        attention_options=self_attention_options,
-        grid=grid,
-        where=f"{where} attn1",
-    )
+        n1, sub_params(params, "attn1."), heads=heads, attention=self_attention, grid=grid, where=f"{where} attn1",
+        attention_options=self_attention_options, scale=None if self_attention == "linear" else scale,
+    )  # (linear attention has no logits to scale)
     h = h + a1
     # h ← h + CrossAttn(LN₂(h), context)
     n2, caches["norm2"] = _layer_norm(h, params, "norm2", norm_eps, where)
     a2, caches["attn2"] = attention_layer_forward(
-        n2,
-        sub_params(params, "attn2."),
-        heads=heads,
-        context=context,
-        context_mask=context_mask,
-        scale=scale,
+        n2, sub_params(params, "attn2."), heads=heads, context=context, context_mask=context_mask, scale=scale,
         where=f"{where} attn2",
     )
     h = h + a2
