@@ -174,6 +174,13 @@ def test_matches_torch_autograd_and_sdpa(name, rng, exact_path):
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
 
 
+def random_qkv(shape, seed):
+    """``(rng, q (N, d), k (M, d), v (M, dv))`` for a drawn ``(N, M, d, dv)`` and seed."""
+    N, M, d, dv = shape
+    rng = np.random.default_rng(seed)
+    return rng, rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+
+
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), p_keep=st.floats(0.0, 1.0))
 def test_property_rows_sum_to_one_or_zero(shape, seed, p_keep):
@@ -191,8 +198,7 @@ def test_property_rows_sum_to_one_or_zero(shape, seed, p_keep):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_property_permuting_queries_permutes_outputs(shape, seed):
     N, M, d, dv = shape
-    rng = np.random.default_rng(seed)
-    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    rng, q, k, v = random_qkv(shape, seed)
     bias, mask = rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
     perm = rng.permutation(N)
     out, _ = attention_forward(q, k, v, mask=mask, bias=bias)
@@ -204,8 +210,7 @@ def test_property_permuting_queries_permutes_outputs(shape, seed):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_property_permuting_key_value_pairs_changes_nothing(shape, seed):
     N, M, d, dv = shape
-    rng = np.random.default_rng(seed)
-    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    rng, q, k, v = random_qkv(shape, seed)
     bias, mask = rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
     perm = rng.permutation(M)
     out, cache = attention_forward(q, k, v, mask=mask, bias=bias)
@@ -218,8 +223,7 @@ def test_property_permuting_key_value_pairs_changes_nothing(shape, seed):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1))
 def test_property_a_masked_keys_value_has_no_effect(shape, seed):
     N, M, d, dv = shape
-    rng = np.random.default_rng(seed)
-    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    rng, q, k, v = random_qkv(shape, seed)
     j = int(rng.integers(M))
     mask = rng.random((1, M)) > 0.3
     mask[0, j] = False
@@ -237,8 +241,7 @@ def test_property_a_masked_keys_value_has_no_effect(shape, seed):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), magnitude=st.floats(1e2, 1e5))
 def test_property_huge_logits_stay_finite(shape, seed, magnitude):
     N, M, d, dv = shape
-    rng = np.random.default_rng(seed)
-    q, k, v = rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
+    rng, q, k, v = random_qkv(shape, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, cache = attention_forward(q, k, v, scale=magnitude)
