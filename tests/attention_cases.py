@@ -27,6 +27,11 @@ class Case:
     block_size: int | tuple[int, int] | None = None  # (the tiled path's cases) its tiles
 
 
+#: (N, M, d, dv) with one of them 0: no queries, no keys, no features, no value features
+EMPTY = [(0, 5, 3, 2), (4, 0, 3, 2), (4, 5, 0, 2), (4, 5, 3, 0)]
+EMPTY_IDS = ["N=0", "M=0", "d=0", "dv=0"]
+
+
 def draw_qkv(case: Case, rng: np.random.Generator, spread: float = 1.0) -> tuple[np.ndarray, ...]:
     """Standard normal ``q, k, v`` of the case's shapes, drawn in that order; ``q`` and ``k`` times ``spread``."""
     q = spread * rng.standard_normal((*case.lead, case.N, case.d))

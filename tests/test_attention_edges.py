@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from attention_cases import TOKEN_PATHS, run_path
+from attention_cases import EMPTY, EMPTY_IDS, TOKEN_PATHS, run_path
 from conftest import HAS_TORCH, np_
 
 from attention_ref import (
@@ -103,17 +103,8 @@ def test_an_infinite_query_key_or_value_is_a_value_error(path, name, value, be, 
 
 # ---------------------------------------------------------------- empty inputs
 
-# (N, M, d, dv): no queries, no keys, no features, no value features
-EMPTY = [
-    pytest.param(0, 5, 3, 2, id="N=0"),
-    pytest.param(4, 0, 3, 2, id="M=0"),
-    pytest.param(4, 5, 0, 2, id="d=0"),
-    pytest.param(4, 5, 3, 0, id="dv=0"),
-]
-
-
 @pytest.mark.parametrize("path", TOKEN_PATHS)
-@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY)
+@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY, ids=EMPTY_IDS)
 def test_empty_inputs_give_what_the_formulas_give(path, N, M, d, dv, be, rng, monkeypatch):
     """N = 0: an empty output. M = 0: every query has no key, so, like a fully masked row, O = 0 (what
     torch's SDPA gives too). d = 0: every q·k is the empty sum 0, whatever the scale, so the logits are the

@@ -8,7 +8,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from attention_cases import Case, draw_qkv
+from attention_cases import EMPTY, EMPTY_IDS, Case, draw_qkv
 from conftest import HAS_TORCH, np_
 
 from attention_ref import linear_attention_backward, linear_attention_forward
@@ -142,18 +142,9 @@ def test_bad_input():
         linear_attention_backward(np.zeros((3, 4)), cache)
 
 
-# (N, M, d, dv): no queries, no keys, no features, no value features
-EMPTY = [
-    pytest.param(0, 5, 3, 2, id="N=0"),
-    pytest.param(4, 0, 3, 2, id="M=0"),
-    pytest.param(4, 5, 0, 2, id="d=0"),
-    pytest.param(4, 5, 3, 0, id="dv=0"),
-]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
-@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY)
+@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY, ids=EMPTY_IDS)
 def test_empty_inputs_give_empty_or_zero_outputs(kind, eps, N, M, d, dv, be, rng):
     """No keys (M = 0) or no features (d = 0): the sums over keys S and z are 0, so is every output (even
     with eps = 0, where δ = 0 is replaced by 1); gradients have their inputs' shapes and are finite."""
