@@ -11,10 +11,7 @@ from conftest import HAS_TORCH, Backend, np_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention_ref import (
-    attention_backward,
-    attention_forward,
-)
+from attention_ref import attention_backward, attention_forward
 from attention_ref.attention import exact
 from attention_ref.gradcheck import check_backward, rel_error
 

@@ -8,12 +8,7 @@ import pytest
 from attention_cases import EMPTY, EMPTY_IDS, TOKEN_PATHS, run_path
 from conftest import HAS_TORCH, np_
 
-from attention_ref import (
-    attention_backward,
-    attention_forward,
-    chunked_attention_backward,
-    chunked_attention_forward,
-)
+from attention_ref import attention_backward, attention_forward, chunked_attention_backward, chunked_attention_forward
 from attention_ref.gradcheck import rel_error
 
 # ---------------------------------------------------------------- NaN and ±inf, on every exact path

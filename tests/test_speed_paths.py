@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 from conftest import np_
 
-from attention_ref import (
-    attention_backward,
-    attention_forward,
-    softmax_forward,
-)
+from attention_ref import attention_backward, attention_forward, softmax_forward
 from attention_ref.attention import exact, exact_fast
 from attention_ref.backend import exp_inplace, namespace
 from attention_ref.gradcheck import rel_error

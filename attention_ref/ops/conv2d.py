@@ -43,11 +43,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
-from .._checks import (
-    check_cache,
-    require_dout,
-    require_floating_arrays,
-)
+from .._checks import check_cache, require_dout, require_floating_arrays
 from ..backend import Array, device_of
 
 __all__ = ["Conv2dCache", "conv2d_backward", "conv2d_forward"]

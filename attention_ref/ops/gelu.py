@@ -30,11 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .._checks import (
-    check_cache,
-    require_dout,
-    require_floating_arrays,
-)
+from .._checks import check_cache, require_dout, require_floating_arrays
 from ..backend import Array
 from .erf import erfc
 

@@ -34,12 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .._checks import (
-    check_cache,
-    check_positive_int,
-    require_dout,
-    require_floating_arrays,
-)
+from .._checks import check_cache, check_positive_int, require_dout, require_floating_arrays
 from ..backend import Array, namespace
 
 __all__ = [

@@ -38,14 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .._checks import (
-    as_dtype,
-    check_cache,
-    check_eps,
-    in_working_dtype,
-    require_dout,
-    require_floating_arrays,
-)
+from .._checks import as_dtype, check_cache, check_eps, in_working_dtype, require_dout, require_floating_arrays
 from ..backend import Array
 
 __all__ = ["RMSNormCache", "rms_norm_backward", "rms_norm_forward"]

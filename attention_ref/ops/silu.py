@@ -20,11 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .._checks import (
-    check_cache,
-    require_dout,
-    require_floating_arrays,
-)
+from .._checks import check_cache, require_dout, require_floating_arrays
 from ..backend import Array
 
 __all__ = ["SiluCache", "silu_backward", "silu_forward"]

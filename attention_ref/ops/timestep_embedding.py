@@ -27,13 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .._checks import (
-    check_cache,
-    check_positive_int,
-    check_real,
-    require_dout,
-    require_floating_arrays,
-)
+from .._checks import check_cache, check_positive_int, check_real, require_dout, require_floating_arrays
 from ..backend import Array, device_of
 
 __all__ = ["TimestepEmbeddingCache", "timestep_embedding_backward", "timestep_embedding_forward"]
