@@ -31,7 +31,11 @@ def test_joint_attention_refuses_bad_input(rng):
         joint_attention_forward(x, context, params, heads=3, qk_norm="rms_norm")
     with pytest.raises(TypeError, match="context has dtype"):
         run(x, context.astype(np.float32), params)
-    with pytest.raises(ValueError, match=r"context must be \(B, M, D\) = \(2, M, D\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^joint attention: context must be \(B, M, D\) = \(2, M, D\) text tokens for x of shape \(2, 5, 6\), "
+        r"got shape \(1, 3, 4\)$",
+    ):
         run(x, context[:1], params)
     cos, sin = rope_angles(np.arange(8), (4,))
     with pytest.raises(ValueError, match=r"should be \(L, head_dim\) = \(8, 4\).*5 tokens of x \+ 3 of context"):
