@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from conftest import np_
+from block_helpers import grad_errors
 
 from attention_ref.blocks import init_joint_attention
-from attention_ref.gradcheck import rel_error
 
 # reference name → diffusers name of each projection (the norms have the same names on both sides)
 DIFFUSERS_NAMES = {
@@ -35,17 +34,7 @@ def flux_ids(M: int, h: int, w: int) -> np.ndarray:
 def errors(ours: dict, theirs: dict) -> dict[str, float]:
     """Normwise relative error per key; a gradient that is 0 up to rounding on the diffusers side is compared
     with the largest gradient of all instead (its own size would make rounding noise look like an error)."""
-    assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))
-    largest = max(float(np.max(np.abs(np_(g)))) for g in theirs.values())
-    out = {}
-    for name in ours:
-        a, b = np_(ours[name]), np_(theirs[name])
-        assert a.shape == b.shape, (name, a.shape, b.shape)
-        if np.max(np.abs(b)) < 1e-10 * largest:
-            out[name] = float(np.max(np.abs(a - b))) / largest
-        else:
-            out[name] = rel_error(a, b)
-    return out
+    return grad_errors(ours, theirs, is_zero=lambda name, grad, largest: np.max(np.abs(grad)) < 1e-10 * largest)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def test_bad_input_is_named(rng):
         res_block_forward(np.ones((2, 3, 4, 5)), temb, params, groups=2)
     with pytest.raises(ValueError, match=r"conv2.weight returns 6 channels but x has 4: without skip.weight"):
         res_block_forward(x, temb, {k: v for k, v in params.items() if not k.startswith("skip.")}, groups=2)
-    with pytest.raises(TypeError, match=r"res block: temb has dtype float32 but x has dtype float64"):
+    with pytest.raises(TypeError, match=r"res block: the inputs must share one dtype, got x float64, temb float32"):
         res_block_forward(x, temb.astype(np.float32), params, groups=2)
     with pytest.raises(ValueError, match=r"res block: 4 channels are not divisible into 3 groups"):
         res_block_forward(x, temb, params, groups=3)

@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._checks import (
-    array_namespace,
     check_cache,
     check_eps,
     check_positive_int,
-    require_array,
     require_divisible,
     require_dout,
     require_finite,
-    require_floating,
+    require_floating_arrays,
 )
 from ..backend import Array, namespace
 from ..ops.conv2d import Conv2dCache, conv2d_backward, conv2d_forward
@@ -69,12 +67,8 @@ class ResBlockCache:
 def _check_inputs(x: Array, temb: Array, params: Mapping[str, Array], groups: Any, eps: Any) -> tuple[int, float]:
     """``(groups, eps)`` after checking every input (``ValueError`` / ``TypeError`` naming it)."""
     check_params(params, _WHERE)
-    require_array(f"{_WHERE}: x", x)
-    require_array(f"{_WHERE}: temb", temb)
-    xp = array_namespace(x=x, temb=temb)
+    xp = require_floating_arrays(_WHERE, x=x, temb=temb)
     namespace(x, *params.values())  # the parameters from x's library too
-    require_floating(xp, "x", x)
-    require_floating(xp, "temb", temb)
     groups = check_positive_int("groups", groups, _WHERE)
     eps = check_eps("eps", eps, _WHERE)
     if x.ndim != 4:
@@ -84,8 +78,6 @@ def _check_inputs(x: Array, temb: Array, params: Mapping[str, Array], groups: An
             f"{_WHERE}: temb must be (B, D_t) = ({x.shape[0]}, D_t) for x of shape {tuple(x.shape)}, "
             f"got shape {tuple(temb.shape)}"
         )
-    if temb.dtype != x.dtype:
-        raise TypeError(f"{_WHERE}: temb has dtype {temb.dtype} but x has dtype {x.dtype}")
     check_keys(params, required=_REQUIRED, optional=_OPTIONAL, where=_WHERE)
     check_param_dtypes(x, params, _WHERE, name="x")
     C_in = x.shape[-1]
