@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -60,13 +59,38 @@ def require_array(name: str, x: Any) -> None:
         raise TypeError(f"{name} must be an array (NumPy, CuPy, torch or array_api_strict), got {type(x).__name__}")
 
 
-def require_dout(dout: Any, shape: Sequence[int], dtype: Any, *, where: str = "", name: str = "dout") -> ModuleType:
+def require_floating_arrays(where: str, *, optional: Sequence[str] = (), **arrays: Any) -> ModuleType:
+    """The namespace of ``arrays``, after the checks an op's forward starts with: each is an array (``TypeError``
+    naming it; one named in ``optional`` may be ``None``), all of one library, each of a real floating dtype,
+    all of one dtype (``where`` names the op in that message)."""
+    for name, a in arrays.items():
+        if name not in optional:
+            require_array(name, a)
+    xp = array_namespace(**arrays)
+    for name, a in arrays.items():
+        if a is not None:
+            require_floating(xp, name, a)
+    require_same_dtype(where, **arrays)
+    return xp
+
+
+def require_dout(
+    dout: Any,
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    where: str = "",
+    name: str = "dout",
+    like: Array | None = None,
+) -> ModuleType:
     """Check a backward's upstream gradient as the forwards check their inputs; return its namespace.
 
-    ``dout`` must be an array (``TypeError``) of exactly the forward output's ``shape`` (``ValueError``,
-    no broadcasting) and ``dtype`` (``TypeError``: an integer ``dout`` would give integer gradients, a
-    float64 one float64 gradients for a float32 forward, without a word). ``dtype=None`` (a cache made
-    without one) asks only for a real floating dtype. ``where`` prefixes the messages ("softmax: ...").
+    The one check of every backward's ``dout``: it must be an array (``TypeError``) of exactly the forward
+    output's ``shape`` (``ValueError``, no broadcasting) and ``dtype`` (``TypeError``: an integer ``dout``
+    would give integer gradients, a float64 one float64 gradients for a float32 forward, without a word).
+    ``dtype=None`` (a cache made without one) asks only for a real floating dtype. ``like``, an array of the
+    forward, asks for its library too (``TypeError``). ``where`` prefixes the messages ("softmax: ..."),
+    ``name`` is what the backward calls its gradient (``dy``, ``dh_out``).
     """
     prefix = f"{where}: " if where else ""
     require_array(f"{prefix}{name}", dout)
@@ -80,42 +104,39 @@ def require_dout(dout: Any, shape: Sequence[int], dtype: Any, *, where: str = ""
             f"{prefix}{name} has dtype {dtype_name(dout.dtype)}, but the forward ran in {dtype_name(dtype)}: "
             f"cast {name} to it"
         )
-    return xp
-
-
-def require_dout_shape(where: str, dout: Array, shape: Sequence[int]) -> None:
-    """``ValueError`` unless ``dout`` has exactly the forward output's ``shape`` (no broadcasting).
-
-    The shape alone: a backward checks its ``dout`` with :func:`require_dout`, which checks the dtype too.
-    """
-    if tuple(dout.shape) != tuple(shape):
-        raise ValueError(f"{where}: dout of shape {tuple(dout.shape)} does not match the output shape {tuple(shape)}")
+    return xp if like is None else namespace(dout, like)
 
 
 def check_cache(cache: Any, expected: type, backward: str) -> None:
-    """``TypeError`` unless ``cache`` is an ``expected``; the message names the backward that takes it.
+    """``TypeError`` unless ``cache`` is an ``expected`` made for ``backward``; the message names the backward
+    that takes it.
 
-    The backward is found among attention_ref's public ``*_backward`` functions by the annotation of
-    their ``cache`` parameter, so the blocks' caches are named as well as the ops' and attention's.
+    Every cache class names the backwards that take it, in its ``backward_names`` (a class attribute; a
+    property where one class serves two forwards, as the map blocks' cache does), so a cache from another
+    forward is named, not only refused.
     """
-    if isinstance(cache, expected):
+    if isinstance(cache, expected) and backward in backward_names(cache):
         return
-    got = type(cache).__name__
-    matching = _backwards_taking(got)
+    got, matching = type(cache).__name__, backward_names(cache)
     hint = f"; it belongs to {' or '.join(matching)}" if matching else ""
     raise TypeError(f"{backward} needs the {expected.__name__} its forward returned, got a {got}{hint}")
 
 
-def _backwards_taking(cache_class: str) -> list[str]:
-    """Public ``*_backward`` functions of attention_ref whose ``cache`` parameter is annotated ``cache_class``."""
-    package = sys.modules.get("attention_ref")
-    names = []
-    for name in sorted(getattr(package, "__all__", ())):
-        fn = getattr(package, name, None)
-        annotation = getattr(fn, "__annotations__", {}).get("cache") if name.endswith("_backward") else None
-        if annotation == cache_class or getattr(annotation, "__name__", None) == cache_class:
-            names.append(name)
-    return names
+def backward_names(cache: Any) -> tuple[str, ...]:
+    """The backwards that take ``cache`` (its ``backward_names``); ``()`` for anything that is no cache of ours."""
+    names = getattr(cache, "backward_names", ())
+    return tuple(names) if isinstance(names, tuple) and all(isinstance(n, str) for n in names) else ()
+
+
+def require_divisible(
+    count: int, parts: int, what: str, unit: str, *, where: str = "", whose: str = "", hint: str = ""
+) -> None:
+    """``ValueError`` unless ``count`` ``what`` split evenly into ``parts`` ``unit``: "12 channels are not
+    divisible into 5 heads", the one message of every head and group split. ``where`` prefixes it, ``whose``
+    comes before the count ("the context's "), ``hint`` ends it ("; give head_dim")."""
+    if count % parts:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{whose}{count} {what} are not divisible into {parts} {unit}{hint}")
 
 
 # ---------------------------------------------------------------- options: axes, sizes, epsilons

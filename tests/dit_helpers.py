@@ -4,11 +4,12 @@ them onto the reference's, and the comparison of two sets of gradients."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from conftest import np_
+from block_helpers import grad_errors
 
-from attention_ref.gradcheck import rel_error
+from attention_ref.blocks import init_joint_attention
 
 # reference name → diffusers name of each projection (the norms have the same names on both sides)
 DIFFUSERS_NAMES = {
@@ -33,17 +34,7 @@ def flux_ids(M: int, h: int, w: int) -> np.ndarray:
 def errors(ours: dict, theirs: dict) -> dict[str, float]:
     """Normwise relative error per key; a gradient that is 0 up to rounding on the diffusers side is compared
     with the largest gradient of all instead (its own size would make rounding noise look like an error)."""
-    assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))
-    largest = max(float(np.max(np.abs(np_(g)))) for g in theirs.values())
-    out = {}
-    for name in ours:
-        a, b = np_(ours[name]), np_(theirs[name])
-        assert a.shape == b.shape, (name, a.shape, b.shape)
-        if np.max(np.abs(b)) < 1e-10 * largest:
-            out[name] = float(np.max(np.abs(a - b))) / largest
-        else:
-            out[name] = rel_error(a, b)
-    return out
+    return grad_errors(ours, theirs, is_zero=lambda name, grad, largest: np.max(np.abs(grad)) < 1e-10 * largest)
 
 
 @dataclass(frozen=True)
@@ -167,3 +158,24 @@ def our_gradients(module) -> dict[str, np.ndarray]:
         g = p.grad.numpy()
         grads[f"{inverse.get(layer, layer)}.{kind}"] = g.T if g.ndim == 2 else g
     return grads
+
+
+def two_streams(rng, *, qk_norm="rms_norm", N=5, M=3, C=6, D=4, heads=2, d=4, seed=0):
+    """Image tokens ``(2, N, C)``, text tokens ``(2, M, D)`` and joint-attention parameters moved off their init."""
+    params = init_joint_attention(C, D, heads=heads, head_dim=d, qk_norm=qk_norm, rng=seed)
+    params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
+    return rng.standard_normal((2, N, C)), rng.standard_normal((2, M, D)), params
+
+
+def weighted_loss(rng: np.random.Generator, y: Any, y_context: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
+    """``(loss, dy, dy_context)``: ``loss = Σ y·dy (+ Σ y_context·dy_context)`` on torch tensors, with random ``dy``
+    and ``dy_context`` (``None`` without a text output), so that the loss's gradient of each output is that array."""
+    import torch
+
+    dy = rng.standard_normal(tuple(y.shape))
+    loss = (y * torch.from_numpy(dy)).sum()
+    dy_context = None
+    if y_context is not None:
+        dy_context = rng.standard_normal(tuple(y_context.shape))
+        loss = loss + (y_context * torch.from_numpy(dy_context)).sum()
+    return loss, dy, dy_context

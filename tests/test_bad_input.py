@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -49,6 +51,33 @@ def test_every_backward_names_a_missing_dout_or_a_wrong_cache(spec):
         spec.backward(missing, cache)
     with pytest.raises(TypeError, match=r"_backward needs the .*(Cache|cache)"):
         spec.backward(each(np.asarray, out), None)
+
+
+def _public_backwards():
+    """Every public ``*_backward`` of the package and its subpackages, with the cache class it annotates."""
+    found = {}
+    for module in (ar, ar.ops, ar.attention, ar.blocks):
+        for name in module.__all__:
+            fn = getattr(module, name)
+            if name.endswith("_backward") and callable(fn):
+                annotation = fn.__annotations__["cache"]  # a string: the modules use postponed annotations
+                found[name] = getattr(sys.modules[fn.__module__], annotation)
+    return found
+
+
+def test_every_cache_class_names_the_backwards_that_take_it():
+    """A wrong cache is named from the cache's own class (its backward_names), not by reading the package from below."""
+    backwards = _public_backwards()
+    assert {"rms_norm_backward", "rope_backward", "patchify_backward", "joint_attention_backward"} <= set(backwards)
+    for name, cache_class in backwards.items():
+        names = inspect.getattr_static(cache_class, "backward_names")
+        if isinstance(names, property):  # one class, two forwards: the instance knows (test_blocks checks both)
+            continue
+        assert name in names, (name, cache_class.__name__, names)
+        assert all(n in backwards for n in names), names
+    _, heads_cache = ar.split_heads_forward(np.ones((2, 4)), 2)
+    with pytest.raises(TypeError, match=r"a HeadsCache; it belongs to merge_heads_backward or split_heads_backward$"):
+        ar.softmax_backward(np.ones((2, 4)), heads_cache)
 
 
 # ---------------------------------------------------------------- float16 attention

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import tracemalloc
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from attention_cases import Case, draw_qkv
 from conftest import np_
 
 from attention_ref import (
@@ -27,21 +27,6 @@ TOL = 1e-14
 FD_TOL = 1e-7
 
 
-@dataclass(frozen=True)
-class Case:
-    """One attention problem and the tiles it is cut into."""
-
-    lead: tuple[int, ...]
-    N: int
-    M: int
-    d: int
-    dv: int
-    mask: tuple[int, ...] | None = None  # the mask's shape; random, key 0 always allowed
-    bias: tuple[int, ...] | None = None  # the bias's shape
-    scale: float | None = None
-    block_size: int | tuple[int, int] | None = None
-
-
 CASES = {
     "one tile": Case((2,), 5, 6, 4, 3),
     "ragged tiles": Case((2, 3), 37, 53, 5, 4, block_size=8),
@@ -58,9 +43,7 @@ CASES = {
 
 
 def make_case(case: Case, rng, fully_masked_row=True):
-    q = rng.standard_normal((*case.lead, case.N, case.d))
-    k = rng.standard_normal((*case.lead, case.M, case.d))
-    v = rng.standard_normal((*case.lead, case.M, case.dv))
+    q, k, v = draw_qkv(case, rng)
     mask = None
     if case.mask is not None:
         mask = rng.random(case.mask) > 0.3

@@ -4,11 +4,11 @@ differences, backends, identities, bad input."""
 from __future__ import annotations
 
 import tracemalloc
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import pytest
+from attention_cases import EMPTY, EMPTY_IDS, Case, draw_qkv
 from conftest import HAS_TORCH, np_
 
 from attention_ref import linear_attention_backward, linear_attention_forward
@@ -19,31 +19,16 @@ TORCH_TOL = 1e-12
 FD_TOL = 1e-7
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """q (*lead, N, d), k (*lead, M, d), v (*lead, M, dv)."""
-
-    lead: tuple[int, ...]
-    N: int
-    M: int
-    d: int
-    dv: int
-
-
 SHAPES = {
-    "square": Shapes((2,), 6, 6, 4, 4),
-    "N!=M d!=dv": Shapes((2, 3), 5, 9, 3, 6),
-    "no leading dims": Shapes((), 7, 4, 2, 3),
-    "N=1 M=1": Shapes((1,), 1, 1, 1, 1),
+    "square": Case((2,), 6, 6, 4, 4),
+    "N!=M d!=dv": Case((2, 3), 5, 9, 3, 6),
+    "no leading dims": Case((), 7, 4, 2, 3),
+    "N=1 M=1": Case((1,), 1, 1, 1, 1),
 }
 
 
 def make(name, rng, spread=1.5):
-    s = SHAPES[name]
-    q = spread * rng.standard_normal((*s.lead, s.N, s.d))
-    k = spread * rng.standard_normal((*s.lead, s.M, s.d))
-    v = rng.standard_normal((*s.lead, s.M, s.dv))
-    return q, k, v
+    return draw_qkv(SHAPES[name], rng, spread)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
@@ -157,18 +142,9 @@ def test_bad_input():
         linear_attention_backward(np.zeros((3, 4)), cache)
 
 
-# (N, M, d, dv): no queries, no keys, no features, no value features
-EMPTY = [
-    pytest.param(0, 5, 3, 2, id="N=0"),
-    pytest.param(4, 0, 3, 2, id="M=0"),
-    pytest.param(4, 5, 0, 2, id="d=0"),
-    pytest.param(4, 5, 3, 0, id="dv=0"),
-]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
-@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY)
+@pytest.mark.parametrize(("N", "M", "d", "dv"), EMPTY, ids=EMPTY_IDS)
 def test_empty_inputs_give_empty_or_zero_outputs(kind, eps, N, M, d, dv, be, rng):
     """No keys (M = 0) or no features (d = 0): the sums over keys S and z are 0, so is every output (even
     with eps = 0, where δ = 0 is replaced by 1); gradients have their inputs' shapes and are finite."""

@@ -39,7 +39,10 @@ def flat(x):
     return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
 
 
-def check_against_exact(be, rng, forward, backward, mask, lead, H, W, d, dv, scale):
+def check_against_exact(be, rng, forward, backward, mask, case):
+    """``forward``/``backward`` on ``case``'s maps equal exact attention on the flattened tokens under ``mask``."""
+    lead, H, W, d, dv = case.unpack()
+    scale = case.scale
     q, k, v = make_maps(rng, lead, H, W, d, dv)
     out_ref, cache_ref = attention_forward(flat(q), flat(k), flat(v), mask=mask, scale=scale)
     dout = rng.standard_normal((*lead, H, W, dv))
@@ -91,21 +94,10 @@ WINDOW_FD_CASES = ["no shift", "Swin shift w/2", "shift 1", "rectangular window 
 def test_window_attention_equals_exact_attention_under_window_mask(name, be, rng):
     case = WINDOW_CASES[name]
     lead, H, W, d, dv = case.unpack()
-    window, shift, scale = case.window, case.shift, case.scale
+    window, shift = case.window, case.shift
+    forward = partial(window_attention_forward, window=window, shift=shift)
     mask = window_mask(H, W, window, shift)
-    cache, cache_ref = check_against_exact(
-        be,
-        rng,
-        partial(window_attention_forward, window=window, shift=shift),
-        window_attention_backward,
-        mask,
-        lead,
-        H,
-        W,
-        d,
-        dv,
-        scale,
-    )
+    cache, cache_ref = check_against_exact(be, rng, forward, window_attention_backward, mask, case)
     wh, ww = (window, window) if isinstance(window, int) else window
     assert tuple(cache.weights.shape) == (*lead, H // wh, W // ww, wh * ww, wh * ww)
     np.testing.assert_allclose(np_(cache.weights).sum(-1), 1.0, atol=1e-14)  # a pixel always sees itself
@@ -194,21 +186,10 @@ NEIGHBORHOOD_FD_CASES = ["kernel 3", "kernel 5", "kernel 7 on 7×10", "rectangul
 def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(name, be, rng):
     case = NEIGHBORHOOD_CASES[name]
     lead, H, W, d, dv = case.unpack()
-    kernel, scale = case.kernel, case.scale
+    kernel = case.kernel
+    forward = partial(neighborhood_attention_forward, kernel=kernel)
     mask = neighborhood_mask(H, W, kernel)
-    cache, cache_ref = check_against_exact(
-        be,
-        rng,
-        partial(neighborhood_attention_forward, kernel=kernel),
-        neighborhood_attention_backward,
-        mask,
-        lead,
-        H,
-        W,
-        d,
-        dv,
-        scale,
-    )
+    cache, cache_ref = check_against_exact(be, rng, forward, neighborhood_attention_backward, mask, case)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     weights = np_(cache.weights)
     assert weights.shape == (*lead, H, W, kh * kw)

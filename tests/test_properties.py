@@ -221,6 +221,28 @@ _ints = st.one_of(st.integers(-1, 5), st.sampled_from([2.0, True, None, "2", np.
 _reals = st.one_of(st.floats(-1, 1), st.sampled_from([0.0, np.nan, np.inf, True, None, "1e-5", np.float32(1e-5)]))
 
 
+#: what :func:`_right_or_refused` returns when the call was refused (as it had to be)
+REFUSED = object()
+
+
+def _right_or_refused(call, invalid: list[str]):
+    """``call()``'s result, or :data:`REFUSED`: a call must be refused exactly when ``invalid`` names an argument,
+    with a clear error naming one of them, and must not warn."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            result = call()
+        except DOCUMENTED as err:
+            event("refused")
+            assert invalid, f"refused a valid call: {err}"
+            assert classify_error(err, "").kind == "clear error", err
+            assert any(name in str(err) for name in invalid), (invalid, err)
+            return REFUSED
+    event("computed")
+    assert not invalid, f"accepted {invalid}"
+    return result
+
+
 def _positive_int(n) -> bool:
     return not isinstance(n, bool) and isinstance(n, (int, np.integer)) and n >= 1
 
@@ -244,18 +266,12 @@ def test_block_options_are_used_or_refused_naming_them(heads, groups, eps, resca
         )
         if not ok
     ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            y, _ = ar.self_attention_forward(x, params, heads=heads, groups=groups, eps=eps, rescale=rescale)
-        except DOCUMENTED as err:
-            event("refused")
-            assert invalid, f"refused valid options: {err}"
-            assert classify_error(err, "").kind == "clear error", err
-            assert any(name in str(err) for name in invalid), (invalid, err)
-            return
-    event("computed")
-    assert not invalid, f"accepted {invalid}"
+    result = _right_or_refused(
+        lambda: ar.self_attention_forward(x, params, heads=heads, groups=groups, eps=eps, rescale=rescale), invalid
+    )
+    if result is REFUSED:
+        return
+    y, _ = result
     canonical = {"heads": int(heads), "groups": int(groups), "eps": float(eps), "rescale": float(rescale)}
     want, _ = ar.self_attention_forward(x, params, **canonical)
     assert np.all(np.isfinite(y))
@@ -307,18 +323,10 @@ def test_rope_angles_are_right_or_refuse_naming_the_argument(axes_dims, theta, n
         bad.append("theta")
     if dtype in (np.bool_, np.complex128) or columns != A:
         bad.append("positions")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            cos, sin = ar.ops.rope_angles(positions, axes_dims, theta)
-        except DOCUMENTED as err:
-            event("refused")
-            assert bad, f"refused a valid call: {err}"
-            assert classify_error(err, "").kind == "clear error", err
-            assert any(name in str(err) for name in bad), (bad, err)
-            return
-    event("computed")
-    assert not bad, f"accepted {bad}"
+    result = _right_or_refused(lambda: ar.ops.rope_angles(positions, axes_dims, theta), bad)
+    if result is REFUSED:
+        return
+    cos, sin = result
     angles = _reference_angles(positions, tuple(int(D) for D in axes_dims), float(theta))
     np.testing.assert_allclose(cos, np.repeat(np.cos(angles), 2, axis=-1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sin, np.repeat(np.sin(angles), 2, axis=-1), rtol=1e-12, atol=1e-12)
@@ -344,18 +352,11 @@ def test_patchify_moves_every_pixel_or_refuses_naming_the_argument(shape, patch,
     sizes = (patch, patch) if not isinstance(patch, tuple) else patch
     valid_patch = len(sizes) == 2 and all(_positive_int(p) for p in sizes)
     B, H, W, C = shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            tokens, cache = ar.ops.patchify_forward(x, patch, channel_order=order)
-        except DOCUMENTED as err:
-            event("refused")
-            assert classify_error(err, "").kind == "clear error", err
-            assert not valid_patch or H % sizes[0] or W % sizes[1], f"refused a valid call: {err}"
-            assert "patch" in str(err), err
-            return
-    event("computed")
-    assert valid_patch and H % sizes[0] == 0 and W % sizes[1] == 0
+    invalid = ["patch"] if not valid_patch or H % sizes[0] or W % sizes[1] else []
+    result = _right_or_refused(lambda: ar.ops.patchify_forward(x, patch, channel_order=order), invalid)
+    if result is REFUSED:
+        return
+    tokens, cache = result
     p_h, p_w = (int(p) for p in sizes)
     h, w = H // p_h, W // p_w
     assert tokens.shape == (B, h * w, p_h * p_w * C)
@@ -388,20 +389,11 @@ def test_joint_attention_options_are_used_or_refused_naming_them(heads, eps, ord
         )
         if not ok
     ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            (y, y_context), _ = ar.blocks.joint_attention_forward(
-                x, context, params, heads=heads, eps=eps, order=order, qk_norm="rms_norm"
-            )
-        except DOCUMENTED as err:
-            event("refused")
-            assert invalid, f"refused valid options: {err}"
-            assert classify_error(err, "").kind == "clear error", err
-            assert any(name in str(err) for name in invalid), (invalid, err)
-            return
-    event("computed")
-    assert not invalid, f"accepted {invalid}"
+    options = {"heads": heads, "eps": eps, "order": order, "qk_norm": "rms_norm"}
+    result = _right_or_refused(lambda: ar.blocks.joint_attention_forward(x, context, params, **options), invalid)
+    if result is REFUSED:
+        return
+    (y, y_context), _ = result
     canonical = {"heads": int(heads), "eps": float(eps), "order": order}
     (want, want_context), _ = ar.blocks.joint_attention_forward(x, context, params, qk_norm="rms_norm", **canonical)
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(y_context))

@@ -80,8 +80,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import ClassVar
 
-from .._checks import as_dtype, in_working_dtype, sum_to_shape
+from .._checks import as_dtype, check_cache, in_working_dtype, require_dout, sum_to_shape
 from ..backend import (
     Array,
     cpu_workers,
@@ -94,7 +95,7 @@ from ..backend import (
     parallel_map,
 )
 from ..ops.softmax import safe_shift
-from .inputs import check_attention_inputs, check_cache, check_dout
+from .inputs import check_attention_inputs
 from .masks import as_pair
 from .per_matrix import Index, broadcast_index, matrix_indices, take
 
@@ -118,6 +119,8 @@ class ChunkedAttentionCache:
     ``weights`` is always ``None``: the point of this variant is never to store the ``(..., N, M)``
     weight matrix. :meth:`weight_rows` recomputes any band of its rows exactly.
     """
+
+    backward_names: ClassVar[tuple[str, ...]] = ("chunked_attention_backward",)  # the backward that takes it
 
     q: Array  # (..., N, d)
     k: Array  # (..., M, d)
@@ -382,7 +385,7 @@ def chunked_attention_backward(dout: Array, cache: ChunkedAttentionCache) -> dic
         shape when a bias was given — the same as :func:`attention_ref.attention_backward`.
     """
     check_cache(cache, ChunkedAttentionCache, "chunked_attention_backward")
-    xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
+    xp = require_dout(dout, cache.out.shape, cache.q.dtype, like=cache.q)
     dtype, scale = cache.q.dtype, cache.scale
     q, k, v, bias, dout, out = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.bias, dout, cache.out)
     mask, bias = _at_least_2d(xp, cache.mask), _at_least_2d(xp, bias)

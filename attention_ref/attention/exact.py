@@ -32,12 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
-from .._checks import Shape, as_dtype, in_working_dtype, sum_to_shape
+from .._checks import Shape, as_dtype, check_cache, in_working_dtype, require_dout, sum_to_shape
 from ..backend import Array
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from . import exact_fast
-from .inputs import check_attention_inputs, check_cache, check_dout, hint_chunked_when_out_of_memory
+from .inputs import check_attention_inputs, hint_chunked_when_out_of_memory
 
 __all__ = ["FAST", "AttentionCache", "attention_backward", "attention_forward"]
 
@@ -48,6 +49,8 @@ FAST = True
 @dataclass(frozen=True)
 class AttentionCache:
     """What :func:`attention_backward` needs; ``weights`` is kept for plotting too."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("attention_backward",)  # the backward that takes it
 
     q: Array  # (..., N, d)
     k: Array  # (..., M, d)
@@ -115,7 +118,7 @@ def attention_backward(dout: Array, cache: AttentionCache) -> dict[str, Array]:
         ``"bias"`` in the bias's own shape when a bias was given.
     """
     check_cache(cache, AttentionCache, "attention_backward")
-    xp = check_dout(dout, like=cache.q, shape=(*cache.q.shape[:-1], cache.v.shape[-1]))
+    xp = require_dout(dout, (*cache.q.shape[:-1], cache.v.shape[-1]), cache.q.dtype, like=cache.q)
     # float16 in float32, as the forward (P is the forward's float16 weights, widened)
     q, k, v, P, dout_w = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.weights, dout)
     gradients = exact_fast.gradients if FAST else _gradients  # the same numbers; the fast one in place, threaded

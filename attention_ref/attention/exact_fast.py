@@ -104,13 +104,7 @@ def softmax_overwriting(xp: ModuleType, x: Array, *, axis: int = -1, mask: Array
 
 
 def _attend_in_place(
-    xp: ModuleType,
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array | None,
-    bias: Array | None,
-    scale: float,
+    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float,
     logits_out: Array | None = None,
 ) -> tuple[Array, Array]:
     """``(O, P)``, with ``P`` formed in ``logits_out``'s memory where the backend allows it (else new)."""
@@ -170,13 +164,7 @@ def _run_slabs(fn: Any, slabs: list[Index], q: Array, k: Array) -> list[Any]:
 
 
 def _attend_per_slab(
-    xp: ModuleType,
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array | None,
-    bias: Array | None,
-    scale: float,
+    xp: ModuleType, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None, scale: float,
     slabs: list[Index],
 ) -> tuple[Array, Array]:
     """:func:`_attend_in_place` on each slab of the stack, each slab's weights formed in their place in ``P``."""

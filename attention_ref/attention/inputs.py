@@ -1,4 +1,8 @@
-"""Validation of what every attention variant shares: q, k, v, mask, bias, scale, and a backward's dout and cache."""
+"""Validation of what every attention variant shares: q, k, v, mask, bias and scale.
+
+A backward's ``dout`` and cache are checked as every backward's are, by
+:func:`attention_ref._checks.require_dout` and :func:`attention_ref._checks.check_cache`.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +14,17 @@ from typing import Any
 
 from .._checks import (
     array_namespace,
-    check_cache,
     check_real,
     dtype_name,
     require_array,
     require_bool,
     require_broadcastable_to,
-    require_dout,
     require_floating,
 )
-from ..backend import Array, is_out_of_memory, namespace
+from ..backend import Array, is_out_of_memory
 
 __all__ = [
     "check_attention_inputs",
-    "check_cache",
-    "check_dout",
     "check_qkv",
     "check_scale",
     "default_scale",
@@ -106,20 +106,6 @@ def check_attention_inputs(
             raise TypeError(f"bias must have q's dtype {q.dtype}, got {bias.dtype}")
         require_broadcastable_to("bias", tuple(bias.shape), logits_shape)
     return xp, check_scale(scale, q.shape[-1])
-
-
-# ---------------------------------------------------------------- the backward's inputs
-
-
-def check_dout(dout: Array, like: Array, shape: tuple[int, ...]) -> ModuleType:
-    """Check the upstream gradient against the forward: same library, same ``shape`` and ``like``'s dtype.
-
-    ``ValueError`` naming both shapes; ``TypeError`` for a non-array, another library or another dtype (a
-    float64 ``dout`` for a float32 forward would otherwise give float64 gradients without a word): the
-    shared check :func:`attention_ref._checks.require_dout`. Returns the namespace.
-    """
-    require_dout(dout, shape, like.dtype)
-    return namespace(dout, like)
 
 
 @contextmanager

@@ -50,11 +50,12 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import ClassVar
 
-from .._checks import as_dtype, in_working_dtype, require_bool, require_broadcastable_to
+from .._checks import as_dtype, check_cache, in_working_dtype, require_bool, require_broadcastable_to, require_dout
 from ..backend import Array, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
-from .inputs import check_cache, check_dout, check_qkv
+from .inputs import check_qkv
 
 __all__ = ["LINEAR_KINDS", "LinearAttentionCache", "linear_attention_backward", "linear_attention_forward"]
 
@@ -68,6 +69,8 @@ class LinearAttentionCache:
     ``weights`` is always ``None``: linear attention never forms an ``N × M`` weight matrix.
     :meth:`implied_weights` builds the matrix it is equivalent to, for small inputs and plots.
     """
+
+    backward_names: ClassVar[tuple[str, ...]] = ("linear_attention_backward",)  # the backward that takes it
 
     q: Array  # (..., N, d), as given
     k: Array  # (..., M, d)
@@ -193,7 +196,7 @@ def linear_attention_backward(dout: Array, cache: LinearAttentionCache) -> dict[
         ``{"q": (..., N, d), "k": (..., M, d), "v": (..., M, dv)}``.
     """
     check_cache(cache, LinearAttentionCache, "linear_attention_backward")
-    xp = check_dout(dout, like=cache.q, shape=cache.out.shape)
+    xp = require_dout(dout, cache.out.shape, cache.q.dtype, like=cache.q)
     dtype = dout.dtype
     # float16 in float32, as the forward (whose intermediates in the cache are float32 already)
     dout, v, q_w, k_w = in_working_dtype(xp, dout, cache.v, cache.q, cache.k)

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
-from .._checks import as_dtype, in_working_dtype
+from .._checks import as_dtype, check_cache, in_working_dtype, require_dout
 from ..backend import Array, device_of, namespace
 from ..ops.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .dense_rows import check_row_range, spread_rows
-from .inputs import check_cache, check_dout, check_scale
+from .inputs import check_scale
 from .maps import check_map_qkv
 from .masks import check_kernel, neighborhood_starts
 
@@ -53,6 +53,8 @@ __all__ = ["NeighborhoodAttentionCache", "neighborhood_attention_backward", "nei
 @dataclass(frozen=True)
 class NeighborhoodAttentionCache:
     """Inputs and the ``(..., H, W, k_h·k_w)`` neighborhood weights (kept for plotting)."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("neighborhood_attention_backward",)  # the backward that takes it
 
     q: Array  # (..., H, W, d)
     k: Array  # (..., H, W, d)
@@ -178,7 +180,7 @@ def neighborhood_attention_backward(dout: Array, cache: NeighborhoodAttentionCac
     """
     check_cache(cache, NeighborhoodAttentionCache, "neighborhood_attention_backward")
     kh, kw = cache.kernel
-    xp = check_dout(dout, like=cache.q, shape=(*cache.q.shape[:-1], cache.v.shape[-1]))
+    xp = require_dout(dout, (*cache.q.shape[:-1], cache.v.shape[-1]), cache.q.dtype, like=cache.q)
     dtype, scale = dout.dtype, cache.scale
     # float16 in float32, as the forward (the weights are the forward's float16 ones, widened)
     q, k, v, weights, dout = in_working_dtype(xp, cache.q, cache.k, cache.v, cache.weights, dout)

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
+from .._checks import check_cache, require_dout
 from ..backend import Array, device_of, namespace
 from .dense_rows import check_row_range, spread_rows
 from .exact import AttentionCache, attention_backward, attention_forward
-from .inputs import check_cache, check_dout
 from .maps import check_map_qkv
 from .masks import check_window
 
@@ -41,6 +41,8 @@ __all__ = ["WindowAttentionCache", "window_attention_backward", "window_attentio
 @dataclass(frozen=True)
 class WindowAttentionCache:
     """The per-window exact attention cache, plus the geometry to undo the windowing."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("window_attention_backward",)  # the backward that takes it
 
     attention: AttentionCache  # on (..., H/w, W/w, w², d) windows of the rolled map
     window: tuple[int, int]
@@ -186,7 +188,7 @@ def window_attention_backward(dout: Array, cache: WindowAttentionCache) -> dict[
     """
     check_cache(cache, WindowAttentionCache, "window_attention_backward")
     a = cache.attention
-    xp = check_dout(dout, like=a.q, shape=(*a.q.shape[:-4], cache.height, cache.width, a.v.shape[-1]))
+    xp = require_dout(dout, (*a.q.shape[:-4], cache.height, cache.width, a.v.shape[-1]), a.q.dtype, like=a.q)
     # the forward's steps in reverse: roll by -shift, partition, attention backward, merge, roll by +shift
     grads_w = attention_backward(_partition(xp, _roll(xp, dout, cache.shift, -1), cache.window), a)
     return {name: _roll(xp, _merge(xp, grads_w[name], cache.window), cache.shift, +1) for name in ("q", "k", "v")}

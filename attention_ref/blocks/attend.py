@@ -59,14 +59,14 @@ __all__ = [
 class AttentionVariant:
     """One kind of per-head attention a layer can run instead of exact attention.
 
-    forward: ``(q, k, v, *, grid, self_attention, mask, scale, **options) -> (out, cache)`` on
-        ``(B, heads, ·, d)``.
-    backward: ``(dout, cache) -> {"q", "k", "v", ...}``.
+    forward: ``(q, k, v, *, mask, scale, **options) -> (out, cache)`` on ``(B, heads, N, d)`` tokens, or, with
+        ``on_grid``, ``(q, k, v, *, scale, **options)`` on the ``(B, heads, H, W, d)`` map.
+    backward: ``(dout, cache) -> {"q", "k", "v", ...}``, on what its forward took.
     options: ``{option name: required}``.
     weights_note: where this variant's weights are, since it stores no dense matrix.
     has_rows: its cache can give dense weight rows (``cache.weight_rows(start, stop)``).
-    on_grid: it runs on the pixel map (``(B, heads, H, W, d)``): it needs the tokens' ``grid``, keys that
-        are those same pixels (self-attention), and no mask (its windows or neighborhoods are its mask).
+    on_grid: it runs on the pixel map: it needs the tokens' ``grid``, keys that are those same pixels
+        (self-attention), and no mask (its windows or neighborhoods are its mask).
     """
 
     forward: Callable[..., tuple[Array, Any]]
@@ -77,35 +77,8 @@ class AttentionVariant:
     on_grid: bool = False
 
 
-# ---------------------------------------------------------------- the variants' forward/backward on (B, heads, N, d)
-
-
-def _chunked_forward(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    grid: tuple[int, int] | None,
-    self_attention: bool,
-    mask: Array | None,
-    scale: float | None,
-    block_size: int | tuple[int, int] | None = None,
-) -> tuple[Array, Any]:
-    """Tiled exact attention; the mask stays in its broadcast shape and is sliced per tile."""
-    return chunked_attention_forward(q, k, v, mask=mask, scale=scale, block_size=block_size)
-
-
 def _linear_forward(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    grid: tuple[int, int] | None,
-    self_attention: bool,
-    mask: Array | None,
-    scale: float | None,
-    kind: str = "elu",
-    eps: float = 1e-6,
+    q: Array, k: Array, v: Array, *, mask: Array | None, scale: float | None, kind: str = "elu", eps: float = 1e-6
 ) -> tuple[Array, Any]:
     """Linear attention; a mask may only leave out keys (shape ``(..., 1, M)``, e.g. a context mask)."""
     if scale is not None:
@@ -134,60 +107,9 @@ def _as_tokens(xp: ModuleType, t: Array) -> Array:
     return xp.reshape(t, (*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1]))
 
 
-def _window_forward(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    grid: tuple[int, int] | None,
-    self_attention: bool,
-    mask: Array | None,
-    scale: float | None,
-    window: int | tuple[int, int],
-    shift: int | tuple[int, int] = 0,
-) -> tuple[Array, Any]:
-    """Swin window attention on the ``(B, heads, H, W, d)`` map."""
-    xp = namespace(q, k, v)
-    out, cache = window_attention_forward(
-        _as_map(xp, q, grid), _as_map(xp, k, grid), _as_map(xp, v, grid), window=window, shift=shift, scale=scale
-    )
-    return _as_tokens(xp, out), cache  # (B, heads, N, dv)
-
-
-def _window_backward(dout: Array, cache: Any) -> dict[str, Array]:
-    xp = namespace(dout)
-    grads = window_attention_backward(_as_map(xp, dout, (cache.height, cache.width)), cache)
-    return {name: _as_tokens(xp, g) for name, g in grads.items()}
-
-
-def _neighborhood_forward(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    grid: tuple[int, int] | None,
-    self_attention: bool,
-    mask: Array | None,
-    scale: float | None,
-    kernel: int | tuple[int, int],
-) -> tuple[Array, Any]:
-    """NATTEN neighborhood attention on the ``(B, heads, H, W, d)`` map."""
-    xp = namespace(q, k, v)
-    out, cache = neighborhood_attention_forward(
-        _as_map(xp, q, grid), _as_map(xp, k, grid), _as_map(xp, v, grid), kernel=kernel, scale=scale
-    )
-    return _as_tokens(xp, out), cache  # (B, heads, N, dv)
-
-
-def _neighborhood_backward(dout: Array, cache: Any) -> dict[str, Array]:
-    xp = namespace(dout)
-    grads = neighborhood_attention_backward(_as_map(xp, dout, tuple(cache.q.shape[-3:-1])), cache)
-    return {name: _as_tokens(xp, g) for name, g in grads.items()}
-
-
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
     "chunked": AttentionVariant(
-        _chunked_forward,
+        chunked_attention_forward,  # the mask stays in its broadcast shape and is sliced per tile
         chunked_attention_backward,
         options={"block_size": False},
         weights_note=(
@@ -206,8 +128,8 @@ ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
         has_rows=False,
     ),
     "window": AttentionVariant(
-        _window_forward,
-        _window_backward,
+        window_attention_forward,
+        window_attention_backward,
         options={"window": True, "shift": False},
         weights_note=(
             "window attention stores weights only inside each window (VariantCache.inner.weights, "
@@ -217,8 +139,8 @@ ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
         on_grid=True,
     ),
     "neighborhood": AttentionVariant(
-        _neighborhood_forward,
-        _neighborhood_backward,
+        neighborhood_attention_forward,
+        neighborhood_attention_backward,
         options={"kernel": True},
         weights_note=(
             "neighborhood attention stores weights only for each pixel's neighbors (VariantCache.inner.weights, "
@@ -288,6 +210,7 @@ class VariantCache:
     attention: str  # a key of ATTENTION_VARIANTS
     inner: Any  # the variant's cache, e.g. a ChunkedAttentionCache
     rows: int  # N, the number of query tokens
+    grid: tuple[int, int] | None = None  # (H, W) of the map a variant on the grid ran on
 
     @property
     def weights_note(self) -> str:
@@ -323,7 +246,6 @@ def variant_forward(
     attention: str,
     options: Mapping[str, Any],
     grid: tuple[int, int] | None,
-    self_attention: bool,
     mask: Array | None,
     scale: float | None,
 ) -> tuple[Array, VariantCache]:
@@ -333,20 +255,31 @@ def variant_forward(
         q: ``(B, heads, N, d)``; k: ``(B, heads, M, d)``; v: ``(B, heads, M, dv)``.
         attention: a key of :data:`ATTENTION_VARIANTS`; options: its options, already checked by
             :func:`check_attention_choice`.
-        grid: ``(H, W)`` with ``H·W = N`` (token ``row·W + col``), or ``None`` when the tokens have no map.
-        self_attention: the keys are the queries' own tokens (window and neighborhood need it).
+        grid: ``(H, W)`` with ``H·W = N`` (token ``row·W + col``), or ``None`` when the tokens have no map
+            (window and neighborhood attention run on it: the checks made sure the keys are those pixels).
         mask: boolean, broadcastable to ``(B, heads, N, M)``, True = may attend.
         scale: multiplies ``q kᵀ``; default ``1/sqrt(d)``; must stay ``None`` for linear attention.
 
     Returns:
         out: ``(B, heads, N, dv)``; cache: :class:`VariantCache`.
     """
-    forward = ATTENTION_VARIANTS[attention].forward
-    out, inner = forward(q, k, v, grid=grid, self_attention=self_attention, mask=mask, scale=scale, **options)
-    return out, VariantCache(attention=attention, inner=inner, rows=q.shape[-2])
+    variant = ATTENTION_VARIANTS[attention]
+    if not variant.on_grid:
+        out, inner = variant.forward(q, k, v, mask=mask, scale=scale, **options)
+        return out, VariantCache(attention=attention, inner=inner, rows=q.shape[-2])
+    # on the map: token row·W + col is pixel (row, col)   (B, heads, H, W, d), and back   (B, heads, N, dv)
+    xp = namespace(q, k, v)
+    q, k, v = _as_map(xp, q, grid), _as_map(xp, k, grid), _as_map(xp, v, grid)
+    out, inner = variant.forward(q, k, v, scale=scale, **options)
+    return _as_tokens(xp, out), VariantCache(attention=attention, inner=inner, rows=grid[0] * grid[1], grid=grid)
 
 
 def variant_backward(dout: Array, cache: VariantCache) -> dict[str, Array]:
     """Gradients of :func:`variant_forward`: ``{"q", "k", "v"}``, each shaped like its input."""
-    grads = ATTENTION_VARIANTS[cache.attention].backward(dout, cache.inner)
-    return {"q": grads["q"], "k": grads["k"], "v": grads["v"]}
+    variant = ATTENTION_VARIANTS[cache.attention]
+    if not variant.on_grid:
+        grads = variant.backward(dout, cache.inner)
+        return {"q": grads["q"], "k": grads["k"], "v": grads["v"]}
+    xp = namespace(dout)
+    grads = variant.backward(_as_map(xp, dout, cache.grid), cache.inner)  # on the map (B, heads, H, W, ·)
+    return {name: _as_tokens(xp, grads[name]) for name in ("q", "k", "v")}

@@ -1,4 +1,4 @@
-"""What self- and cross-attention on a ``(B, H, W, C)`` map share: the map check, the cache, the backward.
+"""What self- and cross-attention on a ``(B, H, W, C)`` map share: the map check, the cache, forward and backward.
 
 A map block is the attention layer (:mod:`attention_ref.blocks.attention_layer`) on the map's
 pixels as tokens: pixel ``(row, col)`` is token ``n = row·W + col`` (row-major), so
@@ -8,12 +8,14 @@ pixels as tokens: pixel ``(row, col)`` is token ``n = row·W + col`` (row-major)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .._checks import array_namespace, require_array, require_finite, require_floating
+from .._checks import array_namespace, require_array, require_dout, require_finite, require_floating
 from ..backend import Array, namespace
-from .attention_layer import AttentionLayerCache, attention_layer_backward, check_dout
+from .attention_layer import AttentionLayerCache, attention_layer_backward, attention_layer_forward
+from .layer_checks import check_context_shape
 
-__all__ = ["AttentionBlockCache", "check_map", "map_block_backward"]
+__all__ = ["AttentionBlockCache", "check_map", "map_block_backward", "map_block_forward"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,9 @@ class AttentionBlockCache:
     x_shape: tuple[int, int, int, int]  # (B, H, W, C)
 
     @property
-    def backward_name(self) -> str:
-        """The backward that takes this cache."""
-        return "self_attention_backward" if self.layer.context_shape is None else "cross_attention_backward"
+    def backward_names(self) -> tuple[str, ...]:
+        """The backward that takes this cache: self- or cross-attention's, by the forward that made it."""
+        return ("self_attention_backward",) if self.layer.context_shape is None else ("cross_attention_backward",)
 
     @property
     def weights(self) -> Array | None:
@@ -73,13 +75,8 @@ def check_map(where: str, x: Array, context: Array | None = None) -> tuple[int, 
             f"{where}: x of shape {tuple(x.shape)} is not a (B, H, W, C) map; for one (H, W, C) map pass x[None], "
             f"for (B, N, C) token sequences call {call}"
         )
-    B = x.shape[0]
-    if context is not None and (context.ndim != 3 or context.shape[0] != B):
-        raise ValueError(
-            f"{where}: context must be (B, M, D) = ({B}, M, D) for x of shape {tuple(x.shape)}, "
-            f"got shape {tuple(context.shape)}"
-            + ("; for one (M, D) sequence pass context[None]" if context.ndim == 2 else "")
-        )
+    if context is not None:
+        check_context_shape(context, tuple(x.shape), where)
     # an infinite pixel has no output (its group norm is inf − inf): refused, as infinite q, k, v are
     require_finite(xp, "x", x, where)
     if context is not None:
@@ -87,11 +84,30 @@ def check_map(where: str, x: Array, context: Array | None = None) -> tuple[int, 
     return tuple(x.shape)
 
 
+def map_block_forward(
+    where: str, x: Array, context: Array | None, params: Any, **layer_options: Any
+) -> tuple[Array, AttentionBlockCache]:
+    """The attention layer on the pixels of the map ``x`` ``(B, H, W, C)`` as tokens: ``y`` ``(B, H, W, C_out)``.
+
+    ``layer_options`` go to :func:`attention_ref.attention_layer_forward` as they are; the map's ``grid``
+    places the tokens on it for window and neighborhood attention.
+    """
+    B, H, W, C = check_map(where, x, context)
+    xp = namespace(x)
+    # pixel (row, col) is token row·W + col   (B, N, C)
+    h = xp.reshape(x, (B, H * W, C))
+    # the attention layer on the tokens (to the context, for cross-attention)   (B, N, C_out)
+    y, layer = attention_layer_forward(h, params, context=context, grid=(H, W), where=where, **layer_options)
+    # back on the map   (B, H, W, C_out)
+    y = xp.reshape(y, (B, H, W, y.shape[-1]))
+    return y, AttentionBlockCache(layer=layer, x_shape=(B, H, W, C))
+
+
 def map_block_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, Array]:
     """The attention layer's backward on the map: ``dy`` ``(B, H, W, C_out)`` → ``{"x": (B, H, W, C), ...}``."""
     B, H, W, _ = cache.x_shape
     C_out = cache.layer.out.W.shape[1]
-    check_dout(dy, (B, H, W, C_out), cache.layer.q.x.dtype)
+    require_dout(dy, (B, H, W, C_out), cache.layer.q.x.dtype, name="dy")
     xp = namespace(dy)
     grads = attention_layer_backward(xp.reshape(dy, (B, H * W, C_out)), cache.layer)  # tokens (B, N, C_out)
     grads["x"] = xp.reshape(grads.pop("h"), cache.x_shape)  # back on the map (B, H, W, C)

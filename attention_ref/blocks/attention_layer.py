@@ -41,22 +41,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, ClassVar
 
-import numpy as np
-
-from .._checks import (
-    array_namespace,
-    check_eps,
-    check_positive_int,
-    check_real,
-    require_array,
-    require_bool,
-    require_broadcastable_to,
-    require_dout,
-    require_finite,
-    require_floating,
-)
+from .._checks import check_cache, require_dout
 from ..attention import AttentionCache, attention_backward, attention_forward
 from ..attention.dense_rows import check_row_range
 from ..backend import Array, namespace
@@ -64,24 +51,11 @@ from ..ops.group_norm import GroupNormCache, group_norm_backward, group_norm_for
 from ..ops.heads import merge_heads, split_heads
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
-from .attend import VariantCache, check_attention_choice, variant_backward, variant_forward
-from .caches import require_cache
-from .params import check_keys, check_param_dtypes, check_params, check_sizes, init_linear, init_norm
+from .attend import VariantCache, variant_backward, variant_forward
+from .layer_checks import check_layer_inputs
+from .params import add_grads
 
-__all__ = ["AttentionLayerCache", "attention_layer_backward", "attention_layer_forward", "init_attention_layer"]
-
-_WEIGHTS = ("q.weight", "k.weight", "v.weight", "out.weight")
-_OPTIONAL = (
-    "norm.weight",
-    "norm.bias",
-    "norm_cross.weight",
-    "norm_cross.bias",
-    "q.bias",
-    "k.bias",
-    "v.bias",
-    "out.bias",
-)
-CROSS_NORMS = ("layer_norm", "group_norm")
+__all__ = ["AttentionLayerCache", "attention_layer_backward", "attention_layer_forward"]
 
 _EXACT_NOTE = "exact attention stores its (B, heads, N, M) weights: cache.weights"
 
@@ -89,6 +63,8 @@ _EXACT_NOTE = "exact attention stores its (B, heads, N, M) weights: cache.weight
 @dataclass(frozen=True)
 class AttentionLayerCache:
     """What :func:`attention_layer_backward` needs. ``weights`` gives the attention weights for plotting."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("attention_layer_backward",)  # the backward that takes it
 
     norm: GroupNormCache | None  # None without a group norm
     cross_norm: LayerNormCache | GroupNormCache | None  # None without a context norm
@@ -136,251 +112,6 @@ class AttentionLayerCache:
         if isinstance(self.attention, AttentionCache):
             raise ValueError("exact attention is a softmax attention with real weights; use weights or weight_rows")
         return self.attention.implied_weights()
-
-
-def init_attention_layer(
-    channels: int,
-    context_dim: int | None = None,
-    *,
-    heads: int = 1,
-    head_dim: int | None = None,
-    groups: int | None = None,
-    cross_norm: str | None = None,
-    bias: bool = False,
-    out_bias: bool = True,
-    rng: np.random.Generator | int | None = None,
-    dtype: Any = "float64",
-) -> dict[str, np.ndarray]:
-    """Random parameters for :func:`attention_layer_forward`, as NumPy arrays (diffusers' ``Attention`` defaults).
-
-    Inputs:
-        channels: ``C``, the tokens' width (also the output width).
-        context_dim: ``D``, the context tokens' width, for cross-attention; ``None`` for self-attention.
-        heads, head_dim: the attention width is ``inner = heads · head_dim`` (default ``head_dim = C/heads``).
-        groups: give a group norm (``"norm.*"``; ``groups`` must divide ``C``); ``None`` for none.
-        cross_norm: ``"layer_norm"`` or ``"group_norm"`` gives the context norm's ``"norm_cross.*"``.
-        bias: give Q, K, V biases (off by default, as in diffusers); out_bias: give the output a bias.
-        rng, dtype: as in :func:`attention_ref.init_self_attention`.
-
-    Returns:
-        ``{"q.weight" (C, inner), "k.weight", "v.weight" (C or D, inner), "out.weight" (inner, C)}``, the
-        biases asked for, norm weights 1 and biases 0; weights uniform in ``±1/√fan_in`` (PyTorch's default).
-    """
-    check_sizes(
-        "init_attention_layer",
-        ("context_dim", "head_dim", "groups"),
-        channels=channels,
-        context_dim=context_dim,
-        heads=heads,
-        head_dim=head_dim,
-        groups=groups,
-    )
-    if head_dim is None:
-        if channels % heads != 0:
-            raise ValueError(f"{channels} channels are not divisible into {heads} heads; give head_dim")
-        head_dim = channels // heads
-    if groups is not None and (groups < 1 or channels % groups != 0):
-        raise ValueError(f"{channels} channels are not divisible into {groups} groups")
-    if cross_norm is not None and (context_dim is None or cross_norm not in CROSS_NORMS):
-        raise ValueError(f"cross_norm must be one of {CROSS_NORMS} with a context_dim, got {cross_norm!r}")
-    rng = np.random.default_rng(rng)
-    inner = heads * head_dim
-    source = channels if context_dim is None else context_dim
-    params: dict[str, np.ndarray] = {}
-    if groups is not None:
-        init_norm(params, "norm", channels, dtype=dtype)
-    if cross_norm is not None:
-        init_norm(params, "norm_cross", source, dtype=dtype)
-    init_linear(params, "q", channels, inner, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "k", source, inner, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "v", source, inner, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "out", inner, channels, bias=out_bias, rng=rng, dtype=dtype)
-    return params
-
-
-def _fail(where: str, message: str) -> NoReturn:
-    raise ValueError(f"{where}: {message}")
-
-
-def _channels_hint(shape: tuple[int, ...], grid: tuple[int, int] | None, expected: int) -> str:
-    """A hint when the channels seem to sit on another axis: a (B, C, H, W) map or (B, C, N) tokens."""
-    if grid is not None and grid[0] == expected:
-        return (
-            f"; maps are (B, H, W, C), channels last, and this map's axis 1 has {expected} entries: move the channels "
-            "of a (B, C, H, W) map last (x.transpose(0, 2, 3, 1) in NumPy, x.permute(0, 2, 3, 1) in torch)"
-        )
-    if grid is None and len(shape) == 3 and shape[1] == expected:
-        return f"; tokens are (B, N, C), channels last, and axis 1 has {expected} entries: is it (B, C, N)?"
-    return ""
-
-
-def _check_shapes(
-    params: Mapping[str, Array],
-    C: int,
-    source_width: int,
-    heads: int,
-    residual: bool,
-    where: str,
-    is_cross: bool,
-    input_shape: tuple[int, ...] = (),
-    grid: tuple[int, int] | None = None,
-) -> None:
-    """``ValueError`` unless every parameter's shape fits ``C`` channels and a source of ``source_width``.
-
-    ``input_shape`` and ``grid`` (the map's (H, W) when the tokens came from one) let the message say
-    when the channels seem to sit on another axis.
-    """
-    for name in _WEIGHTS:
-        if params[name].ndim != 2:
-            _fail(where, f"{name} must be a matrix (in, out), got shape {tuple(params[name].shape)}")
-    q_in, inner = params["q.weight"].shape
-    if q_in != C:
-        _fail(
-            where,
-            f"q.weight of shape {(q_in, inner)} expects {q_in} input channels but the input has {C}"
-            + _channels_hint(input_shape, grid, q_in),
-        )
-    source = "context width" if is_cross else "input's channels"
-    for name in ("k.weight", "v.weight"):
-        shape = tuple(params[name].shape)
-        if shape[0] != source_width:
-            _fail(where, f"{name} of shape {shape} expects {shape[0]} input channels; the {source} is {source_width}")
-        if shape[1] != inner:
-            _fail(where, f"{name} of shape {shape} does not match q.weight's {inner} output channels")
-    out_in, C_out = params["out.weight"].shape
-    if out_in != inner:
-        _fail(where, f"out.weight of shape {(out_in, C_out)} expects {out_in} inputs but q/k/v give {inner}")
-    if heads < 1 or inner % heads != 0:
-        _fail(where, f"{inner} attention channels are not divisible into {heads} heads")
-    if residual and C_out != C:
-        _fail(where, f"the residual needs out.weight to return {C} channels, it returns {C_out}")
-    for name, n in (("q.bias", inner), ("k.bias", inner), ("v.bias", inner), ("out.bias", C_out)):
-        if name in params and tuple(params[name].shape) != (n,):
-            _fail(where, f"{name} of shape {tuple(params[name].shape)} should be ({n},)")
-    for norm, width in (("norm", C), ("norm_cross", source_width)):
-        if f"{norm}.bias" in params and f"{norm}.weight" not in params:
-            _fail(where, f"{norm}.bias is given without {norm}.weight")
-        for kind in ("weight", "bias"):
-            p = params.get(f"{norm}.{kind}")
-            if p is not None and tuple(p.shape) != (width,):
-                _fail(where, f"{norm}.{kind} of shape {tuple(p.shape)} should be ({width},)")
-
-
-def check_layer_inputs(
-    h: Array,
-    params: Mapping[str, Array],
-    *,
-    heads: int,
-    context: Array | None,
-    context_mask: Array | None,
-    mask: Array | None,
-    groups: int,
-    cross_norm: str | None,
-    cross_norm_groups: int,
-    residual: bool,
-    attention: str,
-    attention_options: Mapping[str, Any] | None,
-    grid: tuple[int, int] | None,
-    where: str,
-) -> dict[str, Any]:
-    """Every check of :func:`attention_layer_forward`'s inputs; returns the checked attention options.
-
-    ``ValueError`` naming the shapes (and the entry point that takes them) for anything that does
-    not fit, ``TypeError`` for dtypes and non-arrays.
-    """
-    check_params(params, where)
-    require_array(f"{where}: h", h)
-    xp = array_namespace(h=h, context=context, context_mask=context_mask, mask=mask)
-    namespace(h, *params.values())  # the parameters' library is h's
-    require_floating(xp, "h", h)
-    heads = check_positive_int("heads", heads, where)
-    check_positive_int("groups", groups, where)
-    if h.ndim != 3:
-        way_out = ""
-        if h.ndim == 4:
-            way_out = (
-                "; a (B, H, W, C) map goes to self_attention_forward / cross_attention_forward, "
-                "or reshape it to (B, H·W, C) tokens and pass grid=(H, W)"
-            )
-        _fail(where, f"h must be (B, N, C) token sequences, got shape {tuple(h.shape)}{way_out}")
-    check_keys(params, required=_WEIGHTS, optional=_OPTIONAL, where=where)
-    check_param_dtypes(h, params, where)
-    B, N, C = h.shape
-    is_cross = context is not None
-    source_width = C
-    if is_cross:
-        require_floating(xp, "context", context)
-        if context.dtype != h.dtype:
-            raise TypeError(f"{where}: context has dtype {context.dtype} but the input has dtype {h.dtype}")
-        if context.ndim != 3 or context.shape[0] != B:
-            _fail(
-                where,
-                f"context must be (B, M, D) = ({B}, M, D) token sequences for an input of shape {tuple(h.shape)}, "
-                f"got shape {tuple(context.shape)}",
-            )
-        source_width = context.shape[-1]
-    elif context_mask is not None:
-        _fail(where, "context_mask is only for cross-attention (it marks padded context tokens)")
-    require_finite(xp, "h", h, where)
-    if is_cross:
-        require_finite(xp, "context", context, where)
-    M = context.shape[1] if is_cross else N
-    if B == 0 or N == 0 or M == 0:
-        what = f"input of shape {tuple(h.shape)}" + (
-            f" and context of shape {tuple(context.shape)}" if is_cross else ""
-        )
-        _fail(
-            where,
-            f"{what}: needs at least one sample, one query token and one key token (B, N, M ≥ 1); "
-            "attention over no keys has no softmax (pad the context and mask the padding with context_mask instead)",
-        )
-    _check_shapes(params, C, source_width, heads, residual, where, is_cross, tuple(h.shape), grid)
-    if "norm.weight" in params and (groups < 1 or C % groups != 0):
-        _fail(where, f"{C} channels are not divisible into {groups} groups")
-    if cross_norm is not None:
-        if not is_cross:
-            _fail(where, f"cross_norm={cross_norm!r} normalises the context, but self-attention has none")
-        if cross_norm not in CROSS_NORMS:
-            _fail(where, f"cross_norm must be one of {CROSS_NORMS} or None, got {cross_norm!r}")
-        if cross_norm == "group_norm":
-            n_groups = check_positive_int("cross_norm_groups", cross_norm_groups, where)
-            if source_width % n_groups != 0:
-                _fail(where, f"the context's {source_width} channels are not divisible into {n_groups} groups")
-    elif "norm_cross.weight" in params:
-        _fail(where, "norm_cross.weight is given but cross_norm is None; pass cross_norm='layer_norm' or 'group_norm'")
-    if context_mask is not None:
-        require_bool(xp, "context_mask", context_mask)
-        allowed = [(M,), (B, M)]
-        if tuple(context_mask.shape) not in allowed:
-            _fail(where, f"context_mask of shape {tuple(context_mask.shape)} should be one of {allowed}")
-    if mask is not None:
-        require_bool(xp, "mask", mask)
-        if mask.ndim not in (2, 4):
-            # a 3-D mask could be (heads, N, M) or diffusers' (B, N, M): which one is not guessed
-            _fail(
-                where,
-                f"mask of shape {tuple(mask.shape)} must be (N, M) or (B or 1, heads or 1, N, M); "
-                "a per-sample (B, N, M) mask is mask[:, None], a per-head (heads, N, M) one mask[None]",
-            )
-        target = (B, heads, N, M)
-        try:
-            require_broadcastable_to("mask", tuple(mask.shape), target)
-        except ValueError:
-            _fail(where, f"mask of shape {tuple(mask.shape)} does not broadcast to (B, heads, N, M) = {target}")
-    if grid is not None:
-        if len(grid) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
-            _fail(where, f"grid must be (H, W), two positive ints, got {grid!r}")
-        if grid[0] * grid[1] != N:
-            _fail(where, f"grid {tuple(grid)} has {grid[0] * grid[1]} pixels but the input has {N} tokens")
-    return check_attention_choice(
-        attention,
-        attention_options,
-        self_attention=not is_cross,
-        keys=M,
-        grid=grid,
-        mask=mask,
-        where=where,
-    )
 
 
 def _norm_context(
@@ -471,24 +202,9 @@ def attention_layer_forward(
     give the boolean ``mask`` instead — and dropout in training. Parameters of those features are
     unknown keys (``ValueError``).
     """
-    eps = check_eps("eps", eps, where)
-    cross_norm_eps = check_eps("cross_norm_eps", cross_norm_eps, where)
-    rescale = check_real("rescale", rescale, where, nonzero=True)
-    options = check_layer_inputs(
-        h,
-        params,
-        heads=heads,
-        context=context,
-        context_mask=context_mask,
-        mask=mask,
-        groups=groups,
-        cross_norm=cross_norm,
-        cross_norm_groups=cross_norm_groups,
-        residual=residual,
-        attention=attention,
-        attention_options=attention_options,
-        grid=grid,
-        where=where,
+    eps, cross_norm_eps, rescale, options = check_layer_inputs(
+        h, params, heads, context, context_mask, mask, groups, eps, cross_norm, cross_norm_groups, cross_norm_eps,
+        residual, rescale, attention, attention_options, grid, where
     )
     xp = namespace(h)
     # n = GroupNorm(h) over the tokens of each sample, or h itself   (B, N, C)
@@ -514,15 +230,7 @@ def attention_layer_forward(
         oh, attention_cache = attention_forward(qh, kh, vh, mask=mask, scale=scale)
     else:
         oh, attention_cache = variant_forward(
-            qh,
-            kh,
-            vh,
-            attention=attention,
-            options=options,
-            grid=grid,
-            self_attention=context is None,
-            mask=mask,
-            scale=scale,
+            qh, kh, vh, attention=attention, options=options, grid=grid, mask=mask, scale=scale
         )
     o = merge_heads(oh)  # (B, N, inner)
     # P = O W_o + b_o   (B, N, C_out)
@@ -532,42 +240,11 @@ def attention_layer_forward(
     if rescale != 1:
         y = y / rescale
     cache = AttentionLayerCache(
-        norm=norm_cache,
-        cross_norm=cross_cache,
-        q=q_cache,
-        k=k_cache,
-        v=v_cache,
-        attention=attention_cache,
-        out=out_cache,
-        heads=heads,
-        residual=residual,
-        rescale=float(rescale),
-        h_shape=tuple(h.shape),
+        norm=norm_cache, cross_norm=cross_cache, q=q_cache, k=k_cache, v=v_cache, attention=attention_cache,
+        out=out_cache, heads=heads, residual=residual, rescale=rescale, h_shape=tuple(h.shape),
         context_shape=None if context is None else tuple(context.shape),
     )
     return y, cache
-
-
-def _linear_grads(grads: dict[str, Array], name: str, g: Mapping[str, Array]) -> Array:
-    """Store a linear layer's weight/bias gradients under ``name``; return its input gradient."""
-    grads[f"{name}.weight"] = g["W"]
-    if "b" in g:
-        grads[f"{name}.bias"] = g["b"]
-    return g["x"]
-
-
-def _norm_grads(grads: dict[str, Array], name: str, g: Mapping[str, Array]) -> Array:
-    """Store a norm's affine gradients under ``name``; return its input gradient."""
-    for key in ("weight", "bias"):
-        if key in g:
-            grads[f"{name}.{key}"] = g[key]
-    return g["x"]
-
-
-def check_dout(dout: Array, expected: tuple[int, ...], dtype: Any, name: str = "dy") -> None:
-    """``ValueError`` / ``TypeError`` unless ``dout`` is an array of the output's shape and dtype
-    (:func:`attention_ref._checks.require_dout`)."""
-    require_dout(dout, expected, dtype, name=name)
 
 
 def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str, Array]:
@@ -581,14 +258,14 @@ def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str,
         ``{"h": (B, N, C)}``, ``"context"`` ``(B, M, D)`` for cross-attention, and one entry per key
         of ``params``, each in that parameter's shape. Padded context tokens get exactly 0.
     """
-    require_cache(cache, AttentionLayerCache, "attention_layer_backward")
+    check_cache(cache, AttentionLayerCache, "attention_layer_backward")
     B, N, _ = cache.h_shape
-    check_dout(dy, (B, N, cache.out.W.shape[1]), cache.q.x.dtype)
+    require_dout(dy, (B, N, cache.out.W.shape[1]), cache.q.x.dtype, name="dy")
     grads: dict[str, Array] = {}
     # y = (h + P) / r   ⇒   dP = dy / r  (and dh gets dy / r straight through the residual)
     dproj = dy / cache.rescale if cache.rescale != 1 else dy
     # P = O W_o + b_o
-    do = _linear_grads(grads, "out", linear_backward(dproj, cache.out))  # (B, N, inner)
+    do = add_grads(grads, "out", linear_backward(dproj, cache.out))  # (B, N, inner)
     # heads: dO → dQ, dK, dV   (B, heads, ·, d), merged back to (B, ·, inner)
     doh = split_heads(do, cache.heads)
     if isinstance(cache.attention, AttentionCache):
@@ -596,9 +273,9 @@ def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str,
     else:
         dheads = variant_backward(doh, cache.attention)
     dq, dk, dv = merge_heads(dheads["q"]), merge_heads(dheads["k"]), merge_heads(dheads["v"])
-    dn = _linear_grads(grads, "q", linear_backward(dq, cache.q))  # (B, N, C)
-    ds_k = _linear_grads(grads, "k", linear_backward(dk, cache.k))  # (B, M, C or D)
-    ds_v = _linear_grads(grads, "v", linear_backward(dv, cache.v))
+    dn = add_grads(grads, "q", linear_backward(dq, cache.q))  # (B, N, C)
+    ds_k = add_grads(grads, "k", linear_backward(dk, cache.k))  # (B, M, C or D)
+    ds_v = add_grads(grads, "v", linear_backward(dv, cache.v))
     if cache.context_shape is None:
         # n feeds Q, K and V: dn = dn_Q + dn_K + dn_V
         dn = dn + ds_k + ds_v
@@ -606,14 +283,14 @@ def attention_layer_backward(dy: Array, cache: AttentionLayerCache) -> dict[str,
         # the (normed) context feeds K and V: ds = ds_K + ds_V
         ds = ds_k + ds_v
         if isinstance(cache.cross_norm, LayerNormCache):
-            ds = _norm_grads(grads, "norm_cross", layer_norm_backward(ds, cache.cross_norm))
+            ds = add_grads(grads, "norm_cross", layer_norm_backward(ds, cache.cross_norm))
         elif isinstance(cache.cross_norm, GroupNormCache):
-            ds = _norm_grads(grads, "norm_cross", group_norm_backward(ds, cache.cross_norm))
+            ds = add_grads(grads, "norm_cross", group_norm_backward(ds, cache.cross_norm))
         grads["context"] = ds
     dh = dn
     if cache.norm is not None:
         # n = GroupNorm(h)
-        dh = _norm_grads(grads, "norm", group_norm_backward(dn, cache.norm))
+        dh = add_grads(grads, "norm", group_norm_backward(dn, cache.norm))
     if cache.residual:
         dh = dh + dproj
     grads["h"] = dh

@@ -19,55 +19,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+from .._checks import check_cache
+from ..backend import Array
+from .attention_block import AttentionBlockCache, map_block_backward, map_block_forward
 
-from ..backend import Array, namespace
-from .attention_block import AttentionBlockCache, check_map, map_block_backward
-from .attention_layer import attention_layer_forward
-from .caches import require_cache
-from .params import check_sizes, init_linear, init_norm
-
-__all__ = ["cross_attention_backward", "cross_attention_forward", "init_cross_attention"]
-
-
-def init_cross_attention(
-    channels: int,
-    context_dim: int,
-    *,
-    heads: int = 1,
-    groups: int | None = 32,
-    bias: bool = True,
-    out_bias: bool = True,
-    rng: np.random.Generator | int | None = None,
-    dtype: Any = "float64",
-) -> dict[str, np.ndarray]:
-    """Random parameters for :func:`cross_attention_forward`, as NumPy arrays.
-
-    Inputs:
-        channels: ``C``, the map's channels (also the attention width, ``inner = C``).
-        context_dim: ``D``, the width of a context token.
-        heads, groups, bias, out_bias, rng, dtype: as in :func:`attention_ref.init_self_attention`.
-
-    Returns:
-        like :func:`attention_ref.init_self_attention`, except ``"k.weight"`` and ``"v.weight"``
-        are ``(D, C)``.
-    """
-    check_sizes(
-        "init_cross_attention", ("groups",), channels=channels, context_dim=context_dim, heads=heads, groups=groups
-    )
-    if channels % heads != 0:
-        raise ValueError(f"{channels} channels are not divisible into {heads} heads")
-    if groups is not None and (groups < 1 or channels % groups != 0):
-        raise ValueError(f"{channels} channels are not divisible into {groups} groups")
-    rng = np.random.default_rng(rng)
-    params: dict[str, np.ndarray] = {}
-    if groups is not None:
-        init_norm(params, "norm", channels, dtype=dtype)
-    init_linear(params, "q", channels, channels, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "k", context_dim, channels, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "v", context_dim, channels, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "out", channels, channels, bias=out_bias, rng=rng, dtype=dtype)
-    return params
+__all__ = ["cross_attention_backward", "cross_attention_forward"]
 
 
 def cross_attention_forward(
@@ -116,30 +72,10 @@ def cross_attention_forward(
     """
     if context is None:
         raise ValueError("cross-attention needs a context; use self_attention_forward for self-attention")
-    B, H, W, C = check_map("cross-attention", x, context)
-    xp = namespace(x)
-    # pixel (row, col) is token row·W + col   (B, N, C)
-    h = xp.reshape(x, (B, H * W, C))
-    # the attention layer from the tokens to the context   (B, N, C_out)
-    y, layer = attention_layer_forward(
-        h,
-        params,
-        heads=heads,
-        context=context,
-        context_mask=context_mask,
-        groups=groups,
-        eps=eps,
-        residual=residual,
-        rescale=rescale,
-        scale=scale,
-        attention=attention,
-        attention_options=attention_options,
-        grid=(H, W),
-        where="cross-attention",
+    return map_block_forward(
+        "cross-attention", x, context, params, heads=heads, context_mask=context_mask, groups=groups, eps=eps,
+        residual=residual, rescale=rescale, scale=scale, attention=attention, attention_options=attention_options
     )
-    # back on the map   (B, H, W, C_out)
-    y = xp.reshape(y, (B, H, W, y.shape[-1]))
-    return y, AttentionBlockCache(layer=layer, x_shape=(B, H, W, C))
 
 
 def cross_attention_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, Array]:
@@ -153,5 +89,5 @@ def cross_attention_backward(dy: Array, cache: AttentionBlockCache) -> dict[str,
         ``{"x": (B, H, W, C), "context": (B, M, D)}`` plus one entry per key of ``params``.
         Padded context tokens get exactly 0.
     """
-    require_cache(cache, AttentionBlockCache, "cross_attention_backward")
+    check_cache(cache, AttentionBlockCache, "cross_attention_backward")
     return map_block_backward(dy, cache)

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .._checks import require_array, require_finite, require_floating
+from .._checks import check_cache, require_array, require_finite, require_floating
 from ..backend import Array, namespace
 from ..ops.gelu import GegluCache, geglu_backward, geglu_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
-from .caches import require_cache
-from .params import check_keys, check_param_dtypes, check_params
+from .params import add_grads, check_keys, check_param_dtypes, check_params
 
 __all__ = ["GegluFeedForwardCache", "geglu_ff_backward", "geglu_ff_forward"]
 
 
 @dataclass(frozen=True)
 class GegluFeedForwardCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("geglu_ff_backward",)  # the backward that takes it
+
     proj: LinearCache
     geglu: GegluCache
     out: LinearCache
@@ -74,16 +76,12 @@ def geglu_ff_backward(dy: Array, cache: GegluFeedForwardCache) -> dict[str, Arra
         ``{"x": (..., C), "proj.weight": (C, 2F), "proj.bias": (2F,), "out.weight": (F, C),
         "out.bias": (C,)}`` (bias keys only when the forward had them).
     """
-    require_cache(cache, GegluFeedForwardCache, "geglu_ff_backward")
+    check_cache(cache, GegluFeedForwardCache, "geglu_ff_backward")
     grads: dict[str, Array] = {}
-    g_out = linear_backward(dy, cache.out)
-    grads["out.weight"] = g_out["W"]
-    if "b" in g_out:
-        grads["out.bias"] = g_out["b"]
-    du = geglu_backward(g_out["x"], cache.geglu)["x"]
-    g_proj = linear_backward(du, cache.proj)
-    grads["proj.weight"] = g_proj["W"]
-    if "b" in g_proj:
-        grads["proj.bias"] = g_proj["b"]
-    grads["x"] = g_proj["x"]
+    # y = g W_o + b_o
+    dg = add_grads(grads, "out", linear_backward(dy, cache.out))
+    # g = geglu(u)
+    du = geglu_backward(dg, cache.geglu)["x"]
+    # u = x W_p + b_p
+    grads["x"] = add_grads(grads, "proj", linear_backward(du, cache.proj))
     return grads

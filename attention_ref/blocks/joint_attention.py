@@ -50,49 +50,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import Any, ClassVar
 
-import numpy as np
-
-from .._checks import (
-    array_namespace,
-    check_cache,
-    check_eps,
-    check_positive_int,
-    require_array,
-    require_bool,
-    require_broadcastable_to,
-    require_dout,
-    require_finite,
-    require_floating,
-)
+from .._checks import check_cache
 from ..attention import AttentionCache, attention_backward, attention_forward
 from ..backend import Array, device_of, namespace
 from ..ops.heads import merge_heads, split_heads
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from ..ops.rms_norm import RMSNormCache, rms_norm_backward, rms_norm_forward
-from ..ops.rope import PAIR_LAYOUTS, RopeCache, float_dtype_named, rope_backward, rope_forward
-from .params import check_keys, check_param_dtypes, check_params, check_sizes, init_linear
+from ..ops.rope import RopeCache, rope_backward, rope_forward
+from .joint_checks import NORMS, PROJECTIONS, QK_NORMS, STREAM_ORDERS, check_joint_douts, check_joint_inputs
+from .params import add_grads
 
-__all__ = [
-    "JointAttentionCache",
-    "QK_NORMS",
-    "STREAM_ORDERS",
-    "init_joint_attention",
-    "joint_attention_backward",
-    "joint_attention_forward",
-]
-
-#: The per-head normalisations of queries and keys.
-QK_NORMS = ("rms_norm", "layer_norm")
-#: Where the image tokens go in the joined sequence: SD3 puts them first, Flux after the text.
-STREAM_ORDERS = ("image_first", "text_first")
-
-# each stream's projections and norms: (query, key, value, output), (query norm, key norm)
-_PROJECTIONS = {"image": ("q", "k", "v", "out"), "text": ("add_q", "add_k", "add_v", "add_out")}
-_NORMS = {"image": ("norm_q", "norm_k"), "text": ("norm_added_q", "norm_added_k")}
-
+__all__ = ["JointAttentionCache", "QK_NORMS", "STREAM_ORDERS", "joint_attention_backward", "joint_attention_forward"]
 
 @dataclass(frozen=True)
 class _StreamCache:
@@ -110,6 +81,8 @@ class _StreamCache:
 class JointAttentionCache:
     """What :func:`joint_attention_backward` needs; ``weights`` holds the joint softmax for plotting."""
 
+    backward_names: ClassVar[tuple[str, ...]] = ("joint_attention_backward",)  # the backward that takes it
+
     image: _StreamCache
     text: _StreamCache | None  # None for one stream
     rope_q: RopeCache | None  # None without RoPE
@@ -121,8 +94,6 @@ class JointAttentionCache:
     M: int  # text tokens; 0 for one stream
     x_shape: tuple[int, int, int]  # (B, N, C)
     context_shape: tuple[int, int, int] | None  # (B, M, D); None for one stream
-
-    backward_name = "joint_attention_backward"
 
     @property
     def weights(self) -> Array:
@@ -153,250 +124,6 @@ def _places(order: str, N: int, M: int) -> tuple[slice, slice]:
     return slice(M, M + N), slice(0, M)
 
 
-# ---------------------------------------------------------------- parameters
-
-
-def init_joint_attention(
-    dim: int,
-    context_dim: int | None = None,
-    *,
-    heads: int,
-    head_dim: int | None = None,
-    qk_norm: str | None = None,
-    bias: bool = True,
-    out_bias: bool = True,
-    pre_only: bool = False,
-    context_pre_only: bool = False,
-    out_dim: int | None = None,
-    context_out_dim: int | None = None,
-    rng: np.random.Generator | int | None = None,
-    dtype: Any = "float64",
-) -> dict[str, np.ndarray]:
-    """Random parameters for :func:`joint_attention_forward`, as NumPy arrays.
-
-    Inputs:
-        dim: ``C``, the image tokens' width.
-        context_dim: ``D``, the text tokens' width; ``None`` for one stream (no ``add_*`` parameters).
-        heads, head_dim: ``inner = heads · head_dim`` (default ``head_dim = dim/heads``).
-        qk_norm: ``None``, ``"rms_norm"`` (scale ``(d,)`` = 1) or ``"layer_norm"`` (scale 1, shift 0).
-        bias: give the q/k/v projections of both streams biases (SD3 and Flux have them);
-            out_bias: give the output projections biases.
-        pre_only: no image output projection (Flux's single-stream blocks);
-            context_pre_only: no text output projection (SD3's last block).
-        out_dim, context_out_dim: the output projections' widths (default ``dim`` for both, as diffusers'
-            ``to_out`` and ``to_add_out``).
-        rng, dtype: a generator or seed, and the arrays' floating dtype.
-
-    Returns:
-        ``{"q.weight" (C, inner), "k.weight", "v.weight", "out.weight" (inner, out_dim), "add_q.weight"
-        (D, inner), "add_k.weight", "add_v.weight", "add_out.weight" (inner, context_out_dim), their biases,
-        "norm_q.weight" (d,), "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight" (and ``.bias``
-        for layer norm)}``, as asked; linear weights uniform in ``±1/√fan_in`` (PyTorch's default).
-    """
-    optional = ("context_dim", "head_dim", "out_dim", "context_out_dim")
-    check_sizes(
-        "init_joint_attention",
-        optional,
-        dim=dim,
-        context_dim=context_dim,
-        heads=heads,
-        head_dim=head_dim,
-        out_dim=out_dim,
-        context_out_dim=context_out_dim,
-    )
-    if head_dim is None:
-        if dim % heads != 0:
-            raise ValueError(f"init_joint_attention: dim {dim} is not divisible into {heads} heads; give head_dim")
-        head_dim = dim // heads
-    if qk_norm is not None and qk_norm not in QK_NORMS:
-        raise ValueError(f"init_joint_attention: qk_norm must be one of {QK_NORMS} or None, got {qk_norm!r}")
-    if context_dim is None and context_pre_only:
-        raise ValueError("init_joint_attention: context_pre_only needs a text stream (context_dim)")
-    rng = np.random.default_rng(rng)
-    inner = heads * head_dim
-    params: dict[str, np.ndarray] = {}
-    streams = {"image": dim} if context_dim is None else {"image": dim, "text": context_dim}
-    for stream, width in streams.items():
-        q, k, v, out = _PROJECTIONS[stream]
-        for name in (q, k, v):
-            init_linear(params, name, width, inner, bias=bias, rng=rng, dtype=dtype)
-        no_out = pre_only if stream == "image" else context_pre_only
-        if not no_out:
-            n_out = out_dim if stream == "image" else context_out_dim
-            n_out = dim if n_out is None else n_out
-            init_linear(params, out, inner, n_out, bias=out_bias, rng=rng, dtype=dtype)
-        if qk_norm is not None:
-            for norm in _NORMS[stream]:
-                params[f"{norm}.weight"] = np.ones(head_dim, dtype=np.dtype(dtype))
-                if qk_norm == "layer_norm":
-                    params[f"{norm}.bias"] = np.zeros(head_dim, dtype=np.dtype(dtype))
-    return params
-
-
-# ---------------------------------------------------------------- checks
-
-
-_WHERE = "joint attention"
-
-
-def _fail(message: str) -> NoReturn:
-    raise ValueError(f"{_WHERE}: {message}")
-
-
-def _stream_keys(stream: str, qk_norm: str | None) -> tuple[list[str], list[str]]:
-    """The required and optional parameter keys of one stream."""
-    q, k, v, out = _PROJECTIONS[stream]
-    required = [f"{q}.weight", f"{k}.weight", f"{v}.weight"]
-    optional = [f"{q}.bias", f"{k}.bias", f"{v}.bias", f"{out}.weight", f"{out}.bias"]
-    if qk_norm is not None:
-        optional += [f"{norm}.weight" for norm in _NORMS[stream]]
-    if qk_norm == "layer_norm":
-        optional += [f"{norm}.bias" for norm in _NORMS[stream]]
-    return required, optional
-
-
-def _check_stream_shapes(params: Mapping[str, Array], stream: str, width: int, heads: int) -> int:
-    """``ValueError`` unless one stream's parameters fit tokens of ``width`` channels; returns ``inner``."""
-    q, k, v, out = _PROJECTIONS[stream]
-    inner = params["q.weight"].shape[-1] if params["q.weight"].ndim == 2 else -1
-    for name in (q, k, v):
-        shape = tuple(params[f"{name}.weight"].shape)
-        if shape != (width, inner):
-            what = "x (the image tokens)" if stream == "image" else "context (the text tokens)"
-            _fail(
-                f"{name}.weight of shape {shape} should be (in, inner) = {(width, inner)} for {what} of width {width}"
-            )
-        b = params.get(f"{name}.bias")
-        if b is not None and tuple(b.shape) != (inner,):
-            _fail(f"{name}.bias of shape {tuple(b.shape)} should be ({inner},)")
-    if f"{out}.bias" in params and f"{out}.weight" not in params:
-        _fail(f"{out}.bias is given without {out}.weight")
-    if f"{out}.weight" in params:
-        W = params[f"{out}.weight"]
-        if W.ndim != 2 or W.shape[0] != inner:
-            _fail(f"{out}.weight of shape {tuple(W.shape)} should be (inner, out) with inner = {inner}")
-        b = params.get(f"{out}.bias")
-        if b is not None and tuple(b.shape) != (W.shape[1],):
-            _fail(f"{out}.bias of shape {tuple(b.shape)} should be ({W.shape[1]},)")
-    if inner % heads:
-        _fail(f"{inner} attention channels are not divisible into {heads} heads")
-    d = inner // heads
-    for norm in _NORMS[stream]:
-        for kind in ("weight", "bias"):
-            p = params.get(f"{norm}.{kind}")
-            if p is not None and tuple(p.shape) != (d,):
-                _fail(
-                    f"{norm}.{kind} of shape {tuple(p.shape)} should be (head_dim,) = ({d},), the {inner} attention "
-                    f"channels split into heads = {heads}"
-                )
-    return inner
-
-
-def _check_inputs(
-    x: Array,
-    context: Array | None,
-    params: Mapping[str, Array],
-    heads: Any,
-    order: Any,
-    qk_norm: Any,
-    eps: Any,
-    rope: Any,
-    rope_pairs: Any,
-    rope_dtype: Any,
-    mask: Array | None,
-) -> tuple[int, float]:
-    """Every check of :func:`joint_attention_forward`'s inputs (``ValueError`` / ``TypeError`` naming them);
-    returns ``(heads, eps)`` as an int and a float."""
-    check_params(params, _WHERE)
-    require_array(f"{_WHERE}: x", x)
-    xp = array_namespace(x=x, context=context, mask=mask)
-    namespace(x, *params.values())  # the parameters from x's library too
-    require_floating(xp, "x", x)
-    if x.ndim != 3:
-        _fail(f"x must be (B, N, C) image tokens, got shape {tuple(x.shape)}")
-    B, N, C = x.shape
-    if context is not None:
-        require_floating(xp, "context", context)
-        if context.dtype != x.dtype:
-            raise TypeError(f"joint attention: context has dtype {context.dtype} but x has dtype {x.dtype}")
-        if context.ndim != 3 or context.shape[0] != B:
-            _fail(
-                f"context must be (B, M, D) = ({B}, M, D) text tokens for x of shape {(B, N, C)}, "
-                f"got {tuple(context.shape)}"
-            )
-    M = 0 if context is None else context.shape[1]
-    if B == 0 or N == 0 or (context is not None and M == 0):
-        given = f"x of shape {(B, N, C)}" + ("" if context is None else f", context of shape {tuple(context.shape)}")
-        _fail(f"needs at least one sample and one token per stream (B, N, M ≥ 1), got {given}")
-    heads = check_positive_int("heads", heads, _WHERE)
-    if order not in STREAM_ORDERS:
-        _fail(f"order must be one of {STREAM_ORDERS}, got {order!r}")
-    if qk_norm is not None and qk_norm not in QK_NORMS:
-        _fail(f"qk_norm must be one of {QK_NORMS} or None, got {qk_norm!r}")
-    eps = check_eps("eps", eps, _WHERE)
-    required, optional = _stream_keys("image", qk_norm)
-    if context is not None:
-        text_required, text_optional = _stream_keys("text", qk_norm)
-        required, optional = required + text_required, optional + text_optional
-    unknown = sorted(set(params) - set(required) - set(optional))
-    if unknown and qk_norm is None and any(key.startswith("norm_") for key in unknown):
-        _fail(f"{unknown} are given but qk_norm is None; pass qk_norm='rms_norm' or 'layer_norm'")
-    if unknown and context is None and any(key.startswith("add_") for key in unknown):
-        _fail(f"{unknown} belong to a text stream, but context is None")
-    check_keys(params, required=required, optional=optional, where=_WHERE)
-    check_param_dtypes(x, params, _WHERE, name="x")
-    inner = _check_stream_shapes(params, "image", C, heads)
-    if context is not None and _check_stream_shapes(params, "text", context.shape[2], heads) != inner:
-        _fail("the text stream's projections must have the image stream's width inner")
-    # an infinite token has no output (its q/k norm is inf − inf, its logits ±inf): refused, as in every block
-    require_finite(xp, "x", x, _WHERE)
-    if context is not None:
-        require_finite(xp, "context", context, _WHERE)
-    L, d = N + M, inner // heads
-    tokens = f"{N} tokens of x" + ("" if context is None else f" + {M} of context, in the order {order!r}")
-    if rope is not None:
-        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
-            raise TypeError(f"joint attention: rope must be a (cos, sin) pair of arrays, got {type(rope).__name__}")
-        if rope_pairs not in PAIR_LAYOUTS:
-            _fail(f"rope_pairs must be one of {PAIR_LAYOUTS}, got {rope_pairs!r}")
-        if rope_dtype is not None:
-            float_dtype_named(xp, rope_dtype, "rope_dtype", _WHERE)
-        for name, table in zip(("cos", "sin"), rope, strict=True):
-            require_array(f"{_WHERE}: rope's {name}", table)
-            array_namespace(x=x, **{f"rope's {name}": table})
-            require_floating(xp, f"{_WHERE}: rope's {name}", table)
-            if table.ndim not in (2, 4) or tuple(table.shape[-2:]) != (L, d):
-                # as for the mask: a 3-D table could be per sample (B, L, d) or per head (heads, L, d)
-                _fail(
-                    f"rope's {name} of shape {tuple(table.shape)} should be (L, head_dim) = {(L, d)}: one row per "
-                    f"token of the joined sequence ({tokens}); or (B or 1, heads or 1, L, head_dim), per-sample "
-                    f"(B, L, head_dim) tables being {name}[:, None]"
-                )
-            # a table entry of ±inf turns a query or key into ±inf: refused as an infinite input
-            require_finite(xp, f"rope's {name}", table, _WHERE)
-    if mask is not None:
-        require_bool(xp, "mask", mask)
-        target = (B, heads, L, L)
-        if mask.ndim not in (2, 4):
-            # a 3-D mask could be diffusers' per-sample (B, L, L) or a per-head (heads, L, L), a 1-D one a key mask
-            # or a batch's: broadcasting would pick one silently, so neither is guessed
-            _fail(
-                f"mask of shape {tuple(mask.shape)} must be (L, L) or (B or 1, heads or 1, L, L) = {target} in the "
-                f"joined order ({tokens}); a per-sample (B, L, L) mask is mask[:, None], a per-head (heads, L, L) "
-                "one mask[None], a per-sample key mask (B, L) is mask[:, None, None, :]"
-            )
-        try:
-            require_broadcastable_to("mask", tuple(mask.shape), target)
-        except ValueError:
-            _fail(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to (B, heads, L, L) = {target}: L = N + M "
-                f"for x of shape {tuple(x.shape)}"
-                + ("" if context is None else f" and context of shape {tuple(context.shape)}")
-                + f" ({tokens})"
-            )
-    return heads, eps
-
-
 # ---------------------------------------------------------------- forward
 
 
@@ -416,8 +143,8 @@ def _project(
 ) -> tuple[Array, Array, Array, _StreamCache]:
     """One stream's normed queries and keys and its values, ``(B, heads, n, d)`` each, and their caches
     (the output projection's comes later: ``out=None`` here)."""
-    q_name, k_name, v_name, _ = _PROJECTIONS[stream]
-    norm_q_name, norm_k_name = _NORMS[stream]
+    q_name, k_name, v_name, _ = PROJECTIONS[stream]
+    norm_q_name, norm_k_name = NORMS[stream]
     # Q = s W_q + b_q,  K = s W_k + b_k,  V = s W_v + b_v   (B, n, inner)
     q, q_cache = linear_forward(s, params[f"{q_name}.weight"], params.get(f"{q_name}.bias"))
     k, k_cache = linear_forward(s, params[f"{k_name}.weight"], params.get(f"{k_name}.bias"))
@@ -504,7 +231,7 @@ def joint_attention_forward(
         cache: :class:`JointAttentionCache`, with ``cache.weights`` ``(B, heads, L, L)`` in the joined
         order and ``cache.image_tokens`` / ``cache.text_tokens`` the streams' places in it.
     """
-    heads, eps = _check_inputs(x, context, params, heads, order, qk_norm, eps, rope, rope_pairs, rope_dtype, mask)
+    heads, eps = check_joint_inputs(x, context, params, heads, order, qk_norm, eps, rope, rope_pairs, rope_dtype, mask)
     xp = namespace(x)
     N, M = x.shape[1], (0 if context is None else context.shape[1])
     # each stream's queries, keys and values, Q and K normed   (B, heads, N or M, d)
@@ -533,17 +260,8 @@ def joint_attention_forward(
         y_context, add_out_cache = _output(merge_heads(o_c), params, "add_out")
         text = replace(text, out=add_out_cache)
     cache = JointAttentionCache(
-        image=image,
-        text=text,
-        rope_q=rope_q,
-        rope_k=rope_k,
-        attention=attention_cache,
-        heads=heads,
-        order=order,
-        N=N,
-        M=M,
-        x_shape=tuple(x.shape),
-        context_shape=None if context is None else tuple(context.shape),
+        image=image, text=text, rope_q=rope_q, rope_k=rope_k, attention=attention_cache, heads=heads, order=order,
+        N=N, M=M, x_shape=tuple(x.shape), context_shape=None if context is None else tuple(context.shape),
     )
     return (y, y_context), cache
 
@@ -556,28 +274,6 @@ def _output_width(stream: _StreamCache) -> int:
     return stream.out.W.shape[1] if stream.out is not None else stream.q.W.shape[1]
 
 
-def _check_douts(douts: Any, cache: JointAttentionCache) -> tuple[Array | None, Array | None]:
-    """``(dy, dy_context)`` checked against the forward's outputs: shapes, dtype, backend."""
-    if not isinstance(douts, (tuple, list)) or len(douts) != 2:
-        raise TypeError(
-            "joint_attention_backward takes (dy, dy_context), the gradients of the forward's two outputs "
-            f"(dy_context None for one stream), got {type(douts).__name__}"
-        )
-    dy, dy_context = douts
-    dtype = cache.image.q.x.dtype
-    B, N, _ = cache.x_shape
-    for name, d, stream, n in (("dy", dy, cache.image, N), ("dy_context", dy_context, cache.text, cache.M)):
-        if d is None:
-            continue
-        if stream is None:
-            raise ValueError("joint_attention_backward: dy_context is given but the forward had no text stream")
-        require_dout(d, (B, n, _output_width(stream)), dtype, where="joint_attention_backward", name=name)
-        namespace(d, cache.image.q.x)  # the forward's library
-    if dy is None and dy_context is None:
-        raise ValueError("joint_attention_backward: give dy or dy_context (None stands for a zero gradient)")
-    return dy, dy_context
-
-
 def _output_backward(
     grads: dict[str, Array], d: Array | None, stream: _StreamCache, name: str, shape: tuple[int, int], heads: int
 ) -> Array:
@@ -588,13 +284,7 @@ def _output_backward(
         x = stream.q.x  # the stream's tokens: their dtype and device
         xp = namespace(x)
         d = xp.zeros((*shape, _output_width(stream)), dtype=x.dtype, device=device_of(x))
-    do = d
-    if stream.out is not None:
-        g = linear_backward(d, stream.out)
-        grads[f"{name}.weight"] = g["W"]
-        if "b" in g:
-            grads[f"{name}.bias"] = g["b"]
-        do = g["x"]  # (B, n, inner)
+    do = d if stream.out is None else add_grads(grads, name, linear_backward(d, stream.out))  # (B, n, inner)
     return split_heads(do, heads)  # (B, heads, n, d)
 
 
@@ -603,30 +293,24 @@ def _norm_backward(grads: dict[str, Array], g: Array, norm: RMSNormCache | Layer
     if norm is None:
         return g
     ng = rms_norm_backward(g, norm) if isinstance(norm, RMSNormCache) else layer_norm_backward(g, norm)
-    for kind in ("weight", "bias"):
-        if kind in ng:
-            grads[f"{name}.{kind}"] = ng[kind]
-    return ng["x"]
+    return add_grads(grads, name, ng)
 
 
 def _stream_backward(
     grads: dict[str, Array], dq: Array, dk: Array, dv: Array, stream: _StreamCache, which: str
 ) -> Array:
     """From one stream's ``dQ, dK, dV`` ``(B, heads, n, d)`` back to its tokens: ``ds = ds_Q + ds_K + ds_V``."""
-    q_name, k_name, v_name, _ = _PROJECTIONS[which]
-    norm_q_name, norm_k_name = _NORMS[which]
+    q_name, k_name, v_name, _ = PROJECTIONS[which]
+    norm_q_name, norm_k_name = NORMS[which]
     # through the q/k norms   (B, heads, n, d)
     dq = _norm_backward(grads, dq, stream.norm_q, norm_q_name)
     dk = _norm_backward(grads, dk, stream.norm_k, norm_k_name)
     total = None
     for name, dh, lin in ((q_name, dq, stream.q), (k_name, dk, stream.k), (v_name, dv, stream.v)):
         # heads merged back   (B, n, inner); then the projection's backward   (B, n, width)
-        g = linear_backward(merge_heads(dh), lin)
-        grads[f"{name}.weight"] = g["W"]
-        if "b" in g:
-            grads[f"{name}.bias"] = g["b"]
+        ds = add_grads(grads, name, linear_backward(merge_heads(dh), lin))
         # the tokens feed Q, K and V: ds = ds_Q + ds_K + ds_V
-        total = g["x"] if total is None else total + g["x"]
+        total = ds if total is None else total + ds
     return total
 
 
@@ -644,10 +328,12 @@ def joint_attention_backward(douts: tuple[Array | None, Array | None], cache: Jo
         ``params``, each in that parameter's shape.
     """
     check_cache(cache, JointAttentionCache, "joint_attention_backward")
-    dy, dy_context = _check_douts(douts, cache)
+    B = cache.x_shape[0]
+    text_shape = None if cache.text is None else (B, cache.M, _output_width(cache.text))
+    shapes = ((B, cache.N, _output_width(cache.image)), text_shape)
+    dy, dy_context = check_joint_douts(douts, shapes, like=cache.image.q.x)
     xp = namespace(cache.image.q.x)
     grads: dict[str, Array] = {}
-    B = cache.x_shape[0]
     # through the output projections: dO^x   (B, heads, N, d), dO^c   (B, heads, M, d)
     do_x = _output_backward(grads, dy, cache.image, "out", (B, cache.N), cache.heads)
     do_c = None

@@ -1,8 +1,9 @@
-"""Parameter dictionaries of the blocks: random initialisation, validation, prefixes.
+"""Parameter dictionaries of the blocks: random initialisation, validation, prefixes, gradients.
 
 A block's parameters are a flat ``dict`` from names (``"q.weight"``, ``"norm.bias"``,
 ``"blocks.0.attn1.k.weight"``) to arrays. Linear weights are stored ``(in, out)``,
-so ``y = x @ W + b``. A missing bias key means the layer has no bias.
+so ``y = x @ W + b``. A missing bias key means the layer has no bias. A block's backward
+returns its gradients under the same names (:func:`add_grads`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from .._checks import check_positive_int, dtype_name, require_array
 from ..backend import Array, namespace
 
 __all__ = [
+    "add_grads",
     "check_keys",
     "check_param_dtypes",
     "check_params",
     "check_sizes",
+    "init_conv",
     "init_linear",
     "init_norm",
     "prefixed",
@@ -55,6 +58,32 @@ def init_linear(
     params[f"{name}.weight"] = rng.uniform(-bound, bound, (n_in, n_out)).astype(dt)
     if bias:
         params[f"{name}.bias"] = rng.uniform(-bound, bound, (n_out,)).astype(dt)
+
+
+def init_conv(
+    params: dict[str, np.ndarray],
+    name: str,
+    k: int,
+    c_in: int,
+    c_out: int,
+    *,
+    rng: np.random.Generator,
+    dtype: Any,
+    zero: bool = False,
+) -> None:
+    """Add a ``k×k`` convolution's ``name.weight`` ``(k, k, c_in, c_out)`` and ``name.bias`` ``(c_out,)``.
+
+    Both from ``U(−1/√fan_in, 1/√fan_in)`` with ``fan_in = k·k·c_in`` (PyTorch's default for ``nn.Conv2d``),
+    or zeros when ``zero`` (nothing is drawn then): a residual branch that starts at zero.
+    """
+    dt = _dtype(dtype)
+    if zero:
+        params[f"{name}.weight"] = np.zeros((k, k, c_in, c_out), dtype=dt)
+        params[f"{name}.bias"] = np.zeros(c_out, dtype=dt)
+        return
+    bound = 1.0 / math.sqrt(k * k * c_in)
+    params[f"{name}.weight"] = rng.uniform(-bound, bound, (k, k, c_in, c_out)).astype(dt)
+    params[f"{name}.bias"] = rng.uniform(-bound, bound, (c_out,)).astype(dt)
 
 
 def init_norm(params: dict[str, np.ndarray], name: str, channels: int, *, dtype: Any) -> None:
@@ -125,3 +154,16 @@ def sub_params(params: Mapping[str, Array], prefix: str) -> dict[str, Array]:
 def prefixed(grads: Mapping[str, Array], prefix: str) -> dict[str, Array]:
     """``grads`` with ``prefix`` put in front of every key (the inverse of :func:`sub_params`)."""
     return {prefix + k: v for k, v in grads.items()}
+
+
+#: A layer's own names for its gradients → the names of its parameters (linear_backward says W and b).
+_GRAD_NAMES = {"W": "weight", "b": "bias"}
+
+
+def add_grads(grads: dict[str, Array], name: str, g: Mapping[str, Array]) -> Array:
+    """Store a layer's parameter gradients ``g`` in ``grads`` under ``name`` (``name.weight``, ``name.bias``, as
+    the parameters are named); return the layer's input gradient ``g["x"]``."""
+    for key, value in g.items():
+        if key != "x":
+            grads[f"{name}.{_GRAD_NAMES.get(key, key)}"] = value
+    return g["x"]

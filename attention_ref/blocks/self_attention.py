@@ -21,56 +21,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+from .._checks import check_cache
+from ..backend import Array
+from .attention_block import AttentionBlockCache, map_block_backward, map_block_forward
 
-from ..backend import Array, namespace
-from .attention_block import AttentionBlockCache, check_map, map_block_backward
-from .attention_layer import attention_layer_forward
-from .caches import require_cache
-from .params import check_sizes, init_linear, init_norm
-
-__all__ = ["init_self_attention", "self_attention_backward", "self_attention_forward"]
-
-
-def init_self_attention(
-    channels: int,
-    *,
-    heads: int = 1,
-    groups: int | None = 32,
-    bias: bool = True,
-    out_bias: bool = True,
-    rng: np.random.Generator | int | None = None,
-    dtype: Any = "float64",
-) -> dict[str, np.ndarray]:
-    """Random parameters for :func:`self_attention_forward`, as NumPy arrays.
-
-    Inputs:
-        channels: ``C``, the map's channels (also the attention width, ``inner = C``).
-        heads: must divide ``C``.
-        groups: group-norm groups, must divide ``C``; ``None`` for a block without a norm.
-        bias: give Q, K, V biases; out_bias: give the output projection a bias.
-        rng: a ``numpy.random.Generator`` or a seed (``None``: fresh entropy).
-        dtype: floating dtype of the arrays.
-
-    Returns:
-        ``{"norm.weight" (C,) = 1, "norm.bias" (C,) = 0, "q.weight" (C, C), "q.bias" (C,),
-        "k.weight", "k.bias", "v.weight", "v.bias", "out.weight" (C, C), "out.bias" (C,)}``;
-        weights and biases uniform in ``±1/√C`` (PyTorch's default). Convert them to
-        another backend with its ``asarray``.
-    """
-    check_sizes("init_self_attention", ("groups",), channels=channels, heads=heads, groups=groups)
-    if channels % heads != 0:
-        raise ValueError(f"{channels} channels are not divisible into {heads} heads")
-    if groups is not None and (groups < 1 or channels % groups != 0):
-        raise ValueError(f"{channels} channels are not divisible into {groups} groups")
-    rng = np.random.default_rng(rng)
-    params: dict[str, np.ndarray] = {}
-    if groups is not None:
-        init_norm(params, "norm", channels, dtype=dtype)
-    for name in ("q", "k", "v"):
-        init_linear(params, name, channels, channels, bias=bias, rng=rng, dtype=dtype)
-    init_linear(params, "out", channels, channels, bias=out_bias, rng=rng, dtype=dtype)
-    return params
+__all__ = ["self_attention_backward", "self_attention_forward"]
 
 
 def self_attention_forward(
@@ -127,29 +82,10 @@ def self_attention_forward(
         unknown attention, unknown or missing options, or a mask the attention cannot take;
         TypeError for mixed dtypes.
     """
-    B, H, W, C = check_map("self-attention", x)
-    xp = namespace(x)
-    # pixel (row, col) is token row·W + col   (B, N, C)
-    h = xp.reshape(x, (B, H * W, C))
-    # the attention layer on the tokens; the grid places them on the map for window/neighborhood   (B, N, C_out)
-    y, layer = attention_layer_forward(
-        h,
-        params,
-        heads=heads,
-        mask=mask,
-        groups=groups,
-        eps=eps,
-        residual=residual,
-        rescale=rescale,
-        scale=scale,
-        attention=attention,
-        attention_options=attention_options,
-        grid=(H, W),
-        where="self-attention",
+    return map_block_forward(
+        "self-attention", x, None, params, heads=heads, mask=mask, groups=groups, eps=eps, residual=residual,
+        rescale=rescale, scale=scale, attention=attention, attention_options=attention_options
     )
-    # back on the map   (B, H, W, C_out)
-    y = xp.reshape(y, (B, H, W, y.shape[-1]))
-    return y, AttentionBlockCache(layer=layer, x_shape=(B, H, W, C))
 
 
 def self_attention_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, Array]:
@@ -162,5 +98,5 @@ def self_attention_backward(dy: Array, cache: AttentionBlockCache) -> dict[str, 
     Returns:
         ``{"x": (B, H, W, C)}`` plus one entry per key of ``params``, each in that parameter's shape.
     """
-    require_cache(cache, AttentionBlockCache, "self_attention_backward")
+    check_cache(cache, AttentionBlockCache, "self_attention_backward")
     return map_block_backward(dy, cache)

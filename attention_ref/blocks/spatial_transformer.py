@@ -25,23 +25,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
-
-from .._checks import check_eps, check_positive_int
+from .._checks import check_cache, check_eps, check_positive_int, require_divisible, require_dout
 from ..backend import Array, namespace
 from ..ops.group_norm import GroupNormCache, group_norm_backward, group_norm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from .attention_block import check_map
-from .attention_layer import check_dout
-from .caches import require_cache
-from .params import check_param_dtypes, check_params, check_sizes, init_linear, init_norm, prefixed, sub_params
+from .params import add_grads, check_param_dtypes, check_params, prefixed, sub_params
 from .transformer_block import TransformerBlockCache, transformer_block_backward, transformer_block_forward
 
 __all__ = [
     "SpatialTransformerCache",
-    "init_spatial_transformer",
     "spatial_transformer_backward",
     "spatial_transformer_forward",
 ]
@@ -58,86 +53,14 @@ class SpatialTransformerCache:
     ``blocks[i].attn1.weights`` is ``None`` unless the self-attention was exact (see its ``weights_note``).
     """
 
+    backward_names: ClassVar[tuple[str, ...]] = ("spatial_transformer_backward",)  # the backward that takes it
+
     norm: GroupNormCache
     proj_in: LinearCache
     blocks: tuple[TransformerBlockCache, ...]
     proj_out: LinearCache
     x_shape: tuple[int, int, int, int]  # (B, H, W, C)
     context_shape: tuple[int, int, int]  # (B, M, D)
-
-
-def init_spatial_transformer(
-    channels: int,
-    context_dim: int,
-    *,
-    heads: int = 1,
-    head_dim: int | None = None,
-    depth: int = 1,
-    groups: int = 32,
-    ff_mult: int = 4,
-    attention_bias: bool = False,
-    rng: np.random.Generator | int | None = None,
-    dtype: Any = "float64",
-) -> dict[str, np.ndarray]:
-    """Random parameters for :func:`spatial_transformer_forward`, as NumPy arrays.
-
-    Inputs:
-        channels: ``C`` of the map; context_dim: ``D`` of a context token.
-        heads, head_dim: the attention width is ``inner = heads · head_dim`` (default ``head_dim = C/heads``).
-        depth: number of transformer blocks; groups: the group norm's groups (must divide ``C``).
-        ff_mult: the feed-forward's hidden width is ``F = ff_mult · inner``.
-        attention_bias: give Q, K, V biases (diffusers' ``attention_bias``; off in Stable Diffusion).
-        rng, dtype: as in :func:`attention_ref.init_self_attention`.
-
-    Returns:
-        ``"norm.weight"``, ``"norm.bias"`` ``(C,)``; ``"proj_in.weight"`` ``(C, inner)``, ``"proj_in.bias"``;
-        for each block ``i``: ``"blocks.i.norm1.weight"`` … ``"blocks.i.norm3.bias"`` ``(inner,)``,
-        ``"blocks.i.attn1.{q,k,v}.weight"`` ``(inner, inner)``, ``"blocks.i.attn1.out.weight"``,
-        ``"blocks.i.attn1.out.bias"``, the same for ``attn2`` with ``k``/``v`` weights ``(D, inner)``,
-        ``"blocks.i.ff.proj.weight"`` ``(inner, 2F)``, ``"blocks.i.ff.proj.bias"``,
-        ``"blocks.i.ff.out.weight"`` ``(F, inner)``, ``"blocks.i.ff.out.bias"``;
-        ``"proj_out.weight"`` ``(inner, C)``, ``"proj_out.bias"`` ``(C,)``.
-    """
-    check_sizes(
-        "init_spatial_transformer",
-        ("head_dim",),
-        channels=channels,
-        context_dim=context_dim,
-        heads=heads,
-        head_dim=head_dim,
-        depth=depth,
-        groups=groups,
-        ff_mult=ff_mult,
-    )
-    if head_dim is None:
-        if channels % heads != 0:
-            raise ValueError(f"{channels} channels do not split into {heads} heads; give head_dim")
-        head_dim = channels // heads
-    if head_dim < 1:
-        raise ValueError(f"head_dim must be positive, got {head_dim}")
-    inner = heads * head_dim
-    if groups < 1 or channels % groups != 0:
-        raise ValueError(f"{channels} channels are not divisible into {groups} groups")
-    if depth < 1:
-        raise ValueError(f"depth must be at least 1, got {depth}")
-    rng = np.random.default_rng(rng)
-    F = ff_mult * inner
-    params: dict[str, np.ndarray] = {}
-    init_norm(params, "norm", channels, dtype=dtype)
-    init_linear(params, "proj_in", channels, inner, bias=True, rng=rng, dtype=dtype)
-    for i in range(depth):
-        b = f"blocks.{i}."
-        for n in ("norm1", "norm2", "norm3"):
-            init_norm(params, b + n, inner, dtype=dtype)
-        for attn, source in (("attn1", inner), ("attn2", context_dim)):
-            init_linear(params, f"{b}{attn}.q", inner, inner, bias=attention_bias, rng=rng, dtype=dtype)
-            init_linear(params, f"{b}{attn}.k", source, inner, bias=attention_bias, rng=rng, dtype=dtype)
-            init_linear(params, f"{b}{attn}.v", source, inner, bias=attention_bias, rng=rng, dtype=dtype)
-            init_linear(params, f"{b}{attn}.out", inner, inner, bias=True, rng=rng, dtype=dtype)
-        init_linear(params, b + "ff.proj", inner, 2 * F, bias=True, rng=rng, dtype=dtype)
-        init_linear(params, b + "ff.out", F, inner, bias=True, rng=rng, dtype=dtype)
-    init_linear(params, "proj_out", inner, channels, bias=True, rng=rng, dtype=dtype)
-    return params
 
 
 def _depth(params: Mapping[str, Array]) -> int:
@@ -167,8 +90,7 @@ def _check_transformer_inputs(x: Array, context: Array, params: Mapping[str, Arr
     depth = _depth(params)
     check_param_dtypes(x, params, "spatial transformer")
     groups = check_positive_int("groups", groups, "spatial transformer")
-    if C % groups != 0:
-        raise ValueError(f"spatial transformer: {C} channels are not divisible into {groups} groups")
+    require_divisible(C, groups, "channels", "groups", where="spatial transformer")
     if B == 0 or H * W == 0 or context.shape[1] == 0:
         raise ValueError(
             f"spatial transformer: x of shape {tuple(x.shape)} and context of shape {tuple(context.shape)}: needs at "
@@ -267,17 +189,13 @@ def spatial_transformer_backward(dy: Array, cache: SpatialTransformerCache) -> d
     Returns:
         ``{"x": (B, H, W, C), "context": (B, M, D)}`` plus one entry per params key, shaped like it.
     """
-    require_cache(cache, SpatialTransformerCache, "spatial_transformer_backward")
-    check_dout(dy, cache.x_shape, cache.proj_in.x.dtype)
+    check_cache(cache, SpatialTransformerCache, "spatial_transformer_backward")
+    require_dout(dy, cache.x_shape, cache.proj_in.x.dtype, name="dy")
     xp = namespace(dy)
     grads: dict[str, Array] = {}
     B, H, W, C = dy.shape
     # p = t W_out + b_out
-    g = linear_backward(xp.reshape(dy, (B, H * W, C)), cache.proj_out)
-    grads["proj_out.weight"] = g["W"]
-    if "b" in g:
-        grads["proj_out.bias"] = g["b"]
-    dt = g["x"]  # (B, N, inner)
+    dt = add_grads(grads, "proj_out", linear_backward(xp.reshape(dy, (B, H * W, C)), cache.proj_out))  # (B, N, inner)
     dcontext = None
     for i in reversed(range(len(cache.blocks))):
         gb = transformer_block_backward(dt, cache.blocks[i])
@@ -287,13 +205,9 @@ def spatial_transformer_backward(dy: Array, cache: SpatialTransformerCache) -> d
         dcontext = dc if dcontext is None else dcontext + dc
         grads.update(prefixed(gb, f"blocks.{i}."))
     # t = h W_in + b_in
-    g = linear_backward(dt, cache.proj_in)
-    grads["proj_in.weight"] = g["W"]
-    if "b" in g:
-        grads["proj_in.bias"] = g["b"]
-    gn = group_norm_backward(xp.reshape(g["x"], (B, H, W, C)), cache.norm)
-    grads["norm.weight"], grads["norm.bias"] = gn["weight"], gn["bias"]
+    dh = add_grads(grads, "proj_in", linear_backward(dt, cache.proj_in))  # (B, N, C)
+    dx = add_grads(grads, "norm", group_norm_backward(xp.reshape(dh, (B, H, W, C)), cache.norm))
     # y = x + p   ⇒   dx = dy + GroupNormᵀ dh
-    grads["x"] = gn["x"] + dy
+    grads["x"] = dx + dy
     grads["context"] = dcontext
     return grads

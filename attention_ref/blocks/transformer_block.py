@@ -16,15 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from .._checks import array_namespace, check_eps, require_array, require_finite, require_floating
+from .._checks import (
+    array_namespace,
+    check_cache,
+    check_eps,
+    require_array,
+    require_dout,
+    require_finite,
+    require_floating,
+)
 from ..backend import Array
 from ..ops.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
-from .attention_layer import AttentionLayerCache, attention_layer_backward, attention_layer_forward, check_dout
-from .caches import require_cache
+from .attention_layer import AttentionLayerCache, attention_layer_backward, attention_layer_forward
 from .feed_forward import GegluFeedForwardCache, geglu_ff_backward, geglu_ff_forward
-from .params import check_params, prefixed, sub_params
+from .params import add_grads, check_params, prefixed, sub_params
 
 __all__ = ["TransformerBlockCache", "transformer_block_backward", "transformer_block_forward"]
 
@@ -33,6 +40,8 @@ _NORMS = ("norm1", "norm2", "norm3")
 
 @dataclass(frozen=True)
 class TransformerBlockCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("transformer_block_backward",)  # the backward that takes it
+
     norm1: LayerNormCache
     attn1: AttentionLayerCache  # self-attention; attn1.weights is (B, heads, N, N) (None unless exact)
     norm2: LayerNormCache
@@ -119,25 +128,14 @@ def transformer_block_forward(
     # h ← h + SelfAttn(LN₁(h))
     n1, caches["norm1"] = _layer_norm(h, params, "norm1", norm_eps, where)
     a1, caches["attn1"] = attention_layer_forward(
-        n1,
-        sub_params(params, "attn1."),
-        heads=heads,
-        scale=None if self_attention == "linear" else scale,  # linear attention has no logits to scale
-        attention=self_attention,
-        attention_options=self_attention_options,
-        grid=grid,
-        where=f"{where} attn1",
-    )
+        n1, sub_params(params, "attn1."), heads=heads, attention=self_attention, grid=grid, where=f"{where} attn1",
+        attention_options=self_attention_options, scale=None if self_attention == "linear" else scale,
+    )  # (linear attention has no logits to scale)
     h = h + a1
     # h ← h + CrossAttn(LN₂(h), context)
     n2, caches["norm2"] = _layer_norm(h, params, "norm2", norm_eps, where)
     a2, caches["attn2"] = attention_layer_forward(
-        n2,
-        sub_params(params, "attn2."),
-        heads=heads,
-        context=context,
-        context_mask=context_mask,
-        scale=scale,
+        n2, sub_params(params, "attn2."), heads=heads, context=context, context_mask=context_mask, scale=scale,
         where=f"{where} attn2",
     )
     h = h + a2
@@ -148,11 +146,14 @@ def transformer_block_forward(
     return h, TransformerBlockCache(**caches)
 
 
-def _layer_norm_grads(grads: dict[str, Array], name: str, g: Mapping[str, Array]) -> Array:
-    for key in ("weight", "bias"):
-        if key in g:
-            grads[f"{name}.{key}"] = g[key]
-    return g["x"]
+def _residual_backward(
+    grads: dict[str, Array], dh: Array, g: dict[str, Array], input_key: str, layer: str, norm: LayerNormCache, name: str
+) -> Array:
+    """One residual step ``h' = h + f(LN(h))`` backwards: ``dh' + LNᵀ(df)``, where ``g`` holds ``f``'s gradients
+    (its input's under ``input_key``); ``f``'s parameter gradients are stored under ``layer.``, LN's under ``name``."""
+    dn = g.pop(input_key)
+    grads.update(prefixed(g, f"{layer}."))
+    return dh + add_grads(grads, name, layer_norm_backward(dn, norm))
 
 
 def transformer_block_backward(dh_out: Array, cache: TransformerBlockCache) -> dict[str, Array]:
@@ -165,25 +166,17 @@ def transformer_block_backward(dh_out: Array, cache: TransformerBlockCache) -> d
     Returns:
         ``{"h": (B, N, C), "context": (B, M, D)}`` plus one entry per params key, shaped like it.
     """
-    require_cache(cache, TransformerBlockCache, "transformer_block_backward")
-    check_dout(dh_out, cache.attn1.h_shape, cache.attn1.q.x.dtype, "dh_out")
+    check_cache(cache, TransformerBlockCache, "transformer_block_backward")
+    require_dout(dh_out, cache.attn1.h_shape, cache.attn1.q.x.dtype, name="dh_out")
     grads: dict[str, Array] = {}
     dh = dh_out
     # h' = h + FF(LN₃(h))   ⇒   dh = dh' + LN₃ᵀ FFᵀ dh'
-    g_ff = geglu_ff_backward(dh, cache.ff)
-    dn3 = g_ff.pop("x")
-    grads.update(prefixed(g_ff, "ff."))
-    dh = dh + _layer_norm_grads(grads, "norm3", layer_norm_backward(dn3, cache.norm3))
-    # h' = h + CrossAttn(LN₂(h), c)
+    dh = _residual_backward(grads, dh, geglu_ff_backward(dh, cache.ff), "x", "ff", cache.norm3, "norm3")
+    # h' = h + CrossAttn(LN₂(h), c)   ⇒   the same, and dc = CrossAttnᵀ dh'
     g2 = attention_layer_backward(dh, cache.attn2)
     grads["context"] = g2.pop("context")
-    dn2 = g2.pop("h")
-    grads.update(prefixed(g2, "attn2."))
-    dh = dh + _layer_norm_grads(grads, "norm2", layer_norm_backward(dn2, cache.norm2))
-    # h' = h + SelfAttn(LN₁(h))
-    g1 = attention_layer_backward(dh, cache.attn1)
-    dn1 = g1.pop("h")
-    grads.update(prefixed(g1, "attn1."))
-    dh = dh + _layer_norm_grads(grads, "norm1", layer_norm_backward(dn1, cache.norm1))
+    dh = _residual_backward(grads, dh, g2, "h", "attn2", cache.norm2, "norm2")
+    # h' = h + SelfAttn(LN₁(h))   ⇒   the same
+    dh = _residual_backward(grads, dh, attention_layer_backward(dh, cache.attn1), "h", "attn1", cache.norm1, "norm1")
     grads["h"] = dh
     return grads

@@ -41,8 +41,9 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
-from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating, require_same_dtype
+from .._checks import check_cache, require_dout, require_floating_arrays
 from ..backend import Array, device_of
 
 __all__ = ["Conv2dCache", "conv2d_backward", "conv2d_forward"]
@@ -52,6 +53,8 @@ Padding = int | tuple[int, int] | str
 
 @dataclass(frozen=True)
 class Conv2dCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("conv2d_backward",)  # the backward that takes it
+
     cols: Array  # (B, H_out, W_out, kh·kw·C_in), the im2col matrix of the padded input
     weight: Array  # (kh, kw, C_in, C_out)
     padding: tuple[int, int]  # (p_h, p_w)
@@ -117,13 +120,7 @@ def conv2d_forward(
         y: ``(B, H + 2p_h − kh + 1, W + 2p_w − kw + 1, C_out)``.
         cache: :class:`Conv2dCache`.
     """
-    require_array("x", x)
-    require_array("weight", weight)
-    xp = array_namespace(x=x, weight=weight, bias=bias)
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is not None:
-            require_floating(xp, name, a)
-    require_same_dtype("conv2d", x=x, weight=weight, bias=bias)
+    xp = require_floating_arrays("conv2d", optional=("bias",), x=x, weight=weight, bias=bias)
     if x.ndim != 4 or weight.ndim != 4 or x.shape[-1] != weight.shape[2]:
         raise ValueError(
             f"conv2d: x of shape {tuple(x.shape)} (want (B, H, W, C_in)) does not match "

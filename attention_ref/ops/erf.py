@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from .._checks import array_namespace, require_array, require_floating
+from .._checks import require_floating_arrays
 from ..backend import Array
 
 __all__ = ["erf", "erfc"]
@@ -105,9 +105,7 @@ def erf(x: Array) -> Array:
     Returns:
         same shape and dtype as ``x``; NaN stays NaN, ``±inf`` gives ``±1``.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x)
-    require_floating(xp, "x", x)
+    xp = require_floating_arrays("erf", x=x)
     erf_abs, _, negative = _erf_and_erfc_of_abs(xp, x)
     # erf(−s) = −erf(s)
     return xp.where(negative, -erf_abs, erf_abs)
@@ -122,9 +120,7 @@ def erfc(x: Array) -> Array:
     Returns:
         same shape and dtype as ``x``; in ``[0, 2]``.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x)
-    require_floating(xp, "x", x)
+    xp = require_floating_arrays("erfc", x=x)
     _, erfc_abs, negative = _erf_and_erfc_of_abs(xp, x)
     # erfc(−s) = 2 − erfc(s)
     return xp.where(negative, 2.0 - erfc_abs, erfc_abs)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
+from .._checks import check_cache, require_dout, require_floating_arrays
 from ..backend import Array
 from .erf import erfc
 
@@ -41,6 +42,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 @dataclass(frozen=True)
 class GeluCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("gelu_backward",)  # the backward that takes it
+
     x: Array  # the input
     cdf: Array  # Φ(x), same shape
 
@@ -55,8 +58,7 @@ def gelu_forward(x: Array) -> tuple[Array, GeluCache]:
         out: same shape as ``x``.
         cache: :class:`GeluCache`.
     """
-    require_array("x", x)
-    require_floating(array_namespace(x=x), "x", x)
+    require_floating_arrays("gelu", x=x)
     # Φ(x) = erfc(−x/√2) / 2
     cdf = 0.5 * erfc(-x * _INV_SQRT2)
     # gelu(x) = x Φ(x)
@@ -76,6 +78,8 @@ def gelu_backward(dout: Array, cache: GeluCache) -> dict[str, Array]:
 
 @dataclass(frozen=True)
 class GegluCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("geglu_backward",)  # the backward that takes it
+
     value: Array  # a, (..., F)
     gelu_gate: Array  # gelu(g), (..., F)
     gate: GeluCache  # the GELU of the gate g
@@ -92,8 +96,7 @@ def geglu_forward(x: Array) -> tuple[Array, GegluCache]:
         out: ``(..., F)``.
         cache: :class:`GegluCache`.
     """
-    require_array("x", x)
-    require_floating(array_namespace(x=x), "x", x)
+    require_floating_arrays("geglu", x=x)
     if x.ndim < 1 or x.shape[-1] % 2 != 0:
         raise ValueError(f"geglu needs an even number of channels to split into value and gate, got {tuple(x.shape)}")
     F = x.shape[-1] // 2

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import (
-    array_namespace,
     as_dtype,
     check_cache,
     check_eps,
     check_positive_int,
     in_working_dtype,
-    require_array,
+    require_divisible,
     require_dout,
-    require_floating,
-    require_same_dtype,
+    require_floating_arrays,
 )
 from ..backend import Array
 from .normalize import normalize, normalize_backward
@@ -44,6 +42,8 @@ _GROUP_AXES = (1, 3)
 
 @dataclass(frozen=True)
 class GroupNormCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("group_norm_backward",)  # the backward that takes it
+
     xhat: Array  # (B, S, G, C/G), normalised input (float32 for float16 input)
     rstd: Array  # (B, 1, G, 1)
     weight: Array | None  # (C,)
@@ -68,20 +68,14 @@ def group_norm_forward(
         y: same shape as ``x``.
         cache: :class:`GroupNormCache`.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x, weight=weight, bias=bias)
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is not None:
-            require_floating(xp, name, a)
-    require_same_dtype("group norm", x=x, weight=weight, bias=bias)
+    xp = require_floating_arrays("group norm", optional=("weight", "bias"), x=x, weight=weight, bias=bias)
     groups = check_positive_int("groups", groups, "group norm")
     eps = check_eps("eps", eps, "group norm")
     if x.ndim < 2:
         raise ValueError(f"group norm needs x of shape (B, ..., C), got {tuple(x.shape)}")
     shape = tuple(x.shape)
     B, C = shape[0], shape[-1]
-    if groups < 1 or C % groups != 0:
-        raise ValueError(f"group norm: {C} channels are not divisible into {groups} groups")
+    require_divisible(C, groups, "channels", "groups", where="group norm")
     if B > 0 and math.prod(shape[1:]) == 0:
         raise ValueError(f"group norm: x of shape {shape} leaves every group empty (no mean or variance to take)")
     for name, p in (("weight", weight), ("bias", bias)):

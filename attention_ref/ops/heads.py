@@ -14,9 +14,17 @@ is the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
+from .._checks import (
+    array_namespace,
+    check_cache,
+    check_positive_int,
+    require_array,
+    require_divisible,
+    require_dout,
+    require_floating_arrays,
+)
 from ..backend import Array
 
 __all__ = [
@@ -42,8 +50,7 @@ def split_heads(x: Array, heads: int) -> Array:
     if x.ndim < 2:
         raise ValueError(f"split_heads needs x of shape (..., N, C), got {tuple(x.shape)}")
     *lead, N, C = x.shape
-    if C % heads != 0:
-        raise ValueError(f"{C} channels are not divisible into {heads} heads")
+    require_divisible(C, heads, "channels", "heads")
     x = xp.reshape(x, (*lead, N, heads, C // heads))  # (..., N, heads, d)
     n = len(lead)
     return xp.permute_dims(x, (*range(n), n + 1, n, n + 2))  # (..., heads, N, d)
@@ -63,6 +70,8 @@ def merge_heads(x: Array) -> Array:
 
 @dataclass(frozen=True)
 class HeadsCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("merge_heads_backward", "split_heads_backward")  # both take it
+
     heads: int
     out_shape: tuple[int, ...] | None = None  # the forward's output shape (None: not checked)
     dtype: Any = None  # the forward's dtype (None: any floating dtype)
@@ -70,8 +79,7 @@ class HeadsCache:
 
 def _floating(x: Array) -> Array:
     """``x``, after checking that it is a floating array (the layer forms carry gradients)."""
-    require_array("x", x)
-    require_floating(array_namespace(x=x), "x", x)
+    require_floating_arrays("heads", x=x)
     return x
 
 

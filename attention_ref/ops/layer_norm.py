@@ -10,19 +10,9 @@ all rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from .._checks import (
-    array_namespace,
-    as_dtype,
-    check_cache,
-    check_eps,
-    in_working_dtype,
-    require_array,
-    require_dout,
-    require_floating,
-    require_same_dtype,
-)
+from .._checks import as_dtype, check_cache, check_eps, in_working_dtype, require_dout, require_floating_arrays
 from ..backend import Array
 from .normalize import normalize, normalize_backward
 
@@ -31,6 +21,8 @@ __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
 
 @dataclass(frozen=True)
 class LayerNormCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("layer_norm_backward",)  # the backward that takes it
+
     xhat: Array  # (..., C) (float32 for float16 input)
     rstd: Array  # (..., 1)
     weight: Array | None  # (C,)
@@ -51,12 +43,7 @@ def layer_norm_forward(
     Returns:
         y: ``(..., C)``; cache: :class:`LayerNormCache`.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x, weight=weight, bias=bias)
-    for name, a in (("x", x), ("weight", weight), ("bias", bias)):
-        if a is not None:
-            require_floating(xp, name, a)
-    require_same_dtype("layer norm", x=x, weight=weight, bias=bias)
+    xp = require_floating_arrays("layer norm", optional=("weight", "bias"), x=x, weight=weight, bias=bias)
     if x.ndim < 1:
         raise ValueError(f"layer norm needs x of shape (..., C), got {tuple(x.shape)}")
     eps = check_eps("eps", eps, "layer norm")

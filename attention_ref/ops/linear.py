@@ -20,6 +20,7 @@ transposes on the way in and out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating, require_same_dtype
 from ..backend import Array, blas_threads_for
@@ -29,6 +30,8 @@ __all__ = ["LinearCache", "linear_backward", "linear_forward"]
 
 @dataclass(frozen=True)
 class LinearCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("linear_backward",)  # the backward that takes it
+
     x: Array  # (..., in)
     W: Array  # (in, out)
     has_bias: bool

@@ -23,7 +23,7 @@ embedding, a ``p × p`` convolution of stride ``p``, is this patchify followed b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
 from ..backend import Array, namespace
@@ -69,10 +69,12 @@ class PatchGeometry:
 class PatchifyCache(PatchGeometry):
     """The cache of :func:`patchify_forward`."""
 
+    backward_names: ClassVar[tuple[str, ...]] = ("patchify_backward",)  # the backward that takes it
 
 class UnpatchifyCache(PatchGeometry):
     """The cache of :func:`unpatchify_forward`."""
 
+    backward_names: ClassVar[tuple[str, ...]] = ("unpatchify_backward",)  # the backward that takes it
 
 def _check_pair(name: str, value: Any, where: str, *, square: bool) -> tuple[int, int]:
     """``value`` as two positive ints: a pair ``(a, b)`` (a tuple or a list), or, when ``square``, one int for
@@ -97,6 +99,16 @@ def _check_order(channel_order: Any, where: str) -> str:
     if channel_order not in CHANNEL_ORDERS:
         raise ValueError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
     return channel_order
+
+
+def _check_input(where: str, name: str, a: Array, patch: Any, channel_order: Any) -> tuple[int, int]:
+    """``(p_h, p_w)``, after checking what both directions check first: the floating array ``name`` (``TypeError``),
+    the patch size and the channel order (``ValueError``)."""
+    require_array(f"{where}: {name}", a)
+    require_floating(array_namespace(**{name: a}), name, a)
+    p_h, p_w = _check_patch(patch, where)
+    _check_order(channel_order, where)
+    return p_h, p_w
 
 
 def _to_tokens(x: Array, cache: PatchGeometry) -> Array:
@@ -141,11 +153,7 @@ def patchify_forward(
             grid row ``i``, column ``j``; cache: :class:`PatchifyCache` (``cache.grid`` is ``(h, w)``).
     """
     where = "patchify_forward"
-    require_array(f"{where}: x", x)
-    xp = array_namespace(x=x)
-    require_floating(xp, "x", x)
-    p_h, p_w = _check_patch(patch, where)
-    _check_order(channel_order, where)
+    p_h, p_w = _check_input(where, "x", x, patch, channel_order)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be a (B, H, W, C) map, got shape {tuple(x.shape)}")
     B, H, W, C = x.shape
@@ -182,11 +190,7 @@ def unpatchify_forward(
         x: ``(B, h·p_h, w·p_w, C)``; cache: :class:`UnpatchifyCache`.
     """
     where = "unpatchify_forward"
-    require_array(f"{where}: tokens", tokens)
-    xp = array_namespace(tokens=tokens)
-    require_floating(xp, "tokens", tokens)
-    p_h, p_w = _check_patch(patch, where)
-    _check_order(channel_order, where)
+    p_h, p_w = _check_input(where, "tokens", tokens, patch, channel_order)
     h, w = _check_pair("grid", grid, where, square=False)
     if tokens.ndim != 3:
         raise ValueError(f"{where}: tokens must be (B, h·w, p_h·p_w·C), got shape {tuple(tokens.shape)}")
@@ -198,13 +202,9 @@ def unpatchify_forward(
             f"{where}: tokens of shape {tuple(tokens.shape)}: a token of {D} channels is not {p_h}·{p_w}·C "
             f"channels of a {p_h}×{p_w} patch"
         )
+    C = D // (p_h * p_w)
     cache = UnpatchifyCache(
-        batch=B,
-        grid=(h, w),
-        patch=(p_h, p_w),
-        channels=D // (p_h * p_w),
-        channel_order=channel_order,
-        dtype=tokens.dtype,
+        batch=B, grid=(h, w), patch=(p_h, p_w), channels=C, channel_order=channel_order, dtype=tokens.dtype
     )
     return _to_map(tokens, cache), cache
 

@@ -32,9 +32,9 @@ with one reshape that exposes the blocks, ``(B, H, f, W, f, C)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from .._checks import array_namespace, check_cache, check_positive_int, require_array, require_dout, require_floating
+from .._checks import check_cache, check_positive_int, require_dout, require_floating_arrays
 from ..backend import Array, namespace
 
 __all__ = [
@@ -48,6 +48,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ResampleCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("avg_pool_backward", "upsample_nearest_backward")  # both take it
+
     factor: int  # f
     x_shape: tuple[int, int, int, int]  # (B, H, W, C) of the input
     dtype: Any = None  # the input's dtype (None: any floating dtype)
@@ -55,8 +57,7 @@ class ResampleCache:
 
 def _check(x: Array, factor: int, where: str) -> int:
     """``factor`` as an int, after checking ``x`` and ``factor``."""
-    require_array("x", x)
-    require_floating(array_namespace(x=x), "x", x)
+    require_floating_arrays(where, x=x)
     if x.ndim != 4:
         raise ValueError(f"{where}: x must be a channels-last map (B, H, W, C), got shape {tuple(x.shape)}")
     return check_positive_int("factor", factor, where)

@@ -36,18 +36,9 @@ Flux's q/k norm, computes in the input's dtype).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .._checks import (
-    array_namespace,
-    as_dtype,
-    check_cache,
-    check_eps,
-    in_working_dtype,
-    require_array,
-    require_dout,
-    require_floating,
-    require_same_dtype,
-)
+from .._checks import as_dtype, check_cache, check_eps, in_working_dtype, require_dout, require_floating_arrays
 from ..backend import Array
 
 __all__ = ["RMSNormCache", "rms_norm_backward", "rms_norm_forward"]
@@ -56,6 +47,8 @@ __all__ = ["RMSNormCache", "rms_norm_backward", "rms_norm_forward"]
 @dataclass(frozen=True)
 class RMSNormCache:
     """What :func:`rms_norm_backward` needs."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("rms_norm_backward",)  # the backward that takes it
 
     xhat: Array  # x̂ = x r, (..., C) (float32 for float16 input)
     rstd: Array  # r, (..., 1)
@@ -74,16 +67,12 @@ def rms_norm_forward(x: Array, weight: Array | None = None, *, eps: float = 1e-6
     Returns:
         y: ``(..., C)``, x's dtype; cache: :class:`RMSNormCache`.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x, weight=weight)
-    require_floating(xp, "x", x)
+    xp = require_floating_arrays("rms norm", optional=("weight",), x=x, weight=weight)
     eps = check_eps("eps", eps, "rms norm")
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"rms norm: x must be (..., C) with C ≥ 1, got shape {tuple(x.shape)}")
     C = x.shape[-1]
     if weight is not None:
-        require_floating(xp, "weight", weight)
-        require_same_dtype("rms norm", x=x, weight=weight)
         if tuple(weight.shape) != (C,):
             raise ValueError(
                 f"rms norm: weight of shape {tuple(weight.shape)} does not match x of shape {tuple(x.shape)}"

@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 from .._checks import (
     FLOAT_DTYPES,
@@ -215,6 +215,8 @@ def _rotate_transpose(xp: ModuleType, u: Array, pairs: str) -> Array:
 @dataclass(frozen=True)
 class RopeCache:
     """What :func:`rope_backward` needs: the tables (in the compute dtype) and the layout."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("rope_backward",)  # the backward that takes it
 
     cos: Array  # (..., N, d), broadcastable to x
     sin: Array  # (..., N, d)

@@ -18,8 +18,9 @@ and ``dx = dout · silu'(x)``. PyTorch's ``F.silu`` and diffusers' ``nn.SiLU`` c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .._checks import array_namespace, check_cache, require_array, require_dout, require_floating
+from .._checks import check_cache, require_dout, require_floating_arrays
 from ..backend import Array
 
 __all__ = ["SiluCache", "silu_backward", "silu_forward"]
@@ -27,6 +28,8 @@ __all__ = ["SiluCache", "silu_backward", "silu_forward"]
 
 @dataclass(frozen=True)
 class SiluCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("silu_backward",)  # the backward that takes it
+
     x: Array  # the input
     sigmoid: Array  # σ(x), same shape
 
@@ -41,9 +44,7 @@ def silu_forward(x: Array) -> tuple[Array, SiluCache]:
         out: same shape as ``x``.
         cache: :class:`SiluCache`.
     """
-    require_array("x", x)
-    xp = array_namespace(x=x)
-    require_floating(xp, "x", x)
+    xp = require_floating_arrays("silu", x=x)
     # e = exp(−|x|) ∈ (0, 1]: never overflows
     e = xp.exp(-xp.abs(x))
     # σ(x) = 1/(1 + e) for x ≥ 0, e/(1 + e) for x < 0

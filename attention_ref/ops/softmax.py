@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
 from .._checks import (
     array_namespace,
@@ -55,6 +56,8 @@ __all__ = ["SoftmaxCache", "logsumexp", "safe_shift", "softmax_backward", "softm
 @dataclass(frozen=True)
 class SoftmaxCache:
     """What :func:`softmax_backward` needs: the probabilities and the axis."""
+
+    backward_names: ClassVar[tuple[str, ...]] = ("softmax_backward",)  # the backward that takes it
 
     weights: Array  # p, same shape as x
     axis: int

@@ -25,16 +25,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
-from .._checks import (
-    array_namespace,
-    check_cache,
-    check_positive_int,
-    check_real,
-    require_array,
-    require_dout,
-    require_floating,
-)
+from .._checks import check_cache, check_positive_int, check_real, require_dout, require_floating_arrays
 from ..backend import Array, device_of
 
 __all__ = ["TimestepEmbeddingCache", "timestep_embedding_backward", "timestep_embedding_forward"]
@@ -42,6 +35,8 @@ __all__ = ["TimestepEmbeddingCache", "timestep_embedding_backward", "timestep_em
 
 @dataclass(frozen=True)
 class TimestepEmbeddingCache:
+    backward_names: ClassVar[tuple[str, ...]] = ("timestep_embedding_backward",)  # the backward that takes it
+
     args: Array  # t ω, (B, h)
     freqs: Array  # ω, (h,)
 
@@ -60,9 +55,7 @@ def timestep_embedding_forward(
         emb: ``(B, dim)``, ``[cos(t ω), sin(t ω)]``.
         cache: :class:`TimestepEmbeddingCache`.
     """
-    require_array("t", t)
-    xp = array_namespace(t=t)
-    require_floating(xp, "t", t)
+    xp = require_floating_arrays("timestep embedding", t=t)
     if t.ndim != 1:
         raise ValueError(f"timestep embedding: t must be (B,), got shape {tuple(t.shape)}")
     dim = check_positive_int("dim", dim, "timestep embedding")

@@ -20,15 +20,9 @@ resolutions, 16×16 and 8×8) and ``x_t (B, 16, 16, 3)``::
 (:func:`attention_ref.spatial_transformer_forward`: GroupNorm, proj_in, self-attention,
 cross-attention to the prompt, GEGLU feed-forward, proj_out, residual), present at the
 stages where ``config.down_attention`` / ``config.up_attention`` say so and always in the middle. ``Res`` is the
-residual block of DDPM / diffusers' ``ResnetBlock2D``:
-
-.. math::
-    a &= \operatorname{conv}_1\big(\operatorname{SiLU}(\operatorname{GN}_1(x))\big)
-         + W_t\,\operatorname{SiLU}(\text{temb}) + b_t \quad(\text{the time term added at every pixel}) \\
-    y &= \operatorname{skip}(x) + \operatorname{conv}_2\big(\operatorname{SiLU}(\operatorname{GN}_2(a))\big),
-
-with ``skip`` the identity, or a 1×1 convolution (a linear map of the channels) when
-the widths differ. Any number of levels works the same way (``len(channels)``).
+residual block of DDPM / diffusers' ``ResnetBlock2D`` (:func:`attention_ref.blocks.res_block_forward`: group norm,
+SiLU, 3×3 convolution, the time term added at every pixel, again, and a skip), its group norms' epsilon 1e-6.
+Any number of levels works the same way (``len(channels)``).
 
 Backward is the forward read bottom-up, every step through its op's own backward:
 
@@ -37,8 +31,7 @@ Backward is the forward read bottom-up, every step through its op's own backward
   level's output (it feeds the next level *and* its skip connection);
 * ``[h, skip]`` splits the gradient along channels, ``y = x + f(x)`` passes it
   straight through and into ``f``;
-* the time term ``W_t s + b_t`` was broadcast over the ``H×W`` pixels, so its
-  gradient is the sum over pixels.
+* inside each residual block, its own backward (:func:`attention_ref.blocks.res_block_backward`).
 
 :func:`unet_backward` returns the gradient of every parameter, of ``x_t``, of the
 context and of ``t``; the tests compare all of them with PyTorch autograd on the same
@@ -47,7 +40,6 @@ model and with finite differences.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -56,12 +48,16 @@ import numpy as np
 
 from ...backend import Array, namespace
 from ...blocks import (
+    ResBlockCache,
     SpatialTransformerCache,
+    init_res_block,
     init_spatial_transformer,
+    res_block_backward,
+    res_block_forward,
     spatial_transformer_backward,
     spatial_transformer_forward,
 )
-from ...blocks.params import prefixed, sub_params
+from ...blocks.params import add_grads, init_conv, init_linear, init_norm, prefixed, sub_params
 from ...ops import (
     conv2d_backward,
     conv2d_forward,
@@ -156,39 +152,8 @@ class UNetConfig:
 # ------------------------------------------------------------------ initialisation
 
 
-def _uniform(rng: np.random.Generator, fan_in: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """``U(±1/√fan_in)``, PyTorch's default for linear and convolution layers."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return rng.uniform(-bound, bound, shape).astype(dtype)
-
-
-def _init_conv(params: dict, name: str, k: int, c_in: int, c_out: int, rng, dtype, *, zero: bool = False) -> None:
-    fan_in = k * k * c_in
-    params[f"{name}.weight"] = (
-        np.zeros((k, k, c_in, c_out), dtype=dtype) if zero else _uniform(rng, fan_in, (k, k, c_in, c_out), dtype)
-    )
-    params[f"{name}.bias"] = np.zeros(c_out, dtype=dtype) if zero else _uniform(rng, fan_in, (c_out,), dtype)
-
-
-def _init_linear(params: dict, name: str, n_in: int, n_out: int, rng, dtype) -> None:
-    params[f"{name}.weight"] = _uniform(rng, n_in, (n_in, n_out), dtype)
-    params[f"{name}.bias"] = _uniform(rng, n_in, (n_out,), dtype)
-
-
-def _init_norm(params: dict, name: str, c: int, dtype) -> None:
-    params[f"{name}.weight"] = np.ones(c, dtype=dtype)
-    params[f"{name}.bias"] = np.zeros(c, dtype=dtype)
-
-
 def _init_res(params: dict, name: str, c_in: int, c_out: int, time_dim: int, rng, dtype) -> None:
-    _init_norm(params, f"{name}.norm1", c_in, dtype)
-    _init_conv(params, f"{name}.conv1", 3, c_in, c_out, rng, dtype)
-    _init_linear(params, f"{name}.time", time_dim, c_out, rng, dtype)
-    _init_norm(params, f"{name}.norm2", c_out, dtype)
-    # the residual branch starts at zero, so a fresh block is the identity (or its skip)
-    _init_conv(params, f"{name}.conv2", 3, c_out, c_out, rng, dtype, zero=True)
-    if c_in != c_out:
-        _init_linear(params, f"{name}.skip", c_in, c_out, rng, dtype)
+    params.update(prefixed(init_res_block(c_in, c_out, time_dim, rng=rng, dtype=dtype), f"{name}."))
 
 
 def _init_transformer(params: dict, name: str, c: int, config: UNetConfig, rng, dtype) -> None:
@@ -222,9 +187,9 @@ def init_unet(config: UNetConfig, *, rng: np.random.Generator | int | None = Non
     dt = np.dtype(dtype)
     ch, L = config.channels, len(config.channels)
     params: dict[str, np.ndarray] = {}
-    _init_linear(params, "time.0", ch[0], config.time_dim, rng, dt)
-    _init_linear(params, "time.1", config.time_dim, config.time_dim, rng, dt)
-    _init_conv(params, "conv_in", 3, config.image_channels, ch[0], rng, dt)
+    init_linear(params, "time.0", ch[0], config.time_dim, bias=True, rng=rng, dtype=dt)
+    init_linear(params, "time.1", config.time_dim, config.time_dim, bias=True, rng=rng, dtype=dt)
+    init_conv(params, "conv_in", 3, config.image_channels, ch[0], rng=rng, dtype=dt)
     c = ch[0]
     for i in range(L):
         _init_res(params, f"down.{i}.res", c, ch[i], config.time_dim, rng, dt)
@@ -240,95 +205,10 @@ def init_unet(config: UNetConfig, *, rng: np.random.Generator | int | None = Non
         if config.up_attention[i]:
             _init_transformer(params, f"up.{i}.attn", c, config, rng, dt)
         if i > 0:
-            _init_conv(params, f"up.{i}.upsample", 3, c, c, rng, dt)
-    _init_norm(params, "out.norm", c, dt)
-    _init_conv(params, "out.conv", 3, c, config.image_channels, rng, dt, zero=True)
+            init_conv(params, f"up.{i}.upsample", 3, c, c, rng=rng, dtype=dt)
+    init_norm(params, "out.norm", c, dtype=dt)
+    init_conv(params, "out.conv", 3, c, config.image_channels, rng=rng, dtype=dt, zero=True)
     return params
-
-
-# ------------------------------------------------------------------ the residual block
-
-
-@dataclass(frozen=True)
-class ResBlockCache:
-    """The caches of the residual block's layers, in forward order."""
-
-    norm1: GroupNormCache
-    silu1: SiluCache
-    conv1: Conv2dCache
-    time_silu: SiluCache
-    time: LinearCache
-    norm2: GroupNormCache
-    silu2: SiluCache
-    conv2: Conv2dCache
-    skip: LinearCache | None  # the 1×1 skip convolution, or None for the identity
-
-
-def res_block_forward(
-    x: Array, temb: Array, params: Mapping[str, Array], *, groups: int
-) -> tuple[Array, ResBlockCache]:
-    """The residual block with its time term (module docstring).
-
-    Inputs:
-        x: ``(B, H, W, C_in)``; temb: ``(B, D_t)``, the time embedding (``D_t = config.time_dim``).
-        params: ``"norm1.*"`` ``(C_in,)``, ``"conv1.*"`` ``(3, 3, C_in, C_out)``, ``"time.*"`` ``(D_t, C_out)``,
-            ``"norm2.*"`` ``(C_out,)``, ``"conv2.*"`` ``(3, 3, C_out, C_out)``, optional ``"skip.*"`` ``(C_in, C_out)``.
-        groups: of both group norms.
-
-    Returns:
-        y: ``(B, H, W, C_out)``; cache: :class:`ResBlockCache`.
-    """
-    xp = namespace(x)
-    B = x.shape[0]
-    n1, norm1 = group_norm_forward(x, params["norm1.weight"], params["norm1.bias"], groups=groups, eps=NORM_EPS)
-    s1, silu1 = silu_forward(n1)
-    # a = conv₁(SiLU(GN₁(x)))   (B, H, W, C_out)
-    a, conv1 = conv2d_forward(s1, params["conv1.weight"], params["conv1.bias"], padding="same")
-    st, time_silu = silu_forward(temb)
-    # τ = W_t SiLU(temb) + b_t   (B, C_out)
-    tau, time = linear_forward(st, params["time.weight"], params["time.bias"])
-    # a ← a + τ at every pixel
-    a = a + xp.reshape(tau, (B, 1, 1, tau.shape[-1]))
-    n2, norm2 = group_norm_forward(a, params["norm2.weight"], params["norm2.bias"], groups=groups, eps=NORM_EPS)
-    s2, silu2 = silu_forward(n2)
-    r, conv2 = conv2d_forward(s2, params["conv2.weight"], params["conv2.bias"], padding="same")
-    skip = None
-    s = x
-    if "skip.weight" in params:
-        # skip(x) = x W_s + b_s, a 1×1 convolution
-        s, skip = linear_forward(x, params["skip.weight"], params["skip.bias"])
-    # y = skip(x) + conv₂(SiLU(GN₂(a)))
-    return s + r, ResBlockCache(norm1, silu1, conv1, time_silu, time, norm2, silu2, conv2, skip)
-
-
-def _put(grads: dict, name: str, g: Mapping[str, Array], w: str = "weight", b: str = "bias") -> Array:
-    """Store a layer's ``weight``/``bias`` gradients (named ``w``/``b`` in ``g``) under ``name``; return ``g["x"]``."""
-    grads[f"{name}.weight"] = g[w]
-    if b in g:
-        grads[f"{name}.bias"] = g[b]
-    return g["x"]
-
-
-def res_block_backward(dy: Array, cache: ResBlockCache) -> tuple[dict[str, Array], Array, Array]:
-    """Gradients of :func:`res_block_forward`: ``(param grads, dx (B, H, W, C_in), dtemb (B, D_t))``."""
-    xp = namespace(dy)
-    grads: dict[str, Array] = {}
-    # y = skip(x) + r: both branches get dy
-    ds2 = _put(grads, "conv2", conv2d_backward(dy, cache.conv2))
-    dn2 = silu_backward(ds2, cache.silu2)["x"]
-    da = _put(grads, "norm2", group_norm_backward(dn2, cache.norm2))
-    # a = conv₁(…) + τ broadcast over pixels   ⇒   dτ = Σ_pixels da
-    dtau = xp.sum(da, axis=(1, 2))  # (B, C_out)
-    dst = _put(grads, "time", linear_backward(dtau, cache.time), "W", "b")
-    dtemb = silu_backward(dst, cache.time_silu)["x"]
-    ds1 = _put(grads, "conv1", conv2d_backward(da, cache.conv1))
-    dn1 = silu_backward(ds1, cache.silu1)["x"]
-    dx = _put(grads, "norm1", group_norm_backward(dn1, cache.norm1))
-    if cache.skip is None:
-        dx = dx + dy
-    else:
-        dx = dx + _put(grads, "skip", linear_backward(dy, cache.skip), "W", "b")
-    return grads, dx, dtemb
 
 
 # ------------------------------------------------------------------ the U-Net
@@ -416,7 +296,7 @@ def unet_forward(
 
     skips = []
     for i in range(L):
-        h, c_res = res_block_forward(h, temb, sub_params(params, f"down.{i}.res."), groups=g)
+        h, c_res = res_block_forward(h, temb, sub_params(params, f"down.{i}.res."), groups=g, eps=NORM_EPS)
         c_st = None
         if config.down_attention[i]:
             h, c_st = _transformer(h, context, params, f"down.{i}.attn", i, config, context_mask, cache)
@@ -426,15 +306,15 @@ def unet_forward(
             h, c_pool = avg_pool_forward(h, 2)  # (B, H/2^(i+1), W/2^(i+1), C_i)
         cache.down.append((c_res, c_st, c_pool))
 
-    h, c_m1 = res_block_forward(h, temb, sub_params(params, "mid.res1."), groups=g)
+    h, c_m1 = res_block_forward(h, temb, sub_params(params, "mid.res1."), groups=g, eps=NORM_EPS)
     h, c_mst = _transformer(h, context, params, "mid.attn", L - 1, config, context_mask, cache)
-    h, c_m2 = res_block_forward(h, temb, sub_params(params, "mid.res2."), groups=g)
+    h, c_m2 = res_block_forward(h, temb, sub_params(params, "mid.res2."), groups=g, eps=NORM_EPS)
     cache.mid = (c_m1, c_mst, c_m2)
 
     for i in reversed(range(L)):
         split = h.shape[-1]
         h = xp.concat([h, skips[i]], axis=-1)  # [h, skip_i]   (B, ·, ·, C + C_i)
-        h, c_res = res_block_forward(h, temb, sub_params(params, f"up.{i}.res."), groups=g)
+        h, c_res = res_block_forward(h, temb, sub_params(params, f"up.{i}.res."), groups=g, eps=NORM_EPS)
         c_st = c_up = c_conv = None
         if config.up_attention[i]:
             h, c_st = _transformer(h, context, params, f"up.{i}.attn", i, config, context_mask, cache)
@@ -471,9 +351,10 @@ def unet_backward(deps: Array, cache: UNetCache) -> dict[str, Array]:
         dtemb = d if dtemb is None else dtemb + d
 
     def res_back(dh: Array, c: ResBlockCache, name: str) -> Array:
-        g, dx, dt = res_block_backward(dh, c)
+        g = res_block_backward(dh, c)
+        add_temb(g.pop("temb"))
+        dx = g.pop("x")
         grads.update(prefixed(g, f"{name}."))
-        add_temb(dt)
         return dx
 
     def st_back(dh: Array, c: SpatialTransformerCache, name: str) -> Array:
@@ -487,15 +368,15 @@ def unet_backward(deps: Array, cache: UNetCache) -> dict[str, Array]:
         return dx
 
     c_on, c_os, c_oc = cache.out
-    ds = _put(grads, "out.conv", conv2d_backward(deps, c_oc))
+    ds = add_grads(grads, "out.conv", conv2d_backward(deps, c_oc))
     dn = silu_backward(ds, c_os)["x"]
-    dh = _put(grads, "out.norm", group_norm_backward(dn, c_on))
+    dh = add_grads(grads, "out.norm", group_norm_backward(dn, c_on))
 
     dskips: dict[int, Array] = {}
     for i in range(L):  # the up path in reverse: level 0 first
         split, c_res, c_st, c_up, c_conv = cache.up[i]
         if i > 0:
-            dh = _put(grads, f"up.{i}.upsample", conv2d_backward(dh, c_conv))
+            dh = add_grads(grads, f"up.{i}.upsample", conv2d_backward(dh, c_conv))
             dh = upsample_nearest_backward(dh, c_up)["x"]
         if c_st is not None:
             dh = st_back(dh, c_st, f"up.{i}.attn")
@@ -518,11 +399,11 @@ def unet_backward(deps: Array, cache: UNetCache) -> dict[str, Array]:
             dh = st_back(dh, c_st, f"down.{i}.attn")
         dh = res_back(dh, c_res, f"down.{i}.res")
 
-    grads["x"] = _put(grads, "conv_in", conv2d_backward(dh, cache.conv_in))
+    grads["x"] = add_grads(grads, "conv_in", conv2d_backward(dh, cache.conv_in))
     c_emb, c_t0, c_ts, c_t1 = cache.temb
-    du = _put(grads, "time.1", linear_backward(dtemb, c_t1), "W", "b")
+    du = add_grads(grads, "time.1", linear_backward(dtemb, c_t1))
     du = silu_backward(du, c_ts)["x"]
-    de = _put(grads, "time.0", linear_backward(du, c_t0), "W", "b")
+    de = add_grads(grads, "time.0", linear_backward(du, c_t0))
     grads["t"] = timestep_embedding_backward(de, c_emb)["t"]
     grads["context"] = dcontext if dcontext is not None else xp.zeros(cache.context_shape, dtype=deps.dtype)
     return grads
