@@ -269,7 +269,7 @@ def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_sampl
     g = torch.Generator().manual_seed(2)
     tokens, context = torch.randn(2, 6, 16, generator=g), torch.randn(2, 7, 12, generator=g)
     mask = torch.zeros(2, 7, dtype=torch.bool)
-    mask[0] = True  # sample 1: every token masked (diffusers averages them, the reference gives 0)
+    mask[0] = True  # sample 1: every token masked (diffusers does not give 0 there, the reference does)
     out = record(cross, tokens, context, torch.where(mask, 0.0, -10000.0)[:, None])
     row = check_attention_call(ar.interop.from_diffusers(cross), tokens, context, mask, output=out, dtype="float32")
     assert row.ok and "samples [1] have every key masked: not compared" in row.note
@@ -278,6 +278,26 @@ def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_sampl
     assert not everything.supported and not everything.ok and not everything.failed
     with pytest.raises(NotImplementedError, match="additive bias"):
         check_attention_call(cross, tokens, context, torch.full((2, 7), -1.0), output=out, dtype="float32")
+
+
+def test_one_recorded_call_reads_its_mask_by_the_trace_s_rule():
+    # one reader (attention_ref.interop.attention_mask): a mask of batch 1 serves every sample — diffusers'
+    # AttnProcessor with one head broadcasts it so — and NaN or +inf is a bad mask (ValueError), not a feature
+    cross = make_attention(AttnProcessor(), cross=True)
+    one_head = Attention(16, cross_attention_dim=12, heads=1, dim_head=16, bias=True, processor=AttnProcessor())
+    one_head.load_state_dict(cross.state_dict())  # the same weights as one head of 16
+    g = torch.Generator().manual_seed(5)
+    tokens, context = torch.randn(2, 6, 16, generator=g), torch.randn(2, 7, 12, generator=g)
+    shared = torch.zeros(1, 1, 7)
+    shared[..., 5:] = -10000.0
+    out = record(one_head, tokens, context, shared)
+    assert check_attention_call(one_head, tokens, context, shared, output=out, dtype="float32").ok
+    assert not check_attention_call(one_head, tokens, context, None, output=out, dtype="float32").ok
+    for bad in (float("nan"), float("inf")):
+        mask = torch.zeros(2, 1, 7)
+        mask[1, 0, 3] = bad
+        with pytest.raises(ValueError, match=r"attention_mask holds NaN or \+inf"):
+            check_attention_call(one_head, tokens, context, mask, output=out, dtype="float32")
 
 
 def test_one_recorded_call_checks_its_arguments():
@@ -311,7 +331,7 @@ def test_one_recorded_call_leaves_out_single_fully_masked_query_rows(dtype):
     tokens = torch.randn(2, 6, 16, generator=g).to(tdtype)  # (B, N, C)
     allowed = torch.rand(2, 6, 6, generator=g) < 0.6
     allowed[:, :, 0] = True
-    allowed[1, 2] = False  # sample 1, query 2: every key masked (diffusers averages the values there)
+    allowed[1, 2] = False  # sample 1, query 2: every key masked (diffusers does not give 0 there)
     out = record(self_attn, tokens, mask=torch.where(allowed, 0.0, -10000.0).to(tdtype))
     row = check_attention_call(self_attn, tokens, None, allowed, output=out, dtype=dtype)
     assert row.ok and "1 query rows with every key masked: not compared" in row.note

@@ -182,8 +182,9 @@ def from_diffusers_transformer2d(
         params, **options)`` equal to ``model(x_nchw, encoder_hidden_states=context).sample``
         permuted to channels-last; ``options`` holds ``heads``, ``groups``, ``eps``, ``norm_eps``, ``scale``.
         diffusers' ``encoder_attention_mask`` (True = keep) is the reference's ``context_mask``, with one
-        difference: diffusers turns the mask into a bias of −10000, so a sample whose tokens are *all*
-        masked attends evenly to all of them there, while the reference gives it no attention (output 0).
+        difference: diffusers turns the mask into a bias of −10000, which cancels in the softmax of a sample
+        whose tokens are *all* masked (it attends to them as if none were, up to the rounding of the logits near
+        −10000: evenly in float16), while the reference gives it no attention (output 0).
 
     Raises:
         NotImplementedError naming what the reference does not express.

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..interop import from_diffusers, to_diffusers
+from ..interop.attention_mask import mask_and_bias
 from .block_model import block_magnitudes, block_reference, block_yardstick, simulated_block
 from .compare import compare_output, exception_check, numpy_of
 from .dtypes import DTYPES, numpy_dtype, round_to
@@ -246,29 +247,22 @@ def _channels_last(a: np.ndarray, name: str = "hidden_states") -> np.ndarray:
 
 
 def _allowed_keys(attention_mask: Any, batch: int, queries: int, keys: int) -> np.ndarray:
-    """diffusers' ``attention_mask`` as booleans ``(B, 1 or N, M)``, True = may attend.
+    """diffusers' ``attention_mask`` (read by :func:`attention_ref.interop.attention_mask.mask_and_bias`) as booleans
+    ``(B, 1 or N, M)``, True = may attend.
 
-    diffusers passes an additive mask (0 = keep, a large negative number such as −10000 or −inf = drop), of
-    shape ``(B, M)``, ``(B, 1, M)`` or ``(B, N, M)``; a boolean mask (True = keep) is taken as it is. Anything
-    else would be an additive bias, which the reference blocks do not take.
+    The reference blocks take a mask, not a bias: an additive mask's entries must be 0 (keep) or −1000 and below
+    (drop: diffusers' −10000, whose weight underflows to 0).
     """
-    a = numpy_of(attention_mask)
-    if a.dtype != bool:
-        a = a.astype(np.float64)
-        if not np.all((a == 0) | (a <= -1e3)):
+    mask, bias = mask_and_bias(numpy_of(attention_mask), batch, queries, keys, np.float64)
+    allowed = np.ones((1, 1, 1, keys), dtype=bool) if mask is None else mask  # (B or 1, 1, 1 or N, M)
+    if bias is not None:
+        if not np.all((bias == 0) | (bias <= -1e3)):
             raise NotImplementedError(
                 "attention_mask holds values other than 0 and a large negative number: an additive bias, "
                 "which the reference blocks do not take"
             )
-        a = a == 0
-    if a.ndim == 2:
-        a = a[:, None, :]
-    if a.ndim != 3 or a.shape[0] != batch or a.shape[1] not in (1, queries) or a.shape[2] != keys:
-        raise ValueError(
-            f"attention_mask of shape {a.shape} does not fit {batch} samples, {queries} queries and {keys} keys "
-            "(expected (B, M), (B, 1, M) or (B, N, M))"
-        )
-    return a
+        allowed = allowed & (bias == 0)
+    return np.broadcast_to(allowed[:, 0], (batch, *allowed.shape[2:]))
 
 
 def check_attention_call(
@@ -295,7 +289,9 @@ def check_attention_call(
         hidden_states: the call's input, ``(B, C, H, W)`` or tokens ``(B, N, C)`` (torch tensor or NumPy).
         encoder_hidden_states: ``(B, M, D)`` for cross-attention, else ``None``.
         attention_mask: as diffusers takes it — additive (0 keep, −10000 or −inf drop) or boolean (True keep),
-            ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``; ``None`` for none.
+            ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``, ``B`` the call's batch or 1; ``None``
+            for none. Read by the trace's rule (:mod:`attention_ref.interop.attention_mask`): ``ValueError`` for
+            NaN or ``+inf``, ``NotImplementedError`` for another bias than 0 and ≤ −1000 (the block has none).
         output: what the module returned, shaped like ``hidden_states`` (``C_out`` channels), in ``dtype``.
         dtype: the dtype the model ran in; policy: ``None`` (default) for the one matching the module's
             arithmetic (:func:`module_policy`), or a policy or its name; name: the row's case name;
@@ -303,7 +299,8 @@ def check_attention_call(
 
     Returns:
         One :class:`OutputCheck` (output ``"y"``): ``ratio`` (worst error / allowed), ``ok``. A query whose
-        every key is masked is not compared (diffusers averages the values there, the reference gives 0): a
+        every key is masked is not compared (diffusers does not give 0 there: −10000 on every key cancels in the
+        softmax; the reference gives 0): a
         whole sample of them, or single query rows of a self-attention mask ``(B, N, N)``; the row says so in
         ``note`` and is marked not supported when no sample is left.
     """

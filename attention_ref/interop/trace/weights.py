@@ -24,7 +24,6 @@ __all__ = [
     "CHUNK_BYTES",
     "attention_weights",
     "linear_rows",
-    "mask_and_bias",
     "softmax_rows",
     "stream_keys_queries",
 ]
@@ -142,37 +141,6 @@ def attention_weights(
         bias = bias if bias is None or bias.shape[-2] == 1 else xp.take(bias, rows, axis=-2)
         mask = mask if mask is None or mask.shape[-2] == 1 else xp.take(mask, rows, axis=-2)
     return softmax_rows(qh, kh, options["scale"], bias=bias, mask=mask, reduce=reduce, chunk_bytes=chunk_bytes)
-
-
-def mask_and_bias(attention_mask: Any, batch: int, queries: int, keys: int, dtype: Any, where: str) -> tuple[Any, Any]:
-    """diffusers' ``attention_mask`` (a torch tensor) as ``(mask, bias)`` tensors ``(B, 1, 1 or N, M)``, or ``None``.
-
-    A boolean mask (True = keep) is the mask. An additive one (diffusers turns ``encoder_attention_mask``
-    into 0 / −10000) is the bias, converted to ``dtype``, and its ``−inf`` entries the mask. Shapes
-    ``(B, M)``, ``(B, 1, M)``, ``(B, N, M)`` (``B`` may be 1).
-    """
-    import torch
-
-    if attention_mask is None:
-        return None, None
-    a = attention_mask.detach()
-    if a.ndim == 2:
-        a = a[:, None, :]
-    if a.ndim != 3 or a.shape[0] not in (1, batch) or a.shape[1] not in (1, queries) or a.shape[2] != keys:
-        raise ValueError(
-            f"{where}: attention_mask of shape {tuple(attention_mask.shape)} does not fit {batch} samples, "
-            f"{queries} queries and {keys} keys (expected (B, M), (B, 1, M) or (B, N, M))"
-        )
-    a = a[:, None]  # (B, 1, 1 or N, M)
-    if a.dtype == torch.bool:
-        return a, None
-    a = a.to(dtype)
-    if torch.any(torch.isnan(a)) or torch.any(a == torch.inf):
-        raise ValueError(f"{where}: attention_mask holds NaN or +inf")
-    finite = torch.isfinite(a)
-    mask = None if bool(torch.all(finite)) else finite
-    bias = torch.where(finite, a, torch.zeros((), dtype=dtype, device=a.device))
-    return mask, (bias if bool(torch.any(bias != 0)) else None)
 
 
 def linear_rows(

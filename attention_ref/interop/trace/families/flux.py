@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..weights import mask_and_bias
+from ...attention_mask import mask_and_bias
 from .base import Family, argument
 from .joint import record_joint
 
