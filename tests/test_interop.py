@@ -44,6 +44,17 @@ ATTENTION_CASES = [
 ]
 
 
+def module_gradients(module, params):
+    """The module's parameter gradients under the reference's names (to_diffusers' naming, tested by the round
+    trips), weights as ``(in, out)`` matrices (a 1×1 convolution's too)."""
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    expected = {}
+    for ours, theirs in zip(params, to_diffusers(params), strict=True):
+        g = grads[theirs].numpy()
+        expected[ours] = g.reshape(g.shape[0], g.shape[1]).T if g.ndim >= 2 else g
+    return expected
+
+
 def run_diffusers_attention(case, seed=0):
     """Forward and backward of one case in diffusers and in attention_ref; {output/grad name: rel error}."""
     _, cross, groups, bias, out_bias, residual, rescale, heads, dim_head, C, (H, W), B, proc, masked = case
@@ -84,15 +95,9 @@ def run_diffusers_attention(case, seed=0):
     else:
         ours, cache = ar.self_attention_forward(channels_last(x), params, **options)
         grads = ar.self_attention_backward(dy_ours, cache)
-    names = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0", "norm": "group_norm"}
-    theirs = {n: p.grad for n, p in attn.named_parameters()}
-    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy()}
+    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), **module_gradients(attn, params)}
     if cross:
         expected["context"] = context.grad.numpy()
-    for key in params:
-        layer, kind = key.rsplit(".", 1)
-        g = theirs[f"{names[layer]}.{kind}"].numpy()
-        expected[key] = g.T if g.ndim == 2 else g
     errors = {"y": rel_error(ours, channels_last(y))}
     errors.update(grad_errors(grads, expected))
     assert cache.weights.shape == (B, heads, H * W, 4 if cross else H * W)
@@ -224,13 +229,8 @@ def run_transformer2d(case, seed=0):
         channels_last(x), context.detach().numpy(), params, context_mask=mask, **options
     )
     grads = ar.spatial_transformer_backward(dy.transpose(0, 2, 3, 1), cache)
-    # map the module's gradients onto reference names through to_diffusers' naming (tested by the round trip)
-    names = dict(zip(params, to_diffusers(params), strict=True))
-    module_grads = {n: p.grad for n, p in model.named_parameters()}
     expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), "context": context.grad.numpy()}
-    for ours_name, theirs_name in names.items():
-        g = module_grads[theirs_name].numpy()
-        expected[ours_name] = g.reshape(g.shape[0], g.shape[1]).T if g.ndim >= 2 else g
+    expected.update(module_gradients(model, params))
     errors = {"y": rel_error(ours, channels_last(y))}
     errors.update(grad_errors(grads, expected))
     assert cache.blocks[0].attn1.weights.shape == (B, heads, H * W, H * W)
