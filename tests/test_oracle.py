@@ -320,44 +320,6 @@ def test_autograd_through_an_undetached_max_shift_passes(dtype):
 
 
 @needs_torch
-def test_from_torch_pair_unpacks_into_check_attention_and_carries_the_declaration():
-    fn, grad_fn = from_torch(examples.torch_mha)
-    assert fn.unsupported == grad_fn.unsupported == ("custom scale",)
-    report = check_attention(*from_torch(examples.torch_mha), cases=["plain", "custom scale"])
-    assert [c.output for c in report.checks] == ["out", "dq", "dk", "dv"] * 2 and report.ok
-
-
-def test_from_torch_functions_are_annotated():
-    import typing
-
-    fn, grad_fn = from_torch(lambda q, k, v, **kw: q)
-    assert typing.get_type_hints(fn)["return"] is np.ndarray
-    assert "return" in typing.get_type_hints(grad_fn)
-
-
-@needs_torch
-def test_from_torch_keeps_dtypes_and_zero_fills_unused_gradients():
-    import torch
-
-    seen = {}
-
-    def first_value_only(q, k, v, *, mask=None, bias=None, scale=None):
-        seen["dtype"] = q.dtype
-        return v[..., :1, :].expand(*q.shape[:-1], v.shape[-1]) * 1.0  # does not depend on q or k
-
-    fn, grad_fn = from_torch(first_value_only)
-    bf16 = numpy_dtype("bfloat16")
-    q = np.arange(6, dtype=np.float32).reshape(2, 3).astype(bf16)
-    v = (np.arange(8, dtype=np.float32).reshape(4, 2) / 3).astype(bf16)
-    out = fn(q, q[:1].repeat(4, 0), v)
-    assert seen["dtype"] == torch.bfloat16 and out.dtype == bf16
-    np.testing.assert_array_equal(out.astype(np.float32), np.broadcast_to(v[:1], (2, 2)).astype(np.float32))
-    dq, dk, dv = grad_fn(q, q[:1].repeat(4, 0), v, np.ones((2, 2), dtype=bf16))
-    assert dq.dtype == bf16 and not np.any(dq.astype(np.float32)) and not np.any(dk.astype(np.float32))
-    np.testing.assert_array_equal(dv.astype(np.float32)[0], [2.0, 2.0])
-
-
-@needs_torch
 def test_a_naive_torch_attention_with_nan_rows_passes_forward_only_with_nan_ok():
     import torch
 
