@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..interop.trace.records import KINDS, LayerFilter
 from .dtypes import DTYPES
 from .harness import exception_check
 from .model_layers import attention_modules, call_inputs, call_kind, judge_call
@@ -231,8 +232,6 @@ def check_model(
         judging a call or building its row is a failed row.
     """
     import torch
-
-    from ..interop.trace.records import KINDS, LayerFilter
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")

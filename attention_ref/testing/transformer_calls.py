@@ -31,6 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from ..blocks import joint_attention_forward
+from ..interop import from_diffusers
+from ..interop.dit import from_diffusers_joint
+from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
 from ..ops.heads import merge_heads, split_heads
 from .block_model import attention_by_head, linear
 from .blocks import call_arrays, choose_policy, module_policy
@@ -278,9 +282,6 @@ def check_joint_call(
         dtype, policy, name, seed: as :func:`~attention_ref.testing.check_attention_call`'s (``policy=None``: the
             one matching the processor's arithmetic, :func:`module_policy`).
     """
-    from ..blocks import joint_attention_forward
-    from ..interop.dit import from_diffusers_joint
-
     policy = choose_policy(policy, attn)
     params, options = from_diffusers_joint(attn, dtype="float64")
     a = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
@@ -323,8 +324,6 @@ def check_wan_call(
     seed: int = 0,
 ) -> OutputCheck:
     """Judge one call of a ``WanAttention`` (self-attention with its RoPE tables, or cross-attention)."""
-    from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
-
     policy = choose_policy(policy, attn)
     params, options = from_wan_attention(attn, "float64")
     for n, layer in (("v", attn.to_v), ("out", attn.to_out[0])) + ((("add_v", attn.add_v_proj),) if attn.add_v_proj
@@ -353,8 +352,6 @@ def check_linear_call(
     seed: int = 0,
 ) -> OutputCheck:
     """Judge one call of Sana's linear attention (``SanaLinearAttnProcessor2_0``: ReLU features, no softmax)."""
-    from ..interop import from_diffusers
-
     policy = choose_policy(policy, attn)
     params, options = from_diffusers(attn, dtype="float64")
     a = call_arrays(dtype, hidden_states=hidden_states)
