@@ -66,6 +66,19 @@ def alternate(run: Callable[[], float], model: Any, settings: dict, repeats: int
     return statistics.median(plain), {name: statistics.median(t) for name, t in traced.items()}, traces[-1]
 
 
+def report(args: argparse.Namespace, base: float, traced: dict, unit: str, width: int, **extra: Any) -> dict:
+    """Print the untraced time and each setting's time and ratio per ``unit`` ("step", "call"); the figures (also
+    written to ``--json``)."""
+    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per {unit}")
+    figures = {**extra, f"untraced_s_per_{unit}": base / args.steps, "traced": {}}
+    for name, t in traced.items():
+        figures["traced"][name] = {f"s_per_{unit}": t / args.steps, "ratio": t / base}
+        print(f"  {name:<{width}} {t / args.steps * 1e3:8.1f} ms per {unit}   ×{t / base:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
+    return figures
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -112,14 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"U-Net widths {tuple(args.widths)}, latent {args.side}×{args.side}, batch 2, 77 tokens, {args.dtype}, "
           f"{args.steps} steps, {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
-    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per step")
-    figures = {"untraced_s_per_step": base / args.steps, "traced": {}}
-    for name, t in traced.items():
-        figures["traced"][name] = {"s_per_step": t / args.steps, "ratio": t / base}
-        print(f"  {name:<32} {t / args.steps * 1e3:8.1f} ms per step   ×{t / base:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
-    return figures
+    return report(args, base, traced, "step", 32)
 
 
 def family_bench(args: argparse.Namespace) -> dict:
@@ -149,14 +155,7 @@ def family_bench(args: argparse.Namespace) -> dict:
     print(f"{args.family}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{args.side}×{args.side} latent, batch 2, 77 tokens, {args.dtype}, {len(tr.layers)} records; "
           f"{args.steps} calls × {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
-    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per call")
-    figures = {"family": args.family, "untraced_s_per_call": base / args.steps, "traced": {}}
-    for name, t in traced.items():
-        figures["traced"][name] = {"s_per_call": t / args.steps, "ratio": t / base}
-        print(f"  {name:<34} {t / args.steps * 1e3:8.1f} ms per call   ×{t / base:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
-    return figures
+    return report(args, base, traced, "call", 34, family=args.family)
 
 
 if __name__ == "__main__":

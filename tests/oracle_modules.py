@@ -6,6 +6,7 @@ import pytest
 
 from attention_ref.testing import BlockCase, blocks
 
+# imported by a test module, these skip it where torch or diffusers is missing
 torch = pytest.importorskip("torch", reason="torch is not installed")
 pytest.importorskip("diffusers", reason="diffusers is not installed")
 
@@ -15,6 +16,8 @@ from diffusers.models.attention_processor import (  # noqa: E402
     AttnProcessor2_0,
     SlicedAttnProcessor,
 )
+
+__all__ = ["PROCESSORS", "Attention", "AttnProcessor", "AttnProcessor2_0", "block_case", "make_attention", "torch"]
 
 PROCESSORS = {
     "AttnProcessor": AttnProcessor,

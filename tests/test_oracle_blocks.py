@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
+from oracle_modules import PROCESSORS, Attention, AttnProcessor, AttnProcessor2_0, block_case, make_attention, torch
 
 import attention_ref as ar
 from attention_ref.testing import BlockCase, block_model, blocks, check_diffusers_attention
 from attention_ref.testing.block_model import block_magnitudes, simulated_block
 from attention_ref.testing.rounding import RoundingModel
-
-torch = pytest.importorskip("torch", reason="torch is not installed")
-if importlib.util.find_spec("diffusers") is None:
-    pytest.skip("diffusers is not installed", allow_module_level=True)
-
-from diffusers.models.attention_processor import (  # noqa: E402
-    Attention,
-    AttnProcessor,
-    AttnProcessor2_0,
-)
-from oracle_modules import PROCESSORS, block_case, make_attention  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

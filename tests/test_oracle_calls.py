@@ -3,24 +3,12 @@ trace's rule); check_model turns whatever it cannot judge into a row."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from oracle_modules import Attention, AttnProcessor, AttnProcessor2_0, make_attention, torch
 
 import attention_ref as ar
 from attention_ref.testing import check_attention_call, check_diffusers_attention
 from attention_ref.testing.torch_wrap import torch_to_numpy
-
-torch = pytest.importorskip("torch", reason="torch is not installed")
-if importlib.util.find_spec("diffusers") is None:
-    pytest.skip("diffusers is not installed", allow_module_level=True)
-
-from diffusers.models.attention_processor import (  # noqa: E402
-    Attention,
-    AttnProcessor,
-    AttnProcessor2_0,
-)
-from oracle_modules import make_attention  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
