@@ -15,9 +15,10 @@ block's own versions of both terms (:mod:`.block_model`: the block simulated op 
 ``c`` and ``f`` are the kernel check's: ``Policy.c["out"]`` for ``y``, ``Policy.c["dq"]`` for
 every gradient; as there, each output's own last rounding to the dtype (half a spacing at the value
 returned) is deducted from its error entry by entry. The policy is the one that matches the module's
-arithmetic (:func:`module_policy`): ``fused`` when its processor calls PyTorch's
-``scaled_dot_product_attention`` (``AttnProcessor2_0``: every SDPA backend keeps the logits and the
-softmax in float32), ``eager`` otherwise (``AttnProcessor``, ``SlicedAttnProcessor``: ``baddbmm`` and
+arithmetic (:func:`module_policy`, also the diffusion transformers' judges' in :mod:`.transformer_calls`):
+``fused`` when its processor calls PyTorch's ``scaled_dot_product_attention`` (``AttnProcessor2_0``: every
+SDPA backend keeps the logits and the softmax in float32) or diffusers' ``dispatch_attention_fn``, ``eager``
+otherwise (``AttnProcessor``, ``SlicedAttnProcessor``: ``baddbmm`` and
 ``softmax`` in the dtype); a ``policy`` argument overrides it, and every report names the policy it used.
 See ``docs/oracle.md``.
 """

@@ -218,8 +218,8 @@ def check_model(
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
         policy: ``None`` (default): per call, the policy matching the module's arithmetic
             (:func:`~attention_ref.testing.blocks.module_policy`: ``fused`` for a processor that calls
-            ``scaled_dot_product_attention``, ``eager`` otherwise); or ``"fused"``, ``"eager"``, a
-            :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
+            ``scaled_dot_product_attention`` or ``dispatch_attention_fn``, ``eager`` otherwise); or ``"fused"``,
+            ``"eager"``, a :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
         title: the report's title (default the model's class name).
         layers: which modules to check, as the trace's ``layers=``: a module path, a glob on the paths, a kind
             (``"self"``, ``"cross"``, ``"joint"``, ``"temporal"``), a list of these, or a predicate
