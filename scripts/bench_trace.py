@@ -25,14 +25,64 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+def timer(device: Any, steps: int, call: Callable[[int], Any]) -> Callable[[], float]:
+    """``run()``: the time of ``call(0)`` … ``call(steps − 1)`` without gradients — process time on the CPU (all
+    threads), the wall clock between synchronisations on a GPU."""
+    import torch
+
+    def run() -> float:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter() if cuda else time.process_time()
+        with torch.no_grad():
+            for i in range(steps):
+                call(i)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() if cuda else time.process_time()) - start
+
+    return run
+
+
+def alternate(run: Callable[[], float], model: Any, settings: dict, repeats: int) -> tuple[float, dict, Any]:
+    """Untraced and traced under each of ``settings`` (trace options), alternating ``repeats`` times after a
+    warm-up: the untraced median, the traced medians by setting, and the last trace."""
+    from attention_ref.interop import trace
+
+    run()  # warm-up
+    plain, traced, traces = [], {name: [] for name in settings}, []
+    for _ in range(repeats):
+        plain.append(run())
+        for name, options in settings.items():
+            with trace(model, **options) as tr:
+                traced[name].append(run())
+            traces.append(tr)
+    return statistics.median(plain), {name: statistics.median(t) for name, t in traced.items()}, traces[-1]
+
+
+def report(args: argparse.Namespace, base: float, traced: dict, unit: str, width: int, **extra: Any) -> dict:
+    """Print the untraced time and each setting's time and ratio per ``unit`` ("step", "call"); the figures (also
+    written to ``--json``)."""
+    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per {unit}")
+    figures = {**extra, f"untraced_s_per_{unit}": base / args.steps, "traced": {}}
+    for name, t in traced.items():
+        figures["traced"][name] = {f"s_per_{unit}": t / args.steps, "ratio": t / base}
+        print(f"  {name:<{width}} {t / args.steps * 1e3:8.1f} ms per {unit}   ×{t / base:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from attention_ref.backend import cpu_model
-    from attention_ref.interop import trace
     from attention_ref.interop.toy_models import toy_unet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,17 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(2, 4, args.side, args.side, generator=g).to(device, dtype)
     context = torch.randn(2, 77, context_dim, generator=g).to(device, dtype)
 
-    def run() -> float:
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter() if cuda else time.process_time()
-        with torch.no_grad():
-            for i in range(args.steps):
-                unet(x, 1000 - 40 * i, encoder_hidden_states=context)
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() if cuda else time.process_time()) - start
+    run = timer(device, args.steps, lambda i: unet(x, 1000 - 40 * i, encoder_hidden_states=context))
 
     settings = {
         "cross, head mean (default)": {},
@@ -81,26 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
         "cross, every head, keep='all'": {"heads": "all", "keep": "all"},
         "cross in float64": {"dtype": "float64"},
     }
-    run()  # warm-up
-    plain, traced = [], {name: [] for name in settings}
-    for _ in range(args.repeats):
-        plain.append(run())
-        for name, options in settings.items():
-            with trace(unet, **options):
-                traced[name].append(run())
-    base = statistics.median(plain)
+    base, traced, _ = alternate(run, unet, settings, args.repeats)
     where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"U-Net widths {tuple(args.widths)}, latent {args.side}×{args.side}, batch 2, 77 tokens, {args.dtype}, "
           f"{args.steps} steps, {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
-    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per step")
-    figures = {"untraced_s_per_step": base / args.steps, "traced": {}}
-    for name, times in traced.items():
-        t = statistics.median(times)
-        figures["traced"][name] = {"s_per_step": t / args.steps, "ratio": t / base}
-        print(f"  {name:<32} {t / args.steps * 1e3:8.1f} ms per step   ×{t / base:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
-    return figures
+    return report(args, base, traced, "step", 32)
 
 
 def family_bench(args: argparse.Namespace) -> dict:
@@ -108,7 +133,6 @@ def family_bench(args: argparse.Namespace) -> dict:
     import torch
 
     from attention_ref.backend import cpu_model
-    from attention_ref.interop import trace
     from attention_ref.interop.toy_transformers import toy_inputs, toy_model
 
     torch.set_num_threads(args.threads)
@@ -117,17 +141,7 @@ def family_bench(args: argparse.Namespace) -> dict:
     inputs, kwargs = toy_inputs(args.family, model, tokens=77, size=(args.side, args.side), padded=False)
     device = torch.device(args.device)
 
-    def run() -> float:
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter() if cuda else time.process_time()
-        with torch.no_grad():
-            for _ in range(args.steps):
-                model(*inputs, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() if cuda else time.process_time()) - start
+    run = timer(device, args.steps, lambda i: model(*inputs, **kwargs))
 
     rows = {"self_queries": [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)]}
     settings = {
@@ -136,27 +150,12 @@ def family_bench(args: argparse.Namespace) -> dict:
         "every head, keep='all'": {"heads": "all", "keep": "all", **rows},
         "in float64": {"dtype": "float64", **rows},
     }
-    run()  # warm-up
-    plain, traced = [], {name: [] for name in settings}
-    for _ in range(args.repeats):
-        plain.append(run())
-        for name, options in settings.items():
-            with trace(model, **options) as tr:
-                traced[name].append(run())
-    base = statistics.median(plain)
+    base, traced, tr = alternate(run, model, settings, args.repeats)
     where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{args.family}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{args.side}×{args.side} latent, batch 2, 77 tokens, {args.dtype}, {len(tr.layers)} records; "
           f"{args.steps} calls × {args.repeats} repeats; {where}, {args.threads} torch thread(s)")  # fmt: skip
-    print(f"  untraced: {base / args.steps * 1e3:8.1f} ms per call")
-    figures = {"family": args.family, "untraced_s_per_call": base / args.steps, "traced": {}}
-    for name, times in traced.items():
-        t = statistics.median(times)
-        figures["traced"][name] = {"s_per_call": t / args.steps, "ratio": t / base}
-        print(f"  {name:<34} {t / args.steps * 1e3:8.1f} ms per call   ×{t / base:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=1))
-    return figures
+    return report(args, base, traced, "call", 34, family=args.family)
 
 
 if __name__ == "__main__":

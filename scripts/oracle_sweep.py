@@ -2,7 +2,7 @@
 
 The two recipes whose rounding error depends most on the data — ``large logits`` (|logits| in the hundreds: a few
 dominant weights, and a logsumexp near 500) and ``long sequence`` (1024 keys) — are drawn again with SEEDS seeds and
-head widths d ∈ {8, 16, 32, 64}, and every kernel of ``tests/oracle_impls.py:sweep_kernels()`` (five summation
+head widths d ∈ {8, 16, 32, 64}, and every kernel of ``tests/oracle_kernels.py:sweep_kernels()`` (five summation
 orders, eager code through the max shift, a two-pass forward, split-K merged by lse, a backward from the lse with
 D = ΣP∘dP) is checked on each, forward and backward, under the fused policy (the eager kernel under the eager
 policy). Prints the rejects and the worst ratio
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import oracle_impls as impl
+import oracle_kernels
 
 from attention_ref.testing import reseeded
 from attention_ref.testing.tolerance import reference
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="large logits,long sequence")
     parser.add_argument("--kernels", default=None, help="names separated by ; (default: every sweep kernel)")
     args = parser.parse_args(argv)
-    kernels = impl.sweep_kernels()
+    kernels = oracle_kernels.sweep_kernels()
     if args.kernels:
         kernels = {n: kernels[n] for n in args.kernels.split(";")}
     total_rejects = 0
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                     case = reseeded(recipe, seed, d)
                     for name, (kernel, policy) in kernels.items():
                         ref = reference(case, dtype, policy)
-                        for output, ratio in impl.sweep_ratios(kernel, ref, dtype).items():
+                        for output, ratio in oracle_kernels.sweep_ratios(kernel, ref, dtype).items():
                             if ratio > worst[name][0]:
                                 worst[name] = (ratio, (d, seed, output))
                             if not ratio <= 1:

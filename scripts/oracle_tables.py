@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
 import oracle_impls as impl
+import oracle_kernels as kernels
 
 from attention_ref.testing import check_attention, examples, from_torch
 
@@ -30,19 +31,6 @@ def worst(report) -> str:
     return f"{text} ({n} n/s)" if n else text
 
 
-def manual_softmax_attention(q, k, v, *, mask=None, bias=None, scale=None):
-    """Eager PyTorch, the max shift not detached (as tests/test_oracle.py)."""
-    import torch
-
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    s = s if bias is None else s + bias
-    s = s if mask is None else s.masked_fill(~mask, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    e = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
-    total = e.sum(-1, keepdim=True)
-    return e / torch.where(total == 0, torch.ones_like(total), total) @ v
-
-
 def peers() -> None:
     import torch
 
@@ -52,15 +40,15 @@ def peers() -> None:
         "torch SDPA, MATH backend": (from_torch(examples.torch_sdpa_math), "fused"),
         "torch SDPA, CPU flash backend": (from_torch(examples.torch_sdpa_flash), "fused"),
         "`F.multi_head_attention_forward`": (from_torch(examples.torch_mha), "fused"),
-        "a key-by-key kernel (every sum sequential)": (impl.ordered_attention("sequential"), "fused"),
-        "a tiled kernel (online softmax, 32 keys)": (impl.tiled_attention(32), "fused"),
-        "two-pass forward, P = exp(S − lse)": (impl.lse_attention("two-pass"), "fused"),
-        "split-K (4 splits) merged by lse": (impl.lse_attention("split-k"), "fused"),
-        "backward from lse, D = ΣP∘dP": (impl.lse_attention(d_from="ΣP∘dP"), "fused"),
+        "a key-by-key kernel (every sum sequential)": (kernels.ordered_attention("sequential"), "fused"),
+        "a tiled kernel (online softmax, 32 keys)": (kernels.tiled_attention(32), "fused"),
+        "two-pass forward, P = exp(S − lse)": (kernels.lse_attention("two-pass"), "fused"),
+        "split-K (4 splits) merged by lse": (kernels.lse_attention("split-k"), "fused"),
+        "backward from lse, D = ΣP∘dP": (kernels.lse_attention(d_from="ΣP∘dP"), "fused"),
         "`examples.numpy_attention`": ((examples.numpy_attention, examples.numpy_attention_grad), "fused"),
-        "eager code, autograd through the max shift (NumPy), **eager**": (impl.eager_attention(), "eager"),
-        "the same in PyTorch, **eager**": (from_torch(manual_softmax_attention), "eager"),
-        "eager code (NumPy) under **fused**": (impl.eager_attention(), "fused"),
+        "eager code, autograd through the max shift (NumPy), **eager**": (kernels.eager_attention(), "eager"),
+        "the same in PyTorch, **eager**": (from_torch(kernels.torch_eager_attention), "eager"),
+        "eager code (NumPy) under **fused**": (kernels.eager_attention(), "fused"),
     }
     print("| peer | " + " | ".join(DTYPES) + " |")
     print("|---|" + "---|" * len(DTYPES))

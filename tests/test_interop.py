@@ -1,55 +1,27 @@
-"""Loading real attention blocks: diffusers Attention and Transformer2DModel, and torch restatements of
-CompVis's AttnBlock and OpenAI's AttentionBlock (legacy and new q/k/v order).
+"""Loading diffusers' attention: Attention and Transformer2DModel against the modules themselves.
 
 Every peer runs in float64 with all weights randomised (the originals zero-initialise their output
 projections, which would hide half the gradients); forward and every gradient — x, context and
-each weight — must agree to 1e-9 relative (they agree to ~1e-15).
+each weight — must agree to 1e-9 relative (they agree to ~1e-15). CompVis's and OpenAI's blocks:
+tests/test_interop_checkpoints.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import numpy as np
 import pytest
 from block_helpers import grad_errors
+from interop_helpers import TOL, channels_last, leaf, randomise
 
 import attention_ref as ar
 from attention_ref.gradcheck import rel_error
-from attention_ref.interop import (
-    from_diffusers,
-    from_diffusers_transformer2d,
-    from_guided_diffusion,
-    from_ldm_attnblock,
-    to_diffusers,
-)
+from attention_ref.interop import from_diffusers, from_diffusers_transformer2d, to_diffusers
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
-nn = torch.nn
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed")
-
-TOL = 1e-9
-
-
-def randomise(module, seed, std=0.4):
-    """Every parameter of ``module`` drawn from N(0, std²), norm weights around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
-
-
-def channels_last(t):
-    return t.detach().permute(0, 2, 3, 1).numpy()
-
-
-def leaf(rng, shape):
-    return torch.tensor(rng.standard_normal(shape), requires_grad=True)
-
 
 # ---------------------------------------------------------------- diffusers Attention
 
@@ -70,6 +42,17 @@ ATTENTION_CASES = [
     ("cross 3 heads masked", 4, None, True, True, False, 1.0, 3, 2, 6, (3, 3), 2, "plain", True),
     ("cross 1 head masked sliced", 3, 3, False, True, True, 3.0, 1, 5, 6, (1, 7), 2, "sliced", True),
 ]
+
+
+def module_gradients(module, params):
+    """The module's parameter gradients under the reference's names (to_diffusers' naming, tested by the round
+    trips), weights as ``(in, out)`` matrices (a 1×1 convolution's too)."""
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    expected = {}
+    for ours, theirs in zip(params, to_diffusers(params), strict=True):
+        g = grads[theirs].numpy()
+        expected[ours] = g.reshape(g.shape[0], g.shape[1]).T if g.ndim >= 2 else g
+    return expected
 
 
 def run_diffusers_attention(case, seed=0):
@@ -112,15 +95,9 @@ def run_diffusers_attention(case, seed=0):
     else:
         ours, cache = ar.self_attention_forward(channels_last(x), params, **options)
         grads = ar.self_attention_backward(dy_ours, cache)
-    names = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0", "norm": "group_norm"}
-    theirs = {n: p.grad for n, p in attn.named_parameters()}
-    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy()}
+    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), **module_gradients(attn, params)}
     if cross:
         expected["context"] = context.grad.numpy()
-    for key in params:
-        layer, kind = key.rsplit(".", 1)
-        g = theirs[f"{names[layer]}.{kind}"].numpy()
-        expected[key] = g.T if g.ndim == 2 else g
     errors = {"y": rel_error(ours, channels_last(y))}
     errors.update(grad_errors(grads, expected))
     assert cache.weights.shape == (B, heads, H * W, 4 if cross else H * W)
@@ -252,13 +229,8 @@ def run_transformer2d(case, seed=0):
         channels_last(x), context.detach().numpy(), params, context_mask=mask, **options
     )
     grads = ar.spatial_transformer_backward(dy.transpose(0, 2, 3, 1), cache)
-    # map the module's gradients onto reference names through to_diffusers' naming (tested by the round trip)
-    names = dict(zip(params, to_diffusers(params), strict=True))
-    module_grads = {n: p.grad for n, p in model.named_parameters()}
     expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), "context": context.grad.numpy()}
-    for ours_name, theirs_name in names.items():
-        g = module_grads[theirs_name].numpy()
-        expected[ours_name] = g.reshape(g.shape[0], g.shape[1]).T if g.ndim >= 2 else g
+    expected.update(module_gradients(model, params))
     errors = {"y": rel_error(ours, channels_last(y))}
     errors.update(grad_errors(grads, expected))
     assert cache.blocks[0].attn1.weights.shape == (B, heads, H * W, H * W)
@@ -305,174 +277,3 @@ def test_from_diffusers_transformer2d_names_what_it_cannot_express(kwargs, named
     model = Transformer2DModel(**{**config, **kwargs})
     with pytest.raises(NotImplementedError, match=named):
         from_diffusers_transformer2d(model)
-
-
-# ---------------------------------------------------------------- CompVis AttnBlock, restated
-
-
-class LdmAttnBlock(nn.Module):
-    """CompVis's VAE ``AttnBlock`` restated from ldm/modules/diffusionmodules/model.py.
-
-    GroupNorm(32 groups, eps 1e-6, affine) → q, k, v 1×1 convolutions → one head of attention
-    over the H·W pixels with logits scaled by C^(-1/2) → 1×1 convolution proj_out → + input.
-    """
-
-    def __init__(self, channels):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6, affine=True)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (layer(h).reshape(B, C, H * W) for layer in (self.q, self.k, self.v))  # (B, C, N) each
-        logits = torch.bmm(q.transpose(1, 2), k) / math.sqrt(C)  # (B, N queries, N keys)
-        weights = torch.softmax(logits, dim=2)
-        attended = torch.bmm(v, weights.transpose(1, 2))  # (B, C, N queries)
-        return x + self.proj_out(attended.reshape(B, C, H, W))
-
-
-def _params_and_errors(block, params, options, x_shape, rng, expected_names):
-    x = leaf(rng, x_shape)
-    y = block(x)
-    dy = rng.standard_normal(tuple(y.shape))
-    y.backward(torch.tensor(dy))
-    ours, cache = ar.self_attention_forward(channels_last(x), params, **options)
-    grads = ar.self_attention_backward(dy.transpose(0, 2, 3, 1), cache)
-    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), **expected_names(block)}
-    errors = {"y": rel_error(ours, channels_last(y))}
-    errors.update(grad_errors(grads, expected))
-    return errors
-
-
-def run_ldm(C, H, W, B, seed=0, numpy_state=False):
-    rng = np.random.default_rng(seed)
-    block = randomise(LdmAttnBlock(C).double(), seed)
-    state = block.state_dict()
-    if numpy_state:
-        state = {k: v.numpy() for k, v in state.items()}
-    params, options = from_ldm_attnblock(state)
-
-    def names(b):
-        g = {"norm.weight": b.norm.weight.grad.numpy(), "norm.bias": b.norm.bias.grad.numpy()}
-        for ours, layer in (("q", b.q), ("k", b.k), ("v", b.v), ("out", b.proj_out)):
-            g[f"{ours}.weight"] = layer.weight.grad[:, :, 0, 0].numpy().T
-            g[f"{ours}.bias"] = layer.bias.grad.numpy()
-        return g
-
-    return _params_and_errors(block, params, options, (B, C, H, W), rng, names)
-
-
-@pytest.mark.parametrize(("C", "H", "W", "B", "numpy_state"), [(32, 3, 5, 2, False), (64, 5, 3, 3, True)])
-def test_matches_compvis_attnblock(C, H, W, B, numpy_state):
-    errors = run_ldm(C, H, W, B, numpy_state=numpy_state)
-    assert max(errors.values()) <= TOL, errors
-
-
-def test_from_ldm_attnblock_prefix_and_missing_keys():
-    state = {f"mid.attn_1.{k}": v for k, v in LdmAttnBlock(32).state_dict().items()}
-    params, options = from_ldm_attnblock(state, prefix="mid.attn_1.")
-    assert options == {"heads": 1, "groups": 32, "eps": 1e-6, "residual": True, "rescale": 1.0, "scale": None}
-    assert params["out.weight"].shape == (32, 32)
-    with pytest.raises(KeyError, match="lacks"):
-        from_ldm_attnblock(state)
-
-
-# ---------------------------------------------------------------- OpenAI AttentionBlock, restated
-
-
-class OpenAIAttentionBlock(nn.Module):
-    """OpenAI's ``AttentionBlock`` restated from guided_diffusion/unet.py (2-D maps).
-
-    GroupNorm(32, eps 1e-5) on the flattened map → fused 1×1 Conv1d ``qkv`` (C → 3C) → attention
-    with q and k each scaled by ch^(-1/4) → 1×1 Conv1d ``proj_out`` → + input. ``QKVAttentionLegacy``
-    reads the 3C channels as (heads, q/k/v, ch); ``QKVAttention`` (the "new" order) as (q/k/v, heads, ch).
-    (The original's GroupNorm32 computes in float32; this restatement stays in float64.)
-    """
-
-    def __init__(self, channels, heads, order):
-        super().__init__()
-        self.heads, self.order = heads, order
-        self.norm = nn.GroupNorm(32, channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-
-    def attention(self, qkv):
-        B, three_c, N = qkv.shape
-        ch = three_c // (3 * self.heads)
-        if self.order == "legacy":
-            q, k, v = qkv.reshape(B * self.heads, 3 * ch, N).split(ch, dim=1)  # heads first, then q/k/v
-        else:
-            q, k, v = (t.reshape(B * self.heads, ch, N) for t in qkv.chunk(3, dim=1))  # q/k/v first, then heads
-        s = ch**-0.25
-        weights = torch.softmax(torch.bmm((q * s).transpose(1, 2), k * s), dim=-1)  # (B·heads, N, N)
-        return torch.bmm(v, weights.transpose(1, 2)).reshape(B, -1, N)  # (B, C, N)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        flat = x.reshape(B, C, H * W)
-        out = self.proj_out(self.attention(self.qkv(self.norm(flat))))
-        return (flat + out).reshape(B, C, H, W)
-
-
-def fuse_qkv(q, k, v, heads, order):
-    """The inverse of the q/k/v split: three (..., C) arrays into the fused (..., 3C) layout."""
-    *lead, C = q.shape
-    ch = C // heads
-    parts = [a.reshape(*lead, heads, ch) for a in (q, k, v)]
-    stacked = np.stack(parts, axis=-2) if order == "legacy" else np.stack(parts, axis=-3)
-    return stacked.reshape(*lead, 3 * C)
-
-
-def run_openai(C, heads, order, H, W, B, seed=0):
-    rng = np.random.default_rng(seed)
-    block = randomise(OpenAIAttentionBlock(C, heads, order).double(), seed)
-    params, options = from_guided_diffusion(block.state_dict(), heads, order=order)
-    # the split must be the inverse of the fused layout
-    np.testing.assert_array_equal(
-        fuse_qkv(params["q.weight"], params["k.weight"], params["v.weight"], heads, order),
-        block.qkv.weight.detach()[:, :, 0].numpy().T,
-    )
-
-    def names(b):
-        gw, gb = b.qkv.weight.grad[:, :, 0].numpy().T, b.qkv.bias.grad.numpy()  # (C, 3C), (3C,)
-        g = {"norm.weight": b.norm.weight.grad.numpy(), "norm.bias": b.norm.bias.grad.numpy()}
-        g["out.weight"], g["out.bias"] = b.proj_out.weight.grad[:, :, 0].numpy().T, b.proj_out.bias.grad.numpy()
-        return g, gw, gb
-
-    # compare q/k/v gradients in the fused layout: fuse ours the same way
-    x = leaf(rng, (B, C, H, W))
-    y = block(x)
-    dy = rng.standard_normal(tuple(y.shape))
-    y.backward(torch.tensor(dy))
-    ours, cache = ar.self_attention_forward(channels_last(x), params, **options)
-    grads = ar.self_attention_backward(dy.transpose(0, 2, 3, 1), cache)
-    g, gw, gb = names(block)
-    result = {"y": rel_error(ours, channels_last(y))}
-    fused = {
-        "x": grads["x"],
-        "qkv.weight": fuse_qkv(grads["q.weight"], grads["k.weight"], grads["v.weight"], heads, order),
-        "qkv.bias": fuse_qkv(grads["q.bias"], grads["k.bias"], grads["v.bias"], heads, order),
-        **{k: grads[k] for k in g},
-    }
-    result.update(grad_errors(fused, {"x": x.grad.permute(0, 2, 3, 1).numpy(), "qkv.weight": gw, "qkv.bias": gb, **g}))
-    return result
-
-
-@pytest.mark.parametrize("order", ["legacy", "new"])
-@pytest.mark.parametrize(("C", "heads", "H", "W", "B"), [(32, 1, 3, 5, 2), (32, 2, 5, 3, 2), (64, 4, 3, 3, 3)])
-def test_matches_openai_attention_block(order, C, heads, H, W, B):
-    errors = run_openai(C, heads, order, H, W, B)
-    assert max(errors.values()) <= TOL, errors
-
-
-def test_legacy_and_new_orders_differ():
-    """The two layouts are really different: loading one as the other gives another block."""
-    block = randomise(OpenAIAttentionBlock(32, 2, "legacy").double(), 1)
-    legacy, _ = from_guided_diffusion(block.state_dict(), 2, order="legacy")
-    new, _ = from_guided_diffusion(block.state_dict(), 2, order="new")
-    assert not np.allclose(legacy["k.weight"], new["k.weight"])
-    with pytest.raises(ValueError, match="order must be 'legacy' or 'new'"):
-        from_guided_diffusion(block.state_dict(), 2, order="old")
-    with pytest.raises(ValueError, match="32 channels are not divisible into 3 heads"):
-        from_guided_diffusion(block.state_dict(), 3)

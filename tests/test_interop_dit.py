@@ -132,8 +132,11 @@ def randomise_model(model, rng: np.random.Generator) -> None:
             p.copy_(torch.from_numpy(scale * rng.standard_normal(tuple(p.shape))))
 
 
-def record_attention_calls(modules: dict):
-    """Forward hooks recording each module's keyword inputs and output; returns (records, handles)."""
+def recorded_calls(model, modules: dict, **inputs) -> dict:
+    """Run ``model(**inputs)`` without gradients, each module's call recorded by a forward hook (removed after):
+    ``{name: (keyword inputs, output)}``."""
+    import torch
+
     records, handles = {}, []
     for name, module in modules.items():
 
@@ -141,7 +144,13 @@ def record_attention_calls(modules: dict):
             records[name] = ({k: v for k, v in kwargs.items()}, output)
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    return records, handles
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
 
 
 def test_every_attention_of_a_tiny_sd35_transformer_is_reproduced():
@@ -171,19 +180,15 @@ def test_every_attention_of_a_tiny_sd35_transformer_is_reproduced():
     assert modules["1.attn"].context_pre_only
     for module in modules.values():
         float64_rms_norms(module)  # diffusers' RMSNorm takes its mean square in float32 (see test_rms_norm)
-    records, handles = record_attention_calls(modules)
     rng = np.random.default_rng(1)
-    try:
-        with torch.no_grad():
-            model(
-                hidden_states=torch.from_numpy(rng.standard_normal((2, 4, 8, 8))),
-                encoder_hidden_states=torch.from_numpy(rng.standard_normal((2, 5, 12))),
-                pooled_projections=torch.from_numpy(rng.standard_normal((2, 8))),
-                timestep=torch.tensor([10.0, 500.0], dtype=torch.float64),
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    records = recorded_calls(
+        model,
+        modules,
+        hidden_states=torch.from_numpy(rng.standard_normal((2, 4, 8, 8))),
+        encoder_hidden_states=torch.from_numpy(rng.standard_normal((2, 5, 12))),
+        pooled_projections=torch.from_numpy(rng.standard_normal((2, 8))),
+        timestep=torch.tensor([10.0, 500.0], dtype=torch.float64),
+    )
     assert sorted(records) == sorted(modules)
     for name, module in modules.items():
         kwargs, output = records[name]
@@ -219,24 +224,20 @@ def test_every_attention_of_a_tiny_flux_transformer_is_reproduced():
     ).double()
     randomise_model(model, np.random.default_rng(0))
     modules = {"double": model.transformer_blocks[0].attn, "single": model.single_transformer_blocks[0].attn}
-    records, handles = record_attention_calls(modules)
     rng = np.random.default_rng(1)
     M, (h, w) = 3, (2, 3)
     ids = flux_ids(M, h, w)
     txt_ids, img_ids = torch.from_numpy(ids[:M]), torch.from_numpy(ids[M:])
-    try:
-        with torch.no_grad():
-            model(
-                hidden_states=torch.from_numpy(rng.standard_normal((2, h * w, 4))),
-                encoder_hidden_states=torch.from_numpy(rng.standard_normal((2, M, 12))),
-                pooled_projections=torch.from_numpy(rng.standard_normal((2, 8))),
-                timestep=torch.tensor([0.2, 0.9], dtype=torch.float64),
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    records = recorded_calls(
+        model,
+        modules,
+        hidden_states=torch.from_numpy(rng.standard_normal((2, h * w, 4))),
+        encoder_hidden_states=torch.from_numpy(rng.standard_normal((2, M, 12))),
+        pooled_projections=torch.from_numpy(rng.standard_normal((2, 8))),
+        timestep=torch.tensor([0.2, 0.9], dtype=torch.float64),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+    )
     cos, sin = flux_rope_tables(txt_ids, img_ids, model, dtype="float32")
     for name, module in modules.items():
         kwargs, output = records[name]

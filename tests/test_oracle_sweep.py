@@ -14,7 +14,7 @@ counts).
 from __future__ import annotations
 
 import numpy as np
-import oracle_impls as impl
+import oracle_kernels as kernels
 import pytest
 
 from attention_ref.testing import reseeded
@@ -22,7 +22,7 @@ from attention_ref.testing.tolerance import reference
 
 SEEDS = range(3)
 WIDTHS = (8, 16, 32, 64)
-KERNELS = impl.sweep_kernels()
+KERNELS = kernels.sweep_kernels()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -33,7 +33,7 @@ def test_no_correct_formulation_is_rejected(recipe, dtype):
         for seed in SEEDS:
             case = reseeded(recipe, seed, d)
             for name, (kernel, policy) in KERNELS.items():
-                for output, ratio in impl.sweep_ratios(kernel, reference(case, dtype, policy), dtype).items():
+                for output, ratio in kernels.sweep_ratios(kernel, reference(case, dtype, policy), dtype).items():
                     worst[name] = max(worst[name], ratio)
                     if not ratio <= 1:
                         rejects.append((name, d, seed, output, ratio))
@@ -49,7 +49,7 @@ def test_the_lse_rounded_as_a_whole_is_in_the_model():
     case = reseeded("large logits", 3, 16)
     for name in ("two-pass forward", "split-K merged by lse", "backward from lse, D = ΣP∘dP"):
         kernel, policy = KERNELS[name]
-        assert max(impl.sweep_ratios(kernel, reference(case, "float32", policy), "float32").values()) < 0.75
+        assert max(kernels.sweep_ratios(kernel, reference(case, "float32", policy), "float32").values()) < 0.75
 
 
 def test_the_reseeded_recipes_are_what_they_claim():

@@ -7,6 +7,8 @@
 * :func:`from_ldm_attnblock` — CompVis's VAE ``AttnBlock``;
 * :func:`from_guided_diffusion` — OpenAI's ``AttentionBlock`` (legacy or new q/k/v order);
 * :func:`to_diffusers` — reference parameters as a diffusers state dict (optionally loaded into a module);
+* :func:`.attention_mask.mask_and_bias` — diffusers' ``attention_mask`` read by one rule (for the trace and the
+  oracle's recorded calls);
 * :func:`trace` — which pixels read which words: the attention weights of every ``Attention`` call of a
   diffusers model or pipeline, computed by the reference during a run (:mod:`.trace`, ``docs/trace.md``).
 

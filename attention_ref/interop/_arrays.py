@@ -14,11 +14,32 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["as_numpy", "require_keys", "weight_in_out"]
+from .._checks import FLOAT_DTYPES
+
+__all__ = ["as_numpy", "check_dtype", "require_keys", "weight_in_out"]
+
+
+def check_dtype(dtype: Any, where: str) -> np.dtype | None:
+    """The dtype a loader returns its arrays in: ``None`` (the checkpoint's own) or a real floating one.
+
+    ``TypeError`` for anything else — an integer, bool or complex dtype would truncate the weights without a word,
+    and bfloat16 or an extended precision is not a dtype the reference computes in — as for a name NumPy does not
+    know. ``where``: the loader, for the message.
+    """
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.name not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
+    return dt
 
 
 def as_numpy(a: Any, dtype: Any | None) -> np.ndarray:
-    """A contiguous NumPy copy of a torch tensor or NumPy array, cast to ``dtype`` (``None``: keep it).
+    """A contiguous NumPy copy of a torch tensor or NumPy array, cast to ``dtype`` (``None``: keep it;
+    :func:`check_dtype`'s rule).
 
     bfloat16 tensors (which NumPy cannot hold) go through float32, exactly.
     """
@@ -29,7 +50,7 @@ def as_numpy(a: Any, dtype: Any | None) -> np.ndarray:
         a = a.numpy()
     a = np.asarray(a)
     if dtype is not None:
-        a = a.astype(np.dtype(dtype))
+        a = a.astype(check_dtype(dtype, "as_numpy"))
     return np.ascontiguousarray(a)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_numpy
-from ._arrays import as_numpy, weight_in_out
+from ._arrays import as_numpy, check_dtype, weight_in_out
 
 __all__ = ["from_diffusers", "from_diffusers_transformer2d", "to_diffusers"]
 
@@ -110,8 +110,10 @@ def from_diffusers(attn: Any, *, dtype: Any | None = "float64") -> tuple[dict[st
         added_kv_proj_dim, cross_attention_norm, only_cross_attention, qk_norm, kv_heads,
         pre_only, context_pre_only, fused projections, dropout in training, AttnProcessor2_0 with a
         scale it ignores, projections that are not plain ``torch.nn.Linear`` layers such as LoRA
-        adapters). Any other processor class is accepted.
+        adapters). Any other processor class is accepted. TypeError for a ``dtype`` that is not ``None`` or
+        float16, float32, float64 (an integer, bool or complex dtype would truncate the weights).
     """
+    dtype = check_dtype(dtype, "from_diffusers")
     _check_attention(attn)
     params: dict[str, np.ndarray] = {}
     options: dict[str, Any] = {
@@ -182,12 +184,15 @@ def from_diffusers_transformer2d(
         params, **options)`` equal to ``model(x_nchw, encoder_hidden_states=context).sample``
         permuted to channels-last; ``options`` holds ``heads``, ``groups``, ``eps``, ``norm_eps``, ``scale``.
         diffusers' ``encoder_attention_mask`` (True = keep) is the reference's ``context_mask``, with one
-        difference: diffusers turns the mask into a bias of −10000, so a sample whose tokens are *all*
-        masked attends evenly to all of them there, while the reference gives it no attention (output 0).
+        difference: diffusers turns the mask into a bias of −10000, which cancels in the softmax of a sample
+        whose tokens are *all* masked (it attends to them as if none were, up to the rounding of the logits near
+        −10000: evenly in float16), while the reference gives it no attention (output 0).
 
     Raises:
-        NotImplementedError naming what the reference does not express.
+        NotImplementedError naming what the reference does not express; TypeError for a ``dtype`` that is not
+        ``None`` or float16, float32, float64.
     """
+    dtype = check_dtype(dtype, "from_diffusers_transformer2d")
     _check_transformer2d(model)
     params: dict[str, np.ndarray] = {
         "norm.weight": as_numpy(model.norm.weight, dtype),

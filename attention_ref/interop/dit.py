@@ -31,9 +31,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .._checks import FLOAT_DTYPES
 from ..ops.rope import check_axes_dims, rope_angles
-from ._arrays import as_numpy, weight_in_out
+from ._arrays import as_numpy, check_dtype, weight_in_out
 
 __all__ = ["flux_rope_tables", "from_diffusers_joint"]
 
@@ -207,20 +206,6 @@ def _from_flux_attention(attn: Any, dtype: Any) -> tuple[dict[str, np.ndarray], 
     return params, options
 
 
-def _check_dtype(dtype: Any) -> np.dtype | None:
-    """The returned arrays' dtype: ``None`` (the module's) or a real floating one — an integer, bool or complex
-    dtype would truncate the weights without a word (``TypeError``, as for a name NumPy does not know)."""
-    if dtype is None:
-        return None
-    try:
-        dt = np.dtype(dtype)
-    except (TypeError, ValueError):
-        dt = None
-    if dt is None or dt.name not in FLOAT_DTYPES:
-        raise TypeError(f"from_diffusers_joint: dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
-    return dt
-
-
 def from_diffusers_joint(attn: Any, *, dtype: Any | None = "float64") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Reference parameters and options from SD3's, SD3.5's or Flux's attention module.
 
@@ -258,7 +243,7 @@ def from_diffusers_joint(attn: Any, *, dtype: Any | None = "float64") -> tuple[d
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype, "from_diffusers_joint")
     if isinstance(attn, FluxAttention):
         return _from_flux_attention(attn, dtype)
     if isinstance(attn, Attention):

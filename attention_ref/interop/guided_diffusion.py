@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_numpy, require_keys, weight_in_out
+from ._arrays import as_numpy, check_dtype, require_keys, weight_in_out
 
 __all__ = ["from_guided_diffusion"]
 
@@ -66,12 +66,13 @@ def from_guided_diffusion(
         order: ``"legacy"`` (``QKVAttentionLegacy``) or ``"new"`` (``QKVAttention``).
         groups, eps: the group norm (guided-diffusion: 32 groups, PyTorch's eps 1e-5).
         prefix: prepended to every name, e.g. ``"middle_block.1."``.
-        dtype: of the returned arrays; ``None`` keeps the checkpoint's.
+        dtype: of the returned arrays (float16, float32 or float64); ``None`` keeps the checkpoint's.
 
     Returns:
         ``(params, options)`` for :func:`attention_ref.self_attention_forward` on the block's
         input permuted to ``(B, H, W, C)``.
     """
+    dtype = check_dtype(dtype, "from_guided_diffusion")
     if order not in ("legacy", "new"):
         raise ValueError(f"order must be 'legacy' or 'new', got {order!r}")
     names = ["norm.weight", "norm.bias", "qkv.weight", "qkv.bias", "proj_out.weight", "proj_out.bias"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_numpy, require_keys, weight_in_out
+from ._arrays import as_numpy, check_dtype, require_keys, weight_in_out
 
 __all__ = ["from_ldm_attnblock"]
 
@@ -31,12 +31,13 @@ def from_ldm_attnblock(
             ``q.bias``, likewise ``k``, ``v``, ``proj_out``.
         groups: the group norm's groups (CompVis's ``Normalize`` uses 32).
         prefix: prepended to every name, e.g. ``"encoder.mid.attn_1."``.
-        dtype: of the returned arrays; ``None`` keeps the checkpoint's.
+        dtype: of the returned arrays (float16, float32 or float64); ``None`` keeps the checkpoint's.
 
     Returns:
         ``(params, options)`` with ``y, cache = attention_ref.self_attention_forward(x, params, **options)``
         for ``x`` the block's input permuted to ``(B, H, W, C)``.
     """
+    dtype = check_dtype(dtype, "from_ldm_attnblock")
     names = ["norm.weight", "norm.bias"] + [f"{n}.{p}" for n in _LAYERS for p in ("weight", "bias")]
     require_keys(state_dict, [prefix + n for n in names], "from_ldm_attnblock")
     params = {

@@ -14,13 +14,16 @@
 Every verdict is judged under a named policy — ``"fused"`` (the default: logits and softmax
 statistics in float32, as FlashAttention and PyTorch's SDPA) or ``"eager"`` — and says which.
 
-Modules: :mod:`.cases` (the battery), :mod:`.tolerance` (the policies, the tolerance rule and its
-reasoning), :mod:`.rounding` (the rounding model it rests on), :mod:`.harness`
-(``check_attention``), :mod:`.report`, :mod:`.torch_wrap` (``from_torch``), :mod:`.vectors`
-(test vectors for other languages), :mod:`.examples`, :mod:`.blocks`
-(``check_diffusers_attention``: a diffusers ``Attention`` module against the reference block;
-``check_attention_call``: one recorded call of one), :mod:`.check_model` (``check_model``: every
-``Attention`` call of a whole diffusers model, layer by layer). torch is imported only when a torch
+Modules: :mod:`.cases` (the battery), :mod:`.policy` (the policies), :mod:`.tolerance` (the
+tolerance rule and its reasoning), :mod:`.simulation` (the simulated kernel) and :mod:`.rounding`
+(the rounding model they rest on), :mod:`.harness` (``check_attention``) with :mod:`.compare`
+(one output against its reference), :mod:`.layouts` and :mod:`.usage`, :mod:`.report`,
+:mod:`.torch_wrap` (``from_torch``), :mod:`.vectors` (test vectors for other languages),
+:mod:`.examples`, :mod:`.blocks` (``check_diffusers_attention``: a diffusers ``Attention`` module
+against the reference block; ``check_attention_call``: one recorded call of one) with
+:mod:`.block_model` (the block simulated op by op), :mod:`.transformer_calls` (the calls of the
+diffusion transformers' attention), :mod:`.check_model` (``check_model``: every attention call of a
+whole diffusers model, layer by layer) with :mod:`.model_layers`. torch is imported only when a torch
 function is called; ml_dtypes only for bfloat16. The policy, the figures and how to read a
 report: ``docs/oracle.md``.
 """

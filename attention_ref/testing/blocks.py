@@ -8,33 +8,17 @@ and their backward passes in float64, on the same (rounded) inputs and weights,
 loaded through :func:`attention_ref.interop.from_diffusers`.
 :func:`check_attention_call` judges one recorded call (forward only) by the same rule.
 
-The tolerance has the shape of :mod:`.tolerance`'s, ``c·(the simulated kernels' error)
-+ f·ε·max‖X‖``, with the block's own versions of both terms:
-
-* The simulated block (:func:`simulated_block`) runs the block's chain of operations —
-  the group norm, each projection, the attention (:func:`.tolerance.simulate_attention_core`,
-  the same model as the kernel check's), the residual sum, and on the way back every
-  gradient between them — in float64, adding to every operation's result the errors of
-  :mod:`.rounding`: each sum's any-order error (``√n·u·Σ|terms|``), each product's
-  rounding, and the rounding of every result the operation hands on to the dtype. A
-  module in float16 rounds a dozen times (every op returns the dtype, ``x W`` may be
-  rounded before ``+ b``, ``Q Kᵀ`` before it is scaled, as PyTorch's CPU half-precision
-  ``Linear`` and ``baddbmm`` do); all of these are in the model. The yardstick is the
-  root-mean-square over ``Policy.samples`` simulated blocks of their largest error.
-* ``‖X‖`` (:func:`block_magnitudes`) is the root-sum-square of the terms each entry is
-  summed from, carried along the block's formulas — the typical size of one rounding of
-  every term — and the floor takes ``max(‖X‖, |X₆₄|)``. It does not vanish where a
-  gradient is zero by cancellation (a key bias always gets 0; with a one-token context
-  ``dS = 0``, and with it ``dq``, ``dk`` and their weights' gradients). The kernel check's
-  sums of absolute values would compound over the block's chain of layers into a floor
-  far above any error.
+The tolerance has the shape of :mod:`.tolerance`'s, ``c·(the simulated blocks' error) + f·ε·max‖X‖``, with the
+block's own versions of both terms (:mod:`.block_model`: the block simulated op by op with the errors of
+:mod:`.rounding`, and the root-sum-square of the terms each entry sums).
 
 ``c`` and ``f`` are the kernel check's: ``Policy.c["out"]`` for ``y``, ``Policy.c["dq"]`` for
 every gradient; as there, each output's own last rounding to the dtype (half a spacing at the value
 returned) is deducted from its error entry by entry. The policy is the one that matches the module's
-arithmetic (:func:`module_policy`): ``fused`` when its processor calls PyTorch's
-``scaled_dot_product_attention`` (``AttnProcessor2_0``: every SDPA backend keeps the logits and the
-softmax in float32), ``eager`` otherwise (``AttnProcessor``, ``SlicedAttnProcessor``: ``baddbmm`` and
+arithmetic (:func:`module_policy`, also the diffusion transformers' judges' in :mod:`.transformer_calls`):
+``fused`` when its processor calls PyTorch's ``scaled_dot_product_attention`` (``AttnProcessor2_0``: every
+SDPA backend keeps the logits and the softmax in float32) or diffusers' ``dispatch_attention_fn``, ``eager``
+otherwise (``AttnProcessor``, ``SlicedAttnProcessor``: ``baddbmm`` and
 ``softmax`` in the dtype); a ``policy`` argument overrides it, and every report names the policy it used.
 See ``docs/oracle.md``.
 """
@@ -52,44 +36,57 @@ from typing import Any
 
 import numpy as np
 
-from ..blocks import cross_attention_backward, cross_attention_forward, self_attention_backward, self_attention_forward
 from ..interop import from_diffusers, to_diffusers
-from ..ops.group_norm import group_norm_forward
-from ..ops.heads import merge_heads, split_heads
-from ..ops.softmax import softmax_forward
+from ..interop.attention_mask import mask_and_bias
+from .block_model import block_magnitudes, block_reference, block_yardstick, simulated_block
+from .compare import compare_output, exception_check, numpy_of
 from .dtypes import DTYPES, numpy_dtype, round_to
-from .harness import compare_output, exception_check
+from .policy import EAGER, FUSED, Policy, check_policy
 from .report import OutputCheck, Report
-from .rounding import RoundingModel
-from .tolerance import EAGER, FUSED, Policy, check_policy, simulate_attention_core
 from .torch_wrap import numpy_to_torch, torch_to_numpy
 
 __all__ = [
     "BLOCK_CASES",
     "BlockCase",
     "block_magnitudes",
+    "call_arrays",
     "check_attention_call",
     "check_diffusers_attention",
+    "choose_policy",
     "module_policy",
     "simulated_block",
 ]
 
 
 def module_policy(attn: Any) -> Policy:
-    """The policy that matches a diffusers ``Attention``'s arithmetic: ``fused`` when its processor's ``__call__``
-    calls PyTorch's ``scaled_dot_product_attention`` (every SDPA backend keeps the logits and the softmax in float32
-    or wider), ``eager`` otherwise (``AttnProcessor``'s ``baddbmm`` and ``softmax`` return the dtype op by op; a
-    processor whose source cannot be read, or ``(params, options)``, is judged eager too: the wider rule)."""
-    processor = getattr(attn, "processor", None)
+    """The policy that matches a diffusers attention module's arithmetic: ``fused`` when its processor's ``__call__``
+    calls PyTorch's ``scaled_dot_product_attention`` or diffusers' ``dispatch_attention_fn`` (whose default backend
+    is that function; every SDPA backend keeps the logits and the softmax in float32 or wider), ``eager`` otherwise
+    (``AttnProcessor``'s ``baddbmm`` and ``softmax`` return the dtype op by op; a processor whose source cannot be
+    read, or ``(params, options)``, is judged eager too: the wider rule)."""
     try:
-        source = inspect.getsource(type(processor).__call__)
+        source = inspect.getsource(type(getattr(attn, "processor", None)).__call__)
     except (OSError, TypeError):
         return EAGER
-    return FUSED if "scaled_dot_product_attention(" in source else EAGER
+    fused = "scaled_dot_product_attention(" in source or "dispatch_attention_fn(" in source
+    return FUSED if fused else EAGER
 
 
-def _choose(policy: Policy | str | None, attn: Any) -> Policy:
+def choose_policy(policy: Policy | str | None, attn: Any) -> Policy:
+    """``policy`` as a :class:`Policy`; ``None``: the one matching the module's arithmetic (:func:`module_policy`)."""
     return module_policy(attn) if policy is None else check_policy(policy)
+
+
+def call_arrays(dtype: str, **tensors: Any) -> dict[str, np.ndarray | None]:
+    """One recorded call's tensors as NumPy (``None`` stays ``None``); ``TypeError`` when ``hidden_states`` or
+    ``encoder_hidden_states`` is not in ``dtype`` (the reference must see the values the module saw)."""
+    np_dtype = numpy_dtype(dtype)
+    out: dict[str, np.ndarray | None] = {}
+    for key, t in tensors.items():
+        out[key] = None if t is None else numpy_of(t)
+        if key in ("hidden_states", "encoder_hidden_states") and t is not None and out[key].dtype != np_dtype:
+            raise TypeError(f"{key} is {out[key].dtype}, not {dtype}: pass the call's inputs as the module got them")
+    return out
 
 
 @dataclass(frozen=True)
@@ -117,326 +114,6 @@ BLOCK_CASES = (
     BlockCase("padded context", 2, 4, 3, M=9, padded=4),
 )
 
-
-def _t(a: np.ndarray) -> np.ndarray:
-    return np.swapaxes(a, -1, -2)
-
-
-def _linear(r: RoundingModel, x: np.ndarray, p: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    """``x W + b``: the sum over the input width in any order; ``x W`` stored in the dtype before ``+ b`` or not."""
-    y = r.rel(r.matmul(x, p[f"{name}.weight"]), r.w)
-    return y if f"{name}.bias" not in p else r.rel(y + p[f"{name}.bias"], r.u, r.w)
-
-
-def _linear_back(
-    r: RoundingModel, dy: np.ndarray, x: np.ndarray, p: Mapping[str, np.ndarray], name: str, grads: dict
-) -> np.ndarray:
-    """Weight (and bias) gradients into ``grads``, summed over every token; returns ``dx = dy Wᵀ``."""
-    width_in, width_out = p[f"{name}.weight"].shape
-    tokens_in, tokens_out = x.reshape(-1, width_in), dy.reshape(-1, width_out)  # (tokens, width)
-    grads[f"{name}.weight"] = r.rel(r.matmul(tokens_in.T, tokens_out), r.w)
-    if f"{name}.bias" in p:
-        grads[f"{name}.bias"] = r.rel(r.sum(tokens_out, axis=0)[0], r.w)
-    return r.rel(r.matmul(dy, p[f"{name}.weight"].T), r.w)
-
-
-def _group_norm(
-    r: RoundingModel, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, groups: int, eps: float
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """GroupNorm of ``x (B, H, W, C)``: mean, then variance of the centred values, each a sum in any order."""
-    B, C = x.shape[0], x.shape[-1]
-    xg = x.reshape(B, -1, groups, C // groups)  # (B, S, G, C/G)
-    n = xg.shape[1] * xg.shape[3]
-    centred = r.rel(xg - r.sum(xg, axis=(1, 3)) / n, r.u)
-    var = r.sum(r.rel(centred * centred, r.u), axis=(1, 3)) / n  # (B, 1, G, 1)
-    rstd = r.rel(1.0 / np.sqrt(var + eps), 2 * r.u)
-    xhat = r.rel(centred * rstd, r.u)
-    h = xhat.reshape(x.shape) * weight + (0.0 if bias is None else bias)
-    return r.rel(h, r.u, r.w), (xhat, rstd)
-
-
-def _group_norm_back(
-    r: RoundingModel, dh: np.ndarray, cache: tuple[np.ndarray, np.ndarray], p: Mapping[str, np.ndarray], grads: dict
-) -> np.ndarray:
-    """``dx = rstd·(g − mean g − x̂·mean(g x̂))`` per group with ``g = dh γ``; ``dγ``, ``dβ`` into ``grads``."""
-    xhat, rstd = cache
-    C = dh.shape[-1]
-    flat_dh, flat_xhat = dh.reshape(-1, C), xhat.reshape(-1, C)  # (B·S, C)
-    grads["norm.weight"] = r.rel(r.sum(r.rel(flat_dh * flat_xhat, r.u), axis=0)[0], r.w)
-    if "norm.bias" in p:
-        grads["norm.bias"] = r.rel(r.sum(flat_dh, axis=0)[0], r.w)
-    g = r.rel(dh * p["norm.weight"], r.u).reshape(xhat.shape)  # (B, S, G, C/G)
-    n = xhat.shape[1] * xhat.shape[3]
-    mean_g = r.sum(g, axis=(1, 3)) / n
-    mean_gx = r.sum(r.rel(g * xhat, r.u), axis=(1, 3)) / n
-    dx = rstd * r.rel(r.rel(g - mean_g, r.u) - r.rel(xhat * mean_gx, r.u), r.u)
-    return r.rel(dx, r.u, r.w).reshape(dh.shape)
-
-
-def _attention_slices(
-    r: RoundingModel,
-    qh: np.ndarray,
-    kh: np.ndarray,
-    vh: np.ndarray,
-    do: np.ndarray | None,
-    mask: Any,
-    scale: Any,
-    arithmetic: str,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """:func:`simulate_attention_core` one (sample, head) at a time, so that no ``(B, heads, N, M)`` array is held."""
-    B, heads, N, _ = qh.shape
-    M = kh.shape[-2]
-    masks = None if mask is None else np.broadcast_to(mask, (B, heads, N, M))
-    out = np.empty((*qh.shape[:-1], vh.shape[-1]))
-    grads = {n: np.empty(a.shape) for n, a in (("dq", qh), ("dk", kh), ("dv", vh))} if do is not None else {}
-    for b in range(B):
-        for h in range(heads):
-            one = None if do is None else do[b, h]
-            out[b, h], g = simulate_attention_core(
-                r,
-                qh[b, h],
-                kh[b, h],
-                vh[b, h],
-                one,
-                None,
-                None if masks is None else masks[b, h],
-                scale,
-                arithmetic=arithmetic,
-            )
-            for n, a in g.items():
-                grads[n][b, h] = a
-    return out, grads
-
-
-def simulated_block(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    *,
-    dtype: str,
-    rng: np.random.Generator,
-    heads: int,
-    groups: int = 32,
-    eps: float = 1e-6,
-    residual: bool = True,
-    rescale: float = 1.0,
-    scale: float | None = None,
-    context_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    arithmetic: str = "eager",
-) -> dict[str, np.ndarray]:
-    """One simulated block in ``dtype``: the reference block in float64 with every error of :mod:`.rounding` drawn once.
-
-    Inputs:
-        x: ``(B, H, W, C)``; context: ``(B, M, D)`` or ``None``; dy: ``(B, H, W, C_out)``, or ``None`` for the
-            forward only.
-        params, options (heads … scale): as for :func:`attention_ref.self_attention_forward` /
-            ``cross_attention_forward``; context_mask: ``(B, M)`` (cross-attention) and mask: broadcastable to
-            ``(B, heads, H·W, H·W)`` (self-attention), True = may attend.
-        dtype: the dtype under test; rng: where the errors come from; arithmetic: the attention's, ``"fused"``
-            or ``"eager"`` (:class:`~attention_ref.testing.Policy`).
-
-    Returns:
-        ``{"y"}`` and, with ``dy``, ``"x"``, ``"context"`` (cross-attention) and every params key: float64.
-    """
-    r = RoundingModel(dtype, rng)
-    p = {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
-    x = np.asarray(x, dtype=np.float64)
-    B, H, W, C = x.shape
-    h, norm = x, None
-    if "norm.weight" in p:
-        h, norm = _group_norm(r, x, p["norm.weight"], p.get("norm.bias"), groups, eps)
-    tokens = h.reshape(B, H * W, C)  # (B, N, C)
-    source = tokens if context is None else np.asarray(context, dtype=np.float64)  # (B, M, D)
-    q, k, v = (_linear(r, a, p, n) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
-    qh, kh, vh = (split_heads(a, heads) for a in (q, k, v))  # (B, heads, ·, d)
-    attn_mask = mask
-    if context_mask is not None:
-        attn_mask = np.asarray(context_mask).reshape(-1, 1, 1, context_mask.shape[-1])  # (B, 1, 1, M)
-    do = None
-    if dy is not None:
-        dsum = np.asarray(dy, dtype=np.float64)
-        dsum = r.rel(dsum / rescale, r.u, r.w) if rescale != 1.0 else dsum
-        do = split_heads(r.rel(r.matmul(dsum.reshape(B, H * W, -1), p["out.weight"].T), r.w), heads)
-    oh, g = _attention_slices(r, qh, kh, vh, do, attn_mask, scale, arithmetic)
-    o = merge_heads(oh)  # (B, N, inner)
-    proj = _linear(r, o, p, "out").reshape(B, H, W, -1)
-    y = r.rel(x + proj, r.u, r.w) if residual else proj
-    y = r.rel(y / rescale, r.u, r.w) if rescale != 1.0 else y
-    if dy is None:
-        return {"y": y}
-    grads: dict[str, np.ndarray] = {"y": y}
-    _linear_back(r, dsum.reshape(B, H * W, -1), o, p, "out", grads)
-    d_tokens = _linear_back(r, merge_heads(g["dq"]), tokens, p, "q", grads)
-    d_source = r.rel(
-        _linear_back(r, merge_heads(g["dk"]), source, p, "k", grads)
-        + _linear_back(r, merge_heads(g["dv"]), source, p, "v", grads),
-        r.u,
-        r.w,
-    )
-    if context is None:
-        d_tokens = r.rel(d_tokens + d_source, r.u, r.w)
-    else:
-        grads["context"] = d_source
-    dx = d_tokens.reshape(B, H, W, C)
-    if norm is not None:
-        dx = _group_norm_back(r, dx, norm, p, grads)
-    grads["x"] = r.rel(dx + dsum, r.u, r.w) if residual else dx
-    return grads
-
-
-@dataclass
-class _Forward:
-    """The exact forward's values the magnitudes need."""
-
-    x: np.ndarray  # (B, H, W, C)
-    p: dict[str, np.ndarray]
-    norm: Any | None  # GroupNormCache
-    tokens: np.ndarray  # h as (B, N, C)
-    source: np.ndarray  # (B, M, D): tokens, or the context
-    qh: np.ndarray  # (B, heads, N, d)
-    kh: np.ndarray  # (B, heads, M, d)
-    vh: np.ndarray
-    P: np.ndarray  # (B, heads, N, M)
-    oh: np.ndarray  # (B, heads, N, d)
-    o: np.ndarray  # (B, N, inner)
-    scale: float
-
-
-def _exact_forward(x: np.ndarray, context: np.ndarray | None, params: Mapping[str, np.ndarray], heads: int,
-                   groups: int, eps: float, scale: float | None, mask: np.ndarray | None) -> _Forward:  # fmt: skip
-    p = {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
-    x = np.asarray(x, dtype=np.float64)
-    B, H, W, C = x.shape
-    h, norm = x, None
-    if "norm.weight" in p:
-        h, norm = group_norm_forward(x, p["norm.weight"], p.get("norm.bias"), groups=groups, eps=eps)
-    tokens = h.reshape(B, H * W, C)
-    source = tokens if context is None else np.asarray(context, dtype=np.float64)
-
-    def linear(a: np.ndarray, name: str) -> np.ndarray:
-        return a @ p[f"{name}.weight"] + p.get(f"{name}.bias", 0.0)
-
-    qh, kh, vh = (split_heads(linear(a, n), heads) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
-    scale = qh.shape[-1] ** -0.5 if scale is None else scale
-    P, _ = softmax_forward(scale * (qh @ _t(kh)), mask=mask)
-    oh = P @ vh
-    return _Forward(x, p, norm, tokens, source, qh, kh, vh, P, oh, merge_heads(oh), scale)
-
-
-def block_magnitudes(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    *,
-    heads: int,
-    groups: int = 32,
-    eps: float = 1e-6,
-    residual: bool = True,
-    rescale: float = 1.0,
-    scale: float | None = None,
-    context_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-) -> dict[str, float]:
-    """``max‖X‖`` for ``y`` and (with ``dy``) every gradient: the root-sum-square of the terms each entry sums.
-
-    Every sum ``Σ_k a_k b_k`` on the way is replaced by ``sqrt(Σ_k a_k² b_k²)``, the typical size of
-    its rounding errors when each term is off by one unit in its last place with a random sign.
-    Unlike ``|X|`` it does not vanish where a gradient is zero by cancellation (a one-token context
-    makes ``dS``, and with it ``dq`` and the query and key weights' gradients, exactly 0).
-    """
-    attn_mask = mask
-    if context_mask is not None:
-        attn_mask = np.asarray(context_mask).reshape(-1, 1, 1, context_mask.shape[-1])
-    f = _exact_forward(x, context, params, heads, groups, eps, scale, attn_mask)
-    sq = {n: w * w for n, w in f.p.items()}  # squared weights
-    B, H, W, C = f.x.shape
-    out: dict[str, np.ndarray] = {}  # squared magnitudes
-
-    def linear_back(g2: np.ndarray, inp: np.ndarray, name: str) -> np.ndarray:
-        width_in, width_out = sq[f"{name}.weight"].shape
-        out[f"{name}.weight"] = (inp * inp).reshape(-1, width_in).T @ g2.reshape(-1, width_out)
-        if f"{name}.bias" in sq:
-            out[f"{name}.bias"] = g2.reshape(-1, width_out).sum(axis=0)
-        return g2 @ sq[f"{name}.weight"].T
-
-    proj2 = (f.o * f.o) @ sq["out.weight"] + (sq["out.bias"] if "out.bias" in sq else 0.0)
-    out["y"] = ((f.x * f.x if residual else 0.0) + proj2.reshape(B, H, W, -1)) / rescale**2
-    if dy is None:
-        return {"y": float(np.sqrt(np.max(out["y"])))}
-    dsum2 = np.asarray(dy, dtype=np.float64) ** 2 / rescale**2
-    do2 = split_heads(linear_back(dsum2.reshape(B, H * W, -1), f.o, "out"), heads)
-    P2 = f.P * f.P
-    dvh2 = _t(P2) @ do2
-    # ‖dS‖² = P² ∘ (‖dO‖² V² + Σ_c ‖dO‖² O²): the terms of dP and of D = dO·O
-    dS2 = P2 * (do2 @ _t(f.vh * f.vh) + np.sum(do2 * f.oh * f.oh, axis=-1, keepdims=True))
-    dqh2, dkh2 = f.scale**2 * (dS2 @ (f.kh * f.kh)), f.scale**2 * (_t(dS2) @ (f.qh * f.qh))
-    d_tokens2 = linear_back(merge_heads(dqh2), f.tokens, "q")
-    d_source2 = linear_back(merge_heads(dkh2), f.source, "k") + linear_back(merge_heads(dvh2), f.source, "v")
-    if context is None:
-        d_tokens2 = d_tokens2 + d_source2
-    else:
-        out["context"] = d_source2
-    dx2 = d_tokens2.reshape(B, H, W, C)
-    if f.norm is not None:
-        # dx = r (g − mean g − x̂ mean(g x̂)) per group, g = dh γ  ⇒  ‖dx‖² = r² (‖g‖² + mean ‖g‖² + x̂² mean(‖g‖² x̂²))
-        xhat2 = f.norm.xhat**2  # (B, S, G, C/G)
-        out["norm.weight"] = (dx2.reshape(-1, C) * xhat2.reshape(-1, C)).sum(axis=0)
-        out["norm.bias"] = dx2.reshape(-1, C).sum(axis=0)
-        g2 = (dx2 * sq["norm.weight"]).reshape(xhat2.shape)
-        g_mean = np.mean(g2, axis=(1, 3), keepdims=True)
-        gx_mean = np.mean(g2 * xhat2, axis=(1, 3), keepdims=True)
-        dx2 = (f.norm.rstd**2 * (g2 + g_mean + xhat2 * gx_mean)).reshape(B, H, W, C)
-    out["x"] = dx2 + dsum2 if residual else dx2
-    keep = ("y", "x", "context", *params)
-    return {n: float(np.sqrt(np.max(v))) if np.size(v) else 0.0 for n, v in out.items() if n in keep}
-
-
-def _reference(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    options: Mapping[str, Any],
-    context_mask: np.ndarray | None,
-    mask: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """The float64 reference block's output ``"y"`` and (with ``dy``) its gradients."""
-    if context is None:
-        y, cache = self_attention_forward(x, params, mask=mask, **options)
-        grads = {} if dy is None else self_attention_backward(dy, cache)
-    else:
-        y, cache = cross_attention_forward(x, context, params, context_mask=context_mask, **options)
-        grads = {} if dy is None else cross_attention_backward(dy, cache)
-    return {"y": y, **grads}
-
-
-def _block_yardstick(
-    exact: Mapping[str, np.ndarray],
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    options: Mapping[str, Any],
-    *,
-    dtype: str,
-    samples: int,
-    seed: Any,
-    context_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    arithmetic: str = "eager",
-) -> dict[str, float]:
-    """Per output, the root-mean-square over ``samples`` simulated blocks of ``max|X_sim − X₆₄|``."""
-    rng = np.random.default_rng(seed)
-    squares = dict.fromkeys(exact, 0.0)
-    for _ in range(samples):
-        sim = simulated_block(x, context, params, dy, dtype=dtype, rng=rng, context_mask=context_mask, mask=mask,
-                              arithmetic=arithmetic, **options)  # fmt: skip
-        for n in exact:
-            squares[n] += float(np.max(np.abs(sim[n] - exact[n]))) ** 2 if exact[n].size else 0.0
-    return {n: math.sqrt(sq / samples) for n, sq in squares.items()}
 
 
 def _label(key: str) -> str:
@@ -477,7 +154,7 @@ def check_diffusers_attention(
     import torch
 
     np_dtype = numpy_dtype(dtype)
-    policy = _choose(policy, attn)
+    policy = choose_policy(policy, attn)
     module = copy.deepcopy(attn).to(getattr(torch, dtype))
     device = next(module.parameters()).device  # run where the module lives (CPU, CUDA, ...)
     params64, options = from_diffusers(module, dtype="float64")  # the module's own (rounded) weights, exactly
@@ -506,8 +183,8 @@ def check_diffusers_attention(
             continue
         # the float64 reference and the simulated blocks
         as64 = {n: None if a is None else a.astype(np.float64) for n, a in (("x", x), ("c", context), ("dy", dy))}
-        exact = _reference(as64["x"], as64["c"], params64, as64["dy"], options, mask)
-        yard = _block_yardstick(
+        exact = block_reference(as64["x"], as64["c"], params64, as64["dy"], options, mask)
+        yard = block_yardstick(
             exact, as64["x"], as64["c"], params64, as64["dy"], options, dtype=dtype, samples=policy.samples,
             seed=[seed, i, DTYPES.index(dtype)], context_mask=mask, arithmetic=policy.arithmetic,
         )  # fmt: skip
@@ -558,13 +235,6 @@ def _run_module(module: Any, x: np.ndarray, context: np.ndarray | None, dy: np.n
     return got
 
 
-def _as_numpy(a: Any) -> np.ndarray:
-    """A NumPy array of a torch tensor (any dtype, bfloat16 through ml_dtypes) or of anything array-like."""
-    if type(a).__module__.startswith("torch"):
-        return torch_to_numpy(a)
-    return np.asarray(a)
-
-
 def _channels_last(a: np.ndarray, name: str = "hidden_states") -> np.ndarray:
     """``(B, C, H, W)`` → ``(B, H, W, C)``; tokens ``(B, N, C)`` → a one-row map ``(B, 1, N, C)``.
 
@@ -578,29 +248,22 @@ def _channels_last(a: np.ndarray, name: str = "hidden_states") -> np.ndarray:
 
 
 def _allowed_keys(attention_mask: Any, batch: int, queries: int, keys: int) -> np.ndarray:
-    """diffusers' ``attention_mask`` as booleans ``(B, 1 or N, M)``, True = may attend.
+    """diffusers' ``attention_mask`` (read by :func:`attention_ref.interop.attention_mask.mask_and_bias`) as booleans
+    ``(B, 1 or N, M)``, True = may attend.
 
-    diffusers passes an additive mask (0 = keep, a large negative number such as −10000 or −inf = drop), of
-    shape ``(B, M)``, ``(B, 1, M)`` or ``(B, N, M)``; a boolean mask (True = keep) is taken as it is. Anything
-    else would be an additive bias, which the reference blocks do not take.
+    The reference blocks take a mask, not a bias: an additive mask's entries must be 0 (keep) or −1000 and below
+    (drop: diffusers' −10000, whose weight underflows to 0).
     """
-    a = _as_numpy(attention_mask)
-    if a.dtype != bool:
-        a = a.astype(np.float64)
-        if not np.all((a == 0) | (a <= -1e3)):
+    mask, bias = mask_and_bias(numpy_of(attention_mask), batch, queries, keys, np.float64)
+    allowed = np.ones((1, 1, 1, keys), dtype=bool) if mask is None else mask  # (B or 1, 1, 1 or N, M)
+    if bias is not None:
+        if not np.all((bias == 0) | (bias <= -1e3)):
             raise NotImplementedError(
                 "attention_mask holds values other than 0 and a large negative number: an additive bias, "
                 "which the reference blocks do not take"
             )
-        a = a == 0
-    if a.ndim == 2:
-        a = a[:, None, :]
-    if a.ndim != 3 or a.shape[0] != batch or a.shape[1] not in (1, queries) or a.shape[2] != keys:
-        raise ValueError(
-            f"attention_mask of shape {a.shape} does not fit {batch} samples, {queries} queries and {keys} keys "
-            "(expected (B, M), (B, 1, M) or (B, N, M))"
-        )
-    return a
+        allowed = allowed & (bias == 0)
+    return np.broadcast_to(allowed[:, 0], (batch, *allowed.shape[2:]))
 
 
 def check_attention_call(
@@ -627,7 +290,9 @@ def check_attention_call(
         hidden_states: the call's input, ``(B, C, H, W)`` or tokens ``(B, N, C)`` (torch tensor or NumPy).
         encoder_hidden_states: ``(B, M, D)`` for cross-attention, else ``None``.
         attention_mask: as diffusers takes it — additive (0 keep, −10000 or −inf drop) or boolean (True keep),
-            ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``; ``None`` for none.
+            ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``, ``B`` the call's batch or 1; ``None``
+            for none. Read by the trace's rule (:mod:`attention_ref.interop.attention_mask`): ``ValueError`` for
+            NaN or ``+inf``, ``NotImplementedError`` for another bias than 0 and ≤ −1000 (the block has none).
         output: what the module returned, shaped like ``hidden_states`` (``C_out`` channels), in ``dtype``.
         dtype: the dtype the model ran in; policy: ``None`` (default) for the one matching the module's
             arithmetic (:func:`module_policy`), or a policy or its name; name: the row's case name;
@@ -635,24 +300,19 @@ def check_attention_call(
 
     Returns:
         One :class:`OutputCheck` (output ``"y"``): ``ratio`` (worst error / allowed), ``ok``. A query whose
-        every key is masked is not compared (diffusers averages the values there, the reference gives 0): a
+        every key is masked is not compared (diffusers does not give 0 there: −10000 on every key cancels in the
+        softmax; the reference gives 0): a
         whole sample of them, or single query rows of a self-attention mask ``(B, N, N)``; the row says so in
         ``note`` and is marked not supported when no sample is left.
     """
-    np_dtype = numpy_dtype(dtype)
-    policy = _choose(policy, attn)
-    inputs = {"hidden_states": _as_numpy(hidden_states)}
-    if encoder_hidden_states is not None:
-        inputs["encoder_hidden_states"] = _as_numpy(encoder_hidden_states)
-    for arg, a in inputs.items():  # the reference must see the values the module saw
-        if a.dtype != np_dtype:
-            raise TypeError(f"{arg} is {a.dtype}, not {dtype}: pass the call's inputs as the module got them")
+    policy = choose_policy(policy, attn)
+    inputs = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     params, options = from_diffusers(attn, dtype="float64") if not isinstance(attn, tuple) else attn
     x = _channels_last(inputs["hidden_states"].astype(np.float64))  # (B, H, W, C)
     B, H, W, _ = x.shape
-    context = inputs.get("encoder_hidden_states")
+    context = inputs["encoder_hidden_states"]
     context = None if context is None else context.astype(np.float64)
-    got = _channels_last(_as_numpy(output), "output")  # its dtype is checked with its values: a failed row
+    got = _channels_last(numpy_of(output), "output")  # its dtype is checked with its values: a failed row
     keys = H * W if context is None else context.shape[-2]
     allowed = None if attention_mask is None else _allowed_keys(attention_mask, B, H * W, keys)  # (B, 1|N, M)
     context_mask = mask = None
@@ -674,7 +334,7 @@ def check_attention_call(
         context = None if context is None else context[keep]
         context_mask = None if context_mask is None else context_mask[keep]
         mask = None if mask is None else mask[keep]
-    exact = _reference(x, context, params, None, options, context_mask, mask)
+    exact = block_reference(x, context, params, None, options, context_mask, mask)
     if mask is not None and mask.shape[2] > 1:
         # single query rows with every key masked: each token's output reads only its own row of weights,
         # so those tokens are left out by taking the reference's value there (error 0)
@@ -687,10 +347,11 @@ def check_attention_call(
             rows = f"{int(dead_rows.sum())} query rows with every key masked: not compared"
             note = f"{note}; {rows}" if note else rows
     seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
-    yard = _block_yardstick(exact, x, context, params, None, options, dtype=dtype, samples=policy.samples,
+    yard = block_yardstick(exact, x, context, params, None, options, dtype=dtype, samples=policy.samples,
                             seed=seed_, context_mask=context_mask, mask=mask,
                             arithmetic=policy.arithmetic)  # fmt: skip
     magnitude = block_magnitudes(x, context, params, None, context_mask=context_mask, mask=mask, **options)["y"]
     check = compare_output(name, "y", got, exact["y"], yard["y"], max(magnitude, float(np.max(np.abs(exact["y"])))),
                            dtype, policy=policy, kind="out", last_rounding=True)  # fmt: skip
     return check if not note else dataclasses.replace(check, note=note if check.ok else f"{check.note} {note}".strip())
+

@@ -210,6 +210,13 @@ def _make(
     return Case(name, q, k, v, mask=m, bias=b, scale=scale, description=description)
 
 
+def _changed(base: Case, description: str, **arrays: np.ndarray) -> Case:
+    """``base`` (a plain :func:`_make` case: no mask, bias or scale) with some of ``k``, ``v``, ``dout`` replaced
+    and a description; its ``dout`` drawn again from the name unless given."""
+    k, v = arrays.get("k", base.k), arrays.get("v", base.v)
+    return Case(base.name, base.q, k, v, dout=arrays.get("dout"), description=description)
+
+
 def _duplicate_keys() -> Case:
     base = _make("duplicate keys", "", (2,), 6, 8, 8, 8)
     k, v = base.k.copy(), base.v.copy()
@@ -217,44 +224,27 @@ def _duplicate_keys() -> Case:
     k[..., 7, :] = k[..., 2, :]
     v[..., 3, :] = v[..., 0, :]
     k[..., 3, :] = k[..., 0, :]  # key 3 duplicates key 0 with the same value
-    return Case("duplicate keys", base.q, k, v, description="identical keys (some with identical values): tied weights")
+    return _changed(base, "identical keys (some with identical values): tied weights", k=k, v=v)
 
 
 def _long_sequence(seed: int | None = None, d: int = 8, dv: int = 8) -> Case:
     base = _make("long sequence", "", (1,), 4, 1024, d, dv, qk_std=0.5, seed=seed)
     v = 2.0 + base.v  # a common component: sums of 1024 small terms onto ~2 lose digits in low precision
-    return Case(
-        "long sequence",
-        base.q,
-        base.k,
-        v,
-        description="1024 keys, values of mean 2: exposes accumulation in the low-precision dtype",
-    )
+    return _changed(base, "1024 keys, values of mean 2: exposes accumulation in the low-precision dtype", v=v)
 
 
 def _sd_first_level() -> Case:
     base = _make("4096 keys", "", (1,), 4, 4096, 16, 16, qk_std=0.5)
     v = 1.5 + base.v  # non-zero mean: every P·V sum grows to ~1.5 from terms ~1/4096 of it
-    return Case(
-        "4096 keys",
-        base.q,
-        base.k,
-        v,
-        description="4096 keys (a 64×64 latent), values of mean 1.5: a narrow ℓ or P·V sum stalls",
-    )
+    return _changed(base, "4096 keys (a 64×64 latent), values of mean 1.5: a narrow ℓ or P·V sum stalls", v=v)
 
 
 def _long_query_axis() -> Case:
     base = _make("long query axis", "", (1,), 1024, 64, 8, 8, qk_std=0.5)
     rng = np.random.default_rng(_seed("long query axis/dout"))
     dout = 1.0 + rng.standard_normal((*base.q.shape[:-1], 8))  # a common component: Σ_i P_ij dO_i grows to ~16
-    return Case(
-        "long query axis",
-        base.q,
-        base.k,
-        base.v,
-        dout=dout,
-        description="1024 queries, 64 keys, dout of mean 1: exposes dK, dV accumulated over queries in the dtype",
+    return _changed(
+        base, "1024 queries, 64 keys, dout of mean 1: exposes dK, dV accumulated over queries in the dtype", dout=dout
     )
 
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..interop.trace.records import KINDS, LayerFilter
 from .dtypes import DTYPES
 from .harness import exception_check
 from .model_layers import attention_modules, call_inputs, call_kind, judge_call
@@ -217,8 +218,8 @@ def check_model(
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
         policy: ``None`` (default): per call, the policy matching the module's arithmetic
             (:func:`~attention_ref.testing.blocks.module_policy`: ``fused`` for a processor that calls
-            ``scaled_dot_product_attention``, ``eager`` otherwise); or ``"fused"``, ``"eager"``, a
-            :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
+            ``scaled_dot_product_attention`` or ``dispatch_attention_fn``, ``eager`` otherwise); or ``"fused"``,
+            ``"eager"``, a :class:`~attention_ref.testing.Policy`. seed: of the simulated blocks.
         title: the report's title (default the model's class name).
         layers: which modules to check, as the trace's ``layers=``: a module path, a glob on the paths, a kind
             (``"self"``, ``"cross"``, ``"joint"``, ``"temporal"``), a list of these, or a predicate
@@ -231,8 +232,6 @@ def check_model(
         judging a call or building its row is a failed row.
     """
     import torch
-
-    from ..interop.trace.records import KINDS, LayerFilter
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .harness import NotSupported
+
 __all__ = ["numpy_attention", "numpy_attention_grad", "torch_mha", "torch_sdpa", "torch_sdpa_flash", "torch_sdpa_math"]
 
 
@@ -144,8 +146,6 @@ def torch_mha(q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, sca
     scale, and raises :class:`~attention_ref.testing.NotSupported`.
     """
     import torch
-
-    from .harness import NotSupported
 
     lead, N, M, d, dv = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     if dv > d:

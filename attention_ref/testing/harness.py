@@ -24,19 +24,19 @@ unless the caller accepts it by name. A 4-D-only kernel asks for ``layout="bhnd"
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
-import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..backend import to_numpy
 from .cases import CORE_CASES, FEATURES, Case, select_cases
-from .dtypes import dtype_name, half_spacing, numpy_dtype
+from .compare import compare_output, exception_check, unsupported_check
+from .dtypes import dtype_name
+from .layouts import LAYOUTS, from_layout, to_layout
+from .policy import DEFAULT_POLICY, OUTPUTS, Policy, check_policy
 from .report import OutputCheck, Report
-from .tolerance import DEFAULT_POLICY, OUTPUTS, Group, Policy, check_policy, reference
+from .tolerance import reference
+from .usage import UsageError, check_signature, grads_tuple, numpy_function_hint, torch_hint
 
 __all__ = [
     "LAYOUTS",
@@ -49,6 +49,7 @@ __all__ = [
     "exception_check",
 ]
 
+
 MASKED_ROWS = ("zero", "nan-ok", "finite-ok")
 
 # Rows of out and dq belong to query rows; dk and dv to key rows.
@@ -58,109 +59,6 @@ _QUERY_ROW_OUTPUTS = ("out", "dq")
 class NotSupported(Exception):
     """Raise it from ``fn`` or ``grad_fn`` for inputs the implementation does not take (the message says why):
     the case is reported as not supported instead of failed."""
-
-
-def compare_output(
-    case: str,
-    output: str,
-    got: Any,
-    x64: np.ndarray,
-    kernel_error: float,
-    magnitude: float,
-    dtype: str,
-    *,
-    policy: Policy | str = DEFAULT_POLICY,
-    kind: str | None = None,
-    excused_rows: np.ndarray | None = None,
-    excuse: str = "nan",
-    groups: Sequence[Group] | None = None,
-    last_rounding: bool = False,
-) -> OutputCheck:
-    """Compare one output with its float64 reference ``x64`` (see :mod:`.tolerance` for the rule).
-
-    ``kernel_error`` is the yardstick for this output and ``magnitude`` the magnitude of its terms
-    (:class:`~attention_ref.testing.tolerance.Reference`); ``groups`` (:class:`~.tolerance.Group`) replaces them
-    by several groups of entries, each judged by its own (the ratio is the largest).
-
-    ``kind``: which of the policy's outputs (``"out"``, ``"dq"``, ...) sets the constants; default ``output``.
-    ``excused_rows``: boolean ``(..., rows)`` — rows on which ``excuse`` is accepted: ``"nan"`` (NaN there is
-    not an error: ``masked_rows="nan-ok"``) or ``"finite"`` (any finite value: ``masked_rows="finite-ok"``).
-    ``last_rounding``: deduct from each entry's error the output's own last rounding to the dtype — half the
-    dtype's spacing at the value returned, the most rounding to nearest can have moved it (the yardstick then
-    leaves that rounding out too).
-    """
-    policy = check_policy(policy)
-    if groups is None:
-        groups = (Group(None, kernel_error, magnitude),)
-
-    def fail(note: str, where: tuple[int, ...] | None = None, got_value: float = np.nan) -> OutputCheck:
-        expected = float(x64[where]) if where is not None else np.nan
-        allowed, floor = policy.allowed(kind or output, groups[0].magnitude, groups[0].kernel_error, dtype)
-        return OutputCheck(case=case, output=output, error=np.inf, where=where, ratio=np.inf, got=got_value,
-                           expected=expected, note=note, allowed=allowed, kernel_error=groups[0].kernel_error,
-                           floor=floor, policy=policy.name)  # fmt: skip
-
-    try:  # NumPy is expected; a CuPy array or a (float32/16/64, bfloat16) torch tensor is brought over too
-        arr = got if isinstance(got, np.ndarray) else _as_numpy(got)
-    except Exception as err:  # an object NumPy cannot read
-        return fail(f"returned {type(got).__name__}, not an array ({err})")
-    if arr.shape != x64.shape:
-        return fail(f"shape {arr.shape}, expected {x64.shape}")
-    if arr.dtype != numpy_dtype(dtype):
-        return fail(f"dtype {arr.dtype}, expected {dtype}")
-    g = arr.astype(np.float64)
-    excused = np.zeros(g.shape, dtype=bool)
-    if excused_rows is not None:
-        rows = np.broadcast_to(excused_rows[..., None], g.shape)
-        excused = rows & (np.isnan(g) if excuse == "nan" else np.isfinite(g))
-    bad = ~np.isfinite(g) & ~excused & np.isfinite(x64)
-    if np.any(bad):
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        return fail(f"{g[where]} where the reference is finite", where, float(g[where]))
-    with np.errstate(invalid="ignore"):
-        diff = np.abs(np.where(excused, 0.0, g) - x64)
-        if last_rounding:  # the output's own rounding to the dtype, at most half a spacing at the value returned
-            diff = np.maximum(diff - half_spacing(np.where(excused, 0.0, g), dtype), 0.0)
-    diff = np.where(excused, 0.0, diff)
-    worst: OutputCheck | None = None
-    for group in groups:
-        allowed, floor = policy.allowed(kind or output, group.magnitude, group.kernel_error, dtype)
-        numbers = {"allowed": allowed, "kernel_error": group.kernel_error, "floor": floor, "policy": policy.name}
-        part = diff if group.where is None else np.where(group.where, diff, -1.0)
-        if part.size == 0 or not np.any(part >= 0):
-            check = OutputCheck(case=case, output=output, error=0.0, where=None, ratio=0.0, **numbers)
-        else:
-            where = tuple(int(i) for i in np.unravel_index(int(np.argmax(part)), part.shape))
-            error = float(part[where])
-            ratio = error / allowed if allowed > 0 else (0.0 if error == 0 else np.inf)
-            note = f"on the {group.label}" if group.label and ratio > 0 else ""
-            check = OutputCheck(case=case, output=output, error=error, where=where, ratio=ratio, got=float(g[where]),
-                                expected=float(x64[where]), note=note, **numbers)  # fmt: skip
-        if worst is None or check.ratio > worst.ratio:
-            worst = check
-    assert worst is not None
-    return worst
-
-
-def _as_numpy(got: Any) -> np.ndarray:
-    """A NumPy array of ``got``: a torch tensor of any dtype (bfloat16 through ml_dtypes), a CuPy array, ..."""
-    if type(got).__module__.startswith("torch"):
-        from .torch_wrap import torch_to_numpy
-
-        return torch_to_numpy(got)
-    return to_numpy(got)
-
-
-def exception_check(case: str, output: str, err: BaseException) -> OutputCheck:
-    """A failed row for an implementation (or module) that raised ``err``."""
-    message = f"raised {type(err).__name__}: {err}".replace("\n", " ")
-    return OutputCheck(case=case, output=output, error=np.inf, where=None, allowed=np.nan, ratio=np.inf,
-                       note=message[:160])  # fmt: skip
-
-
-def _unsupported_check(case: str, output: str, reason: str) -> OutputCheck:
-    return OutputCheck(case=case, output=output, error=np.nan, where=None, allowed=np.nan, ratio=np.nan,
-                       note=f"not supported: {reason}", supported=False)  # fmt: skip
 
 
 def _fresh(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -179,145 +77,6 @@ def _declared(fn: Any, grad_fn: Any, unsupported: Collection[str] | None) -> fro
     if unknown:
         raise ValueError(f"unknown features {sorted(unknown)} in unsupported; the features are: {', '.join(FEATURES)}")
     return declared
-
-
-class UsageError(TypeError):
-    """A mistake in how the implementation is handed to the harness (a signature it cannot call, a torch function
-    given NumPy arrays or the reverse, a ``grad_fn`` returning a dict): raised once, never a failed row."""
-
-
-_NDARRAY_LACKS = re.compile(r"'numpy\.ndarray' object has no attribute '(\w+)'")
-_TENSOR_LACKS = re.compile(r"'Tensor' object has no attribute '(\w+)'")
-
-
-def _torch_hint(err: BaseException) -> str | None:
-    """A hint when ``err`` is a torch function complaining about the NumPy arrays it was given.
-
-    Recognised: torch naming a ``Tensor`` it expected together with the NumPy type it got ("must be Tensor, not
-    numpy.ndarray", "invalid combination of arguments ... dtype=numpy.dtype"), or an ndarray lacking a method
-    that torch tensors have (``masked_fill``, ``transpose(-1, -2)``'s cousins).
-    """
-    message = str(err)
-    if numpy_function_hint(err) is not None:
-        return None
-    lacks = _NDARRAY_LACKS.search(message)
-    if lacks is not None:
-        try:
-            import torch
-        except ImportError:
-            return None
-        torch_method = hasattr(torch.Tensor, lacks.group(1))
-    else:
-        torch_method = False
-    if not torch_method and not ("Tensor" in message and ("numpy" in message or "ndarray" in message)):
-        return None
-    one_line = " ".join(message.split())[:200]
-    return (
-        f"the function takes torch tensors, not the NumPy arrays it was given ({type(err).__name__}: {one_line}); "
-        "wrap it with attention_ref.testing.from_torch (on the command line: add --torch)"
-    )
-
-
-def numpy_function_hint(err: BaseException) -> str | None:
-    """A hint when ``err`` is a NumPy function complaining about the torch tensors ``from_torch`` gave it: a tensor
-    lacking an ndarray method (``astype``), or NumPy refusing a tensor that requires grad."""
-    message = str(err)
-    lacks = _TENSOR_LACKS.search(message)
-    numpy_only = lacks is not None and hasattr(np.ndarray, lacks.group(1))
-    if not (numpy_only or "numpy() on Tensor that requires grad" in message):
-        return None
-    one_line = " ".join(message.split())[:200]
-    return (
-        f"the function takes NumPy arrays, not the torch tensors it was given ({type(err).__name__}: {one_line}); "
-        "check it directly, without from_torch (on the command line: drop --torch)"
-    )
-
-
-_KEYWORDS = ("mask", "bias", "scale")
-
-
-def check_signature(fn: Callable[..., Any], role: str, positional: int) -> None:
-    """``UsageError`` unless ``fn`` takes ``positional`` arrays and the keywords ``mask``, ``bias``, ``scale``.
-
-    ``role``: ``"fn"`` or ``"grad_fn"``, for the message. A callable whose signature cannot be read passes.
-    """
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        takes = set(_KEYWORDS)
-    else:
-        takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} & set(_KEYWORDS)
-    slots = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
-    if takes == set(_KEYWORDS) and (varargs or slots >= positional):
-        return
-    arrays = "q, k, v" if positional == 3 else "q, k, v, dout"
-    returns = "out" if role == "fn" else "(dq, dk, dv)"
-    missing = ", ".join(f"{n}=" for n in _KEYWORDS if n not in takes) or f"{positional} positional arrays"
-    name = getattr(fn, "__qualname__", type(fn).__name__)
-    raise UsageError(
-        f"{role} must be {role}({arrays}, *, mask=None, bias=None, scale=None) -> {returns}; {name}{sig} lacks "
-        f"{missing}: wrap it, e.g. lambda {arrays}, *, mask=None, bias=None, scale=None: "
-        f"{name}({arrays}, ...)"
-    )
-
-
-def _grads_tuple(grads: Any) -> tuple[Any, Any, Any]:
-    """``grad_fn``'s result as ``(dq, dk, dv)``; ``UsageError`` for a dict, ``ValueError`` for another count."""
-    if isinstance(grads, Mapping):
-        keys = ", ".join(repr(k) for k in grads)
-        raise UsageError(
-            f"grad_fn returned a dict (keys {keys}); it must return a tuple (dq, dk, dv), in that order — e.g. "
-            "return g['q'], g['k'], g['v']"
-        )
-    grads = tuple(grads)
-    if len(grads) != 3:
-        raise ValueError(f"grad_fn must return (dq, dk, dv), got {len(grads)} values")
-    return grads
-
-
-LAYOUTS = ("bhnd", "bnhd")
-
-
-def _lead4(lead: tuple[int, ...]) -> tuple[int, int]:
-    """The case's leading dims as ``(B, H)``: none → (1, 1), (B,) → (B, 1), (B, H), more folded into B."""
-    if len(lead) <= 2:
-        return (*lead, 1, 1)[:2] if lead else (1, 1)
-    return math.prod(lead[:-1]), lead[-1]
-
-
-def _to_layout(a: Any, lead: tuple[int, ...], layout: str | None, logits: bool = False) -> Any:
-    """A case's array in ``layout``: ``(B, H, rows, cols)`` ("bhnd") or ``(B, rows, H, cols)`` ("bnhd"); a mask or
-    bias (``logits``) keeps the logits' ``(B, H, N, M)`` order in both, size-1 axes kept for broadcasting."""
-    if layout is None or a is None:
-        return a
-    if logits:
-        a = a.reshape((1,) * (len(lead) + 2 - a.ndim) + a.shape)  # one axis per leading dim of the case
-        if len(lead) > 2:  # fold the leading dims like the arrays': every axis at its full size
-            a = np.broadcast_to(a, (*lead, *a.shape[-2:])).reshape(*_lead4(lead), *a.shape[-2:])
-        elif len(lead) < 2:  # (B|1,) → (B|1, 1); none → (1, 1)
-            a = a.reshape(*a.shape[: len(lead)], *(1,) * (2 - len(lead)), *a.shape[-2:])
-        return np.ascontiguousarray(a)  # (B|1, H|1, N|1, M|1)
-    a4 = a.reshape(*_lead4(lead), *a.shape[-2:])  # (B, H, rows, cols)
-    return np.ascontiguousarray(a4 if layout == "bhnd" else np.swapaxes(a4, 1, 2))
-
-
-def _from_layout(got: Any, lead: tuple[int, ...], rows: int, cols: int, layout: str | None) -> Any:
-    """An output returned in ``layout`` back in the case's own shape ``(*lead, rows, cols)``; anything of another
-    shape is left as it is (the comparison then reports the shape)."""
-    if layout is None or isinstance(got, BaseException):
-        return got
-    B, H = _lead4(lead)
-    want = (B, H, rows, cols) if layout == "bhnd" else (B, rows, H, cols)
-    if tuple(getattr(got, "shape", ())) != want:
-        return got
-    arr = got if isinstance(got, np.ndarray) else _as_numpy(got)
-    if layout == "bnhd":
-        arr = np.swapaxes(arr, 1, 2)
-    return arr.reshape(*lead, rows, cols)
 
 
 def _core_report(chosen: Sequence[Case], ran: set[str], missing_ok: frozenset[str]) -> tuple[tuple[str, ...], str]:
@@ -424,7 +183,7 @@ def check_attention(
     for case in chosen:
         missing = sorted(case.features & declared)
         if missing:
-            checks.extend(_unsupported_check(case.name, o, ", ".join(missing)) for o in wanted)
+            checks.extend(unsupported_check(case.name, o, ", ".join(missing)) for o in wanted)
             continue
         ref = reference(case, dtype, policy)
         results = _run(fn, grad_fn, case, ref, masked_rows, layout)
@@ -451,16 +210,16 @@ def _run(fn: Any, grad_fn: Any, case: Case, ref: Any, masked_rows: str, layout: 
         if masked_rows == "finite-ok" and case.dead_rows.any():
             x["dout"] = np.where(case.dead_rows[..., None], 0, x["dout"]).astype(x["dout"].dtype)
         for n in ("q", "k", "v", "dout"):
-            x[n] = _to_layout(x[n], lead, layout)
+            x[n] = to_layout(x[n], lead, layout)
         for n in ("mask", "bias"):
-            x[n] = _to_layout(x[n], lead, layout, logits=True)
+            x[n] = to_layout(x[n], lead, layout, logits=True)
         return x
 
     kw = ("mask", "bias", "scale")
     if fn is not None:
         x = inputs()
         try:
-            results["out"] = _from_layout(fn(x["q"], x["k"], x["v"], **{n: x[n] for n in kw}), lead, N, dv, layout)
+            results["out"] = from_layout(fn(x["q"], x["k"], x["v"], **{n: x[n] for n in kw}), lead, N, dv, layout)
         except UsageError:
             raise
         except Exception as err:
@@ -468,17 +227,17 @@ def _run(fn: Any, grad_fn: Any, case: Case, ref: Any, masked_rows: str, layout: 
     if grad_fn is not None:
         x = inputs()
         try:
-            grads = _grads_tuple(grad_fn(x["q"], x["k"], x["v"], x["dout"], **{n: x[n] for n in kw}))
+            grads = grads_tuple(grad_fn(x["q"], x["k"], x["v"], x["dout"], **{n: x[n] for n in kw}))
             shapes = ((N, d), (M, d), (M, dv))
             for o, g, (rows, cols) in zip(("dq", "dk", "dv"), grads, shapes, strict=True):
-                results[o] = _from_layout(g, lead, rows, cols, layout)
+                results[o] = from_layout(g, lead, rows, cols, layout)
         except UsageError:
             raise
         except Exception as err:
             results.update(dq=err, dk=err, dv=err)
     for result in results.values():
         if isinstance(result, Exception) and not isinstance(result, NotSupported):
-            if hint := _torch_hint(result):  # a torch function given NumPy arrays: a usage error, said once
+            if hint := torch_hint(result):  # a torch function given NumPy arrays: a usage error, said once
                 raise UsageError(hint) from result
             if hint := numpy_function_hint(result):  # a NumPy function given tensors (by from_torch)
                 raise UsageError(hint) from result
@@ -493,7 +252,7 @@ def _judge(case: Case, ref: Any, results: dict[str, Any], wanted: list[str], dty
     for output in wanted:
         result = results[output]
         if isinstance(result, NotSupported):
-            rows.append(_unsupported_check(case.name, output, str(result) or type(result).__name__))
+            rows.append(unsupported_check(case.name, output, str(result) or type(result).__name__))
         elif isinstance(result, Exception):
             rows.append(exception_check(case.name, output, result))
         else:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..interop.trace.families import family_of
+from ..interop.trace.families.ip_adapter import is_ip_processor
+from ..interop.trace.hooks import TEMPORAL_CONTAINERS
 from .blocks import check_attention_call
 from .transformer_calls import check_joint_call, check_linear_call, check_wan_call
 
@@ -27,9 +30,6 @@ __all__ = ["attention_modules", "call_inputs", "call_kind", "judge_call"]
 
 def attention_modules(model: Any) -> list[tuple[str, Any, str, bool]]:
     """``[(path, module, family, temporal)]`` of every attention module of ``model`` the checks know."""
-    from ..interop.trace.families import family_of
-    from ..interop.trace.hooks import TEMPORAL_CONTAINERS
-
     modules = dict(model.named_modules())
     found = []
     for name, module in modules.items():
@@ -77,8 +77,6 @@ def judge_call(
         return check_joint_call(module, hidden, context, mask, rope, output=output, **judge)
     if family == "WanAttention":
         return check_wan_call(module, hidden, context, _arg(args, kwargs, 3, "rotary_emb"), output=output, **judge)
-    from ..interop.trace.families.ip_adapter import is_ip_processor
-
     if isinstance(context, (tuple, list)) or is_ip_processor(getattr(module, "processor", None)):
         # IP-Adapter: a (text, image embeddings) pair, or the image tokens appended to the text
         if isinstance(context, (tuple, list)):

@@ -6,8 +6,8 @@ result, an error drawn from the model below (Higham and Mary's probabilistic
 model: rounding errors independent, mean zero, each at most the unit roundoff),
 at the largest size any order allows.
 Repeating the whole computation with fresh draws gives the spread of the errors a
-legitimate kernel can make; :mod:`.tolerance` and :mod:`.blocks` take their
-yardstick from it.
+legitimate kernel can make: :func:`largest_error_rms` is the yardstick :mod:`.tolerance`,
+:mod:`.block_model` and :mod:`.transformer_calls` take from it.
 
 Two unit roundoffs:
 
@@ -55,12 +55,19 @@ inputs never do that; a case built from identical tokens can.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .dtypes import eps, half_spacing
 
-__all__ = ["RoundingModel", "accumulator_roundoff", "unit_roundoff"]
+__all__ = ["RoundingModel", "accumulator_roundoff", "largest_error_rms", "transpose", "unit_roundoff"]
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+    """``a`` with its last two axes swapped (``Kᵀ`` of a stack of matrices)."""
+    return np.swapaxes(a, -1, -2)
 
 
 def unit_roundoff(dtype: str) -> float:
@@ -129,3 +136,32 @@ class RoundingModel:
         n = math.prod(x.shape[a] for a in axes)
         total = np.sum(x, axis=axes, keepdims=True)
         return total + self.sum_error(np.sum(np.abs(x), axis=axes, keepdims=True), n, factor)
+
+
+def largest_error_rms(
+    simulate: Callable[[RoundingModel], Mapping[str, np.ndarray]],
+    exact: Mapping[str, np.ndarray],
+    dtype: str,
+    *,
+    samples: int,
+    seed: Any,
+    groups: Mapping[str, Sequence[np.ndarray | None]] | None = None,
+) -> dict[str, list[float]]:
+    """The yardstick: per output and group of its entries, the root-mean-square over ``samples`` simulations of
+    ``max|X_sim − X₆₄|`` over the group.
+
+    ``simulate(r)`` computes the outputs once with the errors of ``r`` (a :class:`RoundingModel` in ``dtype`` on
+    one generator seeded by ``seed``, shared by the samples); ``groups``: per output, boolean masks of its
+    entries (``None`` = every entry); default one group of all.
+    """
+    rng = np.random.default_rng(seed)
+    groups = groups or {n: [None] for n in exact}
+    squares = {n: [0.0] * len(groups[n]) for n in exact}
+    for _ in range(samples):
+        sim = simulate(RoundingModel(dtype, rng))
+        for n in exact:
+            diff = np.abs(sim[n] - exact[n])
+            for i, where in enumerate(groups[n]):
+                part = diff if where is None else diff[where]
+                squares[n][i] += (float(np.max(part)) if part.size else 0.0) ** 2
+    return {n: [float(np.sqrt(sq / samples)) for sq in squares[n]] for n in exact}

@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import numpy_dtype
+from .usage import check_signature
+
 __all__ = ["from_torch", "numpy_to_torch", "torch_to_numpy"]
 
 
@@ -34,8 +37,6 @@ def torch_to_numpy(t: Any) -> np.ndarray:
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        from .dtypes import numpy_dtype
-
         return t.to(torch.float32).numpy().astype(numpy_dtype("bfloat16"))
     return t.numpy()
 
@@ -57,15 +58,13 @@ def from_torch(
         with upstream ``dout``; an input ``out`` does not depend on gets a zero gradient.
 
     Raises:
-        :class:`~attention_ref.testing.harness.UsageError` (a ``TypeError``) when ``torch_fn`` does not take
+        :class:`~attention_ref.testing.UsageError` (a ``TypeError``) when ``torch_fn`` does not take
         ``mask``, ``bias`` and ``scale`` keywords (a function with ``attn_mask=`` must be wrapped first).
 
     A ``torch.compile``-d function recompiles for every new shape, and past ``torch._dynamo.config.recompile_limit``
     (8 by default) PyTorch silently runs it eagerly: the battery has more shapes than that, so raise the limit
     (``torch._dynamo.config.recompile_limit = 64``) or compile with ``dynamic=True`` to check the compiled code.
     """
-    from .harness import check_signature
-
     check_signature(torch_fn, "fn", 3)
 
     def fn(

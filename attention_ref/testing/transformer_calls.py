@@ -1,7 +1,7 @@
 r"""``check_model``'s judges for the diffusion transformers: joint attention (SD3, SD3.5, Flux), Wan, Sana.
 
 Each judge takes one recorded call of one module — its inputs and its output as the model computed them — and
-applies the block rule of :mod:`.blocks`: the module's output must lie within
+applies the block rule of :mod:`.blocks` (:mod:`.block_model`): the module's output must lie within
 ``c·(simulated modules' error) + f·ε·max‖y‖`` of the float64 reference on the same (already rounded) inputs.
 
 * **The reference.** SD3's and Flux's attention: :func:`attention_ref.blocks.joint_attention_forward` with the
@@ -10,7 +10,7 @@ applies the block rule of :mod:`.blocks`: the module's output must lie within
   step in float64 (Wan's q/k norms run across the heads, which the joint block does not take).
 * **The simulated modules** (:func:`attention_chain` with a :class:`~.rounding.RoundingModel`): the chain of
   operations — each projection (``x W`` rounded to the dtype before ``+ b``), the q/k RMS or layer norms (the mean
-  square a sum in any order), the rotation, the attention (:func:`.tolerance.simulate_attention_core`), the output
+  square a sum in any order), the rotation, the attention (:func:`.simulation.simulate_attention_core`), the output
   projections — in float64 with every operation's errors drawn as :mod:`.rounding` describes. Where diffusers
   computes a step in float32 whatever the model's dtype, the step's errors are float32's, also in a float64 model:
   the mean square of diffusers' ``RMSNorm`` (SD3.5's q/k norms), Flux's ``apply_rotary_emb``, and Sana's linear
@@ -24,7 +24,6 @@ A call with two outputs (a joint layer's image and text streams) is judged on bo
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import zlib
 from collections.abc import Mapping
@@ -32,12 +31,19 @@ from typing import Any
 
 import numpy as np
 
+from ..blocks import joint_attention_forward
+from ..interop import from_diffusers
+from ..interop.dit import from_diffusers_joint
+from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
 from ..ops.heads import merge_heads, split_heads
-from .dtypes import DTYPES, numpy_dtype
-from .harness import compare_output
+from .block_model import attention_by_head, linear
+from .blocks import call_arrays, choose_policy, module_policy
+from .compare import compare_output
+from .dtypes import DTYPES
+from .policy import Policy
 from .report import OutputCheck
-from .rounding import RoundingModel
-from .tolerance import EAGER, FUSED, Policy, check_policy, simulate_attention_core
+from .rounding import RoundingModel, largest_error_rms
+from .rounding import transpose as _t
 from .torch_wrap import torch_to_numpy
 
 __all__ = ["attention_chain", "check_joint_call", "check_linear_call", "check_wan_call", "module_policy"]
@@ -50,16 +56,6 @@ def _zero() -> RoundingModel:
     r = RoundingModel("float64", np.random.default_rng(0))
     r.u = r.w = 0.0
     return r
-
-
-def _t(a: np.ndarray) -> np.ndarray:
-    return np.swapaxes(a, -1, -2)
-
-
-def _linear(r: RoundingModel, x: np.ndarray, p: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    """``x W + b``: the sum over the input width in any order, ``x W`` stored in the dtype, then ``+ b``."""
-    y = r.rel(r.matmul(x, p[f"{name}.weight"]), r.w)
-    return y if f"{name}.bias" not in p else r.rel(y + p[f"{name}.bias"], r.u, r.w)
 
 
 def _rms(r: RoundingModel, x: np.ndarray, weight: np.ndarray | None, eps: float, u_mean: float) -> np.ndarray:
@@ -90,32 +86,6 @@ def _rotate(r: RoundingModel, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, u
     turned = np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)  # R(x): (a, b) ↦ (−b, a)
     y = r.rel(x * cos, u_rot) + r.rel(turned * sin, u_rot)
     return r.rel(y, u_rot, r.w)
-
-
-def _attend(
-    r: RoundingModel, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any, scale: float, arithmetic: str
-) -> np.ndarray:
-    """:func:`simulate_attention_core` one (sample, head) at a time (no ``(B, heads, L, L)`` of errors at once)."""
-    out = np.empty((*q.shape[:-1], v.shape[-1]))
-    masks = None if mask is None else np.broadcast_to(mask, (*q.shape[:-1], k.shape[-2]))
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            m = None if masks is None else masks[b, h]
-            out[b, h], _ = simulate_attention_core(r, q[b, h], k[b, h], v[b, h], None, None, m, scale,
-                                                   arithmetic=arithmetic)  # fmt: skip
-    return out
-
-
-def module_policy(attn: Any) -> Policy:
-    """The policy matching a module's arithmetic: ``fused`` when its processor calls ``scaled_dot_product_attention``
-    or diffusers' ``dispatch_attention_fn`` (whose default backend is that function), ``eager`` otherwise (and for a
-    processor whose source cannot be read: the wider rule)."""
-    try:
-        source = inspect.getsource(type(getattr(attn, "processor", None)).__call__)
-    except (OSError, TypeError):
-        return EAGER
-    fused = "scaled_dot_product_attention(" in source or "dispatch_attention_fn(" in source
-    return FUSED if fused else EAGER
 
 
 def _weights(q: np.ndarray, k: np.ndarray, mask: Any, scale: float) -> np.ndarray:
@@ -160,6 +130,7 @@ def attention_chain(
     if r.u == 0.0:
         u_norm = u_rot = 0.0
     qk_norm = options.get("qk_norm")
+    arithmetic = options.get("arithmetic", "eager")
 
     def norm(a: np.ndarray, name: str) -> np.ndarray:
         if qk_norm in ("rms_norm", "rms_norm_across_heads"):
@@ -169,14 +140,14 @@ def attention_chain(
         return a
 
     def stream(a: np.ndarray, names: tuple[str, str, str], norms: tuple[str, str]) -> tuple[np.ndarray, ...]:
-        q, k, v = (_linear(r, a, params, n) for n in names)
+        q, k, v = (linear(r, a, params, n) for n in names)
         if options.get("wan"):  # normed across the heads, then split
             return tuple(split_heads(t, heads) for t in (norm(q, norms[0]), norm(k, norms[1]), v))
         qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))  # (B, heads, L, d)
         return norm(qh, norms[0]), norm(kh, norms[1]), vh
 
     if options.get("linear"):  # Sana: relu features, the products in float32 (diffusers' .float())
-        q, k, v = (split_heads(_linear(r, x, params, n), heads) for n in ("q", "k", "v"))
+        q, k, v = (split_heads(linear(r, x, params, n), heads) for n in ("q", "k", "v"))
         fq, fk = np.maximum(q, 0.0), np.maximum(k, 0.0)
         s = RoundingModel("float32", r.rng)  # every sum and result in float32, whatever the dtype
         if r.u == 0.0:
@@ -184,14 +155,14 @@ def attention_chain(
         kv = s.rel(s.matmul(_t(fk), v), s.u)  # Σ_j φ(k_j) v_jᵀ   (B, heads, d, d_v)
         z = s.rel(np.sum(fk, axis=-2)[..., None] + s.sum_error(np.sum(fk, axis=-2)[..., None], fk.shape[-2]), s.u)
         o = s.rel(s.rel(s.matmul(fq, kv), s.u) / s.rel(s.matmul(fq, z) + 1e-15, s.u), s.u, r.w)
-        out = {"y": _linear(r, merge_heads(o), params, "out")}
+        out = {"y": linear(r, merge_heads(o), params, "out")}
         if magnitudes:
             A = (fq @ _t(fk)) / (fq @ z + 1e-15)
             o2 = merge_heads(np.sqrt((A * A) @ (v * v)))
             out["|y|"] = _out_magnitude(o2, params, "out")
         return out
     if options.get("wan") and context is not None:  # Wan's cross-attention: queries from x, keys from the context
-        q = split_heads(norm(_linear(r, x, params, "q"), "norm_q"), heads)
+        q = split_heads(norm(linear(r, x, params, "q"), "norm_q"), heads)
         parts = [(context, "k", "v", "norm_k")]
         if "add_k.weight" in params:
             split = context.shape[1] - options["text_tokens"]
@@ -199,14 +170,14 @@ def attention_chain(
         o = 0.0
         o2 = 0.0
         for tokens, kn, vn, nn in parts:
-            k = split_heads(norm(_linear(r, tokens, params, kn), nn), heads)
-            v = split_heads(_linear(r, tokens, params, vn), heads)
-            o = o + _attend(r, q, k, v, None, options["scale"], options.get("arithmetic", "eager"))
+            k = split_heads(norm(linear(r, tokens, params, kn), nn), heads)
+            v = split_heads(linear(r, tokens, params, vn), heads)
+            o = o + attention_by_head(r, q, k, v, None, None, options["scale"], arithmetic)[0]
             if magnitudes:
                 P = _weights(q, k, None, options["scale"])
                 o2 = o2 + (P * P) @ (v * v)
         o = r.rel(o, r.u, r.w) if len(parts) > 1 else o
-        out = {"y": _linear(r, merge_heads(o), params, "out")}
+        out = {"y": linear(r, merge_heads(o), params, "out")}
         if magnitudes:
             out["|y|"] = _out_magnitude(merge_heads(np.sqrt(o2)), params, "out")
         return out
@@ -222,7 +193,7 @@ def attention_chain(
     if rope is not None:
         cos, sin = rope
         q, k = _rotate(r, q, cos, sin, u_rot), _rotate(r, k, cos, sin, u_rot)
-    o = _attend(r, q, k, v, mask, options["scale"], options.get("arithmetic", "eager"))  # (B, heads, L, d)
+    o, _ = attention_by_head(r, q, k, v, None, mask, options["scale"], arithmetic)  # (B, heads, L, d)
     image, text = (slice(M, M + N), slice(0, M)) if text_first else (slice(0, N), slice(N, N + M))
     out: dict[str, np.ndarray] = {}
     o2 = None
@@ -233,7 +204,7 @@ def attention_chain(
         if key == "y_ctx" and context is None:
             continue
         oi = merge_heads(o[:, :, rows])  # (B, rows, inner)
-        out[key] = _linear(r, oi, params, proj) if f"{proj}.weight" in params else oi
+        out[key] = linear(r, oi, params, proj) if f"{proj}.weight" in params else oi
         if magnitudes:
             mi = merge_heads(o2[:, :, rows])
             out[f"|{key}|"] = _out_magnitude(mi, params, proj) if f"{proj}.weight" in params else mi
@@ -245,17 +216,6 @@ def _out_magnitude(o: np.ndarray, params: Mapping[str, np.ndarray], name: str) -
     w = params[f"{name}.weight"]
     total = (o * o) @ (w * w) + (params[f"{name}.bias"] ** 2 if f"{name}.bias" in params else 0.0)
     return np.sqrt(total)
-
-
-def _yardstick(exact: Mapping[str, np.ndarray], simulate: Any, dtype: str, samples: int, seed: Any) -> dict:
-    """Per output, the root-mean-square over ``samples`` simulated modules of ``max|X_sim − X₆₄|``."""
-    rng = np.random.default_rng(seed)
-    squares = dict.fromkeys(exact, 0.0)
-    for _ in range(samples):
-        sim = simulate(RoundingModel(dtype, rng))
-        for n in exact:
-            squares[n] += float(np.max(np.abs(sim[n] - exact[n]))) ** 2 if exact[n].size else 0.0
-    return {n: math.sqrt(sq / samples) for n, sq in squares.items()}
 
 
 def _judge(
@@ -281,7 +241,7 @@ def _judge(
     plain = chain(_zero(), magnitudes=True)
     exact = {k: v for k, v in plain.items() if not k.startswith("|")} if exact is None else dict(exact)
     seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
-    yard = _yardstick(exact, chain, dtype, policy.samples, seed_)
+    yard = largest_error_rms(chain, exact, dtype, samples=policy.samples, seed=seed_)
     checks = []
     for key in exact:
         value = got.get(key)
@@ -289,7 +249,7 @@ def _judge(
             value = torch_to_numpy(value)  # bfloat16 through ml_dtypes
         label = "y" if key == "y" else "y_ctx"
         magnitude = max(float(np.max(plain[f"|{key}|"])), float(np.max(np.abs(exact[key]))))
-        checks.append(compare_output(name, label, value, exact[key], yard[key], magnitude, dtype, policy=policy,
+        checks.append(compare_output(name, label, value, exact[key], yard[key][0], magnitude, dtype, policy=policy,
                                      kind="out", last_rounding=True))  # fmt: skip
     worst = max(checks, key=lambda c: math.inf if math.isnan(c.ratio) else c.ratio)
     if len(checks) > 1:
@@ -297,21 +257,6 @@ def _judge(
         note = f"{other.output}: ratio {other.ratio:.3g}"
         worst = dataclasses.replace(worst, note=f"{worst.note}; {note}".strip("; "))
     return worst
-
-
-def _arrays(dtype: str, **tensors: Any) -> dict[str, np.ndarray | None]:
-    """The call's tensors as NumPy, each checked to be in ``dtype`` (the reference must see what the module saw)."""
-    np_dtype = numpy_dtype(dtype)
-    out = {}
-    for key, t in tensors.items():
-        if t is None:
-            out[key] = None
-            continue
-        a = torch_to_numpy(t) if type(t).__module__.startswith("torch") else np.asarray(t)
-        if key in ("hidden_states", "encoder_hidden_states") and a.dtype != np_dtype:
-            raise TypeError(f"{key} is {a.dtype}, not {dtype}: pass the call's inputs as the module got them")
-        out[key] = a
-    return out
 
 
 def check_joint_call(
@@ -337,12 +282,9 @@ def check_joint_call(
         dtype, policy, name, seed: as :func:`~attention_ref.testing.check_attention_call`'s (``policy=None``: the
             one matching the processor's arithmetic, :func:`module_policy`).
     """
-    from ..blocks import joint_attention_forward
-    from ..interop.dit import from_diffusers_joint
-
-    policy = module_policy(attn) if policy is None else check_policy(policy)
+    policy = choose_policy(policy, attn)
     params, options = from_diffusers_joint(attn, dtype="float64")
-    a = _arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+    a = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     x, context = a["hidden_states"].astype(np.float64), a["encoder_hidden_states"]
     if "add_q.weight" not in params:
         context = None
@@ -382,16 +324,14 @@ def check_wan_call(
     seed: int = 0,
 ) -> OutputCheck:
     """Judge one call of a ``WanAttention`` (self-attention with its RoPE tables, or cross-attention)."""
-    from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
-
-    policy = module_policy(attn) if policy is None else check_policy(policy)
+    policy = choose_policy(policy, attn)
     params, options = from_wan_attention(attn, "float64")
     for n, layer in (("v", attn.to_v), ("out", attn.to_out[0])) + ((("add_v", attn.add_v_proj),) if attn.add_v_proj
                                                                      is not None else ()):  # fmt: skip
         params[f"{n}.weight"] = torch_to_numpy(layer.weight).astype(np.float64).T
         if layer.bias is not None:
             params[f"{n}.bias"] = torch_to_numpy(layer.bias).astype(np.float64)
-    a = _arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+    a = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     x = a["hidden_states"].astype(np.float64)
     context = None if a["encoder_hidden_states"] is None else a["encoder_hidden_states"].astype(np.float64)
     rope = None
@@ -412,11 +352,9 @@ def check_linear_call(
     seed: int = 0,
 ) -> OutputCheck:
     """Judge one call of Sana's linear attention (``SanaLinearAttnProcessor2_0``: ReLU features, no softmax)."""
-    from ..interop import from_diffusers
-
-    policy = module_policy(attn) if policy is None else check_policy(policy)
+    policy = choose_policy(policy, attn)
     params, options = from_diffusers(attn, dtype="float64")
-    a = _arrays(dtype, hidden_states=hidden_states)
+    a = call_arrays(dtype, hidden_states=hidden_states)
     x = a["hidden_states"].astype(np.float64)
     if x.ndim != 3:
         raise ValueError(f"Sana's linear attention takes (B, N, C) tokens, got shape {x.shape}")

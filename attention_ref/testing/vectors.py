@@ -41,7 +41,7 @@ import numpy as np
 
 from .._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_text
 from .cases import Case, select_cases
-from .dtypes import dtype_name, eps
+from .dtypes import DTYPES, dtype_name, eps, numpy_dtype
 from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
 
 __all__ = ["FORMAT_VERSION", "load_vectors", "write_vectors"]
@@ -176,8 +176,6 @@ def load_vectors(
         raise ValueError(f"{index_path}: must be a JSON object, got {type(index).__name__}")
     if index.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{base}: unsupported vector format {index.get('format')!r}")
-    from .dtypes import DTYPES, numpy_dtype
-
     if index.get("dtype") not in DTYPES:
         raise ValueError(f"{index_path}: 'dtype' must be one of {', '.join(DTYPES)}, got {index.get('dtype')!r}")
     dtype = numpy_dtype(index["dtype"])

@@ -80,8 +80,9 @@ denoising steps): memory does not grow with the number of steps. ``keep="all"`` 
 maps, so ``token_maps(timesteps=...)`` and the explorer's step slider can pick steps.
 
 The package: :mod:`.weights` (the arithmetic), :mod:`.records` (what is kept), :mod:`.hooks` (the
-:class:`Trace` and its hooks), :mod:`.reading` (maps, words, the explorer), :mod:`.families` (one module per
-family of attention modules).
+:class:`Trace` and its hooks), :mod:`.grids` (where each map sits), :mod:`.reading` (maps, words, a summary),
+:mod:`.pages` (the explorer pages: the trace's one use of :mod:`attention_ref.viz`, imported when a page is made,
+since viz brings matplotlib, an optional extra), :mod:`.families` (one module per family of attention modules).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class TraceReading:
             raise ValueError(
                 "no cross-attention or joint layer was traced (or chosen); is the model conditioned on a context?"
             )
-        _warn_edited(chosen)
+        warn_edited(chosen)
         shapes = {(r.batch, r.keys) for r in chosen}
         if len(shapes) != 1:
             raise ValueError(f"the chosen layers differ in batch size or number of tokens: {sorted(shapes)}")
@@ -240,39 +240,12 @@ class TraceReading:
         ``tokens``: the context's ``M`` token strings; or give ``prompt`` and ``tokenizer`` (the prompt padded
         to ``M`` tokens as a pipeline does); default ``#0, #1, …``. With ``keep="all"`` the page has one step
         per call, labelled with ``tr.timesteps``. ``image``: any ``(h, w)`` or ``(h, w, 3)`` image in [0, 1]
-        or uint8 (e.g. the generated image). Imports :mod:`attention_ref.viz` (matplotlib).
+        or uint8 (e.g. the generated image). Imports :mod:`attention_ref.viz` (matplotlib): :mod:`.pages`.
         """
-        from ...viz.explorer import Explorer
+        from .pages import trace_explorer  # viz, hence matplotlib (an optional extra): imported when a page is made
 
-        chosen = self.select(layers)
-        if layers is None:
-            # temporal layers have no map of pixels; an IP-Adapter's image part has other tokens than the text
-            chosen = [r for r in chosen if r.kind != "temporal" and not (r.kind in token_kinds() and r.part)]
-        if not chosen:
-            raise ValueError("no layer was traced (or chosen)")
-        _warn_edited(chosen)
-        cross = [r for r in chosen if r.kind in token_kinds()]
-        if tokens is None and prompt is not None and cross:
-            if tokenizer is None:
-                raise ValueError("prompt= needs tokenizer=")
-            M = cross[0].keys
-            ids = tokenizer(prompt, padding="max_length", max_length=M, truncation=True)["input_ids"]
-            tokens = tokenizer.convert_ids_to_tokens(list(ids))
-        if tokens is None and cross:
-            tokens = [f"#{t}" for t in range(cross[0].keys)]
-        step_labels = None
-        if self.keep == "all":
-            counts = {r.calls for r in chosen}
-            if len(counts) != 1:
-                raise ValueError(
-                    f"the chosen layers were called different numbers of times ({sorted(counts)}); choose layers="
-                )
-            steps = chosen[0].steps
-            if len(steps) > 1:
-                step_labels = [_step_label(i, self.timesteps[i] if i < len(self.timesteps) else None) for i in steps]
-        return Explorer(layers=tuple(r.explorer_layer(batch) for r in chosen), image=image,
-                        tokens=None if tokens is None else tuple(tokens), steps=step_labels, title=title,
-                        notes=notes)  # fmt: skip
+        return trace_explorer(self, batch, layers=layers, image=image, tokens=tokens, prompt=prompt,
+                              tokenizer=tokenizer, title=title, notes=notes)  # fmt: skip
 
     def summary(self) -> str:
         """One line per traced layer (name, kind, grid, heads, calls), then the modules not traced and why."""
@@ -297,18 +270,14 @@ class TraceReading:
         return f"<Trace of {type(self.root).__name__}: {len(self.layers)} layers, {len(self.timesteps)} calls>"
 
 
-def _warn_edited(chosen: Sequence[LayerRecord]) -> None:
+def warn_edited(chosen: Sequence[LayerRecord], stacklevel: int = 3) -> None:
+    """A :class:`TraceWarning` naming the chosen records that ``verify=True`` marked edited; ``stacklevel``: as
+    :func:`warnings.warn`'s, counted from here (3: the caller of the method that calls this)."""
     edited = [r.label for r in chosen if r.edited]
     if edited:
         warnings.warn(
             f"{len(edited)} chosen layers were marked edited by verify=True (their processor does not compute the "
             f"standard weights these maps hold): {edited}",
             TraceWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
-
-
-def _step_label(index: int, t: Any) -> str:
-    if isinstance(t, float):
-        return f"t={t:g}"
-    return f"call {index}"

@@ -259,37 +259,24 @@ class LayerRecord:
         shape = self.map_shape
         return shape if self.head_mean else (shape[0], *shape[2:])
 
+    def step_maps(self) -> list[np.ndarray]:
+        """The maps as the explorer steps through them, NumPy: one averaged over the calls (``keep="sum"``) or one
+        per call (``keep="all"``), each of the record's shape."""
+        if self.keep == "sum":
+            return [to_numpy(self._total) / self.calls]
+        return [to_numpy(a) for a in self._each]
+
     def explorer_layer(self, batch: int = 0, *, name: str | None = None) -> Any:
         """This layer as an :class:`attention_ref.viz.ExplorerLayer` for sample ``batch``.
 
         ``keep="sum"``: one step, the maps averaged over the calls; ``keep="all"``: one step per call.
         A joint record is shown as a cross layer (its keys are the text tokens; its rows sum to the share
         read from the text). Temporal records have no explorer view (``ValueError``).
-        (Imports :mod:`attention_ref.viz`, hence matplotlib.)
+        (Imports :mod:`attention_ref.viz`, hence matplotlib: :mod:`.pages`.)
         """
-        from ...viz.explorer import ExplorerLayer
+        from .pages import record_explorer_layer  # viz, hence matplotlib (an optional extra): imported when asked
 
-        if self.kind == "temporal":
-            raise ValueError(f"{self.label}: a temporal (frame) layer has no map of pixels; the explorer shows "
-                             "spatial layers (choose layers=)")  # fmt: skip
-        if self.calls == 0:
-            raise ValueError(f"{self.label}: no call was recorded")
-        if not -self.batch <= batch < self.batch:
-            raise ValueError(f"{self.label}: batch {batch} is outside the {self.batch} samples")
-        H, W = self.grid
-        per_call = [to_numpy(self._total) / self.calls] if self.keep == "sum" else [to_numpy(a) for a in self._each]
-        steps = []
-        for m in per_call:
-            w = m[batch] if not self.head_mean else m[batch][None]  # (heads, H, W, M) or (heads, Q, H, W)
-            if self.kind in ("cross", "joint"):
-                steps.append(w.reshape(w.shape[0], H * W, self.keys))  # (heads, H·W, M)
-            else:
-                steps.append(w.reshape(w.shape[0], w.shape[1], H * W))  # (heads, Q, H·W)
-        weights = np.clip(np.stack(steps), 0.0, 1.0)  # (S, heads, Q, K); averaging can round a hair past 1
-        shown = "cross" if self.kind == "joint" else self.kind
-        label = name or (self.label if self.kind != "joint" else f"{self.label} (joint: text part)")
-        return ExplorerLayer(label, shown, self.grid, weights, query_pixels=self.query_pixels,
-                             head_mean=self.head_mean)  # fmt: skip
+        return record_explorer_layer(self, batch, name)
 
 
 def token_kinds() -> Sequence[str]:

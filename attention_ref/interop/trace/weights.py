@@ -24,7 +24,6 @@ __all__ = [
     "CHUNK_BYTES",
     "attention_weights",
     "linear_rows",
-    "mask_and_bias",
     "softmax_rows",
     "stream_keys_queries",
 ]
@@ -37,6 +36,18 @@ def _rows_of(a: Array | None, start: int, stop: int) -> Array | None:
     if a is None or a.shape[-2] == 1:
         return a
     return a[..., start:stop, :]
+
+
+def _by_row_chunks(like: Array, rows: int, per_row: int, chunk_bytes: int, chunk: Callable[[int, int], Array],
+                   reduce: Callable[[Array], Array] | None) -> Array:  # fmt: skip
+    """``chunk(start, stop)`` over the ``rows`` in chunks of at most ``chunk_bytes`` (``per_row`` bytes a row; one row
+    at least), each chunk ``reduce``-d when given, joined along axis −2 in ``like``'s namespace."""
+    step = max(1, min(rows, chunk_bytes // per_row))
+    pieces = []
+    for start in range(0, rows, step):
+        p = chunk(start, min(rows, start + step))
+        pieces.append(p if reduce is None else reduce(p))
+    return pieces[0] if len(pieces) == 1 else namespace(like).concat(pieces, axis=-2)
 
 
 def softmax_rows(
@@ -68,15 +79,12 @@ def softmax_rows(
     Returns:
         ``(B, heads, Q, K')`` (or what ``reduce`` makes of it), the rows in order.
     """
-    xp = namespace(qh)
     B, heads, Q, _ = qh.shape
     K = kh.shape[-2]
     per_row = max(1, B * heads * K * qh.dtype.itemsize if hasattr(qh.dtype, "itemsize") else B * heads * K * 8)
-    step = max(1, min(Q, chunk_bytes // per_row))
-    kt = xp.matrix_transpose(kh)  # (B, heads, d, K)
-    pieces = []
-    for start in range(0, Q, step):
-        stop = min(Q, start + step)
+    kt = namespace(qh).matrix_transpose(kh)  # (B, heads, d, K)
+
+    def chunk(start: int, stop: int) -> Array:
         # S = scale · Q Kᵀ (+ bias)   (B, heads, R, K)
         logits = (scale * qh[..., start:stop, :]) @ kt
         b = _rows_of(bias, start, stop)
@@ -84,10 +92,9 @@ def softmax_rows(
             logits = logits + b
         # P = softmax(S) over the allowed keys of each row
         p, _ = softmax_forward(logits, axis=-1, mask=_rows_of(mask, start, stop))
-        if columns is not None:
-            p = p[..., columns]
-        pieces.append(p if reduce is None else reduce(p))
-    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
+        return p if columns is None else p[..., columns]
+
+    return _by_row_chunks(qh, Q, per_row, chunk_bytes, chunk, reduce)
 
 
 def attention_weights(
@@ -144,37 +151,6 @@ def attention_weights(
     return softmax_rows(qh, kh, options["scale"], bias=bias, mask=mask, reduce=reduce, chunk_bytes=chunk_bytes)
 
 
-def mask_and_bias(attention_mask: Any, batch: int, queries: int, keys: int, dtype: Any, where: str) -> tuple[Any, Any]:
-    """diffusers' ``attention_mask`` (a torch tensor) as ``(mask, bias)`` tensors ``(B, 1, 1 or N, M)``, or ``None``.
-
-    A boolean mask (True = keep) is the mask. An additive one (diffusers turns ``encoder_attention_mask``
-    into 0 / −10000) is the bias, converted to ``dtype``, and its ``−inf`` entries the mask. Shapes
-    ``(B, M)``, ``(B, 1, M)``, ``(B, N, M)`` (``B`` may be 1).
-    """
-    import torch
-
-    if attention_mask is None:
-        return None, None
-    a = attention_mask.detach()
-    if a.ndim == 2:
-        a = a[:, None, :]
-    if a.ndim != 3 or a.shape[0] not in (1, batch) or a.shape[1] not in (1, queries) or a.shape[2] != keys:
-        raise ValueError(
-            f"{where}: attention_mask of shape {tuple(attention_mask.shape)} does not fit {batch} samples, "
-            f"{queries} queries and {keys} keys (expected (B, M), (B, 1, M) or (B, N, M))"
-        )
-    a = a[:, None]  # (B, 1, 1 or N, M)
-    if a.dtype == torch.bool:
-        return a, None
-    a = a.to(dtype)
-    if torch.any(torch.isnan(a)) or torch.any(a == torch.inf):
-        raise ValueError(f"{where}: attention_mask holds NaN or +inf")
-    finite = torch.isfinite(a)
-    mask = None if bool(torch.all(finite)) else finite
-    bias = torch.where(finite, a, torch.zeros((), dtype=dtype, device=a.device))
-    return mask, (bias if bool(torch.any(bias != 0)) else None)
-
-
 def linear_rows(
     fq: Array,
     fk: Array,
@@ -203,16 +179,15 @@ def linear_rows(
     N = fk.shape[-2]
     name = dtype_name(fq.dtype)
     per_row = max(1, B * heads * N * (2 if "16" in name else 4 if "32" in name else 8))
-    step = max(1, min(Q, chunk_bytes // per_row))
     z = xp.sum(fk, axis=-2)[..., None]  # z = Σ_j φ(k_j)   (B, heads, d, 1)
     kt = xp.matrix_transpose(fk)  # (B, heads, d, N)
-    pieces = []
-    for start in range(0, Q, step):
-        rows = fq[..., start : min(Q, start + step), :]  # (B, heads, R, d)
+
+    def chunk(start: int, stop: int) -> Array:
+        rows = fq[..., start:stop, :]  # (B, heads, R, d)
         # A = φ(q) φ(k)ᵀ / (φ(q)·z + ε)   (B, heads, R, N)
-        a = (rows @ kt) / (rows @ z + eps)
-        pieces.append(a if reduce is None else reduce(a))
-    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
+        return (rows @ kt) / (rows @ z + eps)
+
+    return _by_row_chunks(fq, Q, per_row, chunk_bytes, chunk, reduce)
 
 
 def stream_keys_queries(

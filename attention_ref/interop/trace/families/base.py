@@ -58,6 +58,8 @@ class Family:
     ) -> None:
         """``verify=True``: judge the call's real output against the reference's (``check_model``'s judge of this
         family, in the dtype the model ran in) and ``tracer.mark`` the verdict: edited when it fails."""
+        # the one import from interop into testing, which imports interop at its top (its judges read modules with
+        # interop's loaders and the trace's families): only verify=True borrows check_model's judges, when asked
         from ....testing.model_layers import judge_call
 
         hidden = argument(args, kwargs, 0, "hidden_states")

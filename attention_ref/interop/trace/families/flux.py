@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..weights import mask_and_bias
+from ...attention_mask import mask_and_bias
+from ...dit import from_diffusers_joint
 from .base import Family, argument
 from .joint import record_joint
 
@@ -51,8 +52,6 @@ class FluxAttention(Family):
         return ("joint", "self")
 
     def load(self, module: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        from ...dit import from_diffusers_joint
-
         return from_diffusers_joint(module, dtype=dtype)
 
     def on_model_call(self, tracer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import weight_in_out
+from ..._arrays import as_numpy, weight_in_out
 
 __all__ = ["ImagePart", "ip_key_params", "is_ip_processor", "split_context"]
 
@@ -80,7 +80,7 @@ def ip_key_params(to_k: Any, dtype: Any) -> tuple[dict[str, np.ndarray], dict[st
         raise NotImplementedError(f"to_k_ip is a {type(to_k).__name__}, not a plain torch.nn.Linear")
     params = {"k.weight": weight_in_out(to_k.weight, dtype, "to_k_ip.weight")}
     if to_k.bias is not None:
-        params["k.bias"] = np.asarray(to_k.bias.detach().cpu().double().numpy(), dtype=dtype)
+        params["k.bias"] = as_numpy(to_k.bias, dtype)
     return params, {}
 
 

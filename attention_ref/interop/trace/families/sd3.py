@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...dit import from_diffusers_joint
 from .base import Family, argument, tokens_of
 from .joint import record_joint
 
@@ -37,8 +38,6 @@ class SD3Attention(Family):
         return ("joint", "self") if getattr(module, "added_kv_proj_dim", None) is not None else ("self",)
 
     def load(self, module: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        from ...dit import from_diffusers_joint
-
         return from_diffusers_joint(module, dtype=dtype)
 
     def record(self, tracer: Any, name: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

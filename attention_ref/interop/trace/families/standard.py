@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...attention_mask import mask_and_bias
 from ...diffusers import from_diffusers
-from ..weights import attention_weights, mask_and_bias
+from ..weights import attention_weights
 from .base import Family, argument, tokens_of
 from .ip_adapter import ip_key_params, ip_scale, split_context
 

@@ -28,7 +28,7 @@ from ....ops.heads import split_heads
 from ....ops.linear import linear_forward
 from ....ops.rms_norm import rms_norm_forward
 from ....ops.rope import rope_forward
-from ..._arrays import as_numpy, weight_in_out
+from ..._arrays import as_numpy, check_dtype, weight_in_out
 from ..weights import softmax_rows
 from .base import Family, argument
 
@@ -51,6 +51,7 @@ def from_wan_attention(attn: Any, dtype: Any = "float64") -> tuple[dict[str, np.
     """
     import torch
 
+    dtype = check_dtype(dtype, "from_wan_attention")
     if getattr(attn, "fused_projections", False):
         raise _unsupported("fused projections (fuse_projections())")
     if attn.kv_inner_dim != attn.inner_dim:
