@@ -85,7 +85,7 @@ import numpy as np
 
 from ..attention import attention_backward, attention_forward
 from ..backend import cpu_model
-from ..blocks.attend import ATTENTION_VARIANTS
+from ..blocks.attend import ATTENTION_VARIANTS, variant_backward, variant_forward
 from .measure import MAX_RUNS, Timings, load_average, one_thread, peak_memory_bytes, summarise, time_passes
 
 __all__ = ["FULL_SIZES", "QUICK_SIZES", "SCHEMA", "VARIANTS", "measure", "run_complexity", "theory"]
@@ -130,9 +130,9 @@ def _passes(variant: str, side: int, config: dict[str, Any]) -> tuple[Callable[.
     grid = (side, side) if chosen.on_grid else None
 
     def forward(q: Any, k: Any, v: Any) -> Any:
-        return chosen.forward(q, k, v, grid=grid, self_attention=True, mask=None, scale=None, **options)
+        return variant_forward(q, k, v, attention=variant, options=options, grid=grid, mask=None, scale=None)
 
-    return forward, chosen.backward
+    return forward, variant_backward
 
 
 MEASURED = (
