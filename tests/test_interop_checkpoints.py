@@ -185,6 +185,18 @@ def test_legacy_and_new_orders_differ():
         from_guided_diffusion(block.state_dict(), 3)
 
 
+@pytest.mark.parametrize(("heads", "error", "message"), [
+    (True, TypeError, "heads must be an int, got bool True"),
+    (2.0, TypeError, "heads must be an int, got float 2.0"),
+    (0, ValueError, "heads must be at least 1, got 0"),
+])  # fmt: skip
+def test_guided_diffusion_heads_checked_by_name(heads, error, message):
+    """``heads`` goes through the one check of a count (a bool or a float is not taken for a number of heads)."""
+    block = OpenAIAttentionBlock(32, 2, "legacy")
+    with pytest.raises(error, match=f"from_guided_diffusion: {message}"):
+        from_guided_diffusion(block.state_dict(), heads)
+
+
 # ---------------------------------------------------------------- the dtype every loader returns
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_positive_int, require_divisible
 from ._arrays import as_numpy, check_dtype, require_keys, weight_in_out
 
 __all__ = ["from_guided_diffusion"]
@@ -82,8 +83,8 @@ def from_guided_diffusion(
     C = w_qkv.shape[0]
     if w_qkv.shape[1] != 3 * C:
         raise ValueError(f"qkv.weight maps {C} channels to {w_qkv.shape[1]}, expected 3·{C} = {3 * C}")
-    if heads < 1 or C % heads != 0:
-        raise ValueError(f"{C} channels are not divisible into {heads} heads")
+    heads = check_positive_int("heads", heads, "from_guided_diffusion")
+    require_divisible(C, heads, "channels", "heads")
     params = {
         "norm.weight": as_numpy(state_dict[prefix + "norm.weight"], dtype),
         "norm.bias": as_numpy(state_dict[prefix + "norm.bias"], dtype),
