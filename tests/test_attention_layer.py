@@ -307,6 +307,31 @@ def test_a_fully_masked_query_row_gets_zero_attention_without_nan(rng):
     assert all(np.all(np.isfinite(g)) for g in ar.attention_layer_backward(np.ones_like(y), cache).values())
 
 
+@needs_diffusers
+def test_diffusers_keeps_the_unmasked_weights_of_a_fully_padded_sample_unless_its_logits_are_half(rng):
+    """What docs/blocks.md says of a sample whose every context token carries diffusers' −10000: the bias cancels
+    in the softmax, so in float32 and float64 the sample reads its tokens with their unmasked weights; only the eager
+    processor's half-precision logits (spacing 8 near 10000) all round to −10000 and read every token evenly."""
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    x, c = torch.randn(1, 5, 8, dtype=torch.float64), 3 * torch.randn(1, 7, 6, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-3), (torch.float16, None)):
+        attn = Attention(8, cross_attention_dim=6, heads=2, dim_head=4, processor=AttnProcessor()).to(dtype)
+        padded = torch.full((1, 1, 7), -10000.0, dtype=dtype)
+        with torch.no_grad():
+            unmasked = attn(x.to(dtype), c.to(dtype)).double()
+            masked = attn(x.to(dtype), c.to(dtype), attention_mask=padded).double()
+            even = attn.to_out[0](attn.to_v(c.to(dtype)).mean(1, keepdim=True).expand(1, 5, 8)).double()
+        if tol is not None:
+            assert (masked - unmasked).abs().max() <= tol
+            assert (masked - even).abs().max() > 0.1
+        else:
+            assert (masked - even).abs().max() <= 2e-3
+            assert (masked - unmasked).abs().max() > 0.1
+
+
 def test_variants_run_in_the_layer_and_window_needs_the_grid(rng):
     params = jitter(ar.init_attention_layer(4, heads=2, groups=2, rng=6), rng)
     h = rng.standard_normal((2, 12, 4))

@@ -185,8 +185,9 @@ def from_diffusers_transformer2d(
         permuted to channels-last; ``options`` holds ``heads``, ``groups``, ``eps``, ``norm_eps``, ``scale``.
         diffusers' ``encoder_attention_mask`` (True = keep) is the reference's ``context_mask``, with one
         difference: diffusers turns the mask into a bias of −10000, which cancels in the softmax of a sample
-        whose tokens are *all* masked (it attends to them as if none were, up to the rounding of the logits near
-        −10000: evenly in float16), while the reference gives it no attention (output 0).
+        whose tokens are *all* masked (in float32 and float64 it keeps its unmasked weights; only logits rounded
+        in half precision, as the eager ``AttnProcessor``'s in float16 or bfloat16, all round to −10000 and
+        attend evenly), while the reference gives it no attention (output 0).
 
     Raises:
         NotImplementedError naming what the reference does not express; TypeError for a ``dtype`` that is not
