@@ -98,6 +98,49 @@ def test_joint_and_rope_families_equal_the_models_own_weights(family):
         assert {r.name for r in tr.layers} == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
 
 
+def _flux_masks():
+    """Masks FluxAttnProcessor takes (L = 7 text + 24 image tokens, text first; sample 1's last 3 words padded)."""
+    B, M, L, heads = 2, 7, 31, 2
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, M - 3 : M] = False
+    per_head = torch.rand(heads, L, L, generator=torch.Generator().manual_seed(3)) > 0.3
+    per_head[..., 0] = True  # every row keeps a key
+    return {
+        "boolean (B, 1, 1, L)": keep[:, None, None, :],
+        "additive (B, L)": torch.where(keep, 0.0, -10000.0).double(),
+        "additive -inf (B, 1, 1, L)": torch.where(keep, 0.0, -torch.inf).double()[:, None, None, :],
+        "boolean per head (heads, L, L)": per_head,
+        "bias per query (1, 1, L, L)": torch.randn(1, 1, L, L, generator=torch.Generator().manual_seed(4)).double(),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_flux_masks()))
+def test_flux_masks_are_read_as_its_processor_reads_them(kind):
+    """A Flux call's attention_mask goes to scaled_dot_product_attention as it is: a (B, L) key mask per sample, any
+    other shape broadcast to (B, heads, L, L); boolean or added to the logits. The maps equal the model's own."""
+    model = toy_model("flux").double()
+    args, kwargs = toy_inputs("flux", model)
+    kwargs["joint_attention_kwargs"] = {"attention_mask": _flux_masks()[kind]}
+    options = {"self_queries": QUERIES, "heads": "all", "keep": "all", "dtype": "float64"}
+    with diffusers_in_the_models_dtype(), torch.no_grad(), sdpa_probe(model) as probe, trace(model, **options) as tr:
+        model(*args, **kwargs)
+    differences = compare_with_trace(tr, probe, text_first=True)
+    assert {r.kind for r in tr.layers} == {"joint", "self"}
+    assert max(differences.values()) <= 1e-12, differences
+    if kind.startswith("boolean (B"):  # sample 1's padded words get no weight
+        joint = tr.layer("transformer_blocks.0.attn")
+        assert np.all(joint.maps[:, 1, ..., 4:7] == 0) and np.all(joint.maps[:, 0, ..., 4:7] > 0)
+
+
+def test_flux_masks_that_do_not_broadcast_are_refused_by_name():
+    model = toy_model("flux")
+    args, kwargs = toy_inputs("flux", model)
+    kwargs["joint_attention_kwargs"] = {"attention_mask": torch.ones(3, 1, 31, dtype=torch.bool)}  # 3 ≠ heads
+    with pytest.raises(ValueError, match=r"transformer_blocks.0.attn: attention_mask of shape \(3, 1, 31\) does not "
+                       r"broadcast to \(B, heads, N, M\) = \(2, 2, 31, 31\)"), trace(model) as _:  # fmt: skip
+        model(*args, **kwargs)
+
+
 def test_joint_weights_are_the_reference_blocks():
     """The trace's chain for a joint layer is joint_attention_forward's: its cache.weights, text columns."""
     from attention_ref.blocks import joint_attention_forward

@@ -54,6 +54,7 @@ __all__ = [
     "check_diffusers_attention",
     "choose_policy",
     "module_policy",
+    "reference_mask",
     "simulated_block",
 ]
 
@@ -247,22 +248,28 @@ def _channels_last(a: np.ndarray, name: str = "hidden_states") -> np.ndarray:
     raise ValueError(f"{name} must be (B, C, H, W) or (B, N, C), got shape {a.shape}")
 
 
+def reference_mask(mask: np.ndarray | None, bias: np.ndarray | None) -> np.ndarray | None:
+    """A call's ``(mask, bias)`` (read by :mod:`attention_ref.interop.attention_mask`) as the one boolean mask the
+    reference blocks take, True = may attend (``None``: every key).
+
+    The reference blocks take a mask, not a bias: a bias's entries must be 0 (keep) or −1000 and below (drop:
+    diffusers' −10000, whose weight underflows to 0); ``NotImplementedError`` for any other.
+    """
+    if bias is None:
+        return mask
+    if not np.all((bias == 0) | (bias <= -1e3)):
+        raise NotImplementedError(
+            "attention_mask holds values other than 0 and a large negative number: an additive bias, "
+            "which the reference blocks do not take"
+        )
+    return bias == 0 if mask is None else mask & (bias == 0)
+
+
 def _allowed_keys(attention_mask: Any, batch: int, queries: int, keys: int) -> np.ndarray:
     """diffusers' ``attention_mask`` (read by :func:`attention_ref.interop.attention_mask.mask_and_bias`) as booleans
-    ``(B, 1 or N, M)``, True = may attend.
-
-    The reference blocks take a mask, not a bias: an additive mask's entries must be 0 (keep) or −1000 and below
-    (drop: diffusers' −10000, whose weight underflows to 0).
-    """
-    mask, bias = mask_and_bias(numpy_of(attention_mask), batch, queries, keys, np.float64)
-    allowed = np.ones((1, 1, 1, keys), dtype=bool) if mask is None else mask  # (B or 1, 1, 1 or N, M)
-    if bias is not None:
-        if not np.all((bias == 0) | (bias <= -1e3)):
-            raise NotImplementedError(
-                "attention_mask holds values other than 0 and a large negative number: an additive bias, "
-                "which the reference blocks do not take"
-            )
-        allowed = allowed & (bias == 0)
+    ``(B, 1 or N, M)``, True = may attend (:func:`reference_mask`)."""
+    allowed = reference_mask(*mask_and_bias(numpy_of(attention_mask), batch, queries, keys, np.float64))
+    allowed = np.ones((1, 1, 1, keys), dtype=bool) if allowed is None else allowed  # (B or 1, 1, 1 or N, M)
     return np.broadcast_to(allowed[:, 0], (batch, *allowed.shape[2:]))
 
 

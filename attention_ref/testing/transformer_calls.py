@@ -33,12 +33,13 @@ import numpy as np
 
 from ..blocks import joint_attention_forward
 from ..interop import from_diffusers
+from ..interop.attention_mask import sdpa_mask_and_bias
 from ..interop.dit import from_diffusers_joint
 from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
 from ..ops.heads import merge_heads, split_heads
 from .block_model import attention_by_head, linear
-from .blocks import call_arrays, choose_policy, module_policy
-from .compare import compare_output
+from .blocks import call_arrays, choose_policy, module_policy, reference_mask
+from .compare import compare_output, numpy_of
 from .dtypes import DTYPES
 from .policy import Policy
 from .report import OutputCheck
@@ -277,7 +278,11 @@ def check_joint_call(
     Inputs:
         attn: the module, its weights in the dtype under test; hidden_states: ``(B, N, C)`` (for Flux's single
             blocks: the joined ``(B, M + N, C)``); encoder_hidden_states: ``(B, M, D)`` or ``None``;
-            attention_mask: boolean, True = may attend, or ``None``; image_rotary_emb: Flux's ``(cos, sin)``.
+            attention_mask: ``None``, or Flux's mask as ``FluxAttnProcessor`` hands it to
+            ``scaled_dot_product_attention`` (:func:`attention_ref.interop.attention_mask.sdpa_mask_and_bias`:
+            boolean True = may attend, or additive 0 / −10000 / −inf; ``(B, L)`` a key mask per sample, any other
+            shape broadcast to ``(B, heads, L, L)``; ``NotImplementedError`` for another bias);
+            image_rotary_emb: Flux's ``(cos, sin)``.
         output: what the module returned: ``(y, y_context)`` for a two-stream call, else ``y``.
         dtype, policy, name, seed: as :func:`~attention_ref.testing.check_attention_call`'s (``policy=None``: the
             one matching the processor's arithmetic, :func:`module_policy`).
@@ -293,11 +298,10 @@ def check_joint_call(
     if image_rotary_emb is not None:
         rope = tuple(torch_to_numpy(t).astype(np.float64).reshape(-1, t.shape[-1]) for t in image_rotary_emb)
     mask = None
-    if attention_mask is not None:
-        m = torch_to_numpy(attention_mask)
-        if m.dtype != bool:
-            raise NotImplementedError("an additive attention_mask on a joint attention call")
-        mask = m if m.ndim == 4 else m[:, None]
+    if attention_mask is not None:  # as FluxAttnProcessor hands it to scaled_dot_product_attention
+        L = x.shape[1] + (0 if context is None else context.shape[1])
+        read = sdpa_mask_and_bias(numpy_of(attention_mask), x.shape[0], options["heads"], L, L, np.float64)
+        mask = reference_mask(*read)  # (B|1, heads|1, 1|L, L)
     (y, y_ctx), _ = joint_attention_forward(x, context, params, rope=rope, mask=mask, **options)
     exact = {"y": y} if context is None else {"y": y, "y_ctx": y_ctx}
     outs = output if isinstance(output, (tuple, list)) else (output,)

@@ -70,7 +70,7 @@ def softmax_rows(
     Inputs:
         qh: ``(B, heads, Q, d)`` the query rows; kh: ``(B, heads, K, d)`` every key.
         scale: the logits' factor. bias: added to the logits; mask: boolean, True = may attend (a row with
-            no allowed key gets weights 0); both ``(B, 1, 1 or Q, K)`` (or broadcastable so), optional.
+            no allowed key gets weights 0); both ``(B or 1, heads or 1, 1 or Q, K)``, optional.
         columns: the keys to keep, after the softmax over all of them (default all).
         reduce: applied to each chunk ``(B, heads, R, K')`` before it is kept, e.g. the mean over the heads;
             its result must keep the rows on axis −2.

@@ -5,7 +5,10 @@ is its ``img_ids`` row ``(0, row, col)``, one of the model's inputs. The trace r
 row-major grid ``(H, W)``, else the call is refused) when the traced model is called. A double-stream block
 (``FluxTransformerBlock.attn``) gets the image tokens and the text; a single-stream block
 (``FluxSingleTransformerBlock.attn``) gets ``[text; image]`` joined, the text the first ``L − N`` tokens. The
-rotary tables are the call's own ``image_rotary_emb`` (converted exactly). What is recorded: :mod:`.joint`.
+rotary tables are the call's own ``image_rotary_emb`` (converted exactly). An ``attention_mask`` (boolean, or added to
+the logits) is read as ``FluxAttnProcessor`` hands it to ``scaled_dot_product_attention``
+(:func:`~attention_ref.interop.attention_mask.sdpa_mask_and_bias`: ``(B, L)`` a key mask per sample, any other shape
+broadcast to ``(B, heads, L, L)``). What is recorded: :mod:`.joint`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ...attention_mask import mask_and_bias
+from ...attention_mask import sdpa_mask_and_bias
 from ...dit import from_diffusers_joint
 from .base import Family, argument
 from .joint import record_joint
@@ -81,7 +84,7 @@ class FluxAttention(Family):
             if (c is None and L < N) or (c is not None and x.shape[1] != N):
                 raise ValueError(f"{name}: {x.shape[1]} tokens do not fit the {grid[0]}×{grid[1]} grid of img_ids")
             tables = None if rope is None else tuple(t.detach().to(dtype=dtype) for t in rope)
-            mask, bias = mask_and_bias(attention_mask, B, L, L, dtype, name)
-            if bias is not None:
-                raise NotImplementedError(f"{name}: an additive attention_mask (a bias) on a FluxAttention")
-            record_joint(tracer, name, grid, x, c, params, options, joined_text=joined_text, rope=tables, mask=mask)
+            # read as FluxAttnProcessor hands it to scaled_dot_product_attention   (B|1, heads|1, 1|L, L)
+            mask, bias = sdpa_mask_and_bias(attention_mask, B, options["heads"], L, L, dtype, name)
+            record_joint(tracer, name, grid, x, c, params, options, joined_text=joined_text, rope=tables, mask=mask,
+                         bias=bias)  # fmt: skip

@@ -47,6 +47,7 @@ def record_joint(
     joined_text: int = 0,
     rope: tuple[Any, Any] | None = None,
     mask: Any = None,
+    bias: Any = None,
 ) -> None:
     """Record one call of a joint or one-stream module (see the module docstring).
 
@@ -56,7 +57,8 @@ def record_joint(
         text: ``(B, M, D)`` the text tokens of a two-stream module; ``None`` otherwise.
         params, options: from :func:`attention_ref.interop.from_diffusers_joint`, tensors of the trace's dtype.
         rope: ``(cos, sin)``, ``(L, d)`` in the joined order, the call's own tables; ``None`` without RoPE.
-        mask: boolean ``(B, 1, 1 or L, L)`` (True = may attend) in the joined order, or ``None``.
+        mask: boolean ``(B or 1, heads or 1, 1 or L, L)`` (True = may attend) in the joined order, or ``None``;
+            bias: added to the logits, the same shapes, or ``None``.
     """
     import torch
 
@@ -99,23 +101,24 @@ def record_joint(
         at = image_rows if rows is None else rows + image_at.start
         return _rotate(q, cos, sin, at)
 
-    def mask_rows(rows: Any) -> Any:
-        if mask is None or mask.shape[-2] == 1:
-            return mask
-        joined = mask[..., image_at, :]
+    def image_rows_of(a: Any, rows: Any) -> Any:
+        """The rows of a mask or bias for the image queries ``rows`` (all of them: ``None``); one row as it is."""
+        if a is None or a.shape[-2] == 1:
+            return a
+        joined = a[..., image_at, :]
         return joined if rows is None else joined[..., rows, :]
 
     if want_joint:
         # P[image rows, text columns] of the one softmax over all L keys   (B, [heads,] N, M)
-        P = softmax_rows(queries(None), keys, options["scale"], mask=mask_rows(None), columns=text_at,
-                         reduce=tracer.head_reduce)  # fmt: skip
+        P = softmax_rows(queries(None), keys, options["scale"], mask=image_rows_of(mask, None),
+                         bias=image_rows_of(bias, None), columns=text_at, reduce=tracer.head_reduce)  # fmt: skip
         tracer.add(name, "joint", grid, P.reshape(B, *head, *grid, M), heads=heads, keys=M,
                    note="a row sums to the share read from the text (one softmax over image and text)")  # fmt: skip
     if want_self:
         pixels, rows = tracer.query_rows(grid, image.device)
         # P[query rows, image columns]   (B, [heads,] Q, N)
-        P = softmax_rows(queries(rows), keys, options["scale"], mask=mask_rows(rows), columns=image_at,
-                         reduce=tracer.head_reduce)  # fmt: skip
+        P = softmax_rows(queries(rows), keys, options["scale"], mask=image_rows_of(mask, rows),
+                         bias=image_rows_of(bias, rows), columns=image_at, reduce=tracer.head_reduce)  # fmt: skip
         tracer.add(name, "self", grid, P.reshape(B, *head, P.shape[-2], *grid), heads=heads, keys=N, pixels=pixels,
                    part="self" if two_streams else None,
                    note="a row sums to the share read from the image" if two_streams else "")  # fmt: skip
