@@ -1,83 +1,45 @@
-"""attention_ref — a readable, exact NumPy reference for the attention layers of diffusion U-Nets.
+"""attention_ref — a readable, exact NumPy reference for the attention layers of diffusion models.
 
 Every layer is a pair ``out, cache = thing_forward(...)`` / ``grads = thing_backward(dout, cache)``.
 Arrays may come from any Array API backend (NumPy, CuPy, array_api_strict, torch);
 results come back in the same backend.
+
+The top level holds what a learner steps through: attention and its blocks, as forward/backward pairs with
+their ``init_*``, and the softmax and head split/merge they are built from. Everything else lives in its
+subpackage (docs/api.md lists where):
+
+* :mod:`attention_ref.ops` — softmax, linear, the norms, conv, GELU/GEGLU/SiLU, RoPE, patchify, …;
+* :mod:`attention_ref.attention` — exact attention and its variants (tiled, linear, window, neighborhood), masks;
+* :mod:`attention_ref.blocks` — the attention layer, the blocks on maps, joint attention, the ResBlock, caches;
+* :mod:`attention_ref.interop` — weights from diffusers, CompVis and OpenAI layouts; the trace of a model;
+* :mod:`attention_ref.testing` — the test oracle (imported on demand: ``import attention_ref.testing``).
 """
 
-from . import backend, gradcheck
+from . import attention, backend, gradcheck, ops
 from .attention import (
-    AttentionCache,
-    ChunkedAttentionCache,
-    LinearAttentionCache,
-    NeighborhoodAttentionCache,
-    WindowAttentionCache,
     attention_backward,
     attention_forward,
     causal_mask,
     chunked_attention_backward,
     chunked_attention_forward,
-    linear_attention_backward,
-    linear_attention_forward,
-    neighborhood_attention_backward,
-    neighborhood_attention_forward,
-    neighborhood_mask,
-    window_attention_backward,
-    window_attention_forward,
-    window_mask,
 )
-from .ops import (
-    avg_pool_backward,
-    avg_pool_forward,
-    conv2d_backward,
-    conv2d_forward,
-    erf,
-    erfc,
-    geglu_backward,
-    geglu_forward,
-    gelu_backward,
-    gelu_forward,
-    group_norm_backward,
-    group_norm_forward,
-    layer_norm_backward,
-    layer_norm_forward,
-    linear_backward,
-    linear_forward,
-    logsumexp,
-    merge_heads,
-    merge_heads_backward,
-    merge_heads_forward,
-    silu_backward,
-    silu_forward,
-    softmax_backward,
-    softmax_forward,
-    split_heads,
-    split_heads_backward,
-    split_heads_forward,
-    timestep_embedding_backward,
-    timestep_embedding_forward,
-    upsample_nearest_backward,
-    upsample_nearest_forward,
-)
+from .ops import merge_heads, softmax_backward, softmax_forward, split_heads
 
 # isort: split
 # the blocks are built from the ops and attention above; interop loads their weights
 from . import blocks, interop
 from .blocks import (
-    AttentionBlockCache,
-    AttentionLayerCache,
-    SpatialTransformerCache,
-    TransformerBlockCache,
     attention_layer_backward,
     attention_layer_forward,
     cross_attention_backward,
     cross_attention_forward,
-    geglu_ff_backward,
-    geglu_ff_forward,
     init_attention_layer,
     init_cross_attention,
+    init_joint_attention,
     init_self_attention,
     init_spatial_transformer,
+    joint_attention_backward,
+    joint_attention_forward,
     self_attention_backward,
     self_attention_forward,
     spatial_transformer_backward,
@@ -89,83 +51,42 @@ from .blocks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # the subpackages
+    "ops",
+    "attention",
+    "blocks",
+    "interop",
     "backend",
     "gradcheck",
-    # ops
-    "softmax_forward",
-    "softmax_backward",
-    "logsumexp",
-    "linear_forward",
-    "linear_backward",
-    "group_norm_forward",
-    "group_norm_backward",
-    "layer_norm_forward",
-    "layer_norm_backward",
-    "split_heads",
-    "merge_heads",
-    "split_heads_forward",
-    "split_heads_backward",
-    "merge_heads_forward",
-    "merge_heads_backward",
-    "conv2d_forward",
-    "conv2d_backward",
-    "erf",
-    "erfc",
-    "gelu_forward",
-    "gelu_backward",
-    "geglu_forward",
-    "geglu_backward",
-    "silu_forward",
-    "silu_backward",
-    "upsample_nearest_forward",
-    "upsample_nearest_backward",
-    "avg_pool_forward",
-    "avg_pool_backward",
-    "timestep_embedding_forward",
-    "timestep_embedding_backward",
-    # attention, exact
-    "AttentionCache",
+    # attention: exact, and tiled (the same result in O(N) memory)
     "attention_forward",
     "attention_backward",
     "causal_mask",
-    # attention, the variants
-    "ChunkedAttentionCache",
     "chunked_attention_forward",
     "chunked_attention_backward",
-    "LinearAttentionCache",
-    "linear_attention_forward",
-    "linear_attention_backward",
-    "WindowAttentionCache",
-    "window_attention_forward",
-    "window_attention_backward",
-    "window_mask",
-    "NeighborhoodAttentionCache",
-    "neighborhood_attention_forward",
-    "neighborhood_attention_backward",
-    "neighborhood_mask",
-    # blocks: the attention layer on (B, N, C) tokens
-    "blocks",
-    "AttentionLayerCache",
+    # what attention is built from
+    "softmax_forward",
+    "softmax_backward",
+    "split_heads",
+    "merge_heads",
+    # the attention layer on (B, N, C) tokens (diffusers' Attention)
     "init_attention_layer",
     "attention_layer_forward",
     "attention_layer_backward",
     # blocks on (B, H, W, C) maps
-    "AttentionBlockCache",
     "init_self_attention",
     "self_attention_forward",
     "self_attention_backward",
     "init_cross_attention",
     "cross_attention_forward",
     "cross_attention_backward",
-    "geglu_ff_forward",
-    "geglu_ff_backward",
-    "TransformerBlockCache",
     "transformer_block_forward",
     "transformer_block_backward",
-    "SpatialTransformerCache",
     "init_spatial_transformer",
     "spatial_transformer_forward",
     "spatial_transformer_backward",
-    # weights in and out
-    "interop",
+    # the diffusion transformers' joint attention (SD3, Flux)
+    "init_joint_attention",
+    "joint_attention_forward",
+    "joint_attention_backward",
 ]

@@ -335,7 +335,7 @@ def test_diffusers_keeps_the_unmasked_weights_of_a_fully_padded_sample_unless_it
 def test_variants_run_in_the_layer_and_window_needs_the_grid(rng):
     params = jitter(ar.init_attention_layer(4, heads=2, groups=2, rng=6), rng)
     h = rng.standard_normal((2, 12, 4))
-    y, _ = ar.attention_layer_forward(h, params, heads=2, groups=2, mask=ar.window_mask(4, 3, (2, 3), 1))
+    y, _ = ar.attention_layer_forward(h, params, heads=2, groups=2, mask=ar.attention.window_mask(4, 3, (2, 3), 1))
     y_w, cache = ar.attention_layer_forward(
         h, params, heads=2, groups=2, attention="window", attention_options={"window": (2, 3), "shift": 1}, grid=(4, 3)
     )

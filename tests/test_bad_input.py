@@ -75,7 +75,7 @@ def test_every_cache_class_names_the_backwards_that_take_it():
             continue
         assert name in names, (name, cache_class.__name__, names)
         assert all(n in backwards for n in names), names
-    _, heads_cache = ar.split_heads_forward(np.ones((2, 4)), 2)
+    _, heads_cache = ar.ops.split_heads_forward(np.ones((2, 4)), 2)
     with pytest.raises(TypeError, match=r"a HeadsCache; it belongs to merge_heads_backward or split_heads_backward$"):
         ar.softmax_backward(np.ones((2, 4)), heads_cache)
 
@@ -110,11 +110,12 @@ def test_float16_window_neighborhood_and_linear_attention_do_not_overflow_either
     q = np.full((1, 4, 4, 4), 300, dtype=np.float16)
     v = np.random.default_rng(0).standard_normal((1, 4, 4, 2)).astype(np.float16)
     tokens, values = q.reshape(1, 16, 4), v.reshape(1, 16, 2)
+    at = ar.attention
     for forward, backward in (
-        (lambda: ar.window_attention_forward(q, q, v, window=2), ar.window_attention_backward),
-        (lambda: ar.neighborhood_attention_forward(q, q, v, kernel=3), ar.neighborhood_attention_backward),
-        (lambda: ar.linear_attention_forward(tokens, tokens, values), ar.linear_attention_backward),
-        (lambda: ar.linear_attention_forward(tokens, tokens, values, kind="efficient"), ar.linear_attention_backward),
+        (lambda: at.window_attention_forward(q, q, v, window=2), at.window_attention_backward),
+        (lambda: at.neighborhood_attention_forward(q, q, v, kernel=3), at.neighborhood_attention_backward),
+        (lambda: at.linear_attention_forward(tokens, tokens, values), at.linear_attention_backward),
+        (lambda: at.linear_attention_forward(tokens, tokens, values, kind="efficient"), at.linear_attention_backward),
     ):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no overflow on the way
@@ -173,7 +174,7 @@ def test_params_that_are_not_a_mapping_of_arrays_are_named(params):
     with pytest.raises(TypeError, match=r"transformer block: params"):
         ar.transformer_block_forward(np.ones((1, 4, 8)), np.ones((1, 3, 6)), params, heads=2)
     with pytest.raises(TypeError, match=r"feed-forward: params"):
-        ar.geglu_ff_forward(np.ones((1, 4, 8)), params)
+        ar.blocks.geglu_ff_forward(np.ones((1, 4, 8)), params)
 
 
 @pytest.mark.parametrize("name", ["heads", "groups", "head_dim", "depth", "ff_mult"])
@@ -185,17 +186,17 @@ def test_init_sizes_are_ints(name):
 def test_the_ops_check_their_options():
     x = np.ones((2, 3, 4))
     with pytest.raises(ValueError, match=r"layer norm: eps must be at least 0.0, got -1.0"):
-        ar.layer_norm_forward(x, eps=-1.0)
+        ar.ops.layer_norm_forward(x, eps=-1.0)
     with pytest.raises(TypeError, match=r"group norm: groups must be an int, got float 2.0"):
-        ar.group_norm_forward(x, groups=2.0)
+        ar.ops.group_norm_forward(x, groups=2.0)
     with pytest.raises(TypeError, match=r"split_heads: heads must be an int, got bool True"):
         ar.split_heads(x, True)
     with pytest.raises(ValueError, match=r"timestep embedding: max_period must be finite, got nan"):
-        ar.timestep_embedding_forward(np.ones(3), 8, max_period=math.nan)
+        ar.ops.timestep_embedding_forward(np.ones(3), 8, max_period=math.nan)
     with pytest.raises(TypeError, match=r"conv2d: padding must be an int, a pair of ints or 'same', got float"):
-        ar.conv2d_forward(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 2)), padding=1.0)
+        ar.ops.conv2d_forward(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 2)), padding=1.0)
     with pytest.raises(TypeError, match=r"group norm: the inputs must share one dtype, got x float64, weight float32"):
-        ar.group_norm_forward(x, np.ones(4, np.float32), groups=2)
+        ar.ops.group_norm_forward(x, np.ones(4, np.float32), groups=2)
 
 
 # ---------------------------------------------------------------- infinite maps
@@ -229,7 +230,7 @@ def test_an_infinite_pixel_is_refused_as_an_infinite_query_is():
 # ---------------------------------------------------------------- axes and broadcasting
 
 
-@pytest.mark.parametrize("function", [ar.softmax_forward, ar.logsumexp], ids=["softmax", "logsumexp"])
+@pytest.mark.parametrize("function", [ar.softmax_forward, ar.ops.logsumexp], ids=["softmax", "logsumexp"])
 @pytest.mark.parametrize(
     ("x", "axis", "error", "message"),
     [

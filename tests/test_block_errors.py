@@ -194,7 +194,7 @@ def test_every_block_backward_names_the_backward_that_matches_a_foreign_cache(rn
     _, st_cache = ar.spatial_transformer_forward(x, context, sparams, heads=2, groups=2)
     y_layer, layer_cache = ar.attention_layer_forward(x.reshape(1, 4, 4), ar.init_attention_layer(4, rng=0), heads=1)
     _, attn_cache = ar.attention_forward(*(rng.standard_normal((1, 4, 2)),) * 3)
-    _, linear_cache = ar.linear_forward(x, np.ones((4, 4)))
+    _, linear_cache = ar.ops.linear_forward(x, np.ones((4, 4)))
     cases = [
         (ar.self_attention_backward, x, st_cache, "spatial_transformer_backward"),
         (ar.cross_attention_backward, x, layer_cache, "attention_layer_backward"),
@@ -202,7 +202,7 @@ def test_every_block_backward_names_the_backward_that_matches_a_foreign_cache(rn
         (ar.attention_layer_backward, y_layer, attn_cache, "attention_backward"),
         (ar.spatial_transformer_backward, x, linear_cache, "linear_backward"),
         (ar.transformer_block_backward, y_layer, layer_cache, "attention_layer_backward"),
-        (ar.geglu_ff_backward, y_layer, st_cache.blocks[0].attn2, "attention_layer_backward"),
+        (ar.blocks.geglu_ff_backward, y_layer, st_cache.blocks[0].attn2, "attention_layer_backward"),
     ]
     for backward, dy, cache, right in cases:
         with pytest.raises(

@@ -77,7 +77,7 @@ def test_chunked_cross_attention_with_context_mask_equals_exact(block_size, rng)
 def test_window_self_attention_equals_exact_under_window_mask(window, shift, rng):
     x, params = self_setup(rng)
     dy = rng.standard_normal(x.shape)
-    exact = run_self(x, params, dy, mask=ar.window_mask(H, W, window, shift))
+    exact = run_self(x, params, dy, mask=ar.attention.window_mask(H, W, window, shift))
     win = run_self(x, params, dy, attention="window", attention_options={"window": window, "shift": shift})
     assert_same_block(win, exact, LOCAL_TOL)
     cache = win[1]
@@ -90,7 +90,7 @@ def test_window_self_attention_equals_exact_under_window_mask(window, shift, rng
 def test_neighborhood_self_attention_equals_exact_under_neighborhood_mask(kernel, rng):
     x, params = self_setup(rng)
     dy = rng.standard_normal(x.shape)
-    exact = run_self(x, params, dy, mask=ar.neighborhood_mask(H, W, kernel))
+    exact = run_self(x, params, dy, mask=ar.attention.neighborhood_mask(H, W, kernel))
     nat = run_self(x, params, dy, attention="neighborhood", attention_options={"kernel": kernel})
     assert_same_block(nat, exact, LOCAL_TOL)
     assert nat[1].weights is None
@@ -208,7 +208,7 @@ SELF_FD = [
 @pytest.mark.parametrize(("attention", "options", "masked"), SELF_FD)
 def test_self_attention_variants_match_finite_differences(attention, options, masked, rng):
     x, params = self_setup(rng, shape=(2, 4, 4, 4))
-    mask = ar.neighborhood_mask(4, 4, 3) if masked else None
+    mask = ar.attention.neighborhood_mask(4, 4, 3) if masked else None
 
     def forward(x, **p):
         return ar.self_attention_forward(
@@ -301,7 +301,7 @@ def test_feed_forward_refuses_mixed_dtypes(rng):
     params = {n: p.astype(np.float32) for n, p in ar.init_spatial_transformer(4, 3, heads=2, groups=2, rng=0).items()}
     ff = {n[len("blocks.0.ff.") :]: p for n, p in params.items() if n.startswith("blocks.0.ff.")}
     with pytest.raises(TypeError, match=r"feed-forward: .* has dtype float32 but the input has dtype float64"):
-        ar.geglu_ff_forward(rng.standard_normal((2, 3, 4)), ff)
+        ar.blocks.geglu_ff_forward(rng.standard_normal((2, 3, 4)), ff)
 
 
 def test_spatial_transformer_with_window_self_attention_matches_finite_differences(rng):

@@ -155,7 +155,7 @@ def test_bad_attention_choices_raise_clear_errors(rng):
         self_attn(attention="linear", attention_options={"kind": "performer"})
     # masks the variant cannot take
     with pytest.raises(ValueError, match="window attention takes no mask: its windows are its mask"):
-        self_attn(attention="window", attention_options={"window": 2}, mask=ar.window_mask(H, W, 2))
+        self_attn(attention="window", attention_options={"window": 2}, mask=ar.attention.window_mask(H, W, 2))
     with pytest.raises(ValueError, match="neighborhood attention takes no mask"):
         self_attn(attention="neighborhood", attention_options={"kernel": 3}, mask=np.ones((N, N), bool))
     with pytest.raises(ValueError, match=r"no linear-time form of a per-query mask; got a mask of shape \(24, 24\)"):

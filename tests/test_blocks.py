@@ -96,9 +96,9 @@ def test_geglu_feed_forward_matches_finite_differences(rng):
     }
 
     def forward(x, **p):
-        return ar.geglu_ff_forward(x, p)
+        return ar.blocks.geglu_ff_forward(x, p)
 
-    errs = check_backward(forward, ar.geglu_ff_backward, {"x": 2 * rng.standard_normal((2, 3, 3)), **params})
+    errs = check_backward(forward, ar.blocks.geglu_ff_backward, {"x": 2 * rng.standard_normal((2, 3, 3)), **params})
     assert max(errs.values()) < FD_TOL, errs
 
 
@@ -144,7 +144,7 @@ def test_self_attention_weights_layout_and_rows(rng):
     assert weights.shape == (B, heads, H * W, H * W)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-14)
     # the weights of query pixel (r, c), head j, recomputed by hand: token index r·W + c
-    h, _ = ar.group_norm_forward(x, params["norm.weight"], params["norm.bias"], groups=3, eps=1e-6)
+    h, _ = ar.ops.group_norm_forward(x, params["norm.weight"], params["norm.bias"], groups=3, eps=1e-6)
     d = C // heads
     j, r, c = 1, 2, 3
     cols = slice(j * d, (j + 1) * d)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH, np_
 
-from attention_ref import conv2d_backward, conv2d_forward
 from attention_ref.gradcheck import check_backward, rel_error
+from attention_ref.ops import conv2d_backward, conv2d_forward
 
 FD_TOL = 1e-7
 

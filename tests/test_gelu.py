@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH, np_
 
-from attention_ref import erf, erfc, geglu_backward, geglu_forward, gelu_backward, gelu_forward
 from attention_ref.gradcheck import check_backward, rel_error
+from attention_ref.ops import erf, erfc, geglu_backward, geglu_forward, gelu_backward, gelu_forward
 
 GRID = np.concatenate(
     [np.linspace(-6.0, 6.0, 4801), np.linspace(-27.0, 27.0, 541), [0.0, -0.0, 2.5, np.nextafter(2.5, 0)]]

@@ -11,7 +11,7 @@ import pytest
 from attention_cases import EMPTY, EMPTY_IDS, Case, draw_qkv
 from conftest import HAS_TORCH, np_
 
-from attention_ref import linear_attention_backward, linear_attention_forward
+from attention_ref.attention import linear_attention_backward, linear_attention_forward
 from attention_ref.gradcheck import check_backward, rel_error
 
 KINDS = ["elu", "efficient"]
@@ -174,7 +174,7 @@ def test_nan_propagates_and_infinities_are_refused(kind, be, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_backward_checks_dout_and_cache(kind, rng):
-    from attention_ref import window_attention_forward
+    from attention_ref.attention import window_attention_forward
 
     q, k, v = (a.astype(np.float32) for a in make("N!=M d!=dv", rng))
     out, cache = linear_attention_forward(q, k, v, kind=kind)

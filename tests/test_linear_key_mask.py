@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH, np_
 
-from attention_ref import linear_attention_backward, linear_attention_forward
+from attention_ref.attention import linear_attention_backward, linear_attention_forward
 from attention_ref.gradcheck import check_backward, rel_error
 
 KINDS = ["elu", "efficient"]

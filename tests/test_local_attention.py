@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from conftest import np_
 
-from attention_ref import (
-    attention_backward,
-    attention_forward,
+from attention_ref import attention_backward, attention_forward
+from attention_ref.attention import (
     neighborhood_attention_backward,
     neighborhood_attention_forward,
     neighborhood_mask,

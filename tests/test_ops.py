@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from conftest import HAS_TORCH, Backend, np_
 
-from attention_ref import (
+from attention_ref import merge_heads, softmax_backward, softmax_forward, split_heads
+from attention_ref.gradcheck import check_backward, rel_error
+from attention_ref.ops import (
     group_norm_backward,
     group_norm_forward,
     layer_norm_backward,
@@ -17,16 +19,11 @@ from attention_ref import (
     linear_backward,
     linear_forward,
     logsumexp,
-    merge_heads,
     merge_heads_backward,
     merge_heads_forward,
-    softmax_backward,
-    softmax_forward,
-    split_heads,
     split_heads_backward,
     split_heads_forward,
 )
-from attention_ref.gradcheck import check_backward, rel_error
 
 FD_TOL = 1e-7
 

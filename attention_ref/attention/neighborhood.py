@@ -9,7 +9,8 @@ centred on ``i`` inside the map, shifted (not shrunk) at the borders, so every q
 ``k²`` keys — NATTEN's convention (its window start is ``max(i − r, 0)`` moved back by
 ``i + r − (L − 1)`` when ``i + r`` runs past the end). On the map, query ``(i, j)`` sees the keys
 ``(start_h(i) + a, start_w(j) + b)`` for offsets ``0 ≤ a < k_h``, ``0 ≤ b < k_w``. This equals exact
-attention under :func:`attention_ref.neighborhood_mask`; it costs ``N·k²·(d + dv)`` instead of ``N²·(d + dv)``.
+attention under :func:`attention_ref.attention.neighborhood_mask`; it costs ``N·k²·(d + dv)`` instead of
+``N²·(d + dv)``.
 
 Forward, one key offset ``(a, b)`` at a time (a loop over ``k²`` offsets, each vectorised over all
 pixels; memory stays ``O(N·(d + k²))``):

@@ -3,7 +3,7 @@ r"""Window attention (Swin): exact attention inside non-overlapping windows, opt
 The ``H × W`` map is cut into ``window × window`` tiles and every pixel attends only to the pixels of
 its own tile — ``(H·W)·window²`` logits instead of ``(H·W)²``. With ``shift = s > 0`` the tile grid is
 offset by ``s`` pixels (Swin's shifted windows, which let information cross the previous layer's
-window borders). This equals exact attention under :func:`attention_ref.window_mask`.
+window borders). This equals exact attention under :func:`attention_ref.attention.window_mask`.
 
 How (Swin's trick, vectorised over all windows at once):
 

@@ -7,9 +7,10 @@ instead (:data:`attention_ref.blocks.attend.ATTENTION_VARIANTS`, called as the l
 * ``exact``        — :func:`attention_ref.attention_forward` (only up to ``exact_max_tokens`` pixels:
   its ``N × N`` weights, and the few temporaries of their size, are what the others avoid);
 * ``chunked``      — :func:`attention_ref.chunked_attention_forward` (tiled exact, ``block_size``);
-* ``linear``       — :func:`attention_ref.linear_attention_forward`, ``kind="elu"``;
-* ``window``       — :func:`attention_ref.window_attention_forward` on the ``S × S`` map, ``window``, ``shift``;
-* ``neighborhood`` — :func:`attention_ref.neighborhood_attention_forward` on the map, ``kernel``;
+* ``linear``       — :func:`attention_ref.attention.linear_attention_forward`, ``kind="elu"``;
+* ``window``       — :func:`attention_ref.attention.window_attention_forward` on the ``S × S`` map, ``window``,
+  ``shift``;
+* ``neighborhood`` — :func:`attention_ref.attention.neighborhood_attention_forward` on the map, ``kernel``;
 
 and records, for each pass, the best CPU time and the best wall time of its runs, the peak memory of
 one forward + backward, and the theoretical FLOPs and memory next to them. The runs are made in

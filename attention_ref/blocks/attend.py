@@ -6,12 +6,12 @@ The attention layer calls exact attention (:func:`attention_ref.attention_forwar
 
 * ``"chunked"`` — :func:`attention_ref.chunked_attention_forward` (FlashAttention-style tiles, the same
   result in O(N) memory); option ``block_size``; any mask, sliced per tile.
-* ``"linear"`` — :func:`attention_ref.linear_attention_forward`; options ``kind`` (``"elu"`` or
+* ``"linear"`` — :func:`attention_ref.attention.linear_attention_forward`; options ``kind`` (``"elu"`` or
   ``"efficient"``), ``eps``; only a key mask (shape ``(..., 1, M)``, e.g. a context mask), which leaves
   the masked keys out of its sums; no ``scale``.
-* ``"window"`` — :func:`attention_ref.window_attention_forward`; options ``window`` (required), ``shift``;
+* ``"window"`` — :func:`attention_ref.attention.window_attention_forward`; options ``window`` (required), ``shift``;
   self-attention on a grid only, no mask (its windows are its mask).
-* ``"neighborhood"`` — :func:`attention_ref.neighborhood_attention_forward`; option ``kernel`` (required);
+* ``"neighborhood"`` — :func:`attention_ref.attention.neighborhood_attention_forward`; option ``kernel`` (required);
   self-attention on a grid only, no mask.
 
 Window and neighborhood attention work on pixels ``(..., H, W, d)``: the ``N = H·W`` tokens

@@ -20,11 +20,11 @@ and the ``C/groups`` channels of each group, per sample — diffusers' ``group_n
 Backward runs the same steps in reverse with the ops' own backward passes:
 
 * ``y = (h + P)/r``  ⇒  ``dP = dy/r`` and a direct ``dh = dy/r`` when residual;
-* ``P = O W_o + b_o``, ``Q = n W_q + b_q`` … : :func:`attention_ref.linear_backward`;
+* ``P = O W_o + b_o``, ``Q = n W_q + b_q`` … : :func:`attention_ref.ops.linear_backward`;
 * the heads: :func:`attention_ref.attention_backward` through split/merge (which only move entries);
 * self-attention: ``n`` feeds Q, K and V, so ``dn = dn_Q + dn_K + dn_V``;
   cross-attention: ``dn = dn_Q`` and ``dc = dc_K + dc_V``, then the context norm's backward;
-* ``n = GroupNorm(h)``: :func:`attention_ref.group_norm_backward`.
+* ``n = GroupNorm(h)``: :func:`attention_ref.ops.group_norm_backward`.
 
 Padded context tokens (``context_mask`` False) get weight 0 from every query, so, as long as they
 are finite, they change neither the output nor any gradient, and their own gradient is 0 (NaN in a

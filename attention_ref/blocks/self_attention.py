@@ -59,7 +59,7 @@ def self_attention_forward(
         mask: boolean, broadcastable to ``(B, heads, H·W, H·W)``; True = query pixel ``row·W + col`` may
             attend to key pixel ``row'·W + col'``. Taken by ``"exact"`` and ``"chunked"`` (sliced per tile);
             ``"linear"`` takes only a key mask (shape ``(..., 1, H·W)``); ``"window"`` and
-            ``"neighborhood"`` take none (ValueError). E.g. ``attention_ref.window_mask(H, W, 4, 2)``
+            ``"neighborhood"`` take none (ValueError). E.g. ``attention_ref.attention.window_mask(H, W, 4, 2)``
             makes exact attention equal ``"window"``.
         attention: the per-head attention: ``"exact"`` (default), ``"chunked"`` (the same result,
             O(H·W) memory), ``"linear"``, ``"window"`` (Swin), ``"neighborhood"`` (NATTEN).

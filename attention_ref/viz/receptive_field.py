@@ -10,7 +10,7 @@ away, and its influence falls off from the centre; a self-attention block
 reaches every pixel it puts weight on, however far.
 
 Everything here goes through the library's own backward passes
-(:func:`attention_ref.conv2d_backward`, the blocks' backward).
+(:func:`attention_ref.ops.conv2d_backward`, the blocks' backward).
 """
 
 from __future__ import annotations
