@@ -2,7 +2,7 @@
 
 The two recipes whose rounding error depends most on the data — ``large logits`` (|logits| in the hundreds: a few
 dominant weights, and a logsumexp near 500) and ``long sequence`` (1024 keys) — are drawn again with SEEDS seeds and
-head widths d ∈ {8, 16, 32, 64}, and every kernel of ``tests/oracle_kernels.py:sweep_kernels()`` (five summation
+head widths d ∈ {8, 16, 32, 64}, and every kernel of ``tests/oracle/oracle_kernels.py:sweep_kernels()`` (five summation
 orders, eager code through the max shift, a two-pass forward, split-K merged by lse, a backward from the lse with
 D = ΣP∘dP) is checked on each, forward and backward, under the fused policy (the eager kernel under the eager
 policy). Prints the rejects and the worst ratio
@@ -11,7 +11,7 @@ per dtype, recipe and kernel; exit status 1 when any check rejected a correct ke
     python scripts/oracle_sweep.py                       # 40 seeds, float32 and float64 (about 20 min on 2 cores)
     python scripts/oracle_sweep.py --seeds 5 --dtypes float32,float16,bfloat16,float64
 
-``tests/test_oracle_sweep.py`` runs a few of these seeds on every ``make test``.
+``tests/oracle/test_oracle_sweep.py`` runs a few of these seeds on every ``make test``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "oracle"))
 
 import oracle_kernels
 

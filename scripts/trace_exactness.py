@@ -9,7 +9,7 @@ For each family's toy model (attention_ref.interop.toy_transformers):
   scaled_dot_product_attention (attention_ref.testing.sdpa_probe) — in float64 as diffusers ships, in float64 with
   diffusers' float32 steps (RMSNorm's mean square, Flux's RoPE) computed in float64, and in float32;
 * check_model: the worst ratio of the default processors in float32, float16 and bfloat16, and the result of the
-  bug planted in one layer (tests/test_check_model_families.py's PLANTED): the failed layers, the smallest ratio;
+  bug planted in one layer (tests/oracle/test_check_model_families.py's PLANTED): the failed layers, the smallest ratio;
 * explorer: the number of layers on the trace's explorer page.
 """
 

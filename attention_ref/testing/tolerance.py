@@ -46,7 +46,7 @@ generator seeded by the case's name and the dtype (NumPy's PCG64 and its normal 
 everywhere). Another BLAS or thread count moves the float64 products by ~1e-16 relative: for float32, float16 and
 bfloat16 the draws are ~1e-7 or more of the values, and the allowance moves by ~1e-10 of itself. For float64 the
 draws are themselves of float64's size, so the simulation's own rounding is part of the yardstick and the
-allowance is the same only to a few % (``tests/test_oracle.py`` swaps the simulation's matrix products for
+allowance is the same only to a few % (``tests/oracle/test_oracle.py`` swaps the simulation's matrix products for
 ``einsum`` and checks both). References are kept (:func:`reference`, the last 256) per case numbers, dtype and
 policy.
 
@@ -54,7 +54,7 @@ Why it catches bugs. The allowance is a few units of the accumulator's roundoff 
 plus the roundings to the dtype the policy allows. A wrong formula changes the output by a fraction of its size;
 non-finite values always fail; a precision bug (``P·V``, ``ℓ`` or an lse accumulated in float16 or bfloat16, ``S``
 stored narrower than float32 under ``fused``) exceeds the model by the ratio of the roundoffs. The planted bugs of
-``tests/oracle_impls.py`` are asserted in ``tests/test_oracle_bugs.py``. What the model does not cover: rounding
+``tests/oracle/oracle_impls.py`` are asserted in ``tests/oracle/test_oracle_bugs.py``. What the model does not cover: rounding
 errors that are not independent (``n`` identical values summed key by key: an error like ``n·u``, not ``√n·u``),
 and narrow sums whose error stays below the roundings around them (``dQ`` accumulated key by key in the dtype is
 within what ``D = dO·O`` from the rounded output already moves). The float64 reference is itself a float64

@@ -284,7 +284,7 @@ def lse_attention(forward="two-pass", splits=4, d_from="dO·O"):
 
 # ---------------------------------------------------------------- the sweep's kernels
 # Every correct formulation the tolerance must accept on re-seeds of the battery's most data-dependent recipes
-# (tests/test_oracle_sweep.py runs a few seeds on every `make test`; scripts/oracle_sweep.py runs all 40).
+# (tests/oracle/test_oracle_sweep.py runs a few seeds on every `make test`; scripts/oracle_sweep.py runs all 40).
 
 
 def sweep_kernels():

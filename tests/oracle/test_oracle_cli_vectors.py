@@ -16,7 +16,7 @@ from attention_ref.testing import CASE_NAMES, check_attention, load_vectors, wri
 from attention_ref.testing.dtypes import numpy_dtype
 from attention_ref.testing.examples import numpy_attention, numpy_attention_grad
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = "attention_ref.testing.examples"
 
 

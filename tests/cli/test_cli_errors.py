@@ -27,7 +27,7 @@ from attention_ref.cli.common import (
 )
 from attention_ref.viz import Explorer, ExplorerLayer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOSTILE = "\x1b]0;pwned\x07\x1b[2Jlayer"  # retitles a terminal, then clears it
 
 

@@ -1,6 +1,6 @@
 """attention_ref.interop.trace on diffusers models: exact weights (against diffusers' own get_attention_scores),
 grids from the enclosing block, any processor, output unchanged, hooks removed. Reading a trace (records, steps,
-the explorer, word maps): tests/test_trace_reading.py."""
+the explorer, word maps): tests/interop/test_trace_reading.py."""
 
 from __future__ import annotations
 

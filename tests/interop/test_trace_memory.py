@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEPT = 2 * 77 * 4 * 6736 + 2 * 3 * 4 * 6736  # bytes: cross maps + self rows, see the module docstring
 PEAK_BOUND = 48 * 2**20
 

@@ -3,7 +3,7 @@
 Every peer runs in float64 with all weights randomised (the originals zero-initialise their output
 projections, which would hide half the gradients); forward and every gradient — x, context and
 each weight — must agree to 1e-9 relative (they agree to ~1e-15). CompVis's and OpenAI's blocks:
-tests/test_interop_checkpoints.py.
+tests/interop/test_interop_checkpoints.py.
 """
 
 from __future__ import annotations

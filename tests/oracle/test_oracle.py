@@ -1,6 +1,6 @@
 """The test oracle's rule: the battery, the tolerance and its policies, and correct implementations passing it.
 
-The harness around it (reports, unsupported cases, usage errors, layouts): tests/test_oracle_harness.py.
+The harness around it (reports, unsupported cases, usage errors, layouts): tests/oracle/test_oracle_harness.py.
 """
 
 from __future__ import annotations
