@@ -34,6 +34,7 @@ serialising) leaves the target as it was, never empty or truncated.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import zipfile
@@ -43,7 +44,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_MEMBERS", "atomic_write", "load_npz", "read_text"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_MEMBERS", "atomic_write", "load_npz", "read_json_object", "read_text"]
 
 #: The most a load may unpack, all members together, unless the caller passes ``max_bytes``: 1 GiB, over
 #: 600 times the shipped diffusion model (1.6 MiB unpacked) and 16 times an explorer page's weights.
@@ -213,6 +214,24 @@ def read_text(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTE
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise _fail(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_json_object(
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, what: str | None = None
+) -> dict[str, Any]:
+    """The JSON object (a ``dict``) in the text file ``path``, read by :func:`read_text`.
+
+    ``ValueError`` naming the file when it is not JSON or holds another JSON value (``what``, e.g.
+    ``"the training log"``, names the object in that message).
+    """
+    try:
+        value = json.loads(read_text(path, max_bytes=max_bytes))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(value, dict):
+        subject = "" if what is None else f"{what} "
+        raise ValueError(f"{path}: {subject}must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------- writing

@@ -134,6 +134,22 @@ def attention_by_head(
     return out, grads
 
 
+def _block_inputs(
+    x: np.ndarray,
+    context: np.ndarray | None,
+    params: Mapping[str, np.ndarray],
+    mask: np.ndarray | None,
+    context_mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
+    """``x``, ``context`` and ``params`` in float64, and the attention's mask: ``mask``, or the context mask
+    as ``(B, 1, 1, M)``."""
+    p = {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
+    context = None if context is None else np.asarray(context, dtype=np.float64)
+    if context_mask is not None:
+        mask = np.asarray(context_mask).reshape(-1, 1, 1, context_mask.shape[-1])  # (B, 1, 1, M)
+    return np.asarray(x, dtype=np.float64), context, p, mask
+
+
 def simulated_block(
     x: np.ndarray,
     context: np.ndarray | None,
@@ -167,19 +183,15 @@ def simulated_block(
         ``{"y"}`` and, with ``dy``, ``"x"``, ``"context"`` (cross-attention) and every params key: float64.
     """
     r = RoundingModel(dtype, rng)
-    p = {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
-    x = np.asarray(x, dtype=np.float64)
+    x, context, p, attn_mask = _block_inputs(x, context, params, mask, context_mask)
     B, H, W, C = x.shape
     h, norm = x, None
     if "norm.weight" in p:
         h, norm = _group_norm(r, x, p["norm.weight"], p.get("norm.bias"), groups, eps)
     tokens = h.reshape(B, H * W, C)  # (B, N, C)
-    source = tokens if context is None else np.asarray(context, dtype=np.float64)  # (B, M, D)
+    source = tokens if context is None else context  # (B, M, D)
     q, k, v = (linear(r, a, p, n) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
     qh, kh, vh = (split_heads(a, heads) for a in (q, k, v))  # (B, heads, ·, d)
-    attn_mask = mask
-    if context_mask is not None:
-        attn_mask = np.asarray(context_mask).reshape(-1, 1, 1, context_mask.shape[-1])  # (B, 1, 1, M)
     do = None
     if dy is not None:
         dsum = np.asarray(dy, dtype=np.float64)
@@ -230,16 +242,15 @@ class _Forward:
     scale: float
 
 
-def _exact_forward(x: np.ndarray, context: np.ndarray | None, params: Mapping[str, np.ndarray], heads: int,
-                   groups: int, eps: float, scale: float | None, mask: np.ndarray | None) -> _Forward:  # fmt: skip
-    p = {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
-    x = np.asarray(x, dtype=np.float64)
+def _exact_forward(x: np.ndarray, context: np.ndarray | None, p: dict[str, np.ndarray], heads: int, groups: int,
+                   eps: float, scale: float | None, mask: np.ndarray | None) -> _Forward:  # fmt: skip
+    """The exact block's forward on :func:`_block_inputs`' float64 arrays."""
     B, H, W, C = x.shape
     h, norm = x, None
     if "norm.weight" in p:
         h, norm = group_norm_forward(x, p["norm.weight"], p.get("norm.bias"), groups=groups, eps=eps)
     tokens = h.reshape(B, H * W, C)
-    source = tokens if context is None else np.asarray(context, dtype=np.float64)
+    source = tokens if context is None else context
 
     def project(a: np.ndarray, name: str) -> np.ndarray:
         return a @ p[f"{name}.weight"] + p.get(f"{name}.bias", 0.0)
@@ -273,10 +284,8 @@ def block_magnitudes(
     Unlike ``|X|`` it does not vanish where a gradient is zero by cancellation (a one-token context
     makes ``dS``, and with it ``dq`` and the query and key weights' gradients, exactly 0).
     """
-    attn_mask = mask
-    if context_mask is not None:
-        attn_mask = np.asarray(context_mask).reshape(-1, 1, 1, context_mask.shape[-1])
-    f = _exact_forward(x, context, params, heads, groups, eps, scale, attn_mask)
+    x, context, p, attn_mask = _block_inputs(x, context, params, mask, context_mask)
+    f = _exact_forward(x, context, p, heads, groups, eps, scale, attn_mask)
     sq = {n: w * w for n, w in f.p.items()}  # squared weights
     B, H, W, C = f.x.shape
     out: dict[str, np.ndarray] = {}  # squared magnitudes

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_text
+from .._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_json_object
 from .cases import Case, select_cases
 from .dtypes import DTYPES, dtype_name, eps, numpy_dtype
 from .tolerance import DEFAULT_POLICY, OUTPUTS, Policy, check_policy, reference
@@ -168,12 +168,7 @@ def load_vectors(
     """
     base = Path(in_dir)
     index_path = base / "index.json"
-    try:
-        index = json.loads(read_text(index_path, max_bytes=max_bytes))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{index_path}: not JSON ({err})") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{index_path}: must be a JSON object, got {type(index).__name__}")
+    index = read_json_object(index_path, max_bytes=max_bytes)
     if index.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{base}: unsupported vector format {index.get('format')!r}")
     if index.get("dtype") not in DTYPES:

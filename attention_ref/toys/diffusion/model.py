@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_text
+from ..._files import DEFAULT_MAX_BYTES, atomic_write, load_npz, read_json_object
 from .schedule import Schedule, cosine_schedule
 from .unet import UNetCache, UNetConfig, init_unet, unet_forward
 
@@ -105,12 +105,7 @@ class DiffusionModel:
         log_path = path.with_suffix(".json")
         log = {}
         if log_path.exists():
-            try:
-                log = json.loads(read_text(log_path, max_bytes=max_bytes))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{log_path}: not JSON ({err})") from None
-            if not isinstance(log, dict):
-                raise ValueError(f"{log_path}: the training log must be a JSON object, got {type(log).__name__}")
+            log = read_json_object(log_path, max_bytes=max_bytes, what="the training log")
         return cls(arrays, config, log=log)
 
 
