@@ -50,15 +50,15 @@ allowance is the same only to a few % (``tests/oracle/test_oracle.py`` swaps the
 ``einsum`` and checks both). References are kept (:func:`reference`, the last 256) per case numbers, dtype and
 policy.
 
-Why it catches bugs. The allowance is a few units of the accumulator's roundoff times ``√n`` and the magnitude,
-plus the roundings to the dtype the policy allows. A wrong formula changes the output by a fraction of its size;
+Why it catches bugs. The allowance is a few units of the accumulator's roundoff times ``√n`` and the magnitude, plus
+the roundings to the dtype the policy allows. A wrong formula changes the output by a fraction of its size;
 non-finite values always fail; a precision bug (``P·V``, ``ℓ`` or an lse accumulated in float16 or bfloat16, ``S``
 stored narrower than float32 under ``fused``) exceeds the model by the ratio of the roundoffs. The planted bugs of
-``tests/oracle/oracle_impls.py`` are asserted in ``tests/oracle/test_oracle_bugs.py``. What the model does not cover: rounding
-errors that are not independent (``n`` identical values summed key by key: an error like ``n·u``, not ``√n·u``),
-and narrow sums whose error stays below the roundings around them (``dQ`` accumulated key by key in the dtype is
-within what ``D = dO·O`` from the rounded output already moves). The float64 reference is itself a float64
-computation: the comparison sees up to two such errors, well inside ``c = 3``.
+``tests/oracle/oracle_impls.py`` are asserted in ``tests/oracle/test_oracle_bugs.py``. What the model does not
+cover: rounding errors that are not independent (``n`` identical values summed key by key: an error like ``n·u``,
+not ``√n·u``), and narrow sums whose error stays below the roundings around them (``dQ`` accumulated key by key in
+the dtype is within what ``D = dO·O`` from the rounded output already moves). The float64 reference is itself a
+float64 computation: the comparison sees up to two such errors, well inside ``c = 3``.
 
 The floor ``f·ε·max‖X‖``. With ``P`` the exact weights (``P ≥ 0``), ``O`` the exact output and ``dS`` the exact
 logit gradient:

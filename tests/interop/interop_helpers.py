@@ -1,4 +1,4 @@
-"""Helpers of the loader tests (tests/test_interop*.py): random weights, channels-last maps, leaf tensors."""
+"""Helpers of the loader tests (tests/interop/test_interop*.py): random weights, channels-last maps, leaf tensors."""
 
 from __future__ import annotations
 

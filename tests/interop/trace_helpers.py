@@ -1,4 +1,4 @@
-"""Helpers of the trace tests (tests/test_trace*.py): the query positions and a toy U-Net's inputs."""
+"""Helpers of the trace tests (tests/interop/test_trace*.py): the query positions and a toy U-Net's inputs."""
 
 from __future__ import annotations
 
