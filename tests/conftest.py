@@ -12,6 +12,7 @@ import pytest
 from attention_ref.backend import to_numpy
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 
 
 def _why_no_gpu() -> str | None:

@@ -1,4 +1,4 @@
-"""The diffusers Attention modules the block oracle checks in tests/oracle/test_oracle_blocks.py and test_oracle_calls.py."""
+"""The diffusers Attention modules the block oracle checks (tests/oracle/test_oracle_blocks.py, test_oracle_calls)."""
 
 from __future__ import annotations
 
