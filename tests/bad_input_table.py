@@ -11,7 +11,8 @@ row into calls that change one thing — an array's dtype, shape or values, an o
 The rows are here (the diffusion transformers' in ``bad_input_dit.py``); what a row is, in ``bad_input_spec.py``;
 the calls made from a row, in ``bad_input_cases.py``; running and judging them, in ``bad_input_judge.py``. This
 module gives all of it to its users. To cover a new function, add a :class:`Spec` row to :data:`SPECS` (or to
-``EXTRA_SPECS`` from another module): nothing else changes.
+``EXTRA_SPECS`` from another module): nothing else changes. ``_pair_row`` and its kin write the common kinds of row
+(a forward and its backward, named by the forward; an attention kernel; a resampling; an ``init_*``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,7 @@ def _factor_row(forward: Any, backward: Any, shape: tuple[int, ...], bad_factors
 def _attention_row(forward: Any, backward: Any, arrays: dict, **fields: Any) -> Spec:
     """The row of an attention kernel ``<name>_forward``: ``q, k, v`` positional, an infinite entry in any of them
     refused, ``q`` and ``k`` the arrays scaled up in the float16 "large values" case."""
-    name = forward.__name__.removesuffix("_forward")
-    return Spec(name, forward, arrays, _POS, backward=backward, refuses_inf=_POS, large=("q", "k"), **fields)
+    return _pair_row(forward, backward, arrays, _POS, refuses_inf=_POS, large=("q", "k"), **fields)
 
 
 def _init_row(init: Any, options: dict, bad: dict) -> Spec:
