@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ import pytest
 from attention_ref.backend import to_numpy
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 
 
 def _why_no_gpu() -> str | None:
@@ -121,3 +122,34 @@ def rng() -> np.random.Generator:
 def np_(x: Any) -> np.ndarray:
     """A result from any backend as NumPy."""
     return to_numpy(x)
+
+
+# ---------------------------------------------------------------- the explorer's tests (tests/viz)
+# Fixtures that several of tests/viz's modules take. They are here rather than in a tests/viz/conftest.py because
+# conftest files outside packages all import as the module ``conftest``: a second one would replace this one for
+# the ``from conftest import ...`` of every module collected after it. Their helpers sit beside those tests, in
+# tests/viz, which pytest puts on sys.path when it imports a test module from there.
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium through chromedriver for one module's browser tests (tests/viz/browser_helpers.py)."""
+    from browser_helpers import open_browser
+
+    yield from open_browser(tmp_path_factory)
+
+
+@pytest.fixture
+def self_cache(rng: np.random.Generator) -> Any:
+    """A self-attention block's cache on two random 4×6 maps (tests/viz/explorer_helpers.py)."""
+    from explorer_helpers import make_self_cache
+
+    return make_self_cache(rng)
+
+
+@pytest.fixture
+def cross_cache(rng: np.random.Generator) -> Any:
+    """A cross-attention block's cache: two random 4×6 maps read 5 tokens (tests/viz/explorer_helpers.py)."""
+    from explorer_helpers import make_cross_cache
+
+    return make_cross_cache(rng)

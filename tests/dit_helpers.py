@@ -179,3 +179,25 @@ def weighted_loss(rng: np.random.Generator, y: Any, y_context: Any) -> tuple[Any
         dy_context = rng.standard_normal(tuple(y_context.shape))
         loss = loss + (y_context * torch.from_numpy(dy_context)).sum()
     return loss, dy, dy_context
+
+
+def flux_masks(dtype: Any) -> dict[str, Any]:
+    """The ``attention_mask`` forms FluxAttnProcessor takes, by name, for a toy Flux call (L = 7 text + 24 image
+    tokens, text first; sample 1's last 3 words padded). The additive ones and the bias in ``dtype`` (a torch
+    dtype); each test picks the forms it checks by name."""
+    import torch
+
+    B, M, L, heads = 2, 7, 31, 2
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, M - 3 : M] = False
+    per_head = torch.rand(heads, L, L, generator=torch.Generator().manual_seed(3)) > 0.3
+    per_head[..., 0] = True  # every row keeps a key
+    bias = torch.randn(1, 1, L, L, generator=torch.Generator().manual_seed(4))
+    return {
+        "boolean (B, L)": keep,
+        "boolean (B, 1, 1, L)": keep[:, None, None, :],
+        "additive (B, L)": torch.where(keep, 0.0, -10000.0).to(dtype),
+        "additive -inf (B, 1, 1, L)": torch.where(keep, 0.0, -torch.inf).to(dtype)[:, None, None, :],
+        "boolean per head (heads, L, L)": per_head,
+        "bias per query (1, 1, L, L)": bias.to(dtype),
+    }

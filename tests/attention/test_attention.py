@@ -47,6 +47,15 @@ def make_case(case: Case, rng):
     return q, k, v, mask, bias, case.scale
 
 
+def forward_backward(case: Case, rng):
+    """``case`` drawn by :func:`make_case`, then exact attention forward and backward on it in NumPy with a random
+    ``dout``: ``((q, k, v, mask, bias, scale), out, cache, dout, grads)``."""
+    q, k, v, mask, bias, scale = drawn = make_case(case, rng)
+    out, cache = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
+    dout = rng.standard_normal(out.shape)
+    return drawn, out, cache, dout, attention_backward(dout, cache)
+
+
 @pytest.fixture(params=["readable", "fast"])
 def exact_path(request, monkeypatch):
     """Run exact attention through the readable lines of exact.py or through exact_fast.py."""
@@ -88,10 +97,7 @@ def test_rows_sum_to_one_and_fully_masked_rows_are_zero(be, rng, exact_path):
 
 @pytest.mark.parametrize("name", CASES)
 def test_backends_agree_with_numpy(name, other_be, rng):
-    q, k, v, mask, bias, scale = make_case(CASES[name], rng)
-    out_np, cache_np = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
-    dout = rng.standard_normal(out_np.shape)
-    g_np = attention_backward(dout, cache_np)
+    (q, k, v, mask, bias, scale), out_np, _, dout, g_np = forward_backward(CASES[name], rng)
     out, cache = attention_forward(
         other_be(q), other_be(k), other_be(v), mask=other_be(mask), bias=other_be(bias), scale=scale
     )
@@ -120,10 +126,7 @@ def test_matches_torch_autograd_and_sdpa(name, rng, exact_path):
     import torch
     import torch.nn.functional as F
 
-    q, k, v, mask, bias, scale = make_case(CASES[name], rng)
-    out, cache = attention_forward(q, k, v, mask=mask, bias=bias, scale=scale)
-    dout = rng.standard_normal(out.shape)
-    grads = attention_backward(dout, cache)
+    (q, k, v, mask, bias, scale), out, cache, dout, grads = forward_backward(CASES[name], rng)
 
     def leaf(a):
         return torch.tensor(a, dtype=torch.float64, requires_grad=True)
@@ -169,6 +172,7 @@ def test_matches_torch_autograd_and_sdpa(name, rng, exact_path):
 # ---------------------------------------------------------------- properties
 
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
+seeds = st.integers(0, 2**31 - 1)
 
 
 def random_qkv(shape, seed):
@@ -178,8 +182,14 @@ def random_qkv(shape, seed):
     return rng, rng.standard_normal((N, d)), rng.standard_normal((M, d)), rng.standard_normal((M, dv))
 
 
+def random_bias_and_mask(rng, shape):
+    """A standard normal bias ``(N, M)`` and a mask ``(N, M)`` that keeps about 70% of the pairs."""
+    N, M, _, _ = shape
+    return rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
+
+
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1), p_keep=st.floats(0.0, 1.0))
+@given(shape=shapes, seed=seeds, p_keep=st.floats(0.0, 1.0))
 def test_property_rows_sum_to_one_or_zero(shape, seed, p_keep):
     N, M, d, dv = shape
     rng = np.random.default_rng(seed)
@@ -192,32 +202,30 @@ def test_property_rows_sum_to_one_or_zero(shape, seed, p_keep):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+@given(shape=shapes, seed=seeds)
 def test_property_permuting_queries_permutes_outputs(shape, seed):
-    N, M, d, dv = shape
     rng, q, k, v = random_qkv(shape, seed)
-    bias, mask = rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
-    perm = rng.permutation(N)
+    bias, mask = random_bias_and_mask(rng, shape)
+    perm = rng.permutation(len(q))
     out, _ = attention_forward(q, k, v, mask=mask, bias=bias)
     out_p, _ = attention_forward(q[perm], k, v, mask=mask[perm], bias=bias[perm])
     np.testing.assert_allclose(out_p, out[perm], rtol=1e-12, atol=1e-14)
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+@given(shape=shapes, seed=seeds)
 def test_property_permuting_key_value_pairs_changes_nothing(shape, seed):
-    N, M, d, dv = shape
     rng, q, k, v = random_qkv(shape, seed)
-    bias, mask = rng.standard_normal((N, M)), rng.random((N, M)) > 0.3
-    perm = rng.permutation(M)
+    bias, mask = random_bias_and_mask(rng, shape)
     out, cache = attention_forward(q, k, v, mask=mask, bias=bias)
+    perm = rng.permutation(len(k))
     out_p, cache_p = attention_forward(q, k[perm], v[perm], mask=mask[:, perm], bias=bias[:, perm])
     np.testing.assert_allclose(out_p, out, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(cache_p.weights, cache.weights[:, perm], rtol=1e-12, atol=1e-15)
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+@given(shape=shapes, seed=seeds)
 def test_property_a_masked_keys_value_has_no_effect(shape, seed):
     N, M, d, dv = shape
     rng, q, k, v = random_qkv(shape, seed)
@@ -235,7 +243,7 @@ def test_property_a_masked_keys_value_has_no_effect(shape, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1), magnitude=st.floats(1e2, 1e5))
+@given(shape=shapes, seed=seeds, magnitude=st.floats(1e2, 1e5))
 def test_property_huge_logits_stay_finite(shape, seed, magnitude):
     N, M, d, dv = shape
     rng, q, k, v = random_qkv(shape, seed)

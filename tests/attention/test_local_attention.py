@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,20 +34,27 @@ def make_maps(rng, lead, H, W, d, dv):
     )
 
 
+def as_pair(n):
+    """A window, shift or kernel as ``(rows, columns)``: an int stands for both."""
+    return (n, n) if isinstance(n, int) else tuple(n)
+
+
 def flat(x):
     """``(..., H, W, c) → (..., H·W, c)``, token = row·W + col."""
     return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
 
 
-def check_against_exact(be, rng, forward, backward, mask, case):
-    """``forward``/``backward`` on ``case``'s maps equal exact attention on the flattened tokens under ``mask``."""
+def check_against_exact(be, rng, forward, backward, make_mask, case):
+    """``forward``/``backward`` with ``case``'s options on its maps equal exact attention on the flattened tokens
+    under ``make_mask(H, W, **options)``; returns both caches."""
     lead, H, W, d, dv = case.unpack()
     scale = case.scale
+    mask = make_mask(H, W, **case.options)
     q, k, v = make_maps(rng, lead, H, W, d, dv)
     out_ref, cache_ref = attention_forward(flat(q), flat(k), flat(v), mask=mask, scale=scale)
     dout = rng.standard_normal((*lead, H, W, dv))
     g_ref = attention_backward(flat(dout), cache_ref)
-    out, cache = forward(be(q), be(k), be(v), scale=scale)
+    out, cache = forward(be(q), be(k), be(v), **case.options, scale=scale)
     grads = backward(be(dout), cache)
     assert be.is_native(out) and out.shape == (*lead, H, W, dv)
     assert rel_error(flat(np_(out)), out_ref) <= TOL
@@ -57,59 +65,71 @@ def check_against_exact(be, rng, forward, backward, mask, case):
     return cache, cache_ref
 
 
-# ---------------------------------------------------------------- window attention
+def check_finite_differences(rng, forward, backward, case):
+    """``backward`` matches central finite differences of ``forward`` with ``case``'s options (first lead only)."""
+    lead, H, W, d, dv = case.unpack()
+    q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
+    forward = partial(forward, **case.options, scale=case.scale)
+    errs = check_backward(forward, backward, {"q": q, "k": k, "v": v})
+    assert max(errs.values()) < FD_TOL, errs
+
+
+# ---------------------------------------------------------------- the cases: window and neighborhood attention
 
 
 @dataclass(frozen=True)
 class MapCase:
-    """q, k (*lead, H, W, d) and v (*lead, H, W, dv), with a window (and shift) or a neighborhood kernel."""
+    """q, k (*lead, H, W, d) and v (*lead, H, W, dv); the options of window attention (``window``, ``shift``) or of
+    neighborhood attention (``kernel``), which its mask takes too; the scale."""
 
     lead: tuple[int, ...]
-    H: int
-    W: int
-    d: int
-    dv: int
-    window: int | tuple[int, int] = 1
-    shift: int | tuple[int, int] = 0
-    kernel: int | tuple[int, int] = 1
+    grid: tuple[int, int]  # (H, W)
+    dims: tuple[int, int]  # (d, dv)
+    options: dict[str, Any]
     scale: float | None = None
 
     def unpack(self):
-        return self.lead, self.H, self.W, self.d, self.dv
+        return (self.lead, *self.grid, *self.dims)
 
 
 WINDOW_CASES = {
-    "no shift": MapCase((2,), 8, 12, 4, 3, window=4),
-    "Swin shift w/2": MapCase((2, 2), 8, 8, 3, 5, window=4, shift=2),
-    "shift 1": MapCase((1,), 6, 9, 2, 2, window=3, shift=1, scale=0.8),
-    "rectangular window and shift": MapCase((2,), 8, 6, 3, 3, window=(4, 2), shift=(3, 1)),
-    "one window = global": MapCase((1,), 4, 6, 3, 2, window=(4, 6)),
-    "1×1 windows": MapCase((2,), 3, 4, 2, 2, window=1),
+    "no shift": MapCase((2,), (8, 12), (4, 3), {"window": 4}),
+    "Swin shift w/2": MapCase((2, 2), (8, 8), (3, 5), {"window": 4, "shift": 2}),
+    "shift 1": MapCase((1,), (6, 9), (2, 2), {"window": 3, "shift": 1}, scale=0.8),
+    "rectangular window and shift": MapCase((2,), (8, 6), (3, 3), {"window": (4, 2), "shift": (3, 1)}),
+    "one window = global": MapCase((1,), (4, 6), (3, 2), {"window": (4, 6)}),
+    "1×1 windows": MapCase((2,), (3, 4), (2, 2), {"window": 1}),
 }
 WINDOW_FD_CASES = ["no shift", "Swin shift w/2", "shift 1", "rectangular window and shift"]
+
+NEIGHBORHOOD_CASES = {
+    "kernel 3": MapCase((2,), (7, 9), (4, 3), {"kernel": 3}),
+    "kernel 5": MapCase((2, 2), (8, 6), (3, 5), {"kernel": 5}, scale=0.6),
+    "kernel 7 on 7×10": MapCase((1,), (7, 10), (2, 2), {"kernel": 7}),
+    "rectangular kernel": MapCase((2,), (9, 5), (3, 3), {"kernel": (5, 3)}),
+    "kernel = map = global": MapCase((1,), (5, 3), (2, 2), {"kernel": (5, 3)}),
+    "kernel 1 = itself": MapCase((2,), (3, 4), (2, 2), {"kernel": 1}),
+}
+NEIGHBORHOOD_FD_CASES = ["kernel 3", "kernel 5", "kernel 7 on 7×10", "rectangular kernel"]
+
+
+# ---------------------------------------------------------------- window attention
 
 
 @pytest.mark.parametrize("name", WINDOW_CASES)
 def test_window_attention_equals_exact_attention_under_window_mask(name, be, rng):
     case = WINDOW_CASES[name]
-    lead, H, W, d, dv = case.unpack()
-    window, shift = case.window, case.shift
-    forward = partial(window_attention_forward, window=window, shift=shift)
-    mask = window_mask(H, W, window, shift)
-    cache, cache_ref = check_against_exact(be, rng, forward, window_attention_backward, mask, case)
-    wh, ww = (window, window) if isinstance(window, int) else window
+    cache, _ = check_against_exact(be, rng, window_attention_forward, window_attention_backward, window_mask, case)
+    lead, H, W, _, _ = case.unpack()
+    window = case.options["window"]
+    wh, ww = as_pair(window)
     assert tuple(cache.weights.shape) == (*lead, H // wh, W // ww, wh * ww, wh * ww)
     np.testing.assert_allclose(np_(cache.weights).sum(-1), 1.0, atol=1e-14)  # a pixel always sees itself
 
 
 @pytest.mark.parametrize("name", WINDOW_FD_CASES)
 def test_window_attention_backward_matches_finite_differences(name, rng):
-    case = WINDOW_CASES[name]
-    lead, H, W, d, dv = case.unpack()
-    q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
-    forward = partial(window_attention_forward, window=case.window, shift=case.shift, scale=case.scale)
-    errs = check_backward(forward, window_attention_backward, {"q": q, "k": k, "v": v})
-    assert max(errs.values()) < FD_TOL, errs
+    check_finite_differences(rng, window_attention_forward, window_attention_backward, WINDOW_CASES[name])
 
 
 def window_mask_by_definition(H, W, wh, ww, sh, sw):
@@ -130,8 +150,8 @@ def window_mask_by_definition(H, W, wh, ww, sh, sw):
 
 @pytest.mark.parametrize("H, W, window, shift", [(8, 8, 4, 0), (8, 8, 4, 2), (6, 9, 3, 1), (8, 6, (4, 2), (3, 1))])
 def test_window_mask_matches_its_definition(H, W, window, shift):
-    wh, ww = (window, window) if isinstance(window, int) else window
-    sh, sw = (shift, shift) if isinstance(shift, int) else shift
+    wh, ww = as_pair(window)
+    sh, sw = as_pair(shift)
     mask = window_mask(H, W, window, shift)
     np.testing.assert_array_equal(mask, window_mask_by_definition(H, W, wh, ww, sh, sw))
     np.testing.assert_array_equal(mask, mask.T)
@@ -170,26 +190,15 @@ def test_window_attention_bad_input(rng):
 
 # ---------------------------------------------------------------- neighborhood attention
 
-NEIGHBORHOOD_CASES = {
-    "kernel 3": MapCase((2,), 7, 9, 4, 3, kernel=3),
-    "kernel 5": MapCase((2, 2), 8, 6, 3, 5, kernel=5, scale=0.6),
-    "kernel 7 on 7×10": MapCase((1,), 7, 10, 2, 2, kernel=7),
-    "rectangular kernel": MapCase((2,), 9, 5, 3, 3, kernel=(5, 3)),
-    "kernel = map = global": MapCase((1,), 5, 3, 2, 2, kernel=(5, 3)),
-    "kernel 1 = itself": MapCase((2,), 3, 4, 2, 2, kernel=1),
-}
-NEIGHBORHOOD_FD_CASES = ["kernel 3", "kernel 5", "kernel 7 on 7×10", "rectangular kernel"]
-
 
 @pytest.mark.parametrize("name", NEIGHBORHOOD_CASES)
 def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(name, be, rng):
     case = NEIGHBORHOOD_CASES[name]
-    lead, H, W, d, dv = case.unpack()
-    kernel = case.kernel
-    forward = partial(neighborhood_attention_forward, kernel=kernel)
-    mask = neighborhood_mask(H, W, kernel)
-    cache, cache_ref = check_against_exact(be, rng, forward, neighborhood_attention_backward, mask, case)
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    forward, backward = neighborhood_attention_forward, neighborhood_attention_backward
+    cache, cache_ref = check_against_exact(be, rng, forward, backward, neighborhood_mask, case)
+    lead, H, W, _, _ = case.unpack()
+    kernel = case.options["kernel"]
+    kh, kw = as_pair(kernel)
     weights = np_(cache.weights)
     assert weights.shape == (*lead, H, W, kh * kw)
     # cache.weights[..., i, j, a·kw + b] is the exact weight of key (start(i) + a, start(j) + b)
@@ -205,11 +214,7 @@ def test_neighborhood_attention_equals_exact_attention_under_neighborhood_mask(n
 @pytest.mark.parametrize("name", NEIGHBORHOOD_FD_CASES)
 def test_neighborhood_attention_backward_matches_finite_differences(name, rng):
     case = NEIGHBORHOOD_CASES[name]
-    lead, H, W, d, dv = case.unpack()
-    q, k, v = make_maps(rng, lead[:1], H, W, d, dv)
-    forward = partial(neighborhood_attention_forward, kernel=case.kernel, scale=case.scale)
-    errs = check_backward(forward, neighborhood_attention_backward, {"q": q, "k": k, "v": v})
-    assert max(errs.values()) < FD_TOL, errs
+    check_finite_differences(rng, neighborhood_attention_forward, neighborhood_attention_backward, case)
 
 
 def natten_window_start(index, length, kernel):
@@ -221,7 +226,7 @@ def natten_window_start(index, length, kernel):
 
 @pytest.mark.parametrize("H, W, kernel", [(7, 9, 3), (8, 6, 5), (7, 10, 7), (9, 5, (5, 3)), (5, 3, (5, 3))])
 def test_neighborhood_mask_matches_natten_and_sees_exactly_kernel_squared_keys(H, W, kernel):
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    kh, kw = as_pair(kernel)
     mask = neighborhood_mask(H, W, kernel)
     want = np.zeros((H * W, H * W), dtype=bool)
     for i in range(H):

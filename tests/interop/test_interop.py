@@ -55,32 +55,43 @@ def module_gradients(module, params):
     return expected
 
 
-def run_diffusers_attention(case, seed=0):
-    """Forward and backward of one case in diffusers and in attention_ref; {output/grad name: rel error}."""
+def random_context_mask(rng, B, M, always):
+    """A random ``(B, M)`` context mask (True keeps a token) that keeps token ``always`` of every sample."""
+    mask = rng.random((B, M)) > 0.4
+    mask[:, always] = True
+    return mask
+
+
+def assert_matches_module(ours, grads, y, module, params, *, x, context):
+    """Our output ``ours`` and gradients ``grads`` agree to :data:`TOL` (relative) with the module's output ``y``
+    (B, C, H, W) and the gradients torch left in ``x``, ``context`` (None for self-attention) and the module."""
+    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), **module_gradients(module, params)}
+    if context is not None:
+        expected["context"] = context.grad.numpy()
+    errors = {"y": rel_error(ours, channels_last(y))}
+    errors.update(grad_errors(grads, expected))
+    assert max(errors.values()) <= TOL, errors
+
+
+@needs_diffusers
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_matches_diffusers_attention(case):
+    """Forward and backward of one case in diffusers and in attention_ref: the output and every gradient."""
     _, cross, groups, bias, out_bias, residual, rescale, heads, dim_head, C, (H, W), B, proc, masked = case
+    seed = 0
     rng = np.random.default_rng(seed)
     attn = Attention(
-        C,
-        cross_attention_dim=cross,
-        heads=heads,
-        dim_head=dim_head,
-        bias=bias,
-        out_bias=out_bias,
-        norm_num_groups=groups,
-        residual_connection=residual,
-        rescale_output_factor=rescale,
+        C, cross_attention_dim=cross, heads=heads, dim_head=dim_head, bias=bias, out_bias=out_bias,
+        norm_num_groups=groups, residual_connection=residual, rescale_output_factor=rescale,
         processor=PROCESSORS[proc](),
-    ).double()
+    ).double()  # fmt: skip
     randomise(attn, seed)
     params, options = from_diffusers(attn)
     x = leaf(rng, (B, C, H, W))
     context = leaf(rng, (B, 4, cross)) if cross else None
-    mask = None
+    mask = random_context_mask(rng, B, 4, always=0) if masked else None
     kwargs = {}
-    if masked:
-        mask = rng.random((B, 4)) > 0.4
-        mask[:, 0] = True
-        # diffusers' Attention takes an additive mask (B, 1, M): 0 keeps a token, -10000 drops it
+    if masked:  # diffusers' Attention takes an additive mask (B, 1, M): 0 keeps a token, -10000 drops it
         kwargs["attention_mask"] = torch.tensor(np.where(mask, 0.0, -10000.0)[:, None, :])
     y = attn(x, encoder_hidden_states=context, **kwargs)
     dy = rng.standard_normal(tuple(y.shape))
@@ -95,20 +106,8 @@ def run_diffusers_attention(case, seed=0):
     else:
         ours, cache = ar.self_attention_forward(channels_last(x), params, **options)
         grads = ar.self_attention_backward(dy_ours, cache)
-    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), **module_gradients(attn, params)}
-    if cross:
-        expected["context"] = context.grad.numpy()
-    errors = {"y": rel_error(ours, channels_last(y))}
-    errors.update(grad_errors(grads, expected))
+    assert_matches_module(ours, grads, y, attn, params, x=x, context=context)
     assert cache.weights.shape == (B, heads, H * W, 4 if cross else H * W)
-    return errors
-
-
-@needs_diffusers
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
-def test_matches_diffusers_attention(case):
-    errors = run_diffusers_attention(case)
-    assert max(errors.values()) <= TOL, errors
 
 
 @needs_diffusers
@@ -197,31 +196,24 @@ TRANSFORMER_CASES = [
 ]
 
 
-def run_transformer2d(case, seed=0):
+@needs_diffusers
+@pytest.mark.parametrize("case", TRANSFORMER_CASES, ids=[c[0] for c in TRANSFORMER_CASES])
+def test_matches_diffusers_transformer2d(case):
     _, linear, heads, head_dim, C, groups, D, layers, attn_bias, affine, (H, W), B, masked = case
     from diffusers.models import Transformer2DModel
 
+    seed = 0
     rng = np.random.default_rng(seed)
     model = Transformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        in_channels=C,
-        num_layers=layers,
-        norm_num_groups=groups,
-        cross_attention_dim=D,
-        attention_bias=attn_bias,
-        use_linear_projection=linear,
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=C, num_layers=layers,
+        norm_num_groups=groups, cross_attention_dim=D, attention_bias=attn_bias, use_linear_projection=linear,
         norm_elementwise_affine=affine,
-    ).double()
+    ).double()  # fmt: skip
     randomise(model, seed, std=0.3)
     params, options = from_diffusers_transformer2d(model)
     x, context = leaf(rng, (B, C, H, W)), leaf(rng, (B, 5, D))
-    mask = None
-    kwargs = {}
-    if masked:
-        mask = rng.random((B, 5)) > 0.4
-        mask[:, 1] = True
-        kwargs["encoder_attention_mask"] = torch.tensor(mask)
+    mask = random_context_mask(rng, B, 5, always=1) if masked else None
+    kwargs = {} if mask is None else {"encoder_attention_mask": torch.tensor(mask)}
     (y,) = model(x, encoder_hidden_states=context, return_dict=False, **kwargs)
     dy = rng.standard_normal(tuple(y.shape))
     y.backward(torch.tensor(dy))
@@ -229,20 +221,9 @@ def run_transformer2d(case, seed=0):
         channels_last(x), context.detach().numpy(), params, context_mask=mask, **options
     )
     grads = ar.spatial_transformer_backward(dy.transpose(0, 2, 3, 1), cache)
-    expected = {"x": x.grad.permute(0, 2, 3, 1).numpy(), "context": context.grad.numpy()}
-    expected.update(module_gradients(model, params))
-    errors = {"y": rel_error(ours, channels_last(y))}
-    errors.update(grad_errors(grads, expected))
+    assert_matches_module(ours, grads, y, model, params, x=x, context=context)
     assert cache.blocks[0].attn1.weights.shape == (B, heads, H * W, H * W)
     assert cache.blocks[0].attn2.weights.shape == (B, heads, H * W, 5)
-    return errors
-
-
-@needs_diffusers
-@pytest.mark.parametrize("case", TRANSFORMER_CASES, ids=[c[0] for c in TRANSFORMER_CASES])
-def test_matches_diffusers_transformer2d(case):
-    errors = run_transformer2d(case)
-    assert max(errors.values()) <= TOL, errors
 
 
 @needs_diffusers

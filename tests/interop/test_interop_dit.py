@@ -160,20 +160,10 @@ def test_every_attention_of_a_tiny_sd35_transformer_is_reproduced():
     from diffusers import SD3Transformer2DModel
 
     model = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=4,
-        pos_embed_max_size=8,
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
-    ).double()
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).double()  # fmt: skip
     randomise_model(model, np.random.default_rng(0))
     modules = {"0.attn": model.transformer_blocks[0].attn, "0.attn2": model.transformer_blocks[0].attn2}
     modules["1.attn"] = model.transformer_blocks[1].attn
@@ -212,16 +202,9 @@ def test_every_attention_of_a_tiny_flux_transformer_is_reproduced():
 
     axes = (2, 2, 4)
     model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        pooled_projection_dim=8,
-        axes_dims_rope=axes,
-    ).double()
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=8, axes_dims_rope=axes,
+    ).double()  # fmt: skip
     randomise_model(model, np.random.default_rng(0))
     modules = {"double": model.transformer_blocks[0].attn, "single": model.single_transformer_blocks[0].attn}
     rng = np.random.default_rng(1)

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0  # noqa: E402
+from dit_helpers import flux_masks  # noqa: E402
 
 from attention_ref.interop import trace  # noqa: E402
 from attention_ref.interop.toy_models import toy_unet  # noqa: E402
@@ -98,29 +99,22 @@ def test_joint_and_rope_families_equal_the_models_own_weights(family):
         assert {r.name for r in tr.layers} == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
 
 
-def _flux_masks():
-    """Masks FluxAttnProcessor takes (L = 7 text + 24 image tokens, text first; sample 1's last 3 words padded)."""
-    B, M, L, heads = 2, 7, 31, 2
-    keep = torch.ones(B, L, dtype=torch.bool)
-    keep[1, M - 3 : M] = False
-    per_head = torch.rand(heads, L, L, generator=torch.Generator().manual_seed(3)) > 0.3
-    per_head[..., 0] = True  # every row keeps a key
-    return {
-        "boolean (B, 1, 1, L)": keep[:, None, None, :],
-        "additive (B, L)": torch.where(keep, 0.0, -10000.0).double(),
-        "additive -inf (B, 1, 1, L)": torch.where(keep, 0.0, -torch.inf).double()[:, None, None, :],
-        "boolean per head (heads, L, L)": per_head,
-        "bias per query (1, 1, L, L)": torch.randn(1, 1, L, L, generator=torch.Generator().manual_seed(4)).double(),
-    }
-
-
-@pytest.mark.parametrize("kind", list(_flux_masks()))
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "boolean (B, 1, 1, L)",
+        "additive (B, L)",
+        "additive -inf (B, 1, 1, L)",
+        "boolean per head (heads, L, L)",
+        "bias per query (1, 1, L, L)",
+    ],
+)
 def test_flux_masks_are_read_as_its_processor_reads_them(kind):
     """A Flux call's attention_mask goes to scaled_dot_product_attention as it is: a (B, L) key mask per sample, any
     other shape broadcast to (B, heads, L, L); boolean or added to the logits. The maps equal the model's own."""
     model = toy_model("flux").double()
     args, kwargs = toy_inputs("flux", model)
-    kwargs["joint_attention_kwargs"] = {"attention_mask": _flux_masks()[kind]}
+    kwargs["joint_attention_kwargs"] = {"attention_mask": flux_masks(torch.float64)[kind]}
     options = {"self_queries": QUERIES, "heads": "all", "keep": "all", "dtype": "float64"}
     with diffusers_in_the_models_dtype(), torch.no_grad(), sdpa_probe(model) as probe, trace(model, **options) as tr:
         model(*args, **kwargs)

@@ -106,15 +106,19 @@ def test_resampling_backward_matches_finite_differences_and_the_adjoint(rng):
     np.testing.assert_allclose(avg_pool_backward(x, pcache)["x"], upsample_nearest_forward(x, 2)[0] / 4, rtol=1e-15)
 
 
+#: (resampling, the map's shape, factor, the error, its message)
+RESAMPLING_REFUSALS = [
+    (avg_pool_forward, (1, 5, 6, 2), 2, ValueError, r"5×6 map does not split into 2×2"),
+    (upsample_nearest_forward, (4, 4, 2), 2, ValueError, r"\(B, H, W, C\)"),
+    (upsample_nearest_forward, (1, 4, 4, 2), 0, ValueError, "factor must be at least 1, got 0"),
+    (avg_pool_forward, (1, 4, 4, 2), 2.0, TypeError, "factor must be an int, got float"),
+]
+
+
 def test_resampling_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"5×6 map does not split into 2×2"):
-        avg_pool_forward(np.zeros((1, 5, 6, 2)), 2)
-    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
-        upsample_nearest_forward(np.zeros((4, 4, 2)), 2)
-    with pytest.raises(ValueError, match="factor must be at least 1, got 0"):
-        upsample_nearest_forward(np.zeros((1, 4, 4, 2)), 0)
-    with pytest.raises(TypeError, match="factor must be an int, got float"):
-        avg_pool_forward(np.zeros((1, 4, 4, 2)), 2.0)
+    for resample, shape, factor, error, message in RESAMPLING_REFUSALS:
+        with pytest.raises(error, match=message):
+            resample(np.zeros(shape), factor)
     # a NumPy integer is an integer
     np.testing.assert_array_equal(avg_pool_forward(np.ones((1, 4, 4, 2)), np.int64(2))[0], np.ones((1, 2, 2, 2)))
     with pytest.raises(ValueError, match=r"does not match the output shape \(1, 8, 8, 2\)"):

@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 
 import torch.nn.functional as F  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, JointAttnProcessor2_0  # noqa: E402
+from dit_helpers import flux_masks  # noqa: E402
 
 from attention_ref.interop.toy_transformers import FAMILIES, toy_inputs, toy_model  # noqa: E402
 from attention_ref.testing import check_model  # noqa: E402
@@ -180,21 +181,6 @@ def test_a_planted_bug_fails_at_exactly_its_layer(family):
     assert [r.name for r in only.rows] == [where] and not only.ok
 
 
-def _flux_masks():
-    """Masks FluxAttnProcessor takes (L = 7 text + 24 image tokens, text first; sample 1's last 3 words padded)."""
-    B, M, L, heads = 2, 7, 31, 2
-    keep = torch.ones(B, L, dtype=torch.bool)
-    keep[1, M - 3 : M] = False
-    per_head = torch.rand(heads, L, L, generator=torch.Generator().manual_seed(3)) > 0.3
-    per_head[..., 0] = True  # every row keeps a key
-    return {
-        "boolean (B, L)": keep,
-        "additive (B, L)": torch.where(keep, 0.0, -10000.0),
-        "boolean (B, 1, 1, L)": keep[:, None, None, :],
-        "boolean per head (heads, L, L)": per_head,
-    }
-
-
 class FluxIgnoringTheMask:
     """Flux's attention computed without its attention_mask."""
 
@@ -209,13 +195,15 @@ class FluxIgnoringTheMask:
         return IgnoresTheMask()
 
 
-@pytest.mark.parametrize("kind", list(_flux_masks()))
+@pytest.mark.parametrize(
+    "kind", ["boolean (B, L)", "additive (B, L)", "boolean (B, 1, 1, L)", "boolean per head (heads, L, L)"]
+)
 def test_flux_calls_with_a_mask_are_judged_as_its_processor_reads_it(models, kind):
     """check_joint_call reads a Flux call's mask by the processor's rule (one reader with the trace's): the default
     processor passes with it, and one that ignores it fails at every layer."""
     model = models["flux"]
     args, kwargs = toy_inputs("flux", model)
-    kwargs["joint_attention_kwargs"] = {"attention_mask": _flux_masks()[kind]}
+    kwargs["joint_attention_kwargs"] = {"attention_mask": flux_masks(torch.float32)[kind]}
     report = check_model(model, *args, dtype="float32", **kwargs)
     assert report.ok and all(r.verdict == "ok" for r in report.rows), report.format(verbose=False)
     buggy = toy_model("flux")

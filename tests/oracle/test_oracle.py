@@ -9,7 +9,7 @@ import numpy as np
 import oracle_impls as impl
 import oracle_kernels as kernels
 import pytest
-from conftest import HAS_TORCH
+from conftest import needs_torch
 
 from attention_ref.testing import (
     CASE_NAMES,
@@ -29,7 +29,6 @@ from attention_ref.testing.rounding import RoundingModel
 from attention_ref.testing.tolerance import OUTPUTS, reference, simulate_attention_core, simulated_attention
 
 LOW = ["float32", "float16", "bfloat16"]
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import oracle_impls as impl
 import pytest
-from conftest import HAS_TORCH
+from conftest import needs_torch
 
 from attention_ref.testing import (
     CASE_NAMES,
-    Case,
     NotSupported,
     assert_attention_close,
     battery,
@@ -22,15 +21,7 @@ from attention_ref.testing.dtypes import numpy_dtype
 from attention_ref.testing.examples import numpy_attention, numpy_attention_grad
 from attention_ref.testing.harness import UsageError
 
-LOW = ["float32", "float16", "bfloat16"]
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def by_name(name: str) -> Case:
-    return next(c for c in battery() if c.name == name)
 
 
 # ---------------------------------------------------------------- the report

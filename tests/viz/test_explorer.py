@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from explorer_helpers import TOKENS, C, H, W, decoded, make_cross_cache, make_self_cache, page_json
+from explorer_helpers import TOKENS, C, H, W, decoded, page_json
 
 from attention_ref import (
     init_self_attention,
@@ -17,16 +17,6 @@ from attention_ref import (
 )
 from attention_ref.viz import Explorer, ExplorerLayer, explore, load_explorer, pixels_of_positions
 from attention_ref.viz import explorer as explorer_module
-
-
-@pytest.fixture
-def self_cache(rng):
-    return make_self_cache(rng)
-
-
-@pytest.fixture
-def cross_cache(rng):
-    return make_cross_cache(rng)
 
 
 def uniform(S: int, heads: int, Q: int, K: int) -> np.ndarray:

@@ -31,18 +31,12 @@ from browser_helpers import (
     assert_colours,
     make_cross_cache,
     make_self_cache,
-    open_browser,
 )
 
 from attention_ref import init_self_attention, self_attention_forward
 from attention_ref.viz import Explorer, ExplorerLayer, explore
 
 pytestmark = pytest.mark.skipif(WHY_NO_BROWSER is not None, reason=str(WHY_NO_BROWSER))
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    yield from open_browser(tmp_path_factory)
 
 
 @pytest.fixture

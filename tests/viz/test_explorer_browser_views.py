@@ -20,17 +20,11 @@ from browser_helpers import (
     Page,
     W,
     assert_colours,
-    open_browser,
 )
 
 from attention_ref.viz import Explorer, ExplorerLayer
 
 pytestmark = pytest.mark.skipif(WHY_NO_BROWSER is not None, reason=str(WHY_NO_BROWSER))
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    yield from open_browser(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,11 @@ import re
 
 import numpy as np
 import pytest
-from explorer_helpers import TOKENS, H, W, decoded, make_cross_cache, make_self_cache, page_json
+from explorer_helpers import TOKENS, H, W, decoded, page_json
 
 from attention_ref.cli import main as cli_main
 from attention_ref.viz import Explorer, ExplorerLayer, explore, load_explorer, sample_explorer
 from attention_ref.viz import explorer as explorer_module
-
-
-@pytest.fixture
-def self_cache(rng):
-    return make_self_cache(rng)
-
-
-@pytest.fixture
-def cross_cache(rng):
-    return make_cross_cache(rng)
 
 
 # ---------------------------------------------------------------- the page
