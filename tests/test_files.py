@@ -267,6 +267,9 @@ def test_a_model_file_names_what_is_wrong(tmp_path):
     (tmp_path / "logged.json").write_text("[not json")
     with pytest.raises(ValueError, match=r"logged.json: not JSON"):
         DiffusionModel.load(tmp_path / "logged.npz")
+    (tmp_path / "logged.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"logged.json: the training log must be a JSON object, got list"):
+        DiffusionModel.load(tmp_path / "logged.npz")
 
 
 def test_a_trace_file_names_what_is_wrong(tmp_path):
