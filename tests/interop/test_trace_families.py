@@ -418,6 +418,9 @@ def test_verify_marks_a_layer_whose_processor_edits_the_weights():
     with pytest.warns(TraceWarning, match="marked edited"):
         tr.token_maps()
     tr.token_maps(layers=[r for r in tr.layers if not r.edited])  # no warning without it
+    with pytest.warns(TraceWarning, match="marked edited") as caught:
+        tr.explorer()
+    assert caught[0].filename == __file__  # the warning points at the caller of tr.explorer()
 
 
 def test_wan_image_to_video_context_is_its_own_part_and_checked():

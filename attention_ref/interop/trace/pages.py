@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 
 from ...viz.explorer import Explorer, ExplorerLayer
-from .reading import warn_edited
-from .records import LayerRecord, token_kinds
+from .records import LayerRecord
 
-__all__ = ["record_explorer_layer", "trace_explorer"]
+__all__ = ["explorer_page", "record_explorer_layer"]
 
 
 def record_explorer_layer(record: LayerRecord, batch: int = 0, name: str | None = None) -> ExplorerLayer:
@@ -45,51 +44,18 @@ def record_explorer_layer(record: LayerRecord, batch: int = 0, name: str | None 
                          head_mean=record.head_mean)  # fmt: skip
 
 
-def trace_explorer(
-    trace: Any,
-    batch: int = 0,
+def explorer_page(
+    chosen: Sequence[LayerRecord],
+    batch: int,
     *,
-    layers: Any = None,
-    image: Any = None,
-    tokens: Sequence[str] | None = None,
-    prompt: str | None = None,
-    tokenizer: Any = None,
-    title: str = "Traced attention",
-    notes: str = "",
+    image: Any,
+    tokens: Sequence[str] | None,
+    steps: Sequence[str] | None,
+    title: str,
+    notes: str,
 ) -> Explorer:
-    """:meth:`.reading.TraceReading.explorer`: the explorer page of a trace's layers for sample ``batch``."""
-    chosen = trace.select(layers)
-    if layers is None:
-        # temporal layers have no map of pixels; an IP-Adapter's image part has other tokens than the text
-        chosen = [r for r in chosen if r.kind != "temporal" and not (r.kind in token_kinds() and r.part)]
-    if not chosen:
-        raise ValueError("no layer was traced (or chosen)")
-    warn_edited(chosen, stacklevel=4)  # the caller of tr.explorer()
-    cross = [r for r in chosen if r.kind in token_kinds()]
-    if tokens is None and prompt is not None and cross:
-        if tokenizer is None:
-            raise ValueError("prompt= needs tokenizer=")
-        M = cross[0].keys
-        ids = tokenizer(prompt, padding="max_length", max_length=M, truncation=True)["input_ids"]
-        tokens = tokenizer.convert_ids_to_tokens(list(ids))
-    if tokens is None and cross:
-        tokens = [f"#{t}" for t in range(cross[0].keys)]
-    step_labels = None
-    if trace.keep == "all":
-        counts = {r.calls for r in chosen}
-        if len(counts) != 1:
-            raise ValueError(
-                f"the chosen layers were called different numbers of times ({sorted(counts)}); choose layers="
-            )
-        steps = chosen[0].steps
-        if len(steps) > 1:
-            step_labels = [_step_label(i, trace.timesteps[i] if i < len(trace.timesteps) else None) for i in steps]
+    """The :class:`~attention_ref.viz.Explorer` of the records :meth:`.reading.TraceReading.explorer` chose, for
+    sample ``batch``, with the tokens and step labels it read off the trace."""
     return Explorer(layers=tuple(r.explorer_layer(batch) for r in chosen), image=image,
-                    tokens=None if tokens is None else tuple(tokens), steps=step_labels, title=title,
+                    tokens=None if tokens is None else tuple(tokens), steps=steps, title=title,
                     notes=notes)  # fmt: skip
-
-
-def _step_label(index: int, t: Any) -> str:
-    if isinstance(t, float):
-        return f"t={t:g}"
-    return f"call {index}"

@@ -242,10 +242,35 @@ class TraceReading:
         per call, labelled with ``tr.timesteps``. ``image``: any ``(h, w)`` or ``(h, w, 3)`` image in [0, 1]
         or uint8 (e.g. the generated image). Imports :mod:`attention_ref.viz` (matplotlib): :mod:`.pages`.
         """
-        from .pages import trace_explorer  # viz, hence matplotlib (an optional extra): imported when a page is made
+        from .pages import explorer_page  # viz, hence matplotlib (an optional extra): imported when a page is made
 
-        return trace_explorer(self, batch, layers=layers, image=image, tokens=tokens, prompt=prompt,
-                              tokenizer=tokenizer, title=title, notes=notes)  # fmt: skip
+        chosen = self.select(layers)
+        if layers is None:
+            # temporal layers have no map of pixels; an IP-Adapter's image part has other tokens than the text
+            chosen = [r for r in chosen if r.kind != "temporal" and not (r.kind in token_kinds() and r.part)]
+        if not chosen:
+            raise ValueError("no layer was traced (or chosen)")
+        warn_edited(chosen)
+        cross = [r for r in chosen if r.kind in token_kinds()]
+        if tokens is None and prompt is not None and cross:
+            if tokenizer is None:
+                raise ValueError("prompt= needs tokenizer=")
+            M = cross[0].keys
+            ids = tokenizer(prompt, padding="max_length", max_length=M, truncation=True)["input_ids"]
+            tokens = tokenizer.convert_ids_to_tokens(list(ids))
+        if tokens is None and cross:
+            tokens = [f"#{t}" for t in range(cross[0].keys)]
+        step_labels = None
+        if self.keep == "all":
+            counts = {r.calls for r in chosen}
+            if len(counts) != 1:
+                raise ValueError(
+                    f"the chosen layers were called different numbers of times ({sorted(counts)}); choose layers="
+                )
+            steps = chosen[0].steps
+            if len(steps) > 1:
+                step_labels = [_step_label(i, self.timesteps[i] if i < len(self.timesteps) else None) for i in steps]
+        return explorer_page(chosen, batch, image=image, tokens=tokens, steps=step_labels, title=title, notes=notes)
 
     def summary(self) -> str:
         """One line per traced layer (name, kind, grid, heads, calls), then the modules not traced and why."""
@@ -268,6 +293,13 @@ class TraceReading:
 
     def __repr__(self) -> str:
         return f"<Trace of {type(self.root).__name__}: {len(self.layers)} layers, {len(self.timesteps)} calls>"
+
+
+def _step_label(index: int, t: Any) -> str:
+    """A page's label of one traced call: its timestep, else its index."""
+    if isinstance(t, float):
+        return f"t={t:g}"
+    return f"call {index}"
 
 
 def warn_edited(chosen: Sequence[LayerRecord], stacklevel: int = 3) -> None:
