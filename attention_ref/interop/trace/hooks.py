@@ -73,7 +73,7 @@ def _timestep_value(t: Any) -> Any:
 class Trace(TraceReading, BlockGrids):
     """The attention weights of a model's attention modules during a run (:mod:`attention_ref.interop.trace`).
 
-    Made by :func:`trace`; use as a context manager. After the ``with`` block:
+    Made by ``trace(model, ...)`` (the same class) and used as a context manager. After the ``with`` block:
 
     * ``tr.layers``: one :class:`LayerRecord` per traced map (a module, or a part of one), in the order of
       their first call;
@@ -94,6 +94,37 @@ class Trace(TraceReading, BlockGrids):
         layers: Any = None,
         verify: bool = False,
     ) -> None:
+        """Record the attention weights of every attention call inside ``model`` (a context manager).
+
+        Inputs:
+            model: a ``UNet2DConditionModel``, a transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+                ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``, ``SanaTransformer2DModel``,
+                ``WanTransformer3DModel``, ``Transformer2DModel``), a video U-Net (``UNetSpatioTemporalConditionModel``,
+                ``UNetMotionModel``), a VAE, any ``torch.nn.Module`` holding such attention modules, or a pipeline
+                with ``.unet`` or ``.transformer``.
+            self_queries: fractional ``(y, x)`` positions in [0, 1] (``(Q, 2)``, or one pair) whose self-attention
+                (and temporal) rows to record at every resolution; ``"all"`` for every row (``N × N``); default none
+                (self-attention is not traced).
+            heads: ``"mean"`` (default): keep the mean over the heads; ``"all"``: every head.
+            keep: ``"sum"`` (default): per layer, the sum over the calls; ``"all"``: every call.
+            dtype: ``"float32"`` (default) or ``"float64"``: what the weights are computed in.
+            layers: which modules to trace: a module path, a glob on the paths (``"transformer_blocks.1*"``), a kind
+                (``"self"``, ``"cross"``, ``"joint"``, ``"temporal"``), a list of these, or a predicate
+                ``(name, kind) -> bool``; default every module (self and temporal rows only with ``self_queries``).
+            verify: also compare each traced call's output, recomputed by the reference, with the module's real
+                output (``check_model``'s rule); a layer whose processor does not compute the standard weights
+                (prompt-to-prompt, PAG, …) is marked ``edited`` (slow: the whole attention of each call is recomputed
+                in float64 on the host).
+
+        After the run:
+            ``with trace(model) as tr: model(...)`` fills ``tr.layers``. A run that recorded no
+            layer warns (:class:`TraceWarning`) saying which layers were called and why none was kept.
+
+        Raises:
+            NotImplementedError at entry, naming the module, for an attention module the reference does not express;
+            ValueError at entry for a ``layers=`` glob that matches no module, and during the run for a layer whose
+            grid cannot be found or whose inputs do not fit.
+        """
         if heads not in HEADS:
             raise ValueError(f"heads must be one of {list(HEADS)}, got {heads!r}")
         if keep not in KEEP:
@@ -353,45 +384,5 @@ class Trace(TraceReading, BlockGrids):
         return f"<Trace of {type(self.root).__name__}: {len(self.layers)} layers, {len(self.timesteps)} calls>"
 
 
-def trace(
-    model: Any,
-    *,
-    self_queries: Any = (),
-    heads: str = "mean",
-    keep: str = "sum",
-    dtype: str = "float32",
-    layers: Any = None,
-    verify: bool = False,
-) -> Trace:
-    """Record the attention weights of every attention call inside ``model`` (a context manager).
-
-    Inputs:
-        model: a ``UNet2DConditionModel``, a transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
-            ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``, ``SanaTransformer2DModel``,
-            ``WanTransformer3DModel``, ``Transformer2DModel``), a video U-Net (``UNetSpatioTemporalConditionModel``,
-            ``UNetMotionModel``), a VAE, any ``torch.nn.Module`` holding such attention modules, or a pipeline
-            with ``.unet`` or ``.transformer``.
-        self_queries: fractional ``(y, x)`` positions in [0, 1] (``(Q, 2)``, or one pair) whose self-attention
-            (and temporal) rows to record at every resolution; ``"all"`` for every row (``N × N``); default none
-            (self-attention is not traced).
-        heads: ``"mean"`` (default): keep the mean over the heads; ``"all"``: every head.
-        keep: ``"sum"`` (default): per layer, the sum over the calls; ``"all"``: every call.
-        dtype: ``"float32"`` (default) or ``"float64"``: what the weights are computed in.
-        layers: which modules to trace: a module path, a glob on the paths (``"transformer_blocks.1*"``), a kind
-            (``"self"``, ``"cross"``, ``"joint"``, ``"temporal"``), a list of these, or a predicate
-            ``(name, kind) -> bool``; default every module (self and temporal rows only with ``self_queries``).
-        verify: also compare each traced call's output, recomputed by the reference, with the module's real
-            output (``check_model``'s rule); a layer whose processor does not compute the standard weights
-            (prompt-to-prompt, PAG, …) is marked ``edited`` (slow: the whole attention of each call is recomputed
-            in float64 on the host).
-
-    Returns:
-        A :class:`Trace`; ``with trace(model) as tr: model(...)`` fills ``tr.layers``. A run that recorded no
-        layer warns (:class:`TraceWarning`) saying which layers were called and why none was kept.
-
-    Raises:
-        NotImplementedError at entry, naming the module, for an attention module the reference does not express;
-        ValueError at entry for a ``layers=`` glob that matches no module, and during the run for a layer whose
-        grid cannot be found or whose inputs do not fit.
-    """
-    return Trace(model, self_queries=self_queries, heads=heads, keep=keep, dtype=dtype, layers=layers, verify=verify)
+#: ``with trace(model) as tr:`` — :class:`Trace` itself, under the name a ``with`` statement reads best with.
+trace = Trace
