@@ -25,7 +25,7 @@ The block checks (:mod:`.blocks`) allow ``c·(the simulated blocks' error) + f·
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -150,20 +150,40 @@ def _block_inputs(
     return np.asarray(x, dtype=np.float64), context, p, mask
 
 
+@dataclass(frozen=True)
+class _BlockOptions:
+    """The map block's options, defaulting as :func:`attention_ref.self_attention_forward` does."""
+
+    heads: int
+    groups: int = 32  # the group norm's groups
+    eps: float = 1e-6  # the group norm's variance epsilon
+    residual: bool = True  # x + the projection
+    rescale: float = 1.0  # the output (and so dy) divided by it
+    scale: float | None = None  # multiplies q kᵀ; None for 1/sqrt(d)
+
+
+def _block_options(options: Mapping[str, Any]) -> _BlockOptions:
+    """``options`` (as :func:`attention_ref.interop.from_diffusers` returns them) read into :class:`_BlockOptions`.
+
+    ``ValueError`` naming the keys a map block does not take, or for a missing ``"heads"``.
+    """
+    unknown = sorted(set(options) - {f.name for f in fields(_BlockOptions)}, key=str)
+    if unknown:
+        raise ValueError(f"options {unknown} are not a map block's (heads, groups, eps, residual, rescale, scale)")
+    if "heads" not in options:
+        raise ValueError(f"options must hold 'heads'; got {sorted(options, key=str)}")
+    return _BlockOptions(**options)
+
+
 def simulated_block(
     x: np.ndarray,
     context: np.ndarray | None,
     params: Mapping[str, np.ndarray],
     dy: np.ndarray | None,
+    options: Mapping[str, Any],
     *,
     dtype: str,
     rng: np.random.Generator,
-    heads: int,
-    groups: int = 32,
-    eps: float = 1e-6,
-    residual: bool = True,
-    rescale: float = 1.0,
-    scale: float | None = None,
     context_mask: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     arithmetic: str = "eager",
@@ -173,35 +193,41 @@ def simulated_block(
     Inputs:
         x: ``(B, H, W, C)``; context: ``(B, M, D)`` or ``None``; dy: ``(B, H, W, C_out)``, or ``None`` for the
             forward only.
-        params, options (heads … scale): as for :func:`attention_ref.self_attention_forward` /
-            ``cross_attention_forward``; context_mask: ``(B, M)`` (cross-attention) and mask: broadcastable to
-            ``(B, heads, H·W, H·W)`` (self-attention), True = may attend.
+        params: as for :func:`attention_ref.self_attention_forward` / ``cross_attention_forward``.
+        options: the block's keyword options as one mapping, as for :func:`attention_ref.self_attention_forward`
+            (and as :func:`attention_ref.interop.from_diffusers` returns them): ``"heads"`` (required; divides
+            ``inner``, ``d = inner/heads``), ``"groups"`` (32) and ``"eps"`` (1e-6) of the group norm,
+            ``"residual"`` (True: ``x`` added), ``"rescale"`` (1.0: the output divided by it), ``"scale"``
+            (``None``: ``1/sqrt(d)``). ``ValueError`` for any other key.
+        context_mask: ``(B, M)`` (cross-attention) and mask: broadcastable to ``(B, heads, H·W, H·W)``
+            (self-attention), True = may attend.
         dtype: the dtype under test; rng: where the errors come from; arithmetic: the attention's, ``"fused"``
             or ``"eager"`` (:class:`~attention_ref.testing.Policy`).
 
     Returns:
         ``{"y"}`` and, with ``dy``, ``"x"``, ``"context"`` (cross-attention) and every params key: float64.
     """
+    opts = _block_options(options)
     r = RoundingModel(dtype, rng)
     x, context, p, attn_mask = _block_inputs(x, context, params, mask, context_mask)
     B, H, W, C = x.shape
     h, norm = x, None
     if "norm.weight" in p:
-        h, norm = _group_norm(r, x, p["norm.weight"], p.get("norm.bias"), groups, eps)
+        h, norm = _group_norm(r, x, p["norm.weight"], p.get("norm.bias"), opts.groups, opts.eps)
     tokens = h.reshape(B, H * W, C)  # (B, N, C)
     source = tokens if context is None else context  # (B, M, D)
     q, k, v = (linear(r, a, p, n) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
-    qh, kh, vh = (split_heads(a, heads) for a in (q, k, v))  # (B, heads, ·, d)
+    qh, kh, vh = (split_heads(a, opts.heads) for a in (q, k, v))  # (B, heads, ·, d)
     do = None
     if dy is not None:
         dsum = np.asarray(dy, dtype=np.float64)
-        dsum = r.rel(dsum / rescale, r.u, r.w) if rescale != 1.0 else dsum
-        do = split_heads(r.rel(r.matmul(dsum.reshape(B, H * W, -1), p["out.weight"].T), r.w), heads)
-    oh, g = attention_by_head(r, qh, kh, vh, do, attn_mask, scale, arithmetic)
+        dsum = r.rel(dsum / opts.rescale, r.u, r.w) if opts.rescale != 1.0 else dsum
+        do = split_heads(r.rel(r.matmul(dsum.reshape(B, H * W, -1), p["out.weight"].T), r.w), opts.heads)
+    oh, g = attention_by_head(r, qh, kh, vh, do, attn_mask, opts.scale, arithmetic)
     o = merge_heads(oh)  # (B, N, inner)
     proj = linear(r, o, p, "out").reshape(B, H, W, -1)
-    y = r.rel(x + proj, r.u, r.w) if residual else proj
-    y = r.rel(y / rescale, r.u, r.w) if rescale != 1.0 else y
+    y = r.rel(x + proj, r.u, r.w) if opts.residual else proj
+    y = r.rel(y / opts.rescale, r.u, r.w) if opts.rescale != 1.0 else y
     if dy is None:
         return {"y": y}
     grads: dict[str, np.ndarray] = {"y": y}
@@ -220,7 +246,7 @@ def simulated_block(
     dx = d_tokens.reshape(B, H, W, C)
     if norm is not None:
         dx = _group_norm_back(r, dx, norm, p, grads)
-    grads["x"] = r.rel(dx + dsum, r.u, r.w) if residual else dx
+    grads["x"] = r.rel(dx + dsum, r.u, r.w) if opts.residual else dx
     return grads
 
 
@@ -242,21 +268,22 @@ class _Forward:
     scale: float
 
 
-def _exact_forward(x: np.ndarray, context: np.ndarray | None, p: dict[str, np.ndarray], heads: int, groups: int,
-                   eps: float, scale: float | None, mask: np.ndarray | None) -> _Forward:  # fmt: skip
+def _exact_forward(
+    x: np.ndarray, context: np.ndarray | None, p: dict[str, np.ndarray], opts: _BlockOptions, mask: np.ndarray | None
+) -> _Forward:
     """The exact block's forward on :func:`_block_inputs`' float64 arrays."""
     B, H, W, C = x.shape
     h, norm = x, None
     if "norm.weight" in p:
-        h, norm = group_norm_forward(x, p["norm.weight"], p.get("norm.bias"), groups=groups, eps=eps)
+        h, norm = group_norm_forward(x, p["norm.weight"], p.get("norm.bias"), groups=opts.groups, eps=opts.eps)
     tokens = h.reshape(B, H * W, C)
     source = tokens if context is None else context
 
     def project(a: np.ndarray, name: str) -> np.ndarray:
         return a @ p[f"{name}.weight"] + p.get(f"{name}.bias", 0.0)
 
-    qh, kh, vh = (split_heads(project(a, n), heads) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
-    scale = qh.shape[-1] ** -0.5 if scale is None else scale
+    qh, kh, vh = (split_heads(project(a, n), opts.heads) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
+    scale = qh.shape[-1] ** -0.5 if opts.scale is None else opts.scale
     P, _ = softmax_forward(scale * (qh @ _t(kh)), mask=mask)
     oh = P @ vh
     return _Forward(x, p, norm, tokens, source, qh, kh, vh, P, oh, merge_heads(oh), scale)
@@ -267,13 +294,8 @@ def block_magnitudes(
     context: np.ndarray | None,
     params: Mapping[str, np.ndarray],
     dy: np.ndarray | None,
+    options: Mapping[str, Any],
     *,
-    heads: int,
-    groups: int = 32,
-    eps: float = 1e-6,
-    residual: bool = True,
-    rescale: float = 1.0,
-    scale: float | None = None,
     context_mask: np.ndarray | None = None,
     mask: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -283,9 +305,20 @@ def block_magnitudes(
     its rounding errors when each term is off by one unit in its last place with a random sign.
     Unlike ``|X|`` it does not vanish where a gradient is zero by cancellation (a one-token context
     makes ``dS``, and with it ``dq`` and the query and key weights' gradients, exactly 0).
+
+    Inputs:
+        x, context, params, dy, context_mask, mask: as for :func:`simulated_block`.
+        options: the block's keyword options as one mapping, as for :func:`attention_ref.self_attention_forward`
+            (``"heads"`` required; ``"groups"``, ``"eps"``, ``"residual"``, ``"rescale"``, ``"scale"`` default as
+            there); ``ValueError`` for any other key.
+
+    Returns:
+        ``{"y": max‖y‖}`` and, with ``dy``, the same for ``"x"``, ``"context"`` (cross-attention) and every params
+        key: floats.
     """
+    opts = _block_options(options)
     x, context, p, attn_mask = _block_inputs(x, context, params, mask, context_mask)
-    f = _exact_forward(x, context, p, heads, groups, eps, scale, attn_mask)
+    f = _exact_forward(x, context, p, opts, attn_mask)
     sq = {n: w * w for n, w in f.p.items()}  # squared weights
     B, H, W, C = f.x.shape
     out: dict[str, np.ndarray] = {}  # squared magnitudes
@@ -298,11 +331,11 @@ def block_magnitudes(
         return g2 @ sq[f"{name}.weight"].T
 
     proj2 = (f.o * f.o) @ sq["out.weight"] + (sq["out.bias"] if "out.bias" in sq else 0.0)
-    out["y"] = ((f.x * f.x if residual else 0.0) + proj2.reshape(B, H, W, -1)) / rescale**2
+    out["y"] = ((f.x * f.x if opts.residual else 0.0) + proj2.reshape(B, H, W, -1)) / opts.rescale**2
     if dy is None:
         return {"y": float(np.sqrt(np.max(out["y"])))}
-    dsum2 = np.asarray(dy, dtype=np.float64) ** 2 / rescale**2
-    do2 = split_heads(linear_back(dsum2.reshape(B, H * W, -1), f.o, "out"), heads)
+    dsum2 = np.asarray(dy, dtype=np.float64) ** 2 / opts.rescale**2
+    do2 = split_heads(linear_back(dsum2.reshape(B, H * W, -1), f.o, "out"), opts.heads)
     P2 = f.P * f.P
     dvh2 = _t(P2) @ do2
     # ‖dS‖² = P² ∘ (‖dO‖² V² + Σ_c ‖dO‖² O²): the terms of dP and of D = dO·O
@@ -324,7 +357,7 @@ def block_magnitudes(
         g_mean = np.mean(g2, axis=(1, 3), keepdims=True)
         gx_mean = np.mean(g2 * xhat2, axis=(1, 3), keepdims=True)
         dx2 = (f.norm.rstd**2 * (g2 + g_mean + xhat2 * gx_mean)).reshape(B, H, W, C)
-    out["x"] = dx2 + dsum2 if residual else dx2
+    out["x"] = dx2 + dsum2 if opts.residual else dx2
     keep = ("y", "x", "context", *params)
     return {n: float(np.sqrt(np.max(v))) if np.size(v) else 0.0 for n, v in out.items() if n in keep}
 
@@ -366,8 +399,8 @@ def block_yardstick(
     """Per output, the root-mean-square over ``samples`` simulated blocks of ``max|X_sim − X₆₄|``."""
 
     def simulate(r: RoundingModel) -> dict[str, np.ndarray]:
-        return simulated_block(x, context, params, dy, dtype=dtype, rng=r.rng, context_mask=context_mask, mask=mask,
-                               arithmetic=arithmetic, **options)  # fmt: skip
+        return simulated_block(x, context, params, dy, options, dtype=dtype, rng=r.rng, context_mask=context_mask,
+                               mask=mask, arithmetic=arithmetic)  # fmt: skip
 
     yard = largest_error_rms(simulate, exact, dtype, samples=samples, seed=seed)
     return {n: errors[0] for n, errors in yard.items()}

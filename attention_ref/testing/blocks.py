@@ -189,7 +189,7 @@ def check_diffusers_attention(
             exact, as64["x"], as64["c"], params64, as64["dy"], options, dtype=dtype, samples=policy.samples,
             seed=[seed, i, DTYPES.index(dtype)], context_mask=mask, arithmetic=policy.arithmetic,
         )  # fmt: skip
-        magnitudes = block_magnitudes(as64["x"], as64["c"], params64, as64["dy"], context_mask=mask, **options)
+        magnitudes = block_magnitudes(as64["x"], as64["c"], params64, as64["dy"], options, context_mask=mask)
         for key in keys:
             checks.append(
                 compare_output(
@@ -357,7 +357,7 @@ def check_attention_call(
     yard = block_yardstick(exact, x, context, params, None, options, dtype=dtype, samples=policy.samples,
                             seed=seed_, context_mask=context_mask, mask=mask,
                             arithmetic=policy.arithmetic)  # fmt: skip
-    magnitude = block_magnitudes(x, context, params, None, context_mask=context_mask, mask=mask, **options)["y"]
+    magnitude = block_magnitudes(x, context, params, None, options, context_mask=context_mask, mask=mask)["y"]
     check = compare_output(name, "y", got, exact["y"], yard["y"], max(magnitude, float(np.max(np.abs(exact["y"])))),
                            dtype, policy=policy, kind="out", last_rounding=True)  # fmt: skip
     return check if not note else dataclasses.replace(check, note=note if check.ok else f"{check.note} {note}".strip())

@@ -80,8 +80,8 @@ def test_the_simulated_block_without_rounding_is_the_reference_block(cross, monk
     else:
         y, cache = ar.self_attention_forward(x, params, **options)
         grads = ar.self_attention_backward(dy, cache)
-    model = simulated_block(x, context, params, dy, dtype="float64", rng=rng, context_mask=mask, **options)
-    magnitudes = block_magnitudes(x, context, params, dy, context_mask=mask, **options)
+    model = simulated_block(x, context, params, dy, options, dtype="float64", rng=rng, context_mask=mask)
+    magnitudes = block_magnitudes(x, context, params, dy, options, context_mask=mask)
     assert set(model) == set(magnitudes) == {"y", *grads}
     for key, value in {"y": y, **grads}.items():
         # root-sum-squares of the terms: the size of the values, and not 0 where a gradient cancels to 0
