@@ -9,8 +9,9 @@
 * :func:`to_diffusers` — reference parameters as a diffusers state dict (optionally loaded into a module);
 * :func:`.attention_mask.mask_and_bias` — diffusers' ``attention_mask`` read by one rule (for the trace and the
   oracle's recorded calls);
-* :func:`trace` — which pixels read which words: the attention weights of every ``Attention`` call of a
-  diffusers model or pipeline, computed by the reference during a run (:mod:`.trace`, ``docs/trace.md``).
+* ``trace`` (the :class:`~attention_ref.interop.trace.Trace` class) — which pixels read which words: the attention
+  weights of every ``Attention`` call of a diffusers model or pipeline, computed by the reference during a run
+  (:mod:`.trace`, ``docs/trace.md``).
 
 Each ``from_*`` returns ``(params, options)``: NumPy parameters (float64 by default) and the
 keyword options of the matching ``*_forward``. A state dict is a mapping of names to torch
