@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..attention.inputs import default_scale
 from ..blocks import cross_attention_backward, cross_attention_forward, self_attention_backward, self_attention_forward
 from ..ops.group_norm import group_norm_forward
 from ..ops.heads import merge_heads, split_heads
@@ -283,7 +284,7 @@ def _exact_forward(
         return a @ p[f"{name}.weight"] + p.get(f"{name}.bias", 0.0)
 
     qh, kh, vh = (split_heads(project(a, n), opts.heads) for a, n in ((tokens, "q"), (source, "k"), (source, "v")))
-    scale = qh.shape[-1] ** -0.5 if opts.scale is None else opts.scale
+    scale = default_scale(qh.shape[-1]) if opts.scale is None else opts.scale  # the reference block's default
     P, _ = softmax_forward(scale * (qh @ _t(kh)), mask=mask)
     oh = P @ vh
     return _Forward(x, p, norm, tokens, source, qh, kh, vh, P, oh, merge_heads(oh), scale)
