@@ -40,6 +40,7 @@ from .rounding import transpose as _t
 from .simulation import simulate_attention_core
 
 __all__ = [
+    "BlockCall",
     "attention_by_head",
     "block_magnitudes",
     "block_reference",
@@ -135,20 +136,45 @@ def attention_by_head(
     return out, grads
 
 
+@dataclass(frozen=True)
+class BlockCall:
+    """One call of a map block (:func:`attention_ref.self_attention_forward` or ``cross_attention_forward``):
+    what the block model reads.
+
+    Fields:
+        x: ``(B, H, W, C)``.
+        context: ``(B, M, D)`` for cross-attention, ``None`` for self-attention.
+        params: as for :func:`attention_ref.self_attention_forward` / ``cross_attention_forward``.
+        options: the block's keyword options as one mapping, as for :func:`attention_ref.self_attention_forward`
+            (and as :func:`attention_ref.interop.from_diffusers` returns them): ``"heads"`` (required; divides
+            ``inner``, ``d = inner/heads``), ``"groups"`` (32) and ``"eps"`` (1e-6) of the group norm,
+            ``"residual"`` (True: ``x`` added), ``"rescale"`` (1.0: the output divided by it), ``"scale"``
+            (``None``: ``1/sqrt(d)``). ``ValueError`` for any other key, when the call is read.
+        dy: ``(B, H, W, C_out)``, the output's gradient; ``None`` for the forward only.
+        context_mask: ``(B, M)`` (cross-attention) and mask: broadcastable to ``(B, heads, H·W, H·W)``
+            (self-attention), True = may attend.
+    """
+
+    x: np.ndarray
+    context: np.ndarray | None
+    params: Mapping[str, np.ndarray]
+    options: Mapping[str, Any]
+    dy: np.ndarray | None = None
+    context_mask: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
 def _block_inputs(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    mask: np.ndarray | None,
-    context_mask: np.ndarray | None,
+    call: BlockCall,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
     """``x``, ``context`` and ``params`` in float64, and the attention's mask: ``mask``, or the context mask
     as ``(B, 1, 1, M)``."""
-    p = {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
-    context = None if context is None else np.asarray(context, dtype=np.float64)
-    if context_mask is not None:
-        mask = np.asarray(context_mask).reshape(-1, 1, 1, context_mask.shape[-1])  # (B, 1, 1, M)
-    return np.asarray(x, dtype=np.float64), context, p, mask
+    p = {n: np.asarray(a, dtype=np.float64) for n, a in call.params.items()}
+    context = None if call.context is None else np.asarray(call.context, dtype=np.float64)
+    mask = call.mask
+    if call.context_mask is not None:
+        mask = np.asarray(call.context_mask).reshape(-1, 1, 1, call.context_mask.shape[-1])  # (B, 1, 1, M)
+    return np.asarray(call.x, dtype=np.float64), context, p, mask
 
 
 @dataclass(frozen=True)
@@ -177,40 +203,22 @@ def _block_options(options: Mapping[str, Any]) -> _BlockOptions:
 
 
 def simulated_block(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    options: Mapping[str, Any],
-    *,
-    dtype: str,
-    rng: np.random.Generator,
-    context_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    arithmetic: str = "eager",
+    call: BlockCall, *, dtype: str, rng: np.random.Generator, arithmetic: str = "eager"
 ) -> dict[str, np.ndarray]:
     """One simulated block in ``dtype``: the reference block in float64 with every error of :mod:`.rounding` drawn once.
 
     Inputs:
-        x: ``(B, H, W, C)``; context: ``(B, M, D)`` or ``None``; dy: ``(B, H, W, C_out)``, or ``None`` for the
-            forward only.
-        params: as for :func:`attention_ref.self_attention_forward` / ``cross_attention_forward``.
-        options: the block's keyword options as one mapping, as for :func:`attention_ref.self_attention_forward`
-            (and as :func:`attention_ref.interop.from_diffusers` returns them): ``"heads"`` (required; divides
-            ``inner``, ``d = inner/heads``), ``"groups"`` (32) and ``"eps"`` (1e-6) of the group norm,
-            ``"residual"`` (True: ``x`` added), ``"rescale"`` (1.0: the output divided by it), ``"scale"``
-            (``None``: ``1/sqrt(d)``). ``ValueError`` for any other key.
-        context_mask: ``(B, M)`` (cross-attention) and mask: broadcastable to ``(B, heads, H·W, H·W)``
-            (self-attention), True = may attend.
+        call: the block's inputs and options (:class:`BlockCall`); ``call.dy = None`` for the forward only.
         dtype: the dtype under test; rng: where the errors come from; arithmetic: the attention's, ``"fused"``
             or ``"eager"`` (:class:`~attention_ref.testing.Policy`).
 
     Returns:
-        ``{"y"}`` and, with ``dy``, ``"x"``, ``"context"`` (cross-attention) and every params key: float64.
+        ``{"y"}`` and, with ``call.dy``, ``"x"``, ``"context"`` (cross-attention) and every params key: float64.
     """
-    opts = _block_options(options)
+    opts = _block_options(call.options)
     r = RoundingModel(dtype, rng)
-    x, context, p, attn_mask = _block_inputs(x, context, params, mask, context_mask)
+    x, context, p, attn_mask = _block_inputs(call)
+    dy = call.dy
     B, H, W, C = x.shape
     h, norm = x, None
     if "norm.weight" in p:
@@ -290,16 +298,7 @@ def _exact_forward(
     return _Forward(x, p, norm, tokens, source, qh, kh, vh, P, oh, merge_heads(oh), scale)
 
 
-def block_magnitudes(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    options: Mapping[str, Any],
-    *,
-    context_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-) -> dict[str, float]:
+def block_magnitudes(call: BlockCall) -> dict[str, float]:
     """``max‖X‖`` for ``y`` and (with ``dy``) every gradient: the root-sum-square of the terms each entry sums.
 
     Every sum ``Σ_k a_k b_k`` on the way is replaced by ``sqrt(Σ_k a_k² b_k²)``, the typical size of
@@ -308,17 +307,14 @@ def block_magnitudes(
     makes ``dS``, and with it ``dq`` and the query and key weights' gradients, exactly 0).
 
     Inputs:
-        x, context, params, dy, context_mask, mask: as for :func:`simulated_block`.
-        options: the block's keyword options as one mapping, as for :func:`attention_ref.self_attention_forward`
-            (``"heads"`` required; ``"groups"``, ``"eps"``, ``"residual"``, ``"rescale"``, ``"scale"`` default as
-            there); ``ValueError`` for any other key.
+        call: the block's inputs and options (:class:`BlockCall`).
 
     Returns:
-        ``{"y": max‖y‖}`` and, with ``dy``, the same for ``"x"``, ``"context"`` (cross-attention) and every params
+        ``{"y": max‖y‖}`` and, with ``call.dy``, the same for ``"x"``, ``"context"`` (cross-attention) and every params
         key: floats.
     """
-    opts = _block_options(options)
-    x, context, p, attn_mask = _block_inputs(x, context, params, mask, context_mask)
+    opts = _block_options(call.options)
+    x, context, p, attn_mask = _block_inputs(call)
     f = _exact_forward(x, context, p, opts, attn_mask)
     sq = {n: w * w for n, w in f.p.items()}  # squared weights
     B, H, W, C = f.x.shape
@@ -333,9 +329,9 @@ def block_magnitudes(
 
     proj2 = (f.o * f.o) @ sq["out.weight"] + (sq["out.bias"] if "out.bias" in sq else 0.0)
     out["y"] = ((f.x * f.x if opts.residual else 0.0) + proj2.reshape(B, H, W, -1)) / opts.rescale**2
-    if dy is None:
+    if call.dy is None:
         return {"y": float(np.sqrt(np.max(out["y"])))}
-    dsum2 = np.asarray(dy, dtype=np.float64) ** 2 / opts.rescale**2
+    dsum2 = np.asarray(call.dy, dtype=np.float64) ** 2 / opts.rescale**2
     do2 = split_heads(linear_back(dsum2.reshape(B, H * W, -1), f.o, "out"), opts.heads)
     P2 = f.P * f.P
     dvh2 = _t(P2) @ do2
@@ -359,49 +355,30 @@ def block_magnitudes(
         gx_mean = np.mean(g2 * xhat2, axis=(1, 3), keepdims=True)
         dx2 = (f.norm.rstd**2 * (g2 + g_mean + xhat2 * gx_mean)).reshape(B, H, W, C)
     out["x"] = dx2 + dsum2 if opts.residual else dx2
-    keep = ("y", "x", "context", *params)
+    keep = ("y", "x", "context", *call.params)
     return {n: float(np.sqrt(np.max(v))) if np.size(v) else 0.0 for n, v in out.items() if n in keep}
 
 
-def block_reference(
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    options: Mapping[str, Any],
-    context_mask: np.ndarray | None,
-    mask: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """The float64 reference block's output ``"y"`` and (with ``dy``) its gradients."""
-    if context is None:
-        y, cache = self_attention_forward(x, params, mask=mask, **options)
-        grads = {} if dy is None else self_attention_backward(dy, cache)
+def block_reference(call: BlockCall) -> dict[str, np.ndarray]:
+    """The float64 reference block's output ``"y"`` and (with ``call.dy``) its gradients."""
+    if call.context is None:
+        y, cache = self_attention_forward(call.x, call.params, mask=call.mask, **call.options)
+        grads = {} if call.dy is None else self_attention_backward(call.dy, cache)
     else:
-        y, cache = cross_attention_forward(x, context, params, context_mask=context_mask, **options)
-        grads = {} if dy is None else cross_attention_backward(dy, cache)
+        y, cache = cross_attention_forward(
+            call.x, call.context, call.params, context_mask=call.context_mask, **call.options
+        )
+        grads = {} if call.dy is None else cross_attention_backward(call.dy, cache)
     return {"y": y, **grads}
 
 
 def block_yardstick(
-    exact: Mapping[str, np.ndarray],
-    x: np.ndarray,
-    context: np.ndarray | None,
-    params: Mapping[str, np.ndarray],
-    dy: np.ndarray | None,
-    options: Mapping[str, Any],
-    *,
-    dtype: str,
-    samples: int,
-    seed: Any,
-    context_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    arithmetic: str = "eager",
+    exact: Mapping[str, np.ndarray], call: BlockCall, *, dtype: str, samples: int, seed: Any, arithmetic: str = "eager"
 ) -> dict[str, float]:
     """Per output, the root-mean-square over ``samples`` simulated blocks of ``max|X_sim − X₆₄|``."""
 
     def simulate(r: RoundingModel) -> dict[str, np.ndarray]:
-        return simulated_block(x, context, params, dy, options, dtype=dtype, rng=r.rng, context_mask=context_mask,
-                               mask=mask, arithmetic=arithmetic)  # fmt: skip
+        return simulated_block(call, dtype=dtype, rng=r.rng, arithmetic=arithmetic)
 
     yard = largest_error_rms(simulate, exact, dtype, samples=samples, seed=seed)
     return {n: errors[0] for n, errors in yard.items()}

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..interop import from_diffusers, to_diffusers
 from ..interop.attention_mask import mask_and_bias
-from .block_model import block_magnitudes, block_reference, block_yardstick, simulated_block
+from .block_model import BlockCall, block_magnitudes, block_reference, block_yardstick
 from .compare import compare_output, exception_check, numpy_of
 from .dtypes import DTYPES, numpy_dtype, round_to
 from .policy import EAGER, FUSED, Policy, check_policy
@@ -48,14 +48,12 @@ from .torch_wrap import numpy_to_torch, torch_to_numpy
 __all__ = [
     "BLOCK_CASES",
     "BlockCase",
-    "block_magnitudes",
     "call_arrays",
     "check_attention_call",
     "check_diffusers_attention",
     "choose_policy",
     "module_policy",
     "reference_mask",
-    "simulated_block",
 ]
 
 
@@ -184,12 +182,11 @@ def check_diffusers_attention(
             continue
         # the float64 reference and the simulated blocks
         as64 = {n: None if a is None else a.astype(np.float64) for n, a in (("x", x), ("c", context), ("dy", dy))}
-        exact = block_reference(as64["x"], as64["c"], params64, as64["dy"], options, mask)
-        yard = block_yardstick(
-            exact, as64["x"], as64["c"], params64, as64["dy"], options, dtype=dtype, samples=policy.samples,
-            seed=[seed, i, DTYPES.index(dtype)], context_mask=mask, arithmetic=policy.arithmetic,
-        )  # fmt: skip
-        magnitudes = block_magnitudes(as64["x"], as64["c"], params64, as64["dy"], options, context_mask=mask)
+        call = BlockCall(as64["x"], as64["c"], params64, options, dy=as64["dy"], context_mask=mask)
+        exact = block_reference(call)
+        yard = block_yardstick(exact, call, dtype=dtype, samples=policy.samples, seed=[seed, i, DTYPES.index(dtype)],
+                               arithmetic=policy.arithmetic)  # fmt: skip
+        magnitudes = block_magnitudes(call)
         for key in keys:
             checks.append(
                 compare_output(
@@ -341,7 +338,8 @@ def check_attention_call(
         context = None if context is None else context[keep]
         context_mask = None if context_mask is None else context_mask[keep]
         mask = None if mask is None else mask[keep]
-    exact = block_reference(x, context, params, None, options, context_mask, mask)
+    call = BlockCall(x, context, params, options, context_mask=context_mask, mask=mask)
+    exact = block_reference(call)
     if mask is not None and mask.shape[2] > 1:
         # single query rows with every key masked: each token's output reads only its own row of weights,
         # so those tokens are left out by taking the reference's value there (error 0)
@@ -354,10 +352,8 @@ def check_attention_call(
             rows = f"{int(dead_rows.sum())} query rows with every key masked: not compared"
             note = f"{note}; {rows}" if note else rows
     seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
-    yard = block_yardstick(exact, x, context, params, None, options, dtype=dtype, samples=policy.samples,
-                            seed=seed_, context_mask=context_mask, mask=mask,
-                            arithmetic=policy.arithmetic)  # fmt: skip
-    magnitude = block_magnitudes(x, context, params, None, options, context_mask=context_mask, mask=mask)["y"]
+    yard = block_yardstick(exact, call, dtype=dtype, samples=policy.samples, seed=seed_, arithmetic=policy.arithmetic)
+    magnitude = block_magnitudes(call)["y"]
     check = compare_output(name, "y", got, exact["y"], yard["y"], max(magnitude, float(np.max(np.abs(exact["y"])))),
                            dtype, policy=policy, kind="out", last_rounding=True)  # fmt: skip
     return check if not note else dataclasses.replace(check, note=note if check.ok else f"{check.note} {note}".strip())

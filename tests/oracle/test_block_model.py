@@ -7,7 +7,7 @@ import pytest
 
 import attention_ref as ar
 from attention_ref.testing import block_model
-from attention_ref.testing.block_model import block_magnitudes, simulated_block
+from attention_ref.testing.block_model import BlockCall, block_magnitudes, simulated_block
 from attention_ref.testing.rounding import RoundingModel
 
 
@@ -42,12 +42,13 @@ def test_options_left_out_default_as_the_blocks_do(cross, monkeypatch):
     else:
         y, cache = ar.self_attention_forward(x, params, heads=2)
         grads = ar.self_attention_backward(dy, cache)
-    model = simulated_block(x, context, params, dy, {"heads": 2}, dtype="float64", rng=np.random.default_rng(0))
+    call = BlockCall(x, context, params, {"heads": 2}, dy=dy)
+    model = simulated_block(call, dtype="float64", rng=np.random.default_rng(0))
     assert set(model) == {"y", *grads}
     for key, value in {"y": y, **grads}.items():
         np.testing.assert_allclose(model[key], value, rtol=0, atol=1e-12 * max(1.0, np.max(np.abs(value))), err_msg=key)
     spelled = {"heads": 2, "groups": 32, "eps": 1e-6, "residual": True, "rescale": 1.0, "scale": None}
-    assert block_magnitudes(x, context, params, dy, {"heads": 2}) == block_magnitudes(x, context, params, dy, spelled)
+    assert block_magnitudes(call) == block_magnitudes(BlockCall(x, context, params, spelled, dy=dy))
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,6 @@ def test_options_left_out_default_as_the_blocks_do(cross, monkeypatch):
 def test_options_a_map_block_does_not_take_are_refused_by_name(options, named):
     x, _, params, dy = _inputs(cross=False)
     with pytest.raises(ValueError, match=named):
-        simulated_block(x, None, params, dy, options, dtype="float16", rng=np.random.default_rng(0))
+        simulated_block(BlockCall(x, None, params, options, dy=dy), dtype="float16", rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match=named):
-        block_magnitudes(x, None, params, dy, options)
+        block_magnitudes(BlockCall(x, None, params, options, dy=dy))

@@ -8,7 +8,7 @@ from oracle_modules import PROCESSORS, Attention, AttnProcessor, AttnProcessor2_
 
 import attention_ref as ar
 from attention_ref.testing import BlockCase, block_model, blocks, check_diffusers_attention
-from attention_ref.testing.block_model import block_magnitudes, simulated_block
+from attention_ref.testing.block_model import BlockCall, block_magnitudes, simulated_block
 from attention_ref.testing.rounding import RoundingModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,8 +80,9 @@ def test_the_simulated_block_without_rounding_is_the_reference_block(cross, monk
     else:
         y, cache = ar.self_attention_forward(x, params, **options)
         grads = ar.self_attention_backward(dy, cache)
-    model = simulated_block(x, context, params, dy, options, dtype="float64", rng=rng, context_mask=mask)
-    magnitudes = block_magnitudes(x, context, params, dy, options, context_mask=mask)
+    call = BlockCall(x, context, params, options, dy=dy, context_mask=mask)
+    model = simulated_block(call, dtype="float64", rng=rng)
+    magnitudes = block_magnitudes(call)
     assert set(model) == set(magnitudes) == {"y", *grads}
     for key, value in {"y": y, **grads}.items():
         # root-sum-squares of the terms: the size of the values, and not 0 where a gradient cancels to 0
