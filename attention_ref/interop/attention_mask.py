@@ -22,8 +22,9 @@ mask is read per head there, and ``(B, 1, 1, M)`` is the per-sample key mask. :f
 rule; the values (boolean, or added to the logits) are read as above.
 
 Every reader of a call's mask uses these two: the trace (:mod:`.trace.families`), which adds the bias to its logits,
-and the oracle's judges (:func:`attention_ref.testing.check_attention_call`, ``check_joint_call``), whose reference
-blocks take a mask only (a bias of ``−1000`` or below is a dropped key there, anything else other than 0 is refused).
+and the oracle's judges (:func:`attention_ref.testing.check_call`: ``judge_attention_call``, ``judge_joint_call``),
+whose reference blocks take a mask only (a bias of ``−1000`` or below is a dropped key there, anything else other
+than 0 is refused).
 """
 
 from __future__ import annotations

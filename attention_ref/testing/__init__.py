@@ -20,19 +20,21 @@ tolerance rule and its reasoning), :mod:`.simulation` (the simulated kernel) and
 (one output against its reference), :mod:`.layouts` and :mod:`.usage`, :mod:`.report`,
 :mod:`.torch_wrap` (``from_torch``), :mod:`.vectors` (test vectors for other languages),
 :mod:`.examples`, :mod:`.blocks` (``check_diffusers_attention``: a diffusers ``Attention`` module
-against the reference block; ``check_attention_call``: one recorded call of one) with
+against the reference block) with
 :mod:`.block_model` (the block simulated op by op), :mod:`.transformer_calls` (the calls of the
 diffusion transformers' attention), :mod:`.check_model` (``check_model``: every attention call of a
-whole diffusers model, layer by layer) with :mod:`.model_layers`. torch is imported only when a torch
+whole diffusers model, layer by layer) with :mod:`.model_layers` (``check_call``: one recorded call of any
+attention module it knows). torch is imported only when a torch
 function is called; ml_dtypes only for bfloat16. The policy, the figures and how to read a
 report: ``docs/oracle.md``.
 """
 
-from .blocks import BLOCK_CASES, BlockCase, check_attention_call, check_diffusers_attention
+from .blocks import BLOCK_CASES, BlockCase, check_diffusers_attention
 from .cases import CASE_NAMES, CORE_CASES, FEATURES, Case, battery, reseeded
 from .check_model import LayerCall, ModelReport, check_model
 from .dtypes import DTYPES
 from .harness import LAYOUTS, MASKED_ROWS, NotSupported, UsageError, assert_attention_close, check_attention
+from .model_layers import check_call
 from .report import OutputCheck, Report
 from .tolerance import DEFAULT_POLICY, EAGER, FUSED, POLICIES, Policy
 from .torch_wrap import from_torch
@@ -48,7 +50,7 @@ __all__ = [
     "FEATURES",
     "CORE_CASES",
     "reseeded",
-    "check_attention_call",
+    "check_call",
     "check_model",
     "ModelReport",
     "LayerCall",

@@ -6,7 +6,8 @@ cross-attention, the context) and every weight gradient are compared with
 :func:`attention_ref.self_attention_forward` / :func:`attention_ref.cross_attention_forward`
 and their backward passes in float64, on the same (rounded) inputs and weights,
 loaded through :func:`attention_ref.interop.from_diffusers`.
-:func:`check_attention_call` judges one recorded call (forward only) by the same rule.
+:func:`judge_attention_call` judges one recorded call (forward only) by the same rule
+(:func:`attention_ref.testing.check_call` picks it for a diffusers ``Attention``).
 
 The tolerance has the shape of :mod:`.tolerance`'s, ``c·(the simulated blocks' error) + f·ε·max‖X‖``, with the
 block's own versions of both terms (:mod:`.block_model`: the block simulated op by op with the errors of
@@ -49,9 +50,10 @@ __all__ = [
     "BLOCK_CASES",
     "BlockCase",
     "call_arrays",
-    "check_attention_call",
+    "CallJudging",
     "check_diffusers_attention",
     "choose_policy",
+    "judge_attention_call",
     "module_policy",
     "reference_mask",
 ]
@@ -270,19 +272,29 @@ def _allowed_keys(attention_mask: Any, batch: int, queries: int, keys: int) -> n
     return np.broadcast_to(allowed[:, 0], (batch, *allowed.shape[2:]))
 
 
-def check_attention_call(
-    attn: Any,
-    hidden_states: Any,
-    encoder_hidden_states: Any = None,
-    attention_mask: Any = None,
-    *,
-    output: Any,
-    dtype: str,
-    policy: Policy | str | None = None,
-    name: str = "call",
-    seed: int = 0,
-) -> OutputCheck:
-    """Judge one recorded call of a diffusers ``Attention`` by the block rule: its output against the reference's.
+@dataclass(frozen=True)
+class CallJudging:
+    """How one recorded call is judged, besides its inputs (:func:`~attention_ref.testing.check_call`).
+
+    Fields:
+        output: what the module returned (torch tensor or NumPy), in ``dtype``: shaped like its
+            ``hidden_states`` (``C_out`` channels), or a two-stream joint layer's ``(y, y_context)``.
+        dtype: the dtype the model ran in.
+        policy: a :class:`Policy` or its name; ``None`` for the one matching the module's arithmetic
+            (:func:`module_policy`).
+        name: the row's case name.
+        seed: for the simulated blocks.
+    """
+
+    output: Any
+    dtype: str
+    policy: Policy | str | None = None
+    name: str = "call"
+    seed: int = 0
+
+
+def judge_attention_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
+    """One recorded call of a diffusers ``Attention`` against the reference block: its output against the reference's.
 
     The reference block runs in float64 on the call's inputs as they are (already in the dtype) with the module's
     weights; the allowed error is ``c·(simulated blocks' error) + f·ε·max‖y‖``, exactly as in
@@ -291,16 +303,14 @@ def check_attention_call(
     Inputs:
         attn: the ``Attention`` module (its weights in the dtype under test, as the model ran), or
             ``(params, options)`` from :func:`attention_ref.interop.from_diffusers`.
-        hidden_states: the call's input, ``(B, C, H, W)`` or tokens ``(B, N, C)`` (torch tensor or NumPy).
-        encoder_hidden_states: ``(B, M, D)`` for cross-attention, else ``None``.
-        attention_mask: as diffusers takes it — additive (0 keep, −10000 or −inf drop) or boolean (True keep),
-            ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``, ``B`` the call's batch or 1; ``None``
-            for none. Read by the trace's rule (:mod:`attention_ref.interop.attention_mask`): ``ValueError`` for
-            NaN or ``+inf``, ``NotImplementedError`` for another bias than 0 and ≤ −1000 (the block has none).
-        output: what the module returned, shaped like ``hidden_states`` (``C_out`` channels), in ``dtype``.
-        dtype: the dtype the model ran in; policy: ``None`` (default) for the one matching the module's
-            arithmetic (:func:`module_policy`), or a policy or its name; name: the row's case name;
-        seed: for the simulated blocks.
+        inputs: the call's arguments by name: ``"hidden_states"``, ``(B, C, H, W)`` or tokens ``(B, N, C)`` (torch
+            tensor or NumPy); ``"encoder_hidden_states"``, ``(B, M, D)`` for cross-attention (absent or ``None``
+            otherwise); ``"attention_mask"`` as diffusers takes it — additive (0 keep, −10000 or −inf drop) or
+            boolean (True keep), ``(B, M)``, ``(B, 1, M)`` or (self-attention) ``(B, N, N)``, ``B`` the call's
+            batch or 1; absent or ``None`` for none. The mask is read by the trace's rule
+            (:mod:`attention_ref.interop.attention_mask`): ``ValueError`` for NaN or ``+inf``,
+            ``NotImplementedError`` for another bias than 0 and ≤ −1000 (the block has none).
+        judging: the output, dtype, policy, row name and seed (:class:`CallJudging`).
 
     Returns:
         One :class:`OutputCheck` (output ``"y"``): ``ratio`` (worst error / allowed), ``ok``. A query whose
@@ -309,14 +319,18 @@ def check_attention_call(
         whole sample of them, or single query rows of a self-attention mask ``(B, N, N)``; the row says so in
         ``note`` and is marked not supported when no sample is left.
     """
-    policy = choose_policy(policy, attn)
-    inputs = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+    name, dtype, seed = judging.name, judging.dtype, judging.seed
+    policy = choose_policy(judging.policy, attn)
+    attention_mask = inputs.get("attention_mask")
+    arrays = call_arrays(
+        dtype, hidden_states=inputs["hidden_states"], encoder_hidden_states=inputs.get("encoder_hidden_states")
+    )
     params, options = from_diffusers(attn, dtype="float64") if not isinstance(attn, tuple) else attn
-    x = _channels_last(inputs["hidden_states"].astype(np.float64))  # (B, H, W, C)
+    x = _channels_last(arrays["hidden_states"].astype(np.float64))  # (B, H, W, C)
     B, H, W, _ = x.shape
-    context = inputs["encoder_hidden_states"]
+    context = arrays["encoder_hidden_states"]
     context = None if context is None else context.astype(np.float64)
-    got = _channels_last(numpy_of(output), "output")  # its dtype is checked with its values: a failed row
+    got = _channels_last(numpy_of(judging.output), "output")  # its dtype is checked with its values: a failed row
     keys = H * W if context is None else context.shape[-2]
     allowed = None if attention_mask is None else _allowed_keys(attention_mask, B, H * W, keys)  # (B, 1|N, M)
     context_mask = mask = None

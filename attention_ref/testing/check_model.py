@@ -12,7 +12,7 @@ The model is run once, forward, in ``dtype`` (a copy cast to it when its paramet
 dtype; its floating inputs are cast too). A forward hook on every diffusers ``Attention`` module
 records that call's inputs (``hidden_states``, ``encoder_hidden_states``, ``attention_mask``) and
 output as the model computed them, whatever processor is installed, and judges the call at once with
-:func:`attention_ref.testing.check_attention_call`: the reference block runs in float64 on the
+:func:`attention_ref.testing.check_call`: the reference block runs in float64 on the
 inputs as they are (already rounded to the dtype) with the module's weights (read by
 :func:`attention_ref.interop.from_diffusers`), and the module's output must lie within
 ``c·(simulated blocks' error) + f·ε·max‖y‖`` of it — the block oracle's rule (``docs/oracle.md``).
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..interop.trace.records import KINDS, LayerFilter
+from .blocks import CallJudging
 from .dtypes import DTYPES
 from .harness import exception_check
 from .model_layers import attention_modules, call_inputs, call_kind, judge_call
@@ -267,12 +268,13 @@ def check_model(
             hidden = context = None
             kind = "?"
             try:
-                hidden, context = call_inputs(hook_args, hook_kwargs)
-                kind = call_kind(family, temporal, hook_args, hook_kwargs)
+                inputs = call_inputs(module, hook_args, hook_kwargs)
+                hidden, context = inputs.get("hidden_states"), inputs.get("encoder_hidden_states")
+                kind = call_kind(family, temporal, inputs)
                 if not chosen(name, kind):
                     return
-                check = judge_call(family, module, hook_args, hook_kwargs, output, dtype=dtype, policy=policy,
-                                   name=label, seed=seed)  # fmt: skip
+                judging = CallJudging(output=output, dtype=dtype, policy=policy, name=label, seed=seed)
+                check = judge_call(family, module, inputs, judging)
             except NotImplementedError as err:
                 check = OutputCheck(case=label, output="y", error=math.nan, where=None, allowed=math.nan,
                                     ratio=math.nan, note=f"not supported: {err}", supported=False)  # fmt: skip

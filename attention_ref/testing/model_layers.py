@@ -2,30 +2,35 @@
 
 The modules are those the trace knows (:mod:`attention_ref.interop.trace.families`): diffusers' ``Attention``
 (U-Nets, VAEs, PixArt, DiT, video U-Nets; SD3's joint layers; Sana's linear attention), ``FluxAttention`` and
-``WanAttention``. A call is judged by the rule of :mod:`.blocks` with the reference of its family:
+``WanAttention``. :func:`check_call` judges one call of any of them, by the rule of :mod:`.blocks` with the
+reference of its family:
 
-=====================  ======================================  ==========================================
-family                 judge                                   kinds
-=====================  ======================================  ==========================================
-diffusers Attention    :func:`.blocks.check_attention_call`    ``self``, ``cross``, ``temporal`` (frames)
-SD3/SD3.5 joint        :func:`.transformer_calls.check_joint_call`  ``joint`` (two streams), ``self`` (one)
-FluxAttention          :func:`.transformer_calls.check_joint_call`  ``joint`` (double- and single-stream)
-WanAttention           :func:`.transformer_calls.check_wan_call`    ``self``, ``cross``
-Sana's linear          :func:`.transformer_calls.check_linear_call` ``self``
-=====================  ======================================  ==========================================
+=====================  ============================================  ==========================================
+family                 judge                                         kinds
+=====================  ============================================  ==========================================
+diffusers Attention    :func:`.blocks.judge_attention_call`          ``self``, ``cross``, ``temporal`` (frames)
+SD3/SD3.5 joint        :func:`.transformer_calls.judge_joint_call`   ``joint`` (two streams), ``self`` (one)
+FluxAttention          :func:`.transformer_calls.judge_joint_call`   ``joint`` (double- and single-stream)
+WanAttention           :func:`.transformer_calls.judge_wan_call`     ``self``, ``cross``
+Sana's linear          :func:`.transformer_calls.judge_linear_call`  ``self``
+=====================  ============================================  ==========================================
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from ..interop.trace.families import family_of
 from ..interop.trace.families.ip_adapter import is_ip_processor
 from ..interop.trace.hooks import TEMPORAL_CONTAINERS
-from .blocks import check_attention_call
-from .transformer_calls import check_joint_call, check_linear_call, check_wan_call
+from .blocks import CallJudging, judge_attention_call
+from .policy import Policy
+from .report import OutputCheck
+from .transformer_calls import judge_joint_call, judge_linear_call, judge_wan_call
 
-__all__ = ["attention_modules", "call_inputs", "call_kind", "judge_call"]
+__all__ = ["attention_modules", "call_inputs", "call_kind", "check_call", "judge_call"]
 
 
 def attention_modules(model: Any) -> list[tuple[str, Any, str, bool]]:
@@ -42,19 +47,32 @@ def attention_modules(model: Any) -> list[tuple[str, Any, str, bool]]:
     return found
 
 
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name)
+def _plain_attention_call(
+    hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None, **cross_attention_kwargs: Any
+) -> None:
+    """The arguments of a diffusers ``Attention`` call: how a call is read for ``(params, options)``."""
 
 
-def call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """``(hidden_states, encoder_hidden_states)`` of a call (``KeyError`` without hidden states)."""
-    return (args[0] if args else kwargs["hidden_states"]), _arg(args, kwargs, 1, "encoder_hidden_states")
+def call_inputs(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, bound as ``module.forward`` binds them (diffusers' extra keywords, e.g.
+    ``cross_attention_kwargs``, by their own names); ``TypeError`` for arguments the module would refuse."""
+    forward = _plain_attention_call if isinstance(module, tuple) else module.forward
+    try:
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"the call's arguments do not fit {type(module).__name__}'s forward: {err}") from None
+    named: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = bound.signature.parameters[key].kind
+        named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+    return named
 
 
-def call_kind(family: str, temporal: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The kind of one call: ``"joint"`` for a joint layer's (Flux's single-stream blocks too: text and image
-    joined), ``"temporal"`` inside a temporal block, else ``"self"`` or ``"cross"``."""
-    _, context = call_inputs(args, kwargs)
+def call_kind(family: str, temporal: bool, inputs: Mapping[str, Any]) -> str:
+    """The kind of one call (``inputs`` from :func:`call_inputs`): ``"joint"`` for a joint layer's (Flux's
+    single-stream blocks too: text and image joined), ``"temporal"`` inside a temporal block, else ``"self"`` or
+    ``"cross"``."""
+    context = inputs.get("encoder_hidden_states")
     if family == "FluxAttention" or (family == "SD3Attention" and context is not None):
         return "joint"
     if temporal and family == "StandardAttention":
@@ -62,21 +80,19 @@ def call_kind(family: str, temporal: bool, args: tuple[Any, ...], kwargs: dict[s
     return "self" if context is None else "cross"
 
 
-def judge_call(
-    family: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, **judge: Any
-) -> Any:
-    """The :class:`~attention_ref.testing.OutputCheck` of one call; ``judge``: ``dtype``, ``policy``, ``name``,
-    ``seed``. Raises what the judge raises (``NotImplementedError`` for what the reference does not express)."""
-    hidden, context = call_inputs(args, kwargs)
+def judge_call(family: str, module: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
+    """The :class:`~attention_ref.testing.OutputCheck` of one call of ``module`` (of ``family``, the name of its
+    trace family), ``inputs`` as :func:`call_inputs` reads them. Raises what the judge raises
+    (``NotImplementedError`` for what the reference does not express)."""
     if family == "SanaLinearAttention":
-        return check_linear_call(module, hidden, output=output, **judge)
-    if family in ("SD3Attention", "FluxAttention"):
-        flux = family == "FluxAttention"
-        mask = _arg(args, kwargs, 2, "attention_mask") if flux else None  # SD3's processor takes no mask
-        rope = _arg(args, kwargs, 3, "image_rotary_emb") if flux else None
-        return check_joint_call(module, hidden, context, mask, rope, output=output, **judge)
+        return judge_linear_call(module, inputs, judging)
+    if family == "SD3Attention":
+        return judge_joint_call(module, {**inputs, "attention_mask": None}, judging)  # SD3's processor takes no mask
+    if family == "FluxAttention":
+        return judge_joint_call(module, inputs, judging)
     if family == "WanAttention":
-        return check_wan_call(module, hidden, context, _arg(args, kwargs, 3, "rotary_emb"), output=output, **judge)
+        return judge_wan_call(module, inputs, judging)
+    context = inputs.get("encoder_hidden_states")
     if isinstance(context, (tuple, list)) or is_ip_processor(getattr(module, "processor", None)):
         # IP-Adapter: a (text, image embeddings) pair, or the image tokens appended to the text
         if isinstance(context, (tuple, list)):
@@ -86,5 +102,55 @@ def judge_call(
         raise NotImplementedError(
             f"{what} (IP-Adapter's text and image embeddings): the reference block has no image-prompt branch"
         )
-    mask = _arg(args, kwargs, 2, "attention_mask")
-    return check_attention_call(module, hidden, context, mask, output=output, **judge)
+    return judge_attention_call(module, inputs, judging)
+
+
+def check_call(
+    attn: Any,
+    *args: Any,
+    output: Any,
+    dtype: str,
+    policy: Policy | str | None = None,
+    name: str = "call",
+    seed: int = 0,
+    **kwargs: Any,
+) -> OutputCheck:
+    """Judge one recorded call of an attention module: its output against the float64 reference's.
+
+    The reference runs in float64 on the call's inputs as they are (already in the dtype) with the module's
+    weights; the allowed error is ``c·(simulated modules' error) + f·ε·max‖y‖``, the block rule of
+    :func:`~attention_ref.testing.blocks.check_diffusers_attention` (forward only). The module's family picks the
+    reference and the simulated chain (the table in :mod:`attention_ref.testing.model_layers`).
+
+    Inputs:
+        attn: the module, its weights in the dtype under test as the model ran: a diffusers ``Attention`` (U-Nets,
+            VAEs, PixArt, DiT, video U-Nets, SD3's joint layers, Sana's linear attention), ``FluxAttention`` or
+            ``WanAttention``; or ``(params, options)`` from :func:`attention_ref.interop.from_diffusers` for a
+            plain ``Attention`` block.
+        args, kwargs: the call's arguments as the module got them (torch tensors or NumPy): ``hidden_states``,
+            ``encoder_hidden_states``, ``attention_mask``, and Flux's ``image_rotary_emb`` or Wan's
+            ``rotary_emb``. What each family reads from them: :func:`.blocks.judge_attention_call`,
+            :func:`.transformer_calls.judge_joint_call`, ``judge_wan_call``, ``judge_linear_call``.
+        output: what the module returned, in ``dtype``: shaped like ``hidden_states`` (``C_out`` channels), or a
+            two-stream joint layer's ``(y, y_context)``.
+        dtype: the dtype the model ran in; policy: ``None`` (default) for the one matching the module's
+            arithmetic (:func:`~attention_ref.testing.blocks.module_policy`), or a policy or its name;
+        name: the row's case name; seed: for the simulated modules.
+
+    Returns:
+        One :class:`~attention_ref.testing.OutputCheck`: ``ratio`` (worst error / allowed), ``ok``, ``note``.
+
+    Raises:
+        TypeError for a module no judge knows, arguments its forward would refuse, or inputs not in ``dtype``;
+        NotImplementedError for what the reference does not express (an IP-Adapter's image prompt, an additive
+        bias in the mask); ValueError for inputs whose shapes do not fit the module.
+    """
+    if isinstance(attn, tuple):
+        family = "StandardAttention"
+    else:
+        found = family_of(attn)
+        if found is None:
+            raise TypeError(f"{type(attn).__name__} is not an attention module the reference knows (see docs/trace.md)")
+        family = type(found).__name__
+    judging = CallJudging(output=output, dtype=dtype, policy=policy, name=name, seed=seed)
+    return judge_call(family, attn, call_inputs(attn, args, kwargs), judging)

@@ -38,7 +38,7 @@ from ..interop.dit import from_diffusers_joint
 from ..interop.trace.families.wan import WAN_TEXT_TOKENS, from_wan_attention
 from ..ops.heads import merge_heads, split_heads
 from .block_model import attention_by_head, linear
-from .blocks import call_arrays, choose_policy, module_policy, reference_mask
+from .blocks import CallJudging, call_arrays, choose_policy, module_policy, reference_mask
 from .compare import compare_output, numpy_of
 from .dtypes import DTYPES
 from .policy import Policy
@@ -47,7 +47,7 @@ from .rounding import RoundingModel, largest_error_rms
 from .rounding import transpose as _t
 from .torch_wrap import torch_to_numpy
 
-__all__ = ["attention_chain", "check_joint_call", "check_linear_call", "check_wan_call", "module_policy"]
+__all__ = ["attention_chain", "judge_joint_call", "judge_linear_call", "judge_wan_call", "module_policy"]
 
 U32 = 2.0**-24  # float32's unit roundoff: the steps diffusers computes in float32 whatever the dtype
 
@@ -260,34 +260,25 @@ def _judge(
     return worst
 
 
-def check_joint_call(
-    attn: Any,
-    hidden_states: Any,
-    encoder_hidden_states: Any = None,
-    attention_mask: Any = None,
-    image_rotary_emb: Any = None,
-    *,
-    output: Any,
-    dtype: str,
-    policy: Policy | str | None = None,
-    name: str = "call",
-    seed: int = 0,
-) -> OutputCheck:
-    """Judge one call of SD3's or SD3.5's joint ``Attention`` or of a ``FluxAttention`` (double or single stream).
+def judge_joint_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
+    """One call of SD3's or SD3.5's joint ``Attention`` or of a ``FluxAttention`` (double or single stream).
 
     Inputs:
-        attn: the module, its weights in the dtype under test; hidden_states: ``(B, N, C)`` (for Flux's single
-            blocks: the joined ``(B, M + N, C)``); encoder_hidden_states: ``(B, M, D)`` or ``None``;
-            attention_mask: ``None``, or Flux's mask as ``FluxAttnProcessor`` hands it to
+        attn: the module, its weights in the dtype under test.
+        inputs: the call's arguments by name: ``"hidden_states"`` ``(B, N, C)`` (for Flux's single blocks: the
+            joined ``(B, M + N, C)``); ``"encoder_hidden_states"`` ``(B, M, D)`` or ``None``;
+            ``"attention_mask"``: ``None``, or Flux's mask as ``FluxAttnProcessor`` hands it to
             ``scaled_dot_product_attention`` (:func:`attention_ref.interop.attention_mask.sdpa_mask_and_bias`:
             boolean True = may attend, or additive 0 / −10000 / −inf; ``(B, L)`` a key mask per sample, any other
             shape broadcast to ``(B, heads, L, L)``; ``NotImplementedError`` for another bias);
-            image_rotary_emb: Flux's ``(cos, sin)``.
-        output: what the module returned: ``(y, y_context)`` for a two-stream call, else ``y``.
-        dtype, policy, name, seed: as :func:`~attention_ref.testing.check_attention_call`'s (``policy=None``: the
-            one matching the processor's arithmetic, :func:`module_policy`).
+            ``"image_rotary_emb"``: Flux's ``(cos, sin)``. Absent means ``None``.
+        judging: :class:`~attention_ref.testing.blocks.CallJudging`; its ``output`` is ``(y, y_context)`` for a
+            two-stream call, else ``y``.
     """
-    policy = choose_policy(policy, attn)
+    hidden_states, encoder_hidden_states = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+    attention_mask, image_rotary_emb = inputs.get("attention_mask"), inputs.get("image_rotary_emb")
+    name, dtype, seed, output = judging.name, judging.dtype, judging.seed, judging.output
+    policy = choose_policy(judging.policy, attn)
     params, options = from_diffusers_joint(attn, dtype="float64")
     a = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     x, context = a["hidden_states"].astype(np.float64), a["encoder_hidden_states"]
@@ -315,20 +306,13 @@ def check_joint_call(
     return _judge(name, got, x, context, params, options, exact, dtype, policy, seed, rope=rope, mask=mask)
 
 
-def check_wan_call(
-    attn: Any,
-    hidden_states: Any,
-    encoder_hidden_states: Any = None,
-    rotary_emb: Any = None,
-    *,
-    output: Any,
-    dtype: str,
-    policy: Policy | str | None = None,
-    name: str = "call",
-    seed: int = 0,
-) -> OutputCheck:
-    """Judge one call of a ``WanAttention`` (self-attention with its RoPE tables, or cross-attention)."""
-    policy = choose_policy(policy, attn)
+def judge_wan_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
+    """One call of a ``WanAttention`` (self-attention with its RoPE tables ``inputs["rotary_emb"]``, or
+    cross-attention to ``inputs["encoder_hidden_states"]``)."""
+    hidden_states, encoder_hidden_states = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+    rotary_emb = inputs.get("rotary_emb")
+    name, dtype, seed, output = judging.name, judging.dtype, judging.seed, judging.output
+    policy = choose_policy(judging.policy, attn)
     params, options = from_wan_attention(attn, "float64")
     for n, layer in (("v", attn.to_v), ("out", attn.to_out[0])) + ((("add_v", attn.add_v_proj),) if attn.add_v_proj
                                                                      is not None else ()):  # fmt: skip
@@ -345,20 +329,13 @@ def check_wan_call(
     return _judge(name, {"y": output}, x, context, params, options, None, dtype, policy, seed, rope=rope)
 
 
-def check_linear_call(
-    attn: Any,
-    hidden_states: Any,
-    *,
-    output: Any,
-    dtype: str,
-    policy: Policy | str | None = None,
-    name: str = "call",
-    seed: int = 0,
-) -> OutputCheck:
-    """Judge one call of Sana's linear attention (``SanaLinearAttnProcessor2_0``: ReLU features, no softmax)."""
-    policy = choose_policy(policy, attn)
+def judge_linear_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
+    """One call of Sana's linear attention (``SanaLinearAttnProcessor2_0``: ReLU features, no softmax) on
+    ``inputs["hidden_states"]`` ``(B, N, C)``."""
+    name, dtype, seed, output = judging.name, judging.dtype, judging.seed, judging.output
+    policy = choose_policy(judging.policy, attn)
     params, options = from_diffusers(attn, dtype="float64")
-    a = call_arrays(dtype, hidden_states=hidden_states)
+    a = call_arrays(dtype, hidden_states=inputs["hidden_states"])
     x = a["hidden_states"].astype(np.float64)
     if x.ndim != 3:
         raise ValueError(f"Sana's linear attention takes (B, N, C) tokens, got shape {x.shape}")

@@ -199,7 +199,7 @@ class FluxIgnoringTheMask:
     "kind", ["boolean (B, L)", "additive (B, L)", "boolean (B, 1, 1, L)", "boolean per head (heads, L, L)"]
 )
 def test_flux_calls_with_a_mask_are_judged_as_its_processor_reads_it(models, kind):
-    """check_joint_call reads a Flux call's mask by the processor's rule (one reader with the trace's): the default
+    """judge_joint_call reads a Flux call's mask by the processor's rule (one reader with the trace's): the default
     processor passes with it, and one that ignores it fails at every layer."""
     model = models["flux"]
     args, kwargs = toy_inputs("flux", model)
@@ -223,3 +223,53 @@ def test_layers_and_kinds_in_check_model(models):
     assert all(r.name.startswith("mid_block") or r.kind == "cross" for r in mid.rows)
     with pytest.raises(ValueError, match="match no attention module"):
         check_model(model, *args, layers="nowhere.*", **kwargs)
+
+
+# ----- one call recorded by hand ---------------------------------------------------------------------------------
+def _first_calls(model, args, kwargs):
+    """``{path: (module, args, kwargs, output)}``: the first call of every attention module the checks know."""
+    from attention_ref.testing.model_layers import attention_modules
+
+    calls, handles = {}, []
+    for path, module, _, _ in attention_modules(model):
+
+        def hook(module, hook_args, hook_kwargs, output, path=path):
+            calls.setdefault(path, (module, hook_args, hook_kwargs, output))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan", "pixart", "sana"])
+def test_check_call_judges_a_recorded_call_by_its_modules_family(models, family):
+    """check_call takes the arguments a module got, as it got them, and picks the judge of the module's family: every
+    first call passes; the same call with its output moved by 5 % of its scale fails."""
+    from attention_ref.testing import check_call
+
+    model = models[family]
+    calls = _first_calls(model, *toy_inputs(family, model))
+    assert calls
+    for path, (module, args, kwargs, output) in calls.items():
+        row = check_call(module, *args, output=output, dtype="float32", name=path, **kwargs)
+        assert row.ok and row.case == path, (path, row)
+        y = output[0] if isinstance(output, tuple) else output
+        moved = y + 0.05 * y.abs().max() * torch.sign(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)))
+        wrong = (moved, *output[1:]) if isinstance(output, tuple) else moved
+        assert not check_call(module, *args, output=wrong, dtype="float32", **kwargs).ok, path
+
+
+def test_check_call_refuses_a_module_it_does_not_know_and_arguments_its_forward_would_not_take(models):
+    from attention_ref.testing import check_call
+
+    with pytest.raises(TypeError, match="Linear is not an attention module"):
+        check_call(torch.nn.Linear(4, 4), torch.zeros(1, 2, 4), output=torch.zeros(1, 2, 4), dtype="float32")
+    model = models["flux"]
+    module, args, kwargs, output = next(iter(_first_calls(model, *toy_inputs("flux", model)).values()))
+    with pytest.raises(TypeError, match="do not fit FluxAttention's forward"):
+        check_call(module, *args, None, None, None, None, output=output, dtype="float32", **kwargs)

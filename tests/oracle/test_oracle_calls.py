@@ -1,4 +1,4 @@
-"""check_attention_call: one recorded call of a diffusers Attention judged by the block rule (its mask read by the
+"""check_call: one recorded call of a diffusers Attention judged by the block rule (its mask read by the
 trace's rule); check_model turns whatever it cannot judge into a row."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from oracle_modules import Attention, AttnProcessor, AttnProcessor2_0, make_attention, torch
 
 import attention_ref as ar
-from attention_ref.testing import check_attention_call, check_diffusers_attention
+from attention_ref.testing import check_call, check_diffusers_attention
 from attention_ref.testing.torch_wrap import torch_to_numpy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,11 +29,11 @@ def test_one_recorded_call_passes_and_a_wrong_output_fails(dtype):
     self_attn = make_attention(AttnProcessor2_0(), cross=False).to(tdtype)
     x = torch.randn(2, 16, 5, 3, generator=g).to(tdtype)  # (B, C, H, W)
     out = record(self_attn, x)
-    row = check_attention_call(self_attn, x, output=out, dtype=dtype, name="mid_block.attn")
+    row = check_call(self_attn, x, output=out, dtype=dtype, name="mid_block.attn")
     assert row.ok and row.case == "mid_block.attn" and row.output == "y" and 0 < row.ratio < 0.5
     wrong = out.clone()
     wrong[1, 3, 2, 1] += 0.05 * wrong.abs().max()
-    assert not check_attention_call(self_attn, x, output=wrong, dtype=dtype).ok
+    assert not check_call(self_attn, x, output=wrong, dtype=dtype).ok
     # tokens (B, N, C) with a context and a padding mask, as a transformer block's attn2 is called
     cross = make_attention(AttnProcessor(), cross=True).to(tdtype)
     tokens = torch.randn(2, 15, 16, generator=g).to(tdtype)
@@ -41,9 +41,9 @@ def test_one_recorded_call_passes_and_a_wrong_output_fails(dtype):
     mask = torch.zeros(2, 1, 7, dtype=tdtype)
     mask[1, :, 4:] = -10000.0
     out = record(cross, tokens, context, mask)
-    assert check_attention_call(cross, tokens, context, mask, output=out, dtype=dtype).ok
+    assert check_call(cross, tokens, context, mask, output=out, dtype=dtype).ok
     # the same output judged without the mask it was computed with: the padded tokens were ignored, not attended
-    assert not check_attention_call(cross, tokens, context, None, output=out, dtype=dtype).ok
+    assert not check_call(cross, tokens, context, None, output=out, dtype=dtype).ok
 
 
 def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_samples():
@@ -53,13 +53,13 @@ def test_one_recorded_call_takes_converted_params_and_reports_fully_masked_sampl
     mask = torch.zeros(2, 7, dtype=torch.bool)
     mask[0] = True  # sample 1: every token masked (diffusers does not give 0 there, the reference does)
     out = record(cross, tokens, context, torch.where(mask, 0.0, -10000.0)[:, None])
-    row = check_attention_call(ar.interop.from_diffusers(cross), tokens, context, mask, output=out, dtype="float32")
+    row = check_call(ar.interop.from_diffusers(cross), tokens, context, mask, output=out, dtype="float32")
     assert row.ok and "samples [1] have every key masked: not compared" in row.note
-    everything = check_attention_call(cross, tokens, context, torch.zeros(2, 7, dtype=torch.bool), output=out,
+    everything = check_call(cross, tokens, context, torch.zeros(2, 7, dtype=torch.bool), output=out,
                                       dtype="float32")  # fmt: skip
     assert not everything.supported and not everything.ok and not everything.failed
     with pytest.raises(NotImplementedError, match="additive bias"):
-        check_attention_call(cross, tokens, context, torch.full((2, 7), -1.0), output=out, dtype="float32")
+        check_call(cross, tokens, context, torch.full((2, 7), -1.0), output=out, dtype="float32")
 
 
 def test_one_recorded_call_reads_its_mask_by_the_trace_s_rule():
@@ -73,13 +73,13 @@ def test_one_recorded_call_reads_its_mask_by_the_trace_s_rule():
     shared = torch.zeros(1, 1, 7)
     shared[..., 5:] = -10000.0
     out = record(one_head, tokens, context, shared)
-    assert check_attention_call(one_head, tokens, context, shared, output=out, dtype="float32").ok
-    assert not check_attention_call(one_head, tokens, context, None, output=out, dtype="float32").ok
+    assert check_call(one_head, tokens, context, shared, output=out, dtype="float32").ok
+    assert not check_call(one_head, tokens, context, None, output=out, dtype="float32").ok
     for bad in (float("nan"), float("inf")):
         mask = torch.zeros(2, 1, 7)
         mask[1, 0, 3] = bad
         with pytest.raises(ValueError, match=r"attention_mask holds NaN or \+inf"):
-            check_attention_call(one_head, tokens, context, mask, output=out, dtype="float32")
+            check_call(one_head, tokens, context, mask, output=out, dtype="float32")
 
 
 def test_one_recorded_call_checks_its_arguments():
@@ -87,20 +87,20 @@ def test_one_recorded_call_checks_its_arguments():
     x = torch.randn(2, 16, 5, 3, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     out = record(self_attn, x)
     # bfloat16 torch tensors and ml_dtypes bfloat16 arrays are both bfloat16
-    assert check_attention_call(self_attn, x, output=out, dtype="bfloat16").ok
-    assert check_attention_call(self_attn, torch_to_numpy(x), output=torch_to_numpy(out), dtype="bfloat16").ok
+    assert check_call(self_attn, x, output=out, dtype="bfloat16").ok
+    assert check_call(self_attn, torch_to_numpy(x), output=torch_to_numpy(out), dtype="bfloat16").ok
     # inputs in another dtype than the call's would give the reference other values than the module saw
     with pytest.raises(TypeError, match="hidden_states is float32, not bfloat16"):
-        check_attention_call(self_attn, x.float(), output=out, dtype="bfloat16")
+        check_call(self_attn, x.float(), output=out, dtype="bfloat16")
     with pytest.raises(TypeError, match="hidden_states is bfloat16, not float16"):
-        check_attention_call(self_attn, x, output=out, dtype="float16")
+        check_call(self_attn, x, output=out, dtype="float16")
     # an output in another dtype is the module's fault: a failed row that says so
-    upcast = check_attention_call(self_attn, x, output=out.float(), dtype="bfloat16")
+    upcast = check_call(self_attn, x, output=out.float(), dtype="bfloat16")
     assert upcast.failed and "dtype float32, expected bfloat16" in upcast.note
     with pytest.raises(ValueError, match=r"output must be \(B, C, H, W\) or \(B, N, C\)"):
-        check_attention_call(self_attn, x, output=out[0, 0], dtype="bfloat16")
+        check_call(self_attn, x, output=out[0, 0], dtype="bfloat16")
     with pytest.raises(TypeError, match=r"policy must be .fused., .eager. or a Policy"):
-        check_attention_call(self_attn, x, output=out, dtype="bfloat16", policy={"c": 3})
+        check_call(self_attn, x, output=out, dtype="bfloat16", policy={"c": 3})
     with pytest.raises(TypeError, match=r"policy must be .fused., .eager. or a Policy"):
         check_diffusers_attention(self_attn, dtype="bfloat16", policy={"c": 3})
 
@@ -115,12 +115,12 @@ def test_one_recorded_call_leaves_out_single_fully_masked_query_rows(dtype):
     allowed[:, :, 0] = True
     allowed[1, 2] = False  # sample 1, query 2: every key masked (diffusers does not give 0 there)
     out = record(self_attn, tokens, mask=torch.where(allowed, 0.0, -10000.0).to(tdtype))
-    row = check_attention_call(self_attn, tokens, None, allowed, output=out, dtype=dtype)
+    row = check_call(self_attn, tokens, None, allowed, output=out, dtype=dtype)
     assert row.ok and "1 query rows with every key masked: not compared" in row.note
     # every other row is still judged
     wrong = out.clone()
     wrong[1, 3] += 0.05 * wrong.abs().max()
-    assert not check_attention_call(self_attn, tokens, None, allowed, output=wrong, dtype=dtype).ok
+    assert not check_call(self_attn, tokens, None, allowed, output=wrong, dtype=dtype).ok
 
 
 # ---------------------------------------------------------------- check_model: every call becomes a row

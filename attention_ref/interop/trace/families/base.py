@@ -60,11 +60,13 @@ class Family:
         family, in the dtype the model ran in) and ``tracer.mark`` the verdict: edited when it fails."""
         # the one import from interop into testing, which imports interop at its top (its judges read modules with
         # interop's loaders and the trace's families): only verify=True borrows check_model's judges, when asked
-        from ....testing.model_layers import judge_call
+        from ....testing.blocks import CallJudging
+        from ....testing.model_layers import call_inputs, judge_call
 
         hidden = argument(args, kwargs, 0, "hidden_states")
         try:
-            check = judge_call(type(self).__name__, module, args, kwargs, output, dtype=dtype_name(hidden), name=name)
+            judging = CallJudging(output=output, dtype=dtype_name(hidden), name=name)
+            check = judge_call(type(self).__name__, module, call_inputs(module, args, kwargs), judging)
         except NotImplementedError as err:
             tracer.note(name, f"not verified: {err}")
             return
