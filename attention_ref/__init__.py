@@ -59,34 +59,19 @@ __all__ = [
     "backend",
     "gradcheck",
     # attention: exact, and tiled (the same result in O(N) memory)
-    "attention_forward",
-    "attention_backward",
-    "causal_mask",
-    "chunked_attention_forward",
-    "chunked_attention_backward",
+    "attention_forward", "attention_backward", "causal_mask",
+    "chunked_attention_forward", "chunked_attention_backward",
     # what attention is built from
-    "softmax_forward",
-    "softmax_backward",
-    "split_heads",
-    "merge_heads",
+    "softmax_forward", "softmax_backward",
+    "split_heads", "merge_heads",
+    # the layers and blocks, one a line: init, forward, backward
     # the attention layer on (B, N, C) tokens (diffusers' Attention)
-    "init_attention_layer",
-    "attention_layer_forward",
-    "attention_layer_backward",
+    "init_attention_layer", "attention_layer_forward", "attention_layer_backward",
     # blocks on (B, H, W, C) maps
-    "init_self_attention",
-    "self_attention_forward",
-    "self_attention_backward",
-    "init_cross_attention",
-    "cross_attention_forward",
-    "cross_attention_backward",
-    "transformer_block_forward",
-    "transformer_block_backward",
-    "init_spatial_transformer",
-    "spatial_transformer_forward",
-    "spatial_transformer_backward",
+    "init_self_attention", "self_attention_forward", "self_attention_backward",
+    "init_cross_attention", "cross_attention_forward", "cross_attention_backward",
+    "transformer_block_forward", "transformer_block_backward",
+    "init_spatial_transformer", "spatial_transformer_forward", "spatial_transformer_backward",
     # the diffusion transformers' joint attention (SD3, Flux)
-    "init_joint_attention",
-    "joint_attention_forward",
-    "joint_attention_backward",
-]
+    "init_joint_attention", "joint_attention_forward", "joint_attention_backward",
+]  # fmt: skip

@@ -78,15 +78,9 @@ def from_torch(
         return torch_to_numpy(out)
 
     def grad_fn(
-        q: np.ndarray,
-        k: np.ndarray,
-        v: np.ndarray,
-        dout: np.ndarray,
-        *,
-        mask: Any = None,
-        bias: Any = None,
+        q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray, *, mask: Any = None, bias: Any = None,
         scale: Any = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         import torch
 
         tq, tk, tv = (numpy_to_torch(a, device).requires_grad_(True) for a in (q, k, v))

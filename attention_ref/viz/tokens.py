@@ -211,13 +211,13 @@ def plot_token_normalizations(
     tokens: Sequence[str],
     shape: tuple[int, int],
     *,
+    normalizations: Sequence[str] | None = None,
+    same_within: float = 0.02,
     image: Any | None = None,
     batch: int = 0,
     head: int | None = None,
     show: Sequence[int] | None = None,
     context_mask: Any | None = None,
-    normalizations: Sequence[str] | None = None,
-    same_within: float = 0.02,
     backdrop_note: str | None = BACKDROP_NOTE,
     title: str | None = None,
 ) -> Figure:
@@ -230,8 +230,10 @@ def plot_token_normalizations(
     smallest weight is close to 0, as it is for most attention maps. ``same_within=0`` draws every row.
 
     Inputs:
-        weights, tokens, shape, image, batch, head, show, context_mask: as for :func:`plot_token_maps`.
+        weights, tokens, shape: as for :func:`plot_token_maps`.
         normalizations: the rows, keys of :data:`NORMALIZATIONS` (default: all four, in that order).
+        same_within: the largest difference at which a row counts as the same as an earlier one (above).
+        image, batch, head, show, context_mask: as for :func:`plot_token_maps`.
         backdrop_note: the line under the figure saying what the grey backdrop is (with an ``image``).
     """
     w = as_weights(weights)
