@@ -146,6 +146,9 @@ def check_call(
         bias in the mask); ValueError for inputs whose shapes do not fit the module.
     """
     if isinstance(attn, tuple):
+        if len(attn) != 2 or not all(isinstance(part, Mapping) for part in attn):
+            kinds = ", ".join(type(part).__name__ for part in attn)
+            raise TypeError(f"attn as a tuple must be (params, options) from from_diffusers; got ({kinds})")
         family = "StandardAttention"
     else:
         found = family_of(attn)

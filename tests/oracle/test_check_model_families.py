@@ -267,6 +267,8 @@ def test_check_call_judges_a_recorded_call_by_its_modules_family(models, family)
 def test_check_call_refuses_a_module_it_does_not_know_and_arguments_its_forward_would_not_take(models):
     from attention_ref.testing import check_call
 
+    with pytest.raises(TypeError, match=r"must be \(params, options\) from from_diffusers; got \(int, int, int\)"):
+        check_call((1, 2, 3), torch.zeros(1, 2, 4), output=torch.zeros(1, 2, 4), dtype="float32")
     with pytest.raises(TypeError, match="Linear is not an attention module"):
         check_call(torch.nn.Linear(4, 4), torch.zeros(1, 2, 4), output=torch.zeros(1, 2, 4), dtype="float32")
     model = models["flux"]
