@@ -53,6 +53,12 @@ def _plain_attention_call(
     """The arguments of a diffusers ``Attention`` call: how a call is read for ``(params, options)``."""
 
 
+# a forward that hides its signature behind (*args, **kwargs) (a wrapper without __wrapped__): its positional
+# arguments are named in diffusers' order, the fourth by the module's class
+_POSITIONAL = ("hidden_states", "encoder_hidden_states", "attention_mask")
+_FOURTH = {"FluxAttention": "image_rotary_emb", "WanAttention": "rotary_emb"}
+
+
 def call_inputs(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The call's arguments by name, bound as ``module.forward`` binds them (diffusers' extra keywords, e.g.
     ``cross_attention_kwargs``, by their own names); ``TypeError`` for arguments the module would refuse."""
@@ -64,7 +70,13 @@ def call_inputs(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
     named: dict[str, Any] = {}
     for key, value in bound.arguments.items():
         kind = bound.signature.parameters[key].kind
-        named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            order = (*_POSITIONAL, _FOURTH.get(type(module).__name__, "fourth argument"))
+            if len(value) > len(order):
+                raise TypeError(f"{type(module).__name__} takes at most {len(order)} positional arguments {order}")
+            named.update(zip(order, value, strict=False))
+        else:
+            named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
     return named
 
 

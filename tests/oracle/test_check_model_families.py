@@ -275,3 +275,28 @@ def test_check_call_refuses_a_module_it_does_not_know_and_arguments_its_forward_
     module, args, kwargs, output = next(iter(_first_calls(model, *toy_inputs("flux", model)).values()))
     with pytest.raises(TypeError, match="do not fit FluxAttention's forward"):
         check_call(module, *args, None, None, None, None, output=output, dtype="float32", **kwargs)
+
+
+def test_check_call_reads_a_forward_hidden_behind_a_generic_wrapper(models):
+    """A forward replaced by ``(*args, **kwargs)`` without ``__wrapped__``: the positional arguments are named in
+    diffusers' order (Flux's fourth is its RoPE tables), and the call is judged as before."""
+    from attention_ref.testing import check_call
+
+    model = models["flux"]
+    module, args, kwargs, output = next(iter(_first_calls(model, *toy_inputs("flux", model)).values()))
+    named = dict(kwargs)
+    positional = [named.pop(k, None) for k in ("hidden_states", "encoder_hidden_states", "attention_mask",
+                                                "image_rotary_emb")]  # fmt: skip
+    positional = list(args) + positional[len(args):]
+    original = module.forward
+
+    def generic(*a, **k):
+        return original(*a, **k)
+
+    module.forward = generic
+    try:
+        assert check_call(module, *positional, output=output, dtype="float32", **named).ok
+        with pytest.raises(TypeError, match="at most 4 positional arguments"):
+            check_call(module, *positional, None, output=output, dtype="float32", **named)
+    finally:
+        del module.forward
