@@ -164,9 +164,7 @@ class BlockCall:
     mask: np.ndarray | None = None
 
 
-def _block_inputs(
-    call: BlockCall,
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
+def _block_inputs(call: BlockCall) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
     """``x``, ``context`` and ``params`` in float64, and the attention's mask: ``mask``, or the context mask
     as ``(B, 1, 1, M)``."""
     p = {n: np.asarray(a, dtype=np.float64) for n, a in call.params.items()}

@@ -49,8 +49,8 @@ from .torch_wrap import numpy_to_torch, torch_to_numpy
 __all__ = [
     "BLOCK_CASES",
     "BlockCase",
-    "call_arrays",
     "CallJudging",
+    "call_arrays",
     "check_diffusers_attention",
     "choose_policy",
     "judge_attention_call",

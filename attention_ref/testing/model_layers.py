@@ -77,6 +77,8 @@ def call_inputs(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
             named.update(zip(order, value, strict=False))
         else:
             named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+    if named.get("hidden_states") is None:
+        raise TypeError(f"a call of {type(module).__name__} needs its hidden_states; got {sorted(named)}")
     return named
 
 

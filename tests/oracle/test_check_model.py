@@ -156,7 +156,7 @@ def test_a_call_without_hidden_states_is_a_failed_row_not_an_escaped_error():
 
     report = check_model(Wrapper(), torch.randn(1, 5, 16))
     assert [r.name for r in report.rows] == ["attn"] and report.rows[0].check.failed
-    assert "KeyError" in report.rows[0].check.note
+    assert "TypeError: a call of Attention needs its hidden_states; got ['tokens']" in report.rows[0].check.note
 
 
 def test_a_policy_must_be_a_policy():

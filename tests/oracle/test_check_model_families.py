@@ -296,6 +296,8 @@ def test_check_call_reads_a_forward_hidden_behind_a_generic_wrapper(models):
     module.forward = generic
     try:
         assert check_call(module, *positional, output=output, dtype="float32", **named).ok
+        with pytest.raises(TypeError, match="needs its hidden_states"):
+            check_call(module, output=output, dtype="float32", **named)
         with pytest.raises(TypeError, match="at most 4 positional arguments"):
             check_call(module, *positional, None, output=output, dtype="float32", **named)
     finally:
