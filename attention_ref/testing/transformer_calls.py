@@ -220,20 +220,20 @@ def _out_magnitude(o: np.ndarray, params: Mapping[str, np.ndarray], name: str) -
 
 
 def _judge(
-    name: str,
+    judging: CallJudging,
+    policy: Policy,
     got: Mapping[str, Any],
     x: np.ndarray,
     context: np.ndarray | None,
     params: Mapping[str, np.ndarray],
     options: Mapping[str, Any],
     exact: Mapping[str, np.ndarray] | None,
-    dtype: str,
-    policy: Policy,
-    seed: int,
     rope: Any = None,
     mask: Any = None,
 ) -> OutputCheck:
-    """The block rule on each output of one call; the worse check is returned."""
+    """The block rule on each output of one call (``policy``: ``judging.policy`` as chosen for the module); the
+    worse check is returned."""
+    name, dtype = judging.name, judging.dtype
 
     def chain(r: RoundingModel, magnitudes: bool = False) -> dict[str, np.ndarray]:
         return attention_chain(r, x, context, params, options, rope=rope, mask=mask, magnitudes=magnitudes)
@@ -241,7 +241,7 @@ def _judge(
     options = {**options, "arithmetic": policy.arithmetic}
     plain = chain(_zero(), magnitudes=True)
     exact = {k: v for k, v in plain.items() if not k.startswith("|")} if exact is None else dict(exact)
-    seed_ = [seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
+    seed_ = [judging.seed, zlib.crc32(name.encode()), DTYPES.index(dtype)]
     yard = largest_error_rms(chain, exact, dtype, samples=policy.samples, seed=seed_)
     checks = []
     for key in exact:
@@ -277,10 +277,9 @@ def judge_joint_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging)
     """
     hidden_states, encoder_hidden_states = inputs["hidden_states"], inputs.get("encoder_hidden_states")
     attention_mask, image_rotary_emb = inputs.get("attention_mask"), inputs.get("image_rotary_emb")
-    name, dtype, seed, output = judging.name, judging.dtype, judging.seed, judging.output
     policy = choose_policy(judging.policy, attn)
     params, options = from_diffusers_joint(attn, dtype="float64")
-    a = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+    a = call_arrays(judging.dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     x, context = a["hidden_states"].astype(np.float64), a["encoder_hidden_states"]
     if "add_q.weight" not in params:
         context = None
@@ -295,7 +294,7 @@ def judge_joint_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging)
         mask = reference_mask(*read)  # (B|1, heads|1, 1|L, L)
     (y, y_ctx), _ = joint_attention_forward(x, context, params, rope=rope, mask=mask, **options)
     exact = {"y": y} if context is None else {"y": y, "y_ctx": y_ctx}
-    outs = output if isinstance(output, (tuple, list)) else (output,)
+    outs = judging.output if isinstance(judging.output, (tuple, list)) else (judging.output,)
     got = dict(zip(exact, outs, strict=False))
     options = dict(options)
     kind = type(attn).__name__
@@ -303,7 +302,7 @@ def judge_joint_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging)
     if options.get("qk_norm") == "rms_norm" and type(getattr(attn, "norm_q", None)).__module__.startswith("diffusers"):
         steps.append("rms_norm")  # diffusers' RMSNorm: the mean square in float32
     options["float32_steps"] = tuple(steps)
-    return _judge(name, got, x, context, params, options, exact, dtype, policy, seed, rope=rope, mask=mask)
+    return _judge(judging, policy, got, x, context, params, options, exact, rope=rope, mask=mask)
 
 
 def judge_wan_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
@@ -311,7 +310,6 @@ def judge_wan_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -
     cross-attention to ``inputs["encoder_hidden_states"]``)."""
     hidden_states, encoder_hidden_states = inputs["hidden_states"], inputs.get("encoder_hidden_states")
     rotary_emb = inputs.get("rotary_emb")
-    name, dtype, seed, output = judging.name, judging.dtype, judging.seed, judging.output
     policy = choose_policy(judging.policy, attn)
     params, options = from_wan_attention(attn, "float64")
     for n, layer in (("v", attn.to_v), ("out", attn.to_out[0])) + ((("add_v", attn.add_v_proj),) if attn.add_v_proj
@@ -319,25 +317,24 @@ def judge_wan_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -
         params[f"{n}.weight"] = torch_to_numpy(layer.weight).astype(np.float64).T
         if layer.bias is not None:
             params[f"{n}.bias"] = torch_to_numpy(layer.bias).astype(np.float64)
-    a = call_arrays(dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+    a = call_arrays(judging.dtype, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
     x = a["hidden_states"].astype(np.float64)
     context = None if a["encoder_hidden_states"] is None else a["encoder_hidden_states"].astype(np.float64)
     rope = None
     if rotary_emb is not None and context is None:
         rope = tuple(torch_to_numpy(t).astype(np.float64).reshape(x.shape[1], -1) for t in rotary_emb)
     options = {**options, "wan": True, "text_tokens": WAN_TEXT_TOKENS, "order": "image_first"}
-    return _judge(name, {"y": output}, x, context, params, options, None, dtype, policy, seed, rope=rope)
+    return _judge(judging, policy, {"y": judging.output}, x, context, params, options, None, rope=rope)
 
 
 def judge_linear_call(attn: Any, inputs: Mapping[str, Any], judging: CallJudging) -> OutputCheck:
     """One call of Sana's linear attention (``SanaLinearAttnProcessor2_0``: ReLU features, no softmax) on
     ``inputs["hidden_states"]`` ``(B, N, C)``."""
-    name, dtype, seed, output = judging.name, judging.dtype, judging.seed, judging.output
     policy = choose_policy(judging.policy, attn)
     params, options = from_diffusers(attn, dtype="float64")
-    a = call_arrays(dtype, hidden_states=inputs["hidden_states"])
+    a = call_arrays(judging.dtype, hidden_states=inputs["hidden_states"])
     x = a["hidden_states"].astype(np.float64)
     if x.ndim != 3:
         raise ValueError(f"Sana's linear attention takes (B, N, C) tokens, got shape {x.shape}")
     options = {**options, "linear": True}
-    return _judge(name, {"y": output}, x, None, params, options, None, dtype, policy, seed)
+    return _judge(judging, policy, {"y": judging.output}, x, None, params, options, None)
